@@ -1,0 +1,242 @@
+"""The ``stda`` command line: parse arguments, build a stage's config, call the stage, print the outcome.
+
+Each subcommand is one ``_add_<name>`` function that declares its arguments and sets ``func`` to a small
+runner. Settings of a stage's ``@dataclass`` config become flags automatically (:func:`add_config_flags`), with
+the field's comment as help, and every command takes ``--config FILE.yaml`` for the same settings.
+Errors on user input (:class:`~stda_hf.errors.StdaError`) print one line and exit with status 2; ``--debug``
+shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import io
+import logging
+import sys
+import tokenize
+import typing
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from . import __version__
+from .config import load_config
+from .errors import StdaError
+
+logger = logging.getLogger("stda_hf")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Dataclass configs as flags
+
+
+def field_comments(cls: type) -> dict[str, str]:
+    """The trailing ``# comment`` of each field in a dataclass's source: the help text of its flag."""
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    comments, last_name = {}, None
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.NAME and tok.start[1] == 4 and last_name is None:
+            last_name = tok.string
+        elif tok.type == tokenize.COMMENT and last_name and tok.start[1] > 4:
+            comments.setdefault(last_name, tok.string.lstrip("# ").strip())
+        elif tok.type == tokenize.NEWLINE:
+            last_name = None
+    return comments
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls: type, skip: Sequence[str] = ()) -> None:
+    """Add ``--field-name`` for each scalar, bool or tuple field of dataclass ``cls``.
+
+    Flags default to ``None`` so a value from ``--config`` is only overridden when the flag is given; the help
+    shows the dataclass default.
+    """
+    hints = typing.get_type_hints(cls)
+    comments = field_comments(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        hint = hints[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        flag = "--" + f.name.replace("_", "-")
+        help_ = f"{comments.get(f.name, '')} (default: {default})".strip()
+        origin = typing.get_origin(hint)
+        if hint is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
+        elif origin is tuple:
+            item = typing.get_args(hint)[0]
+            parser.add_argument(flag, nargs="+", type=item, default=None, metavar=f.name.upper(), help=help_)
+        elif hint in (int, float, str):
+            parser.add_argument(flag, type=hint, default=None, metavar=f.name.upper(), help=help_)
+        elif _optional_scalar(hint):
+            parser.add_argument(
+                flag, type=_optional_scalar(hint), default=None, metavar=f.name.upper(), help=help_
+            )
+        # dicts and other structured settings are set through --config
+
+
+def _optional_scalar(hint: object) -> type | None:
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if len(args) == 1 and args[0] in (int, float, str) else None
+
+
+def config_from_args(cls: type, args: argparse.Namespace, **extra: object):
+    """Build ``cls`` from ``--config`` (if given), then the flags that were set, then ``extra``."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {k: v for k, v in vars(args).items() if k in names}
+    values.update({k: v for k, v in extra.items() if v is not None})
+    return load_config(cls, getattr(args, "config", None), **values)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Commands
+
+
+def _add_phantoms(sub) -> None:
+    from .phantoms import PhantomConfig
+
+    p = sub.add_parser(
+        "phantoms",
+        help="write procedural phantom lesions in the real-image layout (offline data)",
+        description="Write procedural, dermoscopy-like phantom lesions with masks and metadata.",
+    )
+    p.add_argument("--out", type=Path, required=True, help="output folder (the real-image layout)")
+    p.add_argument(
+        "--artifact",
+        action="append",
+        default=[],
+        metavar="NAME=B[,M]",
+        help="artifact rate for benign[,malignant] images, e.g. patch=0.5,0 plants a shortcut; "
+        "names: ruler, patch, ink, dark_corners (repeatable)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace a folder made with other settings")
+    add_config_flags(p, PhantomConfig)
+    p.set_defaults(func=_run_phantoms)
+
+
+def _run_phantoms(args) -> None:
+    from .phantoms import DEFAULT_ARTIFACT_RATES, PhantomConfig, make_phantoms, parse_artifact_rates
+
+    artifacts = {**DEFAULT_ARTIFACT_RATES, **parse_artifact_rates(args.artifact)} if args.artifact else None
+    cfg = config_from_args(PhantomConfig, args, artifacts=artifacts)
+    meta = make_phantoms(args.out, cfg, overwrite=args.overwrite)
+    print(f"wrote {cfg.n} phantom images ({cfg.size}px) to {args.out}; metadata in {meta}")
+
+
+def _add_split(sub) -> None:
+    from .split import SplitConfig
+
+    p = sub.add_parser(
+        "split",
+        help="assign real images to train/validation/test without leakage",
+        description="Group images by lesion, patient and near-duplicate hash; split groups "
+        "stratified by class; write splits.csv into the folder.",
+    )
+    p.add_argument("real", type=Path, help="real-image folder")
+    add_config_flags(p, SplitConfig)
+    p.set_defaults(func=_run_split)
+
+
+def _run_split(args) -> None:
+    from .split import SplitConfig, make_splits
+
+    summary = make_splits(args.real, config_from_args(SplitConfig, args))
+    for split, counts in summary.items():
+        print(
+            f"{split:<11} benign {counts['benign']:>6}  malignant {counts['malignant']:>6}  groups {counts['groups']:>6}"
+        )
+    print(f"wrote {args.real / 'splits.csv'}")
+
+
+def _add_inspect(sub) -> None:
+    p = sub.add_parser(
+        "inspect",
+        help="summarise a real-image folder: classes, licences, splits, sizes, bad files",
+        description="Count images per class, licence and split; report sizes and unreadable files.",
+    )
+    p.add_argument("real", type=Path, help="real-image folder")
+    p.add_argument(
+        "--no-decode", action="store_true", help="read image headers only (fast; misses truncated files)"
+    )
+    p.set_defaults(func=_run_inspect)
+
+
+def _run_inspect(args) -> None:
+    from .real import inspect_folder
+
+    print(inspect_folder(args.real, decode=not args.no_decode).format())
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="run the whole flow on phantoms, offline, with small sizes",
+        description="Phantoms -> split -> inspect -> ... in a few minutes on two CPU cores.",
+    )
+    p.add_argument("--out", type=Path, default=Path("demo"), help="output folder (default: demo)")
+    p.add_argument("--n", type=int, default=400, help="number of phantom images (default: 400)")
+    p.add_argument("--size", type=int, default=64, help="image side in pixels (default: 64)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every stage (default: 0)")
+    p.set_defaults(func=_run_demo)
+
+
+def _run_demo(args) -> None:
+    from .demo import run_demo
+
+    run_demo(args.out, n=args.n, size=args.size, seed=args.seed)
+
+
+COMMANDS: list[Callable] = [_add_phantoms, _add_split, _add_inspect, _add_demo]
+"""Subcommands in the order ``stda --help`` lists them (the order of the flow)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``stda`` argument parser with every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="stda",
+        description="Style-transfer data augmentation for skin-lesion images: "
+        "fetch/phantoms -> split -> generate -> label -> package -> push; then train.py.",
+    )
+    parser.add_argument("--version", action="version", version=f"stda-hf {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config", type=Path, default=None, help="YAML file with settings (flags override it)"
+    )
+    common.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    common.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(
+        dest="command",
+        metavar="COMMAND",
+        required=True,
+        parser_class=lambda **kw: argparse.ArgumentParser(parents=[common], **kw),
+    )
+    for add in COMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``stda``; returns the exit status (0 ok, 2 bad input, 130 interrupted)."""
+    from .utils import setup_logging
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        args.func(args)
+    except StdaError as err:
+        if args.debug:
+            raise
+        print(f"stda {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"stda {args.command}: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""Crash-safe file writing: atomic replace, append-only JSON lines, and disk-full errors that say what to do.
+
+Every stage writes through these helpers so that an interrupted run never leaves a half-written file that a
+later run would take for a finished one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+from .errors import StdaError
+
+
+def _disk_full(path: Path, err: OSError) -> StdaError:
+    return StdaError(
+        f"no space left on device while writing {path} ({err.strerror}); free some space and re-run the "
+        "same command: finished work is kept and only the rest is redone"
+    )
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[IO]:
+    """Open a temporary file beside ``path`` and move it over ``path`` only when the block succeeds.
+
+    The data is flushed and fsync'ed before the rename, so after a crash ``path`` is either the old file or
+    the complete new one, never a prefix.
+
+    Parameters
+    ----------
+    path : path-like
+        Destination file. Its folder is created when missing.
+    mode : {"w", "wb"}
+        Text or binary.
+    encoding : str, optional
+        Text encoding (ignored for binary mode).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        _remove_quietly(tmp)
+        if err.errno == errno.ENOSPC:
+            raise _disk_full(path, err) from err
+        raise
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+
+
+def _remove_quietly(path: str | Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` atomically."""
+    with atomic_write(path, "w") as fh:
+        fh.write(text)
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically."""
+    with atomic_write(path, "wb") as fh:
+        fh.write(data)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as sorted, indented JSON atomically (byte-identical for equal objects)."""
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+def append_jsonl(path: str | os.PathLike, record: dict) -> None:
+    """Append one JSON record as a line and fsync it.
+
+    A reader (:func:`read_jsonl`) ignores a torn last line, so a crash mid-append loses at most that record.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = json.dumps(record, sort_keys=True, ensure_ascii=False) + "\n"
+    try:
+        _drop_torn_tail(path)
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(line)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as err:
+        if err.errno == errno.ENOSPC:
+            raise _disk_full(path, err) from err
+        raise
+
+
+def _drop_torn_tail(path: Path) -> None:
+    """Cut a crash-torn last line (no trailing newline) so the next append starts on a fresh line."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    with open(path, "rb+") as fh:
+        fh.seek(-1, os.SEEK_END)
+        if fh.read(1) == b"\n":
+            return
+        data = fh.seek(0) or fh.read()
+        fh.truncate(data.rfind(b"\n") + 1)
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Read a JSON-lines file; a missing file is empty, and a torn (crash-truncated) last line is skipped.
+
+    Raises
+    ------
+    StdaError
+        When a line other than the last is not valid JSON (the file was edited or corrupted).
+    """
+    path = Path(path)
+    if not path.exists():
+        return []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if i == len(lines) - 1:
+                break  # torn final line from an interrupted append
+            raise StdaError(
+                f"{path}: line {i + 1} is not valid JSON ({err.msg}); fix or delete that line"
+            ) from err
+    return records

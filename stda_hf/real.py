@@ -1,0 +1,325 @@
+"""The real-image folder: reading, validating and inspecting what ``fetch`` and ``phantoms`` write.
+
+Two layouts are accepted:
+
+* ISIC layout: ``images/<id>.<ext>`` plus ``metadata.csv`` with isic-cli's columns (at least
+  :data:`REQUIRED_COLUMNS`); optional ``masks/<id>.png`` (lesion masks) and ``artifacts/<id>.png``
+  (artifact label maps, written by the phantom maker), and ``splits.csv`` once ``stda split`` has run.
+* ImageFolder layout: ``benign/`` and ``malignant/`` sub-folders of images; ids are the file stems, lesion and
+  patient are unknown, licence and attribution are ``unknown``.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+from . import LABELS
+from .errors import BadImageError, StdaError
+from .images import IMAGE_EXTENSIONS, SkipReport, load_image
+
+logger = logging.getLogger(__name__)
+
+REQUIRED_COLUMNS = (
+    "isic_id",
+    "diagnosis_1",
+    "lesion_id",
+    "patient_id",
+    "image_type",
+    "copyright_license",
+    "attribution",
+)
+DIAGNOSIS_TO_LABEL = {"Benign": "benign", "Malignant": "malignant", "Indeterminate": None}
+SPLITS = ("train", "validation", "test")
+SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+@dataclass(frozen=True)
+class RealImage:
+    """One real image and its provenance (a row of ``metadata.csv``)."""
+
+    isic_id: str
+    path: Path
+    label: str | None  # "benign" | "malignant"; None for Indeterminate (kept, never trained on)
+    diagnosis_1: str
+    lesion_id: str  # "" when unknown
+    patient_id: str  # "" when unknown
+    image_type: str
+    copyright_license: str
+    attribution: str
+    mask_path: Path | None = None  # binary lesion mask, when the folder has one
+    artifact_path: Path | None = None  # artifact label map (phantoms), when the folder has one
+    extra: dict[str, str] = field(default_factory=dict, compare=False, hash=False)  # other metadata columns
+
+
+@dataclass
+class RealFolder:
+    """A validated real-image folder: every image with metadata, in id order."""
+
+    root: Path
+    layout: str  # "isic" or "imagefolder"
+    images: list[RealImage]
+
+    def __post_init__(self) -> None:
+        self._by_id = {im.isic_id: im for im in self.images}
+        self._splits: dict[str, str] | None = None
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, isic_id: str) -> RealImage:
+        try:
+            return self._by_id[isic_id]
+        except KeyError:
+            raise StdaError(f"image id {isic_id!r} is not in {self.root}") from None
+
+    def __contains__(self, isic_id: object) -> bool:
+        return isic_id in self._by_id
+
+    @property
+    def labelled(self) -> list[RealImage]:
+        """Images with a benign or malignant label (Indeterminate excluded)."""
+        return [im for im in self.images if im.label is not None]
+
+    @property
+    def splits_path(self) -> Path:
+        return self.root / "splits.csv"
+
+    def splits(self) -> dict[str, str]:
+        """``{isic_id: split}`` from ``splits.csv``; a clear error when ``stda split`` has not run."""
+        from .split import load_splits  # split imports this module; keep the import one-way at load time
+
+        if self._splits is None:
+            self._splits = load_splits(self)
+        return self._splits
+
+    def subset(self, split: str, label: str | None = None) -> list[RealImage]:
+        """Labelled images of one split (``train``, ``validation`` or ``test``), optionally of one class."""
+        if split not in SPLITS:
+            raise StdaError(f"unknown split {split!r}; valid splits: {list(SPLITS)}")
+        if label is not None and label not in LABELS:
+            raise StdaError(f"unknown label {label!r}; valid labels: {list(LABELS)}")
+        assignment = self.splits()
+        return [
+            im
+            for im in self.labelled
+            if assignment.get(im.isic_id) == split and (label is None or im.label == label)
+        ]
+
+
+def read_real_folder(root: str | Path) -> RealFolder:
+    """Read and validate a real-image folder in either layout.
+
+    Raises
+    ------
+    StdaError
+        Missing folder or metadata, missing columns, unknown diagnosis, duplicate or unsafe id, or a metadata
+        row whose image file is missing. The message names the file, row or value and what to do.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise StdaError(
+            f"real-image folder {root} does not exist; create it with `stda phantoms` or `stda fetch`"
+        )
+    if (root / "metadata.csv").is_file():
+        images = _read_isic_layout(root)
+        layout = "isic"
+    elif any((root / label).is_dir() for label in LABELS):
+        images = _read_imagefolder(root)
+        layout = "imagefolder"
+    else:
+        raise StdaError(
+            f"{root} is not a real-image folder: expected metadata.csv with images/ (what `stda fetch` and "
+            f"`stda phantoms` write) or sub-folders {list(LABELS)}"
+        )
+    if not images:
+        raise StdaError(f"{root} holds no images")
+    return RealFolder(root=root, layout=layout, images=sorted(images, key=lambda im: im.isic_id))
+
+
+def check_id(isic_id: str, where: str) -> str:
+    """Return ``isic_id`` when it is safe to use in a file name; otherwise raise naming ``where``."""
+    if not SAFE_ID.match(isic_id or ""):
+        raise StdaError(
+            f"{where}: image id {isic_id!r} is not a safe file name (letters, digits, '_', '.', '-' only)"
+        )
+    return isic_id
+
+
+def _index_files(folder: Path) -> dict[str, Path]:
+    """Map file stem -> path for the image files directly inside ``folder``."""
+    if not folder.is_dir():
+        return {}
+    return {p.stem: p for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS}
+
+
+def _read_isic_layout(root: Path) -> list[RealImage]:
+    meta = root / "metadata.csv"
+    files = _index_files(root / "images")
+    masks = _index_files(root / "masks")
+    artifacts = _index_files(root / "artifacts")
+    with open(meta, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise StdaError(
+                f"{meta} lacks column(s) {missing}; it needs {list(REQUIRED_COLUMNS)} (the columns isic-cli writes)"
+            )
+        images, seen = [], set()
+        for row_no, row in enumerate(reader, start=2):
+            where = f"{meta} line {row_no}"
+            isic_id = check_id((row["isic_id"] or "").strip(), where)
+            if isic_id in seen:
+                raise StdaError(f"{where}: duplicate image id {isic_id!r}; each image must appear once")
+            seen.add(isic_id)
+            diagnosis = (row["diagnosis_1"] or "").strip()
+            if diagnosis not in DIAGNOSIS_TO_LABEL:
+                raise StdaError(
+                    f"{where}: unknown diagnosis_1 {diagnosis!r} for {isic_id}; valid values: {list(DIAGNOSIS_TO_LABEL)}"
+                )
+            if isic_id not in files:
+                raise StdaError(
+                    f"{where}: image file for {isic_id} not found in {root / 'images'}; re-run the fetch "
+                    "(it resumes) or remove the row"
+                )
+            extra = {k: v for k, v in row.items() if k not in REQUIRED_COLUMNS and k is not None}
+            images.append(
+                RealImage(
+                    isic_id=isic_id,
+                    path=files[isic_id],
+                    label=DIAGNOSIS_TO_LABEL[diagnosis],
+                    diagnosis_1=diagnosis,
+                    lesion_id=(row["lesion_id"] or "").strip(),
+                    patient_id=(row["patient_id"] or "").strip(),
+                    image_type=(row["image_type"] or "").strip(),
+                    copyright_license=(row["copyright_license"] or "").strip() or "unknown",
+                    attribution=(row["attribution"] or "").strip() or "unknown",
+                    mask_path=masks.get(isic_id),
+                    artifact_path=artifacts.get(isic_id),
+                    extra=extra,
+                )
+            )
+    return images
+
+
+def _read_imagefolder(root: Path) -> list[RealImage]:
+    images, seen = [], {}
+    for label in LABELS:
+        for stem, path in _index_files(root / label).items():
+            check_id(stem, str(path))
+            if stem in seen:
+                raise StdaError(f"duplicate image id {stem!r}: {seen[stem]} and {path}; rename one of them")
+            seen[stem] = path
+            images.append(
+                RealImage(
+                    isic_id=stem,
+                    path=path,
+                    label=label,
+                    diagnosis_1=label.capitalize(),
+                    lesion_id="",
+                    patient_id="",
+                    image_type="unknown",
+                    copyright_license="unknown",
+                    attribution="unknown",
+                )
+            )
+    return images
+
+
+@dataclass
+class InspectReport:
+    """What ``stda inspect`` prints: counts, licences, splits, sizes and bad files."""
+
+    root: Path
+    layout: str
+    per_class: dict[str, int]
+    per_license: dict[str, int]
+    per_split: dict[str, dict[str, int]]  # split -> class -> count; empty before `stda split`
+    sizes: dict[str, int]  # min/median/max width and height
+    masks: int
+    bad: dict[str, str]
+
+    def format(self) -> str:
+        """Human-readable multi-line summary."""
+        lines = [f"{self.root} ({self.layout} layout): {sum(self.per_class.values())} images"]
+        lines.append("  per class:   " + ", ".join(f"{k} {v}" for k, v in self.per_class.items()))
+        lines.append("  per licence: " + ", ".join(f"{k} {v}" for k, v in self.per_license.items()))
+        if self.per_split:
+            for split, counts in self.per_split.items():
+                lines.append(f"  {split:<11}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+        else:
+            lines.append("  splits:      none yet (run `stda split`)")
+        s = self.sizes
+        if s:
+            lines.append(
+                f"  sizes:       width {s['width_min']}-{s['width_max']} (median {s['width_median']}), "
+                f"height {s['height_min']}-{s['height_max']} (median {s['height_median']})"
+            )
+        lines.append(f"  masks:       {self.masks}")
+        lines.append(f"  bad files:   {len(self.bad)}")
+        lines += [f"    {path}: {reason}" for path, reason in sorted(self.bad.items())]
+        return "\n".join(lines)
+
+
+def inspect_folder(root: str | Path, decode: bool = True) -> InspectReport:
+    """Summarise a real-image folder; with ``decode`` every image is fully decoded to find bad files."""
+    from .utils import progress
+
+    folder = read_real_folder(root)
+    report = SkipReport()
+    widths, heights = [], []
+    for im in progress(folder.images, desc="inspect", unit="img"):
+        try:
+            if decode:
+                w, h = load_image(im.path).size
+            else:
+                with Image.open(im.path) as img:
+                    w, h = img.size
+        except (BadImageError, OSError) as err:
+            report.add(im.path, getattr(err, "reason", str(err)))
+            continue
+        widths.append(w)
+        heights.append(h)
+    per_split: dict[str, dict[str, int]] = {}
+    if folder.splits_path.is_file():
+        assignment = folder.splits()
+        for split in SPLITS:
+            per_split[split] = dict(
+                sorted(
+                    Counter(
+                        im.label or "indeterminate"
+                        for im in folder.images
+                        if assignment.get(im.isic_id) == split
+                    ).items()
+                )
+            )
+    return InspectReport(
+        root=folder.root,
+        layout=folder.layout,
+        per_class=dict(sorted(Counter(im.label or "indeterminate" for im in folder.images).items())),
+        per_license=dict(sorted(Counter(im.copyright_license for im in folder.images).items())),
+        per_split=per_split,
+        sizes=_size_stats(widths, heights),
+        masks=sum(im.mask_path is not None for im in folder.images),
+        bad=report.skipped,
+    )
+
+
+def _size_stats(widths: list[int], heights: list[int]) -> dict[str, int]:
+    if not widths:
+        return {}
+    ws, hs = sorted(widths), sorted(heights)
+    return {
+        "width_min": ws[0],
+        "width_median": ws[len(ws) // 2],
+        "width_max": ws[-1],
+        "height_min": hs[0],
+        "height_median": hs[len(hs) // 2],
+        "height_max": hs[-1],
+    }

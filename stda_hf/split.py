@@ -1,0 +1,284 @@
+"""Leakage-free train/validation/test splits of a real-image folder, grouped by lesion, patient and near-duplicates.
+
+Images that share a lesion id, a patient id, or are near-duplicates by perceptual hash are joined into one
+group (union-find), and whole groups are assigned to splits, stratified by class and seeded. The result is
+``splits.csv`` (``isic_id, split, group``) and ``split_summary.json`` in the real-image folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import imagehash
+import numpy as np
+
+from .errors import BadImageError, StdaError
+from .fileio import write_json, write_text
+from .images import SkipReport, load_image
+from .real import SPLITS, RealFolder, RealImage, read_real_folder
+from .utils import progress
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SplitConfig:
+    """Settings of ``stda split``."""
+
+    val: float = 0.15  # fraction of labelled images for validation
+    test: float = 0.15  # fraction of labelled images for test
+    seed: int = 0  # shuffles groups; same seed, same splits.csv
+    phash_distance: int = (
+        6  # near-duplicates: perceptual hashes at most this many bits apart (0-7; -1 disables)
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("val", "test"):
+            v = getattr(self, name)
+            if not 0.0 < v < 1.0:
+                raise StdaError(f"--{name} {v} must be a fraction between 0 and 1 (e.g. 0.15)")
+        if self.val + self.test >= 1.0:
+            raise StdaError(
+                f"--val {self.val} + --test {self.test} leaves no training images; keep the sum below 1"
+            )
+        if not -1 <= self.phash_distance <= 7:
+            raise StdaError(
+                f"--phash-distance {self.phash_distance} must be between 0 and 7, or -1 to disable"
+            )
+
+
+class _UnionFind:
+    def __init__(self, n: int):
+        self.parent = list(range(n))
+
+    def find(self, i: int) -> int:
+        while self.parent[i] != i:
+            self.parent[i] = self.parent[self.parent[i]]
+            i = self.parent[i]
+        return i
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)
+
+
+def perceptual_hashes(images: list[RealImage], report: SkipReport) -> dict[str, int]:
+    """64-bit perceptual hash (pHash) of each loadable image, as ``{isic_id: int}``; bad files go to ``report``."""
+    hashes = {}
+    for im in progress(images, desc="perceptual hashes", unit="img"):
+        try:
+            h = imagehash.phash(load_image(im.path))
+        except BadImageError as err:
+            report.add(err.path, err.reason)
+            continue
+        hashes[im.isic_id] = int(str(h), 16)
+    return hashes
+
+
+def near_duplicate_pairs(hashes: dict[str, int], max_distance: int) -> list[tuple[str, str]]:
+    """Pairs of ids whose 64-bit hashes differ in at most ``max_distance`` (<= 7) bits.
+
+    Pigeonhole indexing: two hashes within 7 bits agree exactly on at least one of their 8 bytes, so only ids
+    sharing a byte value at the same position are compared.
+    """
+    if max_distance < 0 or not hashes:
+        return []
+    ids = sorted(hashes)
+    values = np.array([hashes[i] for i in ids], dtype=np.uint64)
+    pairs = set()
+    for byte in range(8):
+        buckets = defaultdict(list)
+        for idx, key in enumerate(((values >> np.uint64(8 * byte)) & np.uint64(0xFF)).tolist()):
+            buckets[key].append(idx)
+        for members in buckets.values():
+            if len(members) < 2:
+                continue
+            m = np.array(members)
+            xor = values[m][:, None] ^ values[m][None, :]
+            dist = np.unpackbits(xor.view(np.uint8), axis=-1).reshape(len(m), len(m), 64).sum(-1)
+            for a, b in zip(*np.nonzero(np.triu(dist <= max_distance, k=1)), strict=True):
+                pairs.add((ids[m[a]], ids[m[b]]))
+    return sorted(pairs)
+
+
+def group_images(images: list[RealImage], duplicate_pairs: list[tuple[str, str]]) -> dict[str, str]:
+    """``{isic_id: group}``: images sharing a lesion, a patient or a near-duplicate pair share a group.
+
+    The group name is the smallest id in it, so it does not depend on the order of ``images``.
+    """
+    index = {im.isic_id: i for i, im in enumerate(images)}
+    uf = _UnionFind(len(images))
+    first_seen: dict[tuple[str, str], int] = {}
+    for i, im in enumerate(images):
+        for kind, key in (("lesion", im.lesion_id), ("patient", im.patient_id)):
+            if key:
+                uf.union(i, first_seen.setdefault((kind, key), i))
+    for a, b in duplicate_pairs:
+        if a in index and b in index:
+            uf.union(index[a], index[b])
+    members = defaultdict(list)
+    for i, im in enumerate(images):
+        members[uf.find(i)].append(im.isic_id)
+    return {iid: min(ids) for ids in members.values() for iid in ids}
+
+
+def assign_groups(images: list[RealImage], groups: dict[str, str], cfg: SplitConfig) -> dict[str, str]:
+    """Assign whole groups to splits, stratified by the group's class (malignant if any image is), seeded.
+
+    Groups of each class are shuffled, then each goes to the split furthest below its target share.
+    """
+    group_label: dict[str, str] = {}
+    group_size: Counter = Counter()
+    for im in images:
+        g = groups[im.isic_id]
+        group_size[g] += 1
+        if im.label == "malignant" or g not in group_label:
+            group_label[g] = im.label
+    targets = {"test": cfg.test, "validation": cfg.val, "train": 1.0 - cfg.val - cfg.test}
+    rng = np.random.default_rng(cfg.seed)
+    group_split = {}
+    for label in sorted(set(group_label.values())):
+        names = sorted(g for g, lab in group_label.items() if lab == label)
+        names = [names[i] for i in rng.permutation(len(names))]
+        total = sum(group_size[g] for g in names)
+        filled = dict.fromkeys(SPLITS, 0)
+        for g in names:
+            deficit = {s: targets[s] * total - filled[s] for s in ("test", "validation", "train")}
+            split = max(deficit, key=lambda s: deficit[s])
+            group_split[g] = split
+            filled[split] += group_size[g]
+    return {im.isic_id: group_split[groups[im.isic_id]] for im in images}
+
+
+def check_no_leakage(images: list[RealImage], assignment: dict[str, str]) -> None:
+    """Raise when a lesion or patient has images in more than one split.
+
+    Raises
+    ------
+    StdaError
+        Naming the lesion or patient and the splits it spans.
+    """
+    for kind in ("lesion_id", "patient_id"):
+        sides = defaultdict(set)
+        for im in images:
+            key = getattr(im, kind)
+            if key and im.isic_id in assignment:
+                sides[key].add(assignment[im.isic_id])
+        for key, found in sorted(sides.items()):
+            if len(found) > 1:
+                raise StdaError(
+                    f"leakage: {kind.removesuffix('_id')} {key} has images in {sorted(found)}; every lesion and "
+                    "patient must sit on one side. Re-run `stda split` instead of editing splits.csv by hand"
+                )
+
+
+def make_splits(root: str | Path, cfg: SplitConfig | None = None) -> dict[str, dict[str, int]]:
+    """Split a real-image folder and write ``splits.csv`` and ``split_summary.json`` into it.
+
+    Parameters
+    ----------
+    root : path
+        The real-image folder.
+    cfg : SplitConfig, optional
+        Fractions, seed and near-duplicate threshold.
+
+    Returns
+    -------
+    dict
+        ``{split: {class: count}}``, also written to ``split_summary.json``.
+    """
+    cfg = cfg or SplitConfig()
+    folder = read_real_folder(root)
+    report = SkipReport()
+    images = folder.labelled
+    hashes = perceptual_hashes(images, report) if cfg.phash_distance >= 0 else {}
+    images = [im for im in images if str(im.path) not in report.skipped]
+    groups = group_images(images, near_duplicate_pairs(hashes, cfg.phash_distance))
+    assignment = assign_groups(images, groups, cfg)
+    check_no_leakage(images, assignment)
+    summary = _summary(images, assignment, groups)
+    _check_usable(summary, folder.root)
+    write_text(folder.splits_path, _splits_csv(images, assignment, groups))
+    write_json(
+        folder.root / "split_summary.json",
+        {
+            "config": {
+                "val": cfg.val,
+                "test": cfg.test,
+                "seed": cfg.seed,
+                "phash_distance": cfg.phash_distance,
+            },
+            "counts": summary,
+            "groups": len(set(groups.values())),
+            "skipped": report.skipped,
+        },
+    )
+    if report:
+        logger.warning("%s; they are left out of every split", report.summary())
+    return summary
+
+
+def _splits_csv(images: list[RealImage], assignment: dict[str, str], groups: dict[str, str]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["isic_id", "split", "group"])
+    for im in images:
+        writer.writerow([im.isic_id, assignment[im.isic_id], groups[im.isic_id]])
+    return buf.getvalue()
+
+
+def _summary(images: list[RealImage], assignment: dict[str, str], groups: dict[str, str]) -> dict:
+    out = {s: dict.fromkeys(("benign", "malignant"), 0) for s in SPLITS}
+    for im in images:
+        out[assignment[im.isic_id]][im.label] += 1
+    for s in SPLITS:
+        out[s]["groups"] = len({groups[im.isic_id] for im in images if assignment[im.isic_id] == s})
+    return out
+
+
+def _check_usable(summary: dict, root: Path) -> None:
+    for split in SPLITS:
+        if summary[split]["benign"] + summary[split]["malignant"] == 0:
+            raise StdaError(
+                f"{root}: the {split} split would be empty (too few lesion/patient groups for these fractions); "
+                "add images or change --val/--test"
+            )
+        for label in ("benign", "malignant"):
+            if summary[split][label] == 0:
+                logger.warning("%s split has no %s images; metrics on it will be one-sided", split, label)
+
+
+def load_splits(folder: RealFolder) -> dict[str, str]:
+    """Read ``splits.csv`` of ``folder`` and check it: known ids and splits, no lesion or patient on two sides.
+
+    Raises
+    ------
+    StdaError
+        When the file is missing (run ``stda split``), names an unknown id or split, or leaks.
+    """
+    path = folder.splits_path
+    if not path.is_file():
+        raise StdaError(f"{path} not found; run `stda split {folder.root}` first")
+    assignment = {}
+    with open(path, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        if not {"isic_id", "split"} <= set(reader.fieldnames or []):
+            raise StdaError(f"{path} needs columns isic_id and split; re-run `stda split {folder.root}`")
+        for row_no, row in enumerate(reader, start=2):
+            if row["split"] not in SPLITS:
+                raise StdaError(
+                    f"{path} line {row_no}: unknown split {row['split']!r}; valid: {list(SPLITS)}"
+                )
+            if row["isic_id"] not in folder:
+                raise StdaError(
+                    f"{path} line {row_no}: id {row['isic_id']!r} is not in {folder.root}/metadata.csv"
+                )
+            assignment[row["isic_id"]] = row["split"]
+    check_no_leakage(folder.images, assignment)
+    return assignment

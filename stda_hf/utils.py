@@ -1,0 +1,53 @@
+"""Small shared helpers: seeding, stable hashes, progress bars and logging setup."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+from collections.abc import Iterable
+from typing import Any, TypeVar
+
+import numpy as np
+from tqdm.auto import tqdm
+
+T = TypeVar("T")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and (when imported) PyTorch on every device."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)  # noqa: NPY002 - seeds legacy global-state users (torch samplers, old code)
+    os.environ["PYTHONHASHSEED"] = str(seed)
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency, but seeding must not need it
+        return
+    torch.manual_seed(seed)
+
+
+def stable_hash(obj: Any, length: int = 16) -> str:
+    """A short hex digest of ``obj`` that is the same on every machine and Python run.
+
+    ``obj`` must be JSON-serialisable; dict keys are sorted, so key order does not matter.
+    """
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:length]
+
+
+def progress(iterable: Iterable[T] | None = None, **kwargs: Any) -> tqdm:
+    """A tqdm progress bar with ETA on stderr, silent when ``STDA_NO_PROGRESS=1`` (CI logs, tests)."""
+    kwargs.setdefault("disable", os.environ.get("STDA_NO_PROGRESS") == "1")
+    kwargs.setdefault("dynamic_ncols", True)
+    kwargs.setdefault("smoothing", 0.1)
+    return tqdm(iterable, **kwargs)
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """Configure the ``stda_hf`` loggers for command-line use (INFO, or DEBUG with ``verbose``)."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
