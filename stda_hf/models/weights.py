@@ -1,0 +1,130 @@
+"""Where a model's weights come from: ``imagenet`` (torchvision download), a local file, or ``random``.
+
+Nothing downloads at import time; a download happens only inside :func:`load_weights` for ``imagenet``, and
+fails offline with an error that names both ways out (a local file or ``random``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import StdaError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WeightsSpec:
+    """A parsed ``--weights`` value."""
+
+    kind: str  # "imagenet", "file" or "random"
+    path: Path | None = None
+    seed: int = 0  # for "random": the seed of the initialisation
+
+    def describe(self) -> str:
+        """How a model card or log names these weights."""
+        if self.kind == "file":
+            return f"file:{self.path.name}"
+        return f"random(seed={self.seed})" if self.kind == "random" else "imagenet"
+
+
+def parse_weights(value: str | Path, seed: int = 0) -> WeightsSpec:
+    """Parse ``imagenet``, ``random`` or a path to a ``.safetensors`` / ``.pth`` file.
+
+    Raises
+    ------
+    StdaError
+        When the value is neither keyword nor an existing file.
+    """
+    text = str(value)
+    if text in ("imagenet", "random"):
+        return WeightsSpec(kind=text, seed=seed)
+    path = Path(text)
+    if not path.is_file():
+        raise StdaError(
+            f"--weights {text!r}: not 'imagenet', 'random' or an existing file (.safetensors, or a .pth state dict)"
+        )
+    return WeightsSpec(kind="file", path=path, seed=seed)
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Read a state dict from ``.safetensors`` or a PyTorch file (loaded with ``weights_only=True``)."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle errors, truncated files
+        raise StdaError(
+            f"{path}: cannot read weights ({err}); give a .safetensors file or a plain state dict"
+        ) from err
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise StdaError(f"{path}: expected a state dict (name -> tensor), got {type(state).__name__}")
+    return state
+
+
+def load_weights(
+    model: nn.Module, spec: WeightsSpec, download: callable | None = None, strict: bool = False
+) -> nn.Module:
+    """Fill ``model`` with weights per ``spec``; returns the model.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A freshly built model.
+    spec : WeightsSpec
+        Where the weights come from.
+    download : callable, optional
+        ``() -> state_dict`` that downloads the ImageNet weights (torchvision's ``get_state_dict``); required for
+        ``imagenet``.
+    strict : bool
+        Require every parameter of ``model`` to be present in the file (extra keys are always ignored, so a
+        file of a larger network can fill a truncated one).
+
+    Raises
+    ------
+    StdaError
+        Download failed (offline), file missing keys or shapes that do not match.
+    """
+    if spec.kind == "random":
+        gen_state = torch.random.get_rng_state()
+        torch.manual_seed(spec.seed)
+        for m in model.modules():
+            if hasattr(m, "reset_parameters") and m is not model:
+                m.reset_parameters()
+        torch.random.set_rng_state(gen_state)
+        return model
+    if spec.kind == "imagenet":
+        if download is None:
+            raise StdaError(
+                "no ImageNet weights are published for this model; use --weights random or a file"
+            )
+        try:
+            state = download()
+        except Exception as err:  # URLError, ConnectionError, HTTP errors, hash mismatch
+            raise StdaError(
+                f"could not download ImageNet weights ({type(err).__name__}: {err}). Offline? Pass --weights PATH "
+                "to a local .safetensors/.pth file, or --weights random for untrained features"
+            ) from err
+    else:
+        state = read_state_dict(spec.path)
+    own = model.state_dict()
+    usable = {k: v for k, v in state.items() if k in own}
+    bad = [k for k, v in usable.items() if v.shape != own[k].shape]
+    if bad:
+        raise StdaError(
+            f"weights {spec.describe()}: shapes differ for {bad[:5]}; is the file for another model?"
+        )
+    missing = [k for k in own if k not in usable]
+    if missing and (strict or len(missing) == len(own)):
+        raise StdaError(f"weights {spec.describe()}: missing {len(missing)} tensor(s) such as {missing[:3]}")
+    model.load_state_dict(usable, strict=False)
+    return model

@@ -1,0 +1,34 @@
+"""Shared fixtures: tiny phantom folders (32-64 px) so every test runs the real code paths in seconds."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("STDA_NO_PROGRESS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def phantom_real_session(tmp_path_factory) -> Path:
+    """A split phantom folder (60 images, 32 px), built once per session. Do not modify: copy it."""
+    from stda_hf.phantoms import PhantomConfig, make_phantoms
+    from stda_hf.split import SplitConfig, make_splits
+
+    root = tmp_path_factory.mktemp("phantoms") / "real"
+    make_phantoms(root, PhantomConfig(n=60, size=32, seed=0))
+    make_splits(root, SplitConfig(seed=0))
+    return root
+
+
+@pytest.fixture
+def phantom_real(phantom_real_session, tmp_path) -> Path:
+    """A private copy of the split phantom folder that a test may change."""
+    dst = tmp_path / "real"
+    shutil.copytree(phantom_real_session, dst)
+    return dst
