@@ -1,0 +1,7 @@
+"""``python -m stda_hf``: the same as the ``stda`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,79 @@
+"""Crash-safe writing: atomic replace, JSON lines that survive torn appends, disk-full errors."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+
+from stda_hf import fileio
+from stda_hf.errors import StdaError
+from stda_hf.fileio import append_jsonl, atomic_write, read_jsonl, write_json, write_text
+
+
+def test_atomic_write_keeps_old_file_when_block_fails(tmp_path):
+    target = tmp_path / "a.txt"
+    write_text(target, "old")
+    with pytest.raises(RuntimeError), atomic_write(target) as fh:
+        fh.write("new but unfinished")
+        raise RuntimeError("crash mid-write")
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]  # no temp file left behind
+
+
+def test_atomic_write_creates_parent_folders(tmp_path):
+    write_text(tmp_path / "x" / "y" / "z.txt", "hello")
+    assert (tmp_path / "x" / "y" / "z.txt").read_text() == "hello"
+
+
+def test_write_json_is_byte_identical_for_equal_objects(tmp_path):
+    write_json(tmp_path / "a.json", {"b": 1, "a": [1, 2]})
+    write_json(tmp_path / "b.json", {"a": [1, 2], "b": 1})
+    assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
+
+
+def test_disk_full_is_a_clear_error_and_keeps_old_file(tmp_path, monkeypatch):
+    target = tmp_path / "m.json"
+    write_text(target, "old")
+
+    def full(_fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(fileio.os, "fsync", full)
+    with pytest.raises(StdaError, match=r"no space left.*re-run the same command"):
+        write_text(target, "new")
+    assert target.read_text() == "old"
+
+
+def test_jsonl_round_trip(tmp_path):
+    path = tmp_path / "manifest.jsonl"
+    for i in range(3):
+        append_jsonl(path, {"id": i})
+    assert read_jsonl(path) == [{"id": 0}, {"id": 1}, {"id": 2}]
+    assert read_jsonl(tmp_path / "missing.jsonl") == []
+
+
+def test_torn_last_line_is_ignored_and_repaired_by_next_append(tmp_path):
+    path = tmp_path / "manifest.jsonl"
+    append_jsonl(path, {"id": 1})
+    with open(path, "a") as fh:
+        fh.write('{"id": 2, "fi')  # a crash mid-append
+    assert read_jsonl(path) == [{"id": 1}]
+    append_jsonl(path, {"id": 3})
+    assert read_jsonl(path) == [{"id": 1}, {"id": 3}]
+    assert path.read_text().count("\n") == 2
+
+
+def test_corrupt_middle_line_names_the_line(tmp_path):
+    path = tmp_path / "manifest.jsonl"
+    path.write_text('{"id": 1}\nnot json\n{"id": 3}\n')
+    with pytest.raises(StdaError, match="line 2"):
+        read_jsonl(path)
+
+
+def test_append_is_durable_line_by_line(tmp_path):
+    path = tmp_path / "m.jsonl"
+    append_jsonl(path, {"a": "é"})
+    assert path.read_bytes().endswith(b"\n")
+    assert os.path.getsize(path) > 0

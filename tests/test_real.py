@@ -1,0 +1,143 @@
+"""The real-image folder: both layouts, validation errors that name the problem, and inspect."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+
+import pytest
+from PIL import Image
+
+from stda_hf.errors import StdaError
+from stda_hf.real import REQUIRED_COLUMNS, inspect_folder, read_real_folder
+
+
+def _rewrite_metadata(root, edit):
+    path = root / "metadata.csv"
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        fields, rows = list(reader.fieldnames), list(reader)
+    fields, rows = edit(fields, rows)
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def test_reads_isic_layout_with_masks_and_provenance(phantom_real_session):
+    folder = read_real_folder(phantom_real_session)
+    assert folder.layout == "isic"
+    assert len(folder) == 60
+    assert {im.label for im in folder.images} == {"benign", "malignant"}
+    assert all(im.mask_path is not None and im.mask_path.is_file() for im in folder.images)
+    first = folder.images[0]
+    assert first.copyright_license == "CC-0" and "phantom" in first.attribution
+    assert first.lesion_id and first.patient_id
+    assert "skin_type" in first.extra
+
+
+def test_reads_imagefolder_layout(tmp_path):
+    for label in ("benign", "malignant"):
+        (tmp_path / label).mkdir()
+        for i in range(2):
+            Image.new("RGB", (8, 8)).save(tmp_path / label / f"{label}_{i}.png")
+    folder = read_real_folder(tmp_path)
+    assert folder.layout == "imagefolder"
+    assert [im.label for im in folder.images].count("malignant") == 2
+    assert folder["benign_1"].copyright_license == "unknown"
+
+
+def test_missing_columns_are_named(phantom_real):
+    _rewrite_metadata(
+        phantom_real,
+        lambda f, r: (
+            [c for c in f if c != "patient_id"],
+            [{k: v for k, v in row.items() if k != "patient_id"} for row in r],
+        ),
+    )
+    with pytest.raises(StdaError, match=r"lacks column\(s\) \['patient_id'\]"):
+        read_real_folder(phantom_real)
+
+
+def test_unknown_diagnosis_names_line_and_valid_values(phantom_real):
+    def edit(f, rows):
+        rows[2]["diagnosis_1"] = "Maybe"
+        return f, rows
+
+    _rewrite_metadata(phantom_real, edit)
+    with pytest.raises(StdaError, match=r"line 4: unknown diagnosis_1 'Maybe'.*Benign"):
+        read_real_folder(phantom_real)
+
+
+def test_duplicate_id_is_refused(phantom_real):
+    _rewrite_metadata(phantom_real, lambda f, rows: (f, [*rows, rows[0]]))
+    with pytest.raises(StdaError, match="duplicate image id"):
+        read_real_folder(phantom_real)
+
+
+def test_missing_image_file_is_refused(phantom_real):
+    victim = sorted((phantom_real / "images").iterdir())[5]
+    victim.unlink()
+    with pytest.raises(StdaError, match=f"image file for {victim.stem} not found"):
+        read_real_folder(phantom_real)
+
+
+def test_unsafe_id_is_refused(phantom_real):
+    def edit(f, rows):
+        rows[0]["isic_id"] = "../../etc/passwd"
+        return f, rows
+
+    _rewrite_metadata(phantom_real, edit)
+    with pytest.raises(StdaError, match="not a safe file name"):
+        read_real_folder(phantom_real)
+
+
+def test_indeterminate_images_are_kept_but_not_labelled(phantom_real):
+    def edit(f, rows):
+        rows[0]["diagnosis_1"] = "Indeterminate"
+        return f, rows
+
+    _rewrite_metadata(phantom_real, edit)
+    folder = read_real_folder(phantom_real)
+    assert len(folder) == 60 and len(folder.labelled) == 59
+
+
+def test_not_a_real_folder(tmp_path):
+    with pytest.raises(StdaError, match="not a real-image folder"):
+        read_real_folder(tmp_path)
+    with pytest.raises(StdaError, match="does not exist"):
+        read_real_folder(tmp_path / "nope")
+
+
+def test_subset_needs_splits_and_valid_names(phantom_real):
+    folder = read_real_folder(phantom_real)
+    train_benign = folder.subset("train", "benign")
+    assert train_benign and all(im.label == "benign" for im in train_benign)
+    with pytest.raises(StdaError, match="unknown split 'dev'"):
+        folder.subset("dev")
+    (phantom_real / "splits.csv").unlink()
+    with pytest.raises(StdaError, match="run `stda split"):
+        read_real_folder(phantom_real).subset("train")
+
+
+def test_inspect_counts_and_reports_bad_files(phantom_real):
+    bad = sorted((phantom_real / "images").iterdir())[0]
+    bad.write_bytes(bad.read_bytes()[:100])
+    report = inspect_folder(phantom_real)
+    assert sum(report.per_class.values()) == 60
+    assert report.per_license == {"CC-0": 60}
+    assert sum(sum(c.values()) for c in report.per_split.values()) == 60
+    assert list(report.bad) == [str(bad)]
+    assert report.sizes["width_max"] == 32
+    text = report.format()
+    assert "bad files:   1" in text and "validation" in text
+
+
+def test_required_columns_are_isic_cli_names():
+    assert REQUIRED_COLUMNS[0] == "isic_id" and "diagnosis_1" in REQUIRED_COLUMNS
+
+
+def test_copied_folder_is_independent(phantom_real, phantom_real_session):
+    shutil.rmtree(phantom_real / "masks")
+    assert read_real_folder(phantom_real).images[0].mask_path is None
+    assert read_real_folder(phantom_real_session).images[0].mask_path is not None
