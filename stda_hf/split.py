@@ -133,6 +133,14 @@ def assign_groups(images: list[RealImage], groups: dict[str, str], cfg: SplitCon
 
     Groups of each class are shuffled, then each goes to the split furthest below its target share.
     """
+    group_label, group_size = _group_classes(images, groups)
+    targets = {"test": cfg.test, "validation": cfg.val, "train": 1.0 - cfg.val - cfg.test}
+    group_split = _fill_parts(group_label, group_size, targets, np.random.default_rng(cfg.seed))
+    return {im.isic_id: group_split[groups[im.isic_id]] for im in images}
+
+
+def _group_classes(images: list[RealImage], groups: dict[str, str]) -> tuple[dict[str, str], Counter]:
+    """Class of each group (malignant if any of its images is) and its number of images."""
     group_label: dict[str, str] = {}
     group_size: Counter = Counter()
     for im in images:
@@ -140,20 +148,25 @@ def assign_groups(images: list[RealImage], groups: dict[str, str], cfg: SplitCon
         group_size[g] += 1
         if im.label == "malignant" or g not in group_label:
             group_label[g] = im.label
-    targets = {"test": cfg.test, "validation": cfg.val, "train": 1.0 - cfg.val - cfg.test}
-    rng = np.random.default_rng(cfg.seed)
-    group_split = {}
+    return group_label, group_size
+
+
+def _fill_parts(
+    group_label: dict[str, str], group_size: Counter, targets: dict, rng: np.random.Generator
+) -> dict[str, object]:
+    """``{group: part}``: each class's groups, shuffled, go to the part furthest below its target share."""
+    group_part = {}
     for label in sorted(set(group_label.values())):
         names = sorted(g for g, lab in group_label.items() if lab == label)
         names = [names[i] for i in rng.permutation(len(names))]
         total = sum(group_size[g] for g in names)
-        filled = dict.fromkeys(SPLITS, 0)
+        filled = dict.fromkeys(targets, 0)
         for g in names:
-            deficit = {s: targets[s] * total - filled[s] for s in ("test", "validation", "train")}
-            split = max(deficit, key=lambda s: deficit[s])
-            group_split[g] = split
-            filled[split] += group_size[g]
-    return {im.isic_id: group_split[groups[im.isic_id]] for im in images}
+            deficit = {s: targets[s] * total - filled[s] for s in targets}
+            part = max(deficit, key=lambda s: deficit[s])
+            group_part[g] = part
+            filled[part] += group_size[g]
+    return group_part
 
 
 def check_no_leakage(images: list[RealImage], assignment: dict[str, str]) -> None:
@@ -282,3 +295,76 @@ def load_splits(folder: RealFolder) -> dict[str, str]:
             assignment[row["isic_id"]] = row["split"]
     check_no_leakage(folder.images, assignment)
     return assignment
+
+
+@dataclass
+class Folds:
+    """k grouped, class-stratified cross-validation folds of a real-image folder (see :func:`make_folds`)."""
+
+    images: list[RealImage]  # the labelled, loadable images the folds cover, in id order
+    groups: dict[str, str]  # isic_id -> group (lesion, patient and near-duplicates joined)
+    assignments: list[dict[str, str]]  # per fold: isic_id -> "train" | "validation" | "test"
+    skipped: dict[str, str]  # unreadable files left out of every fold, path -> reason
+
+    def __len__(self) -> int:
+        return len(self.assignments)
+
+    def splits_csv(self, fold: int) -> str:
+        """The ``splits.csv`` text (``isic_id, split, group``) of one fold."""
+        return _splits_csv(self.images, self.assignments[fold], self.groups)
+
+    def summary(self, fold: int) -> dict[str, dict[str, int]]:
+        """``{split: {class: count, "groups": n}}`` of one fold."""
+        return _summary(self.images, self.assignments[fold], self.groups)
+
+
+def make_folds(
+    root: str | Path, k: int = 5, seed: int = 0, val: float = 0.15, phash_distance: int = 6
+) -> Folds:
+    """Cross-validation folds grouped exactly as ``stda split`` groups (lesion, patient, near-duplicates).
+
+    Whole groups are dealt to ``k`` parts, stratified by class and seeded; fold ``i`` tests on part ``i`` and
+    draws its validation split (``val`` of all images, stratified) from the other parts' groups, so every
+    image is tested exactly once and no lesion or patient spans two splits of a fold.
+
+    Parameters
+    ----------
+    root : path
+        The real-image folder (its own ``splits.csv``, if any, is ignored).
+    k : int
+        Number of folds (at least 2).
+    seed : int
+        Shuffles groups; same seed, same folds.
+    val : float
+        Fraction of all labelled images that each fold uses for validation.
+    phash_distance : int
+        Near-duplicate threshold of :class:`SplitConfig` (-1 disables).
+
+    Raises
+    ------
+    StdaError
+        Bad ``k`` or ``val``, or a fold whose train, validation or test split would be empty.
+    """
+    if k < 2:
+        raise StdaError(f"k={k} folds: cross-validation needs at least 2")
+    val_share = val / (1.0 - 1.0 / k)
+    if not 0.0 < val_share < 1.0:
+        raise StdaError(
+            f"val={val} with k={k} leaves no training images; use a fraction below {1 - 1 / k:.2f}"
+        )
+    folder = read_real_folder(root)
+    report = SkipReport()
+    hashes = perceptual_hashes(folder.labelled, report) if phash_distance >= 0 else {}
+    images = [im for im in folder.labelled if str(im.path) not in report.skipped]
+    groups = group_images(images, near_duplicate_pairs(hashes, phash_distance))
+    group_label, group_size = _group_classes(images, groups)
+    part = _fill_parts(group_label, group_size, dict.fromkeys(range(k), 1.0 / k), np.random.default_rng(seed))
+    folds = Folds(images=images, groups=groups, assignments=[], skipped=report.skipped)
+    for fold in range(k):
+        rest = {g: lab for g, lab in group_label.items() if part[g] != fold}
+        targets = {"validation": val_share, "train": 1.0 - val_share}
+        side = _fill_parts(rest, group_size, targets, np.random.default_rng([seed, fold]))
+        folds.assignments.append({im.isic_id: side.get(groups[im.isic_id], "test") for im in images})
+        check_no_leakage(images, folds.assignments[fold])
+        _check_usable(folds.summary(fold), Path(f"{folder.root} (fold {fold})"))
+    return folds
