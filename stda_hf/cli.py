@@ -95,6 +95,37 @@ def config_from_args(cls: type, args: argparse.Namespace, **extra: object):
 # Commands
 
 
+def _add_fetch(sub) -> None:
+    from .fetch import FetchConfig
+
+    p = sub.add_parser(
+        "fetch",
+        help="download benign and malignant images from the ISIC Archive (resumable, licence-aware)",
+        description="Download images and metadata from the ISIC Archive API v2 into the real-image layout. "
+        "Re-running the same command resumes; --dry-run only counts.",
+    )
+    p.add_argument("--out", type=Path, default=None, help="output folder (the real-image layout)")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print how many images match per class and licence; download nothing",
+    )
+    add_config_flags(p, FetchConfig)
+    p.set_defaults(func=_run_fetch)
+
+
+def _run_fetch(args) -> None:
+    from .fetch import FetchConfig, dry_run, fetch
+
+    cfg = config_from_args(FetchConfig, args)
+    if args.dry_run:
+        print(dry_run(cfg, out=args.out).format())
+    elif args.out is None:
+        raise StdaError("--out is required to fetch (only --dry-run works without it)")
+    else:
+        print(fetch(args.out, cfg).format())
+
+
 def _add_phantoms(sub) -> None:
     from .phantoms import PhantomConfig
 
@@ -189,7 +220,7 @@ def _run_demo(args) -> None:
     run_demo(args.out, n=args.n, size=args.size, seed=args.seed)
 
 
-COMMANDS: list[Callable] = [_add_phantoms, _add_split, _add_inspect, _add_demo]
+COMMANDS: list[Callable] = [_add_fetch, _add_phantoms, _add_split, _add_inspect, _add_demo]
 """Subcommands in the order ``stda --help`` lists them (the order of the flow)."""
 
 
