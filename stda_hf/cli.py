@@ -62,7 +62,8 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type, skip: Sequence[
         hint = hints[f.name]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         flag = "--" + f.name.replace("_", "-")
-        help_ = f"{comments.get(f.name, '')} (default: {default})".strip()
+        comment = comments.get(f.name, "")
+        help_ = comment if "default" in comment or default == "" else f"{comment} (default: {default})".strip()
         origin = typing.get_origin(hint)
         if hint is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
@@ -201,6 +202,32 @@ def _run_inspect(args) -> None:
     print(inspect_folder(args.real, decode=not args.no_decode).format())
 
 
+def _add_label(sub) -> None:
+    from .label import LabelConfig
+
+    p = sub.add_parser("label", help="pseudo-label synthetic images with a teacher trained on real images",
+                       description="Label every synthetic image with a teacher's class probabilities, confidence "
+                                   "and entropy; optionally temperature-scale it on the real validation split "
+                                   "first. Resumable: re-running skips labelled images.")
+    p.add_argument("synthetic", type=Path, help="synthetic folder written by `stda generate`")
+    add_config_flags(p, LabelConfig)
+    p.set_defaults(func=_run_label)
+
+
+def _run_label(args) -> None:
+    from .label import LabelConfig, label_synthetic
+
+    s = label_synthetic(args.synthetic, config_from_args(LabelConfig, args))
+    labels = ", ".join(f"{k} {v}" for k, v in s["labels"].items())
+    print(f"labelled {s['images']} images with {s['teacher']}: {labels}")
+    if s["calibration"]:
+        c = s["calibration"]
+        print(f"temperature {c['temperature']:.3f}: ECE on real validation {c['ece_before']:.4f} -> {c['ece_after']:.4f}")
+    print(f"kept at confidence >= {s['min_confidence']:g}: {s['kept']} ({s['kept_labels']})")
+    if s["skipped"]:
+        print(f"skipped {len(s['skipped'])} unreadable image(s); see {args.synthetic / 'labels_summary.json'}")
+
+
 def _add_demo(sub) -> None:
     p = sub.add_parser(
         "demo",
@@ -220,7 +247,7 @@ def _run_demo(args) -> None:
     run_demo(args.out, n=args.n, size=args.size, seed=args.seed)
 
 
-COMMANDS: list[Callable] = [_add_fetch, _add_phantoms, _add_split, _add_inspect, _add_demo]
+COMMANDS: list[Callable] = [_add_fetch, _add_phantoms, _add_split, _add_inspect, _add_label, _add_demo]
 """Subcommands in the order ``stda --help`` lists them (the order of the flow)."""
 
 

@@ -1,0 +1,462 @@
+"""Pseudo-labels for synthetic images from a teacher trained on real images, optionally calibrated.
+
+A benign lesion restyled with a malignant texture is not malignant by definition, so every synthetic image is
+labelled by a teacher network and keeps its full class probabilities, confidence and entropy. Temperature
+scaling on the real validation split (Guo et al., 2017) makes the confidences honest before a threshold is
+applied. Labelling is resumable like ``generate``: ``labels.jsonl`` is append-only and re-running skips what is
+done.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import LABELS
+from .config import config_to_dict
+from .errors import BadImageError, StdaError
+from .fileio import append_jsonl, atomic_write, read_jsonl, write_json
+from .images import SkipReport, load_image
+from .real import read_real_folder
+from .utils import progress, stable_hash
+
+logger = logging.getLogger(__name__)
+
+LABELS_FILE = "labels.jsonl"
+SUMMARY_FILE = "labels_summary.json"
+
+
+@dataclass
+class LabelConfig:
+    """Settings of ``stda label``."""
+
+    teacher: str = ""  # train.py run or model folder, a torchvision VGG name with --teacher-weights, or a transformers model
+    teacher_weights: str = ""  # weights file for a torchvision teacher (e.g. vgg16 + vgg16-skin.safetensors)
+    min_confidence: float = (
+        0.0  # keep pseudo-labels at least this confident (all are recorded; package keeps these)
+    )
+    calibrate: bool = False  # fit a temperature on the real validation split before labelling
+    real: str = ""  # real-image folder for calibration and leakage checks (default: the one in source.json)
+    image_size: int = 0  # teacher input side in pixels (0: the teacher's own)
+    batch_size: int = 32  # images per forward pass
+    device: str = "auto"  # auto, cpu, cuda, cuda:1, ...
+
+    def __post_init__(self) -> None:
+        if not self.teacher:
+            raise StdaError("--teacher is required: a train.py run folder, a model folder or a model id")
+        if not 0.0 <= self.min_confidence <= 1.0:
+            raise StdaError(f"--min-confidence {self.min_confidence} must be between 0 and 1 (e.g. 0.8)")
+        if self.batch_size < 1:
+            raise StdaError(f"--batch-size {self.batch_size} must be at least 1")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pure functions: probabilities, calibration, summaries
+
+
+def entropy(probs: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy in nats of each row of ``probs`` ``(N, C)``."""
+    return -(probs * probs.clamp_min(1e-12).log()).sum(-1)
+
+
+def expected_calibration_error(probs: torch.Tensor, targets: torch.Tensor, bins: int = 15) -> float:
+    """Expected calibration error: the bin-weighted gap between confidence and accuracy (equal-width bins).
+
+    Parameters
+    ----------
+    probs : Tensor (N, C)
+        Class probabilities.
+    targets : Tensor (N,)
+        True class ids.
+    bins : int
+        Number of confidence bins over [0, 1].
+    """
+    conf, pred = probs.max(-1)
+    correct = (pred == targets).float()
+    edges = torch.linspace(0, 1, bins + 1)
+    ece = torch.zeros(())
+    for lo, hi in itertools.pairwise(edges):
+        inside = (conf > lo) & (conf <= hi)
+        if inside.any():
+            ece += inside.float().mean() * (conf[inside].mean() - correct[inside].mean()).abs()
+    return float(ece)
+
+
+def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, max_iter: int = 200) -> float:
+    """The temperature ``T > 0`` minimising the NLL of ``softmax(logits / T)`` (temperature scaling)."""
+    log_t = torch.zeros((), requires_grad=True)
+    opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=max_iter, line_search_fn="strong_wolfe")
+    logits, targets = logits.detach().float(), targets.long()
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(logits / log_t.exp(), targets)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    t = float(log_t.detach().exp())
+    if not math.isfinite(t):
+        raise StdaError(
+            "temperature scaling diverged (are the validation labels all one class?); run without --calibrate"
+        )
+    return t
+
+
+def label_record(image_id: str, probs: torch.Tensor, teacher: str) -> dict:
+    """The ``labels.jsonl`` line of one image from its class probabilities."""
+    p = [round(float(x), 6) for x in probs]
+    return {
+        "id": image_id,
+        "label": LABELS[int(np.argmax(p))],
+        "probs": p,
+        "confidence": max(p),
+        "entropy": round(float(entropy(probs[None]).item()), 6),
+        "teacher": teacher,
+    }
+
+
+def summarize(records: list[dict], manifest: dict[str, dict], min_confidence: float) -> dict:
+    """Label counts overall, at the threshold, and per style and content source image."""
+    by_style: dict[str, Counter] = defaultdict(Counter)
+    by_content: dict[str, Counter] = defaultdict(Counter)
+    for r in records:
+        src = manifest.get(r["id"], {})
+        by_style[src.get("style_id", "?")][r["label"]] += 1
+        by_content[src.get("content_id", "?")][r["label"]] += 1
+    kept = [r for r in records if r["confidence"] >= min_confidence]
+    conf = np.array([r["confidence"] for r in records]) if records else np.zeros(0)
+    return {
+        "images": len(records),
+        "labels": dict(sorted(Counter(r["label"] for r in records).items())),
+        "min_confidence": min_confidence,
+        "kept": len(kept),
+        "kept_labels": dict(sorted(Counter(r["label"] for r in kept).items())),
+        "confidence_mean": round(float(conf.mean()), 4) if len(conf) else None,
+        "confidence_quantiles": {
+            q: round(float(np.quantile(conf, float(q))), 4) for q in ("0.1", "0.5", "0.9")
+        }
+        if len(conf)
+        else {},
+        "by_style": {k: dict(sorted(v.items())) for k, v in sorted(by_style.items())},
+        "by_content": {k: dict(sorted(v.items())) for k, v in sorted(by_content.items())},
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The teacher
+
+
+@dataclass
+class Teacher:
+    """A classifier with two outputs (benign, malignant) and the preprocessing it expects."""
+
+    model: nn.Module
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    name: str  # recorded in labels.jsonl and the dataset card
+    folder: Path | None = None  # the model or run folder, when there is one
+
+    def preprocess(self, images: list) -> torch.Tensor:
+        """PIL images -> normalised batch ``(N, 3, S, S)``."""
+        from PIL import Image
+
+        size = self.image_size
+        arrays = [np.asarray(im.resize((size, size), Image.BILINEAR), np.float32) / 255.0 for im in images]
+        x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+        mean, std = torch.tensor(self.mean).view(1, 3, 1, 1), torch.tensor(self.std).view(1, 3, 1, 1)
+        return (x - mean) / std
+
+    @torch.inference_mode()
+    def logits(self, batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """Raw logits ``(N, 2)`` on the CPU."""
+        from .models.vgg import logits_of
+
+        return logits_of(self.model(batch.to(device))).float().cpu()
+
+
+def load_teacher(cfg: LabelConfig) -> Teacher:
+    """Resolve ``cfg.teacher``: a train.py run folder (``model/`` inside), a saved model folder, a torchvision
+    VGG name with ``cfg.teacher_weights``, or a ``transformers`` model id or folder.
+
+    Raises
+    ------
+    StdaError
+        Missing teacher, a teacher without exactly the two classes benign and malignant, or unreadable weights.
+    """
+    from .models.vgg import MODEL_NAMES, Preprocessing, build_model, load_model
+
+    spec = cfg.teacher
+    folder = Path(spec)
+    if (folder / "model" / "config.json").is_file():
+        folder = folder / "model"
+    if (folder / "config.json").is_file():
+        model, pre = load_model(folder)
+        name = f"{folder.parent.name if folder.name == 'model' else folder.name}@{_weights_digest(folder)}"
+    elif spec in MODEL_NAMES:
+        if not cfg.teacher_weights:
+            raise StdaError(
+                f"teacher {spec!r} needs --teacher-weights FILE (a fine-tuned 2-class state dict)"
+            )
+        model, pre = (
+            build_model(spec, weights=cfg.teacher_weights).eval(),
+            Preprocessing(cfg.image_size or 224),
+        )
+        name = f"{spec}:{Path(cfg.teacher_weights).name}"
+    elif folder.exists() or spec.startswith((".", "/")):
+        raise StdaError(
+            f"teacher {spec!r}: no config.json in it; give a train.py run folder or a saved model folder"
+        )
+    else:
+        model, pre = load_model_from_hub(spec)
+        name = spec
+    _check_two_classes(model, spec)
+    size = cfg.image_size or pre.image_size
+    return Teacher(
+        model.eval(), size, tuple(pre.mean), tuple(pre.std), name, folder if folder.is_dir() else None
+    )
+
+
+def load_model_from_hub(model_id: str):
+    """A ``transformers`` image classifier by Hub id (downloads when online) with its preprocessing."""
+    from .models.vgg import build_model, default_preprocessing
+
+    model = build_model(model_id, weights="auto")
+    return model, default_preprocessing(model_id, 224)
+
+
+def _weights_digest(folder: Path) -> str:
+    import hashlib
+
+    files = sorted(folder.glob("*.safetensors"))
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def _check_two_classes(model: nn.Module, spec: str) -> None:
+    config = getattr(model, "config", None)
+    id2label = getattr(config, "id2label", None)
+    if id2label:
+        names = [str(id2label[i]).lower() for i in sorted(id2label)]
+        if names != list(LABELS):
+            raise StdaError(
+                f"teacher {spec!r} predicts {names}; a teacher must predict exactly {list(LABELS)}"
+            )
+        return
+    with torch.inference_mode():
+        out = model.eval()(torch.zeros(1, 3, 32, 32))
+    from .models.vgg import logits_of
+
+    n = logits_of(out).shape[-1]
+    if n != len(LABELS):
+        raise StdaError(f"teacher {spec!r} has {n} outputs; a teacher must predict exactly {list(LABELS)}")
+
+
+def check_teacher_data(teacher: Teacher, real_root: Path) -> None:
+    """Refuse a teacher whose recorded training data includes validation or test images of ``real_root``.
+
+    A train.py run records the dataset it trained on (``config.yaml``) and the ids of its training rows
+    (``train_ids.txt``) when known; both are checked. Unknown provenance is logged, not refused.
+    """
+    run = (
+        teacher.folder.parent
+        if teacher.folder is not None and teacher.folder.name == "model"
+        else teacher.folder
+    )
+    ids_file = run / "train_ids.txt" if run is not None else None
+    if ids_file is None or not ids_file.is_file():
+        logger.warning(
+            "teacher %s does not record its training ids; cannot check it for leakage", teacher.name
+        )
+        return
+    trained = set(ids_file.read_text(encoding="utf-8").split())
+    assignment = read_real_folder(real_root).splits()
+    leaked = sorted(i for i in trained if assignment.get(i) in ("validation", "test"))
+    if leaked:
+        raise StdaError(
+            f"teacher {teacher.name} was trained on {len(leaked)} validation/test image(s) of {real_root} "
+            f"(e.g. {leaked[:3]}); train the teacher on the real train split only"
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The stage
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as err:
+        raise StdaError(f"--device {name!r} is not a valid device (auto, cpu, cuda, cuda:N)") from err
+
+
+def _real_root(synthetic: Path, cfg: LabelConfig) -> Path | None:
+    if cfg.real:
+        return Path(cfg.real)
+    source = synthetic / "source.json"
+    if source.is_file():
+        import json
+
+        return Path(json.loads(source.read_text(encoding="utf-8"))["real"])
+    return None
+
+
+def calibrate(teacher: Teacher, real_root: Path, device: torch.device, batch_size: int) -> dict:
+    """Fit a temperature on the real validation split; return ``{temperature, ece_before, ece_after, n}``."""
+    folder = read_real_folder(real_root)
+    images = folder.subset("validation")
+    if not images:
+        raise StdaError(f"{real_root} has no validation images to calibrate on; run `stda split` first")
+    report, logits, targets = SkipReport(), [], []
+    for start in progress(range(0, len(images), batch_size), desc="calibrate", unit="batch"):
+        batch, labels = [], []
+        for im in images[start : start + batch_size]:
+            try:
+                batch.append(load_image(im.path))
+                labels.append(LABELS.index(im.label))
+            except BadImageError as err:
+                report.add(err.path, err.reason)
+        if batch:
+            logits.append(teacher.logits(teacher.preprocess(batch), device))
+            targets += labels
+    z, y = torch.cat(logits), torch.tensor(targets)
+    t = fit_temperature(z, y)
+    return {
+        "temperature": round(t, 6),
+        "ece_before": round(expected_calibration_error(z.softmax(-1), y), 6),
+        "ece_after": round(expected_calibration_error((z / t).softmax(-1), y), 6),
+        "validation_images": len(targets),
+    }
+
+
+def label_synthetic(synthetic: str | Path, cfg: LabelConfig) -> dict:
+    """Label every image of a synthetic folder's ``manifest.jsonl``; resumable; returns the summary.
+
+    Writes ``labels.jsonl`` (one line per image, appended as batches finish), ``labels_summary.json``,
+    ``calibration.json`` (with ``calibrate``) and ``confidence_histogram.png``.
+
+    Raises
+    ------
+    StdaError
+        No manifest, a teacher that cannot be used, or labels already written by another teacher or
+        temperature (delete ``labels.jsonl`` to relabel).
+    """
+    synthetic = Path(synthetic)
+    manifest_records = read_jsonl(synthetic / "manifest.jsonl")
+    if not manifest_records:
+        raise StdaError(f"{synthetic}/manifest.jsonl is missing or empty; run `stda generate` first")
+    manifest = {r["id"]: r for r in manifest_records}
+    device = _device(cfg.device)
+    teacher = load_teacher(cfg)
+    teacher.model.to(device)
+    real_root = _real_root(synthetic, cfg)
+    if real_root is not None:
+        check_teacher_data(teacher, real_root)
+    calibration = _calibration(synthetic, teacher, cfg, real_root, device)
+    temperature = calibration.get("temperature", 1.0)
+    tag = f"{teacher.name}|T={temperature:g}"
+    done = _done_labels(synthetic, tag)
+    todo = [i for i in sorted(manifest) if i not in done]
+    report = SkipReport()
+    bar = progress(total=len(todo), desc="label", unit="img")
+    for start in range(0, len(todo), cfg.batch_size):
+        ids, batch = [], []
+        for image_id in todo[start : start + cfg.batch_size]:
+            try:
+                batch.append(load_image(synthetic / manifest[image_id]["file"]))
+                ids.append(image_id)
+            except BadImageError as err:
+                report.add(err.path, err.reason)
+        if batch:
+            probs = (teacher.logits(teacher.preprocess(batch), device) / temperature).softmax(-1)
+            for image_id, p in zip(ids, probs, strict=True):
+                append_jsonl(synthetic / LABELS_FILE, label_record(image_id, p, tag))
+        bar.update(len(todo[start : start + cfg.batch_size]))
+    bar.close()
+    records = [r for r in read_jsonl(synthetic / LABELS_FILE) if r["id"] in manifest]
+    summary = summarize(records, manifest, cfg.min_confidence)
+    summary.update(
+        {
+            "teacher": teacher.name,
+            "temperature": temperature,
+            "calibration": calibration or None,
+            "skipped": report.skipped,
+            "settings": config_to_dict(cfg),
+        }
+    )
+    write_json(synthetic / SUMMARY_FILE, summary)
+    plot_confidence(records, cfg.min_confidence, synthetic / "confidence_histogram.png")
+    if report:
+        logger.warning("%s", report.summary())
+    return summary
+
+
+def _calibration(synthetic: Path, teacher: Teacher, cfg: LabelConfig, real_root: Path | None, device) -> dict:
+    """Reuse a saved calibration of the same teacher (so a resumed run uses the same temperature)."""
+    if not cfg.calibrate:
+        return {}
+    path = synthetic / "calibration.json"
+    key = stable_hash({"teacher": teacher.name, "real": str(real_root)})
+    if path.is_file():
+        import json
+
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        if saved.get("key") == key:
+            return saved
+    if real_root is None:
+        raise StdaError(
+            "--calibrate needs the real-image folder: pass --real or keep source.json in the synthetic folder"
+        )
+    result = {**calibrate(teacher, real_root, device, cfg.batch_size), "key": key}
+    write_json(path, result)
+    logger.info(
+        "temperature %.3f: ECE %.4f -> %.4f", result["temperature"], result["ece_before"], result["ece_after"]
+    )
+    return result
+
+
+def _done_labels(synthetic: Path, tag: str) -> set[str]:
+    records = read_jsonl(synthetic / LABELS_FILE)
+    others = {r["teacher"] for r in records} - {tag}
+    if others:
+        raise StdaError(
+            f"{synthetic / LABELS_FILE} holds labels from {sorted(others)}, not {tag}; delete it to relabel "
+            "with this teacher"
+        )
+    return {r["id"] for r in records}
+
+
+def plot_confidence(records: list[dict], threshold: float, path: Path) -> None:
+    """Histogram of teacher confidence per predicted label, with the threshold marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
+    bins = np.linspace(0.5, 1.0, 26)
+    for label in LABELS:
+        values = [r["confidence"] for r in records if r["label"] == label]
+        ax.hist(values, bins=bins, alpha=0.6, label=f"{label} ({len(values)})")
+    if threshold > 0:
+        ax.axvline(threshold, color="k", linestyle="--", label=f"threshold {threshold:g}")
+    ax.set_xlabel("teacher confidence")
+    ax.set_ylabel("synthetic images")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_write(path, "wb") as fh:
+        fig.savefig(fh, format="png")
+    plt.close(fig)
