@@ -228,6 +228,60 @@ def _run_label(args) -> None:
         print(f"skipped {len(s['skipped'])} unreadable image(s); see {args.synthetic / 'labels_summary.json'}")
 
 
+def _add_package(sub) -> None:
+    from .package import PackageConfig
+
+    p = sub.add_parser(
+        "package",
+        help="write the Hub dataset repo on disk: Parquet shards, card, attribution",
+        description="Stream real (and pseudo-labelled synthetic) images into data/<split>-NNNNN-of-NNNNN.parquet "
+        "with a dataset card; refuses leakage; resumable and byte-identical on re-runs.",
+    )
+    p.add_argument("real", type=Path, help="real-image folder with splits.csv")
+    p.add_argument("--synthetic", type=Path, default=None, help="synthetic folder with labels.jsonl (optional)")
+    p.add_argument("--out", type=Path, required=True, help="repository folder to write, e.g. hub/skin-lesions")
+    add_config_flags(p, PackageConfig)
+    p.set_defaults(func=_run_package)
+
+
+def _run_package(args) -> None:
+    from .package import PackageConfig, package
+
+    result = package(args.real, args.out, synthetic=args.synthetic, cfg=config_from_args(PackageConfig, args))
+    for split, counts in result.counts.items():
+        print(f"{split:<11} benign {counts['benign']:>6}  malignant {counts['malignant']:>6}")
+    print(f"licence {result.license}; wrote {len(result.files)} files to {args.out}")
+    for path, reason in sorted(result.skipped.items()):
+        print(f"skipped {path}: {reason}")
+
+
+def _add_push(sub) -> None:
+    from .push import PushConfig
+
+    p = sub.add_parser(
+        "push",
+        help="upload a packaged dataset to the Hugging Face Hub",
+        description="Create the dataset repo if needed and upload the folder (token from HF_TOKEN or "
+        "`hf auth login`; never printed). --dry-run lists what would be uploaded.",
+    )
+    p.add_argument("folder", type=Path, help="packaged dataset folder (stda package --out)")
+    add_config_flags(p, PushConfig)
+    p.set_defaults(func=_run_push)
+
+
+def _run_push(args) -> None:
+    from .push import PushConfig, push
+
+    result = push(args.folder, config_from_args(PushConfig, args))
+    for path, size in result.files:
+        print(f"{size:>14,d}  {path}")
+    total = f"{len(result.files)} files, {result.total_bytes:,d} bytes"
+    if result.dry_run:
+        print(f"dry run: would upload {total} to datasets/{result.repo_id} ({result.revision})")
+    else:
+        print(f"uploaded {total} to datasets/{result.repo_id} ({result.revision}): {result.commit_url}")
+
+
 def _add_demo(sub) -> None:
     p = sub.add_parser(
         "demo",
@@ -247,7 +301,7 @@ def _run_demo(args) -> None:
     run_demo(args.out, n=args.n, size=args.size, seed=args.seed)
 
 
-COMMANDS: list[Callable] = [_add_fetch, _add_phantoms, _add_split, _add_inspect, _add_label, _add_demo]
+COMMANDS: list[Callable] = [_add_fetch, _add_phantoms, _add_split, _add_inspect, _add_label, _add_package, _add_push, _add_demo]
 """Subcommands in the order ``stda --help`` lists them (the order of the flow)."""
 
 
