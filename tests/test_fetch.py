@@ -1,0 +1,494 @@
+"""``stda fetch`` against a local ISIC Archive API v2 (tests/isic_server.py) on 127.0.0.1, with faults."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+from isic_server import LICENSES, FakeIsicArchive, corrupt, phantom_archive
+
+from stda_hf.cli import main
+from stda_hf.errors import StdaError
+from stda_hf.fetch import (
+    FetchConfig,
+    IsicClient,
+    backoff_delay,
+    dry_run,
+    fetch,
+    retry_after_seconds,
+)
+from stda_hf.real import REQUIRED_COLUMNS, read_real_folder
+from stda_hf.split import SplitConfig, make_splits
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def archive_images(tmp_path_factory):
+    """24 archive images made from 32 px phantoms (built once for this module)."""
+    return phantom_archive(tmp_path_factory.mktemp("archive") / "phantoms")
+
+
+@pytest.fixture
+def archive(archive_images):
+    """A fresh fake archive on 127.0.0.1, stopped after the test."""
+    server = FakeIsicArchive([dataclasses.replace(im) for im in archive_images]).start()
+    yield server
+    server.stop()
+
+
+def config(archive: FakeIsicArchive, **overrides) -> FetchConfig:
+    settings = dict(
+        api_url=archive.api_url,
+        workers=3,
+        page_size=5,
+        timeout=5.0,
+        retries=3,
+        backoff=0.01,
+        max_backoff=0.05,
+    )
+    settings.update(overrides)
+    return FetchConfig(**settings)
+
+
+def expected(
+    archive: FakeIsicArchive,
+    licenses=LICENSES,
+    image_types=("dermoscopic",),
+    diagnoses=("Benign", "Malignant"),
+) -> set[str]:
+    return {
+        im.isic_id
+        for im in archive.images
+        if im.copyright_license in licenses
+        and im.acquisition["image_type"] in image_types
+        and im.clinical["diagnosis_1"] in diagnoses
+    }
+
+
+def image_ids(out: Path) -> set[str]:
+    return {p.stem for p in (out / "images").iterdir()} if (out / "images").is_dir() else set()
+
+
+def metadata_rows(out: Path) -> list[dict]:
+    with open(out / "metadata.csv", newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def all_files(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file()]
+
+
+class RecordingSleep:
+    def __init__(self):
+        self.calls: list[float] = []
+
+    def __call__(self, seconds: float) -> None:
+        self.calls.append(seconds)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The folder it writes
+
+
+def test_fetched_folder_is_read_and_split_by_the_next_stages(archive, tmp_path):
+    out = tmp_path / "real"
+    fetch(out, config(archive))
+    folder = read_real_folder(out)
+    assert {im.isic_id for im in folder.images} == expected(archive)
+    for im in folder.images:
+        assert im.label == archive.by_id[im.isic_id].clinical["diagnosis_1"].lower()
+        assert im.path.read_bytes() == archive.by_id[im.isic_id].data
+    make_splits(out, SplitConfig(seed=0))
+    assert set(read_real_folder(out).splits()) == expected(archive)
+
+
+def test_metadata_has_the_required_columns_first_then_the_flattened_metadata(archive, tmp_path):
+    out = tmp_path / "real"
+    fetch(out, config(archive))
+    with open(out / "metadata.csv", newline="", encoding="utf-8") as fh:
+        header = next(csv.reader(fh))
+    assert header[: len(REQUIRED_COLUMNS)] == list(REQUIRED_COLUMNS)
+    assert header[len(REQUIRED_COLUMNS) :] == sorted(
+        ["age_approx", "anatom_site_general", "melanocytic", "pixels_x", "pixels_y", "sex"]
+    )
+    rows = {r["isic_id"]: r for r in metadata_rows(out)}
+    assert list(rows) == sorted(rows)
+    one = rows["ISIC_0000001"]
+    assert (one["lesion_id"], one["patient_id"], one["image_type"]) == (
+        "IL_0000001",
+        "IP_0000001",
+        "dermoscopic",
+    )
+    assert (
+        one["attribution"] == 'Clínica 1, "Dermatology" Unit'
+    )  # comma, quotes and newline survive as one line
+    assert rows["ISIC_0000005"]["lesion_id"] == ""  # absent in the archive: unknown, not invented
+
+
+def test_attribution_and_licence_texts_list_every_image(archive, tmp_path):
+    out = tmp_path / "real"
+    fetch(out, config(archive))
+    attribution = (out / "ATTRIBUTION.md").read_text(encoding="utf-8")
+    for isic_id in expected(archive):
+        assert f"| {isic_id} | {archive.by_id[isic_id].copyright_license} |" in attribution
+    assert sorted(p.name for p in (out / "LICENSES").iterdir()) == [
+        "cc-by-4.0.txt",
+        "cc-by-nc-4.0.txt",
+        "cc0-1.0.txt",
+    ]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Search and selection
+
+
+def test_search_follows_the_next_cursor_page_by_page(archive, tmp_path):
+    fetch(tmp_path / "real", config(archive, page_size=4))
+    per_class = [len(expected(archive, diagnoses=(d,))) for d in ("Benign", "Malignant")]
+    pages = sum(-(-n // 4) for n in per_class)
+    assert archive.count("search") == 2 + pages  # one count request per class, then every page once
+    assert image_ids(tmp_path / "real") == expected(archive)
+
+
+def test_limit_caps_each_class(archive, tmp_path):
+    result = fetch(tmp_path / "real", config(archive, limit=3))
+    assert result.per_class == {"benign": 3, "malignant": 3}
+    assert sum(archive.deliveries.values()) == 6
+
+
+def test_licence_filter_leaves_out_non_commercial_images(archive, tmp_path):
+    out = tmp_path / "real"
+    fetch(out, config(archive, licenses=("CC-0", "CC-BY")))
+    assert image_ids(out) == expected(archive, licenses=("CC-0", "CC-BY"))
+    assert {r["copyright_license"] for r in metadata_rows(out)} == {"CC-0", "CC-BY"}
+
+
+def test_indeterminate_images_are_fetched_only_when_asked(archive, tmp_path):
+    fetch(tmp_path / "default", config(archive))
+    fetch(tmp_path / "asked", config(archive, include_indeterminate=True))
+    assert not image_ids(tmp_path / "default") & {"ISIC_0000003", "ISIC_0000014"}
+    assert image_ids(tmp_path / "asked") == expected(
+        archive, diagnoses=("Benign", "Malignant", "Indeterminate")
+    )
+    assert read_real_folder(tmp_path / "asked")["ISIC_0000003"].label is None
+
+
+def test_only_dermoscopic_images_by_default(archive, tmp_path):
+    fetch(tmp_path / "default", config(archive))
+    fetch(tmp_path / "any", config(archive, image_type=""))
+    assert not image_ids(tmp_path / "default") & {"ISIC_0000007", "ISIC_0000020"}
+    assert image_ids(tmp_path / "any") == expected(archive, image_types=("dermoscopic", "clinical: close-up"))
+
+
+def test_user_query_and_collections_narrow_the_selection(archive, tmp_path):
+    out = tmp_path / "real"
+    fetch(out, config(archive, query="sex:male", collections=(1,)))
+    males_in_collection = {i for i in expected(archive) if archive.by_id[i].collections == (1,)}
+    assert image_ids(out) == males_in_collection
+
+
+def test_query_the_archive_refuses_is_a_clear_error(archive, tmp_path):
+    with pytest.raises(StdaError, match=r"HTTP 400.*--query"):
+        fetch(tmp_path / "real", config(archive, query="age_approx:[30 TO"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Faults
+
+
+def test_fetch_with_every_fault_ends_with_exactly_the_expected_files(archive, tmp_path):
+    ids = sorted(expected(archive))
+    corrupt_id, expired_id = ids[5], ids[6]
+    archive.by_id[corrupt_id].data = corrupt(archive.by_id[corrupt_id].data)
+    archive.expired_ids.add(expired_id)
+    archive.fault("search", "429", "500")
+    archive.fault(f"file:{ids[0]}", "429")
+    archive.fault(f"file:{ids[1]}", "500", "503")
+    archive.fault(f"file:{ids[2]}", "slow")
+    archive.fault(f"file:{ids[3]}", "truncate")
+    archive.fault(f"file:{ids[4]}", "short")
+    archive.extra_records.append(
+        {**archive.record(archive.by_id[ids[7]], fresh=True), "isic_id": "../../evil"}
+    )
+    out = tmp_path / "real"
+
+    result = fetch(out, config(archive, timeout=1.0, retries=4))
+
+    good = set(ids) - {corrupt_id}
+    assert image_ids(out) == good
+    assert {r["isic_id"] for r in metadata_rows(out)} == good
+    assert all(archive.deliveries[i] == 1 for i in good)
+    assert set(result.skipped) == {corrupt_id, "../../evil"}
+    assert json.loads((out / "fetch_skipped.json").read_text())["skipped"].keys() == {
+        corrupt_id,
+        "../../evil",
+    }
+    assert not (out / ".incoming").exists() and not list(out.rglob("*.part"))
+    assert not [p for p in tmp_path.rglob("*evil*")]
+
+
+def test_retry_after_is_honoured(archive, tmp_path):
+    isic_id = sorted(expected(archive))[0]
+    archive.retry_after = "7"
+    archive.fault(f"file:{isic_id}", "429")
+    sleep = RecordingSleep()
+    cfg = config(archive, max_backoff=60.0)
+    fetch(tmp_path / "real", cfg, client=IsicClient(cfg, sleep=sleep))
+    assert sleep.calls == [7.0]
+    assert archive.deliveries[isic_id] == 1
+
+
+def test_retry_after_as_an_http_date_is_read_as_seconds_from_now():
+    now = datetime(2024, 5, 1, 12, 0, 0, tzinfo=timezone.utc)
+    assert retry_after_seconds("Wed, 01 May 2024 12:00:30 GMT", now=now) == 30.0
+    assert retry_after_seconds("3", now=now) == 3.0
+    assert retry_after_seconds("soon", now=now) is None
+
+
+def test_server_errors_are_retried_with_exponential_backoff_and_jitter(archive, tmp_path):
+    isic_id = sorted(expected(archive))[0]
+    archive.fault(f"file:{isic_id}", "500", "500", "500")
+    sleep = RecordingSleep()
+    cfg = config(archive, backoff=1.0, max_backoff=60.0, retries=3)
+    fetch(tmp_path / "real", cfg, client=IsicClient(cfg, sleep=sleep))
+    assert len(sleep.calls) == 3
+    for attempt, delay in enumerate(sleep.calls):
+        assert 2**attempt / 2 <= delay <= 2**attempt
+    assert archive.deliveries[isic_id] == 1
+
+
+def test_backoff_never_exceeds_its_cap():
+    import random
+
+    rng = random.Random(0)
+    delays = [backoff_delay(n, 1.0, 10.0, rng) for n in range(20)]
+    assert all(0.5 <= d <= 10.0 for d in delays) and max(delays) > 5.0
+
+
+@pytest.mark.parametrize("fault", ["truncate", "short", "500", "503", "slow"])
+def test_broken_transfer_is_retried_and_the_kept_file_is_complete(archive, tmp_path, fault):
+    isic_id = sorted(expected(archive))[0]
+    archive.fault(f"file:{isic_id}", fault)
+    out = tmp_path / "real"
+    fetch(out, config(archive, timeout=1.0))
+    assert (out / "images" / f"{isic_id}.jpg").read_bytes() == archive.by_id[isic_id].data
+    assert archive.count("file", isic_id) >= 2 or fault == "slow"
+    assert image_ids(out) == expected(archive)
+
+
+def test_file_that_keeps_failing_is_skipped_and_retried_on_the_next_run(archive, tmp_path):
+    isic_id = sorted(expected(archive))[0]
+    archive.fault(f"file:{isic_id}", *["500"] * 4)
+    out = tmp_path / "real"
+    first = fetch(out, config(archive, retries=3))
+    assert isic_id in first.skipped and isic_id not in image_ids(out)
+    second = fetch(out, config(archive, retries=3))
+    assert second.downloaded == 1 and image_ids(out) == expected(archive)
+
+
+def test_corrupt_jpeg_is_skipped_reported_and_not_kept(archive, tmp_path):
+    isic_id = sorted(expected(archive))[0]
+    archive.by_id[isic_id].data = corrupt(archive.by_id[isic_id].data)
+    out = tmp_path / "real"
+    result = fetch(out, config(archive))
+    assert "not a usable image" in result.skipped[isic_id]
+    assert isic_id not in image_ids(out)
+    assert isic_id not in {r["isic_id"] for r in metadata_rows(out)}
+    assert not list((out / "images").glob(f"*{isic_id}*")) and not (out / ".incoming").exists()
+
+
+def test_expired_url_is_refreshed_from_the_image_record(archive, tmp_path):
+    isic_id = sorted(expected(archive))[0]
+    archive.expired_ids.add(isic_id)
+    fetch(tmp_path / "real", config(archive))
+    assert archive.count("file", isic_id, status=403) == 1
+    assert archive.count("image", isic_id) == 1
+    assert archive.deliveries[isic_id] == 1
+
+
+@pytest.mark.parametrize(
+    "bad_id", ["../../evil", "ISIC_0000001/../../evil", "ISIC_1234567\n", "ISIC_123456", "<absolute>", None]
+)
+def test_malicious_id_is_refused_before_any_path_is_built(archive, tmp_path, bad_id):
+    if bad_id == "<absolute>":
+        bad_id = str(tmp_path / "outside" / "evil")
+    victim = sorted(expected(archive))[0]
+    archive.extra_records.append({**archive.record(archive.by_id[victim], fresh=True), "isic_id": bad_id})
+    out = tmp_path / "real"
+    result = fetch(out, config(archive))
+    assert "not 'ISIC_' plus seven digits" in result.skipped[str(bad_id)]
+    assert archive.deliveries[victim] == 1  # only its own, legitimate record was downloaded
+    assert image_ids(out) == expected(archive)
+    assert not [p for p in tmp_path.rglob("*evil*")]
+
+
+def test_signed_urls_never_reach_files_or_logs(archive, tmp_path, caplog):
+    caplog.set_level("DEBUG")
+    isic_id = sorted(expected(archive))[0]
+    archive.expired_ids.add(isic_id)
+    archive.fault(f"file:{isic_id}", "500")
+    out = tmp_path / "real"
+    fetch(out, config(archive))
+    assert "/s3/" in caplog.text  # the requests were logged, without their query strings
+    for secret in ("Signature", "SIG", "AKIATESTKEY", "Expires="):
+        assert secret not in caplog.text
+        assert not [p for p in all_files(out) if secret.encode() in p.read_bytes()]
+
+
+def test_unreachable_api_is_a_clear_error(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = FetchConfig(api_url=f"http://127.0.0.1:{port}/api/v2/", retries=1, backoff=0.0, max_backoff=0.0)
+    with pytest.raises(StdaError, match=r"could not reach the ISIC Archive.*re-run"):
+        fetch(tmp_path / "real", cfg)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Resume
+
+
+def test_killed_fetch_resumes_without_fetching_anything_twice(archive, tmp_path):
+    out = tmp_path / "real"
+    order = [im.isic_id for im in archive.images if im.isic_id in expected(archive, diagnoses=("Benign",))]
+    for isic_id in expected(archive) - set(order[:4]):
+        archive.fault(f"file:{isic_id}", "hold")
+    cmd = [sys.executable, "-m", "stda_hf.cli", "fetch", "--out", str(out), "--api-url", archive.api_url]
+    cmd += ["--workers", "2", "--page-size", "5", "--backoff", "0.01", "--max-backoff", "0.05"]
+    env = {**os.environ, "STDA_NO_PROGRESS": "1"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (
+            (out / "metadata.csv").exists() and len(metadata_rows(out)) >= 4
+        ):
+            time.sleep(0.05)
+        assert len(metadata_rows(out)) == 4, "the first run should have finished the four unheld images"
+    finally:
+        proc.kill()
+        proc.wait()
+    archive.faults.clear()
+    archive.release.set()
+
+    result = fetch(out, config(archive))
+
+    assert image_ids(out) == expected(archive)
+    assert sorted(r["isic_id"] for r in metadata_rows(out)) == sorted(expected(archive))
+    assert all(archive.deliveries[i] == 1 for i in expected(archive))
+    assert result.downloaded + result.adopted == len(expected(archive)) - 4
+
+
+def test_torn_last_row_is_repaired_and_its_image_kept_without_download(archive, tmp_path):
+    out = tmp_path / "real"
+    fetch(out, config(archive))
+    text = (out / "metadata.csv").read_text(encoding="utf-8")
+    (out / "metadata.csv").write_text(text[: text.rstrip("\n").rfind("\n") + 20], encoding="utf-8")
+
+    result = fetch(out, config(archive))
+
+    assert result.adopted == 1 and result.downloaded == 0
+    assert sorted(r["isic_id"] for r in metadata_rows(out)) == sorted(expected(archive))
+    assert all(archive.deliveries[i] == 1 for i in expected(archive))
+
+
+def test_row_whose_image_was_deleted_is_fetched_again_once(archive, tmp_path):
+    out = tmp_path / "real"
+    fetch(out, config(archive))
+    isic_id = sorted(expected(archive))[0]
+    (out / "images" / f"{isic_id}.jpg").unlink()
+
+    result = fetch(out, config(archive))
+
+    assert result.downloaded == 1 and archive.deliveries[isic_id] == 2
+    assert [r["isic_id"] for r in metadata_rows(out)].count(isic_id) == 1
+
+
+def test_raising_the_limit_downloads_only_the_new_images(archive, tmp_path):
+    out = tmp_path / "real"
+    fetch(out, config(archive, limit=2))
+    result = fetch(out, config(archive, limit=4))
+    assert result.per_class == {"benign": 4, "malignant": 4} and result.downloaded == 4
+    assert sum(archive.deliveries.values()) == 8 and set(archive.deliveries.values()) == {1}
+
+
+def test_another_selection_in_the_same_folder_is_refused(archive, tmp_path):
+    out = tmp_path / "real"
+    fetch(out, config(archive, limit=1))
+    with pytest.raises(StdaError, match=r"another selection \(licenses"):
+        fetch(out, config(archive, limit=1, licenses=("CC-0",)))
+
+
+def test_folder_another_tool_wrote_is_refused(archive, phantom_real):
+    with pytest.raises(StdaError, match="did not write"):
+        fetch(phantom_real, config(archive))
+
+
+def test_second_fetch_into_the_same_folder_at_once_is_refused(archive, tmp_path):
+    import fcntl
+
+    out = tmp_path / "real"
+    out.mkdir()
+    with open(out / ".fetch.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(StdaError, match="another `stda fetch` is writing"):
+            fetch(out, config(archive))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Dry run, settings and the command line
+
+
+@pytest.mark.parametrize("facets", [True, False], ids=["facets", "paging"])
+def test_dry_run_counts_per_class_and_licence_without_downloading(archive, facets):
+    archive.facets_enabled = facets
+    report = dry_run(config(archive))
+    for name in ("benign", "malignant"):
+        ids = expected(archive, diagnoses=(name.capitalize(),))
+        want = {lic: sum(archive.by_id[i].copyright_license == lic for i in ids) for lic in LICENSES}
+        assert report.counts[name] == {k: v for k, v in want.items() if v}
+        assert report.totals[name] == len(ids)
+    assert report.method == ("facets" if facets else "paging")
+    assert archive.count("file") == 0
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [
+        ("page_size", 101),
+        ("licenses", ("CC-BY-SA",)),
+        ("api_url", "ftp://example.org/"),
+        ("workers", 0),
+        ("limit", -1),
+    ],
+)
+def test_bad_settings_are_refused_naming_the_flag(setting, value):
+    flag = "--" + setting.replace("_", "-")
+    with pytest.raises(StdaError, match=flag):
+        FetchConfig(**{setting: value})
+
+
+def test_cli_fetch_then_dry_run(archive, tmp_path, capsys):
+    out = tmp_path / "real"
+    common = ["--api-url", archive.api_url, "--page-size", "5", "--backoff", "0.01", "--max-backoff", "0.05"]
+    assert main(["fetch", "--out", str(out), "--limit", "2", *common]) == 0
+    assert "benign 2, malignant 2 images on disk" in capsys.readouterr().out
+    assert main(["fetch", "--dry-run", "--out", str(out), "--limit", "3", *common]) == 0
+    table = capsys.readouterr().out
+    assert table.splitlines()[0].split() == ["class", *LICENSES, "total", "to", "fetch"]
+    assert table.splitlines()[1].split()[-1] == "1"  # limit 3 with 2 on disk: one benign image to fetch
+    assert len(image_ids(out)) == 4
+
+
+def test_cli_fetch_without_out_says_what_is_missing(archive, capsys):
+    assert main(["fetch", "--api-url", archive.api_url]) == 2
+    assert "--out is required" in capsys.readouterr().err
