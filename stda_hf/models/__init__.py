@@ -5,6 +5,26 @@ for ``random`` (tests and the offline demo); :func:`~stda_hf.models.weights.load
 that decides.
 """
 
+from .vgg import (
+    MODEL_NAMES,
+    VGG8,
+    Preprocessing,
+    TorchvisionVGG,
+    build_model,
+    load_model,
+    save_model,
+)
 from .weights import WeightsSpec, load_weights, parse_weights
 
-__all__ = ["WeightsSpec", "load_weights", "parse_weights"]
+__all__ = [
+    "MODEL_NAMES",
+    "VGG8",
+    "Preprocessing",
+    "TorchvisionVGG",
+    "WeightsSpec",
+    "build_model",
+    "load_model",
+    "load_weights",
+    "parse_weights",
+    "save_model",
+]

@@ -1,0 +1,431 @@
+"""Image classifiers for train.py: VGG8, torchvision VGG11/VGG16 and ``transformers`` models, saved like Hub models.
+
+Every classifier saves as ``model.safetensors`` + ``config.json`` (+ ``preprocessor_config.json``) and reloads
+with :func:`load_model` (or ``VGG8.from_pretrained``), so a trained model is shared like any Hub model. Our own
+architectures use ``huggingface_hub``'s :class:`~huggingface_hub.PyTorchModelHubMixin`; ``transformers`` models
+use their own ``save_pretrained``. Class ids follow :data:`stda_hf.LABELS` (0 benign, 1 malignant).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from huggingface_hub import PyTorchModelHubMixin
+from torch import nn
+
+from .. import LABELS
+from ..errors import StdaError
+from ..fileio import write_json
+from .weights import WeightsSpec, load_weights, parse_weights, read_state_dict
+
+logger = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+TORCHVISION_VGGS = ("vgg11", "vgg11_bn", "vgg16", "vgg16_bn")
+MODEL_NAMES = ("vgg8", *TORCHVISION_VGGS)
+"""Architectures built here; any other name is read as a ``transformers`` model id or local folder."""
+PREPROCESSOR_FILE = "preprocessor_config.json"
+_HUB_METADATA = {
+    "library_name": "stda-hf",
+    "pipeline_tag": "image-classification",
+    "tags": ["skin-lesions", "style-transfer-augmentation", "image-classification"],
+    "repo_url": "https://huggingface.co/datasets/stda/skin-lesions",
+}
+
+
+class VGG8(nn.Module, PyTorchModelHubMixin, **_HUB_METADATA):
+    """VGG8: eight weight layers, five 3x3 convolution blocks then three fully connected layers.
+
+    The original paper does not publish its layer list; this is ours, in the VGG family's naming (VGG-n counts
+    the weight layers). With the defaults (``widths=(64, 128, 256, 512, 512)``, ``hidden=(512, 512)``,
+    ``pool_size=2``, ``batch_norm=True``, ``dropout=0.5``, 2 classes):
+
+    ====  ===========================================================================  ==========
+    #     layer                                                                        output
+    ====  ===========================================================================  ==========
+    1     Conv2d(3, 64, 3x3, padding 1) - BatchNorm2d - ReLU - MaxPool2d(2)            64 x H/2
+    2     Conv2d(64, 128, 3x3, padding 1) - BatchNorm2d - ReLU - MaxPool2d(2)          128 x H/4
+    3     Conv2d(128, 256, 3x3, padding 1) - BatchNorm2d - ReLU - MaxPool2d(2)         256 x H/8
+    4     Conv2d(256, 512, 3x3, padding 1) - BatchNorm2d - ReLU - MaxPool2d(2)         512 x H/16
+    5     Conv2d(512, 512, 3x3, padding 1) - BatchNorm2d - ReLU - MaxPool2d(2)         512 x H/32
+    -     AdaptiveAvgPool2d(2) - Flatten                                               2048
+    6     Linear(2048, 512) - ReLU - Dropout(0.5)                                      512
+    7     Linear(512, 512) - ReLU - Dropout(0.5)                                       512
+    8     Linear(512, 2)                                                               2 logits
+    ====  ===========================================================================  ==========
+
+    Max pooling rounds up (``ceil_mode``), so with the adaptive pooling any input from 32 to 224+ pixels works. Only ``nn`` modules appear in
+    ``forward`` (Conv2d, BatchNorm2d, ReLU, MaxPool2d, AdaptiveAvgPool2d, Flatten, Linear, Dropout), each
+    batch norm directly after its convolution, so Zennit's canonizers and rules apply (Deep Taylor
+    Decomposition). :meth:`layer_list` prints the list for any setting.
+
+    Parameters
+    ----------
+    num_classes : int
+        Output logits (2: benign, malignant).
+    widths : sequence of 5 int
+        Channels of the five convolution layers.
+    hidden : sequence of 2 int
+        Units of the first two fully connected layers.
+    batch_norm : bool
+        Batch normalisation after each convolution.
+    dropout : float
+        Dropout probability after the first two fully connected layers.
+    pool_size : int
+        Side of the adaptive average pooling before the classifier.
+    in_channels : int
+        Input channels (3 for RGB).
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 2,
+        widths: Sequence[int] = (64, 128, 256, 512, 512),
+        hidden: Sequence[int] = (512, 512),
+        batch_norm: bool = True,
+        dropout: float = 0.5,
+        pool_size: int = 2,
+        in_channels: int = 3,
+    ):
+        super().__init__()
+        widths, hidden = _check_vgg8(widths, hidden, dropout, pool_size, num_classes)
+        self.features = _conv_blocks(in_channels, widths, batch_norm)
+        self.avgpool = nn.AdaptiveAvgPool2d(pool_size)
+        self.flatten = nn.Flatten(1)
+        flat = widths[-1] * pool_size * pool_size
+        self.classifier = nn.Sequential(
+            nn.Linear(flat, hidden[0]),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(hidden[0], hidden[1]),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(hidden[1], num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(N, num_classes)`` of images ``(N, 3, H, W)`` normalised per :class:`Preprocessing`."""
+        return self.classifier(self.flatten(self.avgpool(self.features(x))))
+
+    def layer_list(self) -> list[str]:
+        """The eight weight layers with what follows each, one line per layer (for cards and logs)."""
+        return _describe_layers([*self.features, self.avgpool, self.flatten, *self.classifier])
+
+
+def _check_vgg8(widths, hidden, dropout, pool_size, num_classes) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    widths, hidden = tuple(int(w) for w in widths), tuple(int(h) for h in hidden)
+    if len(widths) != 5 or min(widths) < 1:
+        raise StdaError(f"VGG8 needs 5 positive convolution widths (--vgg8-widths); got {list(widths)}")
+    if len(hidden) != 2 or min(hidden) < 1:
+        raise StdaError(f"VGG8 needs 2 positive hidden sizes (--vgg8-hidden); got {list(hidden)}")
+    if not 0.0 <= dropout < 1.0:
+        raise StdaError(f"dropout must be in [0, 1); got {dropout}")
+    if pool_size < 1 or num_classes < 2:
+        raise StdaError(f"pool_size must be >= 1 and num_classes >= 2; got {pool_size}, {num_classes}")
+    return widths, hidden
+
+
+def _conv_blocks(in_channels: int, widths: Sequence[int], batch_norm: bool) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for width in widths:
+        layers.append(nn.Conv2d(in_channels, width, kernel_size=3, padding=1))
+        if batch_norm:
+            layers.append(nn.BatchNorm2d(width))
+        layers += [nn.ReLU(inplace=True), nn.MaxPool2d(kernel_size=2, stride=2, ceil_mode=True)]
+        in_channels = width
+    return nn.Sequential(*layers)
+
+
+def _describe_layers(modules: Sequence[nn.Module]) -> list[str]:
+    """Group modules into one line per weight layer: ``1. Conv2d(3, 64, 3x3) - BatchNorm2d - ReLU - ...``."""
+    lines: list[list[str]] = [[]]
+    for m in modules:
+        if isinstance(m, (nn.Conv2d, nn.Linear)) and lines[-1]:
+            lines.append([])
+        lines[-1].append(_short(m))
+    return [f"{i}. " + " - ".join(parts) for i, parts in enumerate(lines, start=1)]
+
+
+def _short(m: nn.Module) -> str:
+    if isinstance(m, nn.Conv2d):
+        k = "x".join(str(s) for s in m.kernel_size)
+        return f"Conv2d({m.in_channels}, {m.out_channels}, {k}, padding {m.padding[0]})"
+    if isinstance(m, nn.Linear):
+        return f"Linear({m.in_features}, {m.out_features})"
+    if isinstance(m, nn.MaxPool2d):
+        return f"MaxPool2d({m.kernel_size})"
+    if isinstance(m, nn.AdaptiveAvgPool2d):
+        return f"AdaptiveAvgPool2d({m.output_size})"
+    if isinstance(m, nn.Dropout):
+        return f"Dropout({m.p})"
+    return type(m).__name__
+
+
+class TorchvisionVGG(nn.Module, PyTorchModelHubMixin, **_HUB_METADATA):
+    """A torchvision VGG (11 or 16 weight layers, with or without batch norm) with a ``num_classes`` head.
+
+    Parameter names are torchvision's (``features.*``, ``classifier.*``), so torchvision ImageNet weights and
+    files saved from torchvision load directly; :func:`build_model` puts them in.
+
+    Parameters
+    ----------
+    arch : {"vgg11", "vgg11_bn", "vgg16", "vgg16_bn"}
+        The torchvision architecture.
+    num_classes : int
+        Output logits.
+    dropout : float
+        Dropout probability of the classifier.
+    """
+
+    def __init__(self, arch: str = "vgg11", num_classes: int = 2, dropout: float = 0.5):
+        super().__init__()
+        import torchvision
+
+        if arch not in TORCHVISION_VGGS:
+            raise StdaError(f"unknown torchvision VGG {arch!r}; valid: {list(TORCHVISION_VGGS)}")
+        net = torchvision.models.get_model(arch, weights=None, num_classes=num_classes, dropout=dropout)
+        self.features, self.avgpool, self.classifier = net.features, net.avgpool, net.classifier
+        self.flatten = nn.Flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(N, num_classes)``."""
+        return self.classifier(self.flatten(self.avgpool(self.features(x))))
+
+    def replace_head(self, num_classes: int, seed: int = 0) -> None:
+        """Swap the last linear layer for a fresh, seeded one with ``num_classes`` outputs."""
+        old = self.classifier[-1]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.classifier[-1] = nn.Linear(old.in_features, num_classes)
+
+    def layer_list(self) -> list[str]:
+        """The weight layers with what follows each, one line per layer."""
+        return _describe_layers([*self.features, self.avgpool, self.flatten, *self.classifier])
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How images reach a model: resized to ``image_size`` square, scaled to [0, 1], then normalised."""
+
+    image_size: int
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def to_json(self) -> dict[str, Any]:
+        """A ``preprocessor_config.json`` that ``transformers.AutoImageProcessor`` also reads."""
+        return {
+            "image_processor_type": "ViTImageProcessor",
+            "do_resize": True,
+            "size": {"height": self.image_size, "width": self.image_size},
+            "resample": 2,
+            "do_rescale": True,
+            "rescale_factor": 1 / 255,
+            "do_normalize": True,
+            "image_mean": list(self.mean),
+            "image_std": list(self.std),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Preprocessing:
+        """Read the fields back from a ``preprocessor_config.json`` (ours or a ``transformers`` one)."""
+        size = data.get("size", 224)
+        if isinstance(size, dict):
+            size = size.get("height") or size.get("shortest_edge") or 224
+        return cls(
+            image_size=int(size),
+            mean=tuple(data.get("image_mean", IMAGENET_MEAN)),
+            std=tuple(data.get("image_std", IMAGENET_STD)),
+        )
+
+
+def build_model(
+    name: str, weights: str = "auto", num_classes: int = 2, seed: int = 0, **options: Any
+) -> nn.Module:
+    """Build a classifier by name with its weights.
+
+    Parameters
+    ----------
+    name : str
+        ``vgg8``, ``vgg11``, ``vgg11_bn``, ``vgg16``, ``vgg16_bn``, or a ``transformers`` image-classification
+        model id (``org/name``) or local folder.
+    weights : str
+        ``auto`` (VGG8: random; torchvision: ImageNet; transformers: the checkpoint's), ``imagenet``,
+        ``random`` (seeded by ``seed``) or a ``.safetensors``/``.pth`` file.
+    num_classes : int
+        Output logits (the head is replaced when the weights have another number of classes).
+    seed : int
+        Seed of random initialisation (also of a replaced head).
+    **options
+        VGG8: ``widths``, ``hidden``, ``batch_norm``, ``dropout``, ``pool_size``; torchvision: ``dropout``.
+
+    Raises
+    ------
+    StdaError
+        Unknown name or option, unavailable weights (offline download, missing file, other architecture).
+    """
+    if name == "vgg8":
+        spec = parse_weights("random" if weights == "auto" else weights, seed=seed)
+        return load_weights(VGG8(num_classes=num_classes, **_only(options, VGG8, name)), spec, strict=True)
+    if name in TORCHVISION_VGGS:
+        return _build_torchvision(name, weights, num_classes, seed, _only(options, TorchvisionVGG, name))
+    if _looks_like_transformers(name):
+        return _build_transformers(name, weights, num_classes, seed)
+    raise StdaError(
+        f"unknown model {name!r}; valid: {list(MODEL_NAMES)}, or a transformers image-classification model "
+        "id (org/name) or local folder"
+    )
+
+
+def _only(options: dict[str, Any], cls: type, name: str) -> dict[str, Any]:
+    import inspect
+
+    valid = set(inspect.signature(cls.__init__).parameters) - {"self", "num_classes", "arch"}
+    bad = sorted(set(options) - valid)
+    if bad:
+        raise StdaError(f"model {name!r} takes no option(s) {bad}; valid: {sorted(valid)}")
+    return options
+
+
+def _build_torchvision(name: str, weights: str, num_classes: int, seed: int, options: dict) -> TorchvisionVGG:
+    import torchvision
+
+    spec = parse_weights("imagenet" if weights == "auto" else weights, seed=seed)
+    if spec.kind == "random":
+        return load_weights(TorchvisionVGG(name, num_classes, **options), spec)
+    head = _head_size(read_state_dict(spec.path)) if spec.kind == "file" else 1000
+    model = TorchvisionVGG(name, head or num_classes, **options)
+    enum = torchvision.models.get_model_weights(name).IMAGENET1K_V1
+    load_weights(model, spec, download=lambda: enum.get_state_dict(progress=False), strict=True)
+    if (head or num_classes) != num_classes:
+        model.replace_head(num_classes, seed)
+    return model
+
+
+def _head_size(state: dict[str, torch.Tensor]) -> int | None:
+    weight = state.get("classifier.6.weight")
+    return int(weight.shape[0]) if weight is not None else None
+
+
+def _looks_like_transformers(name: str) -> bool:
+    path = Path(name)
+    if path.is_dir():
+        return (path / "config.json").is_file()
+    return name.count("/") == 1 and not name.startswith((".", "/"))
+
+
+def _build_transformers(name: str, weights: str, num_classes: int, seed: int) -> nn.Module:
+    from transformers import AutoConfig, AutoModelForImageClassification
+
+    labels = {i: LABELS[i] if i < len(LABELS) else str(i) for i in range(num_classes)}
+    kwargs = {"num_labels": num_classes, "id2label": labels, "label2id": {v: k for k, v in labels.items()}}
+    try:
+        if weights == "random":
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                return AutoModelForImageClassification.from_config(AutoConfig.from_pretrained(name, **kwargs))
+        if weights != "auto":
+            raise StdaError(
+                f"--weights {weights!r} does not apply to transformers model {name}; use auto or random"
+            )
+        return AutoModelForImageClassification.from_pretrained(name, ignore_mismatched_sizes=True, **kwargs)
+    except (OSError, ValueError) as err:
+        raise StdaError(
+            f"cannot load transformers model {name!r} ({err}); give a local folder, or check the id and that "
+            "the Hub is reachable (HF_HUB_OFFLINE=1 allows only cached models)"
+        ) from err
+
+
+def default_preprocessing(name: str, image_size: int) -> Preprocessing:
+    """ImageNet statistics at ``image_size``; a ``transformers`` model's own mean and std when it has them."""
+    if name in MODEL_NAMES or not _looks_like_transformers(name):
+        return Preprocessing(image_size)
+    try:
+        from transformers import AutoImageProcessor
+
+        proc = AutoImageProcessor.from_pretrained(name)
+    except (OSError, ValueError):
+        logger.info("%s has no image processor; using ImageNet mean and std", name)
+        return Preprocessing(image_size)
+    mean, std = getattr(proc, "image_mean", IMAGENET_MEAN), getattr(proc, "image_std", IMAGENET_STD)
+    return Preprocessing(image_size, tuple(mean), tuple(std))
+
+
+def logits_of(output: Any) -> torch.Tensor:
+    """The logits tensor of any classifier's output (a tensor, or a ``transformers`` output with ``.logits``)."""
+    return output if isinstance(output, torch.Tensor) else output.logits
+
+
+def save_model(model: nn.Module, folder: str | Path, preprocessing: Preprocessing) -> Path:
+    """Save ``model`` as ``model.safetensors`` + ``config.json`` + ``preprocessor_config.json`` in ``folder``."""
+    folder = Path(folder)
+    if isinstance(model, PyTorchModelHubMixin):
+        config = {**model._hub_mixin_config, "stda_architecture": type(model).__name__}
+        model.save_pretrained(folder, config=config)
+    else:
+        model.save_pretrained(folder, safe_serialization=True)
+    write_json(folder / PREPROCESSOR_FILE, preprocessing.to_json())
+    return folder
+
+
+def load_model(folder: str | Path) -> tuple[nn.Module, Preprocessing]:
+    """Load a classifier saved by :func:`save_model` in eval mode, with its preprocessing.
+
+    ``folder`` is a model folder (``config.json`` + ``model.safetensors``) or a train.py run folder (its
+    ``model/`` sub-folder is used).
+
+    Raises
+    ------
+    StdaError
+        When ``folder`` holds no ``config.json`` or an architecture this project does not know.
+    """
+    folder = Path(folder)
+    if not (folder / "config.json").is_file() and (folder / "model" / "config.json").is_file():
+        folder = folder / "model"
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise StdaError(f"{folder} holds no config.json; give a model folder written by train.py")
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    arch = config.get("stda_architecture")
+    if arch in _OWN_CLASSES:
+        with contextlib.redirect_stdout(
+            io.StringIO()
+        ):  # the mixin prints "Loading weights from local directory"
+            model = _OWN_CLASSES[arch].from_pretrained(folder, strict=True)
+    elif "model_type" in config:
+        from transformers import AutoModelForImageClassification
+
+        model = AutoModelForImageClassification.from_pretrained(folder)
+    else:
+        raise StdaError(f"{config_file}: unknown architecture {arch!r}; known: {sorted(_OWN_CLASSES)}")
+    pre_file = folder / PREPROCESSOR_FILE
+    pre = json.loads(pre_file.read_text(encoding="utf-8")) if pre_file.is_file() else {}
+    return model.eval(), Preprocessing.from_json(pre)
+
+
+_OWN_CLASSES: dict[str, type[nn.Module]] = {"VGG8": VGG8, "TorchvisionVGG": TorchvisionVGG}
+
+
+def describe_weights(name: str, weights: str, seed: int) -> str:
+    """How a model card names the initial weights (``random(seed=0)``, ``imagenet``, ``file:x.safetensors``)."""
+    if name not in MODEL_NAMES:
+        return WeightsSpec("random", seed=seed).describe() if weights == "random" else f"pretrained ({name})"
+    if weights == "auto":
+        weights = "random" if name == "vgg8" else "imagenet"
+    if weights in ("random", "imagenet"):
+        return WeightsSpec(weights, seed=seed).describe()
+    return f"file:{Path(weights).name}"
+
+
+def layer_list(model: nn.Module) -> list[str]:
+    """The weight layers of ``model`` (our architectures), or its class name for other models."""
+    fn = getattr(model, "layer_list", None)
+    return fn() if callable(fn) else [type(model).__name__]
