@@ -256,9 +256,10 @@ class ShardWriter:
         self._stats["consumed"] += 1
         if len(self._rows) >= self.cfg.row_group_rows or self._buffered >= self.cfg.row_group_bytes:
             self._flush()
+        rows = self._stats["rows"] + len(self._rows)
         if (
-            self._stats["num_bytes"] >= self.cfg.max_shard_bytes
-            or self._stats["rows"] >= self.cfg.max_shard_rows
+            self._stats["num_bytes"] + self._buffered >= self.cfg.max_shard_bytes
+            or rows >= self.cfg.max_shard_rows
         ):
             return self.close()
         return None
