@@ -33,7 +33,7 @@ import random
 import re
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -525,71 +525,103 @@ def _cell(value: object) -> str:
 class MetadataLog:
     """``metadata.csv`` of a fetch folder, appended one row per finished image.
 
-    On opening, a crash-torn last row is cut and rows whose image file is gone are dropped, so every row names
-    an image on disk. New metadata keys widen the header (the file is rewritten atomically, once per new key).
+    On opening, a crash-torn last row is cut, and rows whose image file is gone (or repeated ids) are dropped,
+    so every row names an image on disk. New metadata keys widen the header: the file is rewritten atomically,
+    once per new key. Only ``id -> diagnosis_1`` is kept in memory; rewrites stream the file.
     """
 
     def __init__(self, root: Path):
         self.path = root / "metadata.csv"
         self.images = root / "images"
-        self.rows: dict[str, dict[str, str]] = {}
+        self.diagnoses: dict[str, str] = {}  # isic_id -> diagnosis_1 of every row
         self.columns: list[str] = list(REQUIRED_COLUMNS)
         if self.path.exists():
             self._load()
 
     def _load(self) -> None:
         _drop_torn_tail(self.path)
+        on_disk = _image_stems(self.images)
+        dropped = 0
         with open(self.path, newline="", encoding="utf-8") as fh:
             reader = csv.DictReader(fh)
-            header = list(reader.fieldnames or [])
-            if header[: len(REQUIRED_COLUMNS)] != list(REQUIRED_COLUMNS):
-                raise StdaError(
-                    f"{self.path} does not start with the columns {list(REQUIRED_COLUMNS)}; it was not written "
-                    "by `stda fetch`: use another --out"
-                )
-            rows = [dict(r) for r in reader]
-        self.columns = header
-        on_disk = set(image_files(self.images))
-        kept = {r["isic_id"]: r for r in rows if r.get("isic_id") in on_disk}
-        self.rows = kept
-        if len(kept) != len(rows):
-            logger.warning("%s: dropped %d row(s) whose image is missing", self.path, len(rows) - len(kept))
+            self.columns = _checked_header(self.path, reader.fieldnames)
+            for row in reader:
+                isic_id = row.get("isic_id") or ""
+                if isic_id in on_disk and isic_id not in self.diagnoses:
+                    self.diagnoses[isic_id] = row.get("diagnosis_1") or ""
+                else:
+                    dropped += 1
+        if dropped:
+            logger.warning("%s: dropped %d row(s) without an image or repeated", self.path, dropped)
             self._rewrite()
 
     def __contains__(self, isic_id: object) -> bool:
-        return isic_id in self.rows
+        return isic_id in self.diagnoses
+
+    def __len__(self) -> int:
+        return len(self.diagnoses)
 
     def count(self, diagnosis: str) -> int:
         """Rows with this ``diagnosis_1`` value."""
-        return sum(r.get("diagnosis_1") == diagnosis for r in self.rows.values())
+        return sum(d == diagnosis for d in self.diagnoses.values())
 
     def append(self, row: dict[str, str]) -> None:
         """Add one row (its image must already be in ``images/``)."""
-        self.rows[row["isic_id"]] = row
-        new = sorted(set(row) - set(self.columns))
-        if new or not self.path.exists():
-            self.columns = list(REQUIRED_COLUMNS) + sorted(
-                set(self.columns[len(REQUIRED_COLUMNS) :]) | set(new)
-            )
-            self._rewrite()
-            return
-        _append_text(self.path, self._format([row], header=False))
+        extra = set(self.columns[len(REQUIRED_COLUMNS) :])
+        if not self.path.exists():
+            self.columns = list(REQUIRED_COLUMNS) + sorted(extra | (set(row) - set(REQUIRED_COLUMNS)))
+            write_text(self.path, self._format(row, header=True))
+        else:
+            if set(row) - set(self.columns):
+                self.columns = list(REQUIRED_COLUMNS) + sorted(extra | (set(row) - set(REQUIRED_COLUMNS)))
+                self._rewrite()
+            _append_text(self.path, self._format(row, header=False))
+        self.diagnoses[row["isic_id"]] = row["diagnosis_1"]
 
-    def sort(self) -> None:
-        """Rewrite the file in id order (rows arrive in completion order, which varies from run to run)."""
-        self.rows = dict(sorted(self.rows.items()))
-        self._rewrite()
+    def attribution_rows(self) -> Iterator[dict[str, str]]:
+        """``isic_id``, ``copyright_license`` and ``attribution`` of every row, streamed from the file."""
+        with open(self.path, newline="", encoding="utf-8") as fh:
+            for row in csv.DictReader(fh):
+                yield {k: row[k] for k in ("isic_id", "copyright_license", "attribution")}
 
-    def _format(self, rows: list[dict], header: bool) -> str:
+    def _format(self, row: dict, header: bool) -> str:
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=self.columns, restval="", lineterminator="\n")
         if header:
             writer.writeheader()
-        writer.writerows(rows)
+        writer.writerow(row)
         return buf.getvalue()
 
     def _rewrite(self) -> None:
-        write_text(self.path, self._format(list(self.rows.values()), header=True))
+        """Stream the file into a new one with the current columns, keeping each known id's first row."""
+        seen = set()
+        with open(self.path, newline="", encoding="utf-8") as src, atomic_write(self.path, "w") as dst:
+            writer = csv.DictWriter(dst, fieldnames=self.columns, restval="", lineterminator="\n")
+            writer.writeheader()
+            for row in csv.DictReader(src):
+                if row.get("isic_id") in self.diagnoses and row["isic_id"] not in seen:
+                    seen.add(row["isic_id"])
+                    writer.writerow(row)
+
+
+def _checked_header(path: Path, fieldnames: Sequence[str] | None) -> list[str]:
+    header = list(fieldnames or [])
+    if header[: len(REQUIRED_COLUMNS)] != list(REQUIRED_COLUMNS):
+        raise StdaError(
+            f"{path} does not start with the columns {list(REQUIRED_COLUMNS)}; it was not written by "
+            "`stda fetch`: use another --out"
+        )
+    return header
+
+
+def count_on_disk(root: str | Path, diagnoses: dict[str, str]) -> dict[str, int]:
+    """Rows per class in ``root/metadata.csv``, read only (a dry run changes nothing)."""
+    path = Path(root) / "metadata.csv"
+    if not path.exists():
+        return {}
+    with open(path, newline="", encoding="utf-8") as fh:
+        counts = Counter(row.get("diagnosis_1") for row in csv.DictReader(fh))
+    return {name: counts.get(d, 0) for name, d in diagnoses.items()}
 
 
 def _append_text(path: Path, text: str) -> None:
@@ -604,15 +636,17 @@ def _append_text(path: Path, text: str) -> None:
         raise
 
 
-def image_files(folder: Path) -> dict[str, Path]:
-    """ISIC id -> image file for the finished images in ``folder`` (staging files are not among them)."""
+def _image_stems(folder: Path) -> set[str]:
+    """Ids of the finished images in ``folder`` (one directory listing; staging files are elsewhere)."""
     if not folder.is_dir():
-        return {}
-    return {
-        p.stem: p
-        for p in sorted(folder.iterdir())
-        if p.suffix.lower() in IMAGE_EXTENSIONS and ISIC_ID.fullmatch(p.stem)
-    }
+        return set()
+    with os.scandir(folder) as entries:
+        return {
+            stem
+            for e in entries
+            if (stem := os.path.splitext(e.name)[0])
+            and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS
+        }
 
 
 def accept_download(staging: Path, images: Path, isic_id: str) -> Path:
@@ -854,10 +888,10 @@ def _settle(run: _Run, item: _Item, future: Future) -> int:
 
 def _finish_folder(run: _Run) -> None:
     """Attribution, licence texts and the skip report: written at the end of every run, interrupted or not."""
-    if run.downloaded + run.adopted:
-        run.log.sort()
-    if run.log.rows:
-        write_attribution(run.root, run.log.rows.values(), title="Attribution: images from the ISIC Archive")
+    if len(run.log):
+        write_attribution(
+            run.root, run.log.attribution_rows(), title="Attribution: images from the ISIC Archive"
+        )
     run.report.save(run.root / SKIPPED_FILE)
     with contextlib.suppress(OSError):
         (run.root / STAGING_DIR).rmdir()
@@ -958,10 +992,7 @@ def dry_run(cfg: FetchConfig | None = None, out: str | Path | None = None) -> Dr
     Uses the archive's facets when it offers them, otherwise pages through the search results (metadata only).
     """
     cfg = cfg or FetchConfig()
-    on_disk = {}
-    if out is not None and (Path(out) / "metadata.csv").exists():
-        log = MetadataLog(Path(out))
-        on_disk = {name: log.count(d) for name, d in cfg.diagnoses.items()}
+    on_disk = count_on_disk(out, cfg.diagnoses) if out is not None else {}
     queries = {name: build_query(cfg, d) for name, d in cfg.diagnoses.items()}
     counts, totals, methods = {}, {}, set()
     with IsicClient(cfg) as client:
