@@ -6,6 +6,7 @@ import csv
 import dataclasses
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -122,7 +123,6 @@ def test_metadata_has_the_required_columns_first_then_the_flattened_metadata(arc
         ["age_approx", "anatom_site_general", "melanocytic", "pixels_x", "pixels_y", "sex"]
     )
     rows = {r["isic_id"]: r for r in metadata_rows(out)}
-    assert list(rows) == sorted(rows)
     one = rows["ISIC_0000001"]
     assert (one["lesion_id"], one["patient_id"], one["image_type"]) == (
         "IL_0000001",
@@ -133,6 +133,17 @@ def test_metadata_has_the_required_columns_first_then_the_flattened_metadata(arc
         one["attribution"] == 'Clínica 1, "Dermatology" Unit'
     )  # comma, quotes and newline survive as one line
     assert rows["ISIC_0000005"]["lesion_id"] == ""  # absent in the archive: unknown, not invented
+
+
+def test_new_metadata_key_widens_the_header_and_keeps_earlier_rows(archive, tmp_path):
+    last = max(expected(archive))
+    archive.by_id[last].clinical["family_hx_mm"] = True
+    out = tmp_path / "real"
+    fetch(out, config(archive, workers=1))
+    rows = {r["isic_id"]: r for r in metadata_rows(out)}
+    assert rows[last]["family_hx_mm"] == "True"
+    assert {r["family_hx_mm"] for i, r in rows.items() if i != last} == {""}
+    assert len(rows) == len(expected(archive))
 
 
 def test_attribution_and_licence_texts_list_every_image(archive, tmp_path):
@@ -358,25 +369,34 @@ def test_unreachable_api_is_a_clear_error(tmp_path):
 # Resume
 
 
-def test_killed_fetch_resumes_without_fetching_anything_twice(archive, tmp_path):
-    out = tmp_path / "real"
+def start_cli_fetch(archive: FakeIsicArchive, out: Path, *extra: str) -> subprocess.Popen:
+    """``stda fetch`` in a child process, with the four first benign images free and every other file held."""
     order = [im.isic_id for im in archive.images if im.isic_id in expected(archive, diagnoses=("Benign",))]
     for isic_id in expected(archive) - set(order[:4]):
         archive.fault(f"file:{isic_id}", "hold")
     cmd = [sys.executable, "-m", "stda_hf.cli", "fetch", "--out", str(out), "--api-url", archive.api_url]
-    cmd += ["--workers", "2", "--page-size", "5", "--backoff", "0.01", "--max-backoff", "0.05"]
+    cmd += ["--workers", "2", "--page-size", "5", "--backoff", "0.01", "--max-backoff", "0.05", *extra]
     env = {**os.environ, "STDA_NO_PROGRESS": "1"}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_rows(out: Path, n: int, seconds: float = 60) -> int:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and not (
+        (out / "metadata.csv").exists() and len(metadata_rows(out)) >= n
+    ):
+        time.sleep(0.05)
+    return len(metadata_rows(out)) if (out / "metadata.csv").exists() else 0
+
+
+def test_killed_fetch_resumes_without_fetching_anything_twice(archive, tmp_path):
+    out = tmp_path / "real"
+    proc = start_cli_fetch(archive, out)
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not (
-            (out / "metadata.csv").exists() and len(metadata_rows(out)) >= 4
-        ):
-            time.sleep(0.05)
-        assert len(metadata_rows(out)) == 4, "the first run should have finished the four unheld images"
+        assert wait_for_rows(out, 4) == 4, "the first run should finish the four images that are not held"
     finally:
         proc.kill()
-        proc.wait()
+        proc.communicate()
     archive.faults.clear()
     archive.release.set()
 
@@ -386,6 +406,22 @@ def test_killed_fetch_resumes_without_fetching_anything_twice(archive, tmp_path)
     assert sorted(r["isic_id"] for r in metadata_rows(out)) == sorted(expected(archive))
     assert all(archive.deliveries[i] == 1 for i in expected(archive))
     assert result.downloaded + result.adopted == len(expected(archive)) - 4
+
+
+def test_ctrl_c_exits_130_and_leaves_a_usable_folder(archive, tmp_path):
+    out = tmp_path / "real"
+    proc = start_cli_fetch(archive, out, "--timeout", "2")
+    try:
+        assert wait_for_rows(out, 4) == 4
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        archive.release.set()
+    assert proc.returncode == 130 and "re-run the same command to resume" in err
+    finished = {im.isic_id for im in read_real_folder(out).images}
+    assert len(finished) == 4
+    assert all(f"| {i} |" in (out / "ATTRIBUTION.md").read_text(encoding="utf-8") for i in finished)
 
 
 def test_torn_last_row_is_repaired_and_its_image_kept_without_download(archive, tmp_path):
@@ -482,7 +518,9 @@ def test_cli_fetch_then_dry_run(archive, tmp_path, capsys):
     common = ["--api-url", archive.api_url, "--page-size", "5", "--backoff", "0.01", "--max-backoff", "0.05"]
     assert main(["fetch", "--out", str(out), "--limit", "2", *common]) == 0
     assert "benign 2, malignant 2 images on disk" in capsys.readouterr().out
+    before = (out / "metadata.csv").read_bytes()
     assert main(["fetch", "--dry-run", "--out", str(out), "--limit", "3", *common]) == 0
+    assert (out / "metadata.csv").read_bytes() == before
     table = capsys.readouterr().out
     assert table.splitlines()[0].split() == ["class", *LICENSES, "total", "to", "fetch"]
     assert table.splitlines()[1].split()[-1] == "1"  # limit 3 with 2 on disk: one benign image to fetch
