@@ -296,18 +296,30 @@ def _only(options: dict[str, Any], cls: type, name: str) -> dict[str, Any]:
 
 
 def _build_torchvision(name: str, weights: str, num_classes: int, seed: int, options: dict) -> TorchvisionVGG:
-    import torchvision
-
     spec = parse_weights("imagenet" if weights == "auto" else weights, seed=seed)
     if spec.kind == "random":
         return load_weights(TorchvisionVGG(name, num_classes, **options), spec)
-    head = _head_size(read_state_dict(spec.path)) if spec.kind == "file" else 1000
-    model = TorchvisionVGG(name, head or num_classes, **options)
-    enum = torchvision.models.get_model_weights(name).IMAGENET1K_V1
-    load_weights(model, spec, download=lambda: enum.get_state_dict(progress=False), strict=True)
-    if (head or num_classes) != num_classes:
+    state = _imagenet_state(name) if spec.kind == "imagenet" else read_state_dict(spec.path)
+    head = _head_size(state) or num_classes
+    model = TorchvisionVGG(name, head, **options)
+    load_weights(model, WeightsSpec("imagenet"), download=lambda: state, strict=True)
+    if head != num_classes:
         model.replace_head(num_classes, seed)
     return model
+
+
+def _imagenet_state(name: str) -> dict[str, torch.Tensor]:
+    """torchvision's ImageNet weights of ``name``, downloaded before the model is built (fails fast offline)."""
+    import torchvision
+
+    enum = torchvision.models.get_model_weights(name).IMAGENET1K_V1
+    try:
+        return enum.get_state_dict(progress=False)
+    except Exception as err:  # URLError, ConnectionError, HTTP errors, hash mismatch
+        raise StdaError(
+            f"could not download the ImageNet weights of {name} ({type(err).__name__}: {err}). Offline? Pass "
+            "--weights PATH to a local .safetensors/.pth file, or --weights random for untrained features"
+        ) from err
 
 
 def _head_size(state: dict[str, torch.Tensor]) -> int | None:
