@@ -175,7 +175,8 @@ class _Handler(BaseHTTPRequestHandler):
         with self.hub.lock:
             if key in self.hub.repos:
                 return self._json(409, {"error": "You already created this repo", "url": url})
-            self.hub.repos[key] = Repo(private=bool(req.get("private")))
+            private = bool(req.get("private")) or req.get("visibility") == "private"
+            self.hub.repos[key] = Repo(private=private)
         self._json(200, {"url": url, "name": repo_id})
 
     def _validate_yaml(self, body: bytes) -> None:
