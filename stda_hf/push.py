@@ -5,8 +5,9 @@
 The token comes from ``HF_TOKEN`` or the saved ``hf auth login``; it is passed to ``huggingface_hub`` and
 never printed, logged or written (error messages are scrubbed of it). Uploads are resumable: LFS objects the
 Hub already holds are not sent again, so a retry after a failure (HTTP 429/5xx, a dropped connection) only
-sends what is missing, and the commit is one atomic step, so the repo is never left half-updated. Folders
-above a size bound go through ``upload_large_folder`` (multi-commit, resumable across runs).
+sends what is missing. Without Xet (``HF_HUB_DISABLE_XET=1``) the upload is one atomic commit, so the repo is
+never left half-updated; with ``hf_xet`` installed (the default), ``upload_folder`` streams large folders in
+several commits and re-running the same command resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ class PushConfig:
     commit_message: str = "Upload dataset with stda push"  # message of the upload commit
     retries: int = 3  # attempts for transient failures (HTTP 429/5xx, dropped connections)
     retry_wait: float = 2.0  # seconds before the first retry, doubled after each
-    large_folder_bytes: int = 20_000_000_000  # above this many bytes, upload with upload_large_folder
 
     def __post_init__(self) -> None:
         if self.repo_id.count("/") != 1 or not all(self.repo_id.split("/")):
@@ -117,7 +117,7 @@ def push(folder: str | Path, cfg: PushConfig | None = None, token: str | None = 
         return PushResult(cfg.repo_id, revision, files, commit_url=None, dry_run=True)
     token = token or _token()
     try:
-        url = _with_retries(lambda: _upload(Path(folder), cfg, token, sum(s for _, s in files)), cfg)
+        url = _with_retries(lambda: _upload(Path(folder), cfg, token), cfg)
     except StdaError as err:
         raise StdaError(scrub(str(err), token)) from None
     return PushResult(cfg.repo_id, revision, files, commit_url=url, dry_run=False)
@@ -134,15 +134,13 @@ def _token() -> str:
     return token
 
 
-def _upload(folder: Path, cfg: PushConfig, token: str, total_bytes: int) -> str:
+def _upload(folder: Path, cfg: PushConfig, token: str) -> str:
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)
     api.create_repo(cfg.repo_id, repo_type="dataset", private=cfg.private, exist_ok=True)
     if cfg.revision:
         api.create_branch(cfg.repo_id, branch=cfg.revision, repo_type="dataset", exist_ok=True)
-    if total_bytes > cfg.large_folder_bytes:
-        return _upload_large(api, folder, cfg)
     info = api.upload_folder(
         repo_id=cfg.repo_id,
         repo_type="dataset",
@@ -153,32 +151,6 @@ def _upload(folder: Path, cfg: PushConfig, token: str, total_bytes: int) -> str:
         delete_patterns=STALE_PATTERNS,
     )
     return info.commit_url
-
-
-def _upload_large(api, folder: Path, cfg: PushConfig) -> str:
-    """Resumable multi-commit upload for very large folders, then one commit deleting stale shards."""
-    from huggingface_hub import CommitOperationDelete
-
-    api.upload_large_folder(
-        repo_id=cfg.repo_id,
-        repo_type="dataset",
-        folder_path=folder,
-        revision=cfg.revision or None,
-        ignore_patterns=[".*", "**/.*"],
-        print_report=False,
-    )
-    local = {p for p, _ in list_upload(folder)}
-    remote = api.list_repo_files(cfg.repo_id, repo_type="dataset", revision=cfg.revision or None)
-    stale = [p for p in remote if p.startswith("data/") and p.endswith(".parquet") and p not in local]
-    if stale:
-        api.create_commit(
-            cfg.repo_id,
-            [CommitOperationDelete(p) for p in stale],
-            commit_message="Remove shards of an earlier build",
-            repo_type="dataset",
-            revision=cfg.revision or None,
-        )
-    return f"{api.endpoint}/datasets/{cfg.repo_id}/tree/{cfg.revision or 'main'}"
 
 
 def _with_retries(call, cfg: PushConfig):

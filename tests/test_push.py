@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from hub_server import HubServer
@@ -164,3 +166,13 @@ def test_push_refuses_a_folder_that_is_not_a_finished_package(packaged, hub, tmp
     proc = run_push(unfinished, hub, tmp_path / "home")
     assert proc.returncode == 2 and "unfinished" in proc.stderr
     assert hub.requests == []
+
+
+def test_an_unreachable_hub_fails_after_the_retries_with_a_clear_error(packaged, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = SimpleNamespace(url=f"http://127.0.0.1:{s.getsockname()[1]}")
+    proc = run_push(packaged, closed, tmp_path / "home", "--retries", "2")
+    assert proc.returncode == 2
+    assert "push attempt 1/2 failed" in proc.stderr
+    assert "failed after 2 attempt(s)" in proc.stderr and "re-run the same command" in proc.stderr
