@@ -67,8 +67,8 @@ def corrupt(data: bytes) -> bytes:
     return data[: len(data) // 2]
 
 
-def phantom_archive(folder: Path, n: int = 24, seed: int = 0) -> list[ArchiveImage]:
-    """``n`` archive images made from 32 px phantoms: licences cycle, two are Indeterminate, two clinical.
+def phantom_archive(folder: Path, n: int = 24, seed: int = 0, size: int = 32) -> list[ArchiveImage]:
+    """``n`` archive images made from phantoms (``size`` px): licences cycle, two are Indeterminate, two clinical.
 
     One lesion per patient and at most two views of it, so a split has enough groups. Ids are
     ``ISIC_0000001`` ...; even-numbered images are in collection 1; image 5 has no lesion id.
@@ -76,7 +76,7 @@ def phantom_archive(folder: Path, n: int = 24, seed: int = 0) -> list[ArchiveIma
     from stda_hf.phantoms import PhantomConfig, make_phantoms
 
     make_phantoms(
-        folder, PhantomConfig(n=n, size=32, seed=seed, max_lesions_per_patient=1, max_images_per_lesion=2)
+        folder, PhantomConfig(n=n, size=size, seed=seed, max_lesions_per_patient=1, max_images_per_lesion=2)
     )
     with open(folder / "metadata.csv", newline="", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
@@ -102,8 +102,8 @@ def phantom_archive(folder: Path, n: int = 24, seed: int = 0) -> list[ArchiveIma
                 attribution=f'Clínica {i % 4}, "Dermatology"\nUnit' if i % 4 == 1 else f"Hospital {i % 4}",
                 acquisition={
                     "image_type": "clinical: close-up" if i in (7, 20) else "dermoscopic",
-                    "pixels_x": 32,
-                    "pixels_y": 32,
+                    "pixels_x": size,
+                    "pixels_y": size,
                 },
                 clinical=clinical,
                 collections=(1,) if i % 2 == 0 else (),
@@ -194,6 +194,7 @@ class FakeIsicArchive:
     facets_enabled: bool = True
     retry_after: str = "2"
     slow_seconds: float = 3.0
+    file_latency: float = 0.0  # seconds before each file answer (a network round trip, for benchmarks)
     faults: dict[str, deque] = field(default_factory=lambda: defaultdict(deque))
     deliveries: Counter = field(default_factory=Counter)  # complete file bodies sent, per id
     requests: list[tuple[str, str, int]] = field(default_factory=list)  # (kind, key, status)
@@ -410,6 +411,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(403, body, "application/xml", "file", isic_id)
         if self._faulted("file", isic_id):
             return
+        if self.archive.file_latency:
+            self.archive.closing.wait(self.archive.file_latency)
         self._send(200, im.data, "image/jpeg", "file", isic_id)
         self.archive.delivered(isic_id)
 
