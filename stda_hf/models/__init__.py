@@ -5,6 +5,7 @@ for ``random`` (tests and the offline demo); :func:`~stda_hf.models.weights.load
 that decides.
 """
 
+from .features import build_vgg_features as build_vgg_features
 from .vgg import (
     MODEL_NAMES,
     VGG8,

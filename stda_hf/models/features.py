@@ -1,0 +1,154 @@
+"""The style-transfer feature extractor: torchvision's VGG16/VGG19 convolutions, truncated after the deepest layer used.
+
+Layers are named as in Gatys et al. and the Keras implementations: ``conv<block>_<index>`` is the output of that
+convolution *after* its ReLU (Caffe's in-place ReLU made the two the same blob). The input is an RGB batch in
+[0, 1]; ImageNet normalisation happens inside. Parameters are frozen; only the input receives gradients.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from ..errors import StdaError
+from .weights import WeightsSpec, load_weights, parse_weights
+
+logger = logging.getLogger(__name__)
+
+VGG_BLOCKS = {"vgg16": (2, 2, 3, 3, 3), "vgg19": (2, 2, 4, 4, 4)}
+"""Convolutions per block of each architecture (channels 64, 128, 256, 512, 512)."""
+BLOCK_CHANNELS = (64, 128, 256, 512, 512)
+POOLINGS = ("max", "avg")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def conv_layer_names(arch: str) -> list[str]:
+    """All layer names of ``arch`` in network order (``conv1_1``, ``conv1_2``, ``conv2_1``, ...)."""
+    blocks = _blocks(arch)
+    return [f"conv{b + 1}_{i + 1}" for b, n in enumerate(blocks) for i in range(n)]
+
+
+def _blocks(arch: str) -> tuple[int, ...]:
+    if arch not in VGG_BLOCKS:
+        raise StdaError(f"unknown network {arch!r}; valid networks: {sorted(VGG_BLOCKS)}")
+    return VGG_BLOCKS[arch]
+
+
+class VGGConv(nn.Conv2d):
+    """A 3x3 VGG convolution whose random initialisation is torchvision's (Kaiming normal, fan-out, zero bias).
+
+    ``--weights random`` resets parameters through ``reset_parameters``; this keeps activations at a useful
+    scale through all sixteen layers, where PyTorch's default initialisation shrinks them layer by layer.
+    """
+
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_normal_(self.weight, mode="fan_out", nonlinearity="relu")
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+
+def _vgg_layers(arch: str, pooling: str, deepest: str) -> tuple[list[nn.Module], dict[int, str]]:
+    """torchvision's ``features`` layer list up to the ReLU of ``deepest``, and {module index: layer name}."""
+    pool = nn.MaxPool2d if pooling == "max" else nn.AvgPool2d
+    layers: list[nn.Module] = []
+    names: dict[int, str] = {}
+    in_ch = 3
+    for b, (n, ch) in enumerate(zip(_blocks(arch), BLOCK_CHANNELS, strict=True)):
+        if b:
+            layers.append(pool(kernel_size=2, stride=2))
+        for i in range(n):
+            layers += [VGGConv(in_ch, ch, kernel_size=3, padding=1), nn.ReLU(inplace=True)]
+            in_ch = ch
+            names[len(layers) - 1] = f"conv{b + 1}_{i + 1}"
+            if names[len(layers) - 1] == deepest:
+                return layers, names
+    raise AssertionError("unreachable: deepest is validated against conv_layer_names")
+
+
+class VGGFeatures(nn.Module):
+    """VGG convolutions up to the deepest requested layer; ``forward`` returns ``{layer name: activation}``.
+
+    The ``features.<i>`` parameter names are torchvision's, so its ImageNet state dict (or a file saved from a
+    torchvision VGG) loads directly.
+    """
+
+    def __init__(self, arch: str, layers: tuple[str, ...], pooling: str = "max"):
+        super().__init__()
+        valid = conv_layer_names(arch)
+        unknown = [name for name in layers if name not in valid]
+        if unknown or not layers:
+            raise StdaError(f"unknown {arch} layer(s) {unknown or '(none given)'}; valid layers: {valid}")
+        if pooling not in POOLINGS:
+            raise StdaError(f"unknown pooling {pooling!r}; valid poolings: {list(POOLINGS)}")
+        self.arch, self.pooling, self.layers = arch, pooling, tuple(dict.fromkeys(layers))
+        deepest = max(self.layers, key=valid.index)
+        modules, names = _vgg_layers(arch, pooling, deepest)
+        self.features = nn.Sequential(*modules)
+        self._taps = {i: name for i, name in names.items() if name in self.layers}
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.requires_grad_(False).eval()
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Activations of the requested layers for RGB images ``x`` (B, 3, H, W) in [0, 1]."""
+        h = (x - self.mean) / self.std
+        out = {}
+        for i, module in enumerate(self.features):
+            h = module(h)
+            if i in self._taps:
+                out[self._taps[i]] = h
+        return out
+
+
+def _imagenet_download(arch: str):
+    """A ``() -> state_dict`` that downloads torchvision's ImageNet weights for ``arch`` (nothing at import)."""
+
+    def download() -> dict[str, torch.Tensor]:
+        from torchvision.models import VGG16_Weights, VGG19_Weights
+
+        weights = VGG16_Weights.IMAGENET1K_V1 if arch == "vgg16" else VGG19_Weights.IMAGENET1K_V1
+        return weights.get_state_dict(progress=True)
+
+    return download
+
+
+def build_vgg_features(
+    arch: str = "vgg19",
+    layers: tuple[str, ...] = ("conv4_2",),
+    pooling: str = "max",
+    weights: WeightsSpec | str = "imagenet",
+    seed: int = 0,
+) -> VGGFeatures:
+    """Build the frozen feature extractor for style transfer.
+
+    Parameters
+    ----------
+    arch : {"vgg19", "vgg16"}
+        The network.
+    layers : tuple of str
+        Layers whose activations ``forward`` returns; the network is cut after the deepest of them.
+    pooling : {"max", "avg"}
+        Pooling between blocks (Gatys et al. found average pooling gives smoother results).
+    weights : WeightsSpec or str
+        ``imagenet`` (torchvision download), a ``.safetensors``/``.pth`` path, or ``random``.
+    seed : int
+        Seed of ``random`` weights.
+
+    Returns
+    -------
+    VGGFeatures
+        In eval mode, parameters frozen, on the CPU.
+
+    Raises
+    ------
+    StdaError
+        Unknown network, layer or pooling; weights that cannot be downloaded (offline) or read.
+    """
+    spec = weights if isinstance(weights, WeightsSpec) else parse_weights(weights, seed=seed)
+    model = VGGFeatures(arch, tuple(layers), pooling)
+    load_weights(model, spec, download=_imagenet_download(arch), strict=True)
+    logger.debug("built %s features up to %s with %s weights", arch, model.layers, spec.describe())
+    return model.requires_grad_(False).eval()

@@ -1,0 +1,281 @@
+"""The style-transfer engine: losses, the per-image batched optimisers, style-target caching, presets, features."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+from stda_hf.errors import StdaError
+from stda_hf.models.features import build_vgg_features, conv_layer_names
+from stda_hf.nst import (
+    BatchedLBFGS,
+    GramCache,
+    NSTConfig,
+    gram,
+    luminance3,
+    objective,
+    rgb_to_ycbcr,
+    stack_targets,
+    style_targets,
+    stylize,
+    ycbcr_to_rgb,
+)
+
+SMALL = {"content_layer": "conv3_1", "style_layers": ("conv1_1", "conv2_1", "conv3_1"), "precision": "fp32"}
+
+
+@pytest.fixture(scope="module")
+def small_cfg() -> NSTConfig:
+    return NSTConfig(iterations=5, **SMALL)
+
+
+@pytest.fixture(scope="module")
+def features(small_cfg):
+    return build_vgg_features(small_cfg.arch, small_cfg.layers(), weights="random", seed=0)
+
+
+@pytest.fixture(scope="module")
+def images() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    content = torch.rand(3, 3, 24, 24, generator=g)
+    style = torch.rand(3, 3, 24, 24, generator=g) ** 2  # darker, different statistics
+    return content, style
+
+
+def _initial_total(features, content, targets, cfg) -> torch.Tensor:
+    with torch.no_grad():
+        target = features(content)[cfg.content_layer]
+        return objective(features, content.clone(), target, targets, cfg).total
+
+
+def test_gram_is_shifted_outer_product_over_positions():
+    f = torch.randn(2, 4, 3, 5)
+    flat = f.reshape(2, 4, 15) - 1.0
+    expected = flat @ flat.transpose(1, 2) / (4 * 15)
+    torch.testing.assert_close(gram(f, shift=-1.0), expected)
+
+
+def test_gram_is_fp32_under_bf16_autocast():
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        f = torch.nn.functional.conv2d(torch.rand(1, 3, 8, 8), torch.rand(4, 3, 3, 3))
+        assert f.dtype == torch.bfloat16
+        assert gram(f).dtype == torch.float32
+
+
+@pytest.mark.parametrize("optimizer", ["lbfgs", "adam"])
+def test_stylize_lowers_the_total_loss(features, images, small_cfg, optimizer):
+    content, style = images
+    cfg = dataclasses.replace(small_cfg, optimizer=optimizer, lr=None)
+    targets = style_targets(features, style, cfg)
+    before = _initial_total(features, content, targets, cfg)
+    result = stylize(features, content, targets, cfg)
+    assert result.finite.all()
+    assert (result.total_loss < 0.8 * before).all(), (before, result.total_loss)
+    assert result.images.shape == content.shape
+    assert 0 <= result.images.min() and result.images.max() <= 1
+
+
+def _float64(features, images):
+    """Float64 copies of the model and two 16 px images: exact enough to compare optimiser trajectories."""
+    return features.double(), *(t[:2, :, :16, :16].double() for t in images)
+
+
+def test_batched_lbfgs_follows_torch_lbfgs_per_image(features, images, small_cfg):
+    cfg = dataclasses.replace(small_cfg, iterations=8)
+    f, content, style = _float64(copy.deepcopy(features), images)
+    targets = style_targets(f, style, cfg)
+    ours = stylize(f, content, targets, cfg).images
+    for i in range(2):
+        target = f(content[i : i + 1])[cfg.content_layer]
+        own = {k: v[i : i + 1] for k, v in targets.items()}
+        x = content[i : i + 1].clone().requires_grad_(True)
+        opt = torch.optim.LBFGS([x], lr=1.0, max_iter=cfg.iterations, history_size=cfg.history)
+
+        def closure(x=x, target=target, own=own, opt=opt):
+            opt.zero_grad()
+            loss = objective(f, x, target, own, cfg).total.sum()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        torch.testing.assert_close(ours[i], x.detach().clamp(0, 1)[0], atol=1e-9, rtol=1e-9)
+
+
+def test_image_result_does_not_depend_on_its_batch(features, images, small_cfg):
+    f, content, style = _float64(copy.deepcopy(features), images)
+    targets = style_targets(f, style, small_cfg)
+    batch = stylize(f, content, targets, small_cfg)
+    alone = stylize(f, content[1:], {k: v[1:] for k, v in targets.items()}, small_cfg)
+    torch.testing.assert_close(alone.images[0], batch.images[1], atol=1e-12, rtol=0)
+    torch.testing.assert_close(alone.total_loss[0], batch.total_loss[1], atol=1e-12, rtol=1e-9)
+
+
+def test_fp32_image_alone_and_in_batch_agree_to_an_8_bit_level(features, images, small_cfg):
+    content, style = images
+    targets = style_targets(features, style, small_cfg)
+    batch = stylize(features, content, targets, small_cfg)
+    alone = stylize(features, content[1:2], {k: v[1:2] for k, v in targets.items()}, small_cfg)
+    torch.testing.assert_close(alone.images[0], batch.images[1], atol=1 / 255, rtol=0)
+
+
+def test_noise_init_is_seeded_per_image(features, images, small_cfg):
+    content, style = images
+    cfg = dataclasses.replace(small_cfg, init="noise", iterations=2)
+    targets = style_targets(features, style, cfg)
+    a = stylize(features, content[:2], {k: v[:2] for k, v in targets.items()}, cfg, seeds=[7, 8]).images
+    b = stylize(features, content[1:2], {k: v[1:2] for k, v in targets.items()}, cfg, seeds=[8]).images
+    torch.testing.assert_close(a[1], b[0], atol=1e-4, rtol=0)
+    assert (a[0] - a[1]).abs().mean() > 0.05
+
+
+def test_cached_style_targets_equal_uncached_and_are_computed_once(features, images, small_cfg):
+    _, style = images
+    direct = style_targets(features, style, small_cfg)
+    cache, calls = GramCache(max_items=8), []
+
+    def compute(keys):
+        calls.append(list(keys))
+        grams = style_targets(features, style[list(keys)], small_cfg)
+        return [{k: v[i] for k, v in grams.items()} for i in range(len(keys))]
+
+    first = stack_targets(cache.get_many([2, 0, 2], compute))
+    again = stack_targets(cache.get_many([0, 2, 1], compute))
+    assert calls == [[2, 0], [1]]
+    assert cache.computed == 3
+    for layer in small_cfg.style_layers:
+        torch.testing.assert_close(first[layer], direct[layer][[2, 0, 2]], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(again[layer], direct[layer][[0, 2, 1]], atol=1e-6, rtol=1e-5)
+
+
+def test_gram_cache_evicts_least_recently_used():
+    cache = GramCache(max_items=2)
+    value = {"conv1_1": torch.zeros(1)}
+    cache.get_many(["a", "b"], lambda keys: [value] * len(keys))
+    cache.get_many(["a", "c"], lambda keys: [value] * len(keys))
+    assert "a" in cache and "c" in cache and "b" not in cache
+
+
+def test_non_finite_image_is_flagged_and_others_are_unaffected(features, images, small_cfg):
+    content, style = images
+    targets = style_targets(features, style, small_cfg)
+    clean = stylize(features, content, targets, small_cfg)
+    poisoned = {k: v.clone() for k, v in targets.items()}
+    poisoned["conv2_1"][1] = float("nan")
+    result = stylize(features, content, poisoned, small_cfg)
+    assert result.finite.tolist() == [True, False, True]
+    torch.testing.assert_close(result.images[[0, 2]], clean.images[[0, 2]], atol=1e-4, rtol=0)
+
+
+def test_bf16_autocast_runs_and_stays_close_to_fp32(features, images, small_cfg):
+    content, style = images
+    targets = style_targets(features, style, small_cfg)
+    fp32 = stylize(features, content, targets, small_cfg)
+    bf16 = stylize(features, content, targets, dataclasses.replace(small_cfg, precision="bf16"))
+    assert bf16.finite.all()
+    assert ((bf16.total_loss - fp32.total_loss).abs() / fp32.total_loss).max() < 0.25
+
+
+def test_ycbcr_colour_preservation_keeps_content_chroma(features, images, small_cfg):
+    content, style = images
+    cfg = dataclasses.replace(small_cfg, preserve_color="ycbcr", iterations=3)
+    targets = style_targets(features, style, cfg)
+    plain = stylize(features, content, targets, dataclasses.replace(cfg, preserve_color="none"))
+    kept = stylize(features, content, targets, cfg)
+    chroma = rgb_to_ycbcr(content)[:, 1:]
+    torch.testing.assert_close(ycbcr_to_rgb(rgb_to_ycbcr(content)), content, atol=1e-4, rtol=0)
+    assert (rgb_to_ycbcr(kept.images)[:, 1:] - chroma).abs().mean() < 0.01
+    assert (rgb_to_ycbcr(plain.images)[:, 1:] - chroma).abs().mean() > 0.02
+
+
+def test_luminance_mode_transfers_gray_style_and_keeps_content_chroma(features, images, small_cfg):
+    content, style = images
+    cfg = dataclasses.replace(small_cfg, preserve_color="luminance", iterations=3)
+    targets = style_targets(features, style, cfg)
+    gray = style_targets(features, luminance3(style), small_cfg)
+    for layer in cfg.style_layers:
+        torch.testing.assert_close(targets[layer], gray[layer])
+    result = stylize(features, content, targets, cfg)
+    assert (rgb_to_ycbcr(result.images)[:, 1:] - rgb_to_ycbcr(content)[:, 1:]).abs().mean() < 0.01
+
+
+def test_original_preset_has_the_papers_settings():
+    cfg = NSTConfig(preset="original")
+    assert (cfg.arch, cfg.content_layer, cfg.pooling, cfg.init) == ("vgg16", "conv5_2", "max", "content")
+    assert (cfg.content_weight, cfg.style_weight, cfg.tv_weight, cfg.gram_shift) == (0.025, 1.0, 8.5e-5, -1.0)
+    assert cfg.style_layers == tuple(conv_layer_names("vgg16")) and len(cfg.style_layers) == 13
+    weights = list(cfg.style_layer_weights().values())
+    assert weights[-1] == 1.0 and weights[-2] == 0.5 and weights[0] == 2.0**-12
+
+
+def test_explicit_settings_override_the_preset():
+    cfg = NSTConfig(preset="original", content_layer="conv4_2", pooling="avg", layer_weights="uniform")
+    assert (cfg.arch, cfg.content_layer, cfg.pooling) == ("vgg16", "conv4_2", "avg")
+    assert set(cfg.style_layer_weights().values()) == {1.0}
+
+
+@pytest.mark.parametrize(
+    ("settings", "named"),
+    [
+        ({"preset": "fancy"}, "fancy"),
+        ({"content_layer": "conv6_1"}, "conv6_1"),
+        ({"arch": "vgg16", "style_layers": ("conv3_4",)}, "conv3_4"),
+        ({"optimizer": "sgd"}, "sgd"),
+        ({"layer_weights": "1,2"}, "1,2"),
+        ({"init": "white"}, "white"),
+        ({"iterations": 0}, "--iterations"),
+        ({"preserve_color": "yes"}, "yes"),
+    ],
+)
+def test_bad_settings_raise_an_error_naming_the_value(settings, named):
+    with pytest.raises(StdaError, match=r"valid|must|give one of") as err:
+        NSTConfig(**settings)
+    assert named in str(err.value)
+
+
+def test_features_equal_torchvision_vgg_with_the_same_weights(tmp_path):
+    from safetensors.torch import save_file
+    from torchvision.models import vgg16
+
+    reference = vgg16(weights=None).eval()
+    save_file(reference.state_dict(), str(tmp_path / "vgg16.safetensors"))
+    ours = build_vgg_features("vgg16", ("conv2_1", "conv3_2"), weights=str(tmp_path / "vgg16.safetensors"))
+    assert len(ours.features) == 14  # conv/relu x2, pool, conv/relu x2, pool, conv/relu x2: cut after relu3_2
+    x = torch.rand(1, 3, 32, 32)
+    normalised = (x - ours.mean) / ours.std
+    with torch.no_grad():
+        out = ours(x)
+        torch.testing.assert_close(out["conv2_1"], reference.features[:7](normalised))
+        torch.testing.assert_close(out["conv3_2"], reference.features[:14](normalised))
+
+
+def test_random_weights_are_seeded(small_cfg):
+    a = build_vgg_features("vgg19", ("conv1_1",), weights="random", seed=3)
+    b = build_vgg_features("vgg19", ("conv1_1",), weights="random", seed=3)
+    c = build_vgg_features("vgg19", ("conv1_1",), weights="random", seed=4)
+    assert torch.equal(a.features[0].weight, b.features[0].weight)
+    assert not torch.equal(a.features[0].weight, c.features[0].weight)
+
+
+def test_imagenet_weights_offline_name_both_ways_out(monkeypatch):
+    import torch.hub
+
+    def offline(*args, **kwargs):
+        raise OSError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    monkeypatch.setattr("torchvision.models._api.load_state_dict_from_url", offline)
+    with pytest.raises(StdaError) as err:
+        build_vgg_features("vgg19", ("conv4_2",), weights="imagenet")
+    assert "--weights PATH" in str(err.value) and "--weights random" in str(err.value)
+
+
+def test_lbfgs_stops_an_image_whose_gradient_vanishes():
+    x = torch.ones(2, 3)
+    opt = BatchedLBFGS(x, history=4)
+    grad = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]])
+    opt.step(x, grad, torch.tensor([True, True]))
+    assert opt.active.tolist() == [True, False]
+    assert torch.equal(x[1], torch.ones(3)) and not torch.equal(x[0], torch.ones(3))
