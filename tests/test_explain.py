@@ -1,0 +1,373 @@
+"""Explanations: DTD checks on a small VGG8, every method by name, hooks removed, the numbers, the stage."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from scipy.ndimage import binary_erosion
+from torch import nn
+
+from stda_hf.errors import StdaError
+from stda_hf.explain import (
+    COMPOSITE_NAMES,
+    conservation,
+    contrast_matrix,
+    explain_batch,
+    input_bounds,
+    localization,
+    negative_fraction,
+    region_share,
+    summarize,
+)
+from stda_hf.models.vgg import VGG8
+
+MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny tensors: one thread is as fast, and it does not collapse when the two cores are shared (a
+    100-step training loop measured 2.7 s on one thread, 36 s on two, with other jobs running)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def small_vgg8(seed: int = 0) -> VGG8:
+    torch.manual_seed(seed)
+    return VGG8(widths=(4, 8, 8, 16, 16), hidden=(16, 16)).eval()
+
+
+def random_batch_norms(model: nn.Module) -> nn.Module:
+    """Give every batch norm non-trivial statistics, so that merging it changes the weights."""
+    gen = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.weight.data = torch.rand(m.num_features, generator=gen) + 0.5
+            m.running_var.data = torch.rand(m.num_features, generator=gen) + 0.5
+            m.running_mean.data = torch.randn(m.num_features, generator=gen) * 0.1
+            m.bias.data = torch.randn(m.num_features, generator=gen) * 0.1
+    return model
+
+
+def bias_free(model: nn.Module) -> nn.Module:
+    """Zero every bias, batch norm shifts included (BN keeps its scale): DTD conserves relevance exactly."""
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)) and m.bias is not None:
+            m.bias.data.zero_()
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.data.zero_()
+            m.bias.data.zero_()
+    return model
+
+
+def images(n: int = 4, size: int = 32, seed: int = 0) -> torch.Tensor:
+    """Normalised images whose pixels lie in [0, 1] (inside the z^B box)."""
+    x = torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+    return (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+
+
+def hooks_left(model: nn.Module) -> list[str]:
+    return [
+        name
+        for name, m in model.named_modules()
+        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+    ]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The checks that hold for DTD
+
+
+def test_dtd_conserves_relevance_on_a_bias_free_vgg8_with_batch_norm():
+    model = bias_free(random_batch_norms(small_vgg8()))
+    expl = explain_batch(model, images(), method="dtd", mean=MEAN, std=STD)
+    assert expl.explained.min() > 0
+    assert torch.allclose(conservation(expl), torch.ones(4), atol=2e-3)
+
+
+def test_dtd_relevance_is_non_negative_on_a_vgg8_with_biases():
+    model = random_batch_norms(small_vgg8())
+    expl = explain_batch(model, images(), method="dtd", mean=MEAN, std=STD)
+    assert expl.relevance.min() >= 0
+    assert negative_fraction(expl).max() == 0
+    assert expl.relevance.sum() > 0
+
+
+def test_biases_absorb_relevance_so_conservation_is_below_one():
+    model = random_batch_norms(small_vgg8())  # default init: biases present
+    expl = explain_batch(model, images(), method="dtd", mean=MEAN, std=STD)
+    assert (conservation(expl) < 0.999).all()
+
+
+def test_a_rule_that_subtracts_evidence_gives_negative_relevance_where_dtd_gives_none():
+    model = random_batch_norms(small_vgg8())
+    expl = explain_batch(model, images(), method="epsilon_alpha2_beta1", mean=MEAN, std=STD)
+    assert negative_fraction(expl).max() > 0
+
+
+def test_log_odds_of_the_predicted_class_are_explained_and_positive():
+    model = small_vgg8()
+    x = images()
+    logits = model(x)
+    expl = explain_batch(model, x, method="dtd", mean=MEAN, std=STD)
+    t = logits.argmax(1)
+    expected = logits.gather(1, t[:, None])[:, 0] - logits.gather(1, 1 - t[:, None])[:, 0]
+    assert torch.equal(expl.target, t)
+    assert torch.allclose(expl.explained, expected, atol=1e-5)
+    assert (expl.explained >= 0).all()
+
+
+def test_raw_logit_of_a_chosen_class_is_conserved_when_asked():
+    model = bias_free(small_vgg8())
+    x = images()
+    target = torch.ones(4, dtype=torch.long)
+    expl = explain_batch(model, x, target=target, method="dtd", mean=MEAN, std=STD, output="logit")
+    assert torch.allclose(expl.explained, model(x)[:, 1], atol=1e-5)
+    assert torch.allclose(conservation(expl), torch.ones(4), atol=2e-3)
+
+
+def test_contrast_matrix_gives_each_class_against_the_mean_of_the_others():
+    logits = torch.tensor([1.0, 4.0, -2.0])
+    assert torch.allclose(contrast_matrix(3) @ logits, torch.tensor([0.0, 4.5, -4.5]))
+
+
+def test_input_bounds_follow_the_normalisation():
+    low, high = input_bounds((0.5, 0.4, 0.2), (0.25, 0.2, 0.1))
+    assert low.shape == (1, 3, 1, 1)
+    assert torch.allclose(low.flatten(), torch.tensor([-2.0, -2.0, -2.0]))
+    assert torch.allclose(high.flatten(), torch.tensor([2.0, 3.0, 8.0]))
+
+
+def test_bad_normalisation_is_refused():
+    with pytest.raises(StdaError, match="positive std"):
+        input_bounds((0.5, 0.5, 0.5), (0.2, 0.0, 0.2))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Every method by name; hooks always removed
+
+
+@pytest.mark.parametrize("method", COMPOSITE_NAMES)
+def test_every_method_name_gives_finite_relevance_of_the_input_shape(method):
+    model = random_batch_norms(small_vgg8())
+    expl = explain_batch(model, images(2), method=method, mean=MEAN, std=STD)
+    assert expl.relevance.shape == (2, 3, 32, 32)
+    assert torch.isfinite(expl.relevance).all()
+    assert expl.relevance.abs().sum() > 0
+
+
+def test_unknown_method_error_lists_the_valid_ones():
+    with pytest.raises(StdaError, match=r"valid methods: dtd, gradient, .*epsilon_plus_flat"):
+        explain_batch(small_vgg8(), images(1), method="lrp")
+
+
+@pytest.mark.parametrize("method", COMPOSITE_NAMES)
+def test_explaining_leaves_the_model_as_it_was(method):
+    model = random_batch_norms(small_vgg8()).train()
+    x = images(2)
+    before_state = {k: v.clone() for k, v in model.state_dict().items()}
+    before_out = model.eval()(x)
+    model.train()
+    explain_batch(model, x, method=method, mean=MEAN, std=STD)
+    assert model.training  # mode restored
+    assert hooks_left(model) == []
+    assert all(torch.equal(before_state[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+    assert torch.equal(model.eval()(x), before_out)
+
+
+class _FailsWithGrad(nn.Module):
+    """Passes tensors through in a plain forward; fails inside the attribution (gradient enabled)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            raise RuntimeError("boom")
+        return x
+
+
+def test_hooks_and_merged_batch_norm_are_removed_when_the_attribution_fails():
+    model = random_batch_norms(small_vgg8())
+    model.features.insert(2, _FailsWithGrad())  # after the first conv and its batch norm
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RuntimeError, match="boom"):
+        explain_batch(model, images(1), method="dtd", mean=MEAN, std=STD)
+    assert hooks_left(model) == []
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+class _HFStyle(nn.Module):
+    """A classifier whose output carries ``.logits`` like a transformers model."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = small_vgg8()
+
+    def forward(self, x):
+        return SimpleNamespace(logits=self.net(x))
+
+
+def test_models_returning_an_output_object_are_explained_through_its_logits():
+    model = _HFStyle().eval()
+    expl = explain_batch(model, images(2), method="dtd", mean=MEAN, std=STD)
+    assert torch.allclose(expl.logits, model.net(images(2)))
+    assert negative_fraction(expl).max() == 0
+
+
+def test_log_odds_are_refused_when_the_class_layer_is_not_the_output():
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 30 * 30, 2), nn.Softplus()
+    )
+    with pytest.raises(StdaError, match="output='logit'"):
+        explain_batch(model, images(2), method="dtd", mean=MEAN, std=STD)
+    assert hooks_left(model) == []
+    explain_batch(model, images(2), method="dtd", mean=MEAN, std=STD, output="logit")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The numbers
+
+
+def test_region_share_counts_positive_relevance_only():
+    pixels = np.array([[2.0, -5.0], [1.0, 1.0]])
+    mask = np.array([[255, 255], [0, 0]], np.uint8)
+    assert region_share(pixels, mask) == pytest.approx(0.5)
+
+
+def test_unknown_or_empty_regions_are_unavailable_not_zero():
+    pixels = np.ones((4, 4))
+    assert np.isnan(region_share(pixels, None))
+    assert np.isnan(region_share(pixels, np.zeros((4, 4))))
+
+
+def test_mask_of_another_size_is_refused():
+    with pytest.raises(StdaError, match="does not match"):
+        region_share(np.ones((4, 4)), np.ones((8, 8)))
+
+
+def test_localization_reports_each_artifact_kind_and_the_areas():
+    pixels = np.zeros((4, 4))
+    pixels[0, 0], pixels[3, 3], pixels[1, 1] = 3.0, 1.0, 4.0
+    lesion = np.zeros((4, 4), np.uint8)
+    lesion[1:3, 1:3] = 1
+    artifacts = np.zeros((4, 4), np.uint8)
+    artifacts[0, :] = 1  # ruler along the top
+    artifacts[3, 3] = 2  # a patch pixel
+    numbers = localization(pixels, lesion, artifacts)
+    assert numbers["relevance_in_mask"] == pytest.approx(0.5)
+    assert numbers["mask_area"] == pytest.approx(0.25)
+    assert numbers["relevance_on_artifact"] == pytest.approx(0.5)
+    assert numbers["relevance_on_ruler"] == pytest.approx(3 / 8)
+    assert numbers["relevance_on_patch"] == pytest.approx(1 / 8)
+    assert np.isnan(numbers["relevance_on_ink"])  # no ink in this image
+
+
+def test_summary_averages_only_where_known_and_counts_the_images():
+    rows = [
+        localization(np.ones((2, 2)), np.array([[1, 0], [0, 0]]), None),
+        localization(np.ones((2, 2)), None, None),
+    ]
+    s = summarize(rows)
+    assert s["n_images"] == 2 and s["n_with_mask"] == 1
+    assert s["relevance_in_mask"] == pytest.approx(0.25)
+    assert s["relevance_on_artifact"] is None and s["n_with_artifact"] == 0
+
+
+def test_measurement_module_loads_by_path_and_reports_unavailable_masks():
+    from stda_hf.metrics import load_metric
+
+    measurement = load_metric("relevance_localization", module_type="measurement")
+    r = np.zeros((4, 4), np.float32)
+    r[:2] = 1.0
+    mask = np.zeros((4, 4), np.uint8)
+    mask[:2, :2] = 255
+    out = measurement.compute(relevance=[r, r], lesion_mask=[mask, None], artifact_mask=[None, None])
+    assert out["relevance_in_mask"] == pytest.approx(0.5)
+    assert out["n_with_mask"] == 1 and out["n_images"] == 2
+    assert out["relevance_on_artifact"] is None
+    json.dumps(out, allow_nan=False)  # saved as plain JSON
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The shortcut test: a planted colour patch
+
+
+def _tiny_net() -> nn.Module:
+    """Bias-free and without batch norm: a zero input region stays exactly zero through every layer."""
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 3, padding=1, bias=False),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(64, 2, bias=False),
+    )
+
+
+def _train(x: torch.Tensor, y: torch.Tensor, steps: int = 100) -> nn.Module:
+    torch.manual_seed(0)
+    model = _tiny_net()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        idx = torch.randint(0, len(x), (32,), generator=gen)
+        loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def patch_phantoms(tmp_path_factory):
+    """Phantoms with a colour patch in every benign image and none in malignant ones (40 px)."""
+    from stda_hf.phantoms import PhantomConfig, make_phantoms
+    from stda_hf.real import read_real_folder
+
+    root = tmp_path_factory.mktemp("shortcut") / "real"
+    make_phantoms(root, PhantomConfig(n=120, size=40, seed=0, hair=0.0, artifacts={"patch": (1.0, 0.0)}))
+    ims = read_real_folder(root).labelled
+    x = np.stack([np.asarray(Image.open(im.path).convert("RGB")) for im in ims]) / 255.0
+    x = (torch.tensor(x, dtype=torch.float32).permute(0, 3, 1, 2) - 0.5) / 0.25
+    masks = np.stack([np.asarray(Image.open(im.mask_path)) > 0 for im in ims])
+    artifacts = np.stack(
+        [np.asarray(Image.open(im.artifact_path)) if im.artifact_path else 0 * masks[0] for im in ims]
+    )
+    y = torch.tensor([im.label == "malignant" for im in ims]).long()
+    return x, y, masks, artifacts.astype(np.uint8)
+
+
+def _shares(model, x, masks, artifacts, benign) -> dict:
+    expl = explain_batch(model, x[benign], method="dtd", mean=MEAN, std=STD)
+    rows = [
+        localization(p, masks[i], artifacts[i])
+        for p, i in zip(expl.pixels.numpy(), benign.tolist(), strict=True)
+    ]
+    return summarize(rows)
+
+
+def test_relevance_finds_a_planted_shortcut_and_a_lesion_only_model(patch_phantoms):
+    x, y, masks, artifacts = patch_phantoms
+    benign = (y == 0).nonzero()[:, 0]
+    assert (artifacts[benign.numpy()] == 2).any(axis=(1, 2)).all()  # the patch is in every benign image
+    # The lesion-only model sees the lesion interior and nothing else (zero elsewhere, in normalised units).
+    inside = torch.tensor(np.stack([binary_erosion(m, iterations=2) for m in masks]), dtype=torch.float32)
+    x_lesion = x * inside[:, None]
+    shortcut, lesion_only = _train(x, y), _train(x_lesion, y)
+    assert (shortcut(x).argmax(1) == y).float().mean() > 0.9
+
+    cheat = _shares(shortcut, x, masks, artifacts, benign)
+    honest = _shares(lesion_only, x_lesion, masks, artifacts, benign)
+    assert honest["relevance_in_mask"] > 0.9
+    assert cheat["relevance_in_mask"] < 0.1
+    assert cheat["relevance_on_patch"] > 0.5 > honest["relevance_on_patch"]
+    assert cheat["relevance_on_patch"] > 10 * cheat["artifact_area"]  # far more than its share of the image
