@@ -369,13 +369,35 @@ def test_unreachable_api_is_a_clear_error(tmp_path):
 # Resume
 
 
-def start_cli_fetch(archive: FakeIsicArchive, out: Path, *extra: str) -> subprocess.Popen:
-    """``stda fetch`` in a child process, with the four first benign images free and every other file held."""
+CHILD_FETCH = (
+    "import sys; from stda_hf.fetch import FetchConfig, fetch; "
+    "fetch(sys.argv[1], FetchConfig(api_url=sys.argv[2], workers=2, page_size=5, backoff=0.01, max_backoff=0.05))"
+)
+
+
+def start_fetch_process(
+    archive: FakeIsicArchive, out: Path, *cli_flags: str, cli: bool = False
+) -> subprocess.Popen:
+    """A fetch in a child process (``stda fetch`` with ``cli``, else the stage function, which starts faster),
+    with the four first benign images free and every other file held."""
     order = [im.isic_id for im in archive.images if im.isic_id in expected(archive, diagnoses=("Benign",))]
     for isic_id in expected(archive) - set(order[:4]):
         archive.fault(f"file:{isic_id}", "hold")
-    cmd = [sys.executable, "-m", "stda_hf.cli", "fetch", "--out", str(out), "--api-url", archive.api_url]
-    cmd += ["--workers", "2", "--page-size", "5", "--backoff", "0.01", "--max-backoff", "0.05", *extra]
+    if cli:
+        cmd = [sys.executable, "-m", "stda_hf.cli", "fetch", "--out", str(out), "--api-url", archive.api_url]
+        cmd += [
+            "--workers",
+            "2",
+            "--page-size",
+            "5",
+            "--backoff",
+            "0.01",
+            "--max-backoff",
+            "0.05",
+            *cli_flags,
+        ]
+    else:
+        cmd = [sys.executable, "-c", CHILD_FETCH, str(out), archive.api_url]
     env = {**os.environ, "STDA_NO_PROGRESS": "1"}
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -391,7 +413,7 @@ def wait_for_rows(out: Path, n: int, seconds: float = 60) -> int:
 
 def test_killed_fetch_resumes_without_fetching_anything_twice(archive, tmp_path):
     out = tmp_path / "real"
-    proc = start_cli_fetch(archive, out)
+    proc = start_fetch_process(archive, out)
     try:
         assert wait_for_rows(out, 4) == 4, "the first run should finish the four images that are not held"
     finally:
@@ -408,9 +430,10 @@ def test_killed_fetch_resumes_without_fetching_anything_twice(archive, tmp_path)
     assert result.downloaded + result.adopted == len(expected(archive)) - 4
 
 
+@pytest.mark.slow  # ~8 s idle, ~20 s on a loaded machine: `stda` imports every stage (torch) before parsing
 def test_ctrl_c_exits_130_and_leaves_a_usable_folder(archive, tmp_path):
     out = tmp_path / "real"
-    proc = start_cli_fetch(archive, out, "--timeout", "2")
+    proc = start_fetch_process(archive, out, "--timeout", "2", cli=True)
     try:
         assert wait_for_rows(out, 4) == 4
         proc.send_signal(signal.SIGINT)
