@@ -85,11 +85,7 @@ class FetchConfig:
     query: str = ""  # extra filter in the archive's query language, e.g. 'age_approx:[30 TO 60]'
     collections: tuple[int, ...] = ()  # only images in these collection ids
     image_type: str = "dermoscopic"  # image_type to fetch; "" for every type
-    licenses: tuple[str, ...] = (
-        "CC-0",
-        "CC-BY",
-        "CC-BY-NC",
-    )  # licences to accept; CC-BY-NC forbids commercial use
+    licenses: tuple[str, ...] = tuple(LICENSES)  # licences to accept; CC-BY-NC forbids commercial use
     include_indeterminate: bool = False  # also fetch diagnosis_1 Indeterminate (kept, never trained on)
     limit: int = 0  # at most this many images per class (0: every match)
     workers: int = 8  # parallel downloads
@@ -127,11 +123,7 @@ class FetchConfig:
     @property
     def diagnoses(self) -> dict[str, str]:
         """Class name -> ``diagnosis_1`` value of every class this fetch selects."""
-        names = (
-            ("benign", "malignant", "indeterminate")
-            if self.include_indeterminate
-            else ("benign", "malignant")
-        )
+        names = list(DIAGNOSES) if self.include_indeterminate else ["benign", "malignant"]
         return {name: DIAGNOSES[name] for name in names}
 
 
