@@ -26,7 +26,22 @@ def run_demo(out: str | Path, n: int = 400, size: int = 64, seed: int = 0) -> Pa
     make_splits(real, SplitConfig(seed=seed))
     _step("inspect", str(real))
     print(inspect_folder(real).format())
+    _package_step(out, real)
     return out
+
+
+def _package_step(out: Path, real: Path) -> Path:
+    """Package the real images, and the synthetic ones once they carry pseudo-labels, as a Hub dataset."""
+    from .package import package
+
+    synthetic = out / "synthetic"
+    labelled = (synthetic / "labels.jsonl").is_file()
+    hub = out / "hub" / "skin-lesions"
+    _step("package", f"{'real + synthetic' if labelled else 'real'} images -> {hub}")
+    result = package(real, hub, synthetic=synthetic if labelled else None)
+    rows = ", ".join(f"{split} {sum(c.values())}" for split, c in result.counts.items())
+    print(f"{rows}; licence {result.license}; load it with datasets.load_dataset({str(hub)!r})")
+    return hub
 
 
 def _step(name: str, what: str) -> None:
