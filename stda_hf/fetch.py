@@ -869,6 +869,8 @@ def _settle(run: _Run, item: _Item, future: Future) -> int:
         n = future.result()
     except SkipImage as err:
         run.report.add(item.isic_id, err.reason)
+        run.bar.update(1)
+        run.bar.set_postfix_str(f"{_human_bytes(run.bytes)}, {len(run.report)} skipped", refresh=False)
         return 0
     run.log.append(item.row)
     run.downloaded += 1
@@ -915,6 +917,19 @@ def _check_selection(root: Path, cfg: FetchConfig) -> None:
                 f"{root} holds a real-image folder that `stda fetch` did not write; use another --out"
             )
         return
+    change = selection_change(root, cfg)
+    if change:
+        raise StdaError(
+            f"{root} was fetched with another selection ({change}); re-run with the same settings to resume, "
+            "or use another --out"
+        )
+
+
+def selection_change(root: str | Path, cfg: FetchConfig) -> str | None:
+    """How ``cfg`` selects other images than the fetch that wrote ``root`` (None: same selection, or none yet)."""
+    settings = Path(root) / SETTINGS_FILE
+    if not settings.exists():
+        return None
     try:
         before = yaml.safe_load(settings.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
@@ -923,12 +938,7 @@ def _check_selection(root: Path, cfg: FetchConfig) -> None:
         ) from err
     now = config_to_dict(cfg)
     changed = [k for k in SELECTION if k in before and before[k] != now[k]]
-    if changed:
-        diff = "; ".join(f"{k}: {before[k]!r} before, {now[k]!r} now" for k in changed)
-        raise StdaError(
-            f"{root} was fetched with another selection ({diff}); re-run with the same settings to resume, "
-            "or use another --out"
-        )
+    return "; ".join(f"{k}: {before[k]!r} before, {now[k]!r} now" for k in changed) or None
 
 
 def _clear_staging(root: Path) -> None:
@@ -960,6 +970,7 @@ class DryRun:
     on_disk: dict[str, int]  # class -> images already in the output folder
     limit: int
     method: str  # "facets" (one request per class) or "paging" (metadata only, no files)
+    note: str = ""  # e.g. that the output folder holds another selection
 
     def format(self) -> str:
         """A table: class, matches per licence, total, what a fetch would download."""
@@ -975,7 +986,7 @@ class DryRun:
             )
         lines.append(f"(counted by {self.method}; queries:)")
         lines += [f"  {name}: {q}" for name, q in self.queries.items()]
-        return "\n".join(lines)
+        return "\n".join(lines + ([self.note] if self.note else []))
 
 
 def dry_run(cfg: FetchConfig | None = None, out: str | Path | None = None) -> DryRun:
@@ -984,7 +995,13 @@ def dry_run(cfg: FetchConfig | None = None, out: str | Path | None = None) -> Dr
     Uses the archive's facets when it offers them, otherwise pages through the search results (metadata only).
     """
     cfg = cfg or FetchConfig()
-    on_disk = count_on_disk(out, cfg.diagnoses) if out is not None else {}
+    on_disk, note = {}, ""
+    if out is not None:
+        change = selection_change(out, cfg)
+        if change:
+            note = f"{out} holds another selection ({change}): a fetch into it would be refused"
+        else:
+            on_disk = count_on_disk(out, cfg.diagnoses)
     queries = {name: build_query(cfg, d) for name, d in cfg.diagnoses.items()}
     counts, totals, methods = {}, {}, set()
     with IsicClient(cfg) as client:
@@ -992,7 +1009,7 @@ def dry_run(cfg: FetchConfig | None = None, out: str | Path | None = None) -> Dr
             totals[name] = client.count(query)
             counts[name], method = _license_counts(client, query, totals[name])
             methods.add(method)
-    return DryRun(queries, counts, totals, on_disk, cfg.limit, "+".join(sorted(methods)))
+    return DryRun(queries, counts, totals, on_disk, cfg.limit, "+".join(sorted(methods)), note)
 
 
 def _license_counts(client: IsicClient, query: str, total: int) -> tuple[dict[str, int], str]:
