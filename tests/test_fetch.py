@@ -550,6 +550,14 @@ def test_cli_fetch_then_dry_run(archive, tmp_path, capsys):
     assert len(image_ids(out)) == 4
 
 
+def test_dry_run_on_a_folder_of_another_selection_says_so_instead_of_subtracting(archive, tmp_path):
+    out = tmp_path / "real"
+    fetch(out, config(archive, limit=2))
+    report = dry_run(config(archive, licenses=("CC-0",)), out=out)
+    assert report.on_disk == {} and "holds another selection (licenses" in report.format()
+    assert dry_run(config(archive), out=out).on_disk == {"benign": 2, "malignant": 2}
+
+
 def test_cli_fetch_without_out_says_what_is_missing(archive, capsys):
     assert main(["fetch", "--api-url", archive.api_url]) == 2
     assert "--out is required" in capsys.readouterr().err
