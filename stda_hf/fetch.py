@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import email.utils
-import errno
 import io
 import logging
 import math
@@ -46,7 +45,7 @@ from PIL import Image
 
 from .config import config_to_dict, dump_config
 from .errors import BadImageError, StdaError
-from .fileio import _disk_full, _drop_torn_tail, atomic_write, write_text
+from .fileio import append_text, atomic_write, drop_torn_tail, write_text
 from .images import IMAGE_EXTENSIONS, SkipReport, load_image
 from .licenses import LICENSES, write_attribution
 from .real import REQUIRED_COLUMNS
@@ -531,7 +530,7 @@ class MetadataLog:
             self._load()
 
     def _load(self) -> None:
-        _drop_torn_tail(self.path)
+        drop_torn_tail(self.path)
         on_disk = _image_stems(self.images)
         dropped = 0
         with open(self.path, newline="", encoding="utf-8") as fh:
@@ -567,7 +566,7 @@ class MetadataLog:
             if set(row) - set(self.columns):
                 self.columns = list(REQUIRED_COLUMNS) + sorted(extra | (set(row) - set(REQUIRED_COLUMNS)))
                 self._rewrite()
-            _append_text(self.path, self._format(row, header=False))
+            append_text(self.path, self._format(row, header=False))
         self.diagnoses[row["isic_id"]] = row["diagnosis_1"]
 
     def attribution_rows(self) -> Iterator[dict[str, str]]:
@@ -614,18 +613,6 @@ def count_on_disk(root: str | Path, diagnoses: dict[str, str]) -> dict[str, int]
     with open(path, newline="", encoding="utf-8") as fh:
         counts = Counter(row.get("diagnosis_1") for row in csv.DictReader(fh))
     return {name: counts.get(d, 0) for name, d in diagnoses.items()}
-
-
-def _append_text(path: Path, text: str) -> None:
-    try:
-        with open(path, "a", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-    except OSError as err:
-        if err.errno == errno.ENOSPC:
-            raise _disk_full(path, err) from err
-        raise
 
 
 def _image_stems(folder: Path) -> set[str]:

@@ -82,18 +82,18 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
 
 
-def append_jsonl(path: str | os.PathLike, record: dict) -> None:
-    """Append one JSON record as a line and fsync it.
+def append_text(path: str | os.PathLike, text: str) -> None:
+    """Append ``text`` (whole lines, ending in a newline) to ``path`` durably: flushed and fsync'ed.
 
-    A reader (:func:`read_jsonl`) ignores a torn last line, so a crash mid-append loses at most that record.
+    A crash-torn last line left by an earlier run is cut first (:func:`drop_torn_tail`), so the new lines
+    never glue onto half a line. Running out of disk space is a :class:`StdaError` that says what to do.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    line = json.dumps(record, sort_keys=True, ensure_ascii=False) + "\n"
     try:
-        _drop_torn_tail(path)
-        with open(path, "a", encoding="utf-8") as fh:
-            fh.write(line)
+        drop_torn_tail(path)
+        with open(path, "a", encoding="utf-8", newline="") as fh:
+            fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
     except OSError as err:
@@ -102,8 +102,17 @@ def append_jsonl(path: str | os.PathLike, record: dict) -> None:
         raise
 
 
-def _drop_torn_tail(path: Path) -> None:
+def append_jsonl(path: str | os.PathLike, record: dict) -> None:
+    """Append one JSON record as a line and fsync it.
+
+    A reader (:func:`read_jsonl`) ignores a torn last line, so a crash mid-append loses at most that record.
+    """
+    append_text(path, json.dumps(record, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+def drop_torn_tail(path: str | os.PathLike) -> None:
     """Cut a crash-torn last line (no trailing newline) so the next append starts on a fresh line."""
+    path = Path(path)
     if not path.exists() or path.stat().st_size == 0:
         return
     with open(path, "rb+") as fh:
