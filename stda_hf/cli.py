@@ -45,6 +45,10 @@ def field_comments(cls: type) -> dict[str, str]:
             comments.setdefault(last_name, tok.string.lstrip("# ").strip())
         elif tok.type == tokenize.NEWLINE:
             last_name = None
+    for base in cls.__mro__[1:]:  # inherited fields keep their base dataclass's comment
+        if dataclasses.is_dataclass(base):
+            for name, text in field_comments(base).items():
+                comments.setdefault(name, text)
     return comments
 
 
@@ -202,6 +206,30 @@ def _run_inspect(args) -> None:
     print(inspect_folder(args.real, decode=not args.no_decode).format())
 
 
+def _add_generate(sub) -> None:
+    from .generate import GenerateConfig
+
+    p = sub.add_parser(
+        "generate",
+        help="restyle benign train images with malignant train styles (neural style transfer)",
+        description="Batched, resumable Gatys style transfer: benign train images (content) x malignant train "
+        "images (style) -> images/ + manifest.jsonl. Re-run the same command to resume; run it under torchrun "
+        "or accelerate launch to split the work between processes.",
+    )
+    p.add_argument("real", type=Path, help="real-image folder with splits.csv")
+    p.add_argument("--out", type=Path, required=True, help="synthetic folder to write (or resume)")
+    add_config_flags(p, GenerateConfig)
+    p.set_defaults(func=_run_generate)
+
+
+def _run_generate(args) -> None:
+    from .generate import GenerateConfig, generate
+
+    summary = generate(args.real, args.out, config_from_args(GenerateConfig, args))
+    print(summary.format())
+    print(f"wrote {args.out / 'manifest.jsonl'}")
+
+
 def _add_label(sub) -> None:
     from .label import LabelConfig
 
@@ -301,7 +329,7 @@ def _run_demo(args) -> None:
     run_demo(args.out, n=args.n, size=args.size, seed=args.seed)
 
 
-COMMANDS: list[Callable] = [_add_fetch, _add_phantoms, _add_split, _add_inspect, _add_label, _add_package, _add_push, _add_demo]
+COMMANDS: list[Callable] = [_add_fetch, _add_phantoms, _add_split, _add_inspect, _add_generate, _add_label, _add_package, _add_push, _add_demo]
 """Subcommands in the order ``stda --help`` lists them (the order of the flow)."""
 
 

@@ -27,6 +27,15 @@ from stda_hf.nst import (
 SMALL = {"content_layer": "conv3_1", "style_layers": ("conv1_1", "conv2_1", "conv3_1"), "precision": "fp32"}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: much faster than two on cores shared with other jobs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def small_cfg() -> NSTConfig:
     return NSTConfig(iterations=5, **SMALL)
@@ -237,18 +246,19 @@ def test_bad_settings_raise_an_error_naming_the_value(settings, named):
 
 def test_features_equal_torchvision_vgg_with_the_same_weights(tmp_path):
     from safetensors.torch import save_file
-    from torchvision.models import vgg16
+    from torchvision.models.vgg import cfgs, make_layers
 
-    reference = vgg16(weights=None).eval()
-    save_file(reference.state_dict(), str(tmp_path / "vgg16.safetensors"))
+    reference = make_layers(cfgs["D"]).eval()  # torchvision's VGG16 ``features``
+    state = {f"features.{k}": v for k, v in reference.state_dict().items()}
+    save_file(state, str(tmp_path / "vgg16.safetensors"))
     ours = build_vgg_features("vgg16", ("conv2_1", "conv3_2"), weights=str(tmp_path / "vgg16.safetensors"))
     assert len(ours.features) == 14  # conv/relu x2, pool, conv/relu x2, pool, conv/relu x2: cut after relu3_2
     x = torch.rand(1, 3, 32, 32)
     normalised = (x - ours.mean) / ours.std
     with torch.no_grad():
         out = ours(x)
-        torch.testing.assert_close(out["conv2_1"], reference.features[:7](normalised))
-        torch.testing.assert_close(out["conv3_2"], reference.features[:14](normalised))
+        torch.testing.assert_close(out["conv2_1"], reference[:7](normalised))
+        torch.testing.assert_close(out["conv3_2"], reference[:14](normalised))
 
 
 def test_random_weights_are_seeded(small_cfg):

@@ -1,0 +1,535 @@
+"""``stda generate``: restyle benign training images with malignant training styles, batched, resumable and sharded.
+
+::
+
+    stda generate real/ --out synthetic/ --per-content 4 --size 224 --iterations 100 --batch 16
+    torchrun --nproc_per_node 8 -m stda_hf.cli generate real/ --out synthetic/    # same result, 8 processes
+
+Content images are the benign images of the ``train`` split, style images the malignant ones of the same split
+(validation and test images are never read). Each content image gets ``per_content`` different styles, spread
+evenly over the style images. Every finished image is written to ``images/<id>.jpg`` and only then recorded in
+the append-only ``manifest.jsonl``; a re-run of the same command skips what is recorded, so a killed job loses
+at most the batch in flight and ends with the same images as an uninterrupted run. Under ``torchrun`` or
+``accelerate launch`` each process takes the pairs whose id hashes to its rank, writes
+``manifest.rank<k>.jsonl``, and rank 0 merges the shards into ``manifest.jsonl`` when all are done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from PIL import Image
+
+from .config import config_to_dict, dump_config
+from .errors import BadImageError, StdaError
+from .fileio import append_jsonl, read_jsonl, write_json, write_text
+from .images import SkipReport, load_image, save_image
+from .models.features import VGGFeatures, build_vgg_features
+from .models.weights import WeightsSpec, parse_weights
+from .nst import (
+    GramCache,
+    NSTConfig,
+    resolve_precision,
+    stack_targets,
+    style_targets,
+    stylize,
+    with_precision,
+)
+from .real import RealFolder, RealImage, read_real_folder
+from .utils import progress, stable_hash
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "manifest.jsonl"
+JPEG_QUALITY = 95
+RESUMABLE = ("per_content", "batch", "device", "limit")
+"""Settings that may change between runs into the same folder (they do not change any image)."""
+MIN_SIZE = 32
+
+
+@dataclass
+class GenerateConfig(NSTConfig):
+    """Settings of ``stda generate``: the engine's (see :class:`~stda_hf.nst.NSTConfig`) plus pairing and batching."""
+
+    per_content: int = 4  # styles per content image, each a different malignant train image
+    size: int = 224  # side of the square output images in pixels (content images are resized to it)
+    batch: int = 16  # pairs optimised at once; results do not depend on it
+    seed: int = 0  # pairing and noise start images: same seed and settings, same images
+    weights: str = "imagenet"  # VGG weights: imagenet (download), a .safetensors/.pth file, or random
+    device: str = "auto"  # auto (CUDA when available, else CPU), cpu, cuda or cuda:N
+    limit: int = 0  # make at most this many pairs (0: all), for a quick look
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name, low in (("per_content", 1), ("size", MIN_SIZE), ("batch", 1), ("limit", 0)):
+            if getattr(self, name) < low:
+                raise StdaError(f"--{name.replace('_', '-')} {getattr(self, name)} must be at least {low}")
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except (RuntimeError, ValueError):
+                raise StdaError(f"unknown --device {self.device!r}; use auto, cpu, cuda or cuda:N") from None
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One image to make: a content and a style image, its synthetic id and its noise seed."""
+
+    id: str
+    content: RealImage
+    style: RealImage
+    seed: int
+
+
+@dataclass
+class GenerateSummary:
+    """What a run did (for this process under sharding)."""
+
+    pairs: int = 0  # pairs assigned to this process
+    done_before: int = 0  # already in the manifest when the run started
+    done: int = 0  # made by this run
+    retried: int = 0  # redone in fp32 after a NaN/inf
+    skipped_pairs: int = 0  # pairs left out because an image could not be read
+    skipped: dict[str, str] = field(default_factory=dict)  # unreadable file -> reason
+    failed: dict[str, str] = field(default_factory=dict)  # synthetic id -> reason
+    seconds: float = 0.0
+
+    def format(self) -> str:
+        """A few lines for the end of a run."""
+        rate = self.done / self.seconds if self.seconds else 0.0
+        lines = [
+            f"{self.pairs} pairs: {self.done} made now ({rate:.2f} images/s), {self.done_before} already done, "
+            f"{self.skipped_pairs} skipped, {len(self.failed)} failed, {self.retried} redone in fp32"
+        ]
+        lines += [f"  skipped {path}: {reason}" for path, reason in sorted(self.skipped.items())]
+        lines += [f"  failed {sid}: {reason}" for sid, reason in sorted(self.failed.items())]
+        if self.failed:
+            lines.append("  re-run the same command to retry the failed images")
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pairing
+
+
+def assign_styles(
+    contents: Sequence[str], styles: Sequence[str], per_content: int, seed: int
+) -> list[tuple[str, str]]:
+    """``(content_id, style_id)`` pairs: each content gets ``per_content`` different styles, spread evenly.
+
+    Styles are shuffled by ``seed`` and dealt round-robin, one round per style slot, so every style is used
+    ``floor`` or ``ceil`` of ``len(contents) * per_content / len(styles)`` times (up to a skip when a content
+    would get the same style twice), and the pairs of ``per_content=k`` are the first ``k`` rounds of any larger
+    value.
+
+    Raises
+    ------
+    StdaError
+        When there are fewer styles than ``per_content``.
+    """
+    contents, styles = sorted(contents), sorted(styles)
+    if per_content > len(styles):
+        raise StdaError(
+            f"--per-content {per_content} needs at least {per_content} malignant train images; there are "
+            f"{len(styles)}. Lower --per-content"
+        )
+    order = [styles[i] for i in np.random.default_rng(seed).permutation(len(styles))]
+    used: dict[str, set[str]] = {c: set() for c in contents}
+    pairs, ptr = [], 0
+    for _ in range(per_content):
+        for c in contents:
+            while order[ptr % len(order)] in used[c]:
+                ptr += 1
+            used[c].add(order[ptr % len(order)])
+            pairs.append((c, order[ptr % len(order)]))
+            ptr += 1
+    return pairs
+
+
+def params_hash(cfg: GenerateConfig, spec: WeightsSpec) -> str:
+    """Hash of every setting that changes an image's pixels (not batch, device, limit or per_content)."""
+    values = {k: v for k, v in config_to_dict(cfg).items() if k not in RESUMABLE}
+    values["weights"] = spec.describe() if spec.kind != "file" else f"sha256:{_sha256(spec.path)}"
+    return stable_hash(values)
+
+
+def make_pairs(folder: RealFolder, cfg: GenerateConfig, phash: str) -> list[Pair]:
+    """Every pair of the run, in pairing order (``limit`` applied): benign train content x malignant train style."""
+    contents = folder.subset("train", "benign")
+    styles = folder.subset("train", "malignant")
+    if not contents or not styles:
+        raise StdaError(
+            f"{folder.root}: the train split has {len(contents)} benign and {len(styles)} malignant images; "
+            "generate needs both (check splits.csv, or re-run `stda split`)"
+        )
+    pairs = []
+    for c, s in assign_styles(
+        [im.isic_id for im in contents], [im.isic_id for im in styles], cfg.per_content, cfg.seed
+    ):
+        sid = "syn_" + stable_hash({"content": c, "style": s, "params": phash})
+        seed = int(stable_hash({"seed": cfg.seed, "id": sid}, 8), 16)
+        pairs.append(Pair(id=sid, content=folder[c], style=folder[s], seed=seed))
+    return pairs[: cfg.limit] if cfg.limit else pairs
+
+
+def shard_of(pair_id: str, world: int) -> int:
+    """The process (rank) that makes ``pair_id`` among ``world`` processes: a stable hash of the id."""
+    return int(hashlib.sha256(pair_id.encode()).hexdigest()[:15], 16) % world
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Output folder: settings, provenance, manifests
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_output(out: Path, folder: RealFolder, cfg: GenerateConfig) -> dict:
+    """Refuse an output folder made from another ``splits.csv`` or with other image settings; return source.json."""
+    source = {"real": str(folder.root.resolve()), "splits_sha256": _sha256(folder.splits_path)}
+    old_source = out / "source.json"
+    if old_source.is_file():
+        previous = json.loads(old_source.read_text(encoding="utf-8"))
+        if previous.get("splits_sha256") != source["splits_sha256"]:
+            raise StdaError(
+                f"{out} was generated from another splits.csv ({previous.get('real')}); its images may come from "
+                "what is now validation or test data. Use a new --out folder"
+            )
+    old_cfg = out / "generate.yaml"
+    if old_cfg.is_file():
+        previous = yaml.safe_load(old_cfg.read_text(encoding="utf-8")) or {}
+        now = config_to_dict(cfg)
+        changed = [k for k in now if k not in RESUMABLE and previous.get(k) != now[k]]
+        if changed:
+            diffs = ", ".join(f"{k}: {previous.get(k)!r} -> {now[k]!r}" for k in changed)
+            raise StdaError(
+                f"{out} was made with other settings ({diffs}); use a new --out folder, or the settings of "
+                f"{old_cfg} to resume"
+            )
+    return source
+
+
+def manifest_paths(out: Path) -> list[Path]:
+    """``manifest.jsonl`` and every rank shard ``manifest.rank<k>.jsonl`` in ``out``."""
+    return [out / MANIFEST, *sorted(out.glob("manifest.rank*.jsonl"))]
+
+
+def done_ids(out: Path) -> set[str]:
+    """Ids recorded in any manifest of ``out`` whose image is on disk."""
+    return {r["id"] for p in manifest_paths(out) for r in read_jsonl(p) if (out / r["file"]).is_file()}
+
+
+def merge_manifests(out: str | Path) -> int:
+    """Merge the rank shards into ``manifest.jsonl``: sorted by id, one line per id; idempotent. Returns lines.
+
+    The merged file replaces the old one atomically before the shards are removed, so a crash in between only
+    leaves records that the next merge de-duplicates.
+    """
+    out = Path(out)
+    records: dict[str, dict] = {}
+    shards = manifest_paths(out)
+    for path in shards:
+        for record in read_jsonl(path):
+            records.setdefault(record["id"], record)
+    lines = [json.dumps(records[k], sort_keys=True, ensure_ascii=False) + "\n" for k in sorted(records)]
+    write_text(out / MANIFEST, "".join(lines))
+    for path in shards[1:]:
+        path.unlink(missing_ok=True)
+    return len(lines)
+
+
+def _remove_partial_images(out: Path) -> None:
+    """Delete temporary files a killed run left in ``images/`` (never read: only finished files are renamed)."""
+    for path in (out / "images").glob(".*.part"):
+        path.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Images and batches
+
+
+def load_content(path: Path, size: int) -> torch.Tensor:
+    """An image file as a (3, size, size) float tensor in [0, 1] (bicubic resize); raises BadImageError."""
+    img = load_image(path).resize((size, size), Image.Resampling.BICUBIC)
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
+
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """A (3, H, W) tensor in [0, 1] as an 8-bit RGB image."""
+    arr = (image.detach().float().clamp(0, 1) * 255.0).round().byte().permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(arr, "RGB")
+
+
+def _batches(pairs: list[Pair], size: int) -> Iterator[list[Pair]]:
+    for i in range(0, len(pairs), size):
+        yield pairs[i : i + size]
+
+
+class _Runner:
+    """The state of one process's run: model, style cache, skip report, summary and output paths."""
+
+    def __init__(
+        self, out: Path, cfg: GenerateConfig, features: VGGFeatures, device: torch.device, shard: str
+    ):
+        self.out, self.cfg, self.features, self.device = out, cfg, features, device
+        self.manifest = out / shard
+        self.cache = GramCache(max_items=max(512, 2 * cfg.batch))
+        self.report = SkipReport()
+        self.summary = GenerateSummary()
+        self.style_size = max(MIN_SIZE, round(cfg.size * cfg.style_scale))
+        self.phash = ""
+
+    def _load(self, im: RealImage, size: int) -> torch.Tensor | None:
+        if str(im.path) in self.report.skipped:
+            return None
+        try:
+            return load_content(im.path, size)
+        except BadImageError as err:
+            self.report.add(err.path, err.reason)
+            return None
+
+    def _style_key(self, style_id: str) -> tuple:
+        return (style_id, self.phash, self.cfg.style_layers, self.style_size)
+
+    def _targets(self, batch: list[Pair]) -> tuple[list[Pair], dict[str, torch.Tensor]]:
+        """Drop pairs whose style cannot be read; Gram targets of the rest, computed once per style."""
+        loaded = {}
+        for p in batch:
+            if self._style_key(p.style.isic_id) not in self.cache and p.style.isic_id not in loaded:
+                loaded[p.style.isic_id] = self._load(p.style, self.style_size)
+        batch = [p for p in batch if loaded.get(p.style.isic_id, True) is not None]
+        if not batch:
+            return [], {}
+
+        def compute(keys: list[tuple]) -> list[dict[str, torch.Tensor]]:
+            # one style at a time: a style's targets are then the same whichever batch first needs them
+            return [self._one_style_targets(loaded[k[0]]) for k in keys]
+
+        per_pair = self.cache.get_many([self._style_key(p.style.isic_id) for p in batch], compute)
+        return batch, stack_targets(per_pair)
+
+    def _one_style_targets(self, style: torch.Tensor) -> dict[str, torch.Tensor]:
+        grams = style_targets(self.features, style[None].to(self.device), self.cfg)
+        return {layer: g[0] for layer, g in grams.items()}
+
+    def run_batch(self, batch: list[Pair]) -> int:
+        """Stylize, save and record one batch; returns how many pairs it consumed (made, skipped or failed)."""
+        start = time.perf_counter()
+        contents = {p.id: self._load(p.content, self.cfg.size) for p in batch}
+        usable = [p for p in batch if contents[p.id] is not None]
+        usable, targets = self._targets(usable)
+        self.summary.skipped_pairs += len(batch) - len(usable)
+        if not usable:
+            return len(batch)
+        content = torch.stack([contents[p.id] for p in usable]).to(self.device)
+        result = self._stylize(usable, content, targets)
+        seconds = (time.perf_counter() - start) / len(usable)
+        for i, p in enumerate(usable):
+            if not result.finite[i]:
+                self.summary.failed[p.id] = "loss or gradient not finite (NaN/inf), in fp32 too"
+                logger.warning(
+                    "%s (%s x %s) failed: non-finite loss", p.id, p.content.isic_id, p.style.isic_id
+                )
+                continue
+            self._write(p, result, i, seconds)
+        return len(batch)
+
+    def _stylize(self, batch: list[Pair], content: torch.Tensor, targets: dict[str, torch.Tensor]):
+        """:func:`stylize`, then redo images whose loss went non-finite in fp32 (when not fp32 already)."""
+        result = stylize(self.features, content, targets, self.cfg, seeds=[p.seed for p in batch])
+        bad = (~result.finite).nonzero().flatten().tolist()
+        if bad and self.cfg.precision != "fp32":
+            logger.warning(
+                "%d image(s) had a non-finite loss in %s; redoing them in fp32", len(bad), self.cfg.precision
+            )
+            idx = torch.tensor(bad, device=content.device)
+            redo = stylize(
+                self.features,
+                content[idx],
+                {k: v[idx] for k, v in targets.items()},
+                with_precision(self.cfg, "fp32"),
+                seeds=[batch[i].seed for i in bad],
+            )
+            for name in ("images", "content_loss", "style_loss", "tv_loss", "total_loss", "finite"):
+                getattr(result, name)[idx] = getattr(redo, name)
+            self.summary.retried += len(bad)
+        return result
+
+    def _write(self, p: Pair, result, i: int, seconds: float) -> None:
+        """Save the image atomically, then append its manifest line."""
+        rel = f"images/{p.id}.jpg"
+        save_image(to_pil(result.images[i]), self.out / rel, quality=JPEG_QUALITY)
+        append_jsonl(
+            self.manifest,
+            {
+                "id": p.id,
+                "file": rel,
+                "content_id": p.content.isic_id,
+                "style_id": p.style.isic_id,
+                "seed": p.seed,
+                "params_hash": self.phash,
+                "content_loss": float(result.content_loss[i]),
+                "style_loss": float(result.style_loss[i]),
+                "seconds": round(seconds, 4),
+                "size": self.cfg.size,
+                "content_license": p.content.copyright_license,
+                "content_attribution": p.content.attribution,
+                "style_license": p.style.copyright_license,
+                "style_attribution": p.style.attribution,
+            },
+        )
+        self.summary.done += 1
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Processes and devices
+
+
+def world_info() -> tuple[int, int, int]:
+    """``(rank, world_size, local_rank)`` from the environment torchrun and ``accelerate launch`` set."""
+    try:
+        rank = int(os.environ.get("RANK", "0"))
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        local = int(os.environ.get("LOCAL_RANK", str(rank)))
+    except ValueError as err:
+        raise StdaError(f"RANK/WORLD_SIZE/LOCAL_RANK must be integers ({err})") from err
+    if not 0 <= rank < world:
+        raise StdaError(f"RANK {rank} is not between 0 and WORLD_SIZE-1 ({world - 1})")
+    return rank, world, local
+
+
+def resolve_device(device: str, local_rank: int = 0) -> torch.device:
+    """``auto`` is this process's GPU (``cuda:<local rank>``) when CUDA is available, else the CPU."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank % torch.cuda.device_count())
+        return torch.device("cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise StdaError(f"--device {device}: CUDA is not available here; use --device cpu or auto")
+    return dev
+
+
+def _start_group(world: int) -> bool:
+    """Join a gloo process group (for the final barrier) when there are several processes; True if created."""
+    import torch.distributed as dist
+
+    if world == 1 or dist.is_initialized():
+        return False
+    try:
+        dist.init_process_group("gloo", timeout=timedelta(days=30))
+    except (RuntimeError, ValueError) as err:
+        raise StdaError(
+            f"WORLD_SIZE={world} but the processes could not connect ({err}); start them with torchrun or "
+            "accelerate launch, which set MASTER_ADDR and MASTER_PORT"
+        ) from err
+    return True
+
+
+def _finish_group(world: int, created: bool) -> None:
+    import torch.distributed as dist
+
+    if world > 1 and dist.is_initialized():
+        dist.barrier()
+        if created:
+            dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The stage
+
+
+def generate(real_root: str | Path, out: str | Path, cfg: GenerateConfig | None = None) -> GenerateSummary:
+    """Make the synthetic folder ``out`` from the train split of ``real_root`` (resumes what is there).
+
+    Parameters
+    ----------
+    real_root : path
+        A real-image folder with ``splits.csv`` (``stda split``).
+    out : path
+        The synthetic folder: ``images/``, ``manifest.jsonl``, ``generate.yaml``, ``source.json``.
+    cfg : GenerateConfig, optional
+        Engine, pairing and batching settings.
+
+    Returns
+    -------
+    GenerateSummary
+        Counts for this process (made, already done, skipped with reasons, failed with reasons).
+
+    Raises
+    ------
+    StdaError
+        No ``splits.csv``; no benign or malignant train images; ``out`` made from another split or with other
+        settings; unknown settings; weights that cannot be loaded.
+    """
+    cfg = cfg or GenerateConfig()
+    out = Path(out)
+    rank, world, local = world_info()
+    folder = read_real_folder(real_root)
+    if not folder.splits_path.is_file():
+        raise StdaError(f"{folder.root} has no splits.csv; run `stda split {folder.root}` first")
+    device = resolve_device(cfg.device, local)
+    cfg = dataclasses.replace(cfg, precision=resolve_precision(cfg.precision, device))
+    source = check_output(out, folder, cfg)
+    spec = parse_weights(cfg.weights, seed=0)
+    phash = params_hash(cfg, spec)
+    pairs = make_pairs(folder, cfg, phash)
+    created = _start_group(world)
+    if rank == 0:
+        write_json(out / "source.json", source)
+        dump_config(cfg, out / "generate.yaml")
+        if world == 1:
+            merge_manifests(out)
+            _remove_partial_images(out)
+    features = build_vgg_features(cfg.arch, cfg.layers(), cfg.pooling, spec).to(device)
+    runner = _Runner(out, cfg, features, device, MANIFEST if world == 1 else f"manifest.rank{rank}.jsonl")
+    runner.phash = phash
+    _run(runner, [p for p in pairs if shard_of(p.id, world) == rank], rank)
+    _finish_group(world, created)
+    if rank == 0:
+        merge_manifests(out)
+    suffix = "" if world == 1 else f".rank{rank}"
+    write_json(out / f"generate_summary{suffix}.json", dataclasses.asdict(runner.summary))
+    return runner.summary
+
+
+def _run(runner: _Runner, mine: list[Pair], rank: int) -> None:
+    """Make this process's pending pairs, batch by batch, with a progress bar; fills ``runner.summary``."""
+    start = time.perf_counter()
+    done = done_ids(runner.out)
+    pending = sorted(
+        (p for p in mine if p.id not in done), key=lambda p: (p.style.isic_id, p.content.isic_id)
+    )
+    summary = runner.summary
+    summary.pairs, summary.done_before = len(mine), len(mine) - len(pending)
+    logger.info(
+        "%d pairs for this process, %d already done, %d to make", len(mine), summary.done_before, len(pending)
+    )
+    bar = progress(
+        total=len(pending), desc="generate", unit="img", **({} if rank == 0 else {"disable": True})
+    )
+    with bar:
+        for batch in _batches(pending, runner.cfg.batch):
+            bar.update(runner.run_batch(batch))
+            bar.set_postfix(failed=len(summary.failed), skipped=summary.skipped_pairs, refresh=False)
+    summary.skipped = dict(runner.report.skipped)
+    summary.seconds = time.perf_counter() - start
+    if runner.report:
+        logger.warning("%s; their pairs were left out", runner.report.summary())
