@@ -1,0 +1,469 @@
+"""The ST-DA benchmark: folds x seeds x arms bookkeeping, no leakage per fold, statistics, resume, report."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from stda_hf import benchmark as bm
+from stda_hf.benchmark import BenchmarkConfig, RunKey, RunTable
+from stda_hf.errors import StdaError
+from stda_hf.real import read_real_folder
+from stda_hf.split import make_folds
+
+# ----------------------------------------------------------------------------------------------------------------
+# Folds
+
+
+def test_every_image_is_tested_exactly_once_across_folds(phantom_real_session):
+    folds = make_folds(phantom_real_session, k=3, seed=0)
+    tested = Counter(i for a in folds.assignments for i, s in a.items() if s == "test")
+    assert set(tested) == {im.isic_id for im in folds.images}
+    assert set(tested.values()) == {1}
+
+
+def test_no_group_lesion_or_patient_spans_two_splits_of_a_fold(phantom_real_session):
+    folds = make_folds(phantom_real_session, k=3, seed=0)
+    by_id = {im.isic_id: im for im in folds.images}
+    for assignment in folds.assignments:
+        for attr in ("lesion_id", "patient_id"):
+            sides: dict[str, set] = {}
+            for i, split in assignment.items():
+                sides.setdefault(getattr(by_id[i], attr), set()).add(split)
+            assert all(len(s) == 1 for s in sides.values()), attr
+        group_sides: dict[str, set] = {}
+        for i, split in assignment.items():
+            group_sides.setdefault(folds.groups[i], set()).add(split)
+        assert all(len(s) == 1 for s in group_sides.values())
+
+
+def test_each_fold_has_both_classes_in_every_split(phantom_real_session):
+    folds = make_folds(phantom_real_session, k=3, seed=0)
+    for fold in range(3):
+        summary = folds.summary(fold)
+        assert all(summary[s]["benign"] > 0 and summary[s]["malignant"] > 0 for s in bm.SPLIT_ORDER)
+
+
+def test_same_fold_seed_same_folds_other_seed_other_folds(phantom_real_session):
+    a = make_folds(phantom_real_session, k=3, seed=0)
+    b = make_folds(phantom_real_session, k=3, seed=0)
+    c = make_folds(phantom_real_session, k=3, seed=1)
+    assert a.assignments == b.assignments
+    assert a.assignments != c.assignments
+
+
+@pytest.mark.parametrize(("k", "val", "match"), [(1, 0.15, "at least 2"), (2, 0.6, "no training images")])
+def test_bad_fold_settings_are_refused(phantom_real_session, k, val, match):
+    with pytest.raises(StdaError, match=match):
+        make_folds(phantom_real_session, k=k, val=val)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bookkeeping
+
+
+def test_plan_covers_every_arm_fold_and_seed_once_pairs_first():
+    cfg = BenchmarkConfig(folds=3, seeds=(0, 1), arms={"baseline": {}, "mix": {"synthetic": "mix"}})
+    keys = bm.plan_runs(cfg)
+    assert len(keys) == len(set(keys)) == 3 * 2 * 2
+    assert keys[:2] == [RunKey(0, 0, "baseline"), RunKey(0, 0, "mix")]
+
+
+def test_run_table_round_trips_through_csv(tmp_path):
+    table = RunTable(tmp_path / "runs.csv")
+    table.record(
+        RunKey(0, 1, "mix"), "done", seconds=3.5, run_dir="runs/mix/fold0-seed1", roc_auc=0.75, error=""
+    )
+    table.record(RunKey(1, 0, "baseline"), "failed", seconds=1.0, error="exit status 1:\nboom")
+    loaded = RunTable.load(tmp_path / "runs.csv")
+    assert loaded.rows[RunKey(0, 1, "mix")]["roc_auc"] == 0.75
+    assert loaded.status(RunKey(1, 0, "baseline")) == "failed"
+    assert loaded.rows[RunKey(1, 0, "baseline")]["error"] == "exit status 1: boom"
+    assert loaded.to_csv() == table.to_csv()
+
+
+def test_todo_skips_done_resumes_running_and_retries_failed_only_when_asked(tmp_path):
+    table = RunTable(tmp_path / "runs.csv")
+    keys = [RunKey(0, s, "baseline") for s in range(4)]
+    table.record(keys[0], "done", roc_auc=0.5)
+    table.record(keys[1], "failed", error="x")
+    table.record(keys[2], "running")
+    assert table.todo(keys) == [keys[2], keys[3]]
+    assert table.todo(keys, retry_failed=True) == keys[1:]
+
+
+def test_a_table_row_with_an_unknown_status_is_a_clear_error(tmp_path):
+    (tmp_path / "runs.csv").write_text("arm,fold,seed,status\nbaseline,0,0,finished\n")
+    with pytest.raises(StdaError, match="line 2: unknown status 'finished'"):
+        RunTable.load(tmp_path / "runs.csv")
+
+
+def test_config_refuses_a_missing_baseline_arm_and_repeated_seeds():
+    with pytest.raises(StdaError, match="baseline"):
+        BenchmarkConfig(arms={"mix": {"synthetic": "mix"}})
+    with pytest.raises(StdaError, match="repeats"):
+        BenchmarkConfig(seeds=(0, 0))
+
+
+def test_shipped_configs_load():
+    from stda_hf.config import load_config
+
+    configs = sorted((Path(__file__).parent.parent / "benchmarks" / "configs").glob("*.yaml"))
+    assert {p.stem for p in configs} >= {"phantoms-small", "phantoms-shortcut", "isic"}
+    for path in configs:
+        cfg = load_config(BenchmarkConfig, path)
+        assert cfg.baseline in cfg.arms, path
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# No leakage per fold
+
+
+def test_fold_view_lists_the_folds_splits_and_links_every_image(phantom_real_session, tmp_path):
+    folds = make_folds(phantom_real_session, k=3, seed=0)
+    view = bm.write_fold_view(
+        tmp_path / "view", folds, 1, dict.fromkeys(bm.SPLIT_ORDER, phantom_real_session)
+    )
+    folder = read_real_folder(view)
+    assert folder.splits() == folds.assignments[1]
+    assert all(im.path.is_symlink() and im.mask_path is not None for im in folder.images)
+    assert (view / "ATTRIBUTION.md").is_file()
+
+
+def _manifest(folder: Path, pairs: list[tuple[str, str]]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = [
+        json.dumps({"id": f"syn_{i:016x}", "content_id": c, "style_id": s}) for i, (c, s) in enumerate(pairs)
+    ]
+    (folder / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def test_synthetic_images_from_the_folds_train_images_pass(phantom_real_session, tmp_path):
+    folds = make_folds(phantom_real_session, k=3, seed=0)
+    view = bm.write_fold_view(
+        tmp_path / "view", folds, 0, dict.fromkeys(bm.SPLIT_ORDER, phantom_real_session)
+    )
+    folder = read_real_folder(view)
+    benign, malignant = folder.subset("train", "benign"), folder.subset("train", "malignant")
+    _manifest(tmp_path / "syn", [(benign[0].isic_id, malignant[0].isic_id)])
+    assert bm.check_fold_synthetic(view, tmp_path / "syn") == 1
+
+
+def test_a_synthetic_image_styled_from_another_folds_test_image_is_refused(phantom_real_session, tmp_path):
+    folds = make_folds(phantom_real_session, k=3, seed=0)
+    view = bm.write_fold_view(
+        tmp_path / "view", folds, 0, dict.fromkeys(bm.SPLIT_ORDER, phantom_real_session)
+    )
+    train_benign = read_real_folder(view).subset("train", "benign")[0].isic_id
+    # an image that trains fold 1 but is tested in fold 0: fine for fold 1, leakage for fold 0
+    leak = next(
+        i for i, s in folds.assignments[0].items() if s == "test" and folds.assignments[1][i] == "train"
+    )
+    _manifest(tmp_path / "syn", [(train_benign, leak)])
+    with pytest.raises(StdaError, match=f"outside the train split.*{leak}"):
+        bm.check_fold_synthetic(view, tmp_path / "syn")
+
+
+def test_shortcut_is_planted_only_in_the_chosen_splits(tmp_path):
+    phantoms = {"n": 40, "size": 32, "seed": 3, "artifacts": {"patch": [0.0, 0.0]}}
+    cfg = BenchmarkConfig(
+        name="s", out=str(tmp_path / "work"), phantoms=phantoms, folds=2, shortcut={"artifact": "patch"}
+    )
+    sources = bm.prepare_sources(cfg)
+    assert sources["train"] != sources["test"] == sources["validation"]
+    folds = make_folds(sources["test"], k=2, seed=0)
+    view = read_real_folder(bm.write_fold_view(tmp_path / "view", folds, 0, sources))
+    patched = {im.isic_id: "patch" in im.extra["artifacts"] for im in view.images}
+    train = view.subset("train")
+    assert all(patched[im.isic_id] for im in train if im.label == "benign")
+    assert not any(patched[im.isic_id] for im in train if im.label == "malignant")
+    assert not any(patched[im.isic_id] for im in view.subset("test"))
+    assert all(im.path.resolve().parent.parent == sources["test"].resolve() for im in view.subset("test"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Statistics on known inputs
+
+
+def test_rank_biserial_is_one_minus_one_and_zero_where_it_must_be():
+    assert bm.rank_biserial(np.array([0.1, 0.2, 0.3])) == 1.0
+    assert bm.rank_biserial(np.array([-1.0, -2.0])) == -1.0
+    assert bm.rank_biserial(np.array([1.0, -1.0, 2.0, -2.0])) == 0.0
+    assert bm.rank_biserial(np.array([1.0, 2.0, -3.0])) == pytest.approx((3 - 3) / 6)
+    assert math.isnan(bm.rank_biserial(np.zeros(4)))
+
+
+def _pairs(values) -> dict[tuple[int, int], float]:
+    return {(i // 2, i % 2): float(v) for i, v in enumerate(values)}
+
+
+def test_paired_test_of_six_wins_gives_the_exact_p_and_full_effect():
+    base = _pairs([0.5] * 6)
+    t = bm.paired_test(_pairs([0.6, 0.7, 0.8, 0.9, 1.0, 1.1]), base)
+    assert (t.n, t.n_nonzero) == (6, 6)
+    assert t.p_value == pytest.approx(2 / 2**6)
+    assert t.rank_biserial == 1.0
+    assert t.mean_diff == pytest.approx(0.35)
+    assert t.statistic == 0.0
+    assert t.note == ""
+
+
+def test_paired_test_with_all_differences_zero_says_so_instead_of_a_p_value():
+    t = bm.paired_test(_pairs([0.7] * 6), _pairs([0.7] * 6))
+    assert math.isnan(t.p_value) and math.isnan(t.rank_biserial)
+    assert t.mean_diff == 0.0
+    assert "all 6 differences are zero" in t.note
+
+
+def test_paired_test_with_few_pairs_states_the_smallest_attainable_p():
+    t = bm.paired_test(_pairs([0.9, 0.9, 0.9, 0.9]), _pairs([0.5, 0.6, 0.7, 0.8]))
+    assert t.min_p == pytest.approx(0.125)
+    assert t.p_value >= t.min_p - 1e-12
+    assert "p < 0.05 is impossible" in t.note
+
+
+def test_paired_test_uses_only_pairs_both_arms_finished():
+    t = bm.paired_test({(0, 0): 1.0, (0, 1): 2.0, (1, 0): 3.0}, {(0, 0): 0.0, (1, 0): 1.0, (2, 0): 5.0})
+    assert t.n == 2
+    assert t.mean_diff == pytest.approx(1.5)
+
+
+def test_holm_adjusts_the_finite_p_values_as_a_family():
+    adjusted = bm.holm([0.01, 0.04, 0.03, float("nan")])
+    assert adjusted[:3] == pytest.approx([0.03, 0.06, 0.06])
+    assert math.isnan(adjusted[3])
+
+
+def test_seed_spread_is_the_pooled_within_fold_sd():
+    values = {(0, 0): 1.0, (0, 1): 3.0, (1, 0): 2.0, (1, 1): 2.0}
+    assert bm.seed_spread(values) == pytest.approx(1.0)
+    assert math.isnan(bm.seed_spread({(0, 0): 1.0, (1, 0): 2.0}))
+
+
+def _rows(effect: float, noise: dict[str, float]) -> list[dict]:
+    rows = []
+    for fold in range(3):
+        for seed in range(2):
+            for arm, shift in (("baseline", 0.0), ("mix", effect)):
+                value = 0.6 + 0.05 * fold + shift + noise[arm] * (1 if seed else -1)
+                rows.append({"arm": arm, "fold": fold, "seed": seed, "status": "done", "roc_auc": value})
+    rows.append({"arm": "mix", "fold": 9, "seed": 0, "status": "failed", "roc_auc": None, "error": "x"})
+    return rows
+
+
+def test_compute_stats_on_known_runs():
+    stats = bm.compute_stats(_rows(0.1, {"baseline": 0.02, "mix": 0.01}), ["baseline", "mix"], "baseline")
+    base, mix = stats.summaries[("baseline", "roc_auc")], stats.summaries[("mix", "roc_auc")]
+    assert (base.n, mix.n, stats.n_done, stats.n_failed) == (6, 6, 12, 1)
+    assert mix.mean - base.mean == pytest.approx(0.1)
+    assert base.seed_sd == pytest.approx(0.02 * math.sqrt(2))
+    assert mix.seed_sd / base.seed_sd == pytest.approx(0.5)
+    (test,) = stats.tests
+    assert (test.arm, test.metric, test.n) == ("mix", "roc_auc", 6)
+    assert test.rank_biserial == 1.0 and test.p_value == pytest.approx(2 / 2**6)
+    assert stats.metrics == ["roc_auc"]
+
+
+def test_report_states_the_table_tests_and_caveats(tmp_path):
+    rows = _rows(0.1, {"baseline": 0.02, "mix": 0.01})
+    stats = bm.compute_stats(rows, ["baseline", "mix"], "baseline")
+    cfg = BenchmarkConfig(name="known", arms={"baseline": {}, "mix": {"synthetic": "mix"}})
+    text = bm.render_report(
+        cfg, stats, [], [rows[-1]], {"Box plots": "boxplots.png"}, "It shows X.", "c.yaml"
+    )
+    assert "# ST-DA benchmark: known" in text
+    assert f"{stats.summaries[('mix', 'roc_auc')].mean:.3f} ± " in text
+    assert "| mix | ROC AUC | 6 (6) | +0.100 |" in text
+    assert "smallest two-sided p a Wilcoxon test can give with 6 pairs is 0.0312" in text
+    assert "mix fold 9 seed 0: x" in text
+    assert "![Box plots](boxplots.png)" in text and text.rstrip().endswith("It shows X.")
+
+
+def test_box_plot_is_a_png(tmp_path):
+    rows = _rows(0.1, {"baseline": 0.02, "mix": 0.01})
+    path = bm.plot_boxplots(rows, ["baseline", "mix"], ["roc_auc"], tmp_path / "b.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Runs: failures, resume, more seeds, protocol changes (a fake trainer that writes what train.py writes)
+
+FAKE_TRAINER = r"""
+import json, os, sys, time
+from pathlib import Path
+import yaml
+from PIL import Image
+
+args = sys.argv[1:]
+cfg = yaml.safe_load(Path(args[args.index("--config") + 1]).read_text())
+run = Path(cfg["output_dir"])
+name = f"{run.parent.name}/{run.name}"
+with open(os.environ["FAKE_CALLS"], "a") as fh:
+    fh.write(json.dumps({"run": name, "mode": args[-1], "pid": os.getpid()}) + "\n")
+if name in os.environ.get("FAKE_HANG", ""):
+    time.sleep(60)
+if name in os.environ.get("FAKE_FAIL", ""):
+    sys.exit("RuntimeError: the loss became NaN at epoch 2")
+fold = int(Path(cfg["dataset"]).parent.name.removeprefix("fold"))
+auc = 0.6 + 0.05 * fold + cfg.get("effect", 0.0) + 0.01 * cfg["seed"]
+(run / "metrics").mkdir(parents=True, exist_ok=True)
+(run / "explain").mkdir(exist_ok=True)
+metrics = {"roc_auc": auc, "balanced_accuracy": auc - 0.1, "sensitivity": 0.7, "specificity": 0.6,
+           "f1": 0.65, "hook_relevance_in_mask": 2.0, "epoch": 2, "split": "test",
+           "_timestamp": "x"}
+(run / "metrics" / "test.json").write_text(json.dumps(metrics))
+with open(run / "log.jsonl", "w") as fh:
+    for epoch in (1, 2):
+        fh.write(json.dumps({"epoch": epoch, "train/loss": 1.0 / epoch, "validation/roc_auc": auc - 0.1 / epoch}) + "\n")
+Image.new("RGB", (64, 16), (40 * fold, 100, 200)).save(run / "explain" / "grid.png")
+"""
+
+
+def _fake_explain(cfg, key, run_dir):
+    """What ``stda explain`` would report: the mix arm looks more at the lesion."""
+    return {"relevance_in_mask": 0.55 if key.arm == "mix" else 0.5, "relevance_on_artifact": None}
+
+
+def _fake_prepare(cfg, folds, fold, sources):
+    view = bm.write_fold_view(bm.fold_dir(cfg, fold) / "real", folds, fold, sources)
+    (bm.fold_dir(cfg, fold) / "fold.json").write_text(
+        json.dumps({"fold": fold, "counts": folds.summary(fold)})
+    )
+    return view
+
+
+@pytest.fixture
+def fake(tmp_path, monkeypatch, phantom_real_session):
+    """A benchmark config over the phantom folder whose runs are done by the fake trainer."""
+    script = tmp_path / "fake_train.py"
+    script.write_text(FAKE_TRAINER)
+    monkeypatch.setenv("FAKE_CALLS", str(tmp_path / "calls.jsonl"))
+    monkeypatch.setattr(bm, "prepare_fold", _fake_prepare)
+    monkeypatch.setattr(bm, "explain_run", _fake_explain)
+    settings = {
+        "name": "fake",
+        "real": str(phantom_real_session),
+        "out": str(tmp_path / "work"),
+        "report": str(tmp_path / "report"),
+        "folds": 2,
+        "seeds": (0,),
+        "arms": {"baseline": {"synthetic": "none"}, "mix": {"synthetic": "mix", "effect": 0.05}},
+        "train": {"epochs": 2},
+        "train_command": ("{python}", str(script)),
+        "devices": "cpu",
+    }
+    return settings
+
+
+def _calls(tmp_path) -> list[dict]:
+    path = tmp_path / "calls.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_a_failing_run_is_recorded_as_failed_and_the_others_finish(fake, tmp_path, monkeypatch):
+    monkeypatch.setenv("FAKE_FAIL", "mix/fold1-seed0")
+    report = bm.run_benchmark(BenchmarkConfig(**fake))
+    table = RunTable.load(tmp_path / "work" / "runs.csv")
+    assert [table.status(k) for k in sorted(table.rows)] == ["done", "done", "done", "failed"]
+    assert "the loss became NaN" in table.rows[RunKey(1, 0, "mix")]["error"]
+    assert "mix fold 1 seed 0: exit status 1" in report.read_text()
+
+
+def test_failed_runs_are_retried_only_when_asked(fake, tmp_path, monkeypatch):
+    monkeypatch.setenv("FAKE_FAIL", "mix/fold1-seed0")
+    bm.run_benchmark(BenchmarkConfig(**fake))
+    monkeypatch.delenv("FAKE_FAIL")
+    bm.run_benchmark(BenchmarkConfig(**fake))
+    assert len(_calls(tmp_path)) == 4
+    bm.run_benchmark(BenchmarkConfig(**fake, retry_failed=True))
+    assert _calls(tmp_path)[4:] == [
+        {"run": "mix/fold1-seed0", "mode": "--overwrite", "pid": _calls(tmp_path)[4]["pid"]}
+    ]
+    assert RunTable.load(tmp_path / "work" / "runs.csv").status(RunKey(1, 0, "mix")) == "done"
+
+
+def test_adding_seeds_later_runs_only_the_new_runs_and_pairs_them(fake, tmp_path):
+    bm.run_benchmark(BenchmarkConfig(**fake))
+    assert len(_calls(tmp_path)) == 4
+    report = bm.run_benchmark(BenchmarkConfig(**{**fake, "seeds": (0, 1)}))
+    new = [c["run"] for c in _calls(tmp_path)[4:]]
+    assert sorted(new) == [
+        "baseline/fold0-seed1",
+        "baseline/fold1-seed1",
+        "mix/fold0-seed1",
+        "mix/fold1-seed1",
+    ]
+    stats = json.loads((tmp_path / "report" / "stats.json").read_text())
+    (test,) = [t for t in stats["tests"] if t["metric"] == "roc_auc"]
+    assert (test["n"], test["mean_diff"], test["rank_biserial"]) == (4, pytest.approx(0.05), 1.0)
+    text = report.read_text()
+    assert "| mix | ROC AUC | 4 (4) | +0.050 |" in text
+    assert "| mix | 4 | 0.550 ± 0.000 |" in text  # explanation numbers of the runs, not the trainer's hooks
+    assert {p.name for p in (tmp_path / "report").glob("*.png")} == {
+        "boxplots.png",
+        "learning_curves.png",
+        "heatmaps.png",
+    }
+
+
+def test_changed_training_settings_are_refused_but_new_arms_are_added(fake, tmp_path):
+    bm.run_benchmark(BenchmarkConfig(**fake))
+    with pytest.raises(StdaError, match=r"other \['train'\] settings"):
+        bm.run_benchmark(BenchmarkConfig(**{**fake, "train": {"epochs": 3}}))
+    with pytest.raises(StdaError, match=r"arm\(s\) \['mix'\] changed"):
+        bm.run_benchmark(BenchmarkConfig(**{**fake, "arms": {**fake["arms"], "mix": {"synthetic": "mix"}}}))
+    arms = {**fake["arms"], "pretrain": {"synthetic": "pretrain", "effect": 0.02}}
+    bm.run_benchmark(BenchmarkConfig(**{**fake, "arms": arms}))
+    assert sorted(c["run"] for c in _calls(tmp_path)[4:]) == ["pretrain/fold0-seed0", "pretrain/fold1-seed0"]
+
+
+RUNNER = """
+import runpy, sys
+import stda_hf.benchmark as bm
+sys.path.insert(0, {tests!r})
+from test_benchmark import _fake_explain, _fake_prepare
+bm.prepare_fold = _fake_prepare
+bm.explain_run = _fake_explain
+sys.argv = ["stda_benchmark.py", *sys.argv[1:]]
+runpy.run_path({script!r}, run_name="__main__")
+"""
+
+
+def test_interrupted_benchmark_stops_its_run_and_resumes_it(fake, tmp_path):
+    import signal
+    import subprocess
+    import time
+
+    import yaml
+
+    config = tmp_path / "fake.yaml"
+    config.write_text(yaml.safe_dump({**fake, "seeds": [0], "train_command": list(fake["train_command"])}))
+    runner = tmp_path / "runner.py"
+    root = Path(__file__).resolve().parent.parent
+    runner.write_text(
+        RUNNER.format(tests=str(root / "tests"), script=str(root / "benchmarks" / "stda_benchmark.py"))
+    )
+    env = {**os.environ, "FAKE_HANG": "mix/fold0-seed0"}
+    proc = subprocess.Popen([sys.executable, str(runner), "--config", str(config)], env=env, cwd=tmp_path)
+    deadline = time.monotonic() + 60
+    while not any(c["run"] == "mix/fold0-seed0" for c in _calls(tmp_path)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=30) == 130
+    hung = next(c for c in _calls(tmp_path) if c["run"] == "mix/fold0-seed0")
+    with pytest.raises(ProcessLookupError):
+        os.kill(hung["pid"], 0)  # the training command was stopped with the benchmark
+    assert RunTable.load(tmp_path / "work" / "runs.csv").status(RunKey(0, 0, "mix")) == "running"
+    subprocess.run([sys.executable, str(runner), "--config", str(config)], check=True, cwd=tmp_path)
+    resumed = [c for c in _calls(tmp_path) if c["run"] == "mix/fold0-seed0"]
+    assert [c["mode"] for c in resumed] == ["--overwrite", "--resume"]
+    table = RunTable.load(tmp_path / "work" / "runs.csv")
+    assert [table.status(k) for k in sorted(table.rows)] == ["done"] * 4
+    assert len(_calls(tmp_path)) == 5
