@@ -59,12 +59,15 @@ class SyntheticFacts:
     confidence_sum: float = 0.0
     by_content: dict = field(default_factory=dict)  # content (benign) source id -> Counter of pseudo-labels
     by_style: dict = field(default_factory=dict)  # style (malignant) source id -> Counter of pseudo-labels
+    threshold: float | None = None  # the --min-confidence `stda label` recorded, if any
+    at_threshold: int = 0  # rows whose confidence reaches it
 
     def add(self, label: str, confidence: float, teacher: str, content: str, style: str) -> None:
         """Count one synthetic row."""
         self.teachers[teacher] += 1
         self.confidence_bins[min(int(confidence * CONFIDENCE_BINS + 1e-6), CONFIDENCE_BINS - 1)] += 1
         self.confidence_sum += confidence
+        self.at_threshold += self.threshold is not None and confidence + 1e-6 >= self.threshold
         self.by_content.setdefault(content, Counter())[label] += 1
         self.by_style.setdefault(style, Counter())[label] += 1
 

@@ -515,9 +515,12 @@ def _image_size(records: list[ShardRecord]) -> dict[str, int]:
 
 
 def _synthetic_facts(root: Path) -> SyntheticFacts:
+    summary = _read_mapping(root / "labels_summary.json")
+    threshold = summary.get("min_confidence")
     return SyntheticFacts(
         settings=_read_mapping(root / "generate.yaml"),
-        label_summary=_read_mapping(root / "labels_summary.json"),
+        label_summary=summary,
+        threshold=float(threshold) if isinstance(threshold, (int, float)) and threshold > 0 else None,
     )
 
 

@@ -210,6 +210,7 @@ def test_card_states_the_style_transfer_settings_and_the_teacher(built):
         assert f"| `{key}` | {value} |" in text
     assert "`vgg8-teacher|T=1` (4 images)" in text
     assert "| `min_confidence` | 0.8 |" in text
+    assert "recorded a threshold of 0.8, which 2 of the 4" in text  # confidences 0.95, 0.7, 0.65, 0.9
     assert "@misc{isic_archive" in text and "Improving generalization via style transfer-based" in text
 
 
