@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -236,7 +237,7 @@ class ShardWriter:
         self._rows: list[dict] = []
         self._buffered = 0
         self._stats = {"rows": 0, "consumed": 0, "num_bytes": 0, "skipped": {}}
-        self._sizes: list[tuple[int, int]] = []
+        self._extent = {"width_min": 1 << 30, "width_max": 0, "height_min": 1 << 30, "height_max": 0}
 
     @property
     def _name(self) -> str:
@@ -252,7 +253,9 @@ class ShardWriter:
         nbytes = row_bytes(row)
         self._rows.append(row)
         self._buffered += nbytes
-        self._sizes.append(size)
+        for side, value in zip(("width", "height"), size, strict=True):
+            self._extent[f"{side}_min"] = min(self._extent[f"{side}_min"], value)
+            self._extent[f"{side}_max"] = max(self._extent[f"{side}_max"], value)
         self._stats["consumed"] += 1
         if len(self._rows) >= self.cfg.row_group_rows or self._buffered >= self.cfg.row_group_bytes:
             self._flush()
@@ -284,16 +287,12 @@ class ShardWriter:
         self._writer.close()
         self._sink.__exit__(None, None, None)
         self._writer = None
-        ws, hs = [w for w, _ in self._sizes], [h for _, h in self._sizes]
         record = ShardRecord(
             split=self.split,
             index=self.index,
             file=self._name,
             size=(self.staging / self._name).stat().st_size,
-            width_min=min(ws),
-            width_max=max(ws),
-            height_min=min(hs),
-            height_max=max(hs),
+            **self._extent,
             **self._stats,
         )
         self.index += 1
@@ -611,14 +610,14 @@ def package(
     cfg = cfg or PackageConfig()
     out = Path(out)
     check_out_folder(out)
-    out.mkdir(parents=True, exist_ok=True)
-    builder = SkinLesions(
-        cache_dir=str(out / STAGING / "builder-cache"),
-        real_dir=str(real),
-        synthetic_dir=str(synthetic) if synthetic is not None else None,
-    )
+    with tempfile.TemporaryDirectory(prefix="stda-builder-") as cache:  # the builder wants a cache folder
+        builder = SkinLesions(
+            cache_dir=cache,
+            real_dir=str(real),
+            synthetic_dir=str(synthetic) if synthetic is not None else None,
+        )
     features = builder.info.features
-    generators = builder._split_generators(None)
+    generators = builder._split_generators(None)  # reads and checks the sources; refusals happen here
     fingerprint, totals = scan_inputs(builder, generators, cfg)
     staging, done = open_staging(out, fingerprint)
     records = {

@@ -413,7 +413,7 @@ def test_refuses_a_synthetic_image_made_from_a_validation_image(phantom_real, tm
         StdaError, match=f"{records[1]['id']} \\(style {held_out} is in validation, not train\\)"
     ):
         package(phantom_real, tmp_path / "hub", synthetic=synthetic)
-    assert not (tmp_path / "hub" / "data").exists()
+    assert not (tmp_path / "hub").exists()  # nothing written on refusal
 
 
 def test_refuses_a_synthetic_folder_made_from_other_splits(phantom_real, tmp_path):
