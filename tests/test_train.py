@@ -1,0 +1,575 @@
+"""train.py end to end on a packaged phantom dataset: learning, metrics, run folder, resume, two processes,
+synthetic mixing and pretraining, the evaluation hook, push, and clear refusals."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from stda_hf.errors import StdaError
+from stda_hf.training import (
+    EpochSampler,
+    TrainConfig,
+    class_weights,
+    learning_rate,
+    load_splits,
+    run_training,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+TRAIN_PY = str(ROOT / "train.py")
+TINY = {
+    "image_size": 32,
+    "vgg8_widths": (8, 16, 16, 32, 32),
+    "vgg8_hidden": (32, 32),
+    "batch_size": 16,
+    "num_workers": 0,
+    "lr": 3e-3,
+    "early_stopping": 0,
+}
+TINY_FLAGS = [
+    "--image-size", "32", "--vgg8-widths", "8", "16", "16", "32", "32", "--vgg8-hidden", "32", "32",
+    "--batch-size", "16", "--num-workers", "0", "--lr", "0.003", "--early-stopping", "0",
+]  # fmt: skip
+METRIC_KEYS = (
+    "accuracy",
+    "balanced_accuracy",
+    "sensitivity",
+    "specificity",
+    "precision",
+    "f1",
+    "roc_auc",
+    "loss",
+)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # two shared cores: one thread per process is faster and steadier
+    yield
+    torch.set_num_threads(threads)
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "STDA_NO_PROGRESS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A packaged phantom dataset with a synthetic split, made by the real `stda package`
+
+
+def _write_synthetic(real_root: Path, out: Path, n: int = 24) -> Path:
+    """A synthetic folder by the contract (manifest, labels, source.json): blends of benign and malignant
+    training images stand in for style transfer, with pseudo-label confidences from 0.55 to 1."""
+    from stda_hf.fileio import append_jsonl, write_json
+    from stda_hf.images import load_image, save_image
+    from stda_hf.real import read_real_folder
+
+    real = read_real_folder(real_root)
+    benign, malignant = real.subset("train", "benign"), real.subset("train", "malignant")
+    for i in range(n):
+        content, style = benign[i % len(benign)], malignant[(3 * i) % len(malignant)]
+        syn_id = "syn_" + hashlib.sha256(f"{content.isic_id}/{style.isic_id}/{i}".encode()).hexdigest()[:16]
+        image = Image.blend(load_image(content.path), load_image(style.path), 0.5)
+        save_image(image, out / "images" / f"{syn_id}.jpg")
+        append_jsonl(
+            out / "manifest.jsonl",
+            {
+                "id": syn_id, "file": f"images/{syn_id}.jpg", "content_id": content.isic_id,
+                "style_id": style.isic_id, "seed": i, "params_hash": "test", "content_loss": 1.0,
+                "style_loss": 1.0, "seconds": 0.1, "size": image.width,
+                "content_license": content.copyright_license, "content_attribution": content.attribution,
+                "style_license": style.copyright_license, "style_attribution": style.attribution,
+            },
+        )  # fmt: skip
+        confidence = 0.55 + 0.15 * (i % 4)
+        label = "malignant" if i % 3 else "benign"
+        probs = [1 - confidence, confidence] if label == "malignant" else [confidence, 1 - confidence]
+        append_jsonl(
+            out / "labels.jsonl",
+            {"id": syn_id, "label": label, "probs": probs, "confidence": confidence, "entropy": 0.5,
+             "teacher": "test-teacher"},
+        )  # fmt: skip
+    digest = hashlib.sha256((real_root / "splits.csv").read_bytes()).hexdigest()
+    write_json(out / "source.json", {"real": str(real_root), "splits_sha256": digest})
+    return out
+
+
+@pytest.fixture(scope="session")
+def phantom_hub(tmp_path_factory) -> Path:
+    """96 phantoms at 32 px, split, 24 synthetic images, packaged by `stda package` (read-only)."""
+    from stda_hf.package import package
+    from stda_hf.phantoms import PhantomConfig, make_phantoms
+    from stda_hf.split import SplitConfig, make_splits
+
+    base = tmp_path_factory.mktemp("train-data")
+    make_phantoms(base / "real", PhantomConfig(n=96, size=32, seed=0))
+    make_splits(base / "real", SplitConfig(seed=0))
+    synthetic = _write_synthetic(base / "real", base / "synthetic")
+    package(base / "real", base / "hub", synthetic=synthetic)
+    return base / "hub"
+
+
+@pytest.fixture(scope="session")
+def phantom_hub_real(phantom_hub) -> Path:
+    """The same real images packaged without synthetic ones (no synthetic split)."""
+    from stda_hf.package import package
+
+    package(phantom_hub.parent / "real", phantom_hub.parent / "hub-real")
+    return phantom_hub.parent / "hub-real"
+
+
+def _cfg(hub: Path, out: Path, **kw) -> TrainConfig:
+    return TrainConfig(dataset=str(hub), output_dir=str(out), **{**TINY, **kw})
+
+
+def _log(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def _metrics(path: Path) -> dict[str, float]:
+    data = json.loads(path.read_text())
+    return {k: data[k] for k in METRIC_KEYS}
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(run / "model" / "model.safetensors")
+
+
+def _without_timing(records: list[dict]) -> list[dict]:
+    timing = ("train/images_per_second", "train/data_seconds", "train/compute_seconds")
+    return [{k: v for k, v in r.items() if k not in timing} for r in records]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One finished run, inspected by several tests
+
+
+@pytest.fixture(scope="module")
+def finished_run(phantom_hub, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "vgg8"
+    result = run_training(_cfg(phantom_hub, out, epochs=5, augment=False, dropout=0.0))
+    return out, result
+
+
+def test_training_loss_decreases(finished_run):
+    run, _ = finished_run
+    losses = [r["train/loss"] for r in _log(run) if "train/loss" in r]
+    assert len(losses) == 5
+    assert losses[-1] < losses[0] - 0.05  # (0.71 -> 0.58 with these settings)
+
+
+def test_metrics_are_saved_with_evaluate_each_epoch_and_for_test(finished_run, phantom_hub):
+    run, result = finished_run
+    files = sorted(p.name for p in (run / "metrics").iterdir())
+    assert files == ["test.json"] + [f"validation-epoch_{e:04d}.json" for e in range(1, 6)]
+    test = json.loads((run / "metrics" / "test.json").read_text())
+    assert set(METRIC_KEYS) <= set(test) and "_evaluate_version" in test  # written by evaluate.save
+    assert test["split"] == "test" and test["epoch"] == result.best_epoch
+    assert test["n"] == 15  # every test image once, gathered
+    assert test["tn"] + test["fp"] + test["fn"] + test["tp"] == 15
+    assert _metrics(run / "metrics" / "test.json") == {k: result.test[k] for k in METRIC_KEYS}
+
+
+def test_best_checkpoint_is_the_final_model(finished_run):
+    run, result = finished_run
+    val = [r["validation/roc_auc"] for r in _log(run) if "validation/roc_auc" in r]
+    assert result.best_epoch == int(np.argmax(val)) + 1  # first epoch reaching the best score
+    assert (run / "checkpoints" / "best" / "model.safetensors").is_file()
+    best = json.loads((run / "checkpoints" / "best" / "trainer_state.json").read_text())
+    assert best["best_epoch"] == result.best_epoch
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best", "epoch_0004", "epoch_0005"]
+
+
+def test_final_model_reloads_and_reproduces_the_test_metrics(finished_run, phantom_hub):
+    import datasets
+
+    from stda_hf.metrics import load_metric
+    from stda_hf.models import load_model
+    from stda_hf.training import build_transforms, compute_metrics
+
+    run, result = finished_run
+    model, pre = load_model(run)
+    test = datasets.load_dataset(str(phantom_hub), split="test")
+    transform = build_transforms(TrainConfig(), pre, train=False)
+    x = torch.stack([transform(im.convert("RGB")) for im in test["image"]])
+    with torch.no_grad():
+        logits = model(x)
+    metrics = compute_metrics(logits, torch.tensor(test["label"]), load_metric())
+    assert metrics["roc_auc"] == pytest.approx(result.test["roc_auc"])
+    assert metrics["balanced_accuracy"] == pytest.approx(result.test["balanced_accuracy"])
+
+
+def test_model_card_has_the_test_metrics_as_model_index_and_the_layer_list(finished_run):
+    from huggingface_hub import ModelCard
+
+    run, result = finished_run
+    card = ModelCard.load(run / "model" / "README.md")
+    metrics = {m.metric_type: m.metric_value for m in card.data.eval_results}
+    assert metrics["roc_auc"] == pytest.approx(round(result.test["roc_auc"], 4))
+    assert metrics["recall"] == pytest.approx(round(result.test["sensitivity"], 4))
+    assert card.data.eval_results[0].dataset_split == "test"
+    assert "8. Linear(32, 2)" in card.text and "1. Conv2d(3, 8, 3x3, padding 1)" in card.text
+    assert card.data.license == "cc0-1.0"  # the phantom dataset's licence travels with the model
+    for png in ("confusion_matrix.png", "roc_curve.png"):
+        assert f"]({png})" in card.text
+        with Image.open(run / "model" / png) as img:
+            assert img.format == "PNG" and img.width > 200
+
+
+def test_run_folder_records_what_the_model_was_trained_on(finished_run, phantom_hub):
+    import datasets
+
+    run, _ = finished_run
+    train_ids = datasets.load_dataset(str(phantom_hub), split="train")["isic_id"]
+    assert (run / "train_ids.txt").read_text().split() == sorted(train_ids)
+    data = json.loads((run / "data.json").read_text())
+    assert data["trained_on_splits"] == ["train"]
+    assert data["splits"] == {"train": 68, "validation": 13, "test": 15}
+    config = (run / "config.yaml").read_text()
+    assert "vgg8_widths:\n- 8\n- 16" in config
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Resume
+
+
+def test_resume_after_a_stop_matches_an_uninterrupted_run(phantom_hub, tmp_path):
+    settings = {
+        "epochs": 4,
+        "dropout": 0.3,
+        "imbalance": "sampler",
+    }  # augmentation, dropout, sampling: all random
+    full = run_training(_cfg(phantom_hub, tmp_path / "full", **settings))
+    stopped = run_training(_cfg(phantom_hub, tmp_path / "cut", stop_after_epoch=2, **settings))
+    assert stopped.status == "stopped" and stopped.epochs == 2
+    assert not (tmp_path / "cut" / "model").exists()
+    resumed = run_training(_cfg(phantom_hub, tmp_path / "cut", resume=True, **settings))
+    assert resumed.status == "finished" and resumed.epochs == 4
+    assert resumed.test == full.test
+    assert _without_timing(_log(tmp_path / "cut")) == _without_timing(_log(tmp_path / "full"))
+    a, b = _weights(tmp_path / "full"), _weights(tmp_path / "cut")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_matches_an_uninterrupted_run(phantom_hub, tmp_path):
+    argv = [sys.executable, TRAIN_PY, "--dataset", str(phantom_hub), *TINY_FLAGS, "--epochs", "4"]
+    run_training(_cfg(phantom_hub, tmp_path / "full", epochs=4))  # the same run uninterrupted, in-process
+    proc = subprocess.Popen(
+        [*argv, "--output-dir", str(tmp_path / "cut")], env=_env(), stderr=subprocess.DEVNULL
+    )
+    marker = tmp_path / "cut" / "checkpoints" / "epoch_0002" / "trainer_state.json"
+    while not marker.exists() and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "cut" / "model").exists(), "the run finished before it could be killed"
+    done = subprocess.run(
+        [*argv, "--output-dir", str(tmp_path / "cut"), "--resume"], env=_env(), capture_output=True
+    )
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    full, cut = tmp_path / "full" / "metrics" / "test.json", tmp_path / "cut" / "metrics" / "test.json"
+    assert _metrics(cut) == _metrics(full)
+    a, b = _weights(tmp_path / "full"), _weights(tmp_path / "cut")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["epoch"] for r in _log(tmp_path / "cut") if "train/loss" in r] == [1, 2, 3, 4]
+
+
+def test_resume_without_checkpoint_starts_from_the_beginning(phantom_hub, tmp_path):
+    result = run_training(_cfg(phantom_hub, tmp_path / "run", epochs=1, resume=True))
+    assert result.status == "finished" and result.epochs == 1
+
+
+def test_existing_run_needs_resume_or_overwrite(phantom_hub, tmp_path):
+    run_training(_cfg(phantom_hub, tmp_path / "run", epochs=1, stop_after_epoch=1))
+    with pytest.raises(StdaError, match="already holds a run; pass --resume"):
+        run_training(_cfg(phantom_hub, tmp_path / "run", epochs=1))
+    with pytest.raises(StdaError, match=r"lr: 0.003 -> 0.1"):
+        run_training(_cfg(phantom_hub, tmp_path / "run", epochs=1, resume=True, lr=0.1))
+    again = run_training(_cfg(phantom_hub, tmp_path / "run", epochs=1, overwrite=True))
+    assert again.status == "finished" and len(_log(tmp_path / "run")) == 2  # epoch 1 and the test record
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Two processes
+
+
+@pytest.mark.slow
+def test_two_process_cpu_training_with_torchrun(phantom_hub, tmp_path):
+    out = tmp_path / "ddp"
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    argv += [TRAIN_PY, "--dataset", str(phantom_hub), *TINY_FLAGS, "--epochs", "2", "--output-dir", str(out)]
+    done = subprocess.run(argv, env=_env(), capture_output=True, timeout=300)
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    assert done.stdout.decode().count("finished after 2 epoch(s)") == 1  # the main process reports
+    test = json.loads((out / "metrics" / "test.json").read_text())
+    assert test["n"] == 15  # predictions gathered from both processes, padding dropped
+    epochs = [r for r in _log(out) if "train/loss" in r]
+    assert [r["epoch"] for r in epochs] == [1, 2]
+    assert all(r["train/images"] >= 68 for r in epochs)  # both halves of every epoch counted
+    assert (out / "checkpoints" / "epoch_0002" / "random_states_1.pkl").is_file()  # each process's RNG saved
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Synthetic images
+
+
+def test_mix_adds_the_asked_share_of_synthetic_images_to_each_epoch(phantom_hub, tmp_path):
+    result = run_training(
+        _cfg(phantom_hub, tmp_path / "mix", epochs=1, synthetic="mix", synthetic_ratio=0.25)
+    )
+    assert result.status == "finished"
+    record = next(r for r in _log(tmp_path / "mix") if "train/loss" in r)
+    assert record["train/images"] == 68 + 17
+    data = json.loads((tmp_path / "mix" / "data.json").read_text())
+    assert data["trained_on_splits"] == ["train", "synthetic"]
+    ids = (tmp_path / "mix" / "train_ids.txt").read_text().split()
+    assert sum(i.startswith("syn_") for i in ids) == 24
+
+
+def test_pretrain_runs_synthetic_epochs_before_real_ones(phantom_hub, tmp_path):
+    cfg = _cfg(phantom_hub, tmp_path / "pre", synthetic="pretrain", pretrain_epochs=2, epochs=1)
+    result = run_training(cfg)
+    phases = [(r["epoch"], r["phase"], r["train/images"]) for r in _log(tmp_path / "pre") if "phase" in r]
+    assert phases == [(1, "pretrain", 24), (2, "pretrain", 24), (3, "train", 68)]
+    assert result.best_epoch == 3  # the model is chosen among fine-tuned epochs only
+
+
+def test_min_confidence_keeps_only_confident_pseudo_labels(phantom_hub):
+    splits = load_splits(TrainConfig(dataset=str(phantom_hub), synthetic="mix", min_confidence=0.8))
+    confidences = splits.synthetic["pseudo_label_confidence"]
+    assert len(confidences) == 12 and min(confidences) >= 0.8
+
+
+def test_epoch_sampler_uses_every_real_image_once_plus_fresh_synthetic_draws():
+    labels = [0] * 10 + [1] * 10 + [0] * 30
+    sampler = EpochSampler(labels, n_always=20, n_draw=5, balanced=False, seed=3)
+    epochs = []
+    for epoch in (1, 2):
+        sampler.set_epoch(epoch)
+        order = list(sampler)
+        assert len(order) == len(sampler) == 25
+        assert sorted(i for i in order if i < 20) == list(range(20))
+        assert len({i for i in order if i >= 20}) == 5
+        epochs.append(order)
+    assert epochs[0] != epochs[1]
+    sampler.set_epoch(1)
+    assert list(sampler) == epochs[0]  # the order depends on (seed, epoch) alone
+
+
+def test_balanced_sampler_draws_both_classes_equally_often():
+    labels = [0] * 90 + [1] * 10
+    sampler = EpochSampler(labels, n_always=100, n_draw=0, balanced=True, seed=0)
+    drawn = []
+    for epoch in range(20):
+        sampler.set_epoch(epoch)
+        drawn += [labels[i] for i in sampler]
+    assert np.mean(drawn) == pytest.approx(0.5, abs=0.05)
+
+
+def test_class_weights_are_inverse_class_frequencies():
+    weights = class_weights([0] * 30 + [1] * 10, n_always=40, n_draw=0)
+    assert weights.tolist() == pytest.approx([40 / (2 * 30), 40 / (2 * 10)])
+    # 10 real (5/5) plus 10 of 20 synthetic (all malignant) drawn per epoch: expected 5 benign, 15 malignant
+    weights = class_weights([0] * 5 + [1] * 5 + [1] * 20, n_always=10, n_draw=10)
+    assert weights.tolist() == pytest.approx([20 / (2 * 5), 20 / (2 * 15)])
+
+
+def test_learning_rate_schedules_restart_at_fine_tuning():
+    cosine = TrainConfig(lr=1.0, epochs=4, schedule="cosine", synthetic="pretrain", pretrain_epochs=2)
+    assert [round(learning_rate(cosine, e), 4) for e in range(1, 7)] == [1.0, 0.5, 1.0, 0.8536, 0.5, 0.1464]
+    step = TrainConfig(lr=1.0, epochs=5, schedule="step", step_size=2, gamma=0.5, warmup_epochs=1)
+    assert [learning_rate(step, e) for e in range(1, 6)] == [0.5, 1.0, 1.0, 0.5, 0.5]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The evaluation hook
+
+
+def test_evaluation_hook_sees_real_validation_images_with_masks_and_its_numbers_are_logged(
+    phantom_hub, tmp_path
+):
+    calls = []
+
+    def on_evaluate(ctx):
+        calls.append((ctx.split, ctx.epoch, len(ctx.dataset), ctx.model.training))
+        assert {"mask", "artifact_mask", "isic_id"} <= set(ctx.dataset.column_names)
+        assert set(ctx.dataset["origin"]) == {"real"}
+        image = ctx.transform(ctx.dataset[0]["image"].convert("RGB"))
+        assert image.shape == (3, ctx.preprocessing.image_size, ctx.preprocessing.image_size)
+        return {"relevance_in_mask": 0.25 * ctx.epoch}
+
+    run_training(_cfg(phantom_hub, tmp_path / "hook", epochs=2), on_evaluate=on_evaluate)
+    assert [c[:3] for c in calls] == [("validation", 1, 13), ("validation", 2, 13), ("test", calls[2][1], 15)]
+    assert not any(c[3] for c in calls)  # the model is in eval mode
+    assert [r.get("validation/relevance_in_mask") for r in _log(tmp_path / "hook")[:2]] == [0.25, 0.5]
+    test = json.loads((tmp_path / "hook" / "metrics" / "test.json").read_text())
+    assert test["relevance_in_mask"] == 0.25 * calls[2][1]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Push
+
+
+@pytest.fixture
+def local_hub(monkeypatch):
+    """The project's Hub-protocol test server on 127.0.0.1, with huggingface_hub pointed at it."""
+    import huggingface_hub.constants as hf_constants
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    import hub_server
+
+    def lfs_batch_of_model(self, body: bytes, repo: str) -> None:
+        self._lfs_batch(body=body, type="models", repo=repo)
+
+    # model repos have no type prefix in their git-LFS URL (/<owner>/<name>.git/...); dataset repos do
+    model_route = ("POST", r"/(?P<repo>[^/]+/[^/]+?)\.git/info/lfs/objects/batch", "lfs_batch_of_model")
+    monkeypatch.setattr(hub_server._Handler, "ROUTES", (model_route, *hub_server._Handler.ROUTES))
+    monkeypatch.setattr(hub_server._Handler, "_lfs_batch_of_model", lfs_batch_of_model, raising=False)
+    with hub_server.HubServer(token="hf_test_secret") as hub:
+        monkeypatch.setattr(hf_constants, "ENDPOINT", hub.url)
+        monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(hf_constants, "HF_HUB_DISABLE_XET", True)
+        monkeypatch.setenv("HF_TOKEN", "hf_test_secret")
+        yield hub
+
+
+def test_push_to_hub_uploads_the_model_folder(phantom_hub, tmp_path, local_hub, capsys, caplog):
+    cfg = _cfg(phantom_hub, tmp_path / "run", epochs=1, push_to_hub=True, hub_model_id="me/vgg8-phantoms")
+    run_training(cfg)
+    files = local_hub.files("me/vgg8-phantoms", repo_type="models")
+    expected = {"model.safetensors", "config.json", "preprocessor_config.json", "README.md", "roc_curve.png"}
+    assert expected <= set(files)
+    assert files["model.safetensors"] == (tmp_path / "run" / "model" / "model.safetensors").read_bytes()
+    assert not any(name.startswith("checkpoints") for name in files)
+    out = capsys.readouterr()
+    assert "hf_test_secret" not in out.out + out.err + caplog.text
+
+
+def test_refused_push_names_the_repo_and_not_the_token(finished_run, local_hub, monkeypatch):
+    from stda_hf.training import push_run
+
+    monkeypatch.setenv("HF_TOKEN", "hf_wrong_secret")
+    with pytest.raises(StdaError, match=r"push to me/vgg8 failed \(HTTP 401\)") as err:
+        push_run(finished_run[0] / "model", "me/vgg8")
+    assert "hf_wrong_secret" not in str(err.value)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Refusals
+
+
+def _write_hub(folder: Path, columns: dict[str, dict], features) -> Path:
+    """A Hub-layout folder with one Parquet shard per split, for datasets the packager would never write."""
+    import datasets
+
+    for split, data in columns.items():
+        ds = datasets.Dataset.from_dict(data, features=features)
+        ds.to_parquet(str(folder / "data" / f"{split}-00000-of-00001.parquet"))
+    return folder
+
+
+def _png(seed: int) -> dict:
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(
+        buf, "PNG"
+    )
+    return {"bytes": buf.getvalue(), "path": None}
+
+
+def test_dataset_without_a_label_column_is_refused_naming_the_columns_found(tmp_path):
+    import datasets
+
+    features = datasets.Features({"image": datasets.Image(), "diagnosis": datasets.Value("string")})
+    rows = {"image": [_png(i) for i in range(4)], "diagnosis": ["nevus", "melanoma"] * 2}
+    hub = _write_hub(tmp_path / "hub", {"train": rows, "validation": rows}, features)
+    with pytest.raises(StdaError, match=r"lacks column\(s\) \['label'\]; found \['image', 'diagnosis'\]"):
+        load_splits(TrainConfig(dataset=str(hub)))
+
+
+def test_synthetic_images_in_validation_are_refused(tmp_path):
+    import datasets
+
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=["benign", "malignant"]),
+         "origin": datasets.Value("string")}
+    )  # fmt: skip
+    real = {"image": [_png(i) for i in range(4)], "label": [0, 1, 0, 1], "origin": ["real"] * 4}
+    mixed = {**real, "origin": ["real", "synthetic", "real", "synthetic"]}
+    hub = _write_hub(tmp_path / "hub", {"train": real, "validation": mixed}, features)
+    with pytest.raises(StdaError, match=r"'validation' holds 2 non-real image\(s\)"):
+        load_splits(TrainConfig(dataset=str(hub)))
+
+
+def test_undecodable_images_are_skipped_and_reported(tmp_path):
+    import datasets
+
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=["benign", "malignant"]),
+         "isic_id": datasets.Value("string")}
+    )  # fmt: skip
+    images = [_png(i) for i in range(8)]
+    images[3] = {"bytes": images[3]["bytes"][:60], "path": None}  # truncated PNG
+    rows = {"image": images, "label": [0, 1] * 4, "isic_id": [f"ISIC_{i}" for i in range(8)]}
+    hub = _write_hub(tmp_path / "hub", {"train": rows, "validation": rows, "test": rows}, features)
+    result = run_training(_cfg(hub, tmp_path / "run", epochs=1))
+    assert result.test["n"] == 7
+    skipped = json.loads((tmp_path / "run" / "skipped.json").read_text())["skipped"]
+    assert set(skipped) == {"train row 3 (ISIC_3)", "validation row 3 (ISIC_3)", "test row 3 (ISIC_3)"}
+
+
+def test_mix_without_a_synthetic_split_is_refused(phantom_hub_real):
+    with pytest.raises(
+        StdaError, match=r"needs a 'synthetic' split, but .* has only \['test', 'train', 'validation'\]"
+    ):
+        load_splits(TrainConfig(dataset=str(phantom_hub_real), synthetic="mix"))
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (
+            ["--synthetic", "sometimes"],
+            "--synthetic 'sometimes' is not valid; choose one of ['none', 'mix', 'pretrain']",
+        ),
+        (["--optimizer", "adam"], "--optimizer 'adam' is not valid; choose one of ['adamw', 'sgd']"),
+        (["--lr", "0"], "--lr must be a positive number; got 0.0"),
+        (["--min-confidence", "2"], "--min-confidence must be between 0 and 1; got 2.0"),
+        (["--push-to-hub"], "--push-to-hub needs --hub-model-id"),
+        (["--dataset", "no/such/folder"], "dataset folder no/such/folder not found"),
+        (["--model", "resnet5"], "unknown model 'resnet5'"),
+    ],
+)
+def test_bad_options_exit_2_with_a_clear_message(flags, message, tmp_path, phantom_hub, capsys, monkeypatch):
+    sys.path.insert(0, str(ROOT))
+    import train
+
+    monkeypatch.chdir(tmp_path)
+    code = train.main(["--dataset", str(phantom_hub), *TINY_FLAGS, "--output-dir", "run", *flags])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("train.py: error: ") and message in err
+
+
+def test_non_finite_loss_stops_the_run_with_advice():
+    from stda_hf.training import _epoch_stats
+
+    with pytest.raises(StdaError, match=r"training loss became nan in epoch 3.*Lower --lr"):
+        _epoch_stats(float("nan"), 32.0, 0.1, 0.2, 3)
