@@ -18,6 +18,15 @@ from typing import IO, Any
 from .errors import StdaError
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
 def _disk_full(path: Path, err: OSError) -> StdaError:
     return StdaError(
         f"no space left on device while writing {path} ({err.strerror}); free some space and re-run the "
@@ -48,6 +57,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None 
         with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as fh:
             yield fh
             fh.flush()
+            os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; finished files get the usual permissions
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except OSError as err:

@@ -40,9 +40,7 @@ class LabelConfig:
 
     teacher: str = ""  # train.py run or model folder, a torchvision VGG name with --teacher-weights, or a transformers model
     teacher_weights: str = ""  # weights file for a torchvision teacher (e.g. vgg16 + vgg16-skin.safetensors)
-    min_confidence: float = (
-        0.0  # keep pseudo-labels at least this confident (all are recorded; package keeps these)
-    )
+    min_confidence: float = 0.0  # threshold the summary and card report (every label is kept)
     calibrate: bool = False  # fit a temperature on the real validation split before labelling
     real: str = ""  # real-image folder for calibration and leakage checks (default: the one in source.json)
     image_size: int = 0  # teacher input side in pixels (0: the teacher's own)

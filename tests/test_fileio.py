@@ -77,3 +77,10 @@ def test_append_is_durable_line_by_line(tmp_path):
     append_jsonl(path, {"a": "é"})
     assert path.read_bytes().endswith(b"\n")
     assert os.path.getsize(path) > 0
+
+
+def test_atomic_files_get_the_usual_permissions(tmp_path):
+    write_text(tmp_path / "card.md", "x")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "card.md").stat().st_mode & 0o777 == 0o666 & ~mask
