@@ -310,6 +310,34 @@ def _run_push(args) -> None:
         print(f"uploaded {total} to datasets/{result.repo_id} ({result.revision}): {result.commit_url}")
 
 
+def _add_explain(sub) -> None:
+    from .explain import COMPOSITE_NAMES, ExplainConfig
+
+    p = sub.add_parser(
+        "explain",
+        help="explain a trained model: DTD heatmaps and how much relevance lies in the lesion / on artifacts",
+        description="Deep Taylor Decomposition (or a baseline: " + ", ".join(COMPOSITE_NAMES[1:]) + ") for the "
+        "images of a folder or a dataset split: heatmap and overlay PNGs, grid.png, relevance.csv/.jsonl and "
+        "summary.json. Resumable: re-running skips images already explained.",
+    )
+    p.add_argument("--model", type=Path, required=True, help="train.py run folder (runs/<run>) or its model/")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--images", type=Path, help="real-image folder (masks/, splits.csv used) or plain images")
+    source.add_argument("--dataset", help="Hub dataset id or a folder written by `stda package`")
+    p.add_argument("--out", type=Path, required=True, help="output folder, e.g. heatmaps/")
+    p.add_argument("--overwrite", action="store_true", help="replace results of other settings in --out")
+    add_config_flags(p, ExplainConfig)
+    p.set_defaults(func=_run_explain)
+
+
+def _run_explain(args) -> None:
+    from .explain import ExplainConfig, run_explain
+
+    cfg = config_from_args(ExplainConfig, args)
+    s = run_explain(args.model, args.out, cfg, images=args.images, dataset=args.dataset, overwrite=args.overwrite)
+    print(s.format())
+
+
 def _add_demo(sub) -> None:
     p = sub.add_parser(
         "demo",
@@ -329,7 +357,7 @@ def _run_demo(args) -> None:
     run_demo(args.out, n=args.n, size=args.size, seed=args.seed)
 
 
-COMMANDS: list[Callable] = [_add_fetch, _add_phantoms, _add_split, _add_inspect, _add_generate, _add_label, _add_package, _add_push, _add_demo]
+COMMANDS: list[Callable] = [_add_fetch, _add_phantoms, _add_split, _add_inspect, _add_generate, _add_label, _add_package, _add_push, _add_explain, _add_demo]
 """Subcommands in the order ``stda --help`` lists them (the order of the flow)."""
 
 

@@ -54,6 +54,7 @@ from .errors import BadImageError, StdaError
 from .fileio import append_jsonl, read_jsonl, write_json, write_text
 from .heatmaps import COLORMAPS, Tile, overlay, prediction_tiles, render_grid, save_grid, save_heatmap
 from .images import IMAGE_EXTENSIONS, SkipReport, iter_images, load_image, save_image, to_rgb
+from .models.vgg import IMAGENET_MEAN, IMAGENET_STD
 from .phantoms import ARTIFACTS
 from .real import RealFolder, check_id, read_real_folder
 from .utils import progress
@@ -65,9 +66,6 @@ GRADIENT_METHODS = ("gradient", "guided_backprop", "deconvnet", "beta_smooth")
 
 COMPOSITE_NAMES = ("dtd", "gradient", *sorted(COMPOSITES))
 """Every attribution method :func:`make_composite` knows, ``dtd`` first."""
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -162,14 +160,16 @@ class Explanation:
 
 
 class _Logits(nn.Module):
-    """Wrap a model whose output has a ``.logits`` attribute (transformers) so it returns the tensor."""
+    """The model as relevance needs it: logits as a tensor (transformers outputs carry ``.logits``), in full
+    precision (the autocast wrapper that accelerate puts around ``forward`` for mixed precision keeps the
+    original as ``_original_forward``; the layers, and so zennit's hooks on them, run either way)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.model(x)
+        out = getattr(self.model, "_original_forward", self.model)(x)
         return out if isinstance(out, torch.Tensor) else out.logits
 
 
@@ -635,8 +635,8 @@ def explain_samples(
     """
     if not samples:
         return []
-    device = next(model.parameters()).device
-    x = torch.stack([transform(s.image) for s in samples]).to(device)
+    param = next(model.parameters())
+    x = torch.stack([transform(s.image) for s in samples]).to(device=param.device, dtype=param.dtype)
     expl = explain_batch(model, x, target_indices(samples, target), method, mean, std, output)
     cons, neg = conservation(expl).cpu(), negative_fraction(expl).cpu()
     pixels, probs = expl.pixels.cpu().numpy(), expl.probs.cpu().numpy()
@@ -778,7 +778,7 @@ def run_explain(
     Parameters
     ----------
     model_dir : path
-        A model folder written by ``train.py`` (``config.json`` + ``model.safetensors``).
+        A ``train.py`` run folder, or the model folder in it (``config.json`` + ``model.safetensors``).
     out : path
         Output folder.
     cfg : ExplainConfig, optional
@@ -828,8 +828,18 @@ def _load_for_explain(model_dir: str | Path, device: str):
         raise StdaError(f"--device {device!r}: not a device ({err}); use auto, cpu, cuda or cuda:N") from err
     if torch_device.type == "cuda" and not torch.cuda.is_available():
         raise StdaError(f"--device {device}: CUDA is not available here; use --device cpu")
-    model, pre = load_model(model_dir)
+    model, pre = load_model(model_folder(model_dir))
     return model, pre, torch_device
+
+
+def model_folder(path: str | Path) -> Path:
+    """The folder holding the model: ``path`` itself, or the ``model/`` of a ``train.py`` run folder."""
+    from .training import MODEL_DIR
+
+    path = Path(path)
+    if not (path / "config.json").is_file() and (path / MODEL_DIR / "config.json").is_file():
+        return path / MODEL_DIR
+    return path
 
 
 def eval_transform(pre) -> Callable[[Image.Image], torch.Tensor]:
@@ -841,7 +851,7 @@ def eval_transform(pre) -> Callable[[Image.Image], torch.Tensor]:
 
 def _settings(model_dir, images, dataset, cfg: ExplainConfig) -> dict:
     """What makes two runs the same: the model file, the source and the settings (resume needs all equal)."""
-    model_dir = Path(model_dir).resolve()
+    model_dir = model_folder(model_dir).resolve()
     weights = model_dir / "model.safetensors"
     stamp = [weights.stat().st_size, weights.stat().st_mtime_ns] if weights.is_file() else None
     source = {"images": str(Path(images).resolve())} if images else {"dataset": str(dataset)}

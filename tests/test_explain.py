@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -15,18 +17,22 @@ from torch import nn
 from stda_hf.errors import StdaError
 from stda_hf.explain import (
     COMPOSITE_NAMES,
+    ExplainConfig,
     conservation,
     contrast_matrix,
     explain_batch,
+    explain_hook,
     input_bounds,
     localization,
     negative_fraction,
     region_share,
+    run_explain,
     summarize,
 )
-from stda_hf.models.vgg import VGG8
+from stda_hf.models.vgg import VGG8, Preprocessing, save_model
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 @pytest.fixture(autouse=True)
@@ -220,6 +226,19 @@ def test_models_returning_an_output_object_are_explained_through_its_logits():
     assert negative_fraction(expl).max() == 0
 
 
+def test_a_mixed_precision_model_from_accelerate_is_explained_in_full_precision():
+    from accelerate import Accelerator
+
+    plain = random_batch_norms(small_vgg8())
+    reference = explain_batch(plain, images(2), method="dtd", mean=MEAN, std=STD)
+    accelerator = Accelerator(cpu=True, mixed_precision="bf16")
+    wrapped = accelerator.unwrap_model(accelerator.prepare(random_batch_norms(small_vgg8())))
+    assert not torch.equal(wrapped(images(2)), plain(images(2)))  # bf16 autocast for training and evaluation
+    expl = explain_batch(wrapped, images(2), method="dtd", mean=MEAN, std=STD)
+    assert expl.relevance.dtype == torch.float32
+    assert torch.allclose(expl.relevance, reference.relevance)
+
+
 def test_log_odds_are_refused_when_the_class_layer_is_not_the_output():
     model = nn.Sequential(
         nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 30 * 30, 2), nn.Softplus()
@@ -371,3 +390,196 @@ def test_relevance_finds_a_planted_shortcut_and_a_lesion_only_model(patch_phanto
     assert cheat["relevance_in_mask"] < 0.1
     assert cheat["relevance_on_patch"] > 0.5 > honest["relevance_on_patch"]
     assert cheat["relevance_on_patch"] > 10 * cheat["artifact_area"]  # far more than its share of the image
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The stage: stda explain, and the train.py hook
+
+
+@pytest.fixture
+def saved_model(tmp_path):
+    """A run folder as train.py leaves it: the final model in ``<run>/model``."""
+    run = tmp_path / "run"
+    save_model(small_vgg8(), run / "model", Preprocessing(40, MEAN, STD))
+    return run
+
+
+def test_explain_folder_writes_heatmaps_numbers_and_grid(phantom_real, saved_model, tmp_path):
+    out = tmp_path / "heatmaps"
+    s = run_explain(
+        saved_model, out, ExplainConfig(split="validation", grid=4, columns=2), images=phantom_real
+    )
+    records = [json.loads(line) for line in (out / "relevance.jsonl").read_text().splitlines()]
+    assert s.explained == s.total == len(records) > 0
+    for r in records:
+        with Image.open(out / "heatmaps" / f"{r['id']}.png") as img:
+            assert img.format == "PNG" and img.size == (40, 40)  # the model's input size
+        assert (out / "overlays" / f"{r['id']}.png").is_file()
+        assert 0 <= r["relevance_in_mask"] <= 1  # phantoms have masks
+    header = (out / "relevance.csv").read_text().splitlines()[0].split(",")
+    assert header[:3] == ["id", "label", "origin"] and "relevance_in_mask" in header
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_with_mask"] == len(records) and summary["method"] == "dtd"
+    with Image.open(out / "grid.png") as grid:
+        assert grid.format == "PNG" and grid.width > 4 * 40
+
+
+def test_explain_resumes_after_an_interruption_without_redoing_finished_images(
+    phantom_real, saved_model, tmp_path
+):
+    out, cfg = tmp_path / "h", ExplainConfig(split="all", limit=6, grid=2)
+    run_explain(saved_model, out, cfg, images=phantom_real)
+    lines = (out / "relevance.jsonl").read_text().splitlines(keepends=True)
+    (out / "relevance.jsonl").write_text("".join(lines[:3]))  # as if killed after the third image
+    kept = {json.loads(line)["id"] for line in lines[:3]}
+    stamps = {i: (out / "heatmaps" / f"{i}.png").stat().st_mtime_ns for i in kept}
+    s = run_explain(saved_model, out, cfg, images=phantom_real)
+    assert s.explained == 3 and s.total == 6
+    assert {i: (out / "heatmaps" / f"{i}.png").stat().st_mtime_ns for i in kept} == stamps
+    ids = [json.loads(line)["id"] for line in (out / "relevance.jsonl").read_text().splitlines()]
+    assert len(ids) == len(set(ids)) == 6
+
+
+def test_explain_refuses_results_of_other_settings_without_overwrite(phantom_real, saved_model, tmp_path):
+    out = tmp_path / "h"
+    run_explain(saved_model, out, ExplainConfig(split="test", grid=0), images=phantom_real)
+    with pytest.raises(StdaError, match="--overwrite"):
+        run_explain(saved_model, out, ExplainConfig(split="test", method="gradient"), images=phantom_real)
+
+
+def test_explain_needs_exactly_one_source(saved_model, tmp_path):
+    with pytest.raises(StdaError, match="exactly one"):
+        run_explain(saved_model, tmp_path / "h")
+
+
+def test_plain_image_folder_is_explained_with_masks_unavailable(saved_model, tmp_path):
+    folder = tmp_path / "plain"
+    folder.mkdir()
+    for i in range(3):
+        Image.new("RGB", (50, 30), (40 * i, 90, 120)).save(folder / f"img{i}.png")
+    (folder / "broken.jpg").write_bytes(b"not an image")
+    s = run_explain(saved_model, tmp_path / "h", ExplainConfig(grid=3), images=folder)
+    assert s.total == 3 and s.skipped == 1
+    assert s.numbers["relevance_in_mask"] is None and s.numbers["n_with_mask"] == 0
+    assert "unavailable" in s.format()
+
+
+def test_target_true_needs_labels(saved_model, tmp_path):
+    folder = tmp_path / "plain"
+    folder.mkdir()
+    Image.new("RGB", (32, 32)).save(folder / "a.png")
+    with pytest.raises(StdaError, match="--target true needs labels"):
+        run_explain(saved_model, tmp_path / "h", ExplainConfig(target="true"), images=folder)
+
+
+def test_explain_a_packaged_dataset_split_from_the_command_line(phantom_real, saved_model, tmp_path, capsys):
+    from stda_hf.cli import main
+    from stda_hf.package import package
+
+    package(phantom_real, tmp_path / "hub")
+    out = tmp_path / "h"
+    argv = [
+        "explain",
+        "--model",
+        str(saved_model / "model"),
+        "--dataset",
+        str(tmp_path / "hub"),
+        "--out",
+        str(out),
+    ]
+    assert main([*argv, "--split", "validation", "--grid", "4", "--method", "epsilon_plus_flat"]) == 0
+    printed = capsys.readouterr().out
+    assert "positive relevance inside the lesion mask:" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["method"] == "epsilon_plus_flat" and summary["n_with_mask"] == summary["n_images"] > 0
+
+
+def test_cli_reports_an_unknown_split_in_one_line(phantom_real, saved_model, tmp_path, capsys):
+    from stda_hf.cli import main
+
+    argv = [
+        "explain",
+        "--model",
+        str(saved_model),
+        "--images",
+        str(phantom_real),
+        "--out",
+        str(tmp_path / "h"),
+    ]
+    assert main([*argv, "--split", "holdout"]) == 2
+    assert "unknown split 'holdout'" in capsys.readouterr().err
+
+
+def test_comparison_script_shows_both_models_and_their_paired_difference(
+    phantom_real, saved_model, tmp_path, capsys
+):
+    spec = importlib.util.spec_from_file_location(
+        "compare_explanations", BENCHMARKS / "compare_explanations.py"
+    )
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    other = tmp_path / "other"
+    save_model(small_vgg8(seed=1), other / "model", Preprocessing(40, MEAN, STD))
+    out = tmp_path / "cmp"
+    script.main(
+        [
+            "--baseline",
+            str(saved_model),
+            "--stda",
+            str(other),
+            "--images",
+            str(phantom_real),
+            "--split",
+            "all",
+            "--limit",
+            "6",
+            "--rows",
+            "3",
+            "--out",
+            str(out),
+        ]
+    )
+    assert "relevance_in_mask, ST-DA - baseline:" in capsys.readouterr().out
+    result = json.loads((out / "comparison.json").read_text())
+    assert result["relevance_in_mask_difference"]["n"] == 6
+    assert result["models"]["baseline"]["n_images"] == result["models"]["ST-DA"]["n_images"] == 6
+    with Image.open(out / "comparison.png") as figure:
+        assert figure.format == "PNG" and figure.height > 3 * 128
+
+
+class _ImageTracker:
+    name = "fake"
+
+    def __init__(self):
+        self.logged = []
+
+    def log_images(self, values, step):
+        self.logged.append((values, step))
+
+
+def test_training_hook_saves_the_grid_logs_it_and_returns_numbers(phantom_real, tmp_path):
+    import datasets
+
+    from stda_hf.explain import eval_transform
+    from stda_hf.package import package
+
+    package(phantom_real, tmp_path / "hub")
+    val = datasets.load_dataset(str(tmp_path / "hub"), split="validation")
+    pre = Preprocessing(40, MEAN, STD)
+    tracker = _ImageTracker()
+    ctx = SimpleNamespace(
+        model=small_vgg8(),
+        accelerator=SimpleNamespace(is_main_process=True, trackers=[tracker]),
+        epoch=3,
+        split="validation",
+        dataset=val,
+        preprocessing=pre,
+        transform=eval_transform(pre),
+        run_dir=tmp_path,
+    )
+    numbers = explain_hook(n_images=4)(ctx)
+    assert (tmp_path / "heatmaps" / "validation-epoch_0003.png").is_file()
+    assert tracker.logged[0][1] == 3 and "validation/heatmaps" in tracker.logged[0][0]
+    assert 0 <= numbers["dtd_relevance_in_mask"] <= 1
+    assert numbers["dtd_negative_fraction"] == 0
+    assert all(isinstance(v, float) for v in numbers.values())

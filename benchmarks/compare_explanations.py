@@ -1,0 +1,220 @@
+"""Baseline vs ST-DA explanations: the same images, side-by-side heatmaps, and the relevance numbers.
+
+    python benchmarks/compare_explanations.py --baseline runs/baseline --stda runs/stda \\
+        --dataset hub/skin-lesions --split test --out reports/explanations
+    python benchmarks/compare_explanations.py --baseline runs/a --stda runs/b --images real/ --timing
+
+Both models explain every image of the split (``--limit`` caps it) with the same method (DTD by default).
+Prints, per model, accuracy, the share of positive relevance inside the lesion mask and on artifacts, and
+DTD's conservation; then the paired difference of relevance-in-mask (ST-DA minus baseline) over the images
+both explain, with a seeded bootstrap 95% interval and how often ST-DA puts more relevance on the lesion.
+``--timing`` adds seconds per image of each attribution method on the baseline model, as ratios to the plain
+gradient, measured in this one run. Writes ``comparison.png`` (rows: image, baseline heatmap, ST-DA heatmap)
+and ``comparison.json`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from stda_hf.explain import (
+    COMPOSITE_NAMES,
+    Result,
+    Sample,
+    dataset_samples,
+    eval_transform,
+    explain_samples,
+    folder_samples,
+    model_folder,
+    summarize,
+)
+from stda_hf.fileio import write_json
+from stda_hf.heatmaps import Tile, prediction_tiles, render_grid, save_grid
+from stda_hf.images import SkipReport
+from stda_hf.models.vgg import load_model
+from stda_hf.phantoms import ARTIFACTS
+
+TIMED_METHODS = ("gradient", "dtd", "epsilon_plus_flat", "epsilon_gamma_box", "excitation_backprop")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--baseline", type=Path, required=True, help="model folder trained on real images only")
+    p.add_argument("--stda", type=Path, required=True, help="model folder trained with ST-DA")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--images", type=Path, help="real-image folder (with masks/) or plain images")
+    source.add_argument("--dataset", help="Hub dataset id or `stda package` folder")
+    p.add_argument("--split", default="test", help="split to explain (default: test; all: every image)")
+    p.add_argument("--limit", type=int, default=0, help="explain at most this many images (default: 0, all)")
+    p.add_argument(
+        "--method", default="dtd", choices=COMPOSITE_NAMES, help="attribution method (default: dtd)"
+    )
+    p.add_argument("--rows", type=int, default=8, help="images shown in comparison.png (default: 8)")
+    p.add_argument("--names", nargs=2, default=("baseline", "ST-DA"), help="captions of the two models")
+    p.add_argument("--out", type=Path, default=Path("reports/explanations"), help="output folder")
+    p.add_argument("--timing", action="store_true", help="also time every attribution method")
+    p.add_argument("--batch-size", type=int, default=16, help="images per pass (default: 16)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default: 0)")
+    return p.parse_args(argv)
+
+
+def load(folder: Path):
+    model, pre = load_model(model_folder(folder))
+    return model, pre, eval_transform(pre)
+
+
+def explain_both(samples, models, method: str, batch_size: int, rows: int):
+    """Explain every sample with both models, batch by batch; keep records and the first ``rows`` pairs."""
+    records: list[tuple[dict, dict]] = []
+    shown: list[tuple[Result, Result]] = []
+    it = iter(samples)
+    while batch := list(itertools.islice(it, batch_size)):
+        pair = [explain_samples(m, batch, t, pre.mean, pre.std, method) for m, pre, t in models]
+        records += [(a.record(), b.record()) for a, b in zip(*pair, strict=True)]
+        shown += list(zip(*pair, strict=True))[: max(0, rows - len(shown))]
+    return records, shown
+
+
+def model_numbers(records: list[dict]) -> dict:
+    numbers = summarize(records)
+    labelled = [r for r in records if r["label"] is not None]
+    numbers["accuracy"] = (
+        float(np.mean([r["predicted"] == r["label"] for r in labelled])) if labelled else None
+    )
+    numbers["conservation"] = float(np.mean([r["conservation"] for r in records]))
+    return numbers
+
+
+def paired_difference(pairs: list[tuple[dict, dict]], key: str, seed: int) -> dict:
+    """Mean of ``b[key] - a[key]`` over images where both are defined, a bootstrap 95% interval, win rate."""
+    diffs = np.array([b[key] - a[key] for a, b in pairs if a[key] is not None and b[key] is not None])
+    if diffs.size == 0:
+        return {"n": 0, "mean": None, "ci95": None, "b_higher": None}
+    rng = np.random.default_rng(seed)
+    boot = rng.choice(diffs, size=(2000, diffs.size), replace=True).mean(axis=1)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return {
+        "n": int(diffs.size),
+        "mean": float(diffs.mean()),
+        "ci95": [float(lo), float(hi)],
+        "b_higher": float((diffs > 0).mean()),
+    }
+
+
+def comparison_figure(shown: list[tuple[Result, Result]], names: tuple[str, str], method: str):
+    tiles: list[Tile] = []
+    for a, b in shown:
+        for i, (result, name) in enumerate(((a, names[0]), (b, names[1]))):
+            share = result.numbers["relevance_in_mask"]
+            note = f"{name}: in mask " + ("n/a" if np.isnan(share) else f"{share:.2f}")
+            s = result.sample
+            pair = prediction_tiles(
+                result.input_image,
+                result.pixels,
+                result.predicted,
+                float(result.probs.max()),
+                s.label,
+                s.origin,
+                note,
+            )
+            tiles += pair if i == 0 else pair[1:]
+    return render_grid(tiles, columns=3, title=f"{method}: image | {names[0]} | {names[1]}")
+
+
+def time_methods(model, pre, transform, samples: list[Sample], repeats: int = 3) -> dict[str, float]:
+    """Seconds per image of each method on the same batch (best of ``repeats``), after one warm-up pass."""
+    seconds = {}
+    for method in TIMED_METHODS:
+        explain_samples(model, samples, transform, pre.mean, pre.std, method)
+        runs = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            explain_samples(model, samples, transform, pre.mean, pre.std, method)
+            runs.append(time.perf_counter() - start)
+        seconds[method] = min(runs) / len(samples)
+    return seconds
+
+
+def print_table(names, numbers, diff) -> None:
+    keys = [
+        "n_images",
+        "accuracy",
+        "relevance_in_mask",
+        "mask_area",
+        "relevance_on_artifact",
+        "artifact_area",
+    ]
+    keys += [f"relevance_on_{k}" for k in ARTIFACTS if numbers[names[0]][f"n_with_{k}"]]
+    print(f"{'':<26}{names[0]:>12}{names[1]:>12}")
+    for k in [*keys, "conservation"]:
+        a, b = (numbers[n].get(k) for n in names)
+        print(f"{k:<26}{_fmt(a):>12}{_fmt(b):>12}")
+    if diff["n"]:
+        lo, hi = diff["ci95"]
+        print(
+            f"relevance_in_mask, {names[1]} - {names[0]}: {diff['mean']:+.3f} (95% CI {lo:+.3f} .. {hi:+.3f}) "
+            f"over {diff['n']} images; {names[1]} higher on {diff['b_higher']:.0%}"
+        )
+    else:
+        print("relevance_in_mask: unavailable (no lesion masks for these images)")
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:d}" if isinstance(value, int) else f"{value:.3f}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(min(4, torch.get_num_threads()))
+    models = [load(args.baseline), load(args.stda)]
+    report = SkipReport()
+    source = (
+        folder_samples(args.images, args.split, report)
+        if args.images
+        else dataset_samples(args.dataset, args.split)
+    )
+    if args.limit:
+        source = itertools.islice(source, args.limit)
+    start = time.perf_counter()
+    pairs, shown = explain_both(source, models, args.method, args.batch_size, args.rows)
+    elapsed = time.perf_counter() - start
+    if not pairs:
+        sys.exit("no images to explain in that split")
+    names = tuple(args.names)
+    numbers = {n: model_numbers([p[i] for p in pairs]) for i, n in enumerate(names)}
+    diff = paired_difference(pairs, "relevance_in_mask", args.seed)
+    print(f"{len(pairs)} images explained by both models with {args.method} in {elapsed:.1f} s")
+    print_table(names, numbers, diff)
+    result = {
+        "method": args.method,
+        "split": args.split,
+        "models": numbers,
+        "relevance_in_mask_difference": diff,
+    }
+    if args.timing:
+        model, pre, transform = models[0]
+        batch = [r[0].sample for r in shown][: args.batch_size]
+        seconds = time_methods(model, pre, transform, batch)
+        result["seconds_per_image"] = seconds
+        print(
+            f"seconds per image on {names[0]} (batch of {len(batch)}, best of 3), ratio to the plain gradient:"
+        )
+        for method, s in seconds.items():
+            print(f"  {method:<22}{s * 1000:8.2f} ms  x{s / seconds['gradient']:.2f}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    save_grid(comparison_figure(shown, names, args.method), args.out / "comparison.png")
+    write_json(args.out / "comparison.json", result)
+    print(f"wrote {args.out / 'comparison.png'} and comparison.json")
+
+
+if __name__ == "__main__":
+    main()
