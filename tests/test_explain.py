@@ -583,3 +583,66 @@ def test_training_hook_saves_the_grid_logs_it_and_returns_numbers(phantom_real, 
     assert 0 <= numbers["dtd_relevance_in_mask"] <= 1
     assert numbers["dtd_negative_fraction"] == 0
     assert all(isinstance(v, float) for v in numbers.values())
+
+
+TINY_TRAIN = [
+    "--image-size",
+    "32",
+    "--vgg8-widths",
+    "4",
+    "8",
+    "8",
+    "16",
+    "16",
+    "--vgg8-hidden",
+    "16",
+    "16",
+    "--batch-size",
+    "16",
+    "--num-workers",
+    "0",
+    "--epochs",
+    "1",
+    "--early-stopping",
+    "0",
+]
+
+
+@pytest.fixture
+def phantom_hub(phantom_real, tmp_path):
+    from stda_hf.package import package
+
+    package(phantom_real, tmp_path / "hub")
+    return tmp_path / "hub"
+
+
+def _train_py():
+    spec = importlib.util.spec_from_file_location("train_script", BENCHMARKS.parent / "train.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+def test_train_py_explains_fixed_validation_images_at_each_evaluation(phantom_hub, tmp_path):
+    run = tmp_path / "run"
+    assert _train_py().main(["--dataset", str(phantom_hub), *TINY_TRAIN, "--output-dir", str(run)]) == 0
+    grids = sorted(p.name for p in (run / "heatmaps").iterdir())
+    assert grids[0].startswith("test-epoch_") and grids[1:] == [
+        "validation-epoch_0001.png"
+    ]  # test: best epoch
+    for name in grids:
+        with Image.open(run / "heatmaps" / name) as grid:
+            assert grid.format == "PNG"
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert 0 <= records[0]["validation/dtd_relevance_in_mask"] <= 1
+    assert records[0]["validation/dtd_negative_fraction"] == 0
+    assert "test/dtd_relevance_in_mask" in records[-1]
+
+
+def test_train_py_explanations_can_be_switched_off_or_use_another_method(phantom_hub, tmp_path, capsys):
+    train = _train_py()
+    argv = ["--dataset", str(phantom_hub), *TINY_TRAIN]
+    assert train.main([*argv, "--output-dir", str(tmp_path / "off"), "--explain-images", "0"]) == 0
+    assert not (tmp_path / "off" / "heatmaps").exists()
+    assert train.main([*argv, "--output-dir", str(tmp_path / "bad"), "--explain-method", "lrp"]) == 2
+    assert "valid methods: dtd, gradient" in capsys.readouterr().err
