@@ -646,3 +646,28 @@ def test_train_py_explanations_can_be_switched_off_or_use_another_method(phantom
     assert not (tmp_path / "off" / "heatmaps").exists()
     assert train.main([*argv, "--output-dir", str(tmp_path / "bad"), "--explain-method", "lrp"]) == 2
     assert "valid methods: dtd, gradient" in capsys.readouterr().err
+
+
+def test_explaining_during_training_changes_neither_weights_nor_metrics(phantom_hub, tmp_path):
+    from safetensors.torch import load_file
+
+    from stda_hf.training import TrainConfig, run_training
+
+    tiny = {
+        "image_size": 32,
+        "vgg8_widths": (4, 8, 8, 16, 16),
+        "vgg8_hidden": (16, 16),
+        "batch_size": 16,
+        "num_workers": 0,
+        "epochs": 2,
+        "early_stopping": 0,
+        "dataset": str(phantom_hub),
+    }
+    plain = run_training(TrainConfig(output_dir=str(tmp_path / "plain"), **tiny))
+    explained = run_training(
+        TrainConfig(output_dir=str(tmp_path / "explained"), **tiny), on_evaluate=explain_hook(4)
+    )
+    a = load_file(tmp_path / "plain" / "model" / "model.safetensors")
+    b = load_file(tmp_path / "explained" / "model" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert {k: v for k, v in explained.test.items() if not k.startswith("dtd_")} == plain.test
