@@ -226,13 +226,21 @@ def test_models_returning_an_output_object_are_explained_through_its_logits():
     assert negative_fraction(expl).max() == 0
 
 
-def test_a_mixed_precision_model_from_accelerate_is_explained_in_full_precision():
+@pytest.fixture
+def bf16_accelerator():
+    """An Accelerator with bf16 autocast; its process-wide state is reset afterwards for the next runs."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield Accelerator(cpu=True, mixed_precision="bf16")
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_a_mixed_precision_model_from_accelerate_is_explained_in_full_precision(bf16_accelerator):
     plain = random_batch_norms(small_vgg8())
     reference = explain_batch(plain, images(2), method="dtd", mean=MEAN, std=STD)
-    accelerator = Accelerator(cpu=True, mixed_precision="bf16")
-    wrapped = accelerator.unwrap_model(accelerator.prepare(random_batch_norms(small_vgg8())))
+    wrapped = bf16_accelerator.unwrap_model(bf16_accelerator.prepare(random_batch_norms(small_vgg8())))
     assert not torch.equal(wrapped(images(2)), plain(images(2)))  # bf16 autocast for training and evaluation
     expl = explain_batch(wrapped, images(2), method="dtd", mean=MEAN, std=STD)
     assert expl.relevance.dtype == torch.float32
