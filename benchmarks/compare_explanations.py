@@ -39,11 +39,10 @@ from stda_hf.explain import (
     COMPOSITE_NAMES,
     Result,
     Sample,
-    dataset_samples,
     eval_transform,
     explain_samples,
-    folder_samples,
     model_folder,
+    open_source,
     summarize,
 )
 from stda_hf.fileio import write_json
@@ -188,11 +187,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(min(4, torch.get_num_threads()))
     models = [load(args.baseline), load(args.stda)]
     report = SkipReport()
-    source = (
-        folder_samples(args.images, args.split, report)
-        if args.images
-        else dataset_samples(args.dataset, args.split)
-    )
+    source, _ = open_source(args.images, args.dataset, args.split, report)
     if args.limit:
         source = itertools.islice(source, args.limit)
     start = time.perf_counter()

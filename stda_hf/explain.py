@@ -30,6 +30,7 @@ import csv
 import io
 import itertools
 import logging
+import re
 import shutil
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -56,7 +57,7 @@ from .heatmaps import COLORMAPS, Tile, overlay, prediction_tiles, render_grid, s
 from .images import IMAGE_EXTENSIONS, SkipReport, iter_images, load_image, save_image, to_rgb
 from .models.vgg import IMAGENET_MEAN, IMAGENET_STD
 from .phantoms import ARTIFACTS
-from .real import RealFolder, check_id, read_real_folder
+from .real import RealFolder, RealImage, check_id, read_real_folder
 from .utils import progress
 
 logger = logging.getLogger(__name__)
@@ -453,27 +454,52 @@ class Sample:
     artifacts: np.ndarray | None = None  # artifact label map (H, W), None when unknown
 
 
-def folder_samples(root: str | Path, split: str, report: SkipReport) -> Iterator[Sample]:
+def open_source(
+    images: str | Path | None, dataset: str | None, split: str, report: SkipReport
+) -> tuple[Iterator[Sample], int]:
+    """The images to explain, from a folder or a dataset split, and how many there are.
+
+    Everything that can be refused (missing folder, unknown split, no images) is refused here, before any
+    image is read; unreadable images are skipped later and go to ``report``.
+    """
+    if images is not None:
+        return folder_source(images, split, report)
+    ds = load_split(dataset, split)
+    return row_samples(ds), len(ds)
+
+
+def folder_source(root: str | Path, split: str, report: SkipReport) -> tuple[Iterator[Sample], int]:
     """Images of a real-image folder (``split`` of ``splits.csv``, or ``all``) or a plain folder of images.
 
     Masks come from ``masks/<id>.png``; artifact maps from ``artifacts/<id>.png`` in a phantom folder, where a
-    missing file means no artifact. Unreadable images go to ``report``.
+    missing file means no artifact. Returns the samples (read lazily) and their number.
     """
     root = Path(root)
     if not root.is_dir():
         raise StdaError(f"--images {root}: folder not found")
     if (root / "metadata.csv").is_file() or any((root / label).is_dir() for label in LABELS):
-        yield from _real_samples(read_real_folder(root), split, report)
-    else:
-        yield from _plain_samples(root, report)
+        folder = read_real_folder(root)
+        chosen = _real_images(folder, split)
+        return _real_samples(folder, chosen, report), len(chosen)
+    files = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise StdaError(
+            f"--images {root}: no images ({', '.join(IMAGE_EXTENSIONS)}) and no metadata.csv; give a folder "
+            "of images or a real-image folder"
+        )
+    return _plain_samples(root, files, report), len(files)
 
 
-def _real_samples(folder: RealFolder, split: str, report: SkipReport) -> Iterator[Sample]:
-    images = folder.labelled
-    if split != "all" and folder.splits_path.is_file():
-        images = folder.subset(split)
-    elif split != "all":
+def _real_images(folder: RealFolder, split: str) -> list[RealImage]:
+    if split == "all":
+        return folder.labelled
+    if not folder.splits_path.is_file():
         logger.info("%s has no splits.csv: explaining every labelled image", folder.root)
+        return folder.labelled
+    return folder.subset(split)
+
+
+def _real_samples(folder: RealFolder, images: list[RealImage], report: SkipReport) -> Iterator[Sample]:
     knows_artifacts = (folder.root / "artifacts").is_dir() or (folder.root / "phantoms.yaml").is_file()
     for im in images:
         try:
@@ -488,13 +514,8 @@ def _real_samples(folder: RealFolder, split: str, report: SkipReport) -> Iterato
         yield Sample(im.isic_id, image, im.label, "real", mask, artifacts)
 
 
-def _plain_samples(root: Path, report: SkipReport) -> Iterator[Sample]:
-    files = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
-    if not files:
-        raise StdaError(
-            f"--images {root}: no images ({', '.join(IMAGE_EXTENSIONS)}) and no metadata.csv; give a folder "
-            "of images or a real-image folder"
-        )
+def _plain_samples(root: Path, files: list[Path], report: SkipReport) -> Iterator[Sample]:
+    ids: set[str] = set()
     for path, image in iter_images(files, report):
         mask_path = root / "masks" / f"{path.stem}.png"
         try:
@@ -502,7 +523,18 @@ def _plain_samples(root: Path, report: SkipReport) -> Iterator[Sample]:
         except BadImageError as err:
             report.add(err.path, err.reason)
             continue
-        yield Sample(check_id(path.stem, str(path)), image, None, "unknown", mask, None)
+        yield Sample(_file_id(path.stem, ids), image, None, "unknown", mask, None)
+
+
+def _file_id(stem: str, taken: set[str]) -> str:
+    """An output-file-safe id from a file name (unsafe characters become ``_``), unique among ``taken``."""
+    base = re.sub(r"[^A-Za-z0-9_.-]", "_", stem).lstrip("._-")[:120] or "image"
+    candidate, n = base, 1
+    while candidate in taken:
+        n += 1
+        candidate = f"{base}_{n}"
+    taken.add(candidate)
+    return candidate
 
 
 def _read_map(path: Path | None) -> np.ndarray | None:
@@ -512,8 +544,8 @@ def _read_map(path: Path | None) -> np.ndarray | None:
     return np.asarray(load_image(path).convert("L"))
 
 
-def dataset_samples(name: str, split: str) -> Iterator[Sample]:
-    """Rows of ``split`` of a Hub dataset (id) or a local folder written by ``stda package``."""
+def load_split(name: str, split: str):
+    """Split ``split`` of a Hub dataset (id) or a local folder written by ``stda package``, checked for images."""
     import datasets
 
     try:
@@ -525,7 +557,7 @@ def dataset_samples(name: str, split: str) -> Iterator[Sample]:
         ) from err
     if "image" not in ds.column_names:
         raise StdaError(f"dataset {name!r} split {split!r} has no 'image' column; columns: {ds.column_names}")
-    yield from row_samples(ds)
+    return ds
 
 
 def row_samples(rows) -> Iterator[Sample]:
@@ -798,12 +830,11 @@ def run_explain(
         raise StdaError("give exactly one of --images DIR or --dataset NAME_OR_FOLDER")
     out = Path(out)
     model, pre, device = _load_for_explain(model_dir, cfg.device)
-    settings = _settings(model_dir, images, dataset, cfg)
-    _prepare_out(out, settings, overwrite)
     report = SkipReport()
-    source = folder_samples(images, cfg.split, report) if images else dataset_samples(dataset, cfg.split)
+    source, total = open_source(images, dataset, cfg.split, report)
+    _prepare_out(out, _settings(model_dir, images, dataset, cfg), overwrite)
     if cfg.limit:
-        source = itertools.islice(source, cfg.limit)
+        source, total = itertools.islice(source, cfg.limit), min(total, cfg.limit)
     transform = eval_transform(pre)
     model = model.to(device)
 
@@ -813,7 +844,7 @@ def run_explain(
         )
 
     done = {r["id"] for r in read_jsonl(out / "relevance.jsonl")}
-    n_new, shown = _explain_all(source, done, explain, out, cfg)
+    n_new, shown = _explain_all(source, total, done, explain, out, cfg)
     return _finish(out, cfg, explain, shown, n_new, report)
 
 
@@ -888,14 +919,16 @@ def _batches(source: Iterable[Sample], size: int) -> Iterator[list[Sample]]:
         yield batch
 
 
-def _explain_all(source, done: set[str], explain, out: Path, cfg: ExplainConfig) -> tuple[int, list]:
+def _explain_all(
+    source, total: int, done: set[str], explain, out: Path, cfg: ExplainConfig
+) -> tuple[int, list]:
     """Explain every sample not in ``done``; returns the count and the first ``cfg.grid`` for the grid.
 
     A grid entry is a :class:`Result` when explained now, the :class:`Sample` when an earlier run did it.
     """
     shown: list[Result | Sample] = []
     n_new = 0
-    with progress(desc=f"explain ({cfg.method})", unit="img") as bar:
+    with progress(total=total, desc=f"explain ({cfg.method})", unit="img") as bar:
         for batch in _batches(source, cfg.batch_size):
             results = {r.sample.id: r for r in explain([s for s in batch if s.id not in done])}
             for result in results.values():

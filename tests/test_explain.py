@@ -516,6 +516,20 @@ def test_cli_reports_an_unknown_split_in_one_line(phantom_real, saved_model, tmp
     ]
     assert main([*argv, "--split", "holdout"]) == 2
     assert "unknown split 'holdout'" in capsys.readouterr().err
+    assert not (tmp_path / "h").exists()  # refused before anything is written
+
+
+def test_unsafe_file_names_become_distinct_safe_ids(saved_model, tmp_path):
+    folder = tmp_path / "plain"
+    folder.mkdir()
+    for name in ("my lesion.png", "my_lesion.png", "x.png"):  # a space is not allowed in an id
+        Image.new("RGB", (32, 32), (120, 80, 60)).save(folder / name)
+    run_explain(saved_model, tmp_path / "h", ExplainConfig(grid=0), images=folder)
+    assert sorted(p.name for p in (tmp_path / "h" / "heatmaps").iterdir()) == [
+        "my_lesion.png",
+        "my_lesion_2.png",
+        "x.png",
+    ]
 
 
 def test_comparison_script_shows_both_models_and_their_paired_difference(
