@@ -54,7 +54,7 @@ from .config import config_to_dict
 from .errors import BadImageError, StdaError
 from .fileio import append_jsonl, read_jsonl, write_json, write_text
 from .heatmaps import COLORMAPS, Tile, overlay, prediction_tiles, render_grid, save_grid, save_heatmap
-from .images import IMAGE_EXTENSIONS, SkipReport, iter_images, load_image, save_image, to_rgb
+from .images import IMAGE_EXTENSIONS, SkipReport, iter_images, load_image, save_image
 from .models.vgg import IMAGENET_MEAN, IMAGENET_STD
 from .phantoms import ARTIFACTS
 from .real import RealFolder, RealImage, check_id, read_real_folder
@@ -465,7 +465,7 @@ def open_source(
     if images is not None:
         return folder_source(images, split, report)
     ds = load_split(dataset, split)
-    return row_samples(ds), len(ds)
+    return row_samples(ds, report), len(ds)
 
 
 def folder_source(root: str | Path, split: str, report: SkipReport) -> tuple[Iterator[Sample], int]:
@@ -560,21 +560,49 @@ def load_split(name: str, split: str):
     return ds
 
 
-def row_samples(rows) -> Iterator[Sample]:
+def row_samples(rows, report: SkipReport | None = None) -> Iterator[Sample]:
     """Samples from rows of a packaged dataset (``image``, ``label``, ``origin``, ``isic_id``, ``mask``,
-    ``artifact_mask``; every column but ``image`` optional)."""
-    for i, row in enumerate(rows):
+    ``artifact_mask``; every column but ``image`` optional).
+
+    A row whose image or mask does not decode goes to ``report`` (or raises ``BadImageError`` without one).
+    """
+    from .training import decode_image
+
+    for i, row in enumerate(_undecoded(rows)):
+        where = f"row {i} ({row.get('isic_id') or 'no isic_id'})"
+        try:
+            image = decode_image(row["image"], where)
+            mask, artifacts = (_decode_map(row.get(c), where) for c in ("mask", "artifact_mask"))
+        except BadImageError as err:
+            if report is None:
+                raise
+            report.add(err.path, err.reason)
+            continue
         label = row.get("label")
         yield Sample(
-            id=check_id(row.get("isic_id") or f"row_{i:06d}", f"row {i}"),
-            image=to_rgb(row["image"]),
+            id=check_id(row.get("isic_id") or f"row_{i:06d}", where),
+            image=image,
             label=LABELS[label] if isinstance(label, int) and 0 <= label < len(LABELS) else None,
             origin=row.get("origin") or "unknown",
-            mask=None if row.get("mask") is None else np.asarray(row["mask"].convert("L")),
-            artifacts=None
-            if row.get("artifact_mask") is None
-            else np.asarray(row["artifact_mask"].convert("L")),
+            mask=mask,
+            artifacts=artifacts,
         )
+
+
+def _undecoded(ds):
+    """``ds`` with its image columns left as bytes, so each row is decoded (and refused) one by one."""
+    import datasets
+
+    for column in ("image", "mask", "artifact_mask"):
+        if isinstance(ds.features.get(column), datasets.Image):
+            ds = ds.cast_column(column, datasets.Image(decode=False))
+    return ds
+
+
+def _decode_map(value: dict | None, where: str) -> np.ndarray | None:
+    from .training import decode_image
+
+    return None if value is None else np.asarray(decode_image(value, where).convert("L"))
 
 
 def fixed_samples(rows, n: int) -> list[Sample]:

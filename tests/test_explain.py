@@ -472,6 +472,37 @@ def test_plain_image_folder_is_explained_with_masks_unavailable(saved_model, tmp
     assert "unavailable" in s.format()
 
 
+def test_dataset_rows_that_do_not_decode_are_skipped_and_reported():
+    import io
+
+    import datasets
+
+    from stda_hf.explain import row_samples
+    from stda_hf.images import SkipReport
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), "red").save(buf, format="PNG")
+    features = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "label": datasets.ClassLabel(names=["benign", "malignant"]),
+            "isic_id": datasets.Value("string"),
+        }
+    )
+    rows = datasets.Dataset.from_dict(
+        {
+            "image": [{"bytes": buf.getvalue(), "path": None}, {"bytes": b"not a png", "path": None}],
+            "label": [1, 0],
+            "isic_id": ["ISIC_0000001", "ISIC_0000002"],
+        },
+        features=features,
+    )
+    report = SkipReport()
+    samples = list(row_samples(rows, report))
+    assert [(s.id, s.label, s.mask) for s in samples] == [("ISIC_0000001", "malignant", None)]
+    assert list(report.skipped) == ["row 1 (ISIC_0000002)"]
+
+
 def test_target_true_needs_labels(saved_model, tmp_path):
     folder = tmp_path / "plain"
     folder.mkdir()
