@@ -904,6 +904,8 @@ def _setup(cfg: TrainConfig, on_evaluate: EvalHook | None) -> _Run:
     from .metrics import load_metric
 
     run_dir = Path(cfg.output_dir)
+    if logging.getLogger("accelerate").level == logging.NOTSET:
+        logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file checkpoint lines drown ours
     tracker = JsonlTracker(run_dir / "log.jsonl")
     log_with = [tracker, "tensorboard"] if is_tensorboard_available() else [tracker]
     accelerator = Accelerator(

@@ -305,6 +305,22 @@ def test_existing_run_needs_resume_or_overwrite(phantom_hub, tmp_path):
     assert again.status == "finished" and len(_log(tmp_path / "run")) == 2  # epoch 1 and the test record
 
 
+def test_a_transformers_model_from_a_folder_trains_and_reloads(phantom_hub, tmp_path):
+    from transformers import ViTConfig, ViTForImageClassification
+
+    from stda_hf.models import load_model
+
+    config = ViTConfig(
+        image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=32, num_labels=3,
+    )  # fmt: skip
+    ViTForImageClassification(config).save_pretrained(tmp_path / "vit")
+    result = run_training(_cfg(phantom_hub, tmp_path / "run", model=str(tmp_path / "vit"), epochs=1))
+    assert result.status == "finished" and result.test["n"] == 15
+    model, pre = load_model(tmp_path / "run")
+    assert model.config.id2label == {0: "benign", 1: "malignant"} and pre.image_size == 32
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Two processes
 
