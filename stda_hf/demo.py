@@ -7,6 +7,7 @@ into one folder per stage under ``out`` (``real/``, ...), so a user can open eve
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 from .phantoms import PhantomConfig, make_phantoms
@@ -26,9 +27,29 @@ def run_demo(out: str | Path, n: int = 400, size: int = 64, seed: int = 0) -> Pa
     make_splits(real, SplitConfig(seed=seed))
     _step("inspect", str(real))
     print(inspect_folder(real).format())
+    _generate_step(out, real, size, seed)
     hub = _package_step(out, real)
     _train_step(out, hub, size, seed)
     return out
+
+
+def _generate_step(out: Path, real: Path, size: int, seed: int) -> Path:
+    """Restyle benign train phantoms with malignant train ones (random VGG weights: offline, shows the plumbing)."""
+    from .errors import StdaError
+    from .generate import GenerateConfig, generate
+
+    synthetic = out / "synthetic"
+    cfg = GenerateConfig(
+        weights="random", size=size, iterations=10, per_content=1, limit=24, batch=12, seed=seed
+    )
+    _step("generate", f"{cfg.limit} style transfers, {cfg.iterations} L-BFGS steps, {size}px -> {synthetic}")
+    try:
+        summary = generate(real, synthetic, cfg)
+    except StdaError:  # made from an earlier demo's phantoms or settings: start afresh
+        shutil.rmtree(synthetic, ignore_errors=True)
+        summary = generate(real, synthetic, cfg)
+    print(summary.format())
+    return synthetic
 
 
 def _package_step(out: Path, real: Path) -> Path:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
@@ -95,7 +96,8 @@ class NSTConfig:
     lr: float | None = None  # step size (unset: 1.0 for lbfgs, 0.02 for adam)
     iterations: int = 100  # optimiser evaluations (forward+backward passes) per image
     history: int = 100  # L-BFGS curvature pairs kept per image
-    precision: str = "auto"  # auto (bf16 on CUDA, else fp32), fp32 or bf16 autocast (Grams in fp32)
+    clamp: bool = True  # clamp pixels to [0, 1] after every step, as the PyTorch tutorial does
+    precision: str = "auto"  # auto (bf16 where native: CUDA, AVX512-BF16/AMX CPUs), fp32 or bf16 (Grams fp32)
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -240,11 +242,27 @@ def _autocast(precision: str, device: torch.device):
 
 
 def resolve_precision(precision: str, device: torch.device | str) -> str:
-    """``fp32`` or ``bf16``: ``auto`` is bf16 on a CUDA device that supports it, fp32 elsewhere."""
+    """``fp32`` or ``bf16``: ``auto`` is bf16 on a CUDA GPU or CPU with native bf16 arithmetic, else fp32."""
     device = torch.device(device)
     if precision != "auto":
         return precision
-    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "fp32"
+
+
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """Whether the CPU computes in bf16 natively (AVX512-BF16 or AMX), where bf16 autocast is about twice as fast.
+
+    Elsewhere oneDNN emulates bf16 and fp32 is faster. Reads ``/proc/cpuinfo``; False where it is absent.
+    """
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            flags = next((line.split(":", 1)[1].split() for line in fh if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -517,6 +535,9 @@ def stylize(
         (grad,) = torch.autograd.grad(total.sum(), x)
         finite &= torch.isfinite(total) & torch.isfinite(grad).flatten(1).all(1)
         opt.step(x, grad, finite)
+        if cfg.clamp:
+            with torch.no_grad():
+                x.clamp_(0, 1)
     result = x.detach().clamp(0, 1)
     with torch.no_grad():
         final = objective(features, result, content_target, targets, cfg, precision)

@@ -46,8 +46,9 @@ MANIFEST_KEYS = {
 # in-process reference; batches of one image keep the killed run slow enough to be killed between images, and
 # make every run's arithmetic the same, so resumed and sharded runs must give the very same pixels.
 LAYERS = {"content_layer": "conv2_1", "style_layers": ("conv1_1", "conv2_1")}
-RUN = {"weights": "random", "size": 32, "iterations": 8, "per_content": 1, "limit": 6, "batch": 1, **LAYERS}
-FAST = {"weights": "random", "size": 32, "iterations": 1, "per_content": 1, "batch": 4, **LAYERS}
+COMMON = {"weights": "random", "size": 32, "per_content": 1, "precision": "fp32", **LAYERS}
+RUN = {**COMMON, "iterations": 8, "limit": 6, "batch": 1}
+FAST = {**COMMON, "iterations": 1, "batch": 4}
 
 
 def _flags(settings: dict) -> list[str]:
@@ -151,7 +152,7 @@ def test_saved_settings_reload_to_the_same_config(reference):
     from stda_hf.config import load_config
 
     cfg = load_config(GenerateConfig, reference / "generate.yaml")
-    assert cfg == GenerateConfig(**RUN, precision="fp32")
+    assert cfg == GenerateConfig(**RUN)
 
 
 def test_only_train_images_are_read(phantom_real, tmp_path, monkeypatch):
@@ -293,7 +294,7 @@ def test_nan_in_bf16_is_redone_in_fp32(phantom_real_session, tmp_path, reference
         return out
 
     monkeypatch.setattr(VGGFeatures, "forward", poisoned)
-    cfg = GenerateConfig(**{**RUN, "batch": 3}, precision="bf16")
+    cfg = GenerateConfig(**{**RUN, "batch": 3, "precision": "bf16"})
     summary = generate(phantom_real_session, tmp_path / "syn", cfg)
     assert summary.retried == 2 and not summary.failed and summary.done == RUN["limit"]
     ours, ref = _pixels(tmp_path / "syn"), _pixels(reference)

@@ -92,7 +92,7 @@ def _float64(features, images):
     return features.double(), *(t[:2, :, :16, :16].double() for t in images)
 
 
-def test_batched_lbfgs_follows_torch_lbfgs_per_image(features, images, small_cfg):
+def test_batched_lbfgs_follows_the_tutorials_torch_lbfgs_loop_per_image(features, images, small_cfg):
     cfg = dataclasses.replace(small_cfg, iterations=8)
     f, content, style = _float64(copy.deepcopy(features), images)
     targets = style_targets(f, style, cfg)
@@ -103,7 +103,9 @@ def test_batched_lbfgs_follows_torch_lbfgs_per_image(features, images, small_cfg
         x = content[i : i + 1].clone().requires_grad_(True)
         opt = torch.optim.LBFGS([x], lr=1.0, max_iter=cfg.iterations, history_size=cfg.history)
 
-        def closure(x=x, target=target, own=own, opt=opt):
+        def closure(x=x, target=target, own=own, opt=opt):  # the PyTorch tutorial's closure
+            with torch.no_grad():
+                x.clamp_(0, 1)
             opt.zero_grad()
             loss = objective(f, x, target, own, cfg).total.sum()
             loss.backward()
@@ -207,7 +209,7 @@ def test_luminance_mode_transfers_gray_style_and_keeps_content_chroma(features, 
     for layer in cfg.style_layers:
         torch.testing.assert_close(targets[layer], gray[layer])
     result = stylize(features, content, targets, cfg)
-    assert (rgb_to_ycbcr(result.images)[:, 1:] - rgb_to_ycbcr(content)[:, 1:]).abs().mean() < 0.01
+    assert (rgb_to_ycbcr(result.images)[:, 1:] - rgb_to_ycbcr(content)[:, 1:]).abs().mean() < 0.02
 
 
 def test_original_preset_has_the_papers_settings():
@@ -289,3 +291,12 @@ def test_lbfgs_stops_an_image_whose_gradient_vanishes():
     opt.step(x, grad, torch.tensor([True, True]))
     assert opt.active.tolist() == [True, False]
     assert torch.equal(x[1], torch.ones(3)) and not torch.equal(x[0], torch.ones(3))
+
+
+@pytest.mark.parametrize(("native", "expected"), [(True, "bf16"), (False, "fp32")])
+def test_auto_precision_on_cpu_is_bf16_only_where_native(monkeypatch, native, expected):
+    import stda_hf.nst as nst
+
+    monkeypatch.setattr(nst, "cpu_has_native_bf16", lambda: native)
+    assert nst.resolve_precision("auto", "cpu") == expected
+    assert nst.resolve_precision("fp32", "cpu") == "fp32"

@@ -92,6 +92,11 @@ class VGGFeatures(nn.Module):
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.requires_grad_(False).eval()
 
+    @property
+    def taps(self) -> dict[int, str]:
+        """``{index in features: layer name}`` of the returned layers (each the output of a ReLU)."""
+        return dict(self._taps)
+
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Activations of the requested layers for RGB images ``x`` (B, 3, H, W) in [0, 1]."""
         h = (x - self.mean) / self.std
