@@ -82,7 +82,8 @@ def save_plots(logits: torch.Tensor, labels: torch.Tensor, out_dir: Path, auc: f
     fig, ax = plt.subplots(figsize=(3.6, 3.2), dpi=120)
     ax.imshow(matrix, cmap="Blues")
     for (t, p), count in np.ndenumerate(matrix):
-        ax.text(p, t, str(count), ha="center", va="center", color="black", fontsize=12)
+        colour = "white" if count > matrix.max() / 2 else "black"  # readable on dark and light cells
+        ax.text(p, t, str(count), ha="center", va="center", color=colour, fontsize=12)
     ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=LABELS, yticklabels=LABELS)
     ax.set(xlabel="predicted", ylabel="true", title="Test confusion matrix")
     _save_fig(fig, out_dir / CONFUSION_PNG)

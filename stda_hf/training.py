@@ -76,6 +76,7 @@ RUN_CONTROL = (
     "num_workers",
     "push_to_hub",
     "hub_model_id",
+    "hub_private",
 )
 """Settings that may change when a run is resumed; any other difference is refused."""
 MODEL_DIR = "model"
