@@ -37,6 +37,9 @@ logger = logging.getLogger(__name__)
 METRICS = ("roc_auc", "balanced_accuracy", "sensitivity", "specificity", "f1")
 """Test metrics the benchmark compares, in report order (names of the project's binary metric module)."""
 
+RUN_METRICS = (*METRICS, "accuracy", "precision", "loss", "n", "tn", "fp", "fn", "tp")
+"""What the run table keeps of each run's test metrics."""
+
 EXPLANATION_METRICS = ("relevance_in_mask", "relevance_on_artifact")
 """Explanation numbers reported per arm (``stda explain``'s summary, the relevance-localisation measurement)."""
 EXPLAIN_DIR = "explain"
@@ -90,6 +93,9 @@ class BenchmarkConfig:
     train_command: tuple[str, ...] = ()  # command that trains one run (default: python train.py)
     gpus_per_run: int = 1  # GPUs of one run; runs are spread over the visible GPUs, one run per slot
     devices: str = "auto"  # auto (every visible GPU, else CPU), cpu, or GPU ids like 0,1,2
+    cpu_threads: int = (
+        0  # CPU threads of torch in every stage and run (0: torch's default); 1 suits busy CPUs
+    )
     retry_failed: bool = False  # re-run the runs the table records as failed
     run_timeout: float = 0.0  # seconds before a training run is stopped and recorded as failed (0: never)
     curve_metric: str = "roc_auc"  # validation metric of the learning curves
@@ -564,7 +570,9 @@ def render_report(
         ]
         lines += tests_table(stats)
     if stats.explanation_metrics:
-        lines += ["", "## Explanations (Deep Taylor Decomposition on validation images; mean ± SD)", ""]
+        explain = {**DEFAULT_EXPLAIN, **cfg.explain}
+        what = f"`{explain['method']}` on the first {explain['limit'] or 'all'} {explain['split']} images of each fold"
+        lines += ["", f"## Explanations ({what}; share of positive relevance, mean ± SD)", ""]
         lines += results_table(stats, stats.explanation_metrics)
     lines += ["", "## Plots", ""]
     lines += [f"![{title}]({path})" for title, path in plots.items()] or ["No plots (no finished runs)."]
@@ -686,18 +694,30 @@ def plot_learning_curves(
 
 
 def plot_heatmaps(images: dict[str, Path], path: Path, caption: str = "") -> Path:
-    """The arms' heatmap grids of the same fold and seed, one above the other, each titled by its arm."""
-    from .images import load_image
+    """The arms' heatmap grids of the same fold, seed and images, one above the other, each under its arm's name.
 
-    plt = _pyplot()
-    fig, axes = plt.subplots(len(images), 1, figsize=(8, 2.2 * len(images)), squeeze=False)
-    for ax, (arm, image) in zip(axes[:, 0], images.items(), strict=True):
-        ax.imshow(np.asarray(load_image(image)))
-        ax.set_title(arm, fontsize=9)
-        ax.axis("off")
+    Composed at the grids' own resolution (no resampling), so every pixel of the heatmaps stays readable.
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    from .images import load_image, save_image
+
+    grids = {arm: load_image(p) for arm, p in images.items()}
+    font = ImageFont.load_default(size=14)
+    bar = 24
+    width = max(g.width for g in grids.values())
+    height = bar * (len(grids) + bool(caption)) + sum(g.height for g in grids.values())
+    canvas = Image.new("RGB", (width, height), "white")
+    draw, y = ImageDraw.Draw(canvas), 0
     if caption:
-        fig.suptitle(caption, fontsize=9)
-    return _save_figure(fig, path)
+        draw.text((6, y + 4), caption, fill="black", font=font)
+        y += bar
+    for arm, grid in grids.items():
+        draw.text((6, y + 4), arm, fill="black", font=font)
+        canvas.paste(grid, (0, y + bar))
+        y += bar + grid.height
+    save_image(canvas, path)
+    return path
 
 
 def _save_figure(fig, path: Path) -> Path:
@@ -923,7 +943,7 @@ def train_teacher(cfg: BenchmarkConfig, run_dir: Path, dataset: Path) -> Path:
         "dataset": str(dataset),
     }
     argv = train_argv(cfg, settings, run_dir, "resume")
-    ok, error, _ = run_command(argv, run_dir.with_suffix(".log"), None, cfg.run_timeout)
+    ok, error, _ = run_command(argv, run_dir.with_suffix(".log"), None, cfg.run_timeout, cfg.cpu_threads)
     if not ok:
         raise StdaError(f"teacher training in {run_dir} failed: {error}")
     return run_dir
@@ -969,11 +989,14 @@ def train_argv(cfg: BenchmarkConfig, settings: dict[str, Any], run_dir: Path, mo
     return [*(base or default_train_command(cfg.gpus_per_run)), "--config", str(config), f"--{mode}"]
 
 
-def run_command(argv: list[str], log: Path, devices: str | None, timeout: float) -> tuple[bool, str, float]:
+def run_command(
+    argv: list[str], log: Path, devices: str | None, timeout: float, threads: int = 0
+) -> tuple[bool, str, float]:
     """Run one training command with its output in ``log``; return (ok, error, seconds).
 
     The command runs in its own process group, so a timeout or Ctrl-C stops it and every worker it started.
-    ``devices`` sets ``CUDA_VISIBLE_DEVICES`` (None: the CPU, or whatever the environment says).
+    ``devices`` sets ``CUDA_VISIBLE_DEVICES`` (None: the CPU, or whatever the environment says); ``threads``
+    (if positive) caps its CPU threads.
     """
     import os
     import subprocess
@@ -982,6 +1005,8 @@ def run_command(argv: list[str], log: Path, devices: str | None, timeout: float)
     env = {**os.environ, "STDA_NO_PROGRESS": "1", "PYTHONUNBUFFERED": "1"}
     if devices is not None:
         env["CUDA_VISIBLE_DEVICES"] = devices
+    if threads > 0:
+        env.update(dict.fromkeys(("OMP_NUM_THREADS", "MKL_NUM_THREADS"), str(threads)))
     log.parent.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
     with open(log, "ab") as fh:
@@ -1057,7 +1082,10 @@ def device_slots(devices: str, gpus_per_run: int) -> list[str | None]:
 
 
 def read_run_metrics(run_dir: Path) -> dict[str, float]:
-    """Scalar test metrics of a finished run (``metrics/test.json``, written through ``evaluate.save``).
+    """Test metrics of a finished run (:data:`RUN_METRICS` from ``metrics/test.json``, ``evaluate.save``'s file).
+
+    Explanation numbers the trainer may log there are left out: the benchmark explains every run itself, on
+    the same images for every arm (:func:`explain_run`).
 
     Raises
     ------
@@ -1070,14 +1098,7 @@ def read_run_metrics(run_dir: Path) -> dict[str, float]:
     if not path.is_file():
         raise StdaError(f"{run_dir} finished without test metrics ({path} missing)")
     raw = json.loads(path.read_text(encoding="utf-8"))
-    return {
-        key: float(value)
-        for key, value in raw.items()
-        if isinstance(value, (int, float))
-        and not isinstance(value, bool)
-        and not key.startswith(("_", "hook_"))
-        and key != "epoch"
-    }
+    return {k: float(raw[k]) for k in RUN_METRICS if isinstance(raw.get(k), (int, float))}
 
 
 def read_run_log(run_dir: Path) -> list[dict[str, float]]:
@@ -1109,9 +1130,8 @@ def explain_run(cfg: BenchmarkConfig, key: RunKey, run_dir: Path) -> dict[str, f
     from .explain import ExplainConfig, run_explain
 
     view = fold_dir(cfg, key.fold) / "real"
-    summary = run_explain(
-        run_dir, run_dir / EXPLAIN_DIR, ExplainConfig(**cfg.explain), images=view, overwrite=True
-    )
+    settings = ExplainConfig(**{**DEFAULT_EXPLAIN, **cfg.explain})
+    summary = run_explain(run_dir, run_dir / EXPLAIN_DIR, settings, images=view, overwrite=True)
     return {m: summary.numbers.get(m) for m in EXPLANATION_METRICS}
 
 
@@ -1223,7 +1243,8 @@ def run_one(cfg: BenchmarkConfig, key: RunKey, dataset: Path, slot: str | None, 
         log.unlink(missing_ok=True)
         shutil.rmtree(run_dir / EXPLAIN_DIR, ignore_errors=True)
     settings = {**cfg.train, **cfg.arms[key.arm], "seed": key.seed, "dataset": str(dataset)}
-    ok, error, seconds = run_command(train_argv(cfg, settings, run_dir, mode), log, slot, cfg.run_timeout)
+    argv = train_argv(cfg, settings, run_dir, mode)
+    ok, error, seconds = run_command(argv, log, slot, cfg.run_timeout, cfg.cpu_threads)
     metrics: dict[str, float] = {}
     if ok:
         try:
@@ -1308,6 +1329,10 @@ def run_benchmark(cfg: BenchmarkConfig, config_path: str = "", report_only: bool
 
     if not report_only:
         cfg.work_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.cpu_threads > 0:
+            import torch
+
+            torch.set_num_threads(cfg.cpu_threads)
         sources = prepare_sources(cfg)
         folds = make_folds(sources["test"], cfg.folds, cfg.fold_seed, cfg.val, cfg.phash_distance)
         check_protocol(cfg, folds)
@@ -1373,7 +1398,10 @@ def render_plots(cfg: BenchmarkConfig, table: RunTable, stats: BenchmarkStats, o
     pair = heatmap_pair(cfg, done, stats.arms)
     if pair:
         (fold, seed), images = pair
-        plot_heatmaps(images, out / "heatmaps.png", f"fold {fold}, seed {seed}: the same validation images")
+        split = {**DEFAULT_EXPLAIN, **cfg.explain}["split"]
+        plot_heatmaps(
+            images, out / "heatmaps.png", f"fold {fold}, seed {seed}: the same {split} images, per arm"
+        )
         plots["Heatmaps of the same images, per arm"] = "heatmaps.png"
     return plots
 

@@ -467,3 +467,54 @@ def test_interrupted_benchmark_stops_its_run_and_resumes_it(fake, tmp_path):
     table = RunTable.load(tmp_path / "work" / "runs.csv")
     assert [table.status(k) for k in sorted(table.rows)] == ["done"] * 4
     assert len(_calls(tmp_path)) == 5
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# End to end with the real stages at the smallest size
+
+
+@pytest.mark.slow
+def test_real_stages_end_to_end_at_minimal_size(phantom_real_session, tmp_path):
+    """Teacher, style transfer, pseudo-labels, packaging, train.py runs, explanations and the report."""
+    cfg = BenchmarkConfig(
+        name="tiny",
+        real=str(phantom_real_session),
+        out=str(tmp_path / "work"),
+        report=str(tmp_path / "report"),
+        folds=2,
+        seeds=(0,),
+        arms={"baseline": {"synthetic": "none"}, "mix": {"synthetic": "mix", "synthetic_ratio": 0.5}},
+        train={
+            "image_size": 32,
+            "vgg8_widths": [4, 8, 8, 8, 8],
+            "vgg8_hidden": [8, 8],
+            "epochs": 1,
+            "batch_size": 32,
+            "num_workers": 0,
+            "check_images": False,
+        },
+        generate={
+            "size": 32,
+            "per_content": 1,
+            "iterations": 2,
+            "weights": "random",
+            "device": "cpu",
+            "limit": 6,
+        },
+        label={"device": "cpu"},
+        explain={"split": "test", "limit": 4, "grid": 4, "device": "cpu"},
+        devices="cpu",
+        cpu_threads=1,
+    )
+    report = bm.run_benchmark(cfg)
+    table = RunTable.load(tmp_path / "work" / "runs.csv")
+    assert {r["status"] for r in table.rows.values()} == {"done"}, table.to_csv()
+    assert all(0.0 <= r["roc_auc"] <= 1.0 and r["relevance_in_mask"] is not None for r in table.rows.values())
+    for fold in range(2):
+        d = bm.fold_dir(cfg, fold)
+        assert bm.check_fold_synthetic(d / "real", d / "synthetic") == 6
+        assert json.loads((d / "fold.json").read_text())["synthetic"]["images"] == 6
+        teacher_ids = set((d / "teacher" / "train_ids.txt").read_text().split())
+        assert teacher_ids <= {im.isic_id for im in read_real_folder(d / "real").subset("train")}
+    text = report.read_text()
+    assert "| mix | ROC AUC | 2 (" in text and "heatmaps.png" in text
