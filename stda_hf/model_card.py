@@ -147,7 +147,13 @@ def _model_name(cfg: dict[str, Any]) -> str:
         "mix": "real + synthetic (mix)",
         "pretrain": "synthetic pretrain + real",
     }
-    return f"{cfg['model'].upper() if '/' not in cfg['model'] else cfg['model']} skin-lesion classifier ({arm[cfg['synthetic']]})"
+    model = cfg["model"].upper() if cfg["model"].startswith("vgg") else _public(cfg["model"])
+    return f"{model} skin-lesion classifier ({arm[cfg['synthetic']]})"
+
+
+def _public(name: str) -> str:
+    """A Hub id as is; a local path reduced to its last part, so the card never shows the user's folders."""
+    return name if _is_hub_id(name) else Path(name).name
 
 
 def _eval_results(facts: RunFacts) -> list:
@@ -160,8 +166,8 @@ def _eval_results(facts: RunFacts) -> list:
         EvalResult(
             task_type="image-classification",
             task_name="Benign vs malignant skin-lesion classification",
-            dataset_type=cfg["dataset"] if _is_hub_id(cfg["dataset"]) else Path(cfg["dataset"]).name,
-            dataset_name=cfg["dataset"],
+            dataset_type=_public(cfg["dataset"]),
+            dataset_name=_public(cfg["dataset"]),
             dataset_config=cfg.get("dataset_config"),
             dataset_split="test",
             dataset_revision=cfg.get("revision"),
@@ -183,7 +189,7 @@ def _summary(facts: RunFacts) -> str:
     }[cfg["synthetic"]]
     return (
         f"A benign (0) vs malignant (1) classifier trained with [stda-hf](https://huggingface.co/datasets/stda/skin-lesions) "
-        f"`train.py` on `{cfg['dataset']}` using {synthetic}. Synthetic images are benign lesions restyled with "
+        f"`train.py` on `{_public(cfg['dataset'])}` using {synthetic}. Synthetic images are benign lesions restyled with "
         f"malignant texture by neural style transfer and pseudo-labelled by a teacher trained on real images, as in "
         f"*{PAPER}*. Validation and test images are real images only."
     )
@@ -226,7 +232,7 @@ def _model_section(facts: RunFacts) -> list[str]:
     lines = [
         "## Model",
         "",
-        f"`{cfg['model']}`, {facts.parameters:,} parameters, initial weights {facts.weights}.",
+        f"`{_public(cfg['model'])}`, {facts.parameters:,} parameters, initial weights {facts.weights}.",
     ]
     if cfg["model"] == "vgg8":
         lines += [
@@ -247,7 +253,7 @@ def _data_section(facts: RunFacts) -> list[str]:
     lines = [
         "## Training data",
         "",
-        f"Dataset `{cfg['dataset']}`"
+        f"Dataset `{_public(cfg['dataset'])}`"
         + (f" (config `{cfg['dataset_config']}`)" if cfg.get("dataset_config") else "")
         + f"; images per split: {sizes}.",
     ]
@@ -257,8 +263,8 @@ def _data_section(facts: RunFacts) -> list[str]:
         )
     lines.append(
         f"Licence of the training data: {facts.dataset_license or 'unknown (see the dataset card)'}; the model "
-        "card carries it because the model is derived from those images. `data.json` lists every image id "
-        "the model was trained on."
+        "card carries it because the model is derived from those images. The run folder's `train_ids.txt` "
+        "(not uploaded) lists every image id the model was trained on."
     )
     return [*lines, ""]
 
