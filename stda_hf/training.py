@@ -940,8 +940,8 @@ def _world_size() -> int:
 def _cpu_only_launch() -> bool:
     """True for several processes on a machine without accelerator (torchrun on CPUs): train with gloo.
 
-    Accelerate only goes multi-process on CPUs when told to (``accelerate launch --cpu``); torchrun alone would
-    otherwise start independent copies of the same run.
+    Accelerate treats several CPU processes as one distributed run only when asked (``cpu=True``); without it
+    torchrun would start independent copies of the same run, all writing the same folder.
     """
     has_accelerator = getattr(torch, "accelerator", None)
     busy = has_accelerator.is_available() if has_accelerator is not None else torch.cuda.is_available()
@@ -951,8 +951,8 @@ def _cpu_only_launch() -> bool:
 def _check_world(accelerator) -> None:
     if accelerator.num_processes != _world_size():
         raise StdaError(
-            f"launched as {_world_size()} processes but Accelerate runs {accelerator.num_processes}; use "
-            "`accelerate launch` (add --cpu on machines without GPU) or torchrun with a GPU per process"
+            f"launched as {_world_size()} processes but Accelerate runs {accelerator.num_processes}; launch with "
+            "`torchrun --nproc_per_node N train.py` (CPUs) or `accelerate launch --multi_gpu` (GPUs)"
         )
 
 

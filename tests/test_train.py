@@ -225,6 +225,7 @@ def test_model_card_has_the_test_metrics_as_model_index_and_the_layer_list(finis
     assert card.data.eval_results[0].dataset_split == "test"
     assert "8. Linear(32, 2)" in card.text and "1. Conv2d(3, 8, 3x3, padding 1)" in card.text
     assert card.data.license == "cc0-1.0"  # the phantom dataset's licence travels with the model
+    assert str(run.parent) not in card.content and str(Path.home()) not in card.content  # no local folders
     for png in ("confusion_matrix.png", "roc_curve.png"):
         assert f"]({png})" in card.text
         with Image.open(run / "model" / png) as img:
