@@ -41,7 +41,6 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     add_config_flags(parser, TrainConfig)
-    _add_explain_flags(parser)
     return parser
 
 
@@ -50,12 +49,11 @@ def main(argv: Sequence[str] | None = None, on_evaluate: EvalHook | None = None)
 
     ``on_evaluate`` is called after each validation and the final test evaluation
     (see :class:`~stda_hf.training.EvalContext`); without one, ``--explain-images`` fixed images are explained
-    there (:func:`stda_hf.explain.explain_hook`).
+    there (:func:`stda_hf.explain.explain_hook`, set up by :func:`~stda_hf.training.run_training`).
     """
     args = get_args_parser().parse_args(argv)
     _setup_logging(args.verbose)
     try:
-        on_evaluate = on_evaluate or _explain_hook(args)
         result = run_training(config_from_args(TrainConfig, args), on_evaluate=on_evaluate)
     except StdaError as err:
         if args.debug:
@@ -68,33 +66,6 @@ def main(argv: Sequence[str] | None = None, on_evaluate: EvalHook | None = None)
     if result.is_main_process:
         print(summary(result))
     return 0
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Explanations (stda_hf.explain): DTD heatmaps and relevance numbers of fixed validation images at each evaluation
-
-
-def _add_explain_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("explanations")
-    group.add_argument(
-        "--explain-images",
-        type=int,
-        default=8,
-        metavar="N",
-        help="validation (and test) images explained at each evaluation: heatmap grid in <run>/heatmaps, "
-        "relevance in the lesion and on artifacts logged (0: none; default: 8)",
-    )
-    group.add_argument(
-        "--explain-method", default="dtd", help="attribution method of those explanations (default: dtd)"
-    )
-
-
-def _explain_hook(args: argparse.Namespace) -> EvalHook | None:
-    from stda_hf.explain import explain_hook
-
-    if args.explain_images < 0:
-        raise StdaError(f"--explain-images {args.explain_images}: give a count (0 switches explanations off)")
-    return explain_hook(args.explain_images, args.explain_method) if args.explain_images else None
 
 
 def _setup_logging(verbose: bool) -> None:

@@ -77,8 +77,10 @@ RUN_CONTROL = (
     "push_to_hub",
     "hub_model_id",
     "hub_private",
+    "explain_images",
+    "explain_method",
 )
-"""Settings that may change when a run is resumed; any other difference is refused."""
+"""Settings that may change when a run is resumed (none changes the weights); any other is refused."""
 MODEL_DIR = "model"
 """Sub-folder of a run with the final model, its card and plots: exactly what ``--push-to-hub`` uploads."""
 
@@ -134,6 +136,8 @@ class TrainConfig:
     push_to_hub: bool = False  # upload the final model, card and plots to the Hub
     hub_model_id: str | None = None  # Hub model repo for --push-to-hub, e.g. me/vgg8-stda
     hub_private: bool = False  # create the Hub repo as private
+    explain_images: int = 8  # validation/test images explained at each evaluation (heatmaps/, logged numbers; 0: off)
+    explain_method: str = "dtd"  # attribution method of those explanations (dtd, gradient, or a zennit composite)
 
 
 def check_config(cfg: TrainConfig) -> None:
@@ -157,6 +161,10 @@ def check_config(cfg: TrainConfig) -> None:
                 f"--{_flag(name)} {getattr(cfg, name)!r} is not valid; choose one of {list(valid)}"
             )
     _check_ranges(cfg)
+    if cfg.explain_images:
+        from .explain import check_composite_name
+
+        check_composite_name(cfg.explain_method)
     if cfg.push_to_hub and not cfg.hub_model_id:
         raise StdaError("--push-to-hub needs --hub-model-id (e.g. your-name/vgg8-stda)")
     if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
@@ -168,7 +176,9 @@ def _check_ranges(cfg: TrainConfig) -> None:
     for name in positive:
         if getattr(cfg, name) < 1:
             raise StdaError(f"--{_flag(name)} must be at least 1; got {getattr(cfg, name)}")
-    for name in ("pretrain_epochs", "warmup_epochs", "early_stopping", "num_workers", "stop_after_epoch"):
+    for name in (
+        "pretrain_epochs", "warmup_epochs", "early_stopping", "num_workers", "stop_after_epoch", "explain_images"
+    ):  # fmt: skip
         if getattr(cfg, name) < 0:
             raise StdaError(f"--{_flag(name)} must not be negative; got {getattr(cfg, name)}")
     checks = (
@@ -874,8 +884,9 @@ def run_training(cfg: TrainConfig, on_evaluate: EvalHook | None = None) -> Train
     cfg : TrainConfig
         Settings (see ``train.py --help``).
     on_evaluate : callable, optional
-        Called with an :class:`EvalContext` after each validation and after the test evaluation (explanations
-        hook here); the numbers it returns are logged.
+        Called with an :class:`EvalContext` after each validation and after the test evaluation; the numbers
+        it returns are logged. Default: explain ``cfg.explain_images`` fixed images with
+        ``cfg.explain_method`` (:func:`stda_hf.explain.explain_hook`), or nothing when that is 0.
 
     Returns
     -------
@@ -888,6 +899,10 @@ def run_training(cfg: TrainConfig, on_evaluate: EvalHook | None = None) -> Train
         Bad settings or dataset, a run folder in the way, a non-finite loss.
     """
     check_config(cfg)
+    if on_evaluate is None and cfg.explain_images:
+        from .explain import explain_hook
+
+        on_evaluate = explain_hook(cfg.explain_images, cfg.explain_method)
     run = _setup(cfg, on_evaluate)
     status = _fit(run)
     if status == "stopped":

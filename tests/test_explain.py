@@ -716,7 +716,7 @@ def test_explaining_during_training_changes_neither_weights_nor_metrics(phantom_
         "early_stopping": 0,
         "dataset": str(phantom_hub),
     }
-    plain = run_training(TrainConfig(output_dir=str(tmp_path / "plain"), **tiny))
+    plain = run_training(TrainConfig(output_dir=str(tmp_path / "plain"), explain_images=0, **tiny))
     explained = run_training(
         TrainConfig(output_dir=str(tmp_path / "explained"), **tiny), on_evaluate=explain_hook(4)
     )
@@ -724,3 +724,21 @@ def test_explaining_during_training_changes_neither_weights_nor_metrics(phantom_
     b = load_file(tmp_path / "explained" / "model" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert {k: v for k, v in explained.test.items() if not k.startswith("dtd_")} == plain.test
+
+
+def test_explanation_settings_live_in_the_run_config(phantom_hub, tmp_path):
+    import yaml
+
+    from stda_hf.errors import StdaError
+    from stda_hf.training import TrainConfig, run_training
+
+    cfg = TrainConfig(
+        dataset=str(phantom_hub), output_dir=str(tmp_path / "run"), image_size=32, vgg8_widths=(4, 8, 8, 16, 16),
+        vgg8_hidden=(16, 16), batch_size=16, num_workers=0, epochs=1, explain_images=2, explain_method="gradient",
+    )  # fmt: skip
+    run_training(cfg)
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["explain_images"] == 2 and saved["explain_method"] == "gradient"
+    assert any(p.name.startswith("validation-epoch_") for p in (tmp_path / "run" / "heatmaps").iterdir())
+    with pytest.raises(StdaError, match="valid methods"):
+        run_training(TrainConfig(dataset=str(phantom_hub), output_dir=str(tmp_path / "x"), explain_method="lrp"))
