@@ -275,6 +275,7 @@ class ArmSummary:
     mean: float
     sd: float  # over all runs (folds and seeds): data and run-to-run variation together
     seed_sd: float  # pooled within-fold SD across seeds: run-to-run spread on the same data (repeatability)
+    seed_dof: int  # degrees of freedom of seed_sd (runs minus folds, over folds with two seeds or more)
     minimum: float
     maximum: float
 
@@ -307,8 +308,8 @@ def values_by_pair(rows: list[dict[str, Any]], arm: str, metric: str) -> dict[tu
     return out
 
 
-def seed_spread(values: dict[tuple[int, int], float]) -> float:
-    """Pooled within-fold standard deviation across seeds (nan unless some fold has two seeds).
+def seed_spread(values: dict[tuple[int, int], float]) -> tuple[float, int]:
+    """Pooled within-fold standard deviation across seeds and its degrees of freedom (nan, 0 without repeats).
 
     The square root of the degrees-of-freedom-weighted mean of each fold's variance across seeds: how much a
     result moves when only the seed changes, with the data held fixed.
@@ -319,14 +320,29 @@ def seed_spread(values: dict[tuple[int, int], float]) -> float:
     groups = [np.asarray(v) for v in by_fold.values() if len(v) >= 2]
     dof = sum(len(g) - 1 for g in groups)
     if dof == 0:
-        return float("nan")
-    return float(math.sqrt(sum(float(((g - g.mean()) ** 2).sum()) for g in groups) / dof))
+        return float("nan"), 0
+    return float(math.sqrt(sum(float(((g - g.mean()) ** 2).sum()) for g in groups) / dof)), dof
+
+
+def equal_spread_band(dof_a: int, dof_b: int, level: float = 0.95) -> tuple[float, float]:
+    """The range of SD ratios ``a / b`` that two equally spread arms give with probability ``level``.
+
+    Under normal errors the ratio of the pooled variances follows an F distribution with ``(dof_a, dof_b)``
+    degrees of freedom; the band is the square root of its central ``level`` interval.
+    """
+    from scipy.stats import f
+
+    if dof_a < 1 or dof_b < 1:
+        return float("nan"), float("nan")
+    tail = (1.0 - level) / 2
+    return float(math.sqrt(f.ppf(tail, dof_a, dof_b))), float(math.sqrt(f.ppf(1 - tail, dof_a, dof_b)))
 
 
 def summarize_arm(rows: list[dict[str, Any]], arm: str, metric: str) -> ArmSummary:
     """Mean, SD, seed-to-seed spread and range of one arm's ``metric``."""
     values = values_by_pair(rows, arm, metric)
     x = np.asarray(list(values.values()), dtype=float)
+    seed_sd, seed_dof = seed_spread(values)
     nan = float("nan")
     return ArmSummary(
         arm=arm,
@@ -334,7 +350,8 @@ def summarize_arm(rows: list[dict[str, Any]], arm: str, metric: str) -> ArmSumma
         n=len(x),
         mean=float(x.mean()) if len(x) else nan,
         sd=float(x.std(ddof=1)) if len(x) >= 2 else nan,
-        seed_sd=seed_spread(values),
+        seed_sd=seed_sd,
+        seed_dof=seed_dof,
         minimum=float(x.min()) if len(x) else nan,
         maximum=float(x.max()) if len(x) else nan,
     )
@@ -535,13 +552,31 @@ def caveats(stats: BenchmarkStats) -> list[str]:
         )
     lines.append(
         "- Repeatability is the pooled within-fold SD across seeds (same data, different seed); a ratio below "
-        "1 means the arm's runs agree more closely than the baseline's. With few seeds it is itself noisy."
+        "1 means the arm's runs agree more closely than the baseline's."
     )
+    lines += _spread_caveat(stats)
     if stats.n_failed:
         lines.append(
             f"- {stats.n_failed} run(s) failed and are left out (see below); pairs missing a run drop."
         )
     return lines
+
+
+def _spread_caveat(stats: BenchmarkStats) -> list[str]:
+    """How far SD ratios stray by chance alone with the seed repeats the table has (F distribution)."""
+    others = [a for a in stats.arms if a != stats.baseline]
+    if not stats.metrics or not others:
+        return []
+    metric = stats.metrics[0]
+    dof_base = stats.summaries[(stats.baseline, metric)].seed_dof
+    dof_arm = max(stats.summaries[(a, metric)].seed_dof for a in others)
+    lo, hi = equal_spread_band(dof_arm, dof_base)
+    if not math.isfinite(lo):
+        return ["- No fold has two finished seeds yet, so there is no repeatability figure."]
+    return [
+        f"- The seed SDs rest on {dof_arm} and {dof_base} degrees of freedom: two arms with truly equal spread give "
+        f"SD ratios between {lo:.2f} and {hi:.2f} 95% of the time, so only ratios outside that band say anything."
+    ]
 
 
 def render_report(

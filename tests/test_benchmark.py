@@ -243,8 +243,17 @@ def test_holm_adjusts_the_finite_p_values_as_a_family():
 
 def test_seed_spread_is_the_pooled_within_fold_sd():
     values = {(0, 0): 1.0, (0, 1): 3.0, (1, 0): 2.0, (1, 1): 2.0}
-    assert bm.seed_spread(values) == pytest.approx(1.0)
-    assert math.isnan(bm.seed_spread({(0, 0): 1.0, (1, 0): 2.0}))
+    assert bm.seed_spread(values) == (pytest.approx(1.0), 2)
+    sd, dof = bm.seed_spread({(0, 0): 1.0, (1, 0): 2.0})
+    assert math.isnan(sd) and dof == 0
+
+
+def test_equal_spread_band_is_wide_with_few_repeats_and_narrows_with_more():
+    lo, hi = bm.equal_spread_band(3, 3)
+    assert (lo, hi) == (pytest.approx(0.2546, abs=1e-3), pytest.approx(3.928, abs=1e-2))
+    assert lo == pytest.approx(1 / hi)
+    lo100, hi100 = bm.equal_spread_band(100, 100)
+    assert lo < lo100 < 1 < hi100 < hi
 
 
 def _rows(effect: float, noise: dict[str, float]) -> list[dict]:
@@ -283,6 +292,7 @@ def test_report_states_the_table_tests_and_caveats(tmp_path):
     assert "| mix | ROC AUC | 6 (6) | +0.100 |" in text
     assert "smallest two-sided p a Wilcoxon test can give with 6 pairs is 0.0312" in text
     assert "mix fold 9 seed 0: x" in text
+    assert "truly equal spread give SD ratios between 0.25 and 3.93" in text
     assert "![Box plots](boxplots.png)" in text and text.rstrip().endswith("It shows X.")
 
 
