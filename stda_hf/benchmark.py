@@ -93,9 +93,7 @@ class BenchmarkConfig:
     train_command: tuple[str, ...] = ()  # command that trains one run (default: python train.py)
     gpus_per_run: int = 1  # GPUs of one run; runs are spread over the visible GPUs, one run per slot
     devices: str = "auto"  # auto (every visible GPU, else CPU), cpu, or GPU ids like 0,1,2
-    cpu_threads: int = (
-        0  # CPU threads of torch in every stage and run (0: torch's default); 1 suits busy CPUs
-    )
+    cpu_threads: int = 0  # torch CPU threads of every stage and run (0: torch's default; 1 suits busy CPUs)
     retry_failed: bool = False  # re-run the runs the table records as failed
     run_timeout: float = 0.0  # seconds before a training run is stopped and recorded as failed (0: never)
     curve_metric: str = "roc_auc"  # validation metric of the learning curves
@@ -1191,6 +1189,39 @@ def explain_runs(cfg: BenchmarkConfig, table: RunTable) -> None:
 # The benchmark: protocol check, folds, runs, report
 
 
+def check_stage_settings(cfg: BenchmarkConfig) -> None:
+    """Build every stage's config from the benchmark's settings now, so a typo fails before hours of work.
+
+    Raises
+    ------
+    StdaError
+        Naming the section (``generate``, ``arms.mix``, ...) and the stage's own complaint.
+    """
+    from .config import load_config
+    from .explain import ExplainConfig
+    from .generate import GenerateConfig
+    from .label import LabelConfig
+
+    checks: list[tuple[str, type, dict[str, Any], Any]] = [
+        ("generate", GenerateConfig, cfg.generate, None),
+        ("label", LabelConfig, {**cfg.label, "teacher": "<each fold's teacher>"}, None),
+    ]
+    if cfg.explain:
+        checks.append(("explain", ExplainConfig, {**DEFAULT_EXPLAIN, **cfg.explain}, None))
+    if not cfg.train_command:  # train.py's own settings; another trainer may take others
+        from .training import TrainConfig, check_config
+
+        checks.append(("teacher", TrainConfig, {**cfg.train, **cfg.teacher}, check_config))
+        checks += [(f"arms.{a}", TrainConfig, {**cfg.train, **s}, check_config) for a, s in cfg.arms.items()]
+    for where, cls, values, extra_check in checks:
+        try:
+            built = load_config(cls, None, **values)
+            if extra_check is not None:
+                extra_check(built)
+        except StdaError as err:
+            raise StdaError(f"benchmark setting `{where}`: {err}") from None
+
+
 def protocol_record(cfg: BenchmarkConfig, folds) -> dict[str, Any]:
     """What fixes the meaning of every run (data, folds, stage and training settings) and each arm's settings."""
     from .config import config_to_dict
@@ -1363,6 +1394,7 @@ def run_benchmark(cfg: BenchmarkConfig, config_path: str = "", report_only: bool
     from .split import make_folds
 
     if not report_only:
+        check_stage_settings(cfg)
         cfg.work_dir.mkdir(parents=True, exist_ok=True)
         if cfg.cpu_threads > 0:
             import torch

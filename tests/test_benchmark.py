@@ -120,6 +120,7 @@ def test_shipped_configs_load():
     for path in configs:
         cfg = load_config(BenchmarkConfig, path)
         assert cfg.baseline in cfg.arms, path
+        bm.check_stage_settings(cfg)  # every stage accepts its section
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -528,3 +529,18 @@ def test_real_stages_end_to_end_at_minimal_size(phantom_real_session, tmp_path):
         assert teacher_ids <= {im.isic_id for im in read_real_folder(d / "real").subset("train")}
     text = report.read_text()
     assert "| mix | ROC AUC | 2 (" in text and "heatmaps.png" in text
+
+
+@pytest.mark.parametrize(
+    ("settings", "match"),
+    [
+        ({"generate": {"iteratons": 5}}, r"`generate`: unknown setting\(s\) \['iteratons'\]"),
+        ({"arms": {"baseline": {"synthetic": "mixx"}}}, r"`arms.baseline`: --synthetic 'mixx' is not valid"),
+        ({"explain": {"method": "nope"}}, "`explain`"),
+    ],
+)
+def test_a_typo_in_stage_settings_fails_before_any_work(tmp_path, settings, match):
+    cfg = BenchmarkConfig(name="typo", out=str(tmp_path / "work"), phantoms={"n": 20, "size": 32}, **settings)
+    with pytest.raises(StdaError, match=match):
+        bm.run_benchmark(cfg)
+    assert not (tmp_path / "work").exists()
