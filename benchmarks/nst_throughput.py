@@ -199,7 +199,7 @@ def main(argv=None) -> None:
     features = build_vgg_features(cfg.arch, cfg.layers(), cfg.pooling, args.weights).to(device)
     contents, styles = phantom_pairs(args.pairs, args.size, device)
     plain_s = engine_s = bare_s = optimise_s = 0.0
-    plain_loss, engine_loss = [], []
+    plain_loss, engine_loss, redone = [], [], 0
     for start in range(0, args.pairs, args.batch):
         content, style = contents[start : start + args.batch], styles[start : start + args.batch]
         targets, t_targets = timed(lambda style=style: style_targets(features, style, cfg), device)
@@ -211,6 +211,7 @@ def main(argv=None) -> None:
             t_bare = min(t_bare, t)
         engine_s += t_targets + t_engine
         engine_loss.append(final_losses(features, cfg, content, result.images, targets))
+        redone += int(result.redone.sum())
         bare_s += t_bare
         optimise_s += t_engine
         if args.skip_plain:
@@ -222,6 +223,10 @@ def main(argv=None) -> None:
             plain_s += t_plain
             plain_loss.append(final_losses(features, cfg, content[i : i + 1], image, one))
     report(args, device, precision, plain_s, engine_s, bare_s / optimise_s, plain_loss, engine_loss)
+    if precision != "fp32":
+        print(
+            f"redone:     {redone} of {args.pairs} images redone in fp32 (NaN/inf or a rising loss in {precision})"
+        )
 
 
 def machine(device: torch.device) -> str:

@@ -45,7 +45,6 @@ from .nst import (
     stack_targets,
     style_targets,
     stylize,
-    with_precision,
 )
 from .real import RealFolder, RealImage, read_real_folder
 from .utils import progress, stable_hash
@@ -100,7 +99,7 @@ class GenerateSummary:
     pairs: int = 0  # pairs assigned to this process
     done_before: int = 0  # already in the manifest when the run started
     done: int = 0  # made by this run
-    retried: int = 0  # redone in fp32 after a NaN/inf
+    retried: int = 0  # redone in fp32 after a NaN/inf or a rising loss in bf16
     skipped_pairs: int = 0  # pairs left out because an image could not be read
     skipped: dict[str, str] = field(default_factory=dict)  # unreadable file -> reason
     failed: dict[str, str] = field(default_factory=dict)  # synthetic id -> reason
@@ -329,47 +328,39 @@ class _Runner:
         grams = style_targets(self.features, style[None].to(self.device), self.cfg)
         return {layer: g[0] for layer, g in grams.items()}
 
-    def run_batch(self, batch: list[Pair]) -> int:
-        """Stylize, save and record one batch; returns how many pairs it consumed (made, skipped or failed)."""
+    def run_batch(self, batch: list[Pair], done: set[str]) -> int:
+        """Stylize one batch, save and record its pairs not in ``done``; returns how many of those it consumed.
+
+        A batch is always optimised whole, done pairs included, so every image sees the same batch (and hence
+        the same floating-point arithmetic) in a resumed run as in an uninterrupted one.
+        """
         start = time.perf_counter()
         contents = {p.id: self._load(p.content, self.cfg.size) for p in batch}
         usable = [p for p in batch if contents[p.id] is not None]
         usable, targets = self._targets(usable)
         self.summary.skipped_pairs += len(batch) - len(usable)
-        if not usable:
-            return len(batch)
+        todo = sum(p.id not in done for p in batch)
+        if not any(p.id not in done for p in usable):
+            return todo
         content = torch.stack([contents[p.id] for p in usable]).to(self.device)
         result = self._stylize(usable, content, targets)
         seconds = (time.perf_counter() - start) / len(usable)
         for i, p in enumerate(usable):
+            if p.id in done:
+                continue
             if not result.finite[i]:
-                self.summary.failed[p.id] = "loss or gradient not finite (NaN/inf), in fp32 too"
+                self.summary.failed[p.id] = "loss or gradient not finite (NaN/inf), in fp32 as well"
                 logger.warning(
                     "%s (%s x %s) failed: non-finite loss", p.id, p.content.isic_id, p.style.isic_id
                 )
                 continue
             self._write(p, result, i, seconds)
-        return len(batch)
+        return todo
 
     def _stylize(self, batch: list[Pair], content: torch.Tensor, targets: dict[str, torch.Tensor]):
-        """:func:`stylize`, then redo images whose loss went non-finite in fp32 (when not fp32 already)."""
+        """:func:`stylize` (which redoes images that went wrong in bf16 in fp32), counting the redone."""
         result = stylize(self.features, content, targets, self.cfg, seeds=[p.seed for p in batch])
-        bad = (~result.finite).nonzero().flatten().tolist()
-        if bad and self.cfg.precision != "fp32":
-            logger.warning(
-                "%d image(s) had a non-finite loss in %s; redoing them in fp32", len(bad), self.cfg.precision
-            )
-            idx = torch.tensor(bad, device=content.device)
-            redo = stylize(
-                self.features,
-                content[idx],
-                {k: v[idx] for k, v in targets.items()},
-                with_precision(self.cfg, "fp32"),
-                seeds=[batch[i].seed for i in bad],
-            )
-            for name in ("images", "content_loss", "style_loss", "tv_loss", "total_loss", "finite"):
-                getattr(result, name)[idx] = getattr(redo, name)
-            self.summary.retried += len(bad)
+        self.summary.retried += int(result.redone.sum())
         return result
 
     def _write(self, p: Pair, result, i: int, seconds: float) -> None:
@@ -514,20 +505,18 @@ def _run(runner: _Runner, mine: list[Pair], rank: int) -> None:
     """Make this process's pending pairs, batch by batch, with a progress bar; fills ``runner.summary``."""
     start = time.perf_counter()
     done = done_ids(runner.out)
-    pending = sorted(
-        (p for p in mine if p.id not in done), key=lambda p: (p.style.isic_id, p.content.isic_id)
-    )
+    ordered = sorted(mine, key=lambda p: (p.style.isic_id, p.content.isic_id))  # styles' targets stay cached
+    batches = [b for b in _batches(ordered, runner.cfg.batch) if any(p.id not in done for p in b)]
+    todo = sum(p.id not in done for p in mine)
     summary = runner.summary
-    summary.pairs, summary.done_before = len(mine), len(mine) - len(pending)
+    summary.pairs, summary.done_before = len(mine), len(mine) - todo
     logger.info(
-        "%d pairs for this process, %d already done, %d to make", len(mine), summary.done_before, len(pending)
+        "%d pairs for this process, %d already done, %d to make", len(mine), summary.done_before, todo
     )
-    bar = progress(
-        total=len(pending), desc="generate", unit="img", **({} if rank == 0 else {"disable": True})
-    )
+    bar = progress(total=todo, desc="generate", unit="img", **({} if rank == 0 else {"disable": True}))
     with bar:
-        for batch in _batches(pending, runner.cfg.batch):
-            bar.update(runner.run_batch(batch))
+        for batch in batches:
+            bar.update(runner.run_batch(batch, done))
             bar.set_postfix(failed=len(summary.failed), skipped=summary.skipped_pairs, refresh=False)
     summary.skipped = dict(runner.report.skipped)
     summary.seconds = time.perf_counter() - start

@@ -493,7 +493,13 @@ class StylizeResult:
     style_loss: Tensor  # (B,)
     tv_loss: Tensor  # (B,)
     total_loss: Tensor  # (B,)
-    finite: Tensor  # (B,) bool: False where a loss or gradient went NaN/inf (redo that image in fp32)
+    finite: Tensor  # (B,) bool: False where a loss or gradient became NaN/inf (in fp32 too)
+    redone: Tensor  # (B,) bool: True where the bf16 run went wrong and the image was redone in fp32
+
+    def replace_rows(self, rows: Tensor, other: StylizeResult) -> None:
+        """Put the images and losses of ``other`` into ``rows`` of this result."""
+        for f in dataclasses.fields(self):
+            getattr(self, f.name)[rows] = getattr(other, f.name)
 
 
 def stylize(
@@ -504,6 +510,9 @@ def stylize(
     seeds: Sequence[int] | None = None,
 ) -> StylizeResult:
     """Neural style transfer of a batch: each image towards its content image and its style targets.
+
+    In bf16, an image whose loss or gradient becomes NaN/inf, or whose loss ever rises above its starting
+    value (L-BFGS thrown off by bf16 rounding in its curvature pairs), is optimised again in fp32.
 
     Parameters
     ----------
@@ -516,24 +525,58 @@ def stylize(
     cfg : NSTConfig
         Losses, optimiser, iterations and precision.
     seeds : sequence of int, optional
-        One seed per image for ``init="noise"``.
+        One seed per image for ``init="noise"`` (default: 0, 1, ...).
 
     Returns
     -------
     StylizeResult
-        Images and final losses; ``finite`` flags images whose loss or gradient became NaN or inf.
+        Images and final losses; ``finite`` is False for images that stayed NaN/inf (redo them elsewhere or
+        report them), ``redone`` True for images redone in fp32.
     """
     precision = resolve_precision(cfg.precision, content.device)
+    seeds = list(range(len(content))) if seeds is None else [int(s) for s in seeds]
+    result, rose = _optimise(features, content, targets, cfg, seeds, precision)
+    rows = (~result.finite | rose).nonzero().flatten()
+    if precision == "fp32" or not len(rows):
+        return result
+    logger.info(
+        "%d of %d image(s) went wrong in %s; redoing them in fp32", len(rows), len(content), precision
+    )
+    redo, _ = _optimise(
+        features,
+        content[rows],
+        {k: v[rows] for k, v in targets.items()},
+        cfg,
+        [seeds[i] for i in rows.tolist()],
+        "fp32",
+    )
+    redo.redone[:] = True
+    result.replace_rows(rows, redo)
+    return result
+
+
+def _optimise(
+    features: VGGFeatures,
+    content: Tensor,
+    targets: dict[str, Tensor],
+    cfg: NSTConfig,
+    seeds: list[int],
+    precision: str,
+) -> tuple[StylizeResult, Tensor]:
+    """One optimisation of the batch at ``precision``; also returns whether each image's loss ever rose."""
     model_in = _model_input(content, cfg)
     with torch.no_grad(), _autocast(precision, content.device):
         content_target = _at_least_fp32(features(model_in)[cfg.content_layer])
     x = initial_images(model_in, cfg.init, seeds).requires_grad_(True)
     opt = make_optimizer(x, cfg)
     finite = torch.ones(len(x), dtype=torch.bool, device=x.device)
+    start = rose = None
     for _ in range(cfg.iterations):
         total = objective(features, x, content_target, targets, cfg, precision).total
         (grad,) = torch.autograd.grad(total.sum(), x)
         finite &= torch.isfinite(total) & torch.isfinite(grad).flatten(1).all(1)
+        start = total.detach() if start is None else start
+        rose = torch.zeros_like(finite) if rose is None else rose | (total.detach() > start)
         opt.step(x, grad, finite)
         if cfg.clamp:
             with torch.no_grad():
@@ -542,11 +585,8 @@ def stylize(
     with torch.no_grad():
         final = objective(features, result, content_target, targets, cfg, precision)
     finite &= torch.isfinite(final.total)
+    rose |= final.total > start
     if cfg.preserve_color != "none":
         result = keep_color(result, content)
-    return StylizeResult(result, final.content, final.style, final.tv, final.total, finite)
-
-
-def with_precision(cfg: NSTConfig, precision: str) -> NSTConfig:
-    """A copy of ``cfg`` with another precision (used to redo non-finite images in fp32)."""
-    return dataclasses.replace(cfg, precision=precision)
+    redone = torch.zeros_like(finite)
+    return StylizeResult(result, final.content, final.style, final.tv, final.total, finite, redone), rose

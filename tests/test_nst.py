@@ -180,6 +180,36 @@ def test_non_finite_image_is_flagged_and_others_are_unaffected(features, images,
     torch.testing.assert_close(result.images[[0, 2]], clean.images[[0, 2]], atol=1e-4, rtol=0)
 
 
+def test_image_that_goes_non_finite_in_bf16_is_redone_in_fp32(features, images, small_cfg, monkeypatch):
+    content, style = images
+    targets = style_targets(features, style, small_cfg)
+    alone = stylize(features, content[1:2], {k: v[1:2] for k, v in targets.items()}, small_cfg)
+    forward = type(features).forward
+
+    def overflow_second_image_in_bf16(self, x):
+        out = forward(self, x)
+        if torch.is_autocast_enabled("cpu"):
+            out = {
+                k: torch.cat([v[:1], torch.full_like(v[1:2], float("inf")), v[2:]]) for k, v in out.items()
+            }
+        return out
+
+    monkeypatch.setattr(type(features), "forward", overflow_second_image_in_bf16)
+    result = stylize(features, content, targets, dataclasses.replace(small_cfg, precision="bf16"))
+    assert result.finite.all() and result.redone[1]
+    torch.testing.assert_close(result.images[1], alone.images[0], atol=1 / 255, rtol=0)
+
+
+def test_image_whose_loss_rises_in_bf16_is_redone_in_fp32(features, images, small_cfg):
+    content, style = images
+    cfg = dataclasses.replace(small_cfg, optimizer="adam", lr=0.5, iterations=3)  # steps far too large
+    targets = style_targets(features, style, cfg)
+    fp32 = stylize(features, content, targets, cfg)
+    bf16 = stylize(features, content, targets, dataclasses.replace(cfg, precision="bf16"))
+    assert bf16.redone.all() and not fp32.redone.any()
+    torch.testing.assert_close(bf16.images, fp32.images)
+
+
 def test_bf16_autocast_runs_and_stays_close_to_fp32(features, images, small_cfg):
     content, style = images
     targets = style_targets(features, style, small_cfg)
