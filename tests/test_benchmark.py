@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -316,8 +317,13 @@ args = sys.argv[1:]
 cfg = yaml.safe_load(Path(args[args.index("--config") + 1]).read_text())
 run = Path(cfg["output_dir"])
 name = f"{run.parent.name}/{run.name}"
+start = time.time()
 with open(os.environ["FAKE_CALLS"], "a") as fh:
     fh.write(json.dumps({"run": name, "mode": args[-1], "pid": os.getpid()}) + "\n")
+if os.environ.get("FAKE_SLEEP"):
+    time.sleep(float(os.environ["FAKE_SLEEP"]))
+    with open(os.environ["FAKE_CALLS"] + ".gpu", "a") as fh:
+        fh.write(json.dumps({"gpu": os.environ.get("CUDA_VISIBLE_DEVICES"), "start": start, "end": time.time()}) + "\n")
 if name in os.environ.get("FAKE_HANG", ""):
     time.sleep(60)
 if name in os.environ.get("FAKE_FAIL", ""):
@@ -544,3 +550,25 @@ def test_a_typo_in_stage_settings_fails_before_any_work(tmp_path, settings, matc
     with pytest.raises(StdaError, match=match):
         bm.run_benchmark(cfg)
     assert not (tmp_path / "work").exists()
+
+
+def test_device_slots_split_the_gpus_into_runs():
+    assert bm.device_slots("cpu", 1) == [None]
+    assert bm.device_slots("0,1,2,3", 1) == ["0", "1", "2", "3"]
+    assert bm.device_slots("0,1,2,3", 2) == ["0,1", "2,3"]
+    assert bm.device_slots("4,5,6", 2) == ["4,5"]
+    with pytest.raises(StdaError, match="only 2 GPU"):
+        bm.device_slots("0,1", 3)
+    with pytest.raises(StdaError, match="GPU ids"):
+        bm.device_slots("gpu0", 1)
+
+
+def test_runs_spread_over_gpus_one_run_per_gpu_at_a_time(fake, tmp_path, monkeypatch):
+    monkeypatch.setenv("FAKE_SLEEP", "0.5")
+    bm.run_benchmark(BenchmarkConfig(**{**fake, "devices": "0,1"}))
+    spans = [json.loads(line) for line in (tmp_path / "calls.jsonl.gpu").read_text().splitlines()]
+    assert len(spans) == 4 and {s["gpu"] for s in spans} == {"0", "1"}
+    on = {gpu: sorted((s["start"], s["end"]) for s in spans if s["gpu"] == gpu) for gpu in ("0", "1")}
+    for mine in on.values():  # never two runs on one GPU at once
+        assert all(a_end <= b_start for (_, a_end), (b_start, _) in itertools.pairwise(mine))
+    assert any(a0 < b1 and b0 < a1 for a0, a1 in on["0"] for b0, b1 in on["1"])  # the GPUs worked in parallel
