@@ -959,7 +959,7 @@ def make_synthetic(cfg: BenchmarkConfig, view: Path, out: Path, teacher: Path) -
 
 
 def train_teacher(cfg: BenchmarkConfig, run_dir: Path, dataset: Path) -> Path:
-    """Train (or reuse) the fold's teacher on real images only; return its run folder.
+    """Train (or reuse) the fold's teacher on real images only, seeded with ``fold_seed``; return its run folder.
 
     Raises
     ------
@@ -972,7 +972,7 @@ def train_teacher(cfg: BenchmarkConfig, run_dir: Path, dataset: Path) -> Path:
         **cfg.train,
         **cfg.teacher,
         "synthetic": "none",
-        "seed": cfg.seeds[0],
+        "seed": cfg.fold_seed,  # fixed with the folds: adding or reordering seeds never changes a teacher
         "dataset": str(dataset),
     }
     argv = train_argv(cfg, settings, run_dir, "resume")
