@@ -323,10 +323,8 @@ def test_lbfgs_stops_an_image_whose_gradient_vanishes():
     assert torch.equal(x[1], torch.ones(3)) and not torch.equal(x[0], torch.ones(3))
 
 
-@pytest.mark.parametrize(("native", "expected"), [(True, "bf16"), (False, "fp32")])
-def test_auto_precision_on_cpu_is_bf16_only_where_native(monkeypatch, native, expected):
-    import stda_hf.nst as nst
+def test_auto_precision_is_fp32_on_cpu_and_explicit_values_are_kept():
+    from stda_hf.nst import resolve_precision
 
-    monkeypatch.setattr(nst, "cpu_has_native_bf16", lambda: native)
-    assert nst.resolve_precision("auto", "cpu") == expected
-    assert nst.resolve_precision("fp32", "cpu") == "fp32"
+    assert resolve_precision("auto", "cpu") == "fp32"
+    assert resolve_precision("bf16", "cpu") == "bf16"
