@@ -194,7 +194,7 @@ class RunTable:
     def to_csv(self) -> str:
         """The table as CSV text, rows in plan order, metric columns after the key columns."""
         extra = sorted({k for r in self.rows.values() for k in r} - set(RUN_COLUMNS) - {"error"})
-        metrics = [m for m in (*METRICS, *EXPLANATION_METRICS) if m in extra]
+        metrics = [m for m in (*METRICS, *EXPLANATION_METRICS) if m in extra]  # the rest: alphabetical
         columns = [*RUN_COLUMNS, *metrics, *(c for c in extra if c not in metrics), "error"]
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n", extrasaction="ignore")
@@ -426,11 +426,16 @@ class BenchmarkStats:
     n_failed: int
 
 
-def compute_stats(rows: list[dict[str, Any]], arms: list[str], baseline: str) -> BenchmarkStats:
-    """Summaries of every arm and metric, and the paired tests of each arm against ``baseline``."""
+def compute_stats(
+    rows: list[dict[str, Any]], arms: list[str], baseline: str, explanation_metrics=EXPLANATION_METRICS
+) -> BenchmarkStats:
+    """Summaries of every arm and metric, and the paired tests of each arm against ``baseline``.
+
+    ``explanation_metrics`` are summarised per arm where the table has them; only the test metrics are tested.
+    """
     present = {k for r in rows if r.get("status") == "done" for k, v in r.items() if v is not None}
     metrics = [m for m in METRICS if m in present]
-    explanation = [m for m in EXPLANATION_METRICS if m in present]
+    explanation = [m for m in explanation_metrics if m in present]
     summaries = {(a, m): summarize_arm(rows, a, m) for a in arms for m in (*metrics, *explanation)}
     tests = [
         paired_test(values_by_pair(rows, a, m), values_by_pair(rows, baseline, m), a, m)
@@ -1155,7 +1160,7 @@ def find_heatmap(run_dir: Path) -> Path | None:
 
 
 def explain_run(cfg: BenchmarkConfig, key: RunKey, run_dir: Path) -> dict[str, float | None]:
-    """Explain one finished run on its fold's images (``stda explain``); return the explanation numbers.
+    """Explain one finished run on its fold's images (``stda explain``); return its ``relevance_*`` numbers.
 
     Every arm of a fold is explained on the same images (the fold view's ``explain.split``, first ``limit``),
     so the numbers and heatmap grids compare arms directly. Resumes like ``stda explain`` does.
@@ -1165,7 +1170,7 @@ def explain_run(cfg: BenchmarkConfig, key: RunKey, run_dir: Path) -> dict[str, f
     view = fold_dir(cfg, key.fold) / "real"
     settings = ExplainConfig(**{**DEFAULT_EXPLAIN, **cfg.explain})
     summary = run_explain(run_dir, run_dir / EXPLAIN_DIR, settings, images=view, overwrite=True)
-    return {m: summary.numbers.get(m) for m in EXPLANATION_METRICS}
+    return {k: v for k, v in summary.numbers.items() if k.startswith("relevance_")}
 
 
 def explain_runs(cfg: BenchmarkConfig, table: RunTable) -> None:
@@ -1429,7 +1434,7 @@ def write_report(cfg: BenchmarkConfig, config_path: str = "") -> Path:
     table = RunTable.load(table_path)
     rows = list(table.rows.values())
     arms = list(dict.fromkeys([*cfg.arms, *(r["arm"] for r in rows)]))
-    stats = compute_stats(rows, arms, cfg.baseline)
+    stats = compute_stats(rows, arms, cfg.baseline, report_explanations(cfg))
     out = cfg.report_dir
     plots = render_plots(cfg, table, stats, out)
     reading = (out / "reading.md").read_text(encoding="utf-8") if (out / "reading.md").is_file() else ""
@@ -1439,6 +1444,13 @@ def write_report(cfg: BenchmarkConfig, config_path: str = "") -> Path:
     _write_stats_json(out / "stats.json", stats)
     write_text(out / "report.md", text)
     return out / "report.md"
+
+
+def report_explanations(cfg: BenchmarkConfig) -> tuple[str, ...]:
+    """Explanation numbers the report shows: lesion and artifacts, plus the planted shortcut's own share."""
+    if cfg.shortcut:
+        return (*EXPLANATION_METRICS, f"relevance_on_{cfg.shortcut['artifact']}")
+    return EXPLANATION_METRICS
 
 
 def read_fold_info(cfg: BenchmarkConfig) -> list[dict[str, Any]]:

@@ -509,6 +509,7 @@ def test_real_stages_end_to_end_at_minimal_size(phantom_real_session, tmp_path):
             "batch_size": 32,
             "num_workers": 0,
             "check_images": False,
+            "explain_images": 0,  # the benchmark explains each finished run itself
         },
         generate={
             "size": 32,
