@@ -1,7 +1,11 @@
 """``stda demo``: the whole flow on phantoms, offline, small enough for two CPU cores.
 
-Each step calls the same stage function the matching ``stda`` command calls, with small settings, and writes
-into one folder per stage under ``out`` (``real/``, ...), so a user can open every intermediate result.
+phantoms -> split -> inspect -> package (real only) -> teacher (VGG8 on real train images; also the baseline)
+-> generate -> label -> package (real + synthetic) -> load_dataset -> VGG8 with synthetic images mixed in ->
+explain both models on the same test images. Each step calls the same stage function the matching ``stda``
+command (or ``train.py``) calls, with small settings, and writes into its own folder under ``out``, so every
+intermediate result can be opened. Style transfer uses random VGG weights (offline): it shows the plumbing,
+not the texture quality of ImageNet features.
 """
 
 from __future__ import annotations
@@ -17,8 +21,8 @@ from .split import SplitConfig, make_splits
 logger = logging.getLogger(__name__)
 
 
-def run_demo(out: str | Path, n: int = 400, size: int = 64, seed: int = 0) -> Path:
-    """Run phantoms -> split -> inspect (and the later stages as they land) into ``out``; return ``out``."""
+def run_demo(out: str | Path, n: int = 400, size: int = 64, seed: int = 0, epochs: int = 15) -> Path:
+    """Run the whole flow into ``out`` and print what each step made; return ``out``."""
     out = Path(out)
     real = out / "real"
     _step("phantoms", f"{n} phantom lesions at {size}px -> {real}")
@@ -27,9 +31,14 @@ def run_demo(out: str | Path, n: int = 400, size: int = 64, seed: int = 0) -> Pa
     make_splits(real, SplitConfig(seed=seed))
     _step("inspect", str(real))
     print(inspect_folder(real).format())
-    _generate_step(out, real, size, seed)
-    hub = _package_step(out, real)
-    _train_step(out, hub, size, seed)
+    hub_real = _package_step(real, None, out / "hub" / "real-only")
+    teacher = _train_step(out / "runs" / "teacher", hub_real, "none", size, seed, epochs)
+    synthetic = _generate_step(out, real, size, seed)
+    _label_step(synthetic, teacher, real)
+    hub = _package_step(real, synthetic, out / "hub" / "skin-lesions")
+    _load_step(hub)
+    stda = _train_step(out / "runs" / "vgg8-stda", hub, "mix", size, seed, epochs)
+    _explain_step(out, real, {"baseline (teacher)": teacher, "ST-DA": stda})
     return out
 
 
@@ -52,40 +61,71 @@ def _generate_step(out: Path, real: Path, size: int, seed: int) -> Path:
     return synthetic
 
 
-def _package_step(out: Path, real: Path) -> Path:
-    """Package the real images, and the synthetic ones once they carry pseudo-labels, as a Hub dataset."""
+def _label_step(synthetic: Path, teacher: Path, real: Path) -> None:
+    """Pseudo-label the synthetic images with the teacher, temperature-scaled on the real validation split."""
+    from .label import LABELS_FILE, LabelConfig, label_synthetic
+
+    _step("label", f"teacher {teacher}, calibrated on the real validation split")
+    (synthetic / LABELS_FILE).unlink(missing_ok=True)  # a fresh teacher each demo: relabel everything
+    (synthetic / "calibration.json").unlink(missing_ok=True)
+    s = label_synthetic(synthetic, LabelConfig(teacher=str(teacher), real=str(real), calibrate=True, min_confidence=0.8))
+    c = s["calibration"]
+    print(f"labels {s['labels']}; temperature {c['temperature']:.2f} (ECE {c['ece_before']:.3f} -> {c['ece_after']:.3f});"
+          f" {s['kept']} of {s['images']} at confidence >= 0.8")  # fmt: skip
+
+
+def _package_step(real: Path, synthetic: Path | None, hub: Path) -> Path:
+    """Package the real images (and the labelled synthetic ones, when given) as a Hub dataset folder."""
     from .package import package
 
-    synthetic = out / "synthetic"
-    labelled = (synthetic / "labels.jsonl").is_file()
-    hub = out / "hub" / "skin-lesions"
-    _step("package", f"{'real + synthetic' if labelled else 'real'} images -> {hub}")
-    result = package(real, hub, synthetic=synthetic if labelled else None)
+    _step("package", f"{'real + synthetic' if synthetic else 'real'} images -> {hub}")
+    result = package(real, hub, synthetic=synthetic)
     rows = ", ".join(f"{split} {sum(c.values())}" for split, c in result.counts.items())
-    print(f"{rows}; licence {result.license}; load it with datasets.load_dataset({str(hub)!r})")
+    print(f"{rows}; licence {result.license}")
     return hub
 
 
-def _train_step(out: Path, hub: Path, size: int, seed: int) -> Path:
-    """Train a small VGG8 on the packaged dataset, with its synthetic split mixed in when it has one."""
+def _load_step(hub: Path) -> None:
+    """Load the packaged folder as a user would, with ``datasets.load_dataset``."""
+    import datasets
+
+    _step("load", f"datasets.load_dataset({str(hub)!r})")
+    ds = datasets.load_dataset(str(hub))
+    print(ds)
+    print(f"label names: {ds['train'].features['label'].names}")
+
+
+def _train_step(run: Path, hub: Path, synthetic: str, size: int, seed: int, epochs: int) -> Path:
+    """Train a small VGG8 on the packaged dataset: real images only, or with the synthetic split mixed in."""
     from .training import TrainConfig, run_training
 
-    synthetic = "mix" if any((hub / "data").glob("synthetic-*")) else "none"
-    run = out / "runs" / f"vgg8-{synthetic}"
-    _step("train", f"VGG8, {'real + synthetic' if synthetic == 'mix' else 'real'} images, 15 epochs -> {run}")
+    what = "real + synthetic (mix)" if synthetic == "mix" else "real train images only"
+    _step("train", f"VGG8 on {what}, {epochs} epochs -> {run}")
     cfg = TrainConfig(
         dataset=str(hub), output_dir=str(run), synthetic=synthetic, image_size=size,
-        vgg8_widths=(32, 64, 128, 128, 256), vgg8_hidden=(256, 256), epochs=15, batch_size=32,
-        num_workers=0, seed=seed, overwrite=True,
+        vgg8_widths=(32, 64, 128, 128, 256), vgg8_hidden=(256, 256), epochs=epochs, batch_size=32,
+        num_workers=0, seed=seed, overwrite=True, explain_images=8,
     )  # fmt: skip
     result = run_training(cfg)
     test = result.test or {}
     print(
         f"test ROC AUC {test.get('roc_auc', float('nan')):.3f}, balanced accuracy "
         f"{test.get('balanced_accuracy', float('nan')):.3f} (model of epoch {result.best_epoch}); "
-        f"model and card in {run / 'model'}"
+        f"model, card and heatmaps in {run}"
     )
     return run
+
+
+def _explain_step(out: Path, real: Path, models: dict[str, Path]) -> None:
+    """Explain each model on the same real test images with DTD and print the relevance numbers side by side."""
+    from .explain import ExplainConfig, run_explain
+
+    _step("explain", "Deep Taylor Decomposition of each model on the real test images")
+    for name, run in models.items():
+        folder = out / "explanations" / run.name
+        summary = run_explain(run, folder, ExplainConfig(split="test", grid=16), images=real, overwrite=True)
+        print(f"-- {name}: grid {folder / 'grid.png'}")
+        print(summary.format())
 
 
 def _step(name: str, what: str) -> None:
