@@ -99,13 +99,29 @@ def config_from_args(cls: type, args: argparse.Namespace, **extra: object):
 # ----------------------------------------------------------------------------------------------------------------
 # Commands
 
+SUMMARIES = {
+    "fetch": 'download benign and malignant images from the ISIC Archive (resumable, licence-aware)',
+    "phantoms": 'write procedural phantom lesions in the real-image layout (offline data)',
+    "split": 'assign real images to train/validation/test without leakage',
+    "inspect": 'summarise a real-image folder: classes, licences, splits, sizes, bad files',
+    "generate": 'restyle benign train images with malignant train styles (neural style transfer)',
+    "label": 'pseudo-label synthetic images with a teacher trained on real images',
+    "package": 'write the Hub dataset repo on disk: Parquet shards, card, attribution',
+    "push": 'upload a packaged dataset to the Hugging Face Hub',
+    "explain": 'explain a trained model: DTD heatmaps and how much relevance lies in the lesion / on artifacts',
+    "demo": 'run the whole flow on phantoms, offline, with small sizes',
+}
+"""One line per subcommand: ``stda --help`` lists these without importing the stages."""
+
+
+
 
 def _add_fetch(sub) -> None:
     from .fetch import FetchConfig
 
     p = sub.add_parser(
         "fetch",
-        help="download benign and malignant images from the ISIC Archive (resumable, licence-aware)",
+        help=SUMMARIES["fetch"],
         description="Download images and metadata from the ISIC Archive API v2 into the real-image layout. "
         "Re-running the same command resumes; --dry-run only counts.",
     )
@@ -136,7 +152,7 @@ def _add_phantoms(sub) -> None:
 
     p = sub.add_parser(
         "phantoms",
-        help="write procedural phantom lesions in the real-image layout (offline data)",
+        help=SUMMARIES["phantoms"],
         description="Write procedural, dermoscopy-like phantom lesions with masks and metadata.",
     )
     p.add_argument("--out", type=Path, required=True, help="output folder (the real-image layout)")
@@ -167,7 +183,7 @@ def _add_split(sub) -> None:
 
     p = sub.add_parser(
         "split",
-        help="assign real images to train/validation/test without leakage",
+        help=SUMMARIES["split"],
         description="Group images by lesion, patient and near-duplicate hash; split groups "
         "stratified by class; write splits.csv into the folder.",
     )
@@ -190,7 +206,7 @@ def _run_split(args) -> None:
 def _add_inspect(sub) -> None:
     p = sub.add_parser(
         "inspect",
-        help="summarise a real-image folder: classes, licences, splits, sizes, bad files",
+        help=SUMMARIES["inspect"],
         description="Count images per class, licence and split; report sizes and unreadable files.",
     )
     p.add_argument("real", type=Path, help="real-image folder")
@@ -211,7 +227,7 @@ def _add_generate(sub) -> None:
 
     p = sub.add_parser(
         "generate",
-        help="restyle benign train images with malignant train styles (neural style transfer)",
+        help=SUMMARIES["generate"],
         description="Batched, resumable Gatys style transfer: benign train images (content) x malignant train "
         "images (style) -> images/ + manifest.jsonl. Re-run the same command to resume; run it under torchrun "
         "or accelerate launch to split the work between processes.",
@@ -233,7 +249,7 @@ def _run_generate(args) -> None:
 def _add_label(sub) -> None:
     from .label import LabelConfig
 
-    p = sub.add_parser("label", help="pseudo-label synthetic images with a teacher trained on real images",
+    p = sub.add_parser("label", help=SUMMARIES["label"],
                        description="Label every synthetic image with a teacher's class probabilities, confidence "
                                    "and entropy; optionally temperature-scale it on the real validation split "
                                    "first. Resumable: re-running skips labelled images.")
@@ -261,7 +277,7 @@ def _add_package(sub) -> None:
 
     p = sub.add_parser(
         "package",
-        help="write the Hub dataset repo on disk: Parquet shards, card, attribution",
+        help=SUMMARIES["package"],
         description="Stream real (and pseudo-labelled synthetic) images into data/<split>-NNNNN-of-NNNNN.parquet "
         "with a dataset card; refuses leakage; resumable and byte-identical on re-runs.",
     )
@@ -288,7 +304,7 @@ def _add_push(sub) -> None:
 
     p = sub.add_parser(
         "push",
-        help="upload a packaged dataset to the Hugging Face Hub",
+        help=SUMMARIES["push"],
         description="Create the dataset repo if needed and upload the folder (token from HF_TOKEN or "
         "`hf auth login`; never printed). --dry-run lists what would be uploaded.",
     )
@@ -315,7 +331,7 @@ def _add_explain(sub) -> None:
 
     p = sub.add_parser(
         "explain",
-        help="explain a trained model: DTD heatmaps and how much relevance lies in the lesion / on artifacts",
+        help=SUMMARIES["explain"],
         description="Deep Taylor Decomposition (or a baseline: " + ", ".join(COMPOSITE_NAMES[1:]) + ") for the "
         "images of a folder or a dataset split: heatmap and overlay PNGs, grid.png, relevance.csv/.jsonl and "
         "summary.json. Resumable: re-running skips images already explained.",
@@ -341,7 +357,7 @@ def _run_explain(args) -> None:
 def _add_demo(sub) -> None:
     p = sub.add_parser(
         "demo",
-        help="run the whole flow on phantoms, offline, with small sizes",
+        help=SUMMARIES["demo"],
         description="Phantoms -> split -> inspect -> ... in a few minutes on two CPU cores.",
     )
     p.add_argument("--out", type=Path, default=Path("demo"), help="output folder (default: demo)")
@@ -357,12 +373,19 @@ def _run_demo(args) -> None:
     run_demo(args.out, n=args.n, size=args.size, seed=args.seed)
 
 
-COMMANDS: list[Callable] = [_add_fetch, _add_phantoms, _add_split, _add_inspect, _add_generate, _add_label, _add_package, _add_push, _add_explain, _add_demo]
+COMMANDS: list[Callable] = [
+    _add_fetch, _add_phantoms, _add_split, _add_inspect, _add_generate, _add_label, _add_package, _add_push,
+    _add_explain, _add_demo,
+]  # fmt: skip
 """Subcommands in the order ``stda --help`` lists them (the order of the flow)."""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``stda`` argument parser with every subcommand."""
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The ``stda`` argument parser.
+
+    With ``only``, that subcommand gets its full arguments and the others a one-line stub, so running one
+    stage imports only that stage (``stda phantoms`` never loads torch). Without it, every subcommand is built.
+    """
     parser = argparse.ArgumentParser(
         prog="stda",
         description="Style-transfer data augmentation for skin-lesion images: "
@@ -382,15 +405,26 @@ def build_parser() -> argparse.ArgumentParser:
         parser_class=lambda **kw: argparse.ArgumentParser(parents=[common], **kw),
     )
     for add in COMMANDS:
-        add(sub)
+        name = add.__name__.removeprefix("_add_")
+        if only is None or only == name:
+            add(sub)
+        else:
+            sub.add_parser(name, help=SUMMARIES[name])
     return parser
+
+
+def _command_in(argv: Sequence[str]) -> str | None:
+    """The subcommand named in ``argv`` (its first word that is not an option), or None."""
+    return next((a for a in argv if not a.startswith("-")), None)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``stda``; returns the exit status (0 ok, 2 bad input, 130 interrupted)."""
     from .utils import setup_logging
 
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = _command_in(argv)
+    parser = build_parser(only=command if command in SUMMARIES else "")
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
     try:

@@ -87,3 +87,13 @@ def test_phantoms_split_inspect_through_the_cli(tmp_path, capsys):
 def test_console_script_runs_as_a_module():
     result = subprocess.run([sys.executable, "-m", "stda_hf", "--version"], capture_output=True, text=True)
     assert result.returncode == 0 and "stda-hf" in result.stdout
+
+
+def test_running_one_stage_imports_only_that_stage(tmp_path):
+    code = (
+        "import sys; from stda_hf.cli import main; "
+        f"rc = main(['phantoms', '--out', {str(tmp_path / 'r')!r}, '--n', '2', '--size', '32']); "
+        "print(rc, 'torch' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.split()[-2:] == ["0", "False"]
