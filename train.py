@@ -21,8 +21,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from stda_hf.cli import add_config_flags, config_from_args
-from stda_hf.errors import StdaError
+from stda_hf.cli import add_config_flags, config_from_args, run_reporting_errors
 from stda_hf.training import EvalHook, TrainConfig, TrainResult, run_training
 from stda_hf.utils import setup_logging
 
@@ -53,19 +52,15 @@ def main(argv: Sequence[str] | None = None, on_evaluate: EvalHook | None = None)
     """
     args = get_args_parser().parse_args(argv)
     _setup_logging(args.verbose)
-    try:
+
+    def train() -> None:
         result = run_training(config_from_args(TrainConfig, args), on_evaluate=on_evaluate)
-    except StdaError as err:
-        if args.debug:
-            raise
-        print(f"train.py: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("train.py: interrupted; run the same command with --resume to continue", file=sys.stderr)
-        return 130
-    if result.is_main_process:
-        print(summary(result))
-    return 0
+        if result.is_main_process:
+            print(summary(result))
+
+    return run_reporting_errors(
+        "train.py", train, args.debug, "run the same command with --resume to continue"
+    )
 
 
 def _setup_logging(verbose: bool) -> None:

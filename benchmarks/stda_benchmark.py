@@ -15,8 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from stda_hf.benchmark import BenchmarkConfig, run_benchmark
-from stda_hf.cli import add_config_flags, config_from_args
-from stda_hf.errors import StdaError
+from stda_hf.cli import add_config_flags, config_from_args, run_reporting_errors
 from stda_hf.utils import setup_logging
 
 
@@ -42,19 +41,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; 0 when the report is written, 2 on bad input, 130 when interrupted."""
     args = get_args_parser().parse_args(argv)
     setup_logging(args.verbose)
-    try:
+
+    def benchmark() -> None:
         cfg = config_from_args(BenchmarkConfig, args)
-        report = run_benchmark(cfg, str(args.config or ""), report_only=args.report_only)
-    except StdaError as err:
-        if args.debug:
-            raise
-        print(f"stda_benchmark: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("stda_benchmark: interrupted; re-run the same command to resume", file=sys.stderr)
-        return 130
-    print(f"report: {report}")
-    return 0
+        print(f"report: {run_benchmark(cfg, str(args.config or ''), report_only=args.report_only)}")
+
+    return run_reporting_errors("stda_benchmark", benchmark, args.debug)
 
 
 if __name__ == "__main__":

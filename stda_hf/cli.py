@@ -427,15 +427,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser(only=command if command in SUMMARIES else "")
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
+    return run_reporting_errors(f"stda {args.command}", lambda: args.func(args), debug=args.debug)
+
+
+def run_reporting_errors(
+    prog: str, action: Callable[[], object], debug: bool = False, resume: str = "re-run the same command to resume"
+) -> int:
+    """Run ``action`` as a command would: 0 when it returns, 2 with one line on stderr for a
+    :class:`StdaError` (the traceback with ``debug``), 130 with ``resume`` advice on Ctrl-C.
+
+    ``stda``, ``train.py`` and the benchmark script all end this way.
+    """
     try:
-        args.func(args)
+        action()
     except StdaError as err:
-        if args.debug:
+        if debug:
             raise
-        print(f"stda {args.command}: error: {err}", file=sys.stderr)
+        print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"stda {args.command}: interrupted; re-run the same command to resume", file=sys.stderr)
+        print(f"{prog}: interrupted; {resume}", file=sys.stderr)
         return 130
     return 0
 
