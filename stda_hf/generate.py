@@ -407,14 +407,17 @@ def world_info() -> tuple[int, int, int]:
 
 
 def resolve_device(device: str, local_rank: int = 0) -> torch.device:
-    """``auto`` is this process's GPU (``cuda:<local rank>``) when CUDA is available, else the CPU."""
+    """``auto`` is this process's GPU when CUDA is available, else the CPU; ``cuda`` is this process's GPU.
+
+    This process's GPU is ``cuda:<local rank>``, so every process of a ``torchrun`` job gets its own.
+    """
     if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", local_rank % torch.cuda.device_count())
-        return torch.device("cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise StdaError(f"--device {device}: CUDA is not available here; use --device cpu or auto")
+    if dev.type == "cuda" and dev.index is None:
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
     return dev
 
 
