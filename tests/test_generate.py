@@ -178,6 +178,15 @@ def test_only_train_images_are_read(phantom_real, tmp_path, monkeypatch):
     assert {folder[r["style_id"]].label for r in records} == {"malignant"}
 
 
+def test_style_images_are_loaded_at_style_scale(phantom_real, tmp_path, monkeypatch):
+    sizes = {}
+    load = gen.load_content
+    monkeypatch.setattr(gen, "load_content", lambda p, size: sizes.setdefault(p.stem, size) and load(p, size))
+    generate(phantom_real, tmp_path / "syn", GenerateConfig(**FAST, limit=2, style_scale=2.0))
+    record = read_jsonl(tmp_path / "syn" / "manifest.jsonl")[0]
+    assert (sizes[record["content_id"]], sizes[record["style_id"]]) == (32, 64)
+
+
 def test_refuses_a_folder_without_splits(phantom_real, tmp_path):
     (phantom_real / "splits.csv").unlink()
     with pytest.raises(StdaError, match="stda split"):
