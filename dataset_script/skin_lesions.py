@@ -12,7 +12,6 @@ images derive from training images of this very real folder (content and style, 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from collections.abc import Iterable, Iterator
@@ -27,6 +26,7 @@ from stda_hf.errors import StdaError
 from stda_hf.fileio import read_jsonl
 from stda_hf.licenses import most_restrictive
 from stda_hf.real import SPLITS, RealFolder, RealImage, read_real_folder
+from stda_hf.utils import sha256_file
 
 FEATURES = datasets.Features(
     {
@@ -107,15 +107,6 @@ class Sources:
     def split_names(self) -> list[str]:
         """The splits this build has, in :data:`SPLIT_ORDER`."""
         return [s for s in SPLIT_ORDER if s != "synthetic" or self.has_synthetic]
-
-
-def sha256_file(path: Path) -> str:
-    """Hex SHA-256 of a file's bytes, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def load_sources(real_dir: str | Path, synthetic_dir: str | Path | None = None) -> Sources:

@@ -47,7 +47,7 @@ from .nst import (
     stylize,
 )
 from .real import RealFolder, RealImage, read_real_folder
-from .utils import progress, stable_hash
+from .utils import progress, sha256_file, stable_hash
 
 logger = logging.getLogger(__name__)
 
@@ -160,7 +160,7 @@ def assign_styles(
 def params_hash(cfg: GenerateConfig, spec: WeightsSpec) -> str:
     """Hash of every setting that changes an image's pixels (not batch, device, limit or per_content)."""
     values = {k: v for k, v in config_to_dict(cfg).items() if k not in RESUMABLE}
-    values["weights"] = spec.describe() if spec.kind != "file" else f"sha256:{_sha256(spec.path)}"
+    values["weights"] = spec.describe() if spec.kind != "file" else f"sha256:{sha256_file(spec.path)}"
     return stable_hash(values)
 
 
@@ -192,17 +192,9 @@ def shard_of(pair_id: str, world: int) -> int:
 # Output folder: settings, provenance, manifests
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def check_output(out: Path, folder: RealFolder, cfg: GenerateConfig) -> dict:
     """Refuse an output folder made from another ``splits.csv`` or with other image settings; return source.json."""
-    source = {"real": str(folder.root.resolve()), "splits_sha256": _sha256(folder.splits_path)}
+    source = {"real": str(folder.root.resolve()), "splits_sha256": sha256_file(folder.splits_path)}
     old_source = out / "source.json"
     if old_source.is_file():
         previous = json.loads(old_source.read_text(encoding="utf-8"))

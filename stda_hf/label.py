@@ -26,7 +26,7 @@ from .errors import BadImageError, StdaError
 from .fileio import append_jsonl, atomic_write, read_jsonl, write_json
 from .images import SkipReport, load_image
 from .real import read_real_folder
-from .utils import progress, stable_hash
+from .utils import progress, sha256_file, stable_hash
 
 logger = logging.getLogger(__name__)
 
@@ -233,13 +233,8 @@ def load_model_from_hub(model_id: str):
 
 
 def _weights_digest(folder: Path) -> str:
-    import hashlib
-
-    files = sorted(folder.glob("*.safetensors"))
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f.read_bytes())
-    return h.hexdigest()[:12]
+    """A short digest of a model folder's weight files: which weights labelled an image."""
+    return stable_hash([sha256_file(f) for f in sorted(folder.glob("*.safetensors"))], length=12)
 
 
 def _check_two_classes(model: nn.Module, spec: str) -> None:
