@@ -67,7 +67,9 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type, skip: Sequence[
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         flag = "--" + f.name.replace("_", "-")
         comment = comments.get(f.name, "")
-        help_ = comment if "default" in comment or default == "" else f"{comment} (default: {default})".strip()
+        help_ = (
+            comment if "default" in comment or default == "" else f"{comment} (default: {default})".strip()
+        )
         origin = typing.get_origin(hint)
         if hint is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
@@ -100,20 +102,18 @@ def config_from_args(cls: type, args: argparse.Namespace, **extra: object):
 # Commands
 
 SUMMARIES = {
-    "fetch": 'download benign and malignant images from the ISIC Archive (resumable, licence-aware)',
-    "phantoms": 'write procedural phantom lesions in the real-image layout (offline data)',
-    "split": 'assign real images to train/validation/test without leakage',
-    "inspect": 'summarise a real-image folder: classes, licences, splits, sizes, bad files',
-    "generate": 'restyle benign train images with malignant train styles (neural style transfer)',
-    "label": 'pseudo-label synthetic images with a teacher trained on real images',
-    "package": 'write the Hub dataset repo on disk: Parquet shards, card, attribution',
-    "push": 'upload a packaged dataset to the Hugging Face Hub',
-    "explain": 'explain a trained model: DTD heatmaps and how much relevance lies in the lesion / on artifacts',
-    "demo": 'run the whole flow on phantoms, offline, with small sizes',
+    "fetch": "download benign and malignant images from the ISIC Archive (resumable, licence-aware)",
+    "phantoms": "write procedural phantom lesions in the real-image layout (offline data)",
+    "split": "assign real images to train/validation/test without leakage",
+    "inspect": "summarise a real-image folder: classes, licences, splits, sizes, bad files",
+    "generate": "restyle benign train images with malignant train styles (neural style transfer)",
+    "label": "pseudo-label synthetic images with a teacher trained on real images",
+    "package": "write the Hub dataset repo on disk: Parquet shards, card, attribution",
+    "push": "upload a packaged dataset to the Hugging Face Hub",
+    "explain": "explain a trained model: DTD heatmaps and how much relevance lies in the lesion / on artifacts",
+    "demo": "run the whole flow on phantoms, offline, with small sizes",
 }
 """One line per subcommand: ``stda --help`` lists these without importing the stages."""
-
-
 
 
 def _add_fetch(sub) -> None:
@@ -249,10 +249,13 @@ def _run_generate(args) -> None:
 def _add_label(sub) -> None:
     from .label import LabelConfig
 
-    p = sub.add_parser("label", help=SUMMARIES["label"],
-                       description="Label every synthetic image with a teacher's class probabilities, confidence "
-                                   "and entropy; optionally temperature-scale it on the real validation split "
-                                   "first. Resumable: re-running skips labelled images.")
+    p = sub.add_parser(
+        "label",
+        help=SUMMARIES["label"],
+        description="Label every synthetic image with a teacher's class probabilities, confidence "
+        "and entropy; optionally temperature-scale it on the real validation split "
+        "first. Resumable: re-running skips labelled images.",
+    )
     p.add_argument("synthetic", type=Path, help="synthetic folder written by `stda generate`")
     add_config_flags(p, LabelConfig)
     p.set_defaults(func=_run_label)
@@ -266,10 +269,14 @@ def _run_label(args) -> None:
     print(f"labelled {s['images']} images with {s['teacher']}: {labels}")
     if s["calibration"]:
         c = s["calibration"]
-        print(f"temperature {c['temperature']:.3f}: ECE on real validation {c['ece_before']:.4f} -> {c['ece_after']:.4f}")
+        print(
+            f"temperature {c['temperature']:.3f}: ECE on real validation {c['ece_before']:.4f} -> {c['ece_after']:.4f}"
+        )
     print(f"kept at confidence >= {s['min_confidence']:g}: {s['kept']} ({s['kept_labels']})")
     if s["skipped"]:
-        print(f"skipped {len(s['skipped'])} unreadable image(s); see {args.synthetic / 'labels_summary.json'}")
+        print(
+            f"skipped {len(s['skipped'])} unreadable image(s); see {args.synthetic / 'labels_summary.json'}"
+        )
 
 
 def _add_package(sub) -> None:
@@ -282,8 +289,12 @@ def _add_package(sub) -> None:
         "with a dataset card; refuses leakage; resumable and byte-identical on re-runs.",
     )
     p.add_argument("real", type=Path, help="real-image folder with splits.csv")
-    p.add_argument("--synthetic", type=Path, default=None, help="synthetic folder with labels.jsonl (optional)")
-    p.add_argument("--out", type=Path, required=True, help="repository folder to write, e.g. hub/skin-lesions")
+    p.add_argument(
+        "--synthetic", type=Path, default=None, help="synthetic folder with labels.jsonl (optional)"
+    )
+    p.add_argument(
+        "--out", type=Path, required=True, help="repository folder to write, e.g. hub/skin-lesions"
+    )
     add_config_flags(p, PackageConfig)
     p.set_defaults(func=_run_package)
 
@@ -332,13 +343,17 @@ def _add_explain(sub) -> None:
     p = sub.add_parser(
         "explain",
         help=SUMMARIES["explain"],
-        description="Deep Taylor Decomposition (or a baseline: " + ", ".join(COMPOSITE_NAMES[1:]) + ") for the "
+        description="Deep Taylor Decomposition (or a baseline: "
+        + ", ".join(COMPOSITE_NAMES[1:])
+        + ") for the "
         "images of a folder or a dataset split: heatmap and overlay PNGs, grid.png, relevance.csv/.jsonl and "
         "summary.json. Resumable: re-running skips images already explained.",
     )
     p.add_argument("--model", type=Path, required=True, help="train.py run folder (runs/<run>) or its model/")
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--images", type=Path, help="real-image folder (masks/, splits.csv used) or plain images")
+    source.add_argument(
+        "--images", type=Path, help="real-image folder (masks/, splits.csv used) or plain images"
+    )
     source.add_argument("--dataset", help="Hub dataset id or a folder written by `stda package`")
     p.add_argument("--out", type=Path, required=True, help="output folder, e.g. heatmaps/")
     p.add_argument("--overwrite", action="store_true", help="replace results of other settings in --out")
@@ -350,7 +365,9 @@ def _run_explain(args) -> None:
     from .explain import ExplainConfig, run_explain
 
     cfg = config_from_args(ExplainConfig, args)
-    s = run_explain(args.model, args.out, cfg, images=args.images, dataset=args.dataset, overwrite=args.overwrite)
+    s = run_explain(
+        args.model, args.out, cfg, images=args.images, dataset=args.dataset, overwrite=args.overwrite
+    )
     print(s.format())
 
 
@@ -431,7 +448,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run_reporting_errors(
-    prog: str, action: Callable[[], object], debug: bool = False, resume: str = "re-run the same command to resume"
+    prog: str,
+    action: Callable[[], object],
+    debug: bool = False,
+    resume: str = "re-run the same command to resume",
 ) -> int:
     """Run ``action`` as a command would: 0 when it returns, 2 with one line on stderr for a
     :class:`StdaError` (the traceback with ``debug``), 130 with ``resume`` advice on Ctrl-C.

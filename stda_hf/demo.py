@@ -68,7 +68,9 @@ def _label_step(synthetic: Path, teacher: Path, real: Path) -> None:
     _step("label", f"teacher {teacher}, calibrated on the real validation split")
     (synthetic / LABELS_FILE).unlink(missing_ok=True)  # a fresh teacher each demo: relabel everything
     (synthetic / "calibration.json").unlink(missing_ok=True)
-    s = label_synthetic(synthetic, LabelConfig(teacher=str(teacher), real=str(real), calibrate=True, min_confidence=0.8))
+    s = label_synthetic(
+        synthetic, LabelConfig(teacher=str(teacher), real=str(real), calibrate=True, min_confidence=0.8)
+    )
     c = s["calibration"]
     print(f"labels {s['labels']}; temperature {c['temperature']:.2f} (ECE {c['ece_before']:.3f} -> {c['ece_after']:.3f});"
           f" {s['kept']} of {s['images']} at confidence >= 0.8")  # fmt: skip

@@ -136,8 +136,12 @@ class TrainConfig:
     push_to_hub: bool = False  # upload the final model, card and plots to the Hub
     hub_model_id: str | None = None  # Hub model repo for --push-to-hub, e.g. me/vgg8-stda
     hub_private: bool = False  # create the Hub repo as private
-    explain_images: int = 8  # validation/test images explained at each evaluation (heatmaps/, logged numbers; 0: off)
-    explain_method: str = "dtd"  # attribution method of those explanations (dtd, gradient, or a zennit composite)
+    explain_images: int = (
+        8  # validation/test images explained at each evaluation (heatmaps/, logged numbers; 0: off)
+    )
+    explain_method: str = (
+        "dtd"  # attribution method of those explanations (dtd, gradient, or a zennit composite)
+    )
 
 
 def check_config(cfg: TrainConfig) -> None:

@@ -741,4 +741,6 @@ def test_explanation_settings_live_in_the_run_config(phantom_hub, tmp_path):
     assert saved["explain_images"] == 2 and saved["explain_method"] == "gradient"
     assert any(p.name.startswith("validation-epoch_") for p in (tmp_path / "run" / "heatmaps").iterdir())
     with pytest.raises(StdaError, match="valid methods"):
-        run_training(TrainConfig(dataset=str(phantom_hub), output_dir=str(tmp_path / "x"), explain_method="lrp"))
+        run_training(
+            TrainConfig(dataset=str(phantom_hub), output_dir=str(tmp_path / "x"), explain_method="lrp")
+        )
