@@ -5,7 +5,7 @@ for ``random`` (tests and the offline demo); :func:`~stda_hf.models.weights.load
 that decides.
 """
 
-from .features import build_vgg_features as build_vgg_features
+from .features import build_vgg_features
 from .vgg import (
     MODEL_NAMES,
     VGG8,
@@ -24,6 +24,7 @@ __all__ = [
     "TorchvisionVGG",
     "WeightsSpec",
     "build_model",
+    "build_vgg_features",
     "load_model",
     "load_weights",
     "parse_weights",
