@@ -14,8 +14,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # One intra-op thread per process: tests run tiny tensors, several processes share two cores, and torch's
 # thread pools fighting over them made training steps ~10x slower here. Set before anything imports torch.
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("MKL_NUM_THREADS", "1")
+# This is the one place tests choose threads; subprocesses inherit it, so in-process and subprocess runs
+# compute the same arithmetic.
+os.environ["OMP_NUM_THREADS"] = "1"
+os.environ["MKL_NUM_THREADS"] = "1"
 
 
 @pytest.fixture(scope="session")

@@ -35,16 +35,6 @@ MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny tensors: one thread is as fast, and it does not collapse when the two cores are shared (a
-    100-step training loop measured 2.7 s on one thread, 36 s on two, with other jobs running)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def small_vgg8(seed: int = 0) -> VGG8:
     torch.manual_seed(seed)
     return VGG8(widths=(4, 8, 8, 16, 16), hidden=(16, 16)).eval()

@@ -62,15 +62,6 @@ def _flags(settings: dict) -> list[str]:
     return flags
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread, as the subprocesses (OMP_NUM_THREADS=1): same arithmetic, and fast on shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _pixels(out: Path) -> dict[tuple[str, str], np.ndarray]:
     """{(content id, style id): decoded pixels} of a synthetic folder's manifest."""
     return {

@@ -16,14 +16,6 @@ from stda_hf.models.vgg import TorchvisionVGG, default_preprocessing, describe_w
 TINY = {"widths": (4, 8, 8, 16, 16), "hidden": (16, 16)}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # two shared cores: one thread per test process is faster and steadier
-    yield
-    torch.set_num_threads(threads)
-
-
 def _same_weights(a: nn.Module, b: nn.Module) -> bool:
     sa, sb = a.state_dict(), b.state_dict()
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)

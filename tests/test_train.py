@@ -54,14 +54,6 @@ METRIC_KEYS = (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # two shared cores: one thread per process is faster and steadier
-    yield
-    torch.set_num_threads(threads)
-
-
 def _env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "STDA_NO_PROGRESS": "1", "PYTHONUNBUFFERED": "1"}
 
