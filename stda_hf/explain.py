@@ -58,6 +58,7 @@ from .images import IMAGE_EXTENSIONS, SkipReport, iter_images, load_image, save_
 from .models.vgg import IMAGENET_MEAN, IMAGENET_STD
 from .phantoms import ARTIFACTS
 from .real import RealFolder, RealImage, check_id, read_real_folder
+from .training import eval_transform
 from .utils import progress
 
 logger = logging.getLogger(__name__)
@@ -899,13 +900,6 @@ def model_folder(path: str | Path) -> Path:
     if not (path / "config.json").is_file() and (path / MODEL_DIR / "config.json").is_file():
         return path / MODEL_DIR
     return path
-
-
-def eval_transform(pre) -> Callable[[Image.Image], torch.Tensor]:
-    """The image -> normalised tensor pipeline of evaluation in ``train.py`` (resize, scale, normalise)."""
-    from .training import TrainConfig, build_transforms
-
-    return build_transforms(TrainConfig(augment=False), pre, train=False)
 
 
 def _settings(model_dir, images, dataset, cfg: ExplainConfig) -> dict:

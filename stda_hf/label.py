@@ -9,12 +9,14 @@ done.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import math
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -158,21 +160,18 @@ class Teacher:
     """A classifier with two outputs (benign, malignant) and the preprocessing it expects."""
 
     model: nn.Module
-    image_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+    preprocessing: Any  # models.vgg.Preprocessing: input size, mean and std
     name: str  # recorded in labels.jsonl and the dataset card
     folder: Path | None = None  # the model or run folder, when there is one
 
-    def preprocess(self, images: list) -> torch.Tensor:
-        """PIL images -> normalised batch ``(N, 3, S, S)``."""
-        from PIL import Image
+    def __post_init__(self) -> None:
+        from .training import eval_transform
 
-        size = self.image_size
-        arrays = [np.asarray(im.resize((size, size), Image.BILINEAR), np.float32) / 255.0 for im in images]
-        x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
-        mean, std = torch.tensor(self.mean).view(1, 3, 1, 1), torch.tensor(self.std).view(1, 3, 1, 1)
-        return (x - mean) / std
+        self._transform = eval_transform(self.preprocessing)
+
+    def preprocess(self, images: list) -> torch.Tensor:
+        """PIL images -> normalised batch ``(N, 3, S, S)``, exactly as train.py evaluates."""
+        return torch.stack([self._transform(im) for im in images])
 
     @torch.inference_mode()
     def logits(self, batch: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -218,10 +217,9 @@ def load_teacher(cfg: LabelConfig) -> Teacher:
         model, pre = load_model_from_hub(spec)
         name = spec
     _check_two_classes(model, spec)
-    size = cfg.image_size or pre.image_size
-    return Teacher(
-        model.eval(), size, tuple(pre.mean), tuple(pre.std), name, folder if folder.is_dir() else None
-    )
+    if cfg.image_size:
+        pre = dataclasses.replace(pre, image_size=cfg.image_size)
+    return Teacher(model.eval(), pre, name, folder if folder.is_dir() else None)
 
 
 def load_model_from_hub(model_id: str):

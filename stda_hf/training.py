@@ -425,6 +425,12 @@ def build_transforms(cfg: TrainConfig, pre: Preprocessing, train: bool) -> Calla
     return v2.Compose(steps)
 
 
+def eval_transform(pre: Preprocessing) -> Callable:
+    """The evaluation pipeline (resize, scale, normalise, no augmentation) for anything fed to a trained model:
+    validation and test here, explanations and pseudo-labelling elsewhere."""
+    return build_transforms(TrainConfig(augment=False), pre, train=False)
+
+
 class EpochSampler(Sampler[int]):
     """Training indices of one epoch, drawn from ``(seed, epoch)`` alone so that a resumed run sees the same order.
 
