@@ -1,51 +1,76 @@
 """``stda fetch``: download benign and malignant images from the ISIC Archive into the real-image folder.
 
-    stda fetch --out real/ --limit 500                            # 500 benign + 500 malignant, dermoscopic
+    stda fetch --out real/ --limit 500                            # the 500 oldest benign + 500 malignant
+    stda fetch --out real/ --limit 500 --sample random --seed 1   # 500 per class sampled across the archive
     stda fetch --out real/ --licenses CC-0 CC-BY --dry-run        # counts per class and licence, no download
 
-The client speaks the ISIC Archive API v2 (``https://api.isic-archive.com/api/v2/``): ``images/search/`` with a
-query in the archive's query language, at most 100 results a page, following the ``next`` cursor;
-``images/{isic_id}/`` for a fresh download URL; ``images/facets/`` for dry-run counts. Record fields as the
-archive's own code defines them (ImageMarkup/isic ``isic/core/api/image.py``, isic-metadata ``FIELD_REGISTRY``):
-``isic_id``, ``copyright_license``, ``attribution``, ``files.full.{url,size}``, and ``metadata.acquisition``
-(``image_type``, ``pixels_x``, ...) and ``metadata.clinical`` (``diagnosis_1``, ``lesion_id``, ``patient_id``,
-...).
+The client speaks the ISIC Archive API v2 (``https://api.isic-archive.com/api/v2/``) as the archive's own code
+(ImageMarkup/isic) serves it: ``images/search/`` with a query in the archive's query language
+(``isic/core/dsl.py``), at most 100 results a page in creation order, following the ``next`` cursor (``count``
+comes on the first page only); ``images/search/size/`` for the stated bytes of a selection; ``images/facets/``
+for dry-run counts; ``collections/{id}/`` (404 for an unknown or private collection, which a search would
+silently treat as empty); ``images/{isic_id}/`` for a fresh URL. Record fields as ``isic/core/api/image.py``
+defines them: ``isic_id``, ``copyright_license``, ``attribution`` (the cohort's default), ``files.full.{url,size}``
+and ``metadata.acquisition`` / ``metadata.clinical``.
 
-Downloads run in a bounded thread pool. 429 and 5xx answers, timeouts and broken transfers are retried with
-exponential backoff and jitter, honouring ``Retry-After``. Each file is streamed to a staging name, checked
-against the size the API states and decoded, and only then renamed into ``images/``; its ``metadata.csv`` row
-is appended after that. An interrupted run therefore leaves a usable folder, and re-running the same command
-continues where it stopped. Download URLs are signed and short-lived: they are never stored or logged (an
-expired one is refreshed from the API), only ISIC ids are.
+The archive records ``files.full.size`` at ingest, then embeds IPTC/XMP credit and licence into every JPEG when
+it publishes it, so a served JPEG is a few KB larger than stated. A transfer is therefore judged by its own
+``Content-Length`` and a full decode; both sizes, the SHA-256 and the embedded credit and licence go into
+``metadata.csv``. Downloads run in a bounded thread pool with the retries of :mod:`stda_hf.httpclient`. Each
+file is streamed to a staging name, checked and decoded, its digest journalled, and only then renamed into
+``images/``; its ``metadata.csv`` row is appended after that. An interrupted run therefore leaves a usable
+folder, and re-running the same command continues where it stopped, keeping a finished file without its row
+when it decodes and matches its journalled digest. Public file URLs are permanent; a private image's URL is
+signed and expires (a refused one is refreshed from the API). URLs are never stored or logged, only ISIC ids.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
-import email.utils
+import hashlib
+import html
 import io
+import json
 import logging
 import math
 import os
-import random
 import re
+import shutil
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit
 
 import requests
 import yaml
-from PIL import Image
+from PIL import Image, IptcImagePlugin
 
 from .config import config_to_dict, dump_config
 from .errors import BadImageError, StdaError
-from .fileio import append_text, atomic_write, drop_torn_tail, write_text
+from .fileio import (
+    append_jsonl,
+    append_text,
+    atomic_write,
+    drop_torn_tail,
+    read_jsonl,
+    write_json,
+    write_text,
+)
+from .httpclient import (
+    TRANSIENT_ERRORS,
+    GaveUp,
+    Retry,
+    RetryingClient,
+    RetryPolicy,
+    Stopped,
+    excerpt,
+    redact,
+    transient_status,
+)
 from .images import IMAGE_EXTENSIONS, SkipReport, load_image
 from .licenses import LICENSES, write_attribution
 from .real import REQUIRED_COLUMNS
@@ -54,7 +79,7 @@ from .utils import progress
 try:  # POSIX: keep two fetches from writing into one folder at once
     import fcntl
 except ImportError:  # pragma: no cover - Windows
-    fcntl = None
+    fcntl = None  # type: ignore[assignment]
 
 logger = logging.getLogger(__name__)
 
@@ -68,12 +93,25 @@ EXPIRED_STATUS = frozenset({400, 401, 403, 410})
 """What S3 and CloudFront answer for an expired or otherwise refused signed URL."""
 MAX_URL_REFRESHES = 2
 CHUNK_BYTES = 1 << 20
-SELECTION = ("api_url", "query", "collections", "image_type", "licenses", "include_indeterminate")
+METADATA_MARGIN = 8192
+"""Bytes per JPEG to add to the archive's stated sizes: what it embeds after ingest (3.2 KB measured)."""
+SAMPLES = ("oldest", "random")
+SELECTION = (
+    "api_url",
+    "query",
+    "collections",
+    "image_type",
+    "licenses",
+    "include_indeterminate",
+    "sample",
+    "seed",
+)
 """Settings that decide which images a folder holds; a resumed fetch must keep them."""
 SETTINGS_FILE = "fetch.yaml"
 SKIPPED_FILE = "fetch_skipped.json"
+DIGESTS_FILE = ".fetch_digests.jsonl"
+"""One line per file renamed into ``images/``: id and SHA-256, written just before the rename."""
 STAGING_DIR = ".incoming"
-_QUERY_SECRET = re.compile(r"\?[^\s'\"<>)]*")
 
 
 @dataclass
@@ -87,6 +125,8 @@ class FetchConfig:
     licenses: tuple[str, ...] = tuple(LICENSES)  # licences to accept; CC-BY-NC forbids commercial use
     include_indeterminate: bool = False  # also fetch diagnosis_1 Indeterminate (kept, never trained on)
     limit: int = 0  # at most this many images per class (0: every match)
+    sample: str = "oldest"  # which --limit images: oldest (the archive's creation order) or random (seeded)
+    seed: int = 0  # seed of --sample random
     workers: int = 8  # parallel downloads
     page_size: int = 100  # search results per page (the API allows 1-100)
     timeout: float = 60.0  # seconds to wait for a connection or for the next bytes of an answer
@@ -111,6 +151,8 @@ class FetchConfig:
             if not low <= getattr(self, name) <= high:
                 flag = "--" + name.replace("_", "-")
                 raise StdaError(f"{flag} {getattr(self, name)} must be between {low} and {high}")
+        if self.sample not in SAMPLES:
+            raise StdaError(f"--sample {self.sample!r}: choose one of {list(SAMPLES)}")
         if self.limit < 0:
             raise StdaError(f"--limit {self.limit} must be 0 (every match) or a positive number per class")
         if self.timeout <= 0 or self.backoff < 0 or self.max_backoff < self.backoff:
@@ -126,9 +168,12 @@ class FetchConfig:
         return {name: DIAGNOSES[name] for name in names}
 
 
-def build_query(cfg: FetchConfig, diagnosis: str) -> str:
-    """The archive query selecting one ``diagnosis_1`` value with the image type, licence and user filters."""
-    parts = [f"diagnosis_1:{diagnosis}"]
+def build_query(cfg: FetchConfig, diagnosis: str | None) -> str:
+    """The archive query selecting one ``diagnosis_1`` value with the image type, licence and user filters.
+
+    ``diagnosis`` None selects the images without any ``diagnosis_1`` (what ``--dry-run`` counts apart).
+    """
+    parts = [f"diagnosis_1:{diagnosis}" if diagnosis else "-diagnosis_1:*"]
     if cfg.image_type:
         parts.append(f"image_type:{_quote(cfg.image_type)}")
     parts.append("(" + " OR ".join(f"copyright_license:{lic}" for lic in cfg.licenses) + ")")
@@ -142,154 +187,49 @@ def _quote(value: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# HTTP with retries
-
-
-class _Retry(Exception):
-    """A transient failure (429, 5xx, timeout, broken transfer): wait and try again."""
-
-    def __init__(self, reason: str, retry_after: float | None = None):
-        super().__init__(reason)
-        self.reason = reason
-        self.retry_after = retry_after
-
-
-class _GaveUp(Exception):
-    """Every try failed transiently."""
+# The archive's API (on the retrying client of httpclient.py)
 
 
 class _Expired(Exception):
-    """The signed download URL was refused (expired): ask the API for a fresh one."""
-
-
-class _Stopped(Exception):
-    """The run is being interrupted; workers give up at once."""
+    """A signed download URL was refused (expired): ask the API for a fresh one."""
 
 
 class SkipImage(Exception):
-    """One image cannot be fetched (refused id, corrupt file, ...); the run records it and goes on."""
+    """One image cannot be fetched; the run records it and goes on.
 
-    def __init__(self, reason: str):
+    ``permanent`` marks what a re-run cannot change (an unsafe id, a record outside the selection); the rest
+    (a failed or corrupt download) is tried again on the next run.
+    """
+
+    def __init__(self, reason: str, permanent: bool = False):
         super().__init__(reason)
         self.reason = reason
+        self.permanent = permanent
 
 
-_TRANSIENT_ERRORS = (
-    requests.ConnectionError,
-    requests.Timeout,
-    requests.exceptions.ChunkedEncodingError,
-    requests.exceptions.ContentDecodingError,
-)
+@dataclass(frozen=True)
+class Download:
+    """A file streamed to disk: its byte count and SHA-256."""
+
+    size: int
+    sha256: str
 
 
-def redact(text: str) -> str:
-    """``text`` with every URL query string (where signed URLs keep their credentials) removed."""
-    return _QUERY_SECRET.sub("?<redacted>", str(text))
-
-
-def retry_after_seconds(value: str | None, now: datetime | None = None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header (delay-seconds or an HTTP date); None when absent or bad."""
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    return max(0.0, (when - (now or datetime.now(timezone.utc))).total_seconds())
-
-
-def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random) -> float:
-    """Exponential backoff with equal jitter: ``d = min(cap, base * 2**attempt)``, a uniform wait in [d/2, d]."""
-    d = min(cap, base * 2**attempt)
-    return d / 2 + rng.uniform(0, d / 2)
-
-
-class _RedactQueries(logging.Filter):
-    """Strip query strings from a logger's messages (urllib3 logs full request URLs at DEBUG level)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.msg, record.args = redact(record.getMessage()), None
-        return True
-
-
-def _redact_http_debug_logs() -> None:
-    pool_logger = logging.getLogger("urllib3.connectionpool")
-    if not any(isinstance(f, _RedactQueries) for f in pool_logger.filters):
-        pool_logger.addFilter(_RedactQueries())
-
-
-class IsicClient:
+class IsicClient(RetryingClient):
     """The ISIC Archive API v2 over HTTP: retries, timeouts, one ``requests.Session`` per thread.
 
     Parameters
     ----------
     cfg : FetchConfig
-        API URL, page size, timeout and retry settings.
+        API URL, page size, collections, timeout and retry settings.
     sleep : callable, optional
         ``sleep(seconds)`` between tries; the default waits on :attr:`stop`, so an interrupt ends it.
     """
 
     def __init__(self, cfg: FetchConfig, sleep: Callable[[float], None] | None = None):
+        policy = RetryPolicy(cfg.timeout, cfg.retries, cfg.backoff, cfg.max_backoff)
+        super().__init__(policy, sleep, user_agent="stda-hf-fetch")
         self.cfg = cfg
-        self.stop = threading.Event()
-        self._sleep = sleep or self._wait
-        self._rng = random.Random()
-        self._local = threading.local()
-        self._sessions: list[requests.Session] = []
-        self._lock = threading.Lock()
-        _redact_http_debug_logs()
-
-    def __enter__(self) -> IsicClient:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Close every thread's session."""
-        with self._lock:
-            for s in self._sessions:
-                s.close()
-            self._sessions.clear()
-
-    def _session(self) -> requests.Session:
-        s = getattr(self._local, "session", None)
-        if s is None:
-            s = requests.Session()
-            s.headers["User-Agent"] = "stda-hf-fetch"
-            self._local.session = s
-            with self._lock:
-                self._sessions.append(s)
-        return s
-
-    def _wait(self, seconds: float) -> None:
-        if self.stop.wait(seconds):
-            raise _Stopped()
-
-    def _retrying(self, what: str, attempt: Callable[[], object]):
-        last = ""
-        for n in range(self.cfg.retries + 1):
-            if self.stop.is_set():
-                raise _Stopped()
-            try:
-                return attempt()
-            except _Retry as err:
-                last = err.reason
-                if n == self.cfg.retries:
-                    break
-                if err.retry_after is not None:
-                    delay = min(err.retry_after, self.cfg.max_backoff)
-                else:
-                    delay = backoff_delay(n, self.cfg.backoff, self.cfg.max_backoff, self._rng)
-                logger.debug("%s: %s; try %d of %d in %.2fs", what, last, n + 2, self.cfg.retries + 1, delay)
-                self._sleep(delay)
-        raise _GaveUp(f"{last} (gave up after {self.cfg.retries + 1} tries)")
 
     def get_json(self, url: str, params: dict | None = None, missing_ok: bool = False) -> dict | None:
         """GET a JSON object from the API; None for a 404 when ``missing_ok``.
@@ -301,24 +241,20 @@ class IsicClient:
         """
 
         def attempt() -> dict | None:
-            try:
-                r = self._session().get(url, params=params, timeout=self.cfg.timeout)
-            except _TRANSIENT_ERRORS as err:
-                raise _Retry(redact(err)) from err
-            with r:
-                if r.status_code == 429 or r.status_code >= 500:
-                    raise _Retry(f"HTTP {r.status_code}", retry_after_seconds(r.headers.get("Retry-After")))
+            with self.get(url, params=params) as r:
+                if retry := transient_status(r):
+                    raise retry
                 if r.status_code == 404 and missing_ok:
                     return None
                 if r.status_code != 200:
                     raise StdaError(
-                        f"the ISIC Archive answered HTTP {r.status_code} to {redact(r.url)}: {_excerpt(r)}; "
-                        "check --api-url and --query"
+                        f"the ISIC Archive answered HTTP {r.status_code} to {redact(r.url)}: {excerpt(r)}; "
+                        "check --api-url and --query (the archive's query language: README, `stda fetch`)"
                     )
                 try:
                     data = r.json()
                 except ValueError as err:
-                    raise _Retry("the answer is not JSON") from err
+                    raise Retry("the answer is not JSON") from err
             if not isinstance(data, dict):
                 raise StdaError(
                     f"{redact(url)} answered {type(data).__name__}, not a JSON object; check --api-url"
@@ -326,8 +262,8 @@ class IsicClient:
             return data
 
         try:
-            return self._retrying(f"GET {redact(url)}", attempt)
-        except _GaveUp as err:
+            return self.retrying(f"GET {redact(url)}", attempt)
+        except GaveUp as err:
             raise StdaError(
                 f"could not reach the ISIC Archive at {self.cfg.api_url} ({err}); check the network and "
                 "--api-url, then re-run the same command: finished images are kept"
@@ -336,19 +272,30 @@ class IsicClient:
     def _api(self, path: str) -> str:
         return urljoin(self.cfg.api_url, path)
 
-    def _search_params(self, query: str, limit: int) -> dict:
-        params = {"query": query, "limit": limit}
+    def _search_params(self, query: str, limit: int | None = None) -> dict:
+        params: dict = {"query": query}
+        if limit is not None:
+            params["limit"] = limit
         if self.cfg.collections:
             params["collections"] = ",".join(str(c) for c in self.cfg.collections)
         return params
 
     def count(self, query: str) -> int:
-        """How many images match ``query`` (the search answer's ``count``)."""
+        """How many images match ``query`` (``count``, which the archive gives on the first page only)."""
         page = self.get_json(self._api("images/search/"), self._search_params(query, 1))
         return _int_field(page, "count")
 
+    def total_size(self, query: str) -> int | None:
+        """The archive's sum of the stated ``files.full.size`` of every match; None where it has no such endpoint."""
+        answer = self.get_json(self._api("images/search/size/"), self._search_params(query), missing_ok=True)
+        return None if answer is None else _int_field(answer, "size")
+
+    def collection(self, collection_id: int) -> dict | None:
+        """The record of one collection; None when the archive does not show it (unknown or private)."""
+        return self.get_json(self._api(f"collections/{int(collection_id)}/"), missing_ok=True)
+
     def search(self, query: str) -> Iterator[dict]:
-        """Every image record matching ``query``, page by page, following the ``next`` cursor."""
+        """Every image record matching ``query`` in the archive's order (creation), following ``next``."""
         url: str | None = self._api("images/search/")
         params: dict | None = self._search_params(query, self.cfg.page_size)
         seen = set()
@@ -368,10 +315,8 @@ class IsicClient:
 
     def facets(self, query: str) -> dict | None:
         """Facet counts (``{field: {"buckets": [{"key", "doc_count"}]}}``) of ``query``; None if unavailable."""
-        params = self._search_params(query, 1)
-        params.pop("limit")
         try:
-            return self.get_json(self._api("images/facets/"), params, missing_ok=True)
+            return self.get_json(self._api("images/facets/"), self._search_params(query), missing_ok=True)
         except StdaError as err:
             logger.info("facets unavailable (%s); counting page by page instead", err)
             return None
@@ -380,53 +325,54 @@ class IsicClient:
         """The record of one image (with a fresh download URL); None if the archive does not know it."""
         return self.get_json(self._api(f"images/{_checked_id(isic_id)}/"), missing_ok=True)
 
-    def download(self, url: str, size: int, dest: Path) -> int:
-        """Stream ``url`` to ``dest`` atomically, insisting on exactly ``size`` bytes; return the byte count.
+    def download(self, url: str, stated: int, dest: Path) -> Download:
+        """Stream ``url`` to ``dest`` atomically; the transfer is judged by its own ``Content-Length``.
+
+        The API's ``stated`` size is advisory: the archive embeds IPTC/XMP metadata into every JPEG after
+        recording it, so a served file is larger. A file smaller than stated is suspicious and retried.
 
         Raises
         ------
         _Expired
-            The signed URL was refused: fetch a fresh one with :meth:`image`.
+            A signed URL was refused: fetch a fresh one with :meth:`image`.
         SkipImage
             The file is gone, or every try failed.
         """
 
-        def attempt() -> int:
-            try:
-                with self._session().get(url, stream=True, timeout=self.cfg.timeout) as r:
-                    return self._save(r, size, dest)
-            except _TRANSIENT_ERRORS as err:
-                raise _Retry(redact(err)) from err
+        def attempt() -> Download:
+            with self.get(url, stream=True) as r:
+                try:
+                    return self._save(r, stated, dest)
+                except TRANSIENT_ERRORS as err:
+                    raise Retry(redact(err)) from err
 
         try:
-            return self._retrying(f"download {dest.stem}", attempt)
-        except _GaveUp as err:
+            return self.retrying(f"download {dest.stem}", attempt)
+        except GaveUp as err:
             raise SkipImage(f"download failed: {err}") from None
 
-    def _save(self, r: requests.Response, size: int, dest: Path) -> int:
-        if r.status_code == 429 or r.status_code >= 500:
-            raise _Retry(f"HTTP {r.status_code}", retry_after_seconds(r.headers.get("Retry-After")))
+    def _save(self, r: requests.Response, stated: int, dest: Path) -> Download:
+        if retry := transient_status(r):
+            raise retry
         if r.status_code in EXPIRED_STATUS:
             raise _Expired(f"HTTP {r.status_code}")
         if r.status_code != 200:
             raise SkipImage(f"the file server answered HTTP {r.status_code}")
-        n = 0
+        length = r.headers.get("Content-Length")
+        expected = int(length) if length and length.isdigit() else None
+        n, digest = 0, hashlib.sha256()
         with atomic_write(dest, "wb") as fh:
             for chunk in r.iter_content(CHUNK_BYTES):
                 if self.stop.is_set():
-                    raise _Stopped()
+                    raise Stopped()
                 fh.write(chunk)
+                digest.update(chunk)
                 n += len(chunk)
-                if n > size:
-                    raise _Retry(f"more bytes than the {size} the API states")
-            if n != size:
-                raise _Retry(f"got {n} of the {size} bytes the API states")
-        return n
-
-
-def _excerpt(r: requests.Response) -> str:
-    text = " ".join(r.text[:300].split())
-    return redact(text) or "(empty answer)"
+            if expected is not None and n != expected:
+                raise Retry(f"got {n} of the {expected} bytes the server announced")
+            if n < stated:
+                raise Retry(f"got {n} bytes, fewer than the {stated} the API states")
+        return Download(n, digest.hexdigest())
 
 
 def _int_field(obj: dict, key: str) -> int:
@@ -438,8 +384,52 @@ def _int_field(obj: dict, key: str) -> int:
 
 def _checked_id(isic_id: object) -> str:
     if not isinstance(isic_id, str) or not ISIC_ID.fullmatch(isic_id):
-        raise SkipImage(f"refused image id {str(isic_id)[:80]!r}: not 'ISIC_' plus seven digits")
+        raise SkipImage(
+            f"refused image id {str(isic_id)[:80]!r}: not 'ISIC_' plus seven digits", permanent=True
+        )
     return isic_id
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What the archive embeds in each file
+
+
+def embedded_rights(path: str | Path) -> tuple[str, str]:
+    """The credit (IPTC ``Credit``) and licence (XMP ``xmpRights:UsageTerms``) embedded in an image file.
+
+    The archive writes them into every JPEG when it publishes it (the per-image credit; the API's
+    ``attribution`` is the cohort's default). ``("", "")`` where the file carries none (PNG, TIFF).
+    """
+    try:
+        with Image.open(path) as img:
+            iptc = IptcImagePlugin.getiptcinfo(img) or {}
+            xmp = img.info.get("xmp") or b""
+    except (OSError, SyntaxError, ValueError, IndexError):
+        return "", ""
+    credit = iptc.get((2, 110), b"")
+    if isinstance(credit, list):
+        credit = credit[0] if credit else b""
+    text = xmp.decode("utf-8", "replace") if isinstance(xmp, bytes) else str(xmp)
+    return _cell(credit.decode("utf-8", "replace")), _cell(_xmp_text(text, "xmpRights:UsageTerms"))
+
+
+def _xmp_text(xmp: str, name: str) -> str:
+    """One property of an XMP packet, as an element (plain or ``rdf:Alt`` list) or as an attribute."""
+    element = re.search(rf"<{name}\b[^>]*>(.*?)</{name}>", xmp, re.S)
+    if element:
+        item = re.search(r"<rdf:li\b[^>]*>(.*?)</rdf:li>", element.group(1), re.S)
+        return html.unescape((item or element).group(1).strip())
+    attribute = re.search(rf'\b{name}="([^"]*)"', xmp)
+    return html.unescape(attribute.group(1)) if attribute else ""
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(CHUNK_BYTES), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -452,7 +442,7 @@ class _Item:
 
     isic_id: str
     url: str
-    size: int
+    size: int  # what the API states (advisory: the archive embeds metadata after recording it)
     row: dict[str, str] = field(repr=False)
 
 
@@ -465,13 +455,17 @@ def parse_record(record: object, diagnosis: str, licenses: tuple[str, ...]) -> _
         Unsafe id, licence or diagnosis outside the selection, or no full-size file in the record.
     """
     if not isinstance(record, dict):
-        raise SkipImage(f"search result is not a record: {str(record)[:80]!r}")
+        raise SkipImage(f"search result is not a record: {str(record)[:80]!r}", permanent=True)
     isic_id = _checked_id(record.get("isic_id"))
     row = metadata_row(record)
     if row["copyright_license"] not in licenses:
-        raise SkipImage(f"licence {row['copyright_license']!r} is not among the accepted {list(licenses)}")
+        raise SkipImage(
+            f"licence {row['copyright_license']!r} is not among the accepted {list(licenses)}", permanent=True
+        )
     if row["diagnosis_1"] != diagnosis:
-        raise SkipImage(f"diagnosis_1 is {row['diagnosis_1']!r}, the search asked for {diagnosis!r}")
+        raise SkipImage(
+            f"diagnosis_1 is {row['diagnosis_1']!r}, the search asked for {diagnosis!r}", permanent=True
+        )
     url, size = _full_file(record)
     return _Item(isic_id, url, size, row)
 
@@ -481,21 +475,21 @@ def _full_file(record: dict) -> tuple[str, int]:
     full = files.get("full") if isinstance(files, dict) else None
     url, size = (full.get("url"), full.get("size")) if isinstance(full, dict) else (None, None)
     if not isinstance(url, str) or urlsplit(url).scheme not in ("http", "https"):
-        raise SkipImage("the record has no http(s) URL in files.full.url")
+        raise SkipImage("the record has no http(s) URL in files.full.url", permanent=True)
     if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
-        raise SkipImage(f"the record states no valid files.full.size ({size!r})")
+        raise SkipImage(f"the record states no valid files.full.size ({size!r})", permanent=True)
     return url, size
 
 
 def metadata_row(record: dict) -> dict[str, str]:
     """The ``metadata.csv`` row of a record: id, licence, attribution, then the flattened acquisition and
-    clinical metadata (isic-cli's columns). URLs and file information are not part of it."""
+    clinical metadata (isic-cli's columns). URLs are not part of it; :func:`file_columns` adds the file's."""
     row = dict.fromkeys(REQUIRED_COLUMNS, "")
     metadata = record.get("metadata") if isinstance(record.get("metadata"), dict) else {}
     for section in ("acquisition", "clinical"):
         values = metadata.get(section) or {}
         if not isinstance(values, dict):
-            raise SkipImage(f"metadata.{section} is not a mapping")
+            raise SkipImage(f"metadata.{section} is not a mapping", permanent=True)
         row.update({_cell(k): _cell(v) for k, v in values.items()})
     row["isic_id"] = _cell(record.get("isic_id"))
     row["copyright_license"] = _cell(record.get("copyright_license")) or "unknown"
@@ -507,6 +501,34 @@ def _cell(value: object) -> str:
     """One CSV cell on one line (a row never spans lines, so a torn last row is simply a line without end)."""
     text = "" if value is None else str(value)
     return " ".join(text.splitlines()) if ("\n" in text or "\r" in text) else text
+
+
+FILE_COLUMNS = (
+    "api_attribution",
+    "embedded_credit",
+    "embedded_license",
+    "file_size",
+    "sha256",
+    "stated_size",
+)
+"""What ``fetch`` adds to a record's row about the file it kept."""
+
+
+def file_columns(row: dict[str, str], path: Path, stated: int, sha256: str) -> dict[str, str]:
+    """``row`` with the file's sizes, digest and embedded credit and licence; ``attribution`` becomes the file's
+    credit where it has one (the per-image credit), the API's cohort default staying in ``api_attribution``."""
+    credit, license_ = embedded_rights(path)
+    api_attribution = row["attribution"]
+    return {
+        **row,
+        "attribution": credit or api_attribution,
+        "api_attribution": api_attribution,
+        "embedded_credit": credit,
+        "embedded_license": license_,
+        "file_size": str(path.stat().st_size),
+        "stated_size": str(stated),
+        "sha256": sha256,
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -575,6 +597,25 @@ class MetadataLog:
             for row in csv.DictReader(fh):
                 yield {k: row[k] for k in ("isic_id", "copyright_license", "attribution")}
 
+    def disagreements(self) -> tuple[int, dict[str, str]]:
+        """How many rows embed a credit other than the API's attribution, and the rows whose embedded licence
+        is not the API's (id -> what each says), streamed from the file."""
+        credits, licences = 0, {}
+        if not self.path.exists():
+            return credits, licences
+        with open(self.path, newline="", encoding="utf-8") as fh:
+            for row in csv.DictReader(fh):
+                credit, api = row.get("embedded_credit") or "", row.get("api_attribution") or ""
+                credits += bool(credit and api and credit != api)
+                embedded = row.get("embedded_license") or ""
+                if embedded and embedded != row.get("copyright_license"):
+                    licences[row["isic_id"]] = f"embedded {embedded!r}, API {row.get('copyright_license')!r}"
+        for isic_id, what in licences.items():
+            logger.warning(
+                "%s: licence disagreement (%s); the API's licence is the one selected on", isic_id, what
+            )
+        return credits, licences
+
     def _format(self, row: dict, header: bool) -> str:
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=self.columns, restval="", lineterminator="\n")
@@ -628,8 +669,32 @@ def _image_stems(folder: Path) -> set[str]:
         }
 
 
-def accept_download(staging: Path, images: Path, isic_id: str) -> Path:
-    """Decode a downloaded file and rename it to ``images/<isic_id>.<ext>``; a bad file is deleted.
+class DigestJournal:
+    """``.fetch_digests.jsonl``: the SHA-256 of every file renamed into ``images/``, written before the rename.
+
+    A run killed between the rename and the ``metadata.csv`` row leaves a file without its row; the next run
+    keeps it (without downloading it again) only when it decodes and its digest matches this journal.
+    """
+
+    def __init__(self, root: Path):
+        self.path = root / DIGESTS_FILE
+        self._lock = threading.Lock()
+
+    def record(self, isic_id: str, sha256: str) -> None:
+        """Journal one file's digest (durably; called from worker threads)."""
+        with self._lock:
+            append_jsonl(self.path, {"isic_id": isic_id, "sha256": sha256})
+
+    def digests(self) -> dict[str, str]:
+        """Id -> the last digest journalled for it."""
+        return {r["isic_id"]: r["sha256"] for r in read_jsonl(self.path) if "isic_id" in r and "sha256" in r}
+
+
+def accept_download(
+    staging: Path, images: Path, isic_id: str, journal: DigestJournal | None = None, sha256: str = ""
+) -> Path:
+    """Decode a downloaded file, journal its digest and rename it to ``images/<isic_id>.<ext>``; a bad file is
+    deleted.
 
     Raises
     ------
@@ -653,6 +718,8 @@ def accept_download(staging: Path, images: Path, isic_id: str) -> Path:
         if other != final:
             other.unlink(missing_ok=True)
     images.mkdir(parents=True, exist_ok=True)
+    if journal is not None:
+        journal.record(isic_id, sha256 or file_sha256(staging))
     os.replace(staging, final)
     return final
 
@@ -666,17 +733,19 @@ def _candidates(images: Path, isic_id: str) -> list[Path]:
     ]
 
 
-def fetch_one(client: IsicClient, item: _Item, root: Path) -> int:
-    """Download, verify and file one image (run in a worker thread); return its byte count.
+def fetch_one(
+    client: IsicClient, item: _Item, root: Path, journal: DigestJournal | None = None
+) -> dict[str, str]:
+    """Download, verify and file one image (run in a worker thread); return its finished ``metadata.csv`` row.
 
-    An expired URL is replaced by a fresh one from ``images/{isic_id}/`` (at most :data:`MAX_URL_REFRESHES`
-    times).
+    An expired signed URL (a private image's) is replaced by a fresh one from ``images/{isic_id}/`` (at most
+    :data:`MAX_URL_REFRESHES` times).
     """
     url, size = item.url, item.size
     staging = root / STAGING_DIR / f"{item.isic_id}.download"
     for refresh in range(MAX_URL_REFRESHES + 1):
         try:
-            n = client.download(url, size, staging)
+            got = client.download(url, size, staging)
             break
         except _Expired as err:
             if refresh == MAX_URL_REFRESHES:
@@ -688,9 +757,11 @@ def fetch_one(client: IsicClient, item: _Item, root: Path) -> int:
             if record is None:
                 raise SkipImage("the archive no longer knows this image") from None
             url, size = _full_file(record)
-            logger.debug("%s: download URL expired (%s); refreshed it", item.isic_id, err)
-    accept_download(staging, root / "images", item.isic_id)
-    return n
+            logger.debug("%s: download URL refused (%s); refreshed it", item.isic_id, err)
+    final = accept_download(staging, root / "images", item.isic_id, journal, got.sha256)
+    if got.size != size:
+        logger.debug("%s: %d bytes served, %d stated by the API", item.isic_id, got.size, size)
+    return file_columns(item.row, final, size, got.sha256)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -707,6 +778,11 @@ class FetchResult:
     adopted: int  # verified files a killed run left without a row, kept without downloading again
     bytes: int  # bytes downloaded by this run
     skipped: dict[str, str]  # id -> why it was not fetched
+    refused: set[str] = field(
+        default_factory=set
+    )  # skipped ids a re-run cannot fetch (unsafe, outside selection)
+    credit_differs: int = 0  # images whose embedded credit is not the API's cohort attribution (expected)
+    license_differs: dict[str, str] = field(default_factory=dict)  # id -> "embedded X, API Y"
 
     def format(self) -> str:
         """A short human-readable summary."""
@@ -718,8 +794,18 @@ class FetchResult:
         lines += [f"    skipped {k}: {v}" for k, v in sorted(self.skipped.items())[:20]]
         if len(self.skipped) > 20:
             lines.append(f"    ... and {len(self.skipped) - 20} more, see {self.out / SKIPPED_FILE}")
-        if self.skipped:
-            lines.append("  re-run the same command to retry the skipped images")
+        retry = len(set(self.skipped) - self.refused)
+        if retry:
+            lines.append(f"  re-run the same command to retry the {retry} failed download(s)")
+        if self.refused:
+            lines.append(f"  {len(self.refused)} record(s) refused for good (a re-run will not fetch them)")
+        if self.credit_differs:
+            lines.append(
+                f"  {self.credit_differs} image(s) embed a credit other than the API's cohort attribution; "
+                "ATTRIBUTION.md uses the file's (api_attribution in metadata.csv keeps the API's)"
+            )
+        for isic_id, what in sorted(self.license_differs.items())[:20]:
+            lines.append(f"  licence disagreement {isic_id}: {what}")
         return "\n".join(lines)
 
 
@@ -729,8 +815,10 @@ class _Run:
     root: Path
     client: IsicClient
     log: MetadataLog
+    journal: DigestJournal
     pool: ThreadPoolExecutor
     bar: object
+    refused: dict[str, str]  # id -> diagnosis_1 of every record refused for good, this run and before
     report: SkipReport = field(default_factory=SkipReport)
     downloaded: int = 0
     adopted: int = 0
@@ -758,8 +846,9 @@ def fetch(out: str | Path, cfg: FetchConfig | None = None, client: IsicClient | 
     Raises
     ------
     StdaError
-        The folder holds another selection or another kind of data, another fetch is writing to it, the API
-        refused the query or stayed unreachable, or the disk is full. Finished images are kept in every case.
+        The folder holds another selection or another kind of data, another fetch is writing to it, a
+        collection id is unknown, the API refused the query or stayed unreachable, or the disk lacks the
+        space. Finished images are kept in every case.
     """
     cfg = cfg or FetchConfig()
     root = Path(out)
@@ -768,10 +857,13 @@ def fetch(out: str | Path, cfg: FetchConfig | None = None, client: IsicClient | 
         dump_config(cfg, root / SETTINGS_FILE)
         _clear_staging(root)
         log = MetadataLog(root)
+        refused = refused_before(root)
         with client or IsicClient(cfg) as cl, ThreadPoolExecutor(cfg.workers, "stda-fetch") as pool:
-            todo = {d: _todo(cl, cfg, log, d) for d in cfg.diagnoses.values()}
-            bar = progress(total=sum(todo.values()), desc="fetch", unit="img")
-            run = _Run(cfg, root, cl, log, pool, bar)
+            check_collections(cl, cfg)
+            todo = {d: _todo(cl, cfg, log, d, refused) for d in cfg.diagnoses.values()}
+            check_space(cl, cfg, root, todo)
+            bar = progress(total=sum(t for _, t in todo.values()), desc="fetch", unit="img")
+            run = _Run(cfg, root, cl, log, DigestJournal(root), pool, bar, refused)
             try:
                 for diagnosis in cfg.diagnoses.values():
                     _fetch_class(run, diagnosis)
@@ -782,6 +874,7 @@ def fetch(out: str | Path, cfg: FetchConfig | None = None, client: IsicClient | 
             finally:
                 bar.close()
                 _finish_folder(run)
+    credit_differs, license_differs = log.disagreements()
     return FetchResult(
         out=root,
         per_class={name: log.count(d) for name, d in cfg.diagnoses.items()},
@@ -789,20 +882,90 @@ def fetch(out: str | Path, cfg: FetchConfig | None = None, client: IsicClient | 
         adopted=run.adopted,
         bytes=run.bytes,
         skipped=dict(run.report.skipped),
+        refused=set(run.report.skipped) & set(run.refused),
+        credit_differs=credit_differs,
+        license_differs=license_differs,
     )
 
 
-def _todo(client: IsicClient, cfg: FetchConfig, log: MetadataLog, diagnosis: str) -> int:
-    matches = client.count(build_query(cfg, diagnosis))
+def check_collections(client: IsicClient, cfg: FetchConfig) -> None:
+    """Refuse a collection id the archive does not show: a search would silently filter everything out.
+
+    Raises
+    ------
+    StdaError
+        Naming the first unknown (or private) id.
+    """
+    for collection_id in cfg.collections:
+        if client.collection(collection_id) is None:
+            raise StdaError(
+                f"--collections {collection_id}: the ISIC Archive has no public collection with this id "
+                f"(GET {urljoin(cfg.api_url, f'collections/{collection_id}/')} answered 404); pick ids from "
+                f"{urljoin(cfg.api_url, 'collections/')}"
+            )
+
+
+def _todo(
+    client: IsicClient, cfg: FetchConfig, log: MetadataLog, diagnosis: str, refused: dict[str, str]
+) -> tuple[int, int]:
+    """(matches, images still to fetch) of one class; records refused for good are not counted."""
+    matches = client.count(build_query(cfg, diagnosis)) - sum(d == diagnosis for d in refused.values())
     want = min(matches, cfg.limit) if cfg.limit else matches
-    return max(0, want - log.count(diagnosis))
+    return matches, max(0, want - log.count(diagnosis))
+
+
+def check_space(client: IsicClient, cfg: FetchConfig, root: Path, todo: dict[str, tuple[int, int]]) -> None:
+    """Refuse to start when ``root``'s disk cannot hold what is left to fetch.
+
+    The need is the archive's ``images/search/size/`` (which sums the stated, pre-embedding sizes) scaled to
+    the images still to fetch, plus :data:`METADATA_MARGIN` per file.
+
+    Raises
+    ------
+    StdaError
+        Saying how much is needed and how much is free.
+    """
+    need = 0
+    for diagnosis, (matches, left) in todo.items():
+        if not left or not matches:
+            continue
+        stated = client.total_size(build_query(cfg, diagnosis))
+        if stated is None:
+            logger.info("the archive does not report selection sizes; not checking free disk space")
+            return
+        need += math.ceil(stated * left / matches) + left * METADATA_MARGIN
+    free = shutil.disk_usage(root).free
+    if need > free:
+        images = sum(left for _, left in todo.values())
+        raise StdaError(
+            f"{root}: the {images} images left to fetch need about {_human_bytes(need)} (the archive's stated "
+            f"sizes plus {METADATA_MARGIN} bytes each for the metadata it embeds), but only "
+            f"{_human_bytes(free)} is free; free some space, use another --out, or lower --limit"
+        )
+
+
+def sample_key(seed: int, isic_id: str) -> str:
+    """Sort key of ``--sample random``: a seeded hash of the id, so a larger --limit keeps the smaller sample."""
+    return hashlib.sha256(f"{seed}:{isic_id}".encode()).hexdigest()
+
+
+def _records(run: _Run, diagnosis: str) -> Iterator[object]:
+    """The class's search records in the order ``--limit`` takes them: creation order, or a seeded shuffle."""
+    records = run.client.search(build_query(run.cfg, diagnosis))
+    if run.cfg.sample == "random" and run.cfg.limit:
+        keyed = [
+            (sample_key(run.cfg.seed, str(r.get("isic_id") if isinstance(r, dict) else r)), r)
+            for r in records
+        ]
+        return (r for _, r in sorted(keyed, key=lambda kr: kr[0]))
+    return records
 
 
 def _fetch_class(run: _Run, diagnosis: str) -> None:
     """Keep at most ``2 * workers`` downloads in flight until the class has ``limit`` images or none are left."""
     want = run.cfg.limit or math.inf
     done = run.log.count(diagnosis)
-    records = run.client.search(build_query(run.cfg, diagnosis))
+    records = _records(run, diagnosis)
     pending: dict[Future, _Item] = {}
     exhausted = False
     while True:
@@ -814,8 +977,8 @@ def _fetch_class(run: _Run, diagnosis: str) -> None:
             item = _admit(run, record, diagnosis, {i.isic_id for i in pending.values()})
             if item == "adopted":
                 done += 1
-            elif item is not None:
-                pending[run.pool.submit(fetch_one, run.client, item, run.root)] = item
+            elif isinstance(item, _Item):
+                pending[run.pool.submit(fetch_one, run.client, item, run.root, run.journal)] = item
         if not pending:
             return
         finished, _ = wait(pending, return_when=FIRST_COMPLETED)
@@ -828,17 +991,21 @@ def _admit(run: _Run, record: object, diagnosis: str, in_flight: set[str]) -> _I
     try:
         item = parse_record(record, diagnosis, run.cfg.licenses)
     except SkipImage as err:
-        key = record.get("isic_id") if isinstance(record, dict) else record
-        run.report.add(str(key)[:80], err.reason)
+        key = str(record.get("isic_id") if isinstance(record, dict) else record)[:80]
+        run.report.add(key, err.reason)
+        if err.permanent:
+            run.refused[key] = diagnosis
         return None
     if item.isic_id in run.log or item.isic_id in in_flight:
         return None
     orphans = _candidates(run.root / "images", item.isic_id)
-    if len(orphans) == 1 and orphans[0].stat().st_size == item.size and _decodes(orphans[0]):
-        run.log.append(item.row)
-        run.adopted += 1
-        run.bar.update(1)
-        return "adopted"
+    if len(orphans) == 1 and _decodes(orphans[0]):
+        digest = file_sha256(orphans[0])
+        if run.journal.digests().get(item.isic_id) == digest:
+            run.log.append(file_columns(item.row, orphans[0], item.size, digest))
+            run.adopted += 1
+            run.bar.update(1)
+            return "adopted"
     return item
 
 
@@ -853,18 +1020,28 @@ def _decodes(path: Path) -> bool:
 def _settle(run: _Run, item: _Item, future: Future) -> int:
     """Record a finished download: append its row (1) or note why it was skipped (0)."""
     try:
-        n = future.result()
+        row = future.result()
     except SkipImage as err:
         run.report.add(item.isic_id, err.reason)
         run.bar.update(1)
         run.bar.set_postfix_str(f"{_human_bytes(run.bytes)}, {len(run.report)} skipped", refresh=False)
         return 0
-    run.log.append(item.row)
+    run.log.append(row)
     run.downloaded += 1
-    run.bytes += n
+    run.bytes += int(row["file_size"])
     run.bar.update(1)
     run.bar.set_postfix_str(f"{_human_bytes(run.bytes)}, {len(run.report)} skipped", refresh=False)
     return 1
+
+
+def refused_before(root: Path) -> dict[str, str]:
+    """Id -> ``diagnosis_1`` of the records an earlier run refused for good (from ``fetch_skipped.json``)."""
+    path = Path(root) / SKIPPED_FILE
+    try:
+        refused = json.loads(path.read_text(encoding="utf-8")).get("refused", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return {str(k): str(v) for k, v in refused.items()} if isinstance(refused, dict) else {}
 
 
 def _finish_folder(run: _Run) -> None:
@@ -873,7 +1050,10 @@ def _finish_folder(run: _Run) -> None:
         write_attribution(
             run.root, run.log.attribution_rows(), title="Attribution: images from the ISIC Archive"
         )
-    run.report.save(run.root / SKIPPED_FILE)
+    write_json(
+        run.root / SKIPPED_FILE,
+        {"skipped": dict(sorted(run.report.skipped.items())), "refused": dict(sorted(run.refused.items()))},
+    )
     with contextlib.suppress(OSError):
         (run.root / STAGING_DIR).rmdir()
     if (run.root / "splits.csv").exists() and run.downloaded + run.adopted:
@@ -953,11 +1133,15 @@ class DryRun:
 
     queries: dict[str, str]  # class -> archive query
     counts: dict[str, dict[str, int]]  # class -> licence -> matching images
-    totals: dict[str, int]  # class -> matching images
+    totals: dict[str, int]  # class -> matching images a fetch can take (records refused for good left out)
     on_disk: dict[str, int]  # class -> images already in the output folder
     limit: int
     method: str  # "facets" (one request per class) or "paging" (metadata only, no files)
     note: str = ""  # e.g. that the output folder holds another selection
+    no_diagnosis: int = 0  # images matching every other filter but without any diagnosis_1 (never fetched)
+    refused: dict[str, int] = field(
+        default_factory=dict
+    )  # class -> records refused for good (unsafe id, ...)
 
     def format(self) -> str:
         """A table: class, matches per licence, total, what a fetch would download."""
@@ -971,6 +1155,12 @@ class DryRun:
                 + "".join(f"{self.counts[name].get(lic, 0):>10}" for lic in licenses)
                 + f"{total:>10}{max(0, want - self.on_disk.get(name, 0)):>10}"
             )
+        lines.append(f"{self.no_diagnosis} matching image(s) have no diagnosis_1 and are never fetched")
+        for name, n in self.refused.items():
+            if n:
+                lines.append(
+                    f"{n} {name} record(s) refused for good (unsafe id or outside the selection): not counted"
+                )
         lines.append(f"(counted by {self.method}; queries:)")
         lines += [f"  {name}: {q}" for name, q in self.queries.items()]
         return "\n".join(lines + ([self.note] if self.note else []))
@@ -979,32 +1169,58 @@ class DryRun:
 def dry_run(cfg: FetchConfig | None = None, out: str | Path | None = None) -> DryRun:
     """Count what ``cfg`` selects per class and licence without downloading any image file.
 
-    Uses the archive's facets when it offers them, otherwise pages through the search results (metadata only).
+    Uses the archive's facets when it offers them, otherwise pages through the search results (metadata only,
+    leaving out records a fetch would refuse). Records an earlier fetch into ``out`` refused for good are not
+    counted either.
+
+    Raises
+    ------
+    StdaError
+        A collection id is unknown, or the API refused the query or stayed unreachable.
     """
     cfg = cfg or FetchConfig()
-    on_disk, note = {}, ""
+    on_disk, note, refused_ids = {}, "", {}
     if out is not None:
         change = selection_change(out, cfg)
         if change:
             note = f"{out} holds another selection ({change}): a fetch into it would be refused"
         else:
             on_disk = count_on_disk(out, cfg.diagnoses)
+            refused_ids = refused_before(Path(out))
     queries = {name: build_query(cfg, d) for name, d in cfg.diagnoses.items()}
-    counts, totals, methods = {}, {}, set()
+    counts, totals, methods, refused = {}, {}, set(), {}
     with IsicClient(cfg) as client:
+        check_collections(client, cfg)
         for name, query in queries.items():
-            totals[name] = client.count(query)
-            counts[name], method = _license_counts(client, query, totals[name])
+            diagnosis = cfg.diagnoses[name]
+            total = client.count(query)
+            counts[name], method, unsafe = _license_counts(client, query, total, diagnosis, cfg.licenses)
+            refused[name] = (
+                unsafe if method == "paging" else sum(d == diagnosis for d in refused_ids.values())
+            )
+            totals[name] = total - refused[name]
             methods.add(method)
-    return DryRun(queries, counts, totals, on_disk, cfg.limit, "+".join(sorted(methods)), note)
+        no_diagnosis = client.count(build_query(cfg, None))
+    return DryRun(
+        queries, counts, totals, on_disk, cfg.limit, "+".join(sorted(methods)), note, no_diagnosis, refused
+    )
 
 
-def _license_counts(client: IsicClient, query: str, total: int) -> tuple[dict[str, int], str]:
+def _license_counts(
+    client: IsicClient, query: str, total: int, diagnosis: str, licenses: tuple[str, ...]
+) -> tuple[dict[str, int], str, int]:
+    """(licence -> images, method, records refused for good): by facets, else by paging the metadata."""
     facets = client.facets(query)
     buckets = ((facets or {}).get("copyright_license") or {}).get("buckets")
     if isinstance(buckets, list) and all(isinstance(b, dict) and "key" in b for b in buckets):
-        return {str(b["key"]): int(b.get("doc_count", 0)) for b in buckets if b.get("doc_count")}, "facets"
+        return {str(b["key"]): int(b.get("doc_count", 0)) for b in buckets if b.get("doc_count")}, "facets", 0
     counts: Counter = Counter()
+    refused = 0
     for record in progress(client.search(query), total=total, desc="count", unit="img"):
-        counts[str(record.get("copyright_license", "unknown"))] += 1
-    return dict(sorted(counts.items())), "paging"
+        try:
+            item = parse_record(record, diagnosis, licenses)
+        except SkipImage:
+            refused += 1
+            continue
+        counts[item.row["copyright_license"]] += 1
+    return dict(sorted(counts.items())), "paging", refused

@@ -1,27 +1,37 @@
 """A local ISIC Archive API v2 on 127.0.0.1 for tests, with fault injection.
 
-It speaks the shapes of the archive's own code (ImageMarkup/isic, ``isic/core/api/image.py``):
+It behaves as the archive's own code does (ImageMarkup/isic, read at the time of writing):
 
-* ``GET images/search/?query=&collections=&limit=&cursor=`` -> ``{"count", "next", "previous", "results"}``,
-  cursor-paged (``next`` is an absolute URL, None on the last page), ``limit`` at most 100, HTTP 400 for a
-  query it cannot parse;
-* ``GET images/{isic_id}/`` -> one record, 404 when unknown;
+* ``GET images/search/?query=&collections=&limit=&cursor=`` (``isic/core/api/image.py``,
+  ``isic/core/pagination.py``) -> ``{"count", "next", "previous", "results"}``: results in creation order (not id
+  order), ``limit`` clamped to 1-100, ``next`` an absolute URL (None on the last page), ``count`` on the first page
+  only (None after); a query it cannot parse is HTTP 400 ``{"message": "Could not parse search query."}``;
+  ``collections`` keeps images in the listed collections the caller may see, so unknown or private ids alone
+  filter everything out;
+* ``GET images/search/size/`` -> ``{"size"}``: the sum of the stated sizes of the matches;
+* ``GET images/{isic_id}/`` -> one record, 404 when unknown; ``GET collections/{id}/`` -> the collection, 404
+  ``{"detail": "Not Found"}`` when unknown or private (``isic/core/api/collection.py``);
 * ``GET images/facets/?query=`` -> ``{field: {"meta": {...}, "buckets": [{"key", "doc_count"}]}}``;
-* records ``{"isic_id", "public", "copyright_license", "attribution", "files": {"full": {"url", "size"},
-  "thumbnail_256": {...}}, "metadata": {"acquisition": {"image_type", "pixels_x", ...}, "clinical":
-  {"diagnosis_1", "lesion_id", "patient_id", ...}}}`` (field placement from isic-metadata's FIELD_REGISTRY);
-* signed file URLs ``/s3/<id>.jpg?Expires=&Signature=`` answering 403 (S3's AccessDenied) once expired.
+* records ``{"isic_id", "public", "copyright_license", "attribution" (the cohort's default), "files": {"full":
+  {"url", "size"}, "thumbnail_256": {...}}, "metadata": {"acquisition": {...}, "clinical": {...}}}``;
+* ``files.full.size`` is the size recorded at ingest, but a served JPEG carries the IPTC/XMP credit and licence
+  the archive embeds when it publishes (``isic/ingest/services/publish/__init__.py``): APP1 XMP and APP13 IPTC
+  after APP0, pixels unchanged, about 3.2 KB more (:func:`embed_rights`);
+* public images' file URLs are unsigned and permanent (``/files/<id>.jpg``); a private image's URL is signed
+  (``/s3/<id>.jpg?Expires=&Signature=``) and answers 403 (S3's AccessDenied) once expired.
 
-The query language is the subset the client sends: ``field:value``, ``field:"quoted value"``, ``-field:value``,
-``AND``, ``OR`` and parentheses.
+The query language is that of ``isic/core/dsl.py``: ``field:value``, ``field:"quoted value"``, ``field:*``
+(present), ``field:abc*`` / ``field:*abc`` (prefix / suffix), ``field:[a TO b]`` and ``{a TO b}`` ranges on numeric
+fields (``*`` for an open end), ``-`` negating one term (which also matches images without the field; there is no
+``NOT``), ``AND``, ``OR``, juxtaposed terms (an implicit AND) and parentheses; unknown fields are refused.
 
 Faults are queued per request key (``"search"``, ``"image:<id>"``, ``"file:<id>"``) and used one per request:
 ``"429"`` (with ``Retry-After``), ``"500"``, ``"503"``, ``"slow"`` (answers after the client's timeout),
-``"truncate"`` (full ``Content-Length``, half the body, then the connection closes), ``"short"`` (half the
-body with a matching ``Content-Length``: only the size check catches it), ``"hold"`` (waits for
+``"truncate"`` (full ``Content-Length``, a part of the body, then the connection closes), ``"short"`` (half
+the stated size with a matching ``Content-Length``: only the stated-size check catches it), ``"hold"`` (waits for
 :attr:`FakeIsicArchive.release`, then 503). Persistent faults are data: a corrupt JPEG is an image whose
-bytes do not decode (:func:`corrupt`), an expired URL is an id in :attr:`FakeIsicArchive.expired_ids`, a
-malicious id is a raw record in :attr:`FakeIsicArchive.extra_records`.
+bytes do not decode (:func:`corrupt`), an expired URL is a private image's id in
+:attr:`FakeIsicArchive.expired_ids`, a malicious id is a raw record in :attr:`FakeIsicArchive.extra_records`.
 """
 
 from __future__ import annotations
@@ -32,6 +42,7 @@ import hashlib
 import hmac
 import json
 import re
+import struct
 import threading
 import time
 from collections import Counter, defaultdict, deque
@@ -55,11 +66,63 @@ class ArchiveImage:
     acquisition: dict
     clinical: dict
     collections: tuple[int, ...] = ()
+    credit: str = ""  # the per-image credit embedded in the file ("" : the cohort default, ``attribution``)
+    created: int = 0  # creation order: the archive lists oldest first
+    public: bool = True  # private images have signed, expiring URLs
+    embedded_license: str = ""  # the licence embedded in the file ("": ``copyright_license``)
 
     def value(self, key: str) -> object:
-        if key in ("isic_id", "copyright_license"):
+        if key in ("isic_id", "copyright_license", "public"):
             return getattr(self, key)
         return self.acquisition.get(key, self.clinical.get(key))
+
+
+def _segment(marker: int, payload: bytes) -> bytes:
+    return struct.pack(">BBH", 0xFF, marker, len(payload) + 2) + payload
+
+
+def _iptc(record: int, dataset: int, value: bytes) -> bytes:
+    return struct.pack(">BBBH", 0x1C, record, dataset, len(value)) + value
+
+
+def _xml(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
+
+
+def embed_rights(data: bytes, credit: str, license_: str, isic_id: str) -> bytes:
+    """A JPEG with the archive's published metadata: APP1 XMP (title, supplier, licence) and APP13 IPTC
+    (credit, source, UTF-8 character set) inserted after APP0, the pixels untouched; other data unchanged."""
+    if data[:2] != b"\xff\xd8":
+        return data
+    xmp = (
+        '<?xpacket begin="\ufeff" id="W5M0MpCehiHzreSzNTczkc9d"?>'
+        '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+        '<rdf:Description rdf:about="" xmlns:dc="http://purl.org/dc/elements/1.1/" '
+        'xmlns:plus="http://ns.useplus.org/ldf/xmp/1.0/" xmlns:xmpRights="http://ns.adobe.com/xap/1.0/rights/" '
+        f'plus:ImageSupplierImageID="{isic_id}" '
+        f'xmpRights:WebStatement="https://creativecommons.org/licenses/{_xml(license_.lower())}/">'
+        f'<dc:title><rdf:Alt><rdf:li xml:lang="x-default">{isic_id}</rdf:li></rdf:Alt></dc:title>'
+        f'<xmpRights:UsageTerms><rdf:Alt><rdf:li xml:lang="x-default">{_xml(license_)}</rdf:li></rdf:Alt>'
+        "</xmpRights:UsageTerms>"
+        '<plus:Licensor><rdf:Seq><rdf:li plus:LicensorName="ISIC Archive" '
+        'plus:LicensorURL="https://www.isic-archive.com"/></rdf:Seq></plus:Licensor>'
+        "</rdf:Description></rdf:RDF></x:xmpmeta>" + " " * 2048 + '<?xpacket end="w"?>'
+    )
+    app1 = _segment(0xE1, b"http://ns.adobe.com/xap/1.0/\x00" + xmp.encode("utf-8"))
+    iptc = (
+        _iptc(1, 90, b"\x1b%G")
+        + _iptc(2, 0, b"\x00\x04")
+        + _iptc(2, 110, credit.encode("utf-8"))
+        + _iptc(2, 115, b"ISIC Archive")
+    )
+    iptc += b"\x00" * (len(iptc) % 2)
+    app13 = _segment(
+        0xED, b"Photoshop 3.0\x00" + b"8BIM\x04\x04\x00\x00" + struct.pack(">I", len(iptc)) + iptc
+    )
+    at = 2
+    if data[2:4] == b"\xff\xe0":  # after APP0 (JFIF)
+        at = 4 + struct.unpack(">H", data[4:6])[0]
+    return data[:at] + app1 + app13 + data[at:]
 
 
 def corrupt(data: bytes) -> bytes:
@@ -71,8 +134,12 @@ def phantom_archive(folder: Path, n: int = 24, seed: int = 0, size: int = 32) ->
     """``n`` archive images made from phantoms (``size`` px): licences cycle, two are Indeterminate, two clinical.
 
     One lesion per patient and at most two views of it, so a split has enough groups. Ids are
-    ``ISIC_0000001`` ...; even-numbered images are in collection 1; image 5 has no lesion id.
+    ``ISIC_0000001`` ...; even-numbered images are in collection 1 (public), images 1-4 also in collection 2
+    (private); image 5 has no lesion id; creation order is a seeded shuffle of the ids; every sixth image
+    embeds a credit of its own rather than its cohort's default attribution.
     """
+    import random
+
     from stda_hf.phantoms import PhantomConfig, make_phantoms
 
     make_phantoms(
@@ -80,6 +147,8 @@ def phantom_archive(folder: Path, n: int = 24, seed: int = 0, size: int = 32) ->
     )
     with open(folder / "metadata.csv", newline="", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
+    created = list(range(len(rows)))
+    random.Random(seed).shuffle(created)
     images = []
     for i, row in enumerate(rows, start=1):
         diagnosis = "Indeterminate" if i in (3, 14) else row["diagnosis_1"]
@@ -94,29 +163,45 @@ def phantom_archive(folder: Path, n: int = 24, seed: int = 0, size: int = 32) ->
         }
         if i == 5:
             del clinical["lesion_id"]
+        attribution = f'Clínica {i % 4}, "Dermatology"\nUnit' if i % 4 == 1 else f"Hospital {i % 4}"
         images.append(
             ArchiveImage(
                 isic_id=f"ISIC_{i:07d}",
                 data=(folder / "images" / f"{row['isic_id']}.jpg").read_bytes(),
                 copyright_license=LICENSES[i % 3],
-                attribution=f'Clínica {i % 4}, "Dermatology"\nUnit' if i % 4 == 1 else f"Hospital {i % 4}",
+                attribution=attribution,
+                credit=f"Dr. Example {i}, Hospital {i % 4}" if i % 6 == 0 else "",
+                created=created[i - 1],
                 acquisition={
                     "image_type": "clinical: close-up" if i in (7, 20) else "dermoscopic",
                     "pixels_x": size,
                     "pixels_y": size,
                 },
                 clinical=clinical,
-                collections=(1,) if i % 2 == 0 else (),
+                collections=((1,) if i % 2 == 0 else ()) + ((2,) if i <= 4 else ()),
             )
         )
     return images
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The query language subset
+# The query language of isic/core/dsl.py
 
 
-_TOKEN = re.compile(r'\s*(\(|\)|AND\b|OR\b|-?[A-Za-z0-9_]+:(?:"[^"]*"|[A-Za-z0-9_*.-]+))')
+STR_FIELDS = frozenset(
+    {"isic_id", "copyright_license", "diagnosis_1", "diagnosis_2", "diagnosis_3", "image_type", "sex"}
+    | {"anatom_site_general"}
+)
+NUMBER_FIELDS = frozenset({"age_approx"})
+BOOL_FIELDS = frozenset({"public", "melanocytic"})
+"""The searchable fields these tests use (the reserved ones of dsl.py and some of FIELD_REGISTRY's)."""
+PARSE_ERROR = {"message": "Could not parse search query."}
+
+_LEX = re.compile(
+    r"\s*(?:(?P<paren>[()])|(?P<op>(?:AND|OR)(?![A-Za-z0-9_*-]))|(?P<term>(?P<neg>-?)(?P<key>[A-Za-z0-9_]+):"
+    r'(?P<value>"[^"]*"|[\[{]\s*[^\]}]*[\]}]|[A-Za-z0-9*_.+-]+)))'
+)
+_NUMBER = r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?"
 
 
 class QueryError(ValueError):
@@ -124,60 +209,110 @@ class QueryError(ValueError):
 
 
 def parse_query(query: str):
-    """Parse into a predicate over :class:`ArchiveImage` (AND binds tighter than OR)."""
+    """Parse into a predicate over :class:`ArchiveImage` (AND binds tighter than OR; juxtaposed terms AND)."""
     tokens, pos = [], 0
     query = query.strip()
     while pos < len(query):
-        m = _TOKEN.match(query, pos)
-        if not m:
+        m = _LEX.match(query, pos)
+        if not m or m.end() == pos:
             raise QueryError(f"cannot parse query at {query[pos : pos + 20]!r}")
-        tokens.append(m.group(1))
+        tokens.append(("term", _term(m)) if m.group("term") else ("sym", m.group("paren") or m.group("op")))
         pos = m.end()
     if not tokens:
         return lambda im: True
     pred, rest = _or(tokens)
     if rest:
-        raise QueryError(f"unexpected {rest[0]!r}")
+        raise QueryError(f"unexpected {rest[0][1]!r}")
     return pred
 
 
 def _or(tokens):
     left, tokens = _and(tokens)
-    while tokens and tokens[0] == "OR":
+    while tokens and tokens[0] == ("sym", "OR"):
         right, tokens = _and(tokens[1:])
         left = (lambda a, b: lambda im: a(im) or b(im))(left, right)
     return left, tokens
 
 
 def _and(tokens):
-    left, tokens = _atom(tokens)
-    while tokens and tokens[0] == "AND":
-        right, tokens = _atom(tokens[1:])
+    left, tokens = _unit(tokens)
+    while tokens and tokens[0] == ("sym", "AND"):
+        right, tokens = _unit(tokens[1:])
         left = (lambda a, b: lambda im: a(im) and b(im))(left, right)
     return left, tokens
 
 
-def _atom(tokens):
+def _unit(tokens):
+    """A parenthesised expression, or one or more juxtaposed terms (dsl.py's ``OneOrMore`` operand)."""
     if not tokens:
         raise QueryError("query ends early")
-    tok = tokens[0]
-    if tok == "(":
+    if tokens[0] == ("sym", "("):
         inner, rest = _or(tokens[1:])
-        if not rest or rest[0] != ")":
+        if not rest or rest[0] != ("sym", ")"):
             raise QueryError("missing )")
         return inner, rest[1:]
-    if tok in (")", "AND", "OR"):
-        raise QueryError(f"unexpected {tok!r}")
-    negated = tok.startswith("-")
-    key, _, value = tok.lstrip("-").partition(":")
-    value = value.strip('"')
+    terms = []
+    while tokens and tokens[0][0] == "term":
+        terms.append(tokens[0][1])
+        tokens = tokens[1:]
+    if not terms:
+        raise QueryError(f"unexpected {tokens[0][1]!r}")
+    return (lambda ts: lambda im: all(t(im) for t in ts))(terms), tokens
+
+
+def _term(m: re.Match):
+    key, raw, negated = m.group("key"), m.group("value"), bool(m.group("neg"))
+    if key in STR_FIELDS:
+        match = _str_match(raw)
+    elif key in NUMBER_FIELDS:
+        match = _number_match(raw)
+    elif key in BOOL_FIELDS:
+        if raw not in ("true", "false", "*"):
+            raise QueryError(f"{key} takes true, false or *")
+        match = (lambda v: True) if raw == "*" else (lambda v, want=raw == "true": v is want)
+    else:
+        raise QueryError(f"unknown field {key!r}")
 
     def pred(im: ArchiveImage) -> bool:
         v = im.value(key)
-        hit = v is not None and (value == "*" or str(v) == value)
-        return hit != negated
+        hit = v is not None and match(v)
+        return hit != negated  # a negated term also matches images without the field
 
-    return pred, tokens[1:]
+    return pred
+
+
+def _str_match(raw: str):
+    if raw.startswith('"'):
+        value = raw[1:-1]
+        return lambda v: str(v) == value
+    if not re.fullmatch(r"[A-Za-z0-9*_-]+", raw):
+        raise QueryError(f"bad value {raw!r}")
+    if raw == "*":
+        return lambda v: True
+    if raw.startswith("*"):
+        return lambda v: str(v).endswith(raw[1:])
+    if raw.endswith("*"):
+        return lambda v: str(v).startswith(raw[:-1])
+    return lambda v: str(v) == raw
+
+
+def _number_match(raw: str):
+    if raw == "*":
+        return lambda v: True
+    if re.fullmatch(_NUMBER, raw):
+        return lambda v: float(v) == float(raw)
+    m = re.fullmatch(rf"([\[{{])\s*({_NUMBER}|\*)\s+TO\s+({_NUMBER}|\*)\s*([\]}}])", raw)
+    if not m:
+        raise QueryError(f"bad number or range {raw!r}")
+    low, high = m.group(2), m.group(3)
+
+    def match(v) -> bool:
+        x = float(v)
+        above = low == "*" or (x >= float(low) if m.group(1) == "[" else x > float(low))
+        below = high == "*" or (x <= float(high) if m.group(4) == "]" else x < float(high))
+        return above and below
+
+    return match
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -190,7 +325,10 @@ class FakeIsicArchive:
 
     images: list[ArchiveImage]
     extra_records: list[dict] = field(default_factory=list)  # raw records appended to every search
-    expired_ids: set[str] = field(default_factory=set)  # search hands out already-expired URLs for these
+    expired_ids: set[str] = field(default_factory=set)  # private images whose search URL is already expired
+    collections: dict[int, bool] = field(default_factory=lambda: {1: True, 2: False})  # id -> public
+    embed_metadata: bool = True  # serve JPEGs with the IPTC/XMP the archive embeds (larger than stated)
+    size_endpoint: bool = True
     facets_enabled: bool = True
     retry_after: str = "2"
     slow_seconds: float = 3.0
@@ -268,25 +406,43 @@ class FakeIsicArchive:
             {"X-Amz-Credential": "AKIATESTKEY", "Expires": expires, "Signature": f"SIG{sig}"}
         )
 
-    def record(self, im: ArchiveImage, fresh: bool) -> dict:
+    def url(self, im: ArchiveImage, fresh: bool) -> str:
+        """A public image's permanent unsigned URL, or a private one's signed URL (expired if listed so)."""
+        if im.public:
+            return f"{self.base}/files/{im.isic_id}.jpg"
         expired = im.isic_id in self.expired_ids and not fresh
-        expires = int(time.time()) + (-60 if expired else 3600)
+        return self.sign(im.isic_id, int(time.time()) + (-60 if expired else 3600))
+
+    def served(self, im: ArchiveImage) -> bytes:
+        """The bytes the file server sends: with the published metadata embedded (JPEGs only)."""
+        if not self.embed_metadata:
+            return im.data
+        return embed_rights(
+            im.data, im.credit or im.attribution, im.embedded_license or im.copyright_license, im.isic_id
+        )
+
+    def record(self, im: ArchiveImage, fresh: bool) -> dict:
+        """The API's record: ``files.full.size`` is the size recorded at ingest, before the embedding."""
         return {
             "isic_id": im.isic_id,
-            "public": True,
+            "public": im.public,
             "copyright_license": im.copyright_license,
             "attribution": im.attribution,
             "files": {
-                "full": {"url": self.sign(im.isic_id, expires), "size": len(im.data)},
-                "thumbnail_256": {"url": self.sign(im.isic_id, expires), "size": len(im.data)},
+                "full": {"url": self.url(im, fresh), "size": len(im.data)},
+                "thumbnail_256": {"url": self.url(im, fresh), "size": len(im.data)},
             },
             "metadata": {"acquisition": dict(im.acquisition), "clinical": dict(im.clinical)},
         }
 
     def matching(self, params: dict[str, str]) -> list[ArchiveImage]:
+        """Matches in creation order; ``collections`` keeps images in the listed collections that are visible
+        (public), so a list of only unknown or private ids matches nothing."""
         pred = parse_query(params.get("query", ""))
         wanted = {int(c) for c in params.get("collections", "").split(",") if c.strip()}
-        return [im for im in self.images if pred(im) and (not wanted or wanted & set(im.collections))]
+        visible = {c for c in wanted if self.collections.get(c)}
+        found = [im for im in self.images if pred(im) and (not wanted or visible & set(im.collections))]
+        return sorted(found, key=lambda im: im.created)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -302,12 +458,18 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             if path == "/api/v2/images/search/":
                 self._search(params)
+            elif path == "/api/v2/images/search/size/":
+                self._size(params)
+            elif m := re.fullmatch(r"/api/v2/collections/([^/]+)/", path):
+                self._collection(m.group(1))
             elif path == "/api/v2/images/facets/":
                 self._facets(params)
             elif m := re.fullmatch(r"/api/v2/images/([^/]+)/", path):
                 self._image(m.group(1))
             elif m := re.fullmatch(r"/s3/([^/]+)\.jpg", path):
                 self._file(m.group(1), params)
+            elif m := re.fullmatch(r"/files/([^/]+)\.jpg", path):
+                self._file(m.group(1), None)
             else:
                 self._json(404, {"detail": "Not Found"}, "other", path)
         except (BrokenPipeError, ConnectionResetError):
@@ -335,8 +497,9 @@ class _Handler(BaseHTTPRequestHandler):
         return True
 
     def _body_fault(self, fault: str, kind: str, key: str) -> bool:
-        data = self.archive.by_id[key].data
-        half = data[: len(data) // 2]
+        im = self.archive.by_id[key]
+        data = self.archive.served(im)
+        half = data[: len(im.data) // 2]  # fewer bytes than even the stated (pre-embedding) size
         self.archive.log(kind, key, 200)
         self.send_response(200)
         self.send_header("Content-Type", "image/jpeg")
@@ -351,13 +514,11 @@ class _Handler(BaseHTTPRequestHandler):
     def _search(self, params: dict[str, str]) -> None:
         if self._faulted("search", "search"):
             return
-        limit = int(params.get("limit", "100") or 100)
-        if not 1 <= limit <= 100:
-            return self._json(400, {"detail": f"limit {limit} must be 1-100"}, "search", "search")
+        limit = max(1, min(int(params.get("limit", "100") or 100), 100))  # clamped, as the archive does
         try:
             matches = self.archive.matching(params)
-        except QueryError as err:
-            return self._json(400, {"detail": str(err)}, "search", "search")
+        except QueryError:
+            return self._json(400, PARSE_ERROR, "search", "search")
         results = [self.archive.record(im, fresh=False) for im in matches] + list(self.archive.extra_records)
         offset = int(base64.urlsafe_b64decode(params["cursor"]).decode()) if params.get("cursor") else 0
         page = results[offset : offset + limit]
@@ -368,7 +529,7 @@ class _Handler(BaseHTTPRequestHandler):
             return f"{self.archive.api_url}images/search/?{urlencode(q)}"
 
         body = {
-            "count": len(results),
+            "count": None if offset else len(results),  # on the first page only
             "next": link(offset + limit) if offset + limit < len(results) else None,
             "previous": link(max(0, offset - limit)) if offset else None,
             "results": page,
@@ -380,8 +541,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._json(404, {"detail": "Not Found"}, "facets", "facets")
         try:
             matches = self.archive.matching(params)
-        except QueryError as err:
-            return self._json(400, {"detail": str(err)}, "facets", "facets")
+        except QueryError:
+            return self._json(400, PARSE_ERROR, "facets", "facets")
         body = {}
         for key in ("diagnosis_1", "copyright_license", "image_type"):
             counts = Counter(str(im.value(key)) for im in matches)
@@ -391,6 +552,27 @@ class _Handler(BaseHTTPRequestHandler):
             }
         self._json(200, body, "facets", "facets")
 
+    def _size(self, params: dict[str, str]) -> None:
+        if not self.archive.size_endpoint:
+            return self._json(404, {"detail": "Not Found"}, "size", "size")
+        try:
+            matches = self.archive.matching(params)
+        except QueryError:
+            return self._json(400, PARSE_ERROR, "size", "size")
+        self._json(200, {"size": sum(len(im.data) for im in matches)}, "size", "size")
+
+    def _collection(self, raw_id: str) -> None:
+        public = self.archive.collections.get(int(raw_id)) if raw_id.isdigit() else None
+        if not public:
+            return self._json(404, {"detail": "Not Found"}, "collection", raw_id)
+        body = {"id": int(raw_id), "name": f"Collection {raw_id}", "description": "", "public": True}
+        self._json(
+            200,
+            {**body, "pinned": False, "locked": False, "doi": None, "doi_url": None},
+            "collection",
+            raw_id,
+        )
+
     def _image(self, isic_id: str) -> None:
         if self._faulted("image", isic_id):
             return
@@ -399,21 +581,23 @@ class _Handler(BaseHTTPRequestHandler):
             return self._json(404, {"detail": "Not Found"}, "image", isic_id)
         self._json(200, self.archive.record(im, fresh=True), "image", isic_id)
 
-    def _file(self, isic_id: str, params: dict[str, str]) -> None:
+    def _file(self, isic_id: str, params: dict[str, str] | None) -> None:
+        """``params`` None: the unsigned URL of a public image; else a signed URL's query."""
         im = self.archive.by_id.get(isic_id)
-        expires = int(params.get("Expires", "0") or 0)
-        good = (
-            im is not None
-            and params.get("Signature") == self.archive.sign(isic_id, expires).rsplit("Signature=", 1)[-1]
-        )
-        if not good or expires < time.time():
+        if params is None:
+            good = im is not None and im.public
+        else:
+            expires = int(params.get("Expires", "0") or 0)
+            signature = self.archive.sign(isic_id, expires).rsplit("Signature=", 1)[-1]
+            good = im is not None and params.get("Signature") == signature and expires >= time.time()
+        if not good:
             body = b"<Error><Code>AccessDenied</Code><Message>Request has expired</Message></Error>"
             return self._send(403, body, "application/xml", "file", isic_id)
         if self._faulted("file", isic_id):
             return
         if self.archive.file_latency:
             self.archive.closing.wait(self.archive.file_latency)
-        self._send(200, im.data, "image/jpeg", "file", isic_id)
+        self._send(200, self.archive.served(im), "image/jpeg", "file", isic_id)
         self.archive.delivered(isic_id)
 
     # -- plumbing

@@ -19,14 +19,8 @@ from isic_server import LICENSES, FakeIsicArchive, corrupt, phantom_archive
 
 from stda_hf.cli import main
 from stda_hf.errors import StdaError
-from stda_hf.fetch import (
-    FetchConfig,
-    IsicClient,
-    backoff_delay,
-    dry_run,
-    fetch,
-    retry_after_seconds,
-)
+from stda_hf.fetch import FILE_COLUMNS, FetchConfig, IsicClient, dry_run, fetch
+from stda_hf.httpclient import backoff_delay, retry_after_seconds
 from stda_hf.real import REQUIRED_COLUMNS, read_real_folder
 from stda_hf.split import SplitConfig, make_splits
 
@@ -108,7 +102,7 @@ def test_fetched_folder_is_read_and_split_by_the_next_stages(archive, tmp_path):
     assert {im.isic_id for im in folder.images} == expected(archive)
     for im in folder.images:
         assert im.label == archive.by_id[im.isic_id].clinical["diagnosis_1"].lower()
-        assert im.path.read_bytes() == archive.by_id[im.isic_id].data
+        assert im.path.read_bytes() == archive.served(archive.by_id[im.isic_id])
     make_splits(out, SplitConfig(seed=0))
     assert set(read_real_folder(out).splits()) == expected(archive)
 
@@ -120,7 +114,7 @@ def test_metadata_has_the_required_columns_first_then_the_flattened_metadata(arc
         header = next(csv.reader(fh))
     assert header[: len(REQUIRED_COLUMNS)] == list(REQUIRED_COLUMNS)
     assert header[len(REQUIRED_COLUMNS) :] == sorted(
-        ["age_approx", "anatom_site_general", "melanocytic", "pixels_x", "pixels_y", "sex"]
+        ["age_approx", "anatom_site_general", "melanocytic", "pixels_x", "pixels_y", "sex", *FILE_COLUMNS]
     )
     rows = {r["isic_id"]: r for r in metadata_rows(out)}
     one = rows["ISIC_0000001"]
@@ -204,7 +198,7 @@ def test_only_dermoscopic_images_by_default(archive, tmp_path):
 def test_user_query_and_collections_narrow_the_selection(archive, tmp_path):
     out = tmp_path / "real"
     fetch(out, config(archive, query="sex:male", collections=(1,)))
-    males_in_collection = {i for i in expected(archive) if archive.by_id[i].collections == (1,)}
+    males_in_collection = {i for i in expected(archive) if 1 in archive.by_id[i].collections}
     assert image_ids(out) == males_in_collection
 
 
@@ -221,6 +215,7 @@ def test_fetch_with_every_fault_ends_with_exactly_the_expected_files(archive, tm
     ids = sorted(expected(archive))
     corrupt_id, expired_id = ids[5], ids[6]
     archive.by_id[corrupt_id].data = corrupt(archive.by_id[corrupt_id].data)
+    archive.by_id[expired_id].public = False
     archive.expired_ids.add(expired_id)
     archive.fault("search", "429", "500")
     archive.fault(f"file:{ids[0]}", "429")
@@ -292,7 +287,7 @@ def test_broken_transfer_is_retried_and_the_kept_file_is_complete(archive, tmp_p
     archive.fault(f"file:{isic_id}", fault)
     out = tmp_path / "real"
     fetch(out, config(archive, timeout=1.0))
-    assert (out / "images" / f"{isic_id}.jpg").read_bytes() == archive.by_id[isic_id].data
+    assert (out / "images" / f"{isic_id}.jpg").read_bytes() == archive.served(archive.by_id[isic_id])
     assert archive.count("file", isic_id) >= 2 or fault == "slow"
     assert image_ids(out) == expected(archive)
 
@@ -318,8 +313,9 @@ def test_corrupt_jpeg_is_skipped_reported_and_not_kept(archive, tmp_path):
     assert not list((out / "images").glob(f"*{isic_id}*")) and not (out / ".incoming").exists()
 
 
-def test_expired_url_is_refreshed_from_the_image_record(archive, tmp_path):
+def test_expired_url_of_a_private_image_is_refreshed_from_the_image_record(archive, tmp_path):
     isic_id = sorted(expected(archive))[0]
+    archive.by_id[isic_id].public = False
     archive.expired_ids.add(isic_id)
     fetch(tmp_path / "real", config(archive))
     assert archive.count("file", isic_id, status=403) == 1
@@ -346,6 +342,7 @@ def test_malicious_id_is_refused_before_any_path_is_built(archive, tmp_path, bad
 def test_signed_urls_never_reach_files_or_logs(archive, tmp_path, caplog):
     caplog.set_level("DEBUG")
     isic_id = sorted(expected(archive))[0]
+    archive.by_id[isic_id].public = False
     archive.expired_ids.add(isic_id)
     archive.fault(f"file:{isic_id}", "500")
     out = tmp_path / "real"
@@ -380,7 +377,8 @@ def start_fetch_process(
 ) -> subprocess.Popen:
     """A fetch in a child process (``stda fetch`` with ``cli``, else the stage function, which starts faster),
     with the four first benign images free and every other file held."""
-    order = [im.isic_id for im in archive.images if im.isic_id in expected(archive, diagnoses=("Benign",))]
+    oldest_first = sorted(archive.images, key=lambda im: im.created)
+    order = [im.isic_id for im in oldest_first if im.isic_id in expected(archive, diagnoses=("Benign",))]
     for isic_id in expected(archive) - set(order[:4]):
         archive.fault(f"file:{isic_id}", "hold")
     if cli:
