@@ -818,7 +818,7 @@ class _Run:
     journal: DigestJournal
     pool: ThreadPoolExecutor
     bar: object
-    refused: dict[str, str]  # id -> diagnosis_1 of every record refused for good, this run and before
+    refused: dict[str, set[str]]  # diagnosis_1 -> ids of the records refused for good, this run and before
     report: SkipReport = field(default_factory=SkipReport)
     downloaded: int = 0
     adopted: int = 0
@@ -882,7 +882,7 @@ def fetch(out: str | Path, cfg: FetchConfig | None = None, client: IsicClient | 
         adopted=run.adopted,
         bytes=run.bytes,
         skipped=dict(run.report.skipped),
-        refused=set(run.report.skipped) & set(run.refused),
+        refused=set(run.report.skipped) & set().union(*run.refused.values()),
         credit_differs=credit_differs,
         license_differs=license_differs,
     )
@@ -906,10 +906,10 @@ def check_collections(client: IsicClient, cfg: FetchConfig) -> None:
 
 
 def _todo(
-    client: IsicClient, cfg: FetchConfig, log: MetadataLog, diagnosis: str, refused: dict[str, str]
+    client: IsicClient, cfg: FetchConfig, log: MetadataLog, diagnosis: str, refused: dict[str, set[str]]
 ) -> tuple[int, int]:
     """(matches, images still to fetch) of one class; records refused for good are not counted."""
-    matches = client.count(build_query(cfg, diagnosis)) - sum(d == diagnosis for d in refused.values())
+    matches = client.count(build_query(cfg, diagnosis)) - len(refused.get(diagnosis, ()))
     want = min(matches, cfg.limit) if cfg.limit else matches
     return matches, max(0, want - log.count(diagnosis))
 
@@ -994,7 +994,7 @@ def _admit(run: _Run, record: object, diagnosis: str, in_flight: set[str]) -> _I
         key = str(record.get("isic_id") if isinstance(record, dict) else record)[:80]
         run.report.add(key, err.reason)
         if err.permanent:
-            run.refused[key] = diagnosis
+            run.refused.setdefault(diagnosis, set()).add(key)
         return None
     if item.isic_id in run.log or item.isic_id in in_flight:
         return None
@@ -1034,14 +1034,14 @@ def _settle(run: _Run, item: _Item, future: Future) -> int:
     return 1
 
 
-def refused_before(root: Path) -> dict[str, str]:
-    """Id -> ``diagnosis_1`` of the records an earlier run refused for good (from ``fetch_skipped.json``)."""
+def refused_before(root: Path) -> dict[str, set[str]]:
+    """``diagnosis_1`` -> ids of the records an earlier run refused for good (from ``fetch_skipped.json``)."""
     path = Path(root) / SKIPPED_FILE
     try:
         refused = json.loads(path.read_text(encoding="utf-8")).get("refused", {})
-    except (OSError, ValueError, AttributeError):
+        return {str(d): {str(i) for i in ids} for d, ids in refused.items()}
+    except (OSError, ValueError, AttributeError, TypeError):
         return {}
-    return {str(k): str(v) for k, v in refused.items()} if isinstance(refused, dict) else {}
 
 
 def _finish_folder(run: _Run) -> None:
@@ -1052,7 +1052,10 @@ def _finish_folder(run: _Run) -> None:
         )
     write_json(
         run.root / SKIPPED_FILE,
-        {"skipped": dict(sorted(run.report.skipped.items())), "refused": dict(sorted(run.refused.items()))},
+        {
+            "skipped": dict(sorted(run.report.skipped.items())),
+            "refused": {d: sorted(ids) for d, ids in sorted(run.refused.items())},
+        },
     )
     with contextlib.suppress(OSError):
         (run.root / STAGING_DIR).rmdir()
@@ -1195,9 +1198,7 @@ def dry_run(cfg: FetchConfig | None = None, out: str | Path | None = None) -> Dr
             diagnosis = cfg.diagnoses[name]
             total = client.count(query)
             counts[name], method, unsafe = _license_counts(client, query, total, diagnosis, cfg.licenses)
-            refused[name] = (
-                unsafe if method == "paging" else sum(d == diagnosis for d in refused_ids.values())
-            )
+            refused[name] = unsafe if method == "paging" else len(refused_ids.get(diagnosis, ()))
             totals[name] = total - refused[name]
             methods.add(method)
         no_diagnosis = client.count(build_query(cfg, None))

@@ -36,7 +36,11 @@ def archive_images(tmp_path_factory):
 @pytest.fixture
 def archive(archive_images):
     """A fresh fake archive on 127.0.0.1, stopped after the test."""
-    server = FakeIsicArchive([dataclasses.replace(im) for im in archive_images]).start()
+    images = [
+        dataclasses.replace(im, clinical=dict(im.clinical), acquisition=dict(im.acquisition))
+        for im in archive_images
+    ]
+    server = FakeIsicArchive(images).start()
     yield server
     server.stop()
 
@@ -559,3 +563,146 @@ def test_dry_run_on_a_folder_of_another_selection_says_so_instead_of_subtracting
 def test_cli_fetch_without_out_says_what_is_missing(archive, capsys):
     assert main(["fetch", "--api-url", archive.api_url]) == 2
     assert "--out is required" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The real archive's behaviour (issue 17)
+
+
+def test_served_jpeg_larger_than_its_stated_size_is_kept_with_both_sizes_recorded(archive, tmp_path):
+    out = tmp_path / "real"
+    result = fetch(out, config(archive))
+    assert not result.skipped
+    for row in metadata_rows(out):
+        im = archive.by_id[row["isic_id"]]
+        assert int(row["file_size"]) > int(row["stated_size"]) == len(im.data)  # the embedded IPTC/XMP
+        assert (out / "images" / f"{im.isic_id}.jpg").read_bytes() == archive.served(im)
+
+
+def test_public_file_urls_are_unsigned_and_permanent(archive):
+    record = archive.record(archive.images[0], fresh=False)
+    assert "?" not in record["files"]["full"]["url"] and "/files/" in record["files"]["full"]["url"]
+
+
+def test_orphan_file_whose_digest_was_not_journalled_is_downloaded_again(archive, tmp_path):
+    out = tmp_path / "real"
+    fetch(out, config(archive))
+    text = (out / "metadata.csv").read_text(encoding="utf-8")
+    last = text.rstrip("\n").rsplit("\n", 1)[1].split(",", 1)[0]
+    (out / "metadata.csv").write_text(text.rstrip("\n").rsplit("\n", 1)[0] + "\n", encoding="utf-8")
+    (out / ".fetch_digests.jsonl").write_text("", encoding="utf-8")
+
+    result = fetch(out, config(archive))
+
+    assert result.adopted == 0 and result.downloaded == 1 and archive.deliveries[last] == 2
+
+
+def test_limit_takes_the_oldest_images_of_each_class(archive, tmp_path):
+    out = tmp_path / "real"
+    fetch(out, config(archive, limit=3))
+    oldest = set()
+    for diagnosis in ("Benign", "Malignant"):
+        ids = sorted(expected(archive, diagnoses=(diagnosis,)), key=lambda i: archive.by_id[i].created)
+        oldest |= set(ids[:3])
+    lowest_ids = {i for d in ("Benign", "Malignant") for i in sorted(expected(archive, diagnoses=(d,)))[:3]}
+    assert image_ids(out) == oldest != lowest_ids
+
+
+def test_random_sample_is_seeded_and_a_larger_limit_keeps_the_smaller_sample(archive, tmp_path):
+    fetch(tmp_path / "a", config(archive, limit=2, sample="random", seed=1))
+    fetch(tmp_path / "b", config(archive, limit=2, sample="random", seed=1))
+    fetch(tmp_path / "c", config(archive, limit=2, sample="random", seed=2))
+    assert image_ids(tmp_path / "a") == image_ids(tmp_path / "b") != image_ids(tmp_path / "c")
+    small = image_ids(tmp_path / "a")
+    fetch(tmp_path / "a", config(archive, limit=4, sample="random", seed=1))
+    assert small < image_ids(tmp_path / "a") and len(image_ids(tmp_path / "a")) == 8
+
+
+@pytest.mark.parametrize("collection", [99, 2], ids=["unknown", "private"])
+def test_collection_the_archive_does_not_show_is_a_clear_error_naming_it(archive, tmp_path, collection):
+    with pytest.raises(StdaError, match=rf"--collections {collection}: .*no public collection"):
+        fetch(tmp_path / "real", config(archive, collections=(1, collection)))
+    assert archive.count("file") == 0
+
+
+def test_search_with_only_a_private_collection_silently_matches_nothing(archive):
+    assert IsicClient(config(archive, collections=(2,))).count("") == 0
+
+
+def test_query_grammar_of_the_archive(archive, tmp_path):
+    out = tmp_path / "real"
+    fetch(
+        out,
+        config(
+            archive, query='age_approx:[40 TO *] sex:m* OR (anatom_site_general:"posterior torso" -sex:*)'
+        ),
+    )
+    want = {
+        i for i in expected(archive) if archive.by_id[i].clinical["age_approx"] >= 40 and i[-1] in "02468"
+    }
+    assert image_ids(out) == want
+
+
+@pytest.mark.parametrize("query", ["NOT sex:male", "lesion_colour:red", "age_approx:[30 TO", "-(sex:male)"])
+def test_query_the_archive_cannot_parse_is_a_clear_error(archive, tmp_path, query):
+    with pytest.raises(StdaError, match=r"HTTP 400.*Could not parse search query.*--query"):
+        fetch(tmp_path / "real", config(archive, query=query))
+
+
+def test_later_search_pages_carry_no_count(archive):
+    import requests
+
+    first = requests.get(archive.api_url + "images/search/", params={"limit": 5}, timeout=5).json()
+    second = requests.get(first["next"], timeout=5).json()
+    assert first["count"] == len(archive.images) and second["count"] is None and len(second["results"]) == 5
+
+
+def test_fetch_refuses_when_the_disk_lacks_the_space(archive, tmp_path, monkeypatch):
+    monkeypatch.setattr("stda_hf.fetch.shutil.disk_usage", lambda path: type("Usage", (), {"free": 10_000})())
+    with pytest.raises(StdaError, match=r"need about .* only 10.0 KB is free"):
+        fetch(tmp_path / "real", config(archive))
+    assert archive.count("size") >= 1 and archive.count("file") == 0
+
+
+def test_embedded_credit_is_the_attribution_and_a_licence_disagreement_is_reported(archive, tmp_path):
+    ids = sorted(expected(archive))
+    archive.by_id[ids[0]].embedded_license = "CC-BY-NC-ND"
+    out = tmp_path / "real"
+    result = fetch(out, config(archive))
+    rows = {r["isic_id"]: r for r in metadata_rows(out)}
+    credited = [i for i in ids if archive.by_id[i].credit]
+    assert credited and result.credit_differs == len(credited)
+    attribution = (out / "ATTRIBUTION.md").read_text(encoding="utf-8")
+    for i in credited:
+        assert rows[i]["attribution"] == rows[i]["embedded_credit"] == archive.by_id[i].credit
+        assert rows[i]["api_attribution"] == archive.by_id[i].attribution
+        assert archive.by_id[i].credit in attribution
+    assert rows[ids[0]]["embedded_license"] == "CC-BY-NC-ND"
+    assert list(result.license_differs) == [ids[0]] and "licence disagreement" in result.format()
+
+
+def test_licences_folder_holds_a_title_and_url_per_licence(archive, tmp_path):
+    out = tmp_path / "real"
+    fetch(out, config(archive))
+    text = (out / "LICENSES" / "cc-by-4.0.txt").read_text(encoding="utf-8")
+    assert "Creative Commons Attribution 4.0 International" in text
+    assert "https://creativecommons.org/licenses/by/4.0/legalcode" in text
+
+
+def test_dry_run_counts_the_images_without_a_diagnosis(archive):
+    for isic_id in ("ISIC_0000001", "ISIC_0000002"):
+        del archive.by_id[isic_id].clinical["diagnosis_1"]
+    assert dry_run(config(archive, licenses=tuple(LICENSES))).no_diagnosis == 2
+
+
+def test_refused_ids_are_permanent_not_counted_and_not_re_run(archive, tmp_path):
+    victim = sorted(expected(archive, diagnoses=("Benign",)))[0]
+    archive.extra_records.append({**archive.record(archive.by_id[victim], fresh=True), "isic_id": "../evil"})
+    out = tmp_path / "real"
+    result = fetch(out, config(archive))
+    assert result.refused == {"../evil"} and "re-run the same command" not in result.format()
+    assert "refused for good" in result.format()
+    report = dry_run(config(archive), out=out)
+    assert report.totals["benign"] == len(expected(archive, diagnoses=("Benign",)))
+    archive.facets_enabled = False
+    assert dry_run(config(archive)).totals["benign"] == len(expected(archive, diagnoses=("Benign",)))
