@@ -83,27 +83,84 @@ def _float64(features, images):
     return features.double(), *(t[:2, :, :16, :16].double() for t in images)
 
 
-def test_batched_lbfgs_follows_the_tutorials_torch_lbfgs_loop_per_image(features, images, small_cfg):
-    cfg = dataclasses.replace(small_cfg, iterations=8)
-    f, content, style = _float64(copy.deepcopy(features), images)
-    targets = style_targets(f, style, cfg)
-    ours = stylize(f, content, targets, cfg).images
-    for i in range(2):
-        target = f(content[i : i + 1])[cfg.content_layer]
-        own = {k: v[i : i + 1] for k, v in targets.items()}
-        x = content[i : i + 1].clone().requires_grad_(True)
-        opt = torch.optim.LBFGS([x], lr=1.0, max_iter=cfg.iterations, history_size=cfg.history)
+def _quadratic_run(scales: list[float], evaluations: int, restart: int = 0) -> tuple[torch.Tensor, ...]:
+    """BatchedLBFGS on ``scale * (x^T A x / 2 - b^T x)`` per image (one ill-conditioned A, b); final x and A^-1 b."""
+    g = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(20, 20, generator=g, dtype=torch.float64))
+    a = q @ torch.diag(torch.logspace(0, 3, 20, dtype=torch.float64)) @ q.T
+    b = torch.randn(20, generator=g, dtype=torch.float64)
+    scale = torch.tensor(scales, dtype=torch.float64)[:, None]
+    x = torch.zeros(len(scales), 20, dtype=torch.float64)
+    opt = BatchedLBFGS(x, history=10, restart=restart)
+    for _ in range(evaluations):
+        loss = scale[:, 0] * (0.5 * ((x @ a) * x).sum(1) - x @ b)
+        opt.step(x, loss, scale * (x @ a - b), torch.ones(len(scales), dtype=torch.bool))
+    return opt.best, torch.linalg.solve(a, b), opt.evaluations
 
-        def closure(x=x, target=target, own=own, opt=opt):  # the PyTorch tutorial's closure
-            with torch.no_grad():
-                x.clamp_(0, 1)
-            opt.zero_grad()
-            loss = objective(f, x, target, own, cfg).total.sum()
-            loss.backward()
-            return loss
 
-        opt.step(closure)
-        torch.testing.assert_close(ours[i], x.detach().clamp(0, 1)[0], atol=1e-9, rtol=1e-9)
+def test_lbfgs_finds_the_minimum_of_an_ill_conditioned_quadratic():
+    x, solution, _ = _quadratic_run([1.0], 200)
+    torch.testing.assert_close(x[0], solution, rtol=1e-5, atol=1e-6)
+
+
+def test_lbfgs_path_does_not_depend_on_the_scale_of_the_loss():
+    x, solution, evaluations = _quadratic_run([1e-9, 1.0, 1e9], 25)
+    assert (x[0] - solution).norm() < 0.5 * solution.norm()  # it moved well towards the minimum
+    torch.testing.assert_close(x[0], x[1], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(x[2], x[1], rtol=1e-9, atol=1e-12)
+    assert len(set(evaluations.tolist())) == 1
+
+
+def test_lbfgs_with_restarts_still_converges():
+    x, solution, _ = _quadratic_run([1.0], 400, restart=20)
+    torch.testing.assert_close(x[0], solution, rtol=1e-4, atol=1e-5)
+
+
+class _Scaled(torch.nn.Module):
+    """The feature extractor with every activation multiplied by ``scale``."""
+
+    def __init__(self, inner, scale: float):
+        super().__init__()
+        self.inner, self.scale = inner, scale
+
+    def forward(self, x):
+        return {k: v * self.scale for k, v in self.inner(x).items()}
+
+    def activations(self, h):
+        return {k: v * self.scale for k, v in self.inner.activations(h).items()}
+
+
+@pytest.mark.parametrize("preset", ["default", "original"])
+def test_each_preset_lowers_every_loss_by_the_same_fraction_at_any_feature_scale(features, images, preset):
+    """Features x 1e-3 and x 1e3 (Gram terms, content terms and the Gram shift rescaled with them, so that the
+    objective is the same function times s^2 and only its scale changes): same fractions, same evaluations."""
+    content, style = (t[:2, :, :32, :32] for t in images)
+    net = build_vgg_features("vgg16", conv_layer_names("vgg16")[:7], weights="random", seed=0)
+    base = NSTConfig(
+        preset=preset,
+        content_layer="conv3_1",
+        style_layers=tuple(conv_layer_names("vgg16")[:7]),
+        iterations=15,
+        precision="fp32",
+    )
+    if preset == "default":
+        base = dataclasses.replace(base, arch="vgg16")
+    runs = {}
+    for s in (1.0, 1e-3, 1e3):
+        cfg = dataclasses.replace(
+            base,
+            style_weight=base.style_weight / s**2,  # Gram terms scale as s^4, content terms as s^2
+            tv_weight=base.tv_weight * s**2,
+            gram_shift=base.gram_shift * s,  # (sF - s) = s (F - 1)
+        )
+        f = _Scaled(net, s)
+        result = stylize(f, content, style_targets(f, style, cfg), cfg)
+        runs[s] = (1 - result.total_loss / result.initial_total_loss, result.evaluations)
+    fraction, evaluations = runs[1.0]
+    assert (fraction > 0.05).all(), fraction
+    for s in (1e-3, 1e3):
+        torch.testing.assert_close(runs[s][0], fraction, rtol=0.05, atol=0)
+        assert runs[s][1].tolist() == evaluations.tolist()
 
 
 def test_image_result_does_not_depend_on_its_batch(features, images, small_cfg):
@@ -233,13 +290,17 @@ def test_luminance_mode_transfers_gray_style_and_keeps_content_chroma(features, 
     assert (rgb_to_ycbcr(result.images)[:, 1:] - rgb_to_ycbcr(content)[:, 1:]).abs().mean() < 0.02
 
 
-def test_original_preset_has_the_papers_settings():
+def test_original_preset_has_inetworks_settings():
     cfg = NSTConfig(preset="original")
     assert (cfg.arch, cfg.content_layer, cfg.pooling, cfg.init) == ("vgg16", "conv5_2", "max", "content")
     assert (cfg.content_weight, cfg.style_weight, cfg.tv_weight, cfg.gram_shift) == (0.025, 1.0, 8.5e-5, -1.0)
+    assert (cfg.objective, cfg.history, cfg.restart, cfg.clamp) == ("inetwork", 10, 20, False)
     assert cfg.style_layers == tuple(conv_layer_names("vgg16")) and len(cfg.style_layers) == 13
-    weights = list(cfg.style_layer_weights().values())
-    assert weights[-1] == 1.0 and weights[-2] == 0.5 and weights[0] == 2.0**-12
+
+
+def test_inetwork_layer_weights_are_its_adjacent_differences():
+    weights = list(NSTConfig(preset="original").style_layer_weights().values())
+    assert weights == [2.0**-11] + [2.0 ** (k - 12) for k in range(1, 12)] + [-1.0]
 
 
 def test_explicit_settings_override_the_preset():
@@ -309,7 +370,7 @@ def test_lbfgs_stops_an_image_whose_gradient_vanishes():
     x = torch.ones(2, 3)
     opt = BatchedLBFGS(x, history=4)
     grad = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]])
-    opt.step(x, grad, torch.tensor([True, True]))
+    opt.step(x, torch.tensor([1.0, 1.0]), grad, torch.tensor([True, True]))
     assert opt.active.tolist() == [True, False]
     assert torch.equal(x[1], torch.ones(3)) and not torch.equal(x[0], torch.ones(3))
 
