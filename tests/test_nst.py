@@ -380,3 +380,69 @@ def test_auto_precision_is_fp32_on_cpu_and_explicit_values_are_kept():
 
     assert resolve_precision("auto", "cpu") == "fp32"
     assert resolve_precision("bf16", "cpu") == "bf16"
+
+
+def _inetwork_reference(net, rgb, content, style, layers, content_layer):
+    """INetwork.py's loss written out as the script does it (float64), for a few layers: value and RGB gradient."""
+    mean = torch.tensor([103.939, 116.779, 123.68], dtype=torch.float64).view(1, 3, 1, 1)
+    x = rgb.clone().requires_grad_(True)
+    batch = torch.cat([content, style, x])[:, [2, 1, 0]] * 255.0 - mean  # base, style, combination
+    acts = net.activations(batch)
+    rows, cols = rgb.shape[-2:]
+
+    def gram(f):
+        f = f.reshape(f.shape[0], -1) - 1
+        return f @ f.T
+
+    def style_loss(s, c):
+        return ((gram(s) - gram(c)) ** 2).sum() / (4.0 * 3**2 * (rows * cols) ** 2)
+
+    content_term = 0.025 * ((acts[content_layer][2] - acts[content_layer][0]) ** 2).sum()
+    style_term, nb_layers = 0.0, len(layers) - 1
+    for i in range(len(layers) - 1):
+        sl1 = style_loss(acts[layers[i]][1], acts[layers[i]][2])
+        sl2 = style_loss(acts[layers[i + 1]][1], acts[layers[i + 1]][2])
+        style_term = style_term + 1.0 / (2 ** (nb_layers - (i + 1))) * (sl1 - sl2)
+    z = batch[2:]
+    a = (z[:, :, : rows - 1, : cols - 1] - z[:, :, 1:, : cols - 1]) ** 2
+    b = (z[:, :, : rows - 1, : cols - 1] - z[:, :, : rows - 1, 1:]) ** 2
+    tv_term = 8.5e-5 * ((a + b) ** 1.25).sum()
+    total = content_term + style_term + tv_term
+    (grad,) = torch.autograd.grad(total, x)
+    return {"content": content_term, "style": style_term, "tv": tv_term, "total": total}, grad
+
+
+def test_original_terms_and_gradient_equal_inetworks_in_float64():
+    from stda_hf.models.features import to_caffe
+    from stda_hf.nst import loss_terms
+
+    layers = tuple(conv_layer_names("vgg16")[:5])
+    cfg = NSTConfig(preset="original", content_layer="conv2_2", style_layers=layers)
+    net = build_vgg_features("vgg16", layers, weights="random", seed=1).double()
+    g = torch.Generator().manual_seed(3)
+    content, style = (torch.rand(1, 3, 20, 28, generator=g, dtype=torch.float64) for _ in range(2))
+    image = (content + 0.1 * torch.randn(1, 3, 20, 28, generator=g, dtype=torch.float64)).clamp(0, 1)
+    expected, expected_grad = _inetwork_reference(net, image, content, style, layers, "conv2_2")
+    ours = loss_terms(net, image, content, style, cfg)
+    for name, value in expected.items():
+        torch.testing.assert_close(ours.terms[name][0], value.detach(), rtol=1e-9, atol=0)
+    torch.testing.assert_close(ours.grads["total"], expected_grad, rtol=1e-9, atol=1e-12)
+    script = loss_terms(net, to_caffe(image), to_caffe(content), to_caffe(style), cfg, space="script")
+    torch.testing.assert_close(script.terms["total"], ours.terms["total"], rtol=1e-12, atol=0)
+    torch.testing.assert_close(
+        script.grads["total"].flip(1) * 255.0, ours.grads["total"], rtol=1e-9, atol=1e-12
+    )
+    at_start = loss_terms(net, content, content, style, cfg)
+    assert at_start.terms["content"].item() == 0.0
+
+
+def test_original_preset_changes_the_image_at_64_px():
+    layers = tuple(conv_layer_names("vgg16"))
+    cfg = NSTConfig(preset="original", iterations=20, precision="fp32")
+    net = build_vgg_features("vgg16", layers, weights="random", seed=0)
+    g = torch.Generator().manual_seed(0)
+    content = torch.rand(1, 3, 64, 64, generator=g)
+    style = torch.rand(1, 3, 64, 64, generator=g) ** 2
+    result = stylize(net, content, style_targets(net, style, cfg), cfg)
+    assert (result.total_loss < 0.9 * result.initial_total_loss).all()
+    assert (result.images - content).abs().mean() * 255 > 2.0
