@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/nst_figure.py                         # offline: random VGG weights
     .venv/bin/python benchmarks/nst_figure.py --weights imagenet      # online (or --weights vgg19.safetensors)
+    .venv/bin/python benchmarks/nst_figure.py --thresholds            # the quality gate's measures on phantoms
 
 Runs the real stage (:func:`stda_hf.generate.generate`) on a split phantom folder and lays out one row per pair
 from its manifest: benign content | malignant style | result. Writes ``docs/generate_pairs.jpg``.
@@ -50,7 +51,11 @@ def main(argv=None) -> None:
     p.add_argument("--iterations", type=int, default=50, help="L-BFGS evaluations (default: 50)")
     p.add_argument("--weights", default="random", help="imagenet, a file, or random (default: random)")
     p.add_argument("--out", type=Path, default=DOCS / "generate_pairs.jpg", help="figure file")
+    p.add_argument("--thresholds", action="store_true", help="print the quality gate's measures instead")
     args = p.parse_args(argv)
+    if args.thresholds:
+        measure_gate(args.pairs * 2, 64, args.iterations)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         real, synthetic = Path(tmp) / "real", Path(tmp) / "synthetic"
         make_phantoms(real, PhantomConfig(n=120, size=args.size, seed=0))
@@ -62,6 +67,61 @@ def main(argv=None) -> None:
         grid = figure(read_jsonl(synthetic / "manifest.jsonl"), real, synthetic, args.size)
         grid.save(args.out, quality=90)
     print(f"wrote {args.out}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The quality gate's thresholds (python benchmarks/nst_figure.py --thresholds)
+
+
+def measure_gate(pairs: int = 8, size: int = 64, iterations: int = 50) -> None:
+    """Print the gate's measures on phantom pairs for the default preset, a no-op and a wipe (random weights)."""
+    import dataclasses
+
+    import numpy as np
+    import torch
+
+    from stda_hf.generate import load_content
+    from stda_hf.models.features import build_vgg_features
+    from stda_hf.nst import NSTConfig, style_targets, stylize
+    from stda_hf.quality import StyleDistance, assess
+
+    with tempfile.TemporaryDirectory() as tmp:
+        real = Path(tmp) / "real"
+        make_phantoms(real, PhantomConfig(n=4 * pairs + 8, size=size, seed=0))
+        folder = read_real_folder(real)
+        benign = [im for im in folder.labelled if im.label == "benign"][:pairs]
+        malignant = [im for im in folder.labelled if im.label == "malignant"][:pairs]
+        content = torch.stack([load_content(im.path, size) for im in benign])
+        style = torch.stack([load_content(im.path, size) for im in malignant])
+        masks = torch.stack(
+            [
+                torch.from_numpy(np.asarray(Image.open(im.mask_path).resize((size, size))) > 127)
+                for im in benign
+            ]
+        )
+    scorer = StyleDistance()
+    base = NSTConfig(iterations=iterations, precision="fp32")
+    features = build_vgg_features(base.arch, base.layers(), base.pooling, "random")
+    runs = {
+        "default preset": base,
+        "wipe (content weight 0, noise start)": dataclasses.replace(base, content_weight=0.0, init="noise"),
+        "wipe (content weight 0, content start)": dataclasses.replace(base, content_weight=0.0),
+    }
+    print(f"{pairs} phantom pairs, {size} px, random VGG weights, {iterations} evaluations")
+    results = {"no-op (0 evaluations)": content.clone()}
+    for name, cfg in runs.items():
+        results[name] = stylize(features, content, style_targets(features, style, cfg), cfg).images
+    for name, images in results.items():
+        records = assess(content, style, images, scorer, mask=masks)
+        cols = {
+            k: [getattr(r, k) for r in records]
+            for k in ("style_reduction", "ssim", "lesion_kept", "structure", "mean_abs_change")
+        }
+        text = "; ".join(
+            f"{k} " + " ".join("-" if x is None else f"{x:.2f}" for x in v) for k, v in cols.items()
+        )
+        verdicts = {v: [r.verdict for r in records].count(v) for v in ("ok", "unchanged", "content_lost")}
+        print(f"{name}: {text}; verdicts {verdicts}")
 
 
 if __name__ == "__main__":

@@ -10,16 +10,23 @@ image's result does not depend on which other images share its batch::
     result = stylize(features, content_images, targets, cfg, seeds=[0, 1])
     result.images                                                  # (B, 3, H, W) in [0, 1]
 
-Loss conventions (those of the PyTorch tutorial and Johnson's neural-style, so that weights do not depend on
-the image size): content loss is the mean squared difference of the content-layer activations; a Gram matrix
-is ``F F^T / (C H W)`` of the (optionally shifted) activations, computed in fp32; a layer's style loss is the
-mean squared difference of Gram matrices, and the style loss the weighted sum over layers; total variation is
-the mean of squared neighbour differences of the image in [0, 1].
+Two objectives. ``gatys`` (the ``default`` preset; the conventions of the PyTorch tutorial and Johnson's
+neural-style, so that weights do not depend on the image size): RGB images in [0, 1] with torchvision's
+normalisation; content loss the mean squared difference of the content-layer activations; a Gram matrix
+``F F^T / (C H W)`` of the (optionally shifted) activations, computed in fp32; a layer's style loss the mean
+squared difference of Gram matrices, the style loss their weighted sum; total variation the mean of squared
+neighbour differences of the image in [0, 1]. ``inetwork`` (the ``original`` preset) is the objective of titu1994's
+Neural-Style-Transfer ``INetwork.py``, which the original work ran: see :func:`inetwork_objective`.
+
+The optimiser (:class:`BatchedLBFGS`) works at any feature scale: its tolerances are relative to each image's
+initial loss and gradient, its curvature test is scale-free, and every image has its own backtracking line
+search, so multiplying the loss by any constant leaves every image's path unchanged.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import logging
 from collections import OrderedDict
@@ -30,15 +37,16 @@ import torch
 from torch import Tensor
 
 from .errors import StdaError
-from .models.features import POOLINGS, VGGFeatures, conv_layer_names
+from .models.features import POOLINGS, VGGFeatures, conv_layer_names, from_caffe, to_caffe
 
 logger = logging.getLogger(__name__)
 
 OPTIMIZERS = ("lbfgs", "adam")
+OBJECTIVES = ("gatys", "inetwork")
 INITS = ("content", "noise", "gray")
 PRECISIONS = ("auto", "fp32", "bf16")
 COLOR_MODES = ("none", "luminance", "ycbcr")
-LAYER_WEIGHTINGS = ("uniform", "geometric")
+LAYER_WEIGHTINGS = ("uniform", "geometric", "inetwork")
 DEFAULT_LR = {"lbfgs": 1.0, "adam": 0.02}
 STRAY_TOLERANCE = 1.02
 """A bf16 image whose final loss exceeds this times the lowest loss it reached is redone in fp32."""
@@ -56,20 +64,29 @@ PRESETS: dict[str, dict] = {
         "gram_shift": 0.0,
         "pooling": "max",
         "init": "content",
+        "objective": "gatys",
+        "history": 100,
+        "restart": 0,
+        "clamp": True,
     },
-    # The original work's Keras settings, with the Novak & Nikulin improvements it used: every convolution
-    # as a style layer, geometric layer weights and activations shifted by -1 in the Gram matrix.
+    # titu1994's INetwork.py (the original work's Keras run) with its defaults: VGG16 on Caffe input, every
+    # convolution a style layer with INetwork's adjacent-layer weights, Gram matrices of activations - 1, its
+    # unnormalised sums, and num_iter rounds of scipy's L-BFGS-B with maxfun=20 (history m=10), no clamping.
     "original": {
         "arch": "vgg16",
         "content_layer": "conv5_2",
         "style_layers": ("all",),
-        "layer_weights": "geometric",
+        "layer_weights": "inetwork",
         "content_weight": 0.025,
         "style_weight": 1.0,
         "tv_weight": 8.5e-5,
         "gram_shift": -1.0,
         "pooling": "max",
         "init": "content",
+        "objective": "inetwork",
+        "history": 10,
+        "restart": 20,
+        "clamp": False,
     },
 }
 
@@ -91,13 +108,15 @@ class NSTConfig:
     gram_shift: float | None = None  # added to activations in the Gram matrix; original: -1 (unset: preset)
     pooling: str | None = None  # max or avg pooling between VGG blocks (unset: from --preset)
     init: str | None = None  # start image: content, noise or gray (unset: from --preset)
+    objective: str | None = None  # gatys (mean losses, RGB) or inetwork (INetwork.py's sums) (unset: preset)
     style_scale: float = 1.0  # side of the style image relative to the output side
     preserve_color: str = "none"  # none, luminance (transfer luminance only) or ycbcr (keep content's Cb/Cr)
-    optimizer: str = "lbfgs"  # lbfgs (per-image history, no line search) or adam
+    optimizer: str = "lbfgs"  # lbfgs (per-image history and line search) or adam
     lr: float | None = None  # step size (unset: 1.0 for lbfgs, 0.02 for adam)
     iterations: int = 100  # optimiser evaluations (forward+backward passes) per image
-    history: int = 100  # L-BFGS curvature pairs kept per image
-    clamp: bool = True  # clamp pixels to [0, 1] after every step, as the PyTorch tutorial does
+    history: int | None = None  # L-BFGS curvature pairs kept per image (unset: preset, 100 or 10)
+    restart: int | None = None  # restart L-BFGS every N evaluations, as maxfun does; 0: never (unset: preset)
+    clamp: bool | None = None  # keep pixels in [0, 1] after every step (unset: preset, yes or no)
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16 autocast (Grams always fp32)
 
     def __post_init__(self) -> None:
@@ -124,6 +143,8 @@ class NSTConfig:
             values = [1.0] * n
         elif self.layer_weights == "geometric":
             values = [2.0 ** -(n - 1 - i) for i in range(n)]
+        elif self.layer_weights == "inetwork":
+            values = inetwork_layer_weights(n)
         else:
             values = _parse_numbers(self.layer_weights, self.style_layers)
         return dict(zip(self.style_layers, values, strict=True))
@@ -142,6 +163,7 @@ def _validate(cfg: NSTConfig) -> None:
         _choice("content_layer" if layer == cfg.content_layer else "style_layers", layer, valid_layers)
     _choice("pooling", cfg.pooling, POOLINGS)
     _choice("init", cfg.init, INITS)
+    _choice("objective", cfg.objective, OBJECTIVES)
     _choice("optimizer", cfg.optimizer, OPTIMIZERS)
     _choice("precision", cfg.precision, PRECISIONS)
     _choice("preserve_color", cfg.preserve_color, COLOR_MODES)
@@ -152,6 +174,8 @@ def _validate(cfg: NSTConfig) -> None:
     for name in ("iterations", "history"):
         if getattr(cfg, name) < 1:
             raise StdaError(f"--{name} {getattr(cfg, name)} must be at least 1")
+    if cfg.restart < 0:
+        raise StdaError(f"--restart {cfg.restart} must be >= 0 (0: never restart)")
     if not cfg.lr > 0 or not cfg.style_scale > 0:
         raise StdaError(f"--lr {cfg.lr} and --style-scale {cfg.style_scale} must be positive")
 
@@ -169,18 +193,39 @@ def _parse_numbers(text: str, layers: tuple[str, ...]) -> list[float]:
     return values
 
 
+def inetwork_layer_weights(n: int) -> list[float]:
+    """INetwork.py's per-layer style weights for ``n`` layers (style weight 1), as one coefficient per layer.
+
+    INetwork sums ``(sl_i - sl_{i+1}) / 2^(L - (i + 1))`` over adjacent layers ``i = 0 .. n - 2`` with
+    ``L = n - 1``; collected per layer that is ``2^-(n-2)`` for the first layer, ``2^-(n-1-k)`` for layer ``k``
+    in between and ``-1`` for the deepest (for VGG16's 13 layers: 2^-11, 2^-11, 2^-10, ..., 0.5, -1).
+    """
+    if n == 1:
+        return [0.0]  # INetwork's loop over adjacent pairs is empty
+    values = [0.0] * n
+    for i in range(n - 1):
+        scale = 2.0 ** -(n - 1 - (i + 1))
+        values[i] += scale
+        values[i + 1] -= scale
+    return values
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Losses (per image: every function returns a (B,) tensor)
 
 
-def gram(features: Tensor, shift: float = 0.0) -> Tensor:
-    """Gram matrices ``(F + shift)(F + shift)^T / (C H W)`` of activations (B, C, H, W), in fp32: (B, C, C)."""
+def gram(features: Tensor, shift: float = 0.0, normalise: bool = True) -> Tensor:
+    """Gram matrices ``(F + shift)(F + shift)^T`` of activations (B, C, H, W), at least fp32: (B, C, C).
+
+    Divided by ``C H W`` when ``normalise`` (the ``gatys`` objective); INetwork's are not.
+    """
     b, c, h, w = features.shape
     with torch.autocast(features.device.type, enabled=False):
         f = _at_least_fp32(features).reshape(b, c, h * w)
         if shift:
             f = f + shift
-        return torch.baddbmm(f.new_empty(b, c, c), f, f.transpose(1, 2), beta=0.0, alpha=1.0 / (c * h * w))
+        alpha = 1.0 / (c * h * w) if normalise else 1.0
+        return torch.baddbmm(f.new_empty(b, c, c), f, f.transpose(1, 2), beta=0.0, alpha=alpha)
 
 
 def _at_least_fp32(t: Tensor) -> Tensor:
@@ -206,6 +251,38 @@ def tv_loss(images: Tensor) -> Tensor:
     return (dx.square() + dy.square()).flatten(1).mean(1)
 
 
+def inetwork_content_loss(features: Tensor, target: Tensor) -> Tensor:
+    """INetwork's default content loss (``content_loss_type`` 0): the plain sum of squared differences, (B,)."""
+    return (_at_least_fp32(features) - _at_least_fp32(target)).square().flatten(1).sum(1)
+
+
+def inetwork_style_loss(
+    grams: dict[str, Tensor], targets: dict[str, Tensor], weights: dict[str, float], rows: int, cols: int
+) -> Tensor:
+    """INetwork's style loss: per layer ``sum((S - G)^2) / (4 * 3^2 * (rows * cols)^2)``, weighted, summed: (B,).
+
+    INetwork fixes the channel count at 3 and uses the input image's ``rows * cols`` for every layer; Grams are
+    unnormalised (:func:`gram` with ``normalise=False``). ``weights`` are :func:`inetwork_layer_weights`.
+    """
+    denominator = 4.0 * 3**2 * float(rows * cols) ** 2
+    return sum(
+        w * (grams[layer] - targets[layer]).square().flatten(1).sum(1) / denominator
+        for layer, w in weights.items()
+    )
+
+
+def inetwork_tv_loss(images: Tensor) -> Tensor:
+    """INetwork's total variation: ``sum((a + b)^1.25)`` over ``[:H-1, :W-1]`` of the image in its units, (B,).
+
+    ``a`` and ``b`` are the squared differences to the pixel below and to the right.
+    """
+    x = _at_least_fp32(images)
+    corner = x[:, :, :-1, :-1]
+    a = (corner - x[:, :, 1:, :-1]).square()
+    b = (corner - x[:, :, :-1, 1:]).square()
+    return (a + b).pow(1.25).flatten(1).sum(1)
+
+
 @dataclass
 class Losses:
     """Per-image losses (each (B,)): unweighted terms and the weighted total that is optimised."""
@@ -216,6 +293,21 @@ class Losses:
     total: Tensor
 
 
+def to_space(rgb: Tensor, cfg: NSTConfig) -> Tensor:
+    """RGB images in [0, 1] in the objective's units: themselves (``gatys``) or Caffe's (``inetwork``)."""
+    return to_caffe(rgb) if cfg.objective == "inetwork" else rgb
+
+
+def from_space(x: Tensor, cfg: NSTConfig) -> Tensor:
+    """Inverse of :func:`to_space` (no clipping)."""
+    return from_caffe(x) if cfg.objective == "inetwork" else x
+
+
+def activations(features: VGGFeatures, x: Tensor, cfg: NSTConfig) -> dict[str, Tensor]:
+    """VGG activations of images ``x`` given in the objective's units (see :func:`to_space`)."""
+    return features.activations(x) if cfg.objective == "inetwork" else features(x)
+
+
 def objective(
     features: VGGFeatures,
     images: Tensor,
@@ -224,16 +316,114 @@ def objective(
     cfg: NSTConfig,
     precision: str = "fp32",
 ) -> Losses:
-    """Content, style and TV losses of ``images`` (B, 3, H, W) against per-image targets."""
+    """Content, style and TV losses of ``images`` (B, 3, H, W), in the objective's units, against per-image targets.
+
+    ``images`` are RGB in [0, 1] for ``gatys`` and Caffe-preprocessed (:func:`to_space`) for ``inetwork``;
+    ``content_target`` comes from :func:`content_features`, ``targets`` from :func:`style_targets`.
+    """
     with _autocast(precision, images.device):
-        acts = features(images)
+        acts = activations(features, images, cfg)
     layer_weights = cfg.style_layer_weights()
-    grams = {layer: gram(acts[layer], cfg.gram_shift) for layer in layer_weights}
-    c = content_loss(acts[cfg.content_layer], content_target)
-    s = style_loss(grams, targets, layer_weights)
-    tv = tv_loss(_at_least_fp32(images)) if cfg.tv_weight else torch.zeros_like(c)
+    inetwork = cfg.objective == "inetwork"
+    grams = {layer: gram(acts[layer], cfg.gram_shift, normalise=not inetwork) for layer in layer_weights}
+    if inetwork:
+        c = inetwork_content_loss(acts[cfg.content_layer], content_target)
+        s = inetwork_style_loss(grams, targets, layer_weights, *images.shape[-2:])
+        tv = inetwork_tv_loss(images) if cfg.tv_weight else torch.zeros_like(c)
+    else:
+        c = content_loss(acts[cfg.content_layer], content_target)
+        s = style_loss(grams, targets, layer_weights)
+        tv = tv_loss(_at_least_fp32(images)) if cfg.tv_weight else torch.zeros_like(c)
     total = cfg.content_weight * c + cfg.style_weight * s + cfg.tv_weight * tv
     return Losses(content=c, style=s, tv=tv, total=total)
+
+
+@torch.no_grad()
+def content_features(
+    features: VGGFeatures, content: Tensor, cfg: NSTConfig, precision: str = "fp32"
+) -> Tensor:
+    """The content-layer activations of content images (B, 3, H, W), RGB in [0, 1], at least fp32."""
+    with _autocast(precision, content.device):
+        acts = activations(features, to_space(_model_input(content, cfg), cfg), cfg)
+    return _at_least_fp32(acts[cfg.content_layer])
+
+
+@dataclass
+class TermsAndGrads:
+    """Per-image loss terms and their input gradients (see :func:`inetwork_terms`)."""
+
+    terms: dict[str, Tensor]  # content, style, tv, total: (B,) each
+    grads: dict[str, Tensor]  # the gradient of each term with respect to the images: (B, 3, H, W) each
+
+
+def loss_terms(
+    features: VGGFeatures,
+    images: Tensor,
+    content: Tensor,
+    style: Tensor,
+    cfg: NSTConfig,
+    space: str = "rgb",
+    dtype: torch.dtype | None = torch.float64,
+    weighted: bool = True,
+) -> TermsAndGrads:
+    """Each loss term of ``cfg``'s objective and its gradient with respect to the input, per image.
+
+    For ``NSTConfig(preset="original")`` these are INetwork.py's terms: ``content`` is
+    ``content_weight * sum((F - P)^2)`` at the content layer, ``style`` the sum over adjacent layer pairs of
+    ``style_weight / 2^(L - (i + 1)) * (sl_i - sl_{i+1})``, ``tv`` is ``tv_weight * sum((a + b)^1.25)``, and
+    ``total`` their sum: the value and gradient INetwork's ``f_outputs`` return for a one-style run.
+
+    Parameters
+    ----------
+    features : VGGFeatures
+        The network (copied, not changed, when ``dtype`` differs from its own).
+    images, content, style : Tensor
+        Result, content and style images (B, 3, H, W), all the same size (INetwork resizes the style image to
+        the content's). RGB in [0, 1] when ``space="rgb"``; in the objective's units (Caffe's BGR, 0-255 minus
+        the ImageNet mean, for ``inetwork``) when ``space="script"``.
+    cfg : NSTConfig
+        The objective and its weights.
+    space : {"rgb", "script"}
+        Units of the images and of the returned gradients.
+    dtype : torch.dtype, optional
+        Compute in this dtype (default float64); None keeps the images' dtype.
+    weighted : bool
+        Terms as they enter the total (times their weights), or unweighted.
+
+    Returns
+    -------
+    TermsAndGrads
+        ``terms[name]`` (B,) and ``grads[name]`` (B, 3, H, W) for ``content``, ``style``, ``tv``, ``total``.
+
+    Raises
+    ------
+    StdaError
+        Unknown ``space``; images of different sizes.
+    """
+    if space not in ("rgb", "script"):
+        raise StdaError(f"unknown space {space!r}; valid values: ['rgb', 'script']")
+    if not images.shape == content.shape == style.shape:
+        raise StdaError(
+            f"images {tuple(images.shape)}, content {tuple(content.shape)} and style {tuple(style.shape)} "
+            "must have the same shape (INetwork resizes the style image to the content image's size)"
+        )
+    if dtype is not None and next(features.parameters()).dtype != dtype:
+        features = copy.deepcopy(features).to(dtype)
+    images, content, style = (t.to(dtype) if dtype is not None else t for t in (images, content, style))
+    x = images.detach().clone().requires_grad_(True)
+    unit = x if space == "script" else to_space(_model_input(x, cfg), cfg)
+    if space == "script":
+        content, style = from_space(content, cfg), from_space(style, cfg)
+    target = content_features(features, content, cfg)
+    losses = objective(features, unit, target, style_targets(features, style, cfg), cfg)
+    weights = {"content": cfg.content_weight, "style": cfg.style_weight, "tv": cfg.tv_weight, "total": 1.0}
+    terms, grads = {}, {}
+    for name, w in weights.items():
+        value = getattr(losses, name) * (w if weighted or name == "total" else 1.0)
+        (grad,) = torch.autograd.grad(value.sum(), x, retain_graph=name != "total", allow_unused=True)
+        terms[name] = value.detach()
+        grads[name] = torch.zeros_like(x) if grad is None else grad
+    return TermsAndGrads(terms, grads)
 
 
 def _autocast(precision: str, device: torch.device):
@@ -298,8 +488,9 @@ def _model_input(images: Tensor, cfg: NSTConfig) -> Tensor:
 @torch.no_grad()
 def style_targets(features: VGGFeatures, styles: Tensor, cfg: NSTConfig) -> dict[str, Tensor]:
     """Gram targets of style images (B, 3, h, w) in [0, 1], computed in fp32: ``{layer: (B, C, C)}``."""
-    acts = features(_model_input(styles, cfg))
-    return {layer: gram(acts[layer], cfg.gram_shift) for layer in cfg.style_layers}
+    acts = activations(features, to_space(_model_input(styles, cfg), cfg), cfg)
+    normalise = cfg.objective != "inetwork"
+    return {layer: gram(acts[layer], cfg.gram_shift, normalise) for layer in cfg.style_layers}
 
 
 class GramCache:
@@ -346,23 +537,35 @@ def stack_targets(per_image: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
 
 
 class BatchedLBFGS:
-    """L-BFGS over a batch where every image has its own history, curvature pairs, step and stopping.
+    """L-BFGS over a batch where every image has its own history, line search, step and stopping.
 
-    The update of each image is that of ``torch.optim.LBFGS`` with its defaults (no line search, step
-    ``min(1, 1/|g|_1) * lr`` on the first iteration, then ``lr``), vectorised over the batch with a two-loop
-    recursion. An image stops (keeps its pixels) when its gradient vanishes, its direction is no longer a descent
-    direction, or its loss or gradient is not finite. The history is a ring of the last ``history`` iterations'
-    pairs; a pair an image rejects (``y.s <= 1e-10``) leaves a gap, so it equals torch's history whenever no pair
-    is rejected or there are at most ``history`` iterations.
+    Each call of :meth:`step` takes the loss and gradient at the current trial points (one batched evaluation)
+    and moves every image to its next trial point. Per image: a backtracking line search accepts a trial when
+    it lowers the loss by at least ``c1`` times the predicted decrease (Armijo); otherwise the step shrinks
+    (quadratic interpolation, kept within [0.1, 0.5] of the last step). An accepted step adds the curvature pair
+    ``(s, y)`` when ``y.s > eps |y| |s|`` (a scale-free test), then the next direction comes from the two-loop
+    recursion with ``H0 = y.s / y.y``; a direction that is not a descent direction, or more than
+    ``max_backtracks`` shrinks, restarts from steepest descent. The first step after a (re)start moves
+    ``1 / |g|_2`` along ``-g``, as scipy's L-BFGS-B does. With ``restart`` the history is cleared every
+    ``restart`` evaluations, as successive ``fmin_l_bfgs_b(maxfun=restart)`` calls do.
+
+    Nothing depends on the scale of the loss: the tolerances are relative to each image's initial loss
+    (``tolerance_change``) and initial gradient (``tolerance_grad``), so multiplying the loss by any constant
+    gives the same path. An image stops (keeps its last accepted point) when its gradient or its loss change
+    falls below those, or when no step lowers its loss.
 
     Parameters
     ----------
     x : Tensor
-        The images being optimised (B, ...), fp32; updated in place by :meth:`step`.
+        The start images (B, ...), at least fp32; :meth:`step` writes the next trial points into it.
     lr : float
-        Step size.
+        Step taken along the L-BFGS direction first (1: the quasi-Newton step).
     history : int
         Curvature pairs kept per image.
+    restart : int
+        Clear the history every ``restart`` evaluations (0: never).
+    project : callable, optional
+        Maps trial points back into the feasible set (e.g. clamping to [0, 1]).
     """
 
     def __init__(
@@ -370,92 +573,187 @@ class BatchedLBFGS:
         x: Tensor,
         lr: float = 1.0,
         history: int = 100,
+        restart: int = 0,
+        project: Callable[[Tensor], Tensor] | None = None,
         tolerance_grad: float = 1e-7,
-        tolerance_change: float = 1e-9,
+        tolerance_change: float = 2.2e-9,
+        c1: float = 1e-4,
+        eps: float = 1e-8,
+        max_backtracks: int = 20,
     ):
         b, n = x.shape[0], x[0].numel()
-        self.lr, self.m = lr, history
+        self.lr, self.m, self.restart = lr, history, restart
+        self.project = project or (lambda t: t)
         self.tolerance_grad, self.tolerance_change = tolerance_grad, tolerance_change
-        self.s = x.new_zeros(b, history, n)  # steps, one ring per image
+        self.c1, self.eps, self.max_backtracks = c1, eps, max_backtracks
+        zeros = x.new_zeros(b)
+        self.s = x.new_zeros(b, history, n)  # accepted steps, one ring per image
         self.y = x.new_zeros(b, history, n)  # gradient differences
-        self.rho = x.new_zeros(b, history)  # 1 / (y.s); 0 marks an empty or rejected slot
-        self.h_diag = x.new_ones(b)
+        self.rho = x.new_zeros(b, history)  # 1 / (y.s); 0 marks an empty slot
+        self.ptr = torch.zeros(b, dtype=torch.long, device=x.device)  # next slot of each ring
+        self.h_diag = torch.ones_like(zeros)
         self.active = torch.ones(b, dtype=torch.bool, device=x.device)
-        self.ptr, self.stored = 0, 0
-        self.d: Tensor | None = None
-        self.t: Tensor | None = None
-        self.prev_grad: Tensor | None = None
+        self.evaluations = torch.zeros(b, dtype=torch.long, device=x.device)  # until the image stopped
+        self.since_restart = torch.zeros_like(self.evaluations)
+        self.backtracks = torch.zeros_like(self.evaluations)
+        self.x = x.detach().reshape(b, -1).clone()  # last accepted points
+        self.f = torch.full_like(zeros, float("inf"))
+        self.g = torch.zeros_like(self.x)
+        self.d = torch.zeros_like(self.x)  # search directions
+        self.t = torch.zeros_like(zeros)  # trial steps along d
+        self.f0 = self.g0 = None
+
+    @property
+    def best(self) -> Tensor:
+        """The last accepted point of every image (B, ...): the lowest loss it reached."""
+        return self.x
 
     @torch.no_grad()
-    def step(self, x: Tensor, grad: Tensor, finite: Tensor) -> None:
-        """Move each active image of ``x`` along its L-BFGS direction, given its gradient (B, ...)."""
+    def step(self, x: Tensor, loss: Tensor, grad: Tensor, finite: Tensor) -> None:
+        """Take the loss (B,) and gradient at the trial points ``x``; write the next trial points into ``x``."""
         b = x.shape[0]
-        self.active &= finite
-        g = torch.where(self.active[:, None], grad.reshape(b, -1).to(x.dtype), 0.0)
-        self.active &= g.abs().amax(1) > self.tolerance_grad
-        if self.d is None:
-            d = -g
-            t = torch.clamp(1.0 / g.abs().sum(1), max=1.0) * self.lr
+        f = loss.detach().to(self.x.dtype)
+        g = grad.reshape(b, -1).to(self.x.dtype)
+        ok = torch.isfinite(f) & torch.isfinite(g).all(1)
+        self.evaluations += self.active.long()
+        self.since_restart += 1
+        if self.f0 is None:  # the start point
+            self.active &= finite & ok
+            self.f0, self.g0 = f.abs(), g.abs().amax(1)
+            self._accept(self.active, x.reshape(b, -1), f, g)
+            self.active &= self.g0 > 0
+            self._restart(self.active)
         else:
-            self._remember(g)
-            d = self._direction(g)
-            t = torch.full_like(self.h_diag, self.lr)
-        self.active &= torch.linalg.vecdot(g, d) <= -self.tolerance_change
-        d = torch.where(self.active[:, None], d, 0.0)
-        self.prev_grad, self.d, self.t = g, d, t
-        x.view(b, -1).add_(d * t[:, None])
+            trial = x.reshape(b, -1)
+            predicted = torch.linalg.vecdot(self.g, trial - self.x)
+            accept = self.active & ok & (f <= self.f + self.c1 * predicted)
+            reject = self.active & ~accept
+            change = self.f - f
+            self._remember(accept, trial - self.x, g - self.g)
+            self._accept(accept, trial, f, g)
+            self.active &= ~(accept & (change <= self.tolerance_change * self.f0))
+            self.active &= ~(accept & (g.abs().amax(1) <= self.tolerance_grad * self.g0))
+            self._new_direction(accept & self.active)
+            self._backtrack(reject, f, predicted)
+        x.view(b, -1).copy_(torch.where(self.active[:, None], self._trial(), self.x))
 
-    def _remember(self, g: Tensor) -> None:
-        """Store this iteration's curvature pair (s, y) in the ring; images that reject it store zeros."""
-        y = g - self.prev_grad
-        s = self.d * self.t[:, None]
+    def _trial(self) -> Tensor:
+        return self.project(self.x + self.t[:, None] * self.d)
+
+    def _accept(self, rows: Tensor, x: Tensor, f: Tensor, g: Tensor) -> None:
+        self.x = torch.where(rows[:, None], x, self.x)
+        self.f = torch.where(rows, f, self.f)
+        self.g = torch.where(rows[:, None], g, self.g)
+
+    def _remember(self, rows: Tensor, s: Tensor, y: Tensor) -> None:
+        """Store the curvature pair of each image in ``rows`` that passes the scale-free test, in its ring."""
         ys = torch.linalg.vecdot(y, s)
-        accept = (ys > 1e-10) & self.active
-        self.s[:, self.ptr] = torch.where(accept[:, None], s, 0.0)
-        self.y[:, self.ptr] = torch.where(accept[:, None], y, 0.0)
-        self.rho[:, self.ptr] = torch.where(accept, 1.0 / ys, 0.0)
         yy = torch.linalg.vecdot(y, y)
-        self.h_diag = torch.where(accept, ys / torch.where(accept, yy, 1.0), self.h_diag)
-        self.ptr = (self.ptr + 1) % self.m
-        self.stored = min(self.stored + 1, self.m)
+        keep = rows & (ys > self.eps * torch.sqrt(yy * torch.linalg.vecdot(s, s)))
+        idx = torch.arange(len(s), device=s.device)
+        slot = self.ptr
+        self.s[idx, slot] = torch.where(keep[:, None], s, self.s[idx, slot])
+        self.y[idx, slot] = torch.where(keep[:, None], y, self.y[idx, slot])
+        self.rho[idx, slot] = torch.where(keep, 1.0 / torch.where(keep, ys, 1.0), self.rho[idx, slot])
+        self.h_diag = torch.where(keep, ys / torch.where(keep, yy, 1.0), self.h_diag)
+        self.ptr = torch.where(keep, (self.ptr + 1) % self.m, self.ptr)
+
+    def _restart(self, rows: Tensor) -> None:
+        """Clear the history of ``rows`` and step along steepest descent by ``1 / |g|_2``."""
+        self.rho[rows] = 0.0
+        self.since_restart[rows] = 0
+        self.backtracks[rows] = 0
+        self.d = torch.where(rows[:, None], -self.g, self.d)
+        norm = torch.linalg.vector_norm(self.g, dim=1)
+        self.t = torch.where(rows, 1.0 / torch.where(norm > 0, norm, 1.0), self.t)
+
+    def _new_direction(self, rows: Tensor) -> None:
+        """L-BFGS directions for ``rows``; restart those due (``restart``) or without a descent direction."""
+        due = rows & (self.since_restart >= self.restart) if self.restart else torch.zeros_like(rows)
+        d = self._direction(self.g)
+        descent = torch.linalg.vecdot(self.g, d) < 0
+        fresh = rows & ~due & descent & (self.rho != 0).any(1)
+        self.d = torch.where(fresh[:, None], d, self.d)
+        self.t = torch.where(fresh, torch.full_like(self.t, self.lr), self.t)
+        self.backtracks[fresh] = 0
+        self._restart(rows & ~fresh)
+
+    def _backtrack(self, rows: Tensor, f: Tensor, predicted: Tensor) -> None:
+        """Shrink the step of ``rows`` (quadratic interpolation, within [0.1, 0.5] of it); restart or stop."""
+        slope = predicted / self.t  # directional derivative times |d| (negative)
+        rise = f - self.f - predicted
+        t_quad = -slope * self.t**2 / (2 * rise)
+        t_new = torch.where(torch.isfinite(t_quad), t_quad, 0.1 * self.t)
+        t_new = torch.minimum(torch.maximum(t_new, 0.1 * self.t), 0.5 * self.t)
+        self.t = torch.where(rows, t_new, self.t)
+        self.backtracks += rows.long()
+        exhausted = rows & (self.backtracks > self.max_backtracks)
+        stuck = exhausted & ~(self.rho != 0).any(1)  # already on steepest descent: no step lowers the loss
+        self.active &= ~stuck
+        self._restart(exhausted & ~stuck)
 
     def _direction(self, g: Tensor) -> Tensor:
-        """Two-loop recursion, newest pair first, for every image at once: ``-H g``."""
-        slots = [(self.ptr - 1 - j) % self.m for j in range(self.stored)]
+        """Two-loop recursion over each image's ring, newest pair first, for every image at once: ``-H g``."""
+        idx = torch.arange(len(g), device=g.device)
+        slots = [(self.ptr - 1 - j) % self.m for j in range(self.m)]
         q = -g
         alphas = []
-        for i in slots:
-            a = self.rho[:, i] * torch.linalg.vecdot(self.s[:, i], q)
-            q.addcmul_(self.y[:, i], a[:, None], value=-1.0)
+        for slot in slots:
+            a = self.rho[idx, slot] * torch.linalg.vecdot(self.s[idx, slot], q)
+            q = q - a[:, None] * self.y[idx, slot]
             alphas.append(a)
-        r = q.mul_(self.h_diag[:, None])
-        for i, a in zip(reversed(slots), reversed(alphas), strict=True):
-            beta = self.rho[:, i] * torch.linalg.vecdot(self.y[:, i], r)
-            r.addcmul_(self.s[:, i], (a - beta)[:, None])
+        r = q * self.h_diag[:, None]
+        for slot, a in zip(reversed(slots), reversed(alphas), strict=True):
+            beta = self.rho[idx, slot] * torch.linalg.vecdot(self.y[idx, slot], r)
+            r = r + (a - beta)[:, None] * self.s[idx, slot]
         return r
 
 
 class BatchedAdam:
     """Adam on a batch of images (elementwise, hence per image); non-finite images stop moving."""
 
-    def __init__(self, x: Tensor, lr: float = 0.02):
+    def __init__(self, x: Tensor, lr: float = 0.02, project: Callable[[Tensor], Tensor] | None = None):
         self.opt = torch.optim.Adam([x], lr=lr)
+        self.project = project
+        self.x = x
         self.active = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+        self.evaluations = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+
+    @property
+    def best(self) -> Tensor:
+        """The current images (Adam keeps no accepted point)."""
+        return self.x.detach()
 
     @torch.no_grad()
-    def step(self, x: Tensor, grad: Tensor, finite: Tensor) -> None:
+    def step(self, x: Tensor, loss: Tensor, grad: Tensor, finite: Tensor) -> None:
         """One Adam step with ``grad``; images that went non-finite get a zero gradient from now on."""
-        self.active &= finite
+        self.active &= finite & torch.isfinite(loss)
+        self.evaluations += self.active.long()
         x.grad = torch.where(self.active.view(-1, *[1] * (grad.dim() - 1)), grad, 0.0)
         self.opt.step()
         x.grad = None
+        if self.project is not None:
+            x.copy_(self.project(x))
 
 
 def make_optimizer(x: Tensor, cfg: NSTConfig) -> BatchedLBFGS | BatchedAdam:
-    """The per-image optimiser ``cfg.optimizer`` for images ``x``."""
+    """The per-image optimiser ``cfg.optimizer`` for images ``x`` (in the objective's units)."""
+    project = _projection(cfg) if cfg.clamp else None
     if cfg.optimizer == "adam":
-        return BatchedAdam(x, lr=cfg.lr)
-    return BatchedLBFGS(x, lr=cfg.lr, history=min(cfg.history, max(cfg.iterations - 1, 1)))
+        return BatchedAdam(x, lr=cfg.lr, project=project)
+    history = min(cfg.history, max(cfg.iterations - 1, 1))
+    return BatchedLBFGS(x, lr=cfg.lr, history=history, restart=cfg.restart, project=project)
+
+
+def _projection(cfg: NSTConfig) -> Callable[[Tensor], Tensor]:
+    """Clamping to [0, 1] in RGB, expressed in the objective's units (flattened (B, 3*H*W) or (B, 3, H, W))."""
+
+    def project(x: Tensor) -> Tensor:
+        shape = x.shape
+        images = x.reshape(shape[0], 3, -1)[..., None]
+        return to_space(from_space(images, cfg).clamp(0, 1), cfg).reshape(shape)
+
+    return project
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -475,20 +773,35 @@ def initial_images(content: Tensor, init: str, seeds: Sequence[int] | None = Non
 
 @dataclass
 class StylizeResult:
-    """Output of :func:`stylize`: images and the final per-image losses (unweighted terms and weighted total)."""
+    """Output of :func:`stylize`: images, and per image the loss terms at the start and at the end.
+
+    Terms are unweighted (``total`` is the weighted sum that is optimised), in the objective's units.
+    """
 
     images: Tensor  # (B, 3, H, W) in [0, 1]
-    content_loss: Tensor  # (B,)
-    style_loss: Tensor  # (B,)
-    tv_loss: Tensor  # (B,)
-    total_loss: Tensor  # (B,)
+    content_loss: Tensor  # (B,) final
+    style_loss: Tensor  # (B,) final
+    tv_loss: Tensor  # (B,) final
+    total_loss: Tensor  # (B,) final
     finite: Tensor  # (B,) bool: False where a loss or gradient became NaN/inf (in fp32 too)
     redone: Tensor  # (B,) bool: True where the bf16 run went wrong and the image was redone in fp32
+    initial_content_loss: Tensor  # (B,) at the start image
+    initial_style_loss: Tensor  # (B,)
+    initial_tv_loss: Tensor  # (B,)
+    initial_total_loss: Tensor  # (B,)
+    evaluations: Tensor  # (B,) long: loss evaluations made before the image stopped (or all of them)
 
     def replace_rows(self, rows: Tensor, other: StylizeResult) -> None:
         """Put the images and losses of ``other`` into ``rows`` of this result."""
         for f in dataclasses.fields(self):
             getattr(self, f.name)[rows] = getattr(other, f.name)
+
+    def terms(self, i: int) -> dict[str, float]:
+        """Image ``i``'s initial and final terms as plain floats (for a manifest line or a quality record)."""
+        names = ("content", "style", "tv", "total")
+        out = {f"initial_{n}": float(getattr(self, f"initial_{n}_loss")[i]) for n in names}
+        out.update({f"final_{n}": float(getattr(self, f"{n}_loss")[i]) for n in names})
+        return out
 
 
 def stylize(
@@ -500,9 +813,8 @@ def stylize(
 ) -> StylizeResult:
     """Neural style transfer of a batch: each image towards its content image and its style targets.
 
-    In bf16, an image whose loss or gradient becomes NaN/inf, or whose final loss ends more than 2% above the
-    lowest loss it reached (L-BFGS thrown off course by bf16 rounding in its curvature pairs), is optimised
-    again in fp32.
+    In bf16, an image whose loss or gradient becomes NaN/inf, or whose final loss (re-evaluated) ends more than
+    2% above the lowest loss it reached, is optimised again in fp32.
 
     Parameters
     ----------
@@ -513,15 +825,15 @@ def stylize(
     targets : dict of str to Tensor
         Per-image Gram targets ``{style layer: (B, C, C)}`` (see :func:`style_targets`, :func:`stack_targets`).
     cfg : NSTConfig
-        Losses, optimiser, iterations and precision.
+        Objective, optimiser, iterations and precision.
     seeds : sequence of int, optional
         One seed per image for ``init="noise"`` (default: 0, 1, ...).
 
     Returns
     -------
     StylizeResult
-        Images and final losses; ``finite`` is False for images that stayed NaN/inf (redo them elsewhere or
-        report them), ``redone`` True for images redone in fp32.
+        Images, initial and final losses; ``finite`` is False for images that stayed NaN/inf (redo them
+        elsewhere or report them), ``redone`` True for images redone in fp32.
     """
     precision = resolve_precision(cfg.precision, content.device)
     seeds = list(range(len(content))) if seeds is None else [int(s) for s in seeds]
@@ -555,27 +867,40 @@ def _optimise(
 ) -> tuple[StylizeResult, Tensor]:
     """One optimisation of the batch at ``precision``; also returns which images ended >2% above their best."""
     model_in = _model_input(content, cfg)
-    with torch.no_grad(), _autocast(precision, content.device):
-        content_target = _at_least_fp32(features(model_in)[cfg.content_layer])
-    x = initial_images(model_in, cfg.init, seeds).requires_grad_(True)
+    content_target = content_features(features, content, cfg, precision)
+    x = to_space(initial_images(model_in, cfg.init, seeds), cfg).requires_grad_(True)
     opt = make_optimizer(x, cfg)
     finite = torch.ones(len(x), dtype=torch.bool, device=x.device)
     best = torch.full((len(x),), float("inf"), device=x.device)
+    initial = None
     for _ in range(cfg.iterations):
-        total = objective(features, x, content_target, targets, cfg, precision).total
-        (grad,) = torch.autograd.grad(total.sum(), x)
-        finite &= torch.isfinite(total) & torch.isfinite(grad).flatten(1).all(1)
-        best = torch.minimum(best, total.detach())
-        opt.step(x, grad, finite)
-        if cfg.clamp:
-            with torch.no_grad():
-                x.clamp_(0, 1)
-    result = x.detach().clamp(0, 1)
+        losses = objective(features, x, content_target, targets, cfg, precision)
+        (grad,) = torch.autograd.grad(losses.total.sum(), x)
+        if initial is None:
+            initial = Losses(*(getattr(losses, f.name).detach() for f in dataclasses.fields(Losses)))
+            finite &= torch.isfinite(losses.total) & torch.isfinite(grad).flatten(1).all(1)
+        best = torch.minimum(best, torch.nan_to_num(losses.total.detach(), nan=float("inf")))
+        opt.step(x, losses.total.detach(), grad, finite)
     with torch.no_grad():
-        final = objective(features, result, content_target, targets, cfg, precision)
+        end = opt.best.reshape(x.shape)
+        final = objective(features, end, content_target, targets, cfg, precision)
+        result = from_space(end, cfg).clamp(0, 1)
     finite &= torch.isfinite(final.total)
-    strayed = final.total > STRAY_TOLERANCE * torch.minimum(best, final.total)
+    lowest = torch.minimum(best, final.total)
+    strayed = final.total - lowest > (STRAY_TOLERANCE - 1) * lowest.abs()
     if cfg.preserve_color != "none":
         result = keep_color(result, content)
-    redone = torch.zeros_like(finite)
-    return StylizeResult(result, final.content, final.style, final.tv, final.total, finite, redone), strayed
+    return StylizeResult(
+        result,
+        final.content,
+        final.style,
+        final.tv,
+        final.total,
+        finite,
+        torch.zeros_like(finite),
+        initial.content,
+        initial.style,
+        initial.tv,
+        initial.total,
+        opt.evaluations.clone(),
+    ), strayed

@@ -83,27 +83,84 @@ def _float64(features, images):
     return features.double(), *(t[:2, :, :16, :16].double() for t in images)
 
 
-def test_batched_lbfgs_follows_the_tutorials_torch_lbfgs_loop_per_image(features, images, small_cfg):
-    cfg = dataclasses.replace(small_cfg, iterations=8)
-    f, content, style = _float64(copy.deepcopy(features), images)
-    targets = style_targets(f, style, cfg)
-    ours = stylize(f, content, targets, cfg).images
-    for i in range(2):
-        target = f(content[i : i + 1])[cfg.content_layer]
-        own = {k: v[i : i + 1] for k, v in targets.items()}
-        x = content[i : i + 1].clone().requires_grad_(True)
-        opt = torch.optim.LBFGS([x], lr=1.0, max_iter=cfg.iterations, history_size=cfg.history)
+def _quadratic_run(scales: list[float], evaluations: int, restart: int = 0) -> tuple[torch.Tensor, ...]:
+    """BatchedLBFGS on ``scale * (x^T A x / 2 - b^T x)`` per image (one ill-conditioned A, b); final x and A^-1 b."""
+    g = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(20, 20, generator=g, dtype=torch.float64))
+    a = q @ torch.diag(torch.logspace(0, 3, 20, dtype=torch.float64)) @ q.T
+    b = torch.randn(20, generator=g, dtype=torch.float64)
+    scale = torch.tensor(scales, dtype=torch.float64)[:, None]
+    x = torch.zeros(len(scales), 20, dtype=torch.float64)
+    opt = BatchedLBFGS(x, history=10, restart=restart)
+    for _ in range(evaluations):
+        loss = scale[:, 0] * (0.5 * ((x @ a) * x).sum(1) - x @ b)
+        opt.step(x, loss, scale * (x @ a - b), torch.ones(len(scales), dtype=torch.bool))
+    return opt.best, torch.linalg.solve(a, b), opt.evaluations
 
-        def closure(x=x, target=target, own=own, opt=opt):  # the PyTorch tutorial's closure
-            with torch.no_grad():
-                x.clamp_(0, 1)
-            opt.zero_grad()
-            loss = objective(f, x, target, own, cfg).total.sum()
-            loss.backward()
-            return loss
 
-        opt.step(closure)
-        torch.testing.assert_close(ours[i], x.detach().clamp(0, 1)[0], atol=1e-9, rtol=1e-9)
+def test_lbfgs_finds_the_minimum_of_an_ill_conditioned_quadratic():
+    x, solution, _ = _quadratic_run([1.0], 200)
+    torch.testing.assert_close(x[0], solution, rtol=1e-5, atol=1e-6)
+
+
+def test_lbfgs_path_does_not_depend_on_the_scale_of_the_loss():
+    x, solution, evaluations = _quadratic_run([1e-9, 1.0, 1e9], 25)
+    assert (x[0] - solution).norm() < 0.5 * solution.norm()  # it moved well towards the minimum
+    torch.testing.assert_close(x[0], x[1], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(x[2], x[1], rtol=1e-9, atol=1e-12)
+    assert len(set(evaluations.tolist())) == 1
+
+
+def test_lbfgs_with_restarts_still_converges():
+    x, solution, _ = _quadratic_run([1.0], 400, restart=20)
+    torch.testing.assert_close(x[0], solution, rtol=1e-4, atol=1e-5)
+
+
+class _Scaled(torch.nn.Module):
+    """The feature extractor with every activation multiplied by ``scale``."""
+
+    def __init__(self, inner, scale: float):
+        super().__init__()
+        self.inner, self.scale = inner, scale
+
+    def forward(self, x):
+        return {k: v * self.scale for k, v in self.inner(x).items()}
+
+    def activations(self, h):
+        return {k: v * self.scale for k, v in self.inner.activations(h).items()}
+
+
+@pytest.mark.parametrize("preset", ["default", "original"])
+def test_each_preset_lowers_every_loss_by_the_same_fraction_at_any_feature_scale(features, images, preset):
+    """Features x 1e-3 and x 1e3 (Gram terms, content terms and the Gram shift rescaled with them, so that the
+    objective is the same function times s^2 and only its scale changes): same fractions, same evaluations."""
+    content, style = (t[:2, :, :32, :32] for t in images)
+    net = build_vgg_features("vgg16", conv_layer_names("vgg16")[:7], weights="random", seed=0)
+    base = NSTConfig(
+        preset=preset,
+        content_layer="conv3_1",
+        style_layers=tuple(conv_layer_names("vgg16")[:7]),
+        iterations=15,
+        precision="fp32",
+    )
+    if preset == "default":
+        base = dataclasses.replace(base, arch="vgg16")
+    runs = {}
+    for s in (1.0, 1e-3, 1e3):
+        cfg = dataclasses.replace(
+            base,
+            style_weight=base.style_weight / s**2,  # Gram terms scale as s^4, content terms as s^2
+            tv_weight=base.tv_weight * s**2,
+            gram_shift=base.gram_shift * s,  # (sF - s) = s (F - 1)
+        )
+        f = _Scaled(net, s)
+        result = stylize(f, content, style_targets(f, style, cfg), cfg)
+        runs[s] = (1 - result.total_loss / result.initial_total_loss, result.evaluations)
+    fraction, evaluations = runs[1.0]
+    assert (fraction > 0.05).all(), fraction
+    for s in (1e-3, 1e3):
+        torch.testing.assert_close(runs[s][0], fraction, rtol=0.05, atol=0)
+        assert runs[s][1].tolist() == evaluations.tolist()
 
 
 def test_image_result_does_not_depend_on_its_batch(features, images, small_cfg):
@@ -233,13 +290,17 @@ def test_luminance_mode_transfers_gray_style_and_keeps_content_chroma(features, 
     assert (rgb_to_ycbcr(result.images)[:, 1:] - rgb_to_ycbcr(content)[:, 1:]).abs().mean() < 0.02
 
 
-def test_original_preset_has_the_papers_settings():
+def test_original_preset_has_inetworks_settings():
     cfg = NSTConfig(preset="original")
     assert (cfg.arch, cfg.content_layer, cfg.pooling, cfg.init) == ("vgg16", "conv5_2", "max", "content")
     assert (cfg.content_weight, cfg.style_weight, cfg.tv_weight, cfg.gram_shift) == (0.025, 1.0, 8.5e-5, -1.0)
+    assert (cfg.objective, cfg.history, cfg.restart, cfg.clamp) == ("inetwork", 10, 20, False)
     assert cfg.style_layers == tuple(conv_layer_names("vgg16")) and len(cfg.style_layers) == 13
-    weights = list(cfg.style_layer_weights().values())
-    assert weights[-1] == 1.0 and weights[-2] == 0.5 and weights[0] == 2.0**-12
+
+
+def test_inetwork_layer_weights_are_its_adjacent_differences():
+    weights = list(NSTConfig(preset="original").style_layer_weights().values())
+    assert weights == [2.0**-11] + [2.0 ** (k - 12) for k in range(1, 12)] + [-1.0]
 
 
 def test_explicit_settings_override_the_preset():
@@ -309,7 +370,7 @@ def test_lbfgs_stops_an_image_whose_gradient_vanishes():
     x = torch.ones(2, 3)
     opt = BatchedLBFGS(x, history=4)
     grad = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]])
-    opt.step(x, grad, torch.tensor([True, True]))
+    opt.step(x, torch.tensor([1.0, 1.0]), grad, torch.tensor([True, True]))
     assert opt.active.tolist() == [True, False]
     assert torch.equal(x[1], torch.ones(3)) and not torch.equal(x[0], torch.ones(3))
 
@@ -319,3 +380,69 @@ def test_auto_precision_is_fp32_on_cpu_and_explicit_values_are_kept():
 
     assert resolve_precision("auto", "cpu") == "fp32"
     assert resolve_precision("bf16", "cpu") == "bf16"
+
+
+def _inetwork_reference(net, rgb, content, style, layers, content_layer):
+    """INetwork.py's loss written out as the script does it (float64), for a few layers: value and RGB gradient."""
+    mean = torch.tensor([103.939, 116.779, 123.68], dtype=torch.float64).view(1, 3, 1, 1)
+    x = rgb.clone().requires_grad_(True)
+    batch = torch.cat([content, style, x])[:, [2, 1, 0]] * 255.0 - mean  # base, style, combination
+    acts = net.activations(batch)
+    rows, cols = rgb.shape[-2:]
+
+    def gram(f):
+        f = f.reshape(f.shape[0], -1) - 1
+        return f @ f.T
+
+    def style_loss(s, c):
+        return ((gram(s) - gram(c)) ** 2).sum() / (4.0 * 3**2 * (rows * cols) ** 2)
+
+    content_term = 0.025 * ((acts[content_layer][2] - acts[content_layer][0]) ** 2).sum()
+    style_term, nb_layers = 0.0, len(layers) - 1
+    for i in range(len(layers) - 1):
+        sl1 = style_loss(acts[layers[i]][1], acts[layers[i]][2])
+        sl2 = style_loss(acts[layers[i + 1]][1], acts[layers[i + 1]][2])
+        style_term = style_term + 1.0 / (2 ** (nb_layers - (i + 1))) * (sl1 - sl2)
+    z = batch[2:]
+    a = (z[:, :, : rows - 1, : cols - 1] - z[:, :, 1:, : cols - 1]) ** 2
+    b = (z[:, :, : rows - 1, : cols - 1] - z[:, :, : rows - 1, 1:]) ** 2
+    tv_term = 8.5e-5 * ((a + b) ** 1.25).sum()
+    total = content_term + style_term + tv_term
+    (grad,) = torch.autograd.grad(total, x)
+    return {"content": content_term, "style": style_term, "tv": tv_term, "total": total}, grad
+
+
+def test_original_terms_and_gradient_equal_inetworks_in_float64():
+    from stda_hf.models.features import to_caffe
+    from stda_hf.nst import loss_terms
+
+    layers = tuple(conv_layer_names("vgg16")[:5])
+    cfg = NSTConfig(preset="original", content_layer="conv2_2", style_layers=layers)
+    net = build_vgg_features("vgg16", layers, weights="random", seed=1).double()
+    g = torch.Generator().manual_seed(3)
+    content, style = (torch.rand(1, 3, 20, 28, generator=g, dtype=torch.float64) for _ in range(2))
+    image = (content + 0.1 * torch.randn(1, 3, 20, 28, generator=g, dtype=torch.float64)).clamp(0, 1)
+    expected, expected_grad = _inetwork_reference(net, image, content, style, layers, "conv2_2")
+    ours = loss_terms(net, image, content, style, cfg)
+    for name, value in expected.items():
+        torch.testing.assert_close(ours.terms[name][0], value.detach(), rtol=1e-9, atol=0)
+    torch.testing.assert_close(ours.grads["total"], expected_grad, rtol=1e-9, atol=1e-12)
+    script = loss_terms(net, to_caffe(image), to_caffe(content), to_caffe(style), cfg, space="script")
+    torch.testing.assert_close(script.terms["total"], ours.terms["total"], rtol=1e-12, atol=0)
+    torch.testing.assert_close(
+        script.grads["total"].flip(1) * 255.0, ours.grads["total"], rtol=1e-9, atol=1e-12
+    )
+    at_start = loss_terms(net, content, content, style, cfg)
+    assert at_start.terms["content"].item() == 0.0
+
+
+def test_original_preset_changes_the_image_at_64_px():
+    layers = tuple(conv_layer_names("vgg16"))
+    cfg = NSTConfig(preset="original", iterations=20, precision="fp32")
+    net = build_vgg_features("vgg16", layers, weights="random", seed=0)
+    g = torch.Generator().manual_seed(0)
+    content = torch.rand(1, 3, 64, 64, generator=g)
+    style = torch.rand(1, 3, 64, 64, generator=g) ** 2
+    result = stylize(net, content, style_targets(net, style, cfg), cfg)
+    assert (result.total_loss < 0.9 * result.initial_total_loss).all()
+    assert (result.images - content).abs().mean() * 255 > 2.0

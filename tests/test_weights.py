@@ -72,3 +72,63 @@ def test_offline_download_names_both_ways_out():
 
     with pytest.raises(StdaError, match=r"--weights PATH.*--weights random"):
         load_weights(_net(), parse_weights("imagenet"), download=offline)
+
+
+def _write_keras_vgg16_h5(path, layers: int, seed: int = 0) -> list[tuple[str, object, object]]:
+    """A Keras ``save_weights`` file in the layout of vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5
+    (its first ``layers`` convolutions, with pooling layers between blocks): [(name, HWIO kernel, bias)]."""
+    h5py = pytest.importorskip("h5py")
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    names, convs, in_ch = ["input_1"], [], 3
+    for b, (n, ch) in enumerate(zip((2, 2, 3, 3, 3), (64, 128, 256, 512, 512), strict=True)):
+        for i in range(n):
+            if len(convs) < layers:
+                name = f"block{b + 1}_conv{i + 1}"
+                kernel = rng.normal(0, 0.1, (3, 3, in_ch, ch)).astype("float32")
+                convs.append((name, kernel, rng.normal(0, 0.1, ch).astype("float32")))
+                names.append(name)
+                in_ch = ch
+        names.append(f"block{b + 1}_pool")
+    with h5py.File(path, "w") as f:
+        f.attrs["layer_names"] = [n.encode() for n in names]
+        for name in names:
+            group = f.create_group(name)
+            weights = [(k, v) for n, k, v in convs if n == name]
+            group.attrs["weight_names"] = (
+                [f"{name}_W_1:0".encode(), f"{name}_b_1:0".encode()] if weights else []
+            )
+            for kernel, bias in weights:
+                group[f"{name}_W_1:0"] = kernel
+                group[f"{name}_b_1:0"] = bias
+    return convs
+
+
+def test_keras_h5_vgg16_weights_match_keras_convolution(tmp_path):
+    import numpy as np
+
+    from stda_hf.models.features import build_vgg_features
+
+    path = tmp_path / "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
+    convs = _write_keras_vgg16_h5(path, layers=3)
+    net = build_vgg_features("vgg16", ("conv1_1", "conv2_1"), weights=str(path))
+    x = torch.randn(1, 3, 6, 7)
+    with torch.no_grad():
+        out = net.activations(x)
+    # Keras's conv1_1 (padding "same", cross-correlation, HWIO kernel, then ReLU), written out at one position
+    _, kernel, bias = convs[0]
+    padded = np.pad(x[0].permute(1, 2, 0).numpy(), ((1, 1), (1, 1), (0, 0)))
+    r, c = 2, 5
+    expected = np.maximum(np.einsum("hwi,hwio->o", padded[r : r + 3, c : c + 3], kernel) + bias, 0)
+    np.testing.assert_allclose(out["conv1_1"][0, :, r, c].numpy(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(net.features[5].bias, torch.from_numpy(convs[2][2]))  # conv2_1 after the pool
+
+
+def test_h5_weights_without_vgg_layers_are_refused(tmp_path):
+    h5py = pytest.importorskip("h5py")
+
+    with h5py.File(tmp_path / "other.h5", "w") as f:
+        f.attrs["layer_names"] = [b"dense_1"]
+    with pytest.raises(StdaError, match="no VGG convolution layers"):
+        load_weights(_net(), parse_weights(tmp_path / "other.h5"))

@@ -1,8 +1,11 @@
 """The style-transfer feature extractor: torchvision's VGG16/VGG19 convolutions, truncated after the deepest layer used.
 
 Layers are named as in Gatys et al. and the Keras implementations: ``conv<block>_<index>`` is the output of that
-convolution *after* its ReLU (Caffe's in-place ReLU made the two the same blob). The input is an RGB batch in
-[0, 1]; ImageNet normalisation happens inside. Parameters are frozen; only the input receives gradients.
+convolution *after* its ReLU (Caffe's in-place ReLU made the two the same blob). ``forward`` takes an RGB batch
+in [0, 1] and normalises it the torchvision way inside; :meth:`VGGFeatures.activations` takes an input that is
+already preprocessed, e.g. Caffe's (BGR, 0-255, ImageNet mean subtracted: :func:`to_caffe`), which is what
+Keras's VGG16 and titu1994's INetwork.py feed the network. Parameters are frozen; only the input receives
+gradients.
 """
 
 from __future__ import annotations
@@ -23,6 +26,20 @@ BLOCK_CHANNELS = (64, 128, 256, 512, 512)
 POOLINGS = ("max", "avg")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+"""The ImageNet mean that Caffe's VGG (and Keras's ``preprocess_input(mode="caffe")``) subtracts, in BGR order."""
+
+
+def to_caffe(rgb: torch.Tensor) -> torch.Tensor:
+    """Caffe preprocessing of RGB images (B, 3, H, W) in [0, 1]: BGR order, 0-255, ImageNet mean subtracted."""
+    mean = torch.tensor(CAFFE_MEAN_BGR, dtype=rgb.dtype, device=rgb.device).view(1, 3, 1, 1)
+    return rgb.flip(1) * 255.0 - mean
+
+
+def from_caffe(bgr: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`to_caffe` (no clipping): RGB images in [0, 1] units."""
+    mean = torch.tensor(CAFFE_MEAN_BGR, dtype=bgr.dtype, device=bgr.device).view(1, 3, 1, 1)
+    return ((bgr + mean) / 255.0).flip(1)
 
 
 def conv_layer_names(arch: str) -> list[str]:
@@ -99,7 +116,10 @@ class VGGFeatures(nn.Module):
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Activations of the requested layers for RGB images ``x`` (B, 3, H, W) in [0, 1]."""
-        h = (x - self.mean) / self.std
+        return self.activations((x - self.mean.to(x.dtype)) / self.std.to(x.dtype))
+
+    def activations(self, h: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Activations of the requested layers for an already preprocessed input ``h`` (B, 3, H, W)."""
         out = {}
         for i, module in enumerate(self.features):
             h = module(h)
@@ -138,7 +158,9 @@ def build_vgg_features(
     pooling : {"max", "avg"}
         Pooling between blocks (Gatys et al. found average pooling gives smoother results).
     weights : WeightsSpec or str
-        ``imagenet`` (torchvision download), a ``.safetensors``/``.pth`` path, or ``random``.
+        ``imagenet`` (torchvision download), a ``.safetensors``/``.pth`` path, Keras's
+        ``vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5`` (or any Keras VGG ``.h5`` weights file: its
+        kernels expect Caffe's BGR input, see :func:`to_caffe`), or ``random``.
     seed : int
         Seed of ``random`` weights.
 

@@ -1,5 +1,10 @@
 """Where a model's weights come from: ``imagenet`` (torchvision download), a local file, or ``random``.
 
+Local files: ``.safetensors``, a PyTorch state dict (``.pth``/``.pt``, read with ``weights_only=True``), or a Keras
+VGG weights file (``.h5``, e.g. ``vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5``, the Caffe-converted VGG16
+that titu1994's INetwork.py loads; read with ``h5py``, TF kernels converted from HWIO to OIHW and placed on
+torchvision's ``features.<i>`` layout; their first layer expects Caffe's BGR input).
+
 Nothing downloads at import time; a download happens only inside :func:`load_weights` for ``imagenet``, and
 fails offline with an error that names both ways out (a local file or ``random``).
 """
@@ -7,6 +12,7 @@ fails offline with an error that names both ways out (a local file or ``random``
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,13 +53,16 @@ def parse_weights(value: str | Path, seed: int = 0) -> WeightsSpec:
     path = Path(text)
     if not path.is_file():
         raise StdaError(
-            f"--weights {text!r}: not 'imagenet', 'random' or an existing file (.safetensors, or a .pth state dict)"
+            f"--weights {text!r}: not 'imagenet', 'random' or an existing file (.safetensors, a .pth state dict "
+            "or a Keras VGG .h5 weights file)"
         )
     return WeightsSpec(kind="file", path=path, seed=seed)
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Read a state dict from ``.safetensors`` or a PyTorch file (loaded with ``weights_only=True``)."""
+    """Read a state dict from ``.safetensors``, a Keras VGG ``.h5`` or a PyTorch file (``weights_only=True``)."""
+    if path.suffix in (".h5", ".hdf5"):
+        return read_keras_vgg_h5(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -68,6 +77,59 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise StdaError(f"{path}: expected a state dict (name -> tensor), got {type(state).__name__}")
+    return state
+
+
+_KERAS_CONV = re.compile(r"(?:block(\d+)_conv(\d+)|conv(\d+)_(\d+))$")
+
+
+def read_keras_vgg_h5(path: Path) -> dict[str, torch.Tensor]:
+    """A torchvision-layout VGG ``features`` state dict from a Keras VGG weights file (``model.save_weights``).
+
+    Convolution layers are taken in the file's ``layer_names`` order, named ``block<b>_conv<i>`` (Keras
+    applications) or ``conv<b>_<i>`` (INetwork.py); a new block starts after a pooling layer, as in torchvision's
+    ``features`` (conv, ReLU, ..., max-pool). TF kernels (height, width, in, out) become OIHW; Keras convolves
+    without flipping, like PyTorch, and the input channels keep the file's order (BGR for the Caffe-converted
+    weights Keras ships), so feed the network Caffe-preprocessed images.
+
+    Raises
+    ------
+    StdaError
+        h5py not installed; a file that holds no VGG convolution layers.
+    """
+    try:
+        import h5py
+    except ImportError as err:
+        raise StdaError(
+            f"{path}: reading Keras .h5 weights needs h5py; install it with `pip install h5py`"
+        ) from err
+    state: dict[str, torch.Tensor] = {}
+    index, block = 0, None
+    with h5py.File(path, "r") as f:
+        root = f["model_weights"] if "model_weights" in f else f
+        names = [n.decode() if isinstance(n, bytes) else str(n) for n in root.attrs.get("layer_names", [])]
+        for name in names:
+            match = _KERAS_CONV.search(name)
+            if not match:
+                continue
+            b = int(match.group(1) or match.group(3))
+            if block is not None and b != block:
+                index += 1  # the pooling layer between blocks
+            block = b
+            group = root[name]
+            weight_names = [
+                w.decode() if isinstance(w, bytes) else str(w) for w in group.attrs["weight_names"]
+            ]
+            arrays = [torch.from_numpy(group[w][()].copy()) for w in weight_names]
+            kernel = next(a for a in arrays if a.dim() == 4)
+            bias = next(a for a in arrays if a.dim() == 1)
+            state[f"features.{index}.weight"] = kernel.permute(3, 2, 0, 1).contiguous().float()
+            state[f"features.{index}.bias"] = bias.float()
+            index += 2  # the convolution and its ReLU
+    if not state:
+        raise StdaError(
+            f"{path}: no VGG convolution layers (block<b>_conv<i> or conv<b>_<i>) in this .h5 file"
+        )
     return state
 
 
