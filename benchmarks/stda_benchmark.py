@@ -15,7 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from stda_hf.benchmark import BenchmarkConfig, run_benchmark
-from stda_hf.cli import add_config_flags, config_from_args, run_reporting_errors
+from stda_hf.config import add_config_flags, config_from_args
+from stda_hf.errors import run_reporting_errors
 from stda_hf.utils import setup_logging
 
 

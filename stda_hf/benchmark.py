@@ -802,7 +802,8 @@ def shortcut_phantom_settings(phantoms: dict[str, Any], shortcut: dict[str, Any]
     StdaError
         Unknown keys, artifact or split in ``shortcut``.
     """
-    from .phantoms import ARTIFACTS, DEFAULT_ARTIFACT_RATES
+    from .phantoms import DEFAULT_ARTIFACT_RATES
+    from .real import ARTIFACTS
 
     known = {"artifact", "benign", "malignant", "splits"}
     if set(shortcut) - known or "artifact" not in shortcut:

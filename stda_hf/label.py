@@ -165,7 +165,7 @@ class Teacher:
     folder: Path | None = None  # the model or run folder, when there is one
 
     def __post_init__(self) -> None:
-        from .training import eval_transform
+        from .models.vgg import eval_transform
 
         self._transform = eval_transform(self.preprocessing)
 
@@ -190,12 +190,10 @@ def load_teacher(cfg: LabelConfig) -> Teacher:
     StdaError
         Missing teacher, a teacher without exactly the two classes benign and malignant, or unreadable weights.
     """
-    from .models.vgg import MODEL_NAMES, Preprocessing, build_model, load_model
+    from .models.vgg import MODEL_NAMES, Preprocessing, build_model, load_model, model_folder
 
     spec = cfg.teacher
-    folder = Path(spec)
-    if (folder / "model" / "config.json").is_file():
-        folder = folder / "model"
+    folder = model_folder(spec)
     if (folder / "config.json").is_file():
         model, pre = load_model(folder)
         name = f"{folder.parent.name if folder.name == 'model' else folder.name}@{_weights_digest(folder)}"
@@ -260,11 +258,9 @@ def check_teacher_data(teacher: Teacher, real_root: Path) -> None:
     A train.py run records the dataset it trained on (``config.yaml``) and the ids of its training rows
     (``train_ids.txt``) when known; both are checked. Unknown provenance is logged, not refused.
     """
-    run = (
-        teacher.folder.parent
-        if teacher.folder is not None and teacher.folder.name == "model"
-        else teacher.folder
-    )
+    from .models.vgg import run_folder
+
+    run = run_folder(teacher.folder) if teacher.folder is not None else None
     ids_file = run / "train_ids.txt" if run is not None else None
     if ids_file is None or not ids_file.is_file():
         logger.warning(

@@ -38,7 +38,7 @@ from .errors import BadImageError, StdaError
 from .fileio import append_jsonl, atomic_write, read_jsonl, write_bytes, write_json, write_text
 from .images import SkipReport, load_image
 from .licenses import write_attribution
-from .phantoms import ATTRIBUTION as PHANTOM_ATTRIBUTION
+from .real import PHANTOM_ATTRIBUTION
 from .utils import progress
 
 logger = logging.getLogger(__name__)

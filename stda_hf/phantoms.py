@@ -32,13 +32,10 @@ from .errors import StdaError
 from .fileio import write_text
 from .images import save_image
 from .licenses import write_attribution
-from .real import REQUIRED_COLUMNS
+from .real import ARTIFACTS, PHANTOM_ATTRIBUTION, REQUIRED_COLUMNS
 from .utils import progress
 
 logger = logging.getLogger(__name__)
-
-ARTIFACTS = ("ruler", "patch", "ink", "dark_corners")
-"""Artifact kinds; their code in the ``artifacts/<id>.png`` label map is their position here plus one."""
 
 DEFAULT_ARTIFACT_RATES = {
     "ruler": (0.1, 0.1),
@@ -46,7 +43,7 @@ DEFAULT_ARTIFACT_RATES = {
     "ink": (0.05, 0.05),
     "dark_corners": (0.2, 0.2),
 }
-ATTRIBUTION = "stda-hf phantom generator (procedural, no patient data)"
+ATTRIBUTION = PHANTOM_ATTRIBUTION
 LICENSE = "CC-0"
 
 # Fitzpatrick-like skin tones I..VI (RGB) and how often each is drawn: skewed to light skin, as ISIC is.

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import io
 import logging
 import math
 import shutil
@@ -37,13 +36,15 @@ from . import LABELS
 from .config import config_to_dict, dump_config
 from .errors import BadImageError, StdaError
 from .fileio import append_jsonl, read_jsonl, write_json, write_text
-from .images import SkipReport, load_image, to_rgb
+from .images import SkipReport, decode_image
 from .models.vgg import (
+    MODEL_DIR,
     MODEL_NAMES,
     Preprocessing,
     build_model,
     default_preprocessing,
     describe_weights,
+    eval_transform,
     layer_list,
     logits_of,
     save_model,
@@ -81,7 +82,6 @@ RUN_CONTROL = (
     "explain_method",
 )
 """Settings that may change when a run is resumed (none changes the weights); any other is refused."""
-MODEL_DIR = "model"
 """Sub-folder of a run with the final model, its card and plots: exactly what ``--push-to-hub`` uploads."""
 
 
@@ -166,7 +166,7 @@ def check_config(cfg: TrainConfig) -> None:
             )
     _check_ranges(cfg)
     if cfg.explain_images:
-        from .explain import check_composite_name
+        from .attribution import check_composite_name
 
         check_composite_name(cfg.explain_method)
     if cfg.push_to_hub and not cfg.hub_model_id:
@@ -339,22 +339,6 @@ def _synthetic(data, cfg: TrainConfig):
     return ds
 
 
-def decode_image(value: dict[str, Any], where: str) -> Any:
-    """An RGB PIL image from a ``datasets`` Image value (``{"bytes", "path"}``); BadImageError names ``where``."""
-    from PIL import Image
-
-    if value is None:
-        raise BadImageError(where, "no image in this row")
-    if value.get("bytes") is None:
-        return load_image(value["path"])
-    try:
-        with Image.open(io.BytesIO(value["bytes"])) as img:
-            img.load()
-            return to_rgb(img)
-    except (OSError, SyntaxError, ValueError) as err:
-        raise BadImageError(where, f"undecodable image bytes ({err})") from err
-
-
 def _drop_bad_images(splits: Splits) -> None:
     """Decode every image once; leave out rows whose image is unusable and record them in ``splits.skipped``."""
     for name in ("train", "validation", "test", "synthetic"):
@@ -409,26 +393,21 @@ def build_transforms(cfg: TrainConfig, pre: Preprocessing, train: bool) -> Calla
     """
     from torchvision.transforms import v2
 
+    if not (train and cfg.augment):
+        return eval_transform(pre)
     size = pre.image_size
     steps: list[Any] = [v2.Resize((size, size), antialias=True)]
-    if train and cfg.augment:
-        if cfg.rotation or cfg.zoom or cfg.shear:
-            zoom = (1 - cfg.zoom, 1 + cfg.zoom)
-            steps += [v2.Pad(size // 4, padding_mode="reflect")]
-            steps += [v2.RandomAffine(degrees=cfg.rotation, scale=zoom, shear=cfg.shear), v2.CenterCrop(size)]
-        steps += [v2.RandomHorizontalFlip()] if cfg.hflip else []
-        steps += [v2.RandomVerticalFlip()] if cfg.vflip else []
-        if cfg.color_jitter:
-            j = cfg.color_jitter
-            steps.append(v2.ColorJitter(brightness=j, contrast=j, saturation=j, hue=min(j / 4, 0.5)))
+    if cfg.rotation or cfg.zoom or cfg.shear:
+        zoom = (1 - cfg.zoom, 1 + cfg.zoom)
+        steps += [v2.Pad(size // 4, padding_mode="reflect")]
+        steps += [v2.RandomAffine(degrees=cfg.rotation, scale=zoom, shear=cfg.shear), v2.CenterCrop(size)]
+    steps += [v2.RandomHorizontalFlip()] if cfg.hflip else []
+    steps += [v2.RandomVerticalFlip()] if cfg.vflip else []
+    if cfg.color_jitter:
+        j = cfg.color_jitter
+        steps.append(v2.ColorJitter(brightness=j, contrast=j, saturation=j, hue=min(j / 4, 0.5)))
     steps += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(pre.mean, pre.std)]
     return v2.Compose(steps)
-
-
-def eval_transform(pre: Preprocessing) -> Callable:
-    """The evaluation pipeline (resize, scale, normalise, no augmentation) for anything fed to a trained model:
-    validation and test here, explanations and pseudo-labelling elsewhere."""
-    return build_transforms(TrainConfig(augment=False), pre, train=False)
 
 
 class EpochSampler(Sampler[int]):
@@ -896,7 +875,7 @@ def run_training(cfg: TrainConfig, on_evaluate: EvalHook | None = None) -> Train
     on_evaluate : callable, optional
         Called with an :class:`EvalContext` after each validation and after the test evaluation; the numbers
         it returns are logged. Default: explain ``cfg.explain_images`` fixed images with
-        ``cfg.explain_method`` (:func:`stda_hf.explain.explain_hook`), or nothing when that is 0.
+        ``cfg.explain_method`` (:func:`stda_hf.explain_hook.explain_hook`), or nothing when that is 0.
 
     Returns
     -------
@@ -910,7 +889,7 @@ def run_training(cfg: TrainConfig, on_evaluate: EvalHook | None = None) -> Train
     """
     check_config(cfg)
     if on_evaluate is None and cfg.explain_images:
-        from .explain import explain_hook
+        from .explain_hook import explain_hook
 
         on_evaluate = explain_hook(cfg.explain_images, cfg.explain_method)
     run = _setup(cfg, on_evaluate)
