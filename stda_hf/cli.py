@@ -37,6 +37,7 @@ SUMMARIES = {
     "package": "write the Hub dataset repo on disk: Parquet shards, card, attribution",
     "push": "upload a packaged dataset to the Hugging Face Hub",
     "explain": "explain a trained model: DTD heatmaps and how much relevance lies in the lesion / on artifacts",
+    "benchmark": "baseline vs ST-DA over grouped folds x seeds: runs, statistics and a Markdown report",
     "demo": "run the whole flow on phantoms, offline, with small sizes",
 }
 """One line per subcommand: ``stda --help`` lists these without importing the stages."""
@@ -297,6 +298,28 @@ def _run_explain(args) -> None:
     print(s.format())
 
 
+def _add_benchmark(sub) -> None:
+    from .benchmark import BenchmarkConfig
+
+    p = sub.add_parser(
+        "benchmark",
+        help=SUMMARIES["benchmark"],
+        description="Every arm (baseline, ST-DA mix, ST-DA pretrain, ...) trained on the same grouped folds and "
+        "seeds; statistics and a Markdown report with plots. Re-running resumes; adding seeds or arms to the "
+        "config adds runs. Give the benchmark YAML with --config (benchmarks/configs/*.yaml).",
+    )
+    p.add_argument("--report-only", action="store_true", help="only re-render the report from recorded runs")
+    add_config_flags(p, BenchmarkConfig)
+    p.set_defaults(func=_run_benchmark)
+
+
+def _run_benchmark(args) -> None:
+    from .benchmark import BenchmarkConfig, run_benchmark
+
+    cfg = config_from_args(BenchmarkConfig, args)
+    print(f"report: {run_benchmark(cfg, str(args.config or ''), report_only=args.report_only)}")
+
+
 def _add_demo(sub) -> None:
     p = sub.add_parser(
         "demo",
@@ -318,7 +341,7 @@ def _run_demo(args) -> None:
 
 COMMANDS: list[Callable] = [
     _add_fetch, _add_phantoms, _add_split, _add_inspect, _add_generate, _add_label, _add_package, _add_push,
-    _add_explain, _add_demo,
+    _add_explain, _add_benchmark, _add_demo,
 ]  # fmt: skip
 """Subcommands in the order ``stda --help`` lists them (the order of the flow)."""
 
