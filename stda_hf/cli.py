@@ -192,18 +192,16 @@ def _run_label(args) -> None:
     from .label import LabelConfig, label_synthetic
 
     s = label_synthetic(args.synthetic, config_from_args(LabelConfig, args))
-    labels = ", ".join(f"{k} {v}" for k, v in s["labels"].items())
-    print(f"labelled {s['images']} images with {s['teacher']}: {labels}")
-    if s["calibration"]:
-        c = s["calibration"]
+    labels = ", ".join(f"{k} {v}" for k, v in s.labels.items())
+    print(f"labelled {s.images} images with {s.teacher}: {labels}")
+    if s.calibration:
+        c = s.calibration
         print(
             f"temperature {c['temperature']:.3f}: ECE on real validation {c['ece_before']:.4f} -> {c['ece_after']:.4f}"
         )
-    print(f"kept at confidence >= {s['min_confidence']:g}: {s['kept']} ({s['kept_labels']})")
-    if s["skipped"]:
-        print(
-            f"skipped {len(s['skipped'])} unreadable image(s); see {args.synthetic / 'labels_summary.json'}"
-        )
+    print(f"kept at confidence >= {s.min_confidence:g}: {s.kept} ({s.kept_labels})")
+    if s.skipped:
+        print(f"skipped {len(s.skipped)} unreadable image(s); see {args.synthetic / 'labels_summary.json'}")
 
 
 def _add_package(sub) -> None:

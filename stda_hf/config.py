@@ -2,7 +2,8 @@
 
 Every stage has one ``@dataclass`` config whose fields carry a comment; :func:`load_config` builds it from a
 YAML file plus command-line overrides and rejects unknown keys, :func:`dump_config` writes the resolved
-settings beside a stage's output. :func:`add_config_flags` and :func:`config_from_args` turn the same
+settings beside a stage's output, and :func:`read_settings` with :func:`changed_settings` is the one
+"saved settings vs now" guard of every resumable stage. :func:`add_config_flags` and :func:`config_from_args` turn the same
 dataclass into command-line flags (``stda``, ``train.py`` and the benchmark script share them).
 """
 
@@ -14,7 +15,7 @@ import inspect
 import io
 import tokenize
 import typing
-from collections.abc import Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -78,6 +79,62 @@ def _plain(v: Any) -> Any:
     if isinstance(v, dict):
         return {k: _plain(x) for k, x in v.items()}
     return v
+
+
+def read_settings(path: str | Path) -> dict[str, Any] | None:
+    """The settings a stage saved as YAML in ``path`` (see :func:`dump_config`); None when there is no such file.
+
+    Raises
+    ------
+    StdaError
+        When the file is not valid YAML or not a mapping (naming it, and what to do).
+    """
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        saved = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise StdaError(f"{path} is not valid YAML ({err}); delete it to start the folder afresh") from err
+    if not isinstance(saved, dict):
+        raise StdaError(f"{path} must hold a mapping of setting: value; delete it to start the folder afresh")
+    return saved
+
+
+def changed_settings(
+    saved: Mapping[str, Any],
+    now: Mapping[str, Any],
+    ignore: Collection[str] = (),
+    keys: Iterable[str] | None = None,
+    missing_is_change: bool = True,
+) -> list[str]:
+    """The settings whose saved value differs from ``now``: the guard every resumable stage runs first.
+
+    Parameters
+    ----------
+    saved, now : mapping
+        The settings an output folder was made with, and the settings of this run.
+    ignore : collection of str
+        Settings that may change between runs (resume controls, output locations).
+    keys : iterable of str, optional
+        Compare only these settings (default: every setting of ``now``).
+    missing_is_change : bool
+        Whether a setting absent from ``saved`` counts as changed (False for files written before it existed).
+
+    Returns
+    -------
+    list of str
+        The changed settings, in the order of ``keys`` (or ``now``).
+    """
+    names = [k for k in (now if keys is None else keys) if k not in ignore and k in now]
+    if not missing_is_change:
+        names = [k for k in names if k in saved]
+    return [k for k in names if saved.get(k) != now[k]]
+
+
+def describe_changes(saved: Mapping[str, Any], now: Mapping[str, Any], names: Iterable[str]) -> str:
+    """``name: saved -> now, ...``: the changed settings as an error message names them."""
+    return ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in names)
 
 
 def dump_config(cfg: Any, path: str | Path) -> None:

@@ -11,8 +11,6 @@ re-exported here for callers of the earlier single module.
 
 from __future__ import annotations
 
-import csv
-import io
 import itertools
 import logging
 import re
@@ -22,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 import yaml
 
 from . import LABELS
@@ -42,6 +39,7 @@ from .attribution import (
     pixel_relevance,
 )
 from .config import config_to_dict
+from .devices import resolve_device
 from .errors import BadImageError, StdaError
 from .explain_hook import (
     Result,
@@ -56,7 +54,7 @@ from .explain_hook import (
     row_samples,
     target_indices,
 )
-from .fileio import append_jsonl, read_jsonl, write_json, write_text
+from .fileio import append_jsonl, csv_text, read_jsonl, write_json, write_text
 from .heatmaps import COLORMAPS, overlay, save_grid, save_heatmap
 from .images import IMAGE_EXTENSIONS, SkipReport, iter_images, load_image, save_image
 from .models.vgg import eval_transform, load_model, model_folder
@@ -313,14 +311,7 @@ def run_explain(
 
 
 def _load_for_explain(model_dir: str | Path, device: str):
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        torch_device = torch.device(device)
-    except RuntimeError as err:
-        raise StdaError(f"--device {device!r}: not a device ({err}); use auto, cpu, cuda or cuda:N") from err
-    if torch_device.type == "cuda" and not torch.cuda.is_available():
-        raise StdaError(f"--device {device}: CUDA is not available here; use --device cpu")
+    torch_device = resolve_device(device)
     model, pre = load_model(model_folder(model_dir))
     return model, pre, torch_device
 
@@ -446,8 +437,4 @@ RECORD_FIELDS = (
 
 
 def _csv(records: list[dict]) -> str:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=RECORD_FIELDS, lineterminator="\n", extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows({k: "" if v is None else v for k, v in r.items()} for r in records)
-    return buf.getvalue()
+    return csv_text(({k: "" if v is None else v for k, v in r.items()} for r in records), RECORD_FIELDS)

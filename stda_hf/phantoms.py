@@ -16,8 +16,6 @@ The output is the real-image layout of ``stda_hf.real``: ``images/``, ``masks/``
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,10 +27,9 @@ from scipy.ndimage import map_coordinates
 
 from .config import config_to_dict, dump_config
 from .errors import StdaError
-from .fileio import write_text
 from .images import save_image
 from .licenses import write_attribution
-from .real import ARTIFACTS, PHANTOM_ATTRIBUTION, REQUIRED_COLUMNS
+from .real import ARTIFACTS, PHANTOM_ATTRIBUTION, write_metadata
 from .utils import progress
 
 logger = logging.getLogger(__name__)
@@ -493,17 +490,8 @@ def make_phantoms(out: str | Path, cfg: PhantomConfig | None = None, overwrite: 
                 "artifacts": ";".join(present),
             }
         )
-    _write_metadata(out / "metadata.csv", rows)
+    write_metadata(out, rows)
     write_attribution(out, rows, title="Attribution: phantom lesions")
     dump_config(cfg, settings)
     logger.info("wrote %d phantom images to %s", len(rows), out)
     return out / "metadata.csv"
-
-
-def _write_metadata(path: Path, rows: list[dict]) -> None:
-    buf = io.StringIO()
-    columns = list(REQUIRED_COLUMNS) + [k for k in rows[0] if k not in REQUIRED_COLUMNS]
-    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text(path, buf.getvalue())

@@ -16,14 +16,17 @@ import csv
 import logging
 import re
 from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
 
-from . import LABELS
+from . import LABELS, SPLITS
 from .errors import BadImageError, StdaError
+from .fileio import write_csv
 from .images import IMAGE_EXTENSIONS, SkipReport, load_image
+from .utils import first_few
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +40,6 @@ REQUIRED_COLUMNS = (
     "attribution",
 )
 DIAGNOSIS_TO_LABEL = {"Benign": "benign", "Malignant": "malignant", "Indeterminate": None}
-SPLITS = ("train", "validation", "test")
 SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 ARTIFACTS = ("ruler", "patch", "ink", "dark_corners")
@@ -198,6 +200,59 @@ def check_no_leakage(images: list[RealImage], assignment: dict[str, str]) -> Non
                     f"leakage: {kind.removesuffix('_id')} {key} has images in {sorted(found)}; every lesion and "
                     "patient must sit on one side. Re-run `stda split` instead of editing splits.csv by hand"
                 )
+
+
+def check_leakage(train_side: Iterable[RealImage], held_out: Iterable[RealImage]) -> None:
+    """Refuse when a lesion or patient of the training side (real train images and the sources of synthetic
+    images) also appears in validation or test.
+
+    Raises
+    ------
+    StdaError
+        Naming the lesion or patient ids found on both sides.
+    """
+    held_out = list(held_out)
+    for kind in ("lesion_id", "patient_id"):
+        held = {getattr(im, kind) for im in held_out} - {""}
+        both = sorted({getattr(im, kind) for im in train_side if getattr(im, kind) in held})
+        if both:
+            raise StdaError(
+                f"leakage: {kind.removesuffix('_id')}(s) {first_few(both)} appear both in train (or among the "
+                "sources of synthetic images) and in validation/test; re-run `stda split`, then `stda generate`"
+            )
+
+
+def untrained_sources(
+    records: Iterable[Mapping], folder: RealFolder, assignment: Mapping[str, str]
+) -> list[str]:
+    """Every content or style image of synthetic ``records`` (``id``, ``content_id``, ``style_id``) that is not a
+    train image of ``folder``, one line each naming the synthetic id and where its source is; empty when clean.
+
+    Synthetic images may derive from train images only (content AND style); ``package`` and the benchmark's
+    fold check both hold a synthetic folder to this.
+    """
+    bad = []
+    for rec in records:
+        for role in ("content_id", "style_id"):
+            source = rec[role]
+            if source not in folder:
+                bad.append(f"{rec['id']} ({role.removesuffix('_id')} {source} is not in {folder.root})")
+            elif assignment.get(source) != "train":
+                where = assignment.get(source, "no split")
+                bad.append(f"{rec['id']} ({role.removesuffix('_id')} {source} is in {where}, not train)")
+    return bad
+
+
+def metadata_columns(rows: Iterable[Mapping[str, str]]) -> list[str]:
+    """The columns of a ``metadata.csv`` for ``rows``: :data:`REQUIRED_COLUMNS` first, then the others as they come."""
+    return [*REQUIRED_COLUMNS, *dict.fromkeys(c for r in rows for c in r if c not in REQUIRED_COLUMNS)]
+
+
+def write_metadata(root: str | Path, rows: list[dict[str, str]]) -> Path:
+    """Write ``root/metadata.csv`` atomically (one row per image, the columns of :func:`metadata_columns`)."""
+    path = Path(root) / "metadata.csv"
+    write_csv(path, rows, metadata_columns(rows))
+    return path
 
 
 def check_id(isic_id: str, where: str) -> str:

@@ -7,8 +7,6 @@ group (union-find), and whole groups are assigned to splits, stratified by class
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -18,7 +16,7 @@ import imagehash
 import numpy as np
 
 from .errors import BadImageError, StdaError
-from .fileio import write_json, write_text
+from .fileio import csv_text, write_json, write_text
 from .images import SkipReport, load_image
 from .real import SPLITS, RealImage, check_no_leakage, read_real_folder
 from .utils import progress
@@ -216,12 +214,10 @@ def make_splits(root: str | Path, cfg: SplitConfig | None = None) -> dict[str, d
 
 
 def _splits_csv(images: list[RealImage], assignment: dict[str, str], groups: dict[str, str]) -> str:
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["isic_id", "split", "group"])
-    for im in images:
-        writer.writerow([im.isic_id, assignment[im.isic_id], groups[im.isic_id]])
-    return buf.getvalue()
+    rows = (
+        {"isic_id": im.isic_id, "split": assignment[im.isic_id], "group": groups[im.isic_id]} for im in images
+    )
+    return csv_text(rows, ("isic_id", "split", "group"))
 
 
 def _summary(images: list[RealImage], assignment: dict[str, str], groups: dict[str, str]) -> dict:

@@ -26,14 +26,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from accelerate.tracking import GeneralTracker
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 
-from . import LABELS
-from .config import config_to_dict, dump_config
+from . import LABELS, SPLITS
+from .config import changed_settings, config_to_dict, describe_changes, dump_config, read_settings
 from .errors import BadImageError, StdaError
 from .fileio import append_jsonl, read_jsonl, write_json, write_text
 from .images import SkipReport, decode_image
@@ -220,7 +219,7 @@ class Splits:
 
     def sizes(self) -> dict[str, int]:
         """Rows per split used (absent splits left out)."""
-        names = ("train", "validation", "test", "synthetic")
+        names = (*SPLITS, "synthetic")
         return {n: len(getattr(self, n)) for n in names if getattr(self, n) is not None}
 
 
@@ -234,7 +233,7 @@ def load_splits(cfg: TrainConfig) -> Splits:
         labels other than benign/malignant, synthetic rows in train/validation/test, a missing split.
     """
     data = _load_dataset(cfg.dataset, cfg.dataset_config, cfg.revision)
-    for name in ("train", "validation"):
+    for name in SPLITS[:2]:  # train and validation are required
         if name not in data:
             raise StdaError(f"dataset {cfg.dataset} has no {name!r} split; splits found: {sorted(data)}")
     for name, ds in data.items():
@@ -341,7 +340,7 @@ def _synthetic(data, cfg: TrainConfig):
 
 def _drop_bad_images(splits: Splits) -> None:
     """Decode every image once; leave out rows whose image is unusable and record them in ``splits.skipped``."""
-    for name in ("train", "validation", "test", "synthetic"):
+    for name in (*SPLITS, "synthetic"):
         ds = getattr(splits, name)
         if ds is None:
             continue
@@ -979,7 +978,7 @@ def _assemble(cfg, run_dir, accelerator, tracker, splits, pre, model, metric, on
     loaders = {
         name: accelerator.prepare(make_loader(p.dataset, cfg, p.sampler)) for name, p in phases.items()
     }
-    for split in ("validation", "test"):
+    for split in SPLITS[1:]:
         if getattr(splits, split) is not None:
             data = ImageLabelSet(getattr(splits, split), eval_transform, split)
             loaders[split] = accelerator.prepare(make_loader(data, cfg))
@@ -1053,13 +1052,13 @@ def _check_run_dir(cfg: TrainConfig, run_dir: Path) -> None:
 
 
 def _check_same_settings(cfg: TrainConfig, saved_file: Path) -> None:
-    if not saved_file.is_file():
+    saved = read_settings(saved_file)
+    if saved is None:
         return
-    saved = yaml.safe_load(saved_file.read_text(encoding="utf-8")) or {}
     now = config_to_dict(cfg)
-    differ = sorted(k for k in now if k not in RUN_CONTROL and saved.get(k, now[k]) != now[k])
+    differ = sorted(changed_settings(saved, now, ignore=RUN_CONTROL, missing_is_change=False))
     if differ:
-        pairs = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in differ)
+        pairs = describe_changes(saved, now, differ)
         raise StdaError(
             f"--resume with other settings than the run in {saved_file.parent} ({pairs}); a resumed run must use "
             f"the same settings (only {list(RUN_CONTROL)} may change). Use a new --output-dir for new settings"
@@ -1086,7 +1085,7 @@ def _write_data_record(run: _Run) -> None:
             "revision": cfg.revision,
             "splits": splits.sizes(),
             "trained_on_splits": trained_on,
-            "evaluated_on_splits": [s for s in ("validation", "test") if getattr(splits, s) is not None],
+            "evaluated_on_splits": [s for s in SPLITS[1:] if getattr(splits, s) is not None],
             "trained_on_ids": len(ids),
             "skipped_images": len(splits.skipped),
         },
@@ -1298,32 +1297,22 @@ def _result(run: _Run, status: str, test: dict[str, float] | None) -> TrainResul
 def push_run(model_dir: Path, repo_id: str, private: bool = False) -> str:
     """Upload a run's ``model/`` folder (weights, config, card, plots) to the Hub model repo ``repo_id``.
 
-    The token comes from ``HF_TOKEN`` or ``hf auth login`` and is never printed. Checkpoints stay local.
+    The token comes from ``HF_TOKEN`` or ``hf auth login`` and is never printed; transient failures are retried
+    (:func:`stda_hf.hub.upload_folder`, as ``stda push`` does). Checkpoints stay local.
 
     Raises
     ------
     StdaError
         No token, no permission, or the Hub unreachable.
     """
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError
+    from .hub import Upload, upload_folder
 
-    api = HfApi()
-    try:
-        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-        commit = api.upload_folder(
-            repo_id=repo_id,
-            folder_path=str(model_dir),
-            commit_message="Upload model trained with stda-hf train.py",
-        )
-    except HfHubHTTPError as err:
-        status = getattr(getattr(err, "response", None), "status_code", "?")
-        raise StdaError(
-            f"push to {repo_id} failed (HTTP {status}); check the repo id and your Hub login"
-        ) from None
-    except (OSError, ValueError) as err:
-        raise StdaError(
-            f"push to {repo_id} failed ({type(err).__name__}); log in with `hf auth login`"
-        ) from None
+    upload = Upload(
+        repo_id,
+        repo_type="model",
+        private=private,
+        commit_message="Upload model trained with stda-hf train.py",
+    )
+    url = upload_folder(model_dir, upload)
     logger.info("pushed %s to %s", model_dir, repo_id)
-    return str(getattr(commit, "commit_url", repo_id))
+    return url

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import SPLITS
 from ..errors import StdaError
 
 logger = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ DEFAULT_EXPLAIN = {"method": "dtd", "split": "test", "limit": 32, "grid": 8}
 STATUSES = ("done", "failed", "running")
 
 
-SPLIT_ORDER = ("train", "validation", "test")
+SPLIT_ORDER = SPLITS
 
 
 RUN_COLUMNS = ("arm", "fold", "seed", "status", "seconds", "run_dir")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 from pathlib import Path
 from typing import Any
@@ -84,7 +82,7 @@ def write_fold_view(dest: Path, folds, fold: int, sources: dict[str, Path]) -> P
     gives the same folder, so resumed benchmarks simply rebuild it.
     """
     from ..licenses import write_attribution
-    from ..real import read_real_folder
+    from ..real import read_real_folder, write_metadata
 
     readers = {root: read_real_folder(root) for root in set(sources.values())}
     assignment = folds.assignments[fold]
@@ -92,7 +90,7 @@ def write_fold_view(dest: Path, folds, fold: int, sources: dict[str, Path]) -> P
     for sub, attr in (("images", "path"), ("masks", "mask_path"), ("artifacts", "artifact_path")):
         _link_files(dest / sub, [getattr(im, attr) for im in images if getattr(im, attr) is not None])
     rows = [_metadata_row(im) for im in images]
-    write_text(dest / "metadata.csv", _csv_text(rows))
+    write_metadata(dest, rows)
     write_text(dest / "splits.csv", folds.splits_csv(fold))
     write_attribution(dest, rows, title=f"Attribution: fold {fold} of the benchmark's images")
     return dest
@@ -119,15 +117,6 @@ def _metadata_row(im) -> dict[str, str]:
     return {**row, **{k: v for k, v in im.extra.items() if k not in row}}
 
 
-def _csv_text(rows: list[dict[str, str]]) -> str:
-    columns = list(dict.fromkeys(c for r in rows for c in r))
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buf.getvalue()
-
-
 def check_fold_synthetic(view: Path, synthetic: Path) -> int:
     """Refuse synthetic images whose content or style image is not in this fold's train split; return the count.
 
@@ -137,15 +126,15 @@ def check_fold_synthetic(view: Path, synthetic: Path) -> int:
         Naming the offending synthetic ids and their source images.
     """
     from ..fileio import read_jsonl
-    from ..real import read_real_folder
+    from ..real import read_real_folder, untrained_sources
+    from ..utils import first_few
 
-    train = {im.isic_id for im in read_real_folder(view).subset("train")}
+    folder = read_real_folder(view)
     records = read_jsonl(synthetic / "manifest.jsonl")
-    bad = [r for r in records if r["content_id"] not in train or r["style_id"] not in train]
+    bad = untrained_sources(records, folder, folder.splits())
     if bad:
-        examples = ", ".join(f"{r['id']} ({r['content_id']} x {r['style_id']})" for r in bad[:3])
         raise StdaError(
-            f"{synthetic}: {len(bad)} synthetic image(s) derive from images outside the train split of {view}, "
-            f"e.g. {examples}; delete {synthetic} and re-run the benchmark"
+            f"{synthetic}: {len(bad)} synthetic image source(s) lie outside the train split of {view}: "
+            f"{first_few(bad, 3)}; delete {synthetic} and re-run the benchmark"
         )
     return len(records)

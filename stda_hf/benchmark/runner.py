@@ -91,20 +91,19 @@ def check_protocol(cfg: BenchmarkConfig, folds) -> None:
     """
     import json
 
+    from ..config import changed_settings
     from ..fileio import write_json
 
     path = cfg.work_dir / "protocol.json"
     current = protocol_record(cfg, folds)
     saved = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else current
-    changed = sorted(k for k in current["protocol"] if saved["protocol"].get(k) != current["protocol"][k])
+    changed = sorted(changed_settings(saved["protocol"], current["protocol"]))
     if changed:
         raise StdaError(
             f"{cfg.work_dir} holds runs made with other {changed} settings; its runs would not be comparable. "
             "Use another `out` folder (or name), or restore the settings"
         )
-    arms = sorted(
-        a for a in current["arms"] if saved["arms"].get(a, current["arms"][a]) != current["arms"][a]
-    )
+    arms = sorted(changed_settings(saved["arms"], current["arms"], missing_is_change=False))
     if arms:
         raise StdaError(
             f"arm(s) {arms} changed settings since their runs in {cfg.work_dir}; give the new settings a new arm "

@@ -54,9 +54,9 @@ def make_synthetic(cfg: BenchmarkConfig, view: Path, out: Path, teacher: Path) -
     summary = label_synthetic(out, LabelConfig(**{**cfg.label, "teacher": str(teacher), "real": str(view)}))
     return {
         "images": images,
-        "kept": summary["kept"],
-        "malignant": summary["labels"].get("malignant", 0),
-        "teacher": summary["teacher"],
+        "kept": summary.kept,
+        "malignant": summary.labels.get("malignant", 0),
+        "teacher": summary.teacher,
     }
 
 
@@ -68,7 +68,9 @@ def train_teacher(cfg: BenchmarkConfig, run_dir: Path, dataset: Path) -> Path:
     StdaError
         When the training command fails (the message carries the end of its log).
     """
-    if (run_dir / "model" / "config.json").is_file():
+    from ..models.vgg import MODEL_DIR
+
+    if (run_dir / MODEL_DIR / "config.json").is_file():
         return run_dir
     settings = {
         **cfg.train,

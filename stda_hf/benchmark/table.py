@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import io
 import logging
 import math
 from dataclasses import dataclass, field
@@ -11,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import StdaError
-from ..fileio import write_text
+from ..fileio import csv_text, write_text
 from .config import EXPLANATION_METRICS, METRICS, RUN_COLUMNS, STATUSES, RunKey
 
 logger = logging.getLogger(__name__)
@@ -51,12 +50,9 @@ class RunTable:
         extra = sorted({k for r in self.rows.values() for k in r} - set(RUN_COLUMNS) - {"error"})
         metrics = [m for m in (*METRICS, *EXPLANATION_METRICS) if m in extra]  # the rest: alphabetical
         columns = [*RUN_COLUMNS, *metrics, *(c for c in extra if c not in metrics), "error"]
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n", extrasaction="ignore")
-        writer.writeheader()
-        for key in sorted(self.rows):
-            writer.writerow({c: _cell(self.rows[key].get(c)) for c in columns})
-        return buf.getvalue()
+        return csv_text(
+            ({c: _cell(self.rows[key].get(c)) for c in columns} for key in sorted(self.rows)), columns
+        )
 
     def status(self, key: RunKey) -> str | None:
         """``done``, ``failed``, ``running`` (interrupted), or None when never started."""
