@@ -38,7 +38,7 @@ from .attribution import (
     negative_fraction,
     pixel_relevance,
 )
-from .config import config_to_dict
+from .config import changed_settings, config_to_dict, describe_changes, read_settings
 from .devices import resolve_device
 from .errors import BadImageError, StdaError
 from .explain_hook import (
@@ -331,9 +331,11 @@ def _prepare_out(out: Path, settings: dict, overwrite: bool) -> None:
     if path.is_file() and path.read_text(encoding="utf-8") == text:
         return
     if path.is_file() and not overwrite:
+        saved = read_settings(path) or {}
+        changes = describe_changes(saved, settings, changed_settings(saved, settings))
         raise StdaError(
-            f"{out} holds explanations made with another model, source or settings (see {path}); pass "
-            "--overwrite to replace them, or another --out"
+            f"{out} holds explanations made with another model, source or settings ({changes or 'see ' + str(path)});"
+            " pass --overwrite to replace them, or another --out"
         )
     if not path.is_file() and out.is_dir() and any(out.iterdir()) and not overwrite:
         raise StdaError(f"--out {out} is not empty and holds no explain.yaml; give a new or empty folder")
