@@ -21,7 +21,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from stda_hf.cli import add_config_flags, config_from_args, run_reporting_errors
+from stda_hf.config import add_config_flags, config_from_args
+from stda_hf.errors import run_reporting_errors
 from stda_hf.training import EvalHook, TrainConfig, TrainResult, run_training
 from stda_hf.utils import setup_logging
 
@@ -48,7 +49,7 @@ def main(argv: Sequence[str] | None = None, on_evaluate: EvalHook | None = None)
 
     ``on_evaluate`` is called after each validation and the final test evaluation
     (see :class:`~stda_hf.training.EvalContext`); without one, ``--explain-images`` fixed images are explained
-    there (:func:`stda_hf.explain.explain_hook`, set up by :func:`~stda_hf.training.run_training`).
+    there (:func:`stda_hf.explain_hook.explain_hook`, set up by :func:`~stda_hf.training.run_training`).
     """
     args = get_args_parser().parse_args(argv)
     _setup_logging(args.verbose)

@@ -49,7 +49,7 @@ from stda_hf.fileio import write_json
 from stda_hf.heatmaps import Tile, prediction_tiles, render_grid, save_grid
 from stda_hf.images import SkipReport
 from stda_hf.models.vgg import load_model
-from stda_hf.phantoms import ARTIFACTS
+from stda_hf.real import ARTIFACTS
 
 TIMED_METHODS = ("gradient", "dtd", "epsilon_plus_flat", "epsilon_gamma_box", "excitation_backprop")
 

@@ -1,5 +1,15 @@
 """The ``datasets`` builder of stda/skin-lesions: the one place where the dataset's schema is declared."""
 
-from .skin_lesions import FEATURES, SPLIT_ORDER, SkinLesions, SkinLesionsConfig
+from .skin_lesions import (
+    FEATURES,
+    SPLIT_ORDER,
+    SkinLesions,
+    SkinLesionsConfig,
+    Sources,
+    load_sources,
+    split_examples,
+)
 
-__all__ = ["FEATURES", "SPLIT_ORDER", "SkinLesions", "SkinLesionsConfig"]
+__all__ = [
+    "FEATURES", "SPLIT_ORDER", "SkinLesions", "SkinLesionsConfig", "Sources", "load_sources", "split_examples",
+]  # fmt: skip

@@ -14,19 +14,19 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
 import datasets
 
-from stda_hf import LABELS
+from stda_hf import DATASET_SPLITS, LABELS
 from stda_hf.errors import StdaError
 from stda_hf.fileio import read_jsonl
 from stda_hf.licenses import most_restrictive
-from stda_hf.real import SPLITS, RealFolder, RealImage, read_real_folder
-from stda_hf.utils import sha256_file
+from stda_hf.real import SPLITS, RealFolder, RealImage, check_leakage, read_real_folder, untrained_sources
+from stda_hf.utils import first_few, sha256_file
 
 FEATURES = datasets.Features(
     {
@@ -48,7 +48,7 @@ FEATURES = datasets.Features(
 )
 """The schema of every split. Class ids follow :data:`stda_hf.LABELS` (0 benign, 1 malignant)."""
 
-SPLIT_ORDER = ("train", "synthetic", "validation", "test")
+SPLIT_ORDER = DATASET_SPLITS
 """Splits in the order they are written and listed; ``synthetic`` only when a synthetic folder is given."""
 
 HOMEPAGE = "https://huggingface.co/datasets/stda/skin-lesions"
@@ -127,26 +127,6 @@ def load_sources(real_dir: str | Path, synthetic_dir: str | Path | None = None) 
     return Sources(real=real, synthetic=synthetic, has_synthetic=synthetic_dir is not None)
 
 
-def check_leakage(train_side: Iterable[RealImage], held_out: Iterable[RealImage]) -> None:
-    """Refuse when a lesion or patient of the training side (real train images and the sources of synthetic
-    images) also appears in validation or test.
-
-    Raises
-    ------
-    StdaError
-        Naming the lesion or patient ids found on both sides.
-    """
-    held_out = list(held_out)
-    for kind in ("lesion_id", "patient_id"):
-        held = {getattr(im, kind) for im in held_out} - {""}
-        both = sorted({getattr(im, kind) for im in train_side if getattr(im, kind) in held})
-        if both:
-            raise StdaError(
-                f"leakage: {kind.removesuffix('_id')}(s) {_some(both)} appear both in train (or among the "
-                "sources of synthetic images) and in validation/test; re-run `stda split`, then `stda generate`"
-            )
-
-
 def read_synthetic(root: Path, real: RealFolder, assignment: dict[str, str]) -> list[SyntheticImage]:
     """The labelled synthetic images of ``root``, sorted by id, checked to derive from train images of ``real``.
 
@@ -191,12 +171,12 @@ def _read_labels(root: Path, manifest: dict[str, dict]) -> dict[str, dict]:
     unlabelled = sorted(set(manifest) - set(labels))
     if unlabelled:
         raise StdaError(
-            f"{len(unlabelled)} synthetic image(s) in {root} have no pseudo-label (e.g. {_some(unlabelled)}); "
+            f"{len(unlabelled)} synthetic image(s) in {root} have no pseudo-label (e.g. {first_few(unlabelled)}); "
             f"run `stda label {root}` to finish labelling"
         )
     unknown = sorted(str(i) for i in set(labels) - set(manifest))
     if unknown:
-        raise StdaError(f"{path} labels id(s) {_some(unknown)} that manifest.jsonl does not list")
+        raise StdaError(f"{path} labels id(s) {first_few(unknown)} that manifest.jsonl does not list")
     for image_id, rec in labels.items():
         if rec.get("label") not in LABELS:
             raise StdaError(f"{path}: label {rec.get('label')!r} of {image_id}; valid labels: {list(LABELS)}")
@@ -207,18 +187,10 @@ def _read_labels(root: Path, manifest: dict[str, dict]) -> dict[str, dict]:
 
 
 def _check_provenance(manifest: dict[str, dict], real: RealFolder, assignment: dict[str, str]) -> None:
-    bad = []
-    for image_id, rec in manifest.items():
-        for role in ("content_id", "style_id"):
-            source = rec[role]
-            if source not in real:
-                bad.append(f"{image_id} ({role.removesuffix('_id')} {source} is not in {real.root})")
-            elif assignment.get(source) != "train":
-                where = assignment.get(source, "no split")
-                bad.append(f"{image_id} ({role.removesuffix('_id')} {source} is in {where}, not train)")
+    bad = untrained_sources(manifest.values(), real, assignment)
     if bad:
         raise StdaError(
-            f"{len(bad)} synthetic image source(s) are not training images of {real.root}: {_some(bad)}; "
+            f"{len(bad)} synthetic image source(s) are not training images of {real.root}: {first_few(bad)}; "
             "synthetic images may derive from train images only: re-run `stda generate` on this folder"
         )
 
@@ -255,11 +227,6 @@ def _synthetic_image(root: Path, rec: dict, label: dict, real: RealFolder) -> Sy
         confidence=float(label["confidence"]),
         teacher=str(label.get("teacher") or "unknown"),
     )
-
-
-def _some(items: list[str], n: int = 5) -> str:
-    shown = ", ".join(items[:n])
-    return shown + (f" and {len(items) - n} more" if len(items) > n else "")
 
 
 def real_example(im: RealImage) -> dict:
@@ -307,6 +274,25 @@ def synthetic_example(syn: SyntheticImage) -> dict:
     }
 
 
+def split_examples(sources: Sources, split: str) -> Iterator[tuple[str, dict]]:
+    """``(id, example)`` for every image of ``split``, in id order: what the builder yields, and what
+    ``stda package`` streams into Parquet without instantiating the builder.
+
+    Raises
+    ------
+    StdaError
+        For a split this dataset does not have.
+    """
+    if split == "synthetic":
+        for syn in sources.synthetic:
+            yield syn.id, synthetic_example(syn)
+        return
+    if split not in SPLITS:
+        raise StdaError(f"unknown split {split!r}; valid splits: {list(SPLIT_ORDER)}")
+    for im in sources.real.subset(split):
+        yield im.isic_id, real_example(im)
+
+
 @dataclass
 class SkinLesionsConfig(datasets.BuilderConfig):
     """Where the builder reads from."""
@@ -339,11 +325,4 @@ class SkinLesions(datasets.GeneratorBasedBuilder):
         ]
 
     def _generate_examples(self, split: str, sources: Sources) -> Iterator[tuple[str, dict]]:
-        if split == "synthetic":
-            for syn in sources.synthetic:
-                yield syn.id, synthetic_example(syn)
-            return
-        if split not in SPLITS:
-            raise StdaError(f"unknown split {split!r}; valid splits: {list(SPLIT_ORDER)}")
-        for im in sources.real.subset(split):
-            yield im.isic_id, real_example(im)
+        yield from split_examples(sources, split)

@@ -9,3 +9,9 @@ __version__ = "0.1.0"
 
 LABELS = ("benign", "malignant")
 """Class names, in ClassLabel order (id 0 = benign, id 1 = malignant) everywhere in the project."""
+
+SPLITS = ("train", "validation", "test")
+"""The splits of the real images (``splits.csv``); validation and test hold real images only."""
+
+DATASET_SPLITS = ("train", "synthetic", "validation", "test")
+"""The splits of the packaged Hub dataset, in the order they are written and listed (``synthetic`` optional)."""

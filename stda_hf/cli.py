@@ -10,92 +10,18 @@ shows the traceback instead.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import inspect
-import io
 import logging
 import sys
-import tokenize
-import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from . import __version__
-from .config import load_config
-from .errors import StdaError
+from .config import add_config_flags, config_from_args, field_comments
+from .errors import StdaError, run_reporting_errors
+
+__all__ = ["add_config_flags", "build_parser", "config_from_args", "field_comments", "main"]
 
 logger = logging.getLogger("stda_hf")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Dataclass configs as flags
-
-
-def field_comments(cls: type) -> dict[str, str]:
-    """The trailing ``# comment`` of each field in a dataclass's source: the help text of its flag."""
-    try:
-        source = inspect.getsource(cls)
-    except (OSError, TypeError):
-        return {}
-    comments, last_name = {}, None
-    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
-        if tok.type == tokenize.NAME and tok.start[1] == 4 and last_name is None:
-            last_name = tok.string
-        elif tok.type == tokenize.COMMENT and last_name and tok.start[1] > 4:
-            comments.setdefault(last_name, tok.string.lstrip("# ").strip())
-        elif tok.type == tokenize.NEWLINE:
-            last_name = None
-    for base in cls.__mro__[1:]:  # inherited fields keep their base dataclass's comment
-        if dataclasses.is_dataclass(base):
-            for name, text in field_comments(base).items():
-                comments.setdefault(name, text)
-    return comments
-
-
-def add_config_flags(parser: argparse.ArgumentParser, cls: type, skip: Sequence[str] = ()) -> None:
-    """Add ``--field-name`` for each scalar, bool or tuple field of dataclass ``cls``.
-
-    Flags default to ``None`` so a value from ``--config`` is only overridden when the flag is given; the help
-    shows the dataclass default.
-    """
-    hints = typing.get_type_hints(cls)
-    comments = field_comments(cls)
-    for f in dataclasses.fields(cls):
-        if f.name in skip:
-            continue
-        hint = hints[f.name]
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        flag = "--" + f.name.replace("_", "-")
-        comment = comments.get(f.name, "")
-        help_ = (
-            comment if "default" in comment or default == "" else f"{comment} (default: {default})".strip()
-        )
-        origin = typing.get_origin(hint)
-        if hint is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
-        elif origin is tuple:
-            item = typing.get_args(hint)[0]
-            parser.add_argument(flag, nargs="+", type=item, default=None, metavar=f.name.upper(), help=help_)
-        elif hint in (int, float, str):
-            parser.add_argument(flag, type=hint, default=None, metavar=f.name.upper(), help=help_)
-        elif _optional_scalar(hint):
-            parser.add_argument(
-                flag, type=_optional_scalar(hint), default=None, metavar=f.name.upper(), help=help_
-            )
-        # dicts and other structured settings are set through --config
-
-
-def _optional_scalar(hint: object) -> type | None:
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    return args[0] if len(args) == 1 and args[0] in (int, float, str) else None
-
-
-def config_from_args(cls: type, args: argparse.Namespace, **extra: object):
-    """Build ``cls`` from ``--config`` (if given), then the flags that were set, then ``extra``."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    values = {k: v for k, v in vars(args).items() if k in names}
-    values.update({k: v for k, v in extra.items() if v is not None})
-    return load_config(cls, getattr(args, "config", None), **values)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -111,6 +37,7 @@ SUMMARIES = {
     "package": "write the Hub dataset repo on disk: Parquet shards, card, attribution",
     "push": "upload a packaged dataset to the Hugging Face Hub",
     "explain": "explain a trained model: DTD heatmaps and how much relevance lies in the lesion / on artifacts",
+    "benchmark": "baseline vs ST-DA over grouped folds x seeds: runs, statistics and a Markdown report",
     "demo": "run the whole flow on phantoms, offline, with small sizes",
 }
 """One line per subcommand: ``stda --help`` lists these without importing the stages."""
@@ -265,18 +192,16 @@ def _run_label(args) -> None:
     from .label import LabelConfig, label_synthetic
 
     s = label_synthetic(args.synthetic, config_from_args(LabelConfig, args))
-    labels = ", ".join(f"{k} {v}" for k, v in s["labels"].items())
-    print(f"labelled {s['images']} images with {s['teacher']}: {labels}")
-    if s["calibration"]:
-        c = s["calibration"]
+    labels = ", ".join(f"{k} {v}" for k, v in s.labels.items())
+    print(f"labelled {s.images} images with {s.teacher}: {labels}")
+    if s.calibration:
+        c = s.calibration
         print(
             f"temperature {c['temperature']:.3f}: ECE on real validation {c['ece_before']:.4f} -> {c['ece_after']:.4f}"
         )
-    print(f"kept at confidence >= {s['min_confidence']:g}: {s['kept']} ({s['kept_labels']})")
-    if s["skipped"]:
-        print(
-            f"skipped {len(s['skipped'])} unreadable image(s); see {args.synthetic / 'labels_summary.json'}"
-        )
+    print(f"kept at confidence >= {s.min_confidence:g}: {s.kept} ({s.kept_labels})")
+    if s.skipped:
+        print(f"skipped {len(s.skipped)} unreadable image(s); see {args.synthetic / 'labels_summary.json'}")
 
 
 def _add_package(sub) -> None:
@@ -371,6 +296,28 @@ def _run_explain(args) -> None:
     print(s.format())
 
 
+def _add_benchmark(sub) -> None:
+    from .benchmark import BenchmarkConfig
+
+    p = sub.add_parser(
+        "benchmark",
+        help=SUMMARIES["benchmark"],
+        description="Every arm (baseline, ST-DA mix, ST-DA pretrain, ...) trained on the same grouped folds and "
+        "seeds; statistics and a Markdown report with plots. Re-running resumes; adding seeds or arms to the "
+        "config adds runs. Give the benchmark YAML with --config (benchmarks/configs/*.yaml).",
+    )
+    p.add_argument("--report-only", action="store_true", help="only re-render the report from recorded runs")
+    add_config_flags(p, BenchmarkConfig)
+    p.set_defaults(func=_run_benchmark)
+
+
+def _run_benchmark(args) -> None:
+    from .benchmark import BenchmarkConfig, run_benchmark
+
+    cfg = config_from_args(BenchmarkConfig, args)
+    print(f"report: {run_benchmark(cfg, str(args.config or ''), report_only=args.report_only)}")
+
+
 def _add_demo(sub) -> None:
     p = sub.add_parser(
         "demo",
@@ -392,7 +339,7 @@ def _run_demo(args) -> None:
 
 COMMANDS: list[Callable] = [
     _add_fetch, _add_phantoms, _add_split, _add_inspect, _add_generate, _add_label, _add_package, _add_push,
-    _add_explain, _add_demo,
+    _add_explain, _add_benchmark, _add_demo,
 ]  # fmt: skip
 """Subcommands in the order ``stda --help`` lists them (the order of the flow)."""
 
@@ -445,30 +392,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
     return run_reporting_errors(f"stda {args.command}", lambda: args.func(args), debug=args.debug)
-
-
-def run_reporting_errors(
-    prog: str,
-    action: Callable[[], object],
-    debug: bool = False,
-    resume: str = "re-run the same command to resume",
-) -> int:
-    """Run ``action`` as a command would: 0 when it returns, 2 with one line on stderr for a
-    :class:`StdaError` (the traceback with ``debug``), 130 with ``resume`` advice on Ctrl-C.
-
-    ``stda``, ``train.py`` and the benchmark script all end this way.
-    """
-    try:
-        action()
-    except StdaError as err:
-        if debug:
-            raise
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted; {resume}", file=sys.stderr)
-        return 130
-    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

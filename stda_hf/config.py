@@ -2,13 +2,20 @@
 
 Every stage has one ``@dataclass`` config whose fields carry a comment; :func:`load_config` builds it from a
 YAML file plus command-line overrides and rejects unknown keys, :func:`dump_config` writes the resolved
-settings beside a stage's output.
+settings beside a stage's output, and :func:`read_settings` with :func:`changed_settings` is the one
+"saved settings vs now" guard of every resumable stage. :func:`add_config_flags` and :func:`config_from_args` turn the same
+dataclass into command-line flags (``stda``, ``train.py`` and the benchmark script share them).
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import inspect
+import io
+import tokenize
 import typing
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -74,6 +81,133 @@ def _plain(v: Any) -> Any:
     return v
 
 
+def read_settings(path: str | Path) -> dict[str, Any] | None:
+    """The settings a stage saved as YAML in ``path`` (see :func:`dump_config`); None when there is no such file.
+
+    Raises
+    ------
+    StdaError
+        When the file is not valid YAML or not a mapping (naming it, and what to do).
+    """
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        saved = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise StdaError(f"{path} is not valid YAML ({err}); delete it to start the folder afresh") from err
+    if not isinstance(saved, dict):
+        raise StdaError(f"{path} must hold a mapping of setting: value; delete it to start the folder afresh")
+    return saved
+
+
+def changed_settings(
+    saved: Mapping[str, Any],
+    now: Mapping[str, Any],
+    ignore: Collection[str] = (),
+    keys: Iterable[str] | None = None,
+    missing_is_change: bool = True,
+) -> list[str]:
+    """The settings whose saved value differs from ``now``: the guard every resumable stage runs first.
+
+    Parameters
+    ----------
+    saved, now : mapping
+        The settings an output folder was made with, and the settings of this run.
+    ignore : collection of str
+        Settings that may change between runs (resume controls, output locations).
+    keys : iterable of str, optional
+        Compare only these settings (default: every setting of ``now``).
+    missing_is_change : bool
+        Whether a setting absent from ``saved`` counts as changed (False for files written before it existed).
+
+    Returns
+    -------
+    list of str
+        The changed settings, in the order of ``keys`` (or ``now``).
+    """
+    names = [k for k in (now if keys is None else keys) if k not in ignore and k in now]
+    if not missing_is_change:
+        names = [k for k in names if k in saved]
+    return [k for k in names if saved.get(k) != now[k]]
+
+
+def describe_changes(saved: Mapping[str, Any], now: Mapping[str, Any], names: Iterable[str]) -> str:
+    """``name: saved -> now, ...``: the changed settings as an error message names them."""
+    return ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in names)
+
+
 def dump_config(cfg: Any, path: str | Path) -> None:
     """Write the resolved settings of ``cfg`` as YAML (atomically), so a run can be reproduced."""
     write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Dataclass configs as flags
+
+
+def field_comments(cls: type) -> dict[str, str]:
+    """The trailing ``# comment`` of each field in a dataclass's source: the help text of its flag."""
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    comments, last_name = {}, None
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.NAME and tok.start[1] == 4 and last_name is None:
+            last_name = tok.string
+        elif tok.type == tokenize.COMMENT and last_name and tok.start[1] > 4:
+            comments.setdefault(last_name, tok.string.lstrip("# ").strip())
+        elif tok.type == tokenize.NEWLINE:
+            last_name = None
+    for base in cls.__mro__[1:]:  # inherited fields keep their base dataclass's comment
+        if dataclasses.is_dataclass(base):
+            for name, text in field_comments(base).items():
+                comments.setdefault(name, text)
+    return comments
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls: type, skip: Sequence[str] = ()) -> None:
+    """Add ``--field-name`` for each scalar, bool or tuple field of dataclass ``cls``.
+
+    Flags default to ``None`` so a value from ``--config`` is only overridden when the flag is given; the help
+    shows the dataclass default.
+    """
+    hints = typing.get_type_hints(cls)
+    comments = field_comments(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        hint = hints[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        flag = "--" + f.name.replace("_", "-")
+        comment = comments.get(f.name, "")
+        help_ = (
+            comment if "default" in comment or default == "" else f"{comment} (default: {default})".strip()
+        )
+        origin = typing.get_origin(hint)
+        if hint is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
+        elif origin is tuple:
+            item = typing.get_args(hint)[0]
+            parser.add_argument(flag, nargs="+", type=item, default=None, metavar=f.name.upper(), help=help_)
+        elif hint in (int, float, str):
+            parser.add_argument(flag, type=hint, default=None, metavar=f.name.upper(), help=help_)
+        elif _optional_scalar(hint):
+            parser.add_argument(
+                flag, type=_optional_scalar(hint), default=None, metavar=f.name.upper(), help=help_
+            )
+        # dicts and other structured settings are set through --config
+
+
+def _optional_scalar(hint: object) -> type | None:
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if len(args) == 1 and args[0] in (int, float, str) else None
+
+
+def config_from_args(cls: type, args: argparse.Namespace, **extra: object):
+    """Build ``cls`` from ``--config`` (if given), then the flags that were set, then ``extra``."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {k: v for k, v in vars(args).items() if k in names}
+    values.update({k: v for k, v in extra.items() if v is not None})
+    return load_config(cls, getattr(args, "config", None), **values)

@@ -71,9 +71,9 @@ def _label_step(synthetic: Path, teacher: Path, real: Path) -> None:
     s = label_synthetic(
         synthetic, LabelConfig(teacher=str(teacher), real=str(real), calibrate=True, min_confidence=0.8)
     )
-    c = s["calibration"]
-    print(f"labels {s['labels']}; temperature {c['temperature']:.2f} (ECE {c['ece_before']:.3f} -> {c['ece_after']:.3f});"
-          f" {s['kept']} of {s['images']} at confidence >= 0.8")  # fmt: skip
+    c = s.calibration
+    print(f"labels {s.labels}; temperature {c['temperature']:.2f} (ECE {c['ece_before']:.3f} -> {c['ece_after']:.3f});"
+          f" {s.kept} of {s.images} at confidence >= 0.8")  # fmt: skip
 
 
 def _package_step(real: Path, synthetic: Path | None, hub: Path) -> Path:

@@ -1,4 +1,4 @@
-"""Crash-safe file writing: atomic replace, append-only JSON lines, and disk-full errors that say what to do.
+"""Crash-safe file writing: atomic replace, append-only JSON lines, CSV, and disk-full errors that say what to do.
 
 Every stage writes through these helpers so that an interrupted run never leaves a half-written file that a
 later run would take for a finished one.
@@ -7,11 +7,13 @@ later run would take for a finished one.
 from __future__ import annotations
 
 import contextlib
+import csv
 import errno
+import io
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -79,6 +81,33 @@ def write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` atomically."""
     with atomic_write(path, "w") as fh:
         fh.write(text)
+
+
+def csv_text(
+    rows: Iterable[Mapping[str, Any]], columns: Sequence[str] | None = None, header: bool = True
+) -> str:
+    """``rows`` as CSV text with a header line: the one CSV dialect of the project (``\\n`` line ends).
+
+    ``columns`` fixes the columns and their order (keys outside them are left out, missing ones are empty);
+    by default every key of every row, in order of first appearance. ``header=False`` leaves out the header line
+    (rows appended to an existing file).
+    """
+    rows = list(rows)
+    if columns is None:
+        columns = list(dict.fromkeys(c for r in rows for c in r))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, restval="", lineterminator="\n", extrasaction="ignore")
+    if header:
+        writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def write_csv(
+    path: str | os.PathLike, rows: Iterable[Mapping[str, Any]], columns: Sequence[str] | None = None
+) -> None:
+    """Write ``rows`` to ``path`` atomically as CSV (see :func:`csv_text`)."""
+    write_text(path, csv_text(rows, columns))
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:

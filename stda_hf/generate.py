@@ -29,10 +29,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from PIL import Image
 
-from .config import config_to_dict, dump_config
+from .config import changed_settings, config_to_dict, describe_changes, dump_config, read_settings
+from .devices import check_device_name, resolve_device
 from .errors import BadImageError, StdaError
 from .fileio import append_jsonl, read_jsonl, write_json, write_text
 from .images import SkipReport, load_image, save_image
@@ -75,11 +75,7 @@ class GenerateConfig(NSTConfig):
         for name, low in (("per_content", 1), ("size", MIN_SIZE), ("batch", 1), ("limit", 0)):
             if getattr(self, name) < low:
                 raise StdaError(f"--{name.replace('_', '-')} {getattr(self, name)} must be at least {low}")
-        if self.device != "auto":
-            try:
-                torch.device(self.device)
-            except (RuntimeError, ValueError):
-                raise StdaError(f"unknown --device {self.device!r}; use auto, cpu, cuda or cuda:N") from None
+        check_device_name(self.device)
 
 
 @dataclass(frozen=True)
@@ -204,12 +200,12 @@ def check_output(out: Path, folder: RealFolder, cfg: GenerateConfig) -> dict:
                 "what is now validation or test data. Use a new --out folder"
             )
     old_cfg = out / "generate.yaml"
-    if old_cfg.is_file():
-        previous = yaml.safe_load(old_cfg.read_text(encoding="utf-8")) or {}
+    previous = read_settings(old_cfg)
+    if previous is not None:
         now = config_to_dict(cfg)
-        changed = [k for k in now if k not in RESUMABLE and previous.get(k) != now[k]]
+        changed = changed_settings(previous, now, ignore=RESUMABLE)
         if changed:
-            diffs = ", ".join(f"{k}: {previous.get(k)!r} -> {now[k]!r}" for k in changed)
+            diffs = describe_changes(previous, now, changed)
             raise StdaError(
                 f"{out} was made with other settings ({diffs}); use a new --out folder, or the settings of "
                 f"{old_cfg} to resume"
@@ -396,21 +392,6 @@ def world_info() -> tuple[int, int, int]:
     if not 0 <= rank < world:
         raise StdaError(f"RANK {rank} is not between 0 and WORLD_SIZE-1 ({world - 1})")
     return rank, world, local
-
-
-def resolve_device(device: str, local_rank: int = 0) -> torch.device:
-    """``auto`` is this process's GPU when CUDA is available, else the CPU; ``cuda`` is this process's GPU.
-
-    This process's GPU is ``cuda:<local rank>``, so every process of a ``torchrun`` job gets its own.
-    """
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise StdaError(f"--device {device}: CUDA is not available here; use --device cpu or auto")
-    if dev.type == "cuda" and dev.index is None:
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
-    return dev
 
 
 def _start_group(world: int) -> bool:

@@ -5,6 +5,7 @@ Also the skip report that lets a batch job survive bad files and say, at the end
 
 from __future__ import annotations
 
+import io
 import logging
 import warnings
 from collections.abc import Iterable, Iterator
@@ -139,3 +140,17 @@ def iter_images(
             yield Path(p), load_image(p, max_pixels=max_pixels)
         except BadImageError as err:
             report.add(err.path, err.reason)
+
+
+def decode_image(value: dict | None, where: str) -> Image.Image:
+    """An RGB PIL image from a ``datasets`` Image value (``{"bytes", "path"}``); BadImageError names ``where``."""
+    if value is None:
+        raise BadImageError(where, "no image in this row")
+    if value.get("bytes") is None:
+        return load_image(value["path"])
+    try:
+        with Image.open(io.BytesIO(value["bytes"])) as img:
+            img.load()
+            return to_rgb(img)
+    except (OSError, SyntaxError, ValueError) as err:
+        raise BadImageError(where, f"undecodable image bytes ({err})") from err

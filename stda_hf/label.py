@@ -24,6 +24,7 @@ from torch import nn
 
 from . import LABELS
 from .config import config_to_dict
+from .devices import resolve_device
 from .errors import BadImageError, StdaError
 from .fileio import append_jsonl, atomic_write, read_jsonl, write_json
 from .images import SkipReport, load_image
@@ -151,6 +152,30 @@ def summarize(records: list[dict], manifest: dict[str, dict], min_confidence: fl
     }
 
 
+@dataclass
+class LabelSummary:
+    """What ``stda label`` wrote: the counts of :func:`summarize` and the teacher (``labels_summary.json``)."""
+
+    images: int  # synthetic images with a label
+    labels: dict[str, int]  # images per label
+    min_confidence: float  # the threshold a synthetic image needs to be used in training
+    kept: int  # images at or above the threshold
+    kept_labels: dict[str, int]  # those, per label
+    confidence_mean: float | None  # mean confidence (None: no image)
+    confidence_quantiles: dict[str, float]  # 0.1, 0.5 and 0.9 quantiles of the confidence
+    by_style: dict[str, dict[str, int]]  # labels per style source image
+    by_content: dict[str, dict[str, int]]  # labels per content source image
+    teacher: str  # the teacher's id, as labels.jsonl records it
+    temperature: float  # the temperature the logits were divided by (1: uncalibrated)
+    calibration: dict[str, Any] | None  # temperature scaling on the real validation split, when asked for
+    skipped: dict[str, str]  # unreadable images and why
+    settings: dict[str, Any]  # the LabelConfig used
+
+    def to_json(self) -> dict[str, Any]:
+        """The summary as ``labels_summary.json`` holds it."""
+        return dataclasses.asdict(self)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The teacher
 
@@ -165,7 +190,7 @@ class Teacher:
     folder: Path | None = None  # the model or run folder, when there is one
 
     def __post_init__(self) -> None:
-        from .training import eval_transform
+        from .models.vgg import eval_transform
 
         self._transform = eval_transform(self.preprocessing)
 
@@ -190,12 +215,10 @@ def load_teacher(cfg: LabelConfig) -> Teacher:
     StdaError
         Missing teacher, a teacher without exactly the two classes benign and malignant, or unreadable weights.
     """
-    from .models.vgg import MODEL_NAMES, Preprocessing, build_model, load_model
+    from .models.vgg import MODEL_NAMES, Preprocessing, build_model, load_model, model_folder
 
     spec = cfg.teacher
-    folder = Path(spec)
-    if (folder / "model" / "config.json").is_file():
-        folder = folder / "model"
+    folder = model_folder(spec)
     if (folder / "config.json").is_file():
         model, pre = load_model(folder)
         name = f"{folder.parent.name if folder.name == 'model' else folder.name}@{_weights_digest(folder)}"
@@ -260,11 +283,9 @@ def check_teacher_data(teacher: Teacher, real_root: Path) -> None:
     A train.py run records the dataset it trained on (``config.yaml``) and the ids of its training rows
     (``train_ids.txt``) when known; both are checked. Unknown provenance is logged, not refused.
     """
-    run = (
-        teacher.folder.parent
-        if teacher.folder is not None and teacher.folder.name == "model"
-        else teacher.folder
-    )
+    from .models.vgg import run_folder
+
+    run = run_folder(teacher.folder) if teacher.folder is not None else None
     ids_file = run / "train_ids.txt" if run is not None else None
     if ids_file is None or not ids_file.is_file():
         logger.warning(
@@ -283,15 +304,6 @@ def check_teacher_data(teacher: Teacher, real_root: Path) -> None:
 
 # ----------------------------------------------------------------------------------------------------------------
 # The stage
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError as err:
-        raise StdaError(f"--device {name!r} is not a valid device (auto, cpu, cuda, cuda:N)") from err
 
 
 def _real_root(synthetic: Path, cfg: LabelConfig) -> Path | None:
@@ -333,7 +345,7 @@ def calibrate(teacher: Teacher, real_root: Path, device: torch.device, batch_siz
     }
 
 
-def label_synthetic(synthetic: str | Path, cfg: LabelConfig) -> dict:
+def label_synthetic(synthetic: str | Path, cfg: LabelConfig) -> LabelSummary:
     """Label every image of a synthetic folder's ``manifest.jsonl``; resumable; returns the summary.
 
     Writes ``labels.jsonl`` (one line per image, appended as batches finish), ``labels_summary.json``,
@@ -350,7 +362,7 @@ def label_synthetic(synthetic: str | Path, cfg: LabelConfig) -> dict:
     if not manifest_records:
         raise StdaError(f"{synthetic}/manifest.jsonl is missing or empty; run `stda generate` first")
     manifest = {r["id"]: r for r in manifest_records}
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     teacher = load_teacher(cfg)
     teacher.model.to(device)
     real_root = _real_root(synthetic, cfg)
@@ -378,17 +390,15 @@ def label_synthetic(synthetic: str | Path, cfg: LabelConfig) -> dict:
         bar.update(len(todo[start : start + cfg.batch_size]))
     bar.close()
     records = [r for r in read_jsonl(synthetic / LABELS_FILE) if r["id"] in manifest]
-    summary = summarize(records, manifest, cfg.min_confidence)
-    summary.update(
-        {
-            "teacher": teacher.name,
-            "temperature": temperature,
-            "calibration": calibration or None,
-            "skipped": report.skipped,
-            "settings": config_to_dict(cfg),
-        }
+    summary = LabelSummary(
+        **summarize(records, manifest, cfg.min_confidence),
+        teacher=teacher.name,
+        temperature=temperature,
+        calibration=calibration or None,
+        skipped=report.skipped,
+        settings=config_to_dict(cfg),
     )
-    write_json(synthetic / SUMMARY_FILE, summary)
+    write_json(synthetic / SUMMARY_FILE, summary.to_json())
     plot_confidence(records, cfg.min_confidence, synthetic / "confidence_histogram.png")
     if report:
         logger.warning("%s", report.summary())

@@ -2,12 +2,17 @@
 
     stda package real/ --synthetic synthetic/ --out hub/skin-lesions --name stda/skin-lesions
 
-The schema and the examples come from the ``datasets`` builder in ``dataset_script/`` (instantiated directly:
-datasets 5 runs no loading scripts). Examples stream through it one at a time: each image is checked with
+The schema and the examples come from the ``datasets`` builder module in ``dataset_script/``, through its public
+functions (``FEATURES``, ``load_sources``, ``split_examples``; datasets 5 runs no loading scripts). Examples
+stream through it one at a time: each image is checked with
 :func:`~stda_hf.images.load_image`, embedded, and written into ``data/<split>-NNNNN-of-NNNNN.parquet`` in small
 row groups, a shard closing at a byte or row bound, so memory stays flat however many images there are.
 Finished shards are recorded in ``<out>/.stda-package/`` and an interrupted run resumes after the last one.
 Output is deterministic: the same inputs give byte-identical Parquet files, card, attribution and preview.
+
+At ~650 lines this module is one stage on purpose: encoding, the shard writer, the resume record and the card
+facts all read the same :class:`ShardRecord` and staging folder, and splitting them would spread one on-disk
+contract over several files.
 """
 
 from __future__ import annotations
@@ -18,7 +23,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -38,7 +42,7 @@ from .errors import BadImageError, StdaError
 from .fileio import append_jsonl, atomic_write, read_jsonl, write_bytes, write_json, write_text
 from .images import SkipReport, load_image
 from .licenses import write_attribution
-from .phantoms import ATTRIBUTION as PHANTOM_ATTRIBUTION
+from .real import PHANTOM_ATTRIBUTION
 from .utils import progress
 
 logger = logging.getLogger(__name__)
@@ -354,23 +358,25 @@ def _commit(staging: Path, record: ShardRecord, records: list[ShardRecord]) -> N
 # Staging and resume
 
 
-def examples_of(builder, generator) -> Iterator[dict]:
-    """The examples the builder yields for one split generator, without their keys."""
-    return (ex for _, ex in builder._generate_examples(**generator.gen_kwargs))
+def examples_of(sources, split: str) -> Iterator[dict]:
+    """The examples of one split, without their keys (the builder module's ``split_examples``)."""
+    from dataset_script import split_examples
+
+    return (ex for _, ex in split_examples(sources, split))
 
 
-def scan_inputs(builder, generators: list, cfg: PackageConfig) -> tuple[str, dict[str, int]]:
+def scan_inputs(sources, splits: list[str], cfg: PackageConfig) -> tuple[str, dict[str, int]]:
     """Hash everything the shards depend on, streaming: every example (paths and metadata), the size and time
     of each file it names, the shard bounds and the package version. Returns the hash and rows per split."""
     bounds = {k: v for k, v in asdict(cfg).items() if k.startswith(("max_", "row_"))}
     digest = hashlib.sha256(json.dumps([bounds, __version__], sort_keys=True).encode())
     totals = {}
-    for gen in generators:
-        totals[gen.name] = 0
-        for ex in examples_of(builder, gen):
+    for split in splits:
+        totals[split] = 0
+        for ex in examples_of(sources, split):
             stats = [(os.stat(ex[c]).st_size, os.stat(ex[c]).st_mtime_ns) for c in IMAGE_COLUMNS if ex[c]]
-            digest.update(json.dumps([gen.name, ex, stats], sort_keys=True).encode())
-            totals[gen.name] += 1
+            digest.update(json.dumps([split, ex, stats], sort_keys=True).encode())
+            totals[split] += 1
     return digest.hexdigest(), totals
 
 
@@ -605,28 +611,22 @@ def package(
         Missing splits or labels, leakage, synthetic images not derived from train images of ``real``, a
         non-empty unrelated ``out``, or a split without readable images.
     """
-    from dataset_script import SkinLesions
+    from dataset_script import FEATURES, load_sources
 
     cfg = cfg or PackageConfig()
     out = Path(out)
     check_out_folder(out)
-    with tempfile.TemporaryDirectory(prefix="stda-builder-") as cache:  # the builder wants a cache folder
-        builder = SkinLesions(
-            cache_dir=cache,
-            real_dir=str(real),
-            synthetic_dir=str(synthetic) if synthetic is not None else None,
-        )
-    features = builder.info.features
-    generators = builder._split_generators(None)  # reads and checks the sources; refusals happen here
-    fingerprint, totals = scan_inputs(builder, generators, cfg)
+    sources = load_sources(real, synthetic)  # reads and checks the sources; refusals happen here
+    splits = sources.split_names()
+    fingerprint, totals = scan_inputs(sources, splits, cfg)
     staging, done = open_staging(out, fingerprint)
     records = {
-        g.name: write_split(
-            g.name, examples_of(builder, g), totals[g.name], features, cfg, staging, done.get(g.name, [])
+        split: write_split(
+            split, examples_of(sources, split), totals[split], FEATURES, cfg, staging, done.get(split, [])
         )
-        for g in generators
+        for split in splits
     }
-    return _finish(out, staging, records, generators[0].gen_kwargs["sources"], features, cfg, synthetic)
+    return _finish(out, staging, records, sources, FEATURES, cfg, synthetic)
 
 
 def _finish(out, staging, records, sources, features, cfg, synthetic) -> PackageResult:

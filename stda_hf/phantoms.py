@@ -16,8 +16,6 @@ The output is the real-image layout of ``stda_hf.real``: ``images/``, ``masks/``
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,16 +27,12 @@ from scipy.ndimage import map_coordinates
 
 from .config import config_to_dict, dump_config
 from .errors import StdaError
-from .fileio import write_text
 from .images import save_image
 from .licenses import write_attribution
-from .real import REQUIRED_COLUMNS
+from .real import ARTIFACTS, PHANTOM_ATTRIBUTION, write_metadata
 from .utils import progress
 
 logger = logging.getLogger(__name__)
-
-ARTIFACTS = ("ruler", "patch", "ink", "dark_corners")
-"""Artifact kinds; their code in the ``artifacts/<id>.png`` label map is their position here plus one."""
 
 DEFAULT_ARTIFACT_RATES = {
     "ruler": (0.1, 0.1),
@@ -46,7 +40,7 @@ DEFAULT_ARTIFACT_RATES = {
     "ink": (0.05, 0.05),
     "dark_corners": (0.2, 0.2),
 }
-ATTRIBUTION = "stda-hf phantom generator (procedural, no patient data)"
+ATTRIBUTION = PHANTOM_ATTRIBUTION
 LICENSE = "CC-0"
 
 # Fitzpatrick-like skin tones I..VI (RGB) and how often each is drawn: skewed to light skin, as ISIC is.
@@ -496,17 +490,8 @@ def make_phantoms(out: str | Path, cfg: PhantomConfig | None = None, overwrite: 
                 "artifacts": ";".join(present),
             }
         )
-    _write_metadata(out / "metadata.csv", rows)
+    write_metadata(out, rows)
     write_attribution(out, rows, title="Attribution: phantom lesions")
     dump_config(cfg, settings)
     logger.info("wrote %d phantom images to %s", len(rows), out)
     return out / "metadata.csv"
-
-
-def _write_metadata(path: Path, rows: list[dict]) -> None:
-    buf = io.StringIO()
-    columns = list(REQUIRED_COLUMNS) + [k for k in rows[0] if k not in REQUIRED_COLUMNS]
-    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text(path, buf.getvalue())

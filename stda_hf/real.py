@@ -4,7 +4,8 @@ Two layouts are accepted:
 
 * ISIC layout: ``images/<id>.<ext>`` plus ``metadata.csv`` with isic-cli's columns (at least
   :data:`REQUIRED_COLUMNS`); optional ``masks/<id>.png`` (lesion masks) and ``artifacts/<id>.png``
-  (artifact label maps, written by the phantom maker), and ``splits.csv`` once ``stda split`` has run.
+  (artifact label maps, written by the phantom maker, codes from :data:`ARTIFACTS`), and ``splits.csv`` once
+  ``stda split`` has run (read and checked here, :func:`load_splits`, since it is this folder's contract).
 * ImageFolder layout: ``benign/`` and ``malignant/`` sub-folders of images; ids are the file stems, lesion and
   patient are unknown, licence and attribution are ``unknown``.
 """
@@ -14,15 +15,18 @@ from __future__ import annotations
 import csv
 import logging
 import re
-from collections import Counter
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
 
-from . import LABELS
+from . import LABELS, SPLITS
 from .errors import BadImageError, StdaError
+from .fileio import write_csv
 from .images import IMAGE_EXTENSIONS, SkipReport, load_image
+from .utils import first_few
 
 logger = logging.getLogger(__name__)
 
@@ -36,8 +40,13 @@ REQUIRED_COLUMNS = (
     "attribution",
 )
 DIAGNOSIS_TO_LABEL = {"Benign": "benign", "Malignant": "malignant", "Indeterminate": None}
-SPLITS = ("train", "validation", "test")
 SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+ARTIFACTS = ("ruler", "patch", "ink", "dark_corners")
+"""Artifact kinds; their code in the ``artifacts/<id>.png`` label map is their position here plus one."""
+
+PHANTOM_ATTRIBUTION = "stda-hf phantom generator (procedural, no patient data)"
+"""The attribution of every phantom image: a folder whose images all carry it holds no patient data."""
 
 
 @dataclass(frozen=True)
@@ -93,8 +102,6 @@ class RealFolder:
 
     def splits(self) -> dict[str, str]:
         """``{isic_id: split}`` from ``splits.csv``; a clear error when ``stda split`` has not run."""
-        from .split import load_splits  # split imports this module; keep the import one-way at load time
-
         if self._splits is None:
             self._splits = load_splits(self)
         return self._splits
@@ -141,6 +148,111 @@ def read_real_folder(root: str | Path) -> RealFolder:
     if not images:
         raise StdaError(f"{root} holds no images")
     return RealFolder(root=root, layout=layout, images=sorted(images, key=lambda im: im.isic_id))
+
+
+def load_splits(folder: RealFolder) -> dict[str, str]:
+    """Read ``splits.csv`` of ``folder`` and check it: known ids and splits, no lesion or patient on two sides.
+
+    Raises
+    ------
+    StdaError
+        When the file is missing (run ``stda split``), names an unknown id or split, or leaks.
+    """
+    path = folder.splits_path
+    if not path.is_file():
+        raise StdaError(f"{path} not found; run `stda split {folder.root}` first")
+    assignment = {}
+    with open(path, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        if not {"isic_id", "split"} <= set(reader.fieldnames or []):
+            raise StdaError(f"{path} needs columns isic_id and split; re-run `stda split {folder.root}`")
+        for row_no, row in enumerate(reader, start=2):
+            if row["split"] not in SPLITS:
+                raise StdaError(
+                    f"{path} line {row_no}: unknown split {row['split']!r}; valid: {list(SPLITS)}"
+                )
+            if row["isic_id"] not in folder:
+                raise StdaError(
+                    f"{path} line {row_no}: id {row['isic_id']!r} is not in {folder.root}/metadata.csv"
+                )
+            assignment[row["isic_id"]] = row["split"]
+    check_no_leakage(folder.images, assignment)
+    return assignment
+
+
+def check_no_leakage(images: list[RealImage], assignment: dict[str, str]) -> None:
+    """Raise when a lesion or patient has images in more than one split.
+
+    Raises
+    ------
+    StdaError
+        Naming the lesion or patient and the splits it spans.
+    """
+    for kind in ("lesion_id", "patient_id"):
+        sides = defaultdict(set)
+        for im in images:
+            key = getattr(im, kind)
+            if key and im.isic_id in assignment:
+                sides[key].add(assignment[im.isic_id])
+        for key, found in sorted(sides.items()):
+            if len(found) > 1:
+                raise StdaError(
+                    f"leakage: {kind.removesuffix('_id')} {key} has images in {sorted(found)}; every lesion and "
+                    "patient must sit on one side. Re-run `stda split` instead of editing splits.csv by hand"
+                )
+
+
+def check_leakage(train_side: Iterable[RealImage], held_out: Iterable[RealImage]) -> None:
+    """Refuse when a lesion or patient of the training side (real train images and the sources of synthetic
+    images) also appears in validation or test.
+
+    Raises
+    ------
+    StdaError
+        Naming the lesion or patient ids found on both sides.
+    """
+    held_out = list(held_out)
+    for kind in ("lesion_id", "patient_id"):
+        held = {getattr(im, kind) for im in held_out} - {""}
+        both = sorted({getattr(im, kind) for im in train_side if getattr(im, kind) in held})
+        if both:
+            raise StdaError(
+                f"leakage: {kind.removesuffix('_id')}(s) {first_few(both)} appear both in train (or among the "
+                "sources of synthetic images) and in validation/test; re-run `stda split`, then `stda generate`"
+            )
+
+
+def untrained_sources(
+    records: Iterable[Mapping], folder: RealFolder, assignment: Mapping[str, str]
+) -> list[str]:
+    """Every content or style image of synthetic ``records`` (``id``, ``content_id``, ``style_id``) that is not a
+    train image of ``folder``, one line each naming the synthetic id and where its source is; empty when clean.
+
+    Synthetic images may derive from train images only (content AND style); ``package`` and the benchmark's
+    fold check both hold a synthetic folder to this.
+    """
+    bad = []
+    for rec in records:
+        for role in ("content_id", "style_id"):
+            source = rec[role]
+            if source not in folder:
+                bad.append(f"{rec['id']} ({role.removesuffix('_id')} {source} is not in {folder.root})")
+            elif assignment.get(source) != "train":
+                where = assignment.get(source, "no split")
+                bad.append(f"{rec['id']} ({role.removesuffix('_id')} {source} is in {where}, not train)")
+    return bad
+
+
+def metadata_columns(rows: Iterable[Mapping[str, str]]) -> list[str]:
+    """The columns of a ``metadata.csv`` for ``rows``: :data:`REQUIRED_COLUMNS` first, then the others as they come."""
+    return [*REQUIRED_COLUMNS, *dict.fromkeys(c for r in rows for c in r if c not in REQUIRED_COLUMNS)]
+
+
+def write_metadata(root: str | Path, rows: list[dict[str, str]]) -> Path:
+    """Write ``root/metadata.csv`` atomically (one row per image, the columns of :func:`metadata_columns`)."""
+    path = Path(root) / "metadata.csv"
+    write_csv(path, rows, metadata_columns(rows))
+    return path
 
 
 def check_id(isic_id: str, where: str) -> str:

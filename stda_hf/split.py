@@ -7,8 +7,6 @@ group (union-find), and whole groups are assigned to splits, stratified by class
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -18,9 +16,9 @@ import imagehash
 import numpy as np
 
 from .errors import BadImageError, StdaError
-from .fileio import write_json, write_text
+from .fileio import csv_text, write_json, write_text
 from .images import SkipReport, load_image
-from .real import SPLITS, RealFolder, RealImage, read_real_folder
+from .real import SPLITS, RealImage, check_no_leakage, read_real_folder
 from .utils import progress
 
 logger = logging.getLogger(__name__)
@@ -169,28 +167,6 @@ def _fill_parts(
     return group_part
 
 
-def check_no_leakage(images: list[RealImage], assignment: dict[str, str]) -> None:
-    """Raise when a lesion or patient has images in more than one split.
-
-    Raises
-    ------
-    StdaError
-        Naming the lesion or patient and the splits it spans.
-    """
-    for kind in ("lesion_id", "patient_id"):
-        sides = defaultdict(set)
-        for im in images:
-            key = getattr(im, kind)
-            if key and im.isic_id in assignment:
-                sides[key].add(assignment[im.isic_id])
-        for key, found in sorted(sides.items()):
-            if len(found) > 1:
-                raise StdaError(
-                    f"leakage: {kind.removesuffix('_id')} {key} has images in {sorted(found)}; every lesion and "
-                    "patient must sit on one side. Re-run `stda split` instead of editing splits.csv by hand"
-                )
-
-
 def make_splits(root: str | Path, cfg: SplitConfig | None = None) -> dict[str, dict[str, int]]:
     """Split a real-image folder and write ``splits.csv`` and ``split_summary.json`` into it.
 
@@ -238,12 +214,10 @@ def make_splits(root: str | Path, cfg: SplitConfig | None = None) -> dict[str, d
 
 
 def _splits_csv(images: list[RealImage], assignment: dict[str, str], groups: dict[str, str]) -> str:
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["isic_id", "split", "group"])
-    for im in images:
-        writer.writerow([im.isic_id, assignment[im.isic_id], groups[im.isic_id]])
-    return buf.getvalue()
+    rows = (
+        {"isic_id": im.isic_id, "split": assignment[im.isic_id], "group": groups[im.isic_id]} for im in images
+    )
+    return csv_text(rows, ("isic_id", "split", "group"))
 
 
 def _summary(images: list[RealImage], assignment: dict[str, str], groups: dict[str, str]) -> dict:
@@ -265,36 +239,6 @@ def _check_usable(summary: dict, root: Path) -> None:
         for label in ("benign", "malignant"):
             if summary[split][label] == 0:
                 logger.warning("%s split has no %s images; metrics on it will be one-sided", split, label)
-
-
-def load_splits(folder: RealFolder) -> dict[str, str]:
-    """Read ``splits.csv`` of ``folder`` and check it: known ids and splits, no lesion or patient on two sides.
-
-    Raises
-    ------
-    StdaError
-        When the file is missing (run ``stda split``), names an unknown id or split, or leaks.
-    """
-    path = folder.splits_path
-    if not path.is_file():
-        raise StdaError(f"{path} not found; run `stda split {folder.root}` first")
-    assignment = {}
-    with open(path, newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        if not {"isic_id", "split"} <= set(reader.fieldnames or []):
-            raise StdaError(f"{path} needs columns isic_id and split; re-run `stda split {folder.root}`")
-        for row_no, row in enumerate(reader, start=2):
-            if row["split"] not in SPLITS:
-                raise StdaError(
-                    f"{path} line {row_no}: unknown split {row['split']!r}; valid: {list(SPLITS)}"
-                )
-            if row["isic_id"] not in folder:
-                raise StdaError(
-                    f"{path} line {row_no}: id {row['isic_id']!r} is not in {folder.root}/metadata.csv"
-                )
-            assignment[row["isic_id"]] = row["split"]
-    check_no_leakage(folder.images, assignment)
-    return assignment
 
 
 @dataclass

@@ -60,3 +60,9 @@ def setup_logging(verbose: bool = False) -> None:
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
+
+
+def first_few(items: list[str], n: int = 5) -> str:
+    """The first ``n`` of ``items`` for an error message, with how many more there are."""
+    shown = ", ".join(items[:n])
+    return shown + (f" and {len(items) - n} more" if len(items) > n else "")

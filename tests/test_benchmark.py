@@ -362,8 +362,8 @@ def fake(tmp_path, monkeypatch, phantom_real_session):
     script = tmp_path / "fake_train.py"
     script.write_text(FAKE_TRAINER)
     monkeypatch.setenv("FAKE_CALLS", str(tmp_path / "calls.jsonl"))
-    monkeypatch.setattr(bm, "prepare_fold", _fake_prepare)
-    monkeypatch.setattr(bm, "explain_run", _fake_explain)
+    monkeypatch.setattr(bm.stages, "prepare_fold", _fake_prepare)  # where the runner looks them up
+    monkeypatch.setattr(bm.stages, "explain_run", _fake_explain)
     settings = {
         "name": "fake",
         "real": str(phantom_real_session),
@@ -446,8 +446,8 @@ import runpy, sys
 import stda_hf.benchmark as bm
 sys.path.insert(0, {tests!r})
 from test_benchmark import _fake_explain, _fake_prepare
-bm.prepare_fold = _fake_prepare
-bm.explain_run = _fake_explain
+bm.stages.prepare_fold = _fake_prepare
+bm.stages.explain_run = _fake_explain
 sys.argv = ["stda_benchmark.py", *sys.argv[1:]]
 runpy.run_path({script!r}, run_name="__main__")
 """

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from stda_hf.cli import build_parser, field_comments, main
 from stda_hf.phantoms import PhantomConfig
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _subcommands():
@@ -97,3 +100,16 @@ def test_running_one_stage_imports_only_that_stage(tmp_path):
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.split()[-2:] == ["0", "False"]
+
+
+def test_benchmark_is_a_subcommand_with_the_benchmark_settings_as_flags(tmp_path, capsys):
+    missing = tmp_path / "nope.yaml"
+    assert main(["benchmark", "--config", str(missing), "--folds", "3"]) == 2
+    assert capsys.readouterr().err.strip() == f"stda benchmark: error: config file {missing} not found"
+
+
+def test_the_benchmark_script_runs_the_same_subcommand(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    script = [sys.executable, "benchmarks/stda_benchmark.py", "--config", str(missing)]
+    proc = subprocess.run(script, capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2 and f"stda benchmark: error: config file {missing} not found" in proc.stderr

@@ -441,7 +441,7 @@ def test_explain_resumes_after_an_interruption_without_redoing_finished_images(
 def test_explain_refuses_results_of_other_settings_without_overwrite(phantom_real, saved_model, tmp_path):
     out = tmp_path / "h"
     run_explain(saved_model, out, ExplainConfig(split="test", grid=0), images=phantom_real)
-    with pytest.raises(StdaError, match="--overwrite"):
+    with pytest.raises(StdaError, match=r"method: 'dtd' -> 'gradient'.*--overwrite"):
         run_explain(saved_model, out, ExplainConfig(split="test", method="gradient"), images=phantom_real)
 
 

@@ -84,3 +84,12 @@ def test_atomic_files_get_the_usual_permissions(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert (tmp_path / "card.md").stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_csv_text_keeps_the_given_columns_in_order_and_leaves_missing_cells_empty():
+    from stda_hf.fileio import csv_text
+
+    rows = [{"b": 1, "a": "x,y"}, {"a": "z", "extra": "dropped"}]
+    assert csv_text(rows, ("a", "b")) == 'a,b\n"x,y",1\nz,\n'
+    assert csv_text(rows, ("a",), header=False) == '"x,y"\nz\n'
+    assert csv_text(rows).splitlines()[0] == "b,a,extra"  # default: every key, in order of first appearance

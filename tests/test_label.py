@@ -77,7 +77,7 @@ def test_labels_come_from_the_teacher(phantom_real, tmp_path):
     r = records[0]
     assert r["probs"][1] == pytest.approx(torch.tensor([-3.0, 3.0]).softmax(0)[1].item(), abs=1e-5)
     assert r["confidence"] == max(r["probs"]) and r["entropy"] > 0 and r["teacher"].startswith("teacher@")
-    assert summary["labels"] == {"malignant": 10}
+    assert summary.labels == {"malignant": 10}
     assert (syn / "confidence_histogram.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -85,10 +85,10 @@ def test_threshold_filters_what_is_kept(phantom_real, tmp_path):
     syn = fake_synthetic(phantom_real, tmp_path / "syn")
     teacher = save_teacher(tmp_path / "teacher", bias=[0.0, 0.5])  # confidence 0.62 for every image
     summary = label_synthetic(syn, LabelConfig(teacher=str(teacher), min_confidence=0.8))
-    assert summary["images"] == 10 and summary["kept"] == 0 and summary["min_confidence"] == 0.8
+    assert summary.images == 10 and summary.kept == 0 and summary.min_confidence == 0.8
     summary = label_synthetic(syn, LabelConfig(teacher=str(teacher), min_confidence=0.6))
-    assert summary["kept"] == 10
-    assert sum(sum(v.values()) for v in summary["by_style"].values()) == 10
+    assert summary.kept == 10
+    assert sum(sum(v.values()) for v in summary.by_style.values()) == 10
 
 
 def test_resume_finishes_the_work_without_duplicates(phantom_real, tmp_path):
@@ -114,7 +114,7 @@ def test_calibration_lowers_ece_on_phantom_validation(phantom_real, tmp_path):
     syn = fake_synthetic(phantom_real, tmp_path / "syn", n=4)
     teacher = save_teacher(tmp_path / "teacher", scale=200.0)  # random features, huge logits: overconfident
     summary = label_synthetic(syn, LabelConfig(teacher=str(teacher), calibrate=True))
-    cal = summary["calibration"]
+    cal = summary.calibration
     assert cal["temperature"] > 1.0
     assert cal["ece_after"] < cal["ece_before"]
     assert (syn / "calibration.json").is_file()

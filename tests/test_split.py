@@ -9,8 +9,8 @@ from collections import defaultdict
 import pytest
 
 from stda_hf.errors import StdaError
-from stda_hf.real import read_real_folder
-from stda_hf.split import SplitConfig, load_splits, make_splits, near_duplicate_pairs
+from stda_hf.real import load_splits, read_real_folder
+from stda_hf.split import SplitConfig, make_splits, near_duplicate_pairs
 
 
 def _splits(root):

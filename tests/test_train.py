@@ -578,7 +578,7 @@ def test_bad_options_exit_2_with_a_clear_message(flags, message, tmp_path, phant
 
 
 def test_non_finite_loss_stops_the_run_with_advice():
-    from stda_hf.training import _epoch_stats
+    from stda_hf.training.step import _epoch_stats
 
     with pytest.raises(StdaError, match=r"training loss became nan in epoch 3.*Lower --lr"):
         _epoch_stats(float("nan"), 32.0, 0.1, 0.2, 3)

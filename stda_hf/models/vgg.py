@@ -12,7 +12,7 @@ import contextlib
 import io
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,9 @@ from ..fileio import write_json
 from .weights import WeightsSpec, load_weights, parse_weights, read_state_dict
 
 logger = logging.getLogger(__name__)
+
+MODEL_DIR = "model"
+"""The sub-folder of a train.py run folder that holds its final model (what ``transformers`` loads)."""
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -247,6 +250,22 @@ class Preprocessing:
         )
 
 
+def eval_transform(pre: Preprocessing) -> Callable:
+    """The evaluation pipeline (resize, scale, normalise, no augmentation) for anything fed to a trained model:
+    validation and test in training, explanations and pseudo-labelling elsewhere."""
+    from torchvision.transforms import v2
+
+    size = pre.image_size
+    return v2.Compose(
+        [
+            v2.Resize((size, size), antialias=True),
+            v2.ToImage(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(pre.mean, pre.std),
+        ]
+    )
+
+
 def build_model(
     name: str, weights: str = "auto", num_classes: int = 2, seed: int = 0, **options: Any
 ) -> nn.Module:
@@ -388,6 +407,19 @@ def save_model(model: nn.Module, folder: str | Path, preprocessing: Preprocessin
     return folder
 
 
+def model_folder(path: str | Path) -> Path:
+    """The folder holding the model: ``path`` itself, or the ``model/`` (:data:`MODEL_DIR`) of a train.py run."""
+    path = Path(path)
+    if not (path / "config.json").is_file() and (path / MODEL_DIR / "config.json").is_file():
+        return path / MODEL_DIR
+    return path
+
+
+def run_folder(model_dir: Path) -> Path:
+    """The train.py run folder a model folder belongs to: the parent of a ``model/``, else the folder itself."""
+    return model_dir.parent if model_dir.name == MODEL_DIR else model_dir
+
+
 def load_model(folder: str | Path) -> tuple[nn.Module, Preprocessing]:
     """Load a classifier saved by :func:`save_model` in eval mode, with its preprocessing.
 
@@ -399,9 +431,7 @@ def load_model(folder: str | Path) -> tuple[nn.Module, Preprocessing]:
     StdaError
         When ``folder`` holds no ``config.json`` or an architecture this project does not know.
     """
-    folder = Path(folder)
-    if not (folder / "config.json").is_file() and (folder / "model" / "config.json").is_file():
-        folder = folder / "model"
+    folder = model_folder(folder)
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise StdaError(f"{folder} holds no config.json; give a model folder written by train.py")

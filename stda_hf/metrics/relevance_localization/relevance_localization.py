@@ -16,7 +16,7 @@ import datasets
 import evaluate
 import numpy as np
 
-from stda_hf.explain import localization, summarize
+from stda_hf.relevance import localization, summarize
 
 _DESCRIPTION = """
 Share of the positive relevance of each heatmap that falls inside the binary lesion mask

@@ -1,0 +1,253 @@
+"""The benchmark itself: check the protocol, prepare the folds, run what is missing, write the report."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+from ..errors import StdaError
+from ..fileio import write_text
+from .config import DEFAULT_EXPLAIN, EXPLANATION_METRICS, BenchmarkConfig, RunKey, fold_dir, plan_runs
+from .data import prepare_sources
+from .plots import plot_boxplots, plot_heatmaps, plot_learning_curves
+from .report import render_report
+from .runs import execute_runs, find_heatmap, read_run_log
+from .stages import explain_runs, prepare_folds
+from .stats import BenchmarkStats, compute_stats
+from .table import RunTable
+
+logger = logging.getLogger(__name__)
+
+
+def check_stage_settings(cfg: BenchmarkConfig) -> None:
+    """Build every stage's config from the benchmark's settings now, so a typo fails before hours of work.
+
+    Raises
+    ------
+    StdaError
+        Naming the section (``generate``, ``arms.mix``, ...) and the stage's own complaint.
+    """
+    from ..config import load_config
+    from ..explain import ExplainConfig
+    from ..generate import GenerateConfig
+    from ..label import LabelConfig
+
+    checks: list[tuple[str, type, dict[str, Any], Any]] = [
+        ("generate", GenerateConfig, cfg.generate, None),
+        ("label", LabelConfig, {**cfg.label, "teacher": "<each fold's teacher>"}, None),
+    ]
+    if cfg.explain:
+        checks.append(("explain", ExplainConfig, {**DEFAULT_EXPLAIN, **cfg.explain}, None))
+    if not cfg.train_command:  # train.py's own settings; another trainer may take others
+        from ..training import TrainConfig, check_config
+
+        checks.append(("teacher", TrainConfig, {**cfg.train, **cfg.teacher}, check_config))
+        checks += [(f"arms.{a}", TrainConfig, {**cfg.train, **s}, check_config) for a, s in cfg.arms.items()]
+    for where, cls, values, extra_check in checks:
+        try:
+            built = load_config(cls, None, **values)
+            if extra_check is not None:
+                extra_check(built)
+        except StdaError as err:
+            raise StdaError(f"benchmark setting `{where}`: {err}") from None
+
+
+def protocol_record(cfg: BenchmarkConfig, folds) -> dict[str, Any]:
+    """What fixes the meaning of every run (data, folds, stage and training settings) and each arm's settings."""
+    from ..config import config_to_dict
+    from ..utils import stable_hash
+
+    plain = config_to_dict(cfg)
+    keys = (
+        "phantoms",
+        "shortcut",
+        "folds",
+        "fold_seed",
+        "val",
+        "phash_distance",
+        "train",
+        "teacher",
+        "generate",
+        "label",
+    )
+    protocol = {k: plain[k] for k in keys}
+    protocol["real"] = str(Path(cfg.real).resolve()) if cfg.real else ""
+    protocol["fold_assignments"] = stable_hash(folds.assignments)
+    return {"protocol": protocol, "arms": {a: stable_hash(s) for a, s in plain["arms"].items()}}
+
+
+def check_protocol(cfg: BenchmarkConfig, folds) -> None:
+    """Refuse to add runs to a work folder whose earlier runs used another protocol or other arm settings.
+
+    Seeds and new arms may be added at any time; anything that would make old and new runs incomparable is
+    refused, naming the settings that changed.
+
+    Raises
+    ------
+    StdaError
+        Naming the changed settings or arms and what to do.
+    """
+    import json
+
+    from ..config import changed_settings
+    from ..fileio import write_json
+
+    path = cfg.work_dir / "protocol.json"
+    current = protocol_record(cfg, folds)
+    saved = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else current
+    changed = sorted(changed_settings(saved["protocol"], current["protocol"]))
+    if changed:
+        raise StdaError(
+            f"{cfg.work_dir} holds runs made with other {changed} settings; its runs would not be comparable. "
+            "Use another `out` folder (or name), or restore the settings"
+        )
+    arms = sorted(changed_settings(saved["arms"], current["arms"], missing_is_change=False))
+    if arms:
+        raise StdaError(
+            f"arm(s) {arms} changed settings since their runs in {cfg.work_dir}; give the new settings a new arm "
+            f"name, or delete {cfg.work_dir / 'runs'}/<arm> and its rows in runs.csv to redo them"
+        )
+    write_json(path, {"protocol": current["protocol"], "arms": {**saved["arms"], **current["arms"]}})
+
+
+def run_benchmark(cfg: BenchmarkConfig, config_path: str = "", report_only: bool = False) -> Path:
+    """Run (or resume, or extend) the benchmark and write its report; return the report's path.
+
+    Parameters
+    ----------
+    cfg : BenchmarkConfig
+        The protocol, arms and settings.
+    config_path : str
+        The YAML file ``cfg`` came from, quoted in the report's reproduce line.
+    report_only : bool
+        Only re-render the report from the runs already recorded.
+
+    Raises
+    ------
+    StdaError
+        Bad settings, unusable data, or a work folder holding runs of another protocol. A failing run or fold
+        is recorded in the table, not raised.
+    """
+    from ..config import dump_config
+    from ..split import make_folds
+
+    if not report_only:
+        check_stage_settings(cfg)
+        cfg.work_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.cpu_threads > 0:
+            import torch
+
+            torch.set_num_threads(cfg.cpu_threads)
+        sources = prepare_sources(cfg)
+        folds = make_folds(sources["test"], cfg.folds, cfg.fold_seed, cfg.val, cfg.phash_distance)
+        check_protocol(cfg, folds)
+        dump_config(cfg, cfg.work_dir / "benchmark.yaml")
+        table = RunTable.load(cfg.work_dir / "runs.csv")
+        todo = table.todo(plan_runs(cfg), cfg.retry_failed)
+        logger.info("%d of %d runs to do", len(todo), len(plan_runs(cfg)))
+        datasets = prepare_folds(cfg, folds, sources, sorted({k.fold for k in todo}))
+        execute_runs(cfg, table, todo, datasets)
+        explain_runs(cfg, table)
+    return write_report(cfg, config_path)
+
+
+def write_report(cfg: BenchmarkConfig, config_path: str = "") -> Path:
+    """Render ``report.md``, ``runs.csv``, ``stats.json`` and the plots into the report folder.
+
+    A hand-written ``reading.md`` in the report folder is kept and quoted under "Reading".
+
+    Raises
+    ------
+    StdaError
+        When the work folder has no run table yet.
+    """
+    table_path = cfg.work_dir / "runs.csv"
+    if not table_path.is_file():
+        raise StdaError(f"{table_path} not found: no runs yet; run the benchmark without --report-only first")
+    table = RunTable.load(table_path)
+    rows = list(table.rows.values())
+    arms = list(dict.fromkeys([*cfg.arms, *(r["arm"] for r in rows)]))
+    stats = compute_stats(rows, arms, cfg.baseline, report_explanations(cfg))
+    out = cfg.report_dir
+    plots = render_plots(cfg, table, stats, out)
+    reading = (out / "reading.md").read_text(encoding="utf-8") if (out / "reading.md").is_file() else ""
+    failed = [r for r in rows if r["status"] == "failed"]
+    text = render_report(cfg, stats, read_fold_info(cfg), failed, plots, reading, config_path)
+    write_text(out / "runs.csv", table.to_csv())
+    _write_stats_json(out / "stats.json", stats)
+    write_text(out / "report.md", text)
+    return out / "report.md"
+
+
+def report_explanations(cfg: BenchmarkConfig) -> tuple[str, ...]:
+    """Explanation numbers the report shows: lesion and artifacts, plus the planted shortcut's own share."""
+    if cfg.shortcut:
+        return (*EXPLANATION_METRICS, f"relevance_on_{cfg.shortcut['artifact']}")
+    return EXPLANATION_METRICS
+
+
+def read_fold_info(cfg: BenchmarkConfig) -> list[dict[str, Any]]:
+    """The ``fold.json`` of each prepared fold (counts, synthetic images), in fold order."""
+    import json
+
+    paths = [fold_dir(cfg, f) / "fold.json" for f in range(cfg.folds)]
+    return [json.loads(p.read_text(encoding="utf-8")) for p in paths if p.is_file()]
+
+
+def render_plots(cfg: BenchmarkConfig, table: RunTable, stats: BenchmarkStats, out: Path) -> dict[str, str]:
+    """Write the plots the finished runs allow; return ``{title: file name}`` for the report."""
+    rows = list(table.rows.values())
+    plots: dict[str, str] = {}
+    metrics = [*stats.metrics, *stats.explanation_metrics]
+    if metrics:
+        plot_boxplots(rows, stats.arms, metrics, out / "boxplots.png")
+        plots["Box plots per metric (each point a run)"] = "boxplots.png"
+    done = {k: r for k, r in table.rows.items() if r["status"] == "done"}
+    logs = {k: read_run_log(cfg.work_dir / str(r["run_dir"])) for k, r in done.items()}
+    if any(logs.values()):
+        plot_learning_curves(logs, stats.arms, cfg.curve_metric, out / "learning_curves.png")
+        plots["Learning curves (each line a run)"] = "learning_curves.png"
+    pair = heatmap_pair(cfg, done, stats.arms)
+    if pair:
+        (fold, seed), images = pair
+        split = {**DEFAULT_EXPLAIN, **cfg.explain}["split"]
+        plot_heatmaps(
+            images, out / "heatmaps.png", f"fold {fold}, seed {seed}: the same {split} images, per arm"
+        )
+        plots["Heatmaps of the same images, per arm"] = "heatmaps.png"
+    return plots
+
+
+def heatmap_pair(cfg: BenchmarkConfig, done: dict[RunKey, dict], arms: list[str]):
+    """The first (fold, seed) where every arm finished and wrote heatmaps: ``((fold, seed), {arm: png})``."""
+    for fold, seed in sorted({(k.fold, k.seed) for k in done}):
+        images = {}
+        for arm in arms:
+            key = RunKey(fold, seed, arm)
+            found = find_heatmap(cfg.work_dir / str(done[key]["run_dir"])) if key in done else None
+            if found is not None:
+                images[arm] = found
+        if len(images) == len(arms):
+            return (fold, seed), images
+    return None
+
+
+def _write_stats_json(path: Path, stats: BenchmarkStats) -> None:
+    from dataclasses import asdict
+
+    from ..fileio import write_json
+
+    def clean(x: Any) -> Any:
+        return None if isinstance(x, float) and not math.isfinite(x) else x
+
+    write_json(
+        path,
+        {
+            "baseline": stats.baseline,
+            "runs": {"done": stats.n_done, "failed": stats.n_failed},
+            "summaries": [{k: clean(v) for k, v in asdict(s).items()} for s in stats.summaries.values()],
+            "tests": [{k: clean(v) for k, v in asdict(t).items()} for t in stats.tests],
+        },
+    )

@@ -1,0 +1,272 @@
+"""Training runs as subprocesses: the command, GPU slots, scheduling, and reading back what a run wrote.
+
+A failing run is recorded in the table, not fatal; Ctrl-C stops the running process groups."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from ..errors import StdaError
+from ..fileio import write_text
+from .config import EXPLAIN_DIR, RUN_METRICS, BenchmarkConfig, RunKey
+from .table import RunTable
+
+logger = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The command and the devices
+
+
+def default_train_command(gpus: int = 1) -> list[str]:
+    """``python train.py``, or ``accelerate launch --multi_gpu`` when one run spans several GPUs.
+
+    Raises
+    ------
+    StdaError
+        When ``train.py`` is not beside the package (an installed copy without the repository).
+    """
+    import sys
+
+    script = Path(__file__).resolve().parents[2] / "train.py"
+    if not script.is_file():
+        raise StdaError(
+            f"{script} not found; run the benchmark from a checkout of the repository or set train_command"
+        )
+    if gpus == 1:
+        return [sys.executable, str(script)]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(gpus)]
+    return [*launch, str(script)]
+
+
+def train_argv(cfg: BenchmarkConfig, settings: dict[str, Any], run_dir: Path, mode: str) -> list[str]:
+    """The command line of one training run: the settings go in a YAML beside the run folder.
+
+    ``mode`` is ``resume`` (continue an interrupted run, fresh start if none) or ``overwrite`` (start again).
+    """
+    import sys
+
+    import yaml
+
+    config = run_dir.parent / f"{run_dir.name}.yaml"
+    write_text(config, yaml.safe_dump({**settings, "output_dir": str(run_dir)}, sort_keys=True))
+    base = [sys.executable if c == "{python}" else c for c in cfg.train_command]
+    return [*(base or default_train_command(cfg.gpus_per_run)), "--config", str(config), f"--{mode}"]
+
+
+def run_command(
+    argv: list[str], log: Path, devices: str | None, timeout: float, threads: int = 0
+) -> tuple[bool, str, float]:
+    """Run one training command with its output in ``log``; return (ok, error, seconds).
+
+    The command runs in its own process group, so a timeout or Ctrl-C stops it and every worker it started.
+    ``devices`` sets ``CUDA_VISIBLE_DEVICES`` (None: the CPU, or whatever the environment says); ``threads``
+    (if positive) caps its CPU threads.
+    """
+    import os
+    import subprocess
+    import time
+
+    env = {**os.environ, "STDA_NO_PROGRESS": "1", "PYTHONUNBUFFERED": "1"}
+    if devices is not None:
+        env["CUDA_VISIBLE_DEVICES"] = devices
+    if threads > 0:
+        env.update(dict.fromkeys(("OMP_NUM_THREADS", "MKL_NUM_THREADS"), str(threads)))
+    log.parent.mkdir(parents=True, exist_ok=True)
+    start = time.monotonic()
+    with open(log, "ab") as fh:
+        proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        _ACTIVE.add(proc.pid)
+        try:
+            code = proc.wait(timeout=timeout or None)
+        except BaseException as err:  # timeout, Ctrl-C: stop the whole group, then report or re-raise
+            stop_group(proc.pid)
+            proc.wait()
+            if not isinstance(err, subprocess.TimeoutExpired):
+                raise
+            return False, f"stopped after {timeout:g} s (run_timeout); log: {log}", time.monotonic() - start
+        finally:
+            _ACTIVE.discard(proc.pid)
+    seconds = time.monotonic() - start
+    if code != 0:
+        return False, f"exit status {code}: {last_error_line(log)} (log: {log})", seconds
+    return True, "", seconds
+
+
+def stop_group(pgid: int) -> None:
+    """Kill a training command's process group (it may already be gone)."""
+    import os
+    import signal
+
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def last_error_line(log: Path) -> str:
+    """The most telling line at the end of a log: the last line naming an error, else the last line."""
+    lines = [
+        ln.strip() for ln in log.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()
+    ]
+    for line in reversed(lines[-60:]):
+        if "error" in line.lower() or "exception" in line.lower():
+            return line[:400]
+    return lines[-1][:400] if lines else "no output"
+
+
+def device_slots(devices: str, gpus_per_run: int) -> list[str | None]:
+    """``CUDA_VISIBLE_DEVICES`` values of the parallel run slots; ``[None]`` (one slot) on the CPU.
+
+    Raises
+    ------
+    StdaError
+        A bad ``devices`` value, or fewer GPUs than one run needs.
+    """
+    import os
+
+    if devices == "cpu":
+        return [None]
+    if devices == "auto":
+        import torch
+
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        count = torch.cuda.device_count()
+        ids = visible.split(",")[:count] if visible else [str(i) for i in range(count)]
+    else:
+        ids = [d.strip() for d in devices.split(",") if d.strip()]
+        if not all(d.isdigit() for d in ids):
+            raise StdaError(f"devices {devices!r}: use auto, cpu, or GPU ids like 0,1,2")
+    if not ids:
+        return [None]
+    if len(ids) < gpus_per_run:
+        raise StdaError(
+            f"gpus_per_run {gpus_per_run} but only {len(ids)} GPU(s) ({','.join(ids)}) are available"
+        )
+    return [",".join(ids[i : i + gpus_per_run]) for i in range(0, len(ids) - gpus_per_run + 1, gpus_per_run)]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What a run wrote
+
+
+def read_run_metrics(run_dir: Path) -> dict[str, float]:
+    """Test metrics of a finished run (:data:`RUN_METRICS` from ``metrics/test.json``, ``evaluate.save``'s file).
+
+    Explanation numbers the trainer may log there are left out: the benchmark explains every run itself, on
+    the same images for every arm (:func:`explain_run`).
+
+    Raises
+    ------
+    StdaError
+        When the run wrote no test metrics.
+    """
+    import json
+
+    path = run_dir / "metrics" / "test.json"
+    if not path.is_file():
+        raise StdaError(f"{run_dir} finished without test metrics ({path} missing)")
+    raw = json.loads(path.read_text(encoding="utf-8"))
+    return {k: float(raw[k]) for k in RUN_METRICS if isinstance(raw.get(k), (int, float))}
+
+
+def read_run_log(run_dir: Path) -> list[dict[str, float]]:
+    """Per-epoch records of a run's JSON-lines log as ``{epoch, train_loss, val_<metric>...}``."""
+    from ..fileio import read_jsonl
+
+    records = []
+    for r in read_jsonl(run_dir / "log.jsonl"):
+        if not isinstance(r.get("epoch"), int) or "train/loss" not in r:
+            continue
+        rec = {"epoch": r["epoch"], "train_loss": r["train/loss"]}
+        rec.update({f"val_{k.split('/', 1)[1]}": v for k, v in r.items() if k.startswith("validation/")})
+        records.append(rec)
+    return records
+
+
+def find_heatmap(run_dir: Path) -> Path | None:
+    """The heatmap grid the benchmark's explanation of a run wrote (``explain/grid.png``), or None."""
+    grid = run_dir / EXPLAIN_DIR / "grid.png"
+    return grid if grid.is_file() else None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Scheduling
+
+
+_ACTIVE: set[int] = set()  # process groups of running training commands, stopped on Ctrl-C
+
+
+def run_one(cfg: BenchmarkConfig, key: RunKey, dataset: Path, slot: str | None, mode: str) -> dict[str, Any]:
+    """Train one run and return its table row values (status, seconds, run_dir, metrics, error)."""
+    run_dir = cfg.work_dir / "runs" / key.name
+    log = run_dir.parent / f"{run_dir.name}.log"
+    if mode == "overwrite":
+        import shutil
+
+        log.unlink(missing_ok=True)
+        shutil.rmtree(run_dir / EXPLAIN_DIR, ignore_errors=True)
+    settings = {**cfg.train, **cfg.arms[key.arm], "seed": key.seed, "dataset": str(dataset)}
+    argv = train_argv(cfg, settings, run_dir, mode)
+    ok, error, seconds = run_command(argv, log, slot, cfg.run_timeout, cfg.cpu_threads)
+    metrics: dict[str, float] = {}
+    if ok:
+        try:
+            metrics = read_run_metrics(run_dir)
+        except StdaError as err:
+            ok, error = False, str(err)
+    values = {
+        "seconds": round(seconds, 1),
+        "run_dir": str(Path("runs") / key.name),
+        **metrics,
+        "error": error,
+    }
+    return {"status": "done" if ok else "failed", **values}
+
+
+def execute_runs(cfg: BenchmarkConfig, table: RunTable, todo: list[RunKey], datasets: dict[int, Any]) -> None:
+    """Run ``todo`` (serially on the CPU, one run per GPU slot otherwise), recording each as it ends."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+    from queue import Queue
+
+    from ..utils import progress
+
+    lock = threading.Lock()
+    for key in (k for k in todo if not isinstance(datasets.get(k.fold), Path)):
+        table.record(key, "failed", error=datasets.get(key.fold, "fold not prepared"))
+    ready = [k for k in todo if isinstance(datasets.get(k.fold), Path)]
+    slots = device_slots(cfg.devices, cfg.gpus_per_run)
+    free: Queue = Queue()
+    for slot in slots:
+        free.put(slot)
+
+    def work(key: RunKey) -> dict[str, Any]:
+        slot = free.get()
+        try:
+            with lock:
+                mode = "resume" if table.status(key) == "running" else "overwrite"
+                table.record(key, "running", run_dir=str(Path("runs") / key.name))
+            return run_one(cfg, key, datasets[key.fold], slot, mode)
+        finally:
+            free.put(slot)
+
+    bar = progress(total=len(ready), desc="benchmark runs", unit="run")
+    with ThreadPoolExecutor(max_workers=len(slots)) as pool:
+        futures = {pool.submit(work, key): key for key in ready}
+        try:
+            for future in as_completed(futures):
+                key, row = futures[future], future.result()
+                with lock:
+                    table.record(key, **row)
+                bar.set_postfix_str(f"{key.name}: {row['status']}")
+                bar.update()
+        except BaseException:  # Ctrl-C: stop every run; their rows stay "running" and resume next time
+            pool.shutdown(wait=False, cancel_futures=True)
+            for pgid in list(_ACTIVE):
+                stop_group(pgid)
+            raise
+        finally:
+            bar.close()

@@ -1,0 +1,105 @@
+"""Training of benign/malignant classifiers under Accelerate: data pipeline, epochs, evaluation, checkpoints, resume.
+
+``train.py`` is the command; this package is the machinery, importable on its own, one module per layer:
+:mod:`.config` (settings and their checks), :mod:`.data`, :mod:`.step` (one epoch, one evaluation),
+:mod:`.state` (run state, checkpoints, log) and :mod:`.run` (the run). Their public names are re-exported here.
+
+
+* data: :func:`load_splits` loads a Hub dataset (id or local ``stda package`` folder), checks its columns and
+  that validation/test hold real images only, skips undecodable images; :func:`build_transforms`,
+  :class:`EpochSampler` (synthetic mixing, balanced sampling, order drawn from seed and epoch alone);
+* steps: :func:`train_one_epoch` and :func:`evaluate` (metrics through the project's ``evaluate`` module on
+  predictions gathered from every process);
+* run: :func:`run_training` with ``save_state`` checkpoints each epoch and at the best validation score, exact
+  resume, early stopping, a JSON-lines log (TensorBoard too when installed), the final model, plots and card.
+"""
+
+from __future__ import annotations
+
+from .config import (
+    IMBALANCE,
+    MONITORS,
+    OPTIMIZERS,
+    PRECISIONS,
+    REQUIRED_COLUMNS,
+    RUN_CONTROL,
+    SCHEDULES,
+    SYNTHETIC_MODES,
+    TrainConfig,
+    check_config,
+)
+from .data import (
+    EpochSampler,
+    ImageLabelSet,
+    Phase,
+    Splits,
+    build_phases,
+    build_transforms,
+    class_weights,
+    load_splits,
+    make_loader,
+)
+from .run import TrainResult, push_run, run_training
+from .state import (
+    JsonlTracker,
+    RunState,
+    checkpoint_dir,
+    latest_checkpoint,
+    prune_checkpoints,
+    read_run_state,
+    recover_checkpoints,
+    save_checkpoint,
+)
+from .step import (
+    EvalContext,
+    EvalHook,
+    compute_metrics,
+    evaluate,
+    learning_rate,
+    phase_of,
+    predict,
+    total_epochs,
+    train_one_epoch,
+)
+
+__all__ = [
+    "IMBALANCE",
+    "MONITORS",
+    "OPTIMIZERS",
+    "PRECISIONS",
+    "REQUIRED_COLUMNS",
+    "RUN_CONTROL",
+    "SCHEDULES",
+    "SYNTHETIC_MODES",
+    "EpochSampler",
+    "EvalContext",
+    "EvalHook",
+    "ImageLabelSet",
+    "JsonlTracker",
+    "Phase",
+    "RunState",
+    "Splits",
+    "TrainConfig",
+    "TrainResult",
+    "build_phases",
+    "build_transforms",
+    "check_config",
+    "checkpoint_dir",
+    "class_weights",
+    "compute_metrics",
+    "evaluate",
+    "latest_checkpoint",
+    "learning_rate",
+    "load_splits",
+    "make_loader",
+    "phase_of",
+    "predict",
+    "prune_checkpoints",
+    "push_run",
+    "read_run_state",
+    "recover_checkpoints",
+    "run_training",
+    "save_checkpoint",
+    "total_epochs",
+    "train_one_epoch",
+]

@@ -1,0 +1,176 @@
+"""Training settings: :class:`TrainConfig` (every flag of ``train.py``) and the checks run before any work."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import StdaError
+
+logger = logging.getLogger(__name__)
+
+
+SYNTHETIC_MODES = ("none", "mix", "pretrain")
+
+
+OPTIMIZERS = ("adamw", "sgd")
+
+
+SCHEDULES = ("cosine", "step", "constant")
+
+
+IMBALANCE = ("weights", "sampler", "none")
+
+
+PRECISIONS = ("no", "fp16", "bf16")
+
+
+MONITORS = (
+    "roc_auc",
+    "balanced_accuracy",
+    "accuracy",
+    "f1",
+    "sensitivity",
+    "specificity",
+    "precision",
+    "loss",
+)
+
+
+REQUIRED_COLUMNS = ("image", "label")
+
+
+RUN_CONTROL = (
+    "resume",
+    "overwrite",
+    "stop_after_epoch",
+    "epochs",
+    "num_workers",
+    "push_to_hub",
+    "hub_model_id",
+    "hub_private",
+    "explain_images",
+    "explain_method",
+)
+"""Settings that may change when a run is resumed (none changes the weights); any other is refused."""
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one training run (``train.py`` flags, or a ``--config`` YAML with the same keys)."""
+
+    dataset: str = "stda/skin-lesions"  # Hub dataset id, or a local folder written by `stda package`
+    dataset_config: str | None = None  # dataset configuration name (default: the dataset's default)
+    revision: str | None = None  # dataset revision on the Hub (branch, tag or commit)
+    synthetic: str = "none"  # none | mix (synthetic images added to each epoch) | pretrain (synthetic first)
+    synthetic_ratio: float = 1.0  # mix: synthetic images drawn per real training image, anew each epoch
+    min_confidence: float = 0.0  # use only synthetic images whose pseudo-label confidence is at least this
+    pretrain_epochs: int = 5  # pretrain: epochs on synthetic images before the real-image epochs
+    image_size: int = 224  # images are resized to this square side (pixels)
+    check_images: bool = True  # decode every image once before training; skip and report bad ones
+    model: str = "vgg8"  # vgg8 | vgg11 | vgg11_bn | vgg16 | vgg16_bn | transformers model id or folder
+    weights: str = "auto"  # auto (vgg8 random, torchvision imagenet) | imagenet | random | weights file
+    vgg8_widths: tuple[int, ...] = (64, 128, 256, 512, 512)  # VGG8: channels of the five convolutions
+    vgg8_hidden: tuple[int, ...] = (512, 512)  # VGG8: units of the first two fully connected layers
+    batch_norm: bool = True  # VGG8: batch normalisation after each convolution
+    dropout: float = 0.5  # dropout of the fully connected layers (VGG8 and torchvision VGGs)
+    augment: bool = True  # classic augmentation of training images (rotation .. color_jitter)
+    rotation: float = 20.0  # augmentation: largest rotation, degrees
+    zoom: float = 0.1  # augmentation: largest zoom in or out (0.1: scale 0.9 to 1.1)
+    shear: float = 5.0  # augmentation: largest shear, degrees
+    hflip: bool = True  # augmentation: random horizontal flips
+    vflip: bool = True  # augmentation: random vertical flips (lesions have no up)
+    color_jitter: float = 0.1  # augmentation: brightness, contrast, saturation jitter (hue a quarter)
+    epochs: int = 30  # epochs on real training images (after the pretrain epochs, if any)
+    batch_size: int = 32  # images per process and step
+    grad_accum: int = 1  # gradient accumulation steps (effective batch: batch_size x processes x this)
+    optimizer: str = "adamw"  # adamw | sgd
+    lr: float = 1e-3  # peak learning rate
+    momentum: float = 0.9  # SGD momentum
+    weight_decay: float = 1e-4  # weight decay
+    schedule: str = "cosine"  # cosine | step | constant, per epoch; restarts at fine-tuning in pretrain mode
+    warmup_epochs: int = 0  # linear warm-up epochs at the start of each phase
+    step_size: int = 10  # step schedule: epochs between decays
+    gamma: float = 0.1  # step schedule: decay factor
+    imbalance: str = "weights"  # weights (class-weighted loss) | sampler (balanced sampling) | none
+    mixed_precision: str = "no"  # no | fp16 (GPU only) | bf16
+    early_stopping: int = 10  # stop after this many epochs without validation improvement (0: never)
+    monitor: str = "roc_auc"  # validation metric that picks the best checkpoint (loss: lower is better)
+    seed: int = 0  # seed of weights, data order and augmentation
+    num_workers: int = 2  # data-loading worker processes per training process
+    output_dir: str = "runs/vgg8"  # run folder: checkpoints, metrics, log, final model, model card
+    resume: bool = False  # continue the run in output_dir from its last checkpoint (fresh start if none)
+    overwrite: bool = False  # delete the run already in output_dir and start again
+    keep_checkpoints: int = 2  # epoch checkpoints kept (the best one is kept apart)
+    stop_after_epoch: int = 0  # stop as if killed after this epoch's checkpoint (0: never; to test resume)
+    push_to_hub: bool = False  # upload the final model, card and plots to the Hub
+    hub_model_id: str | None = None  # Hub model repo for --push-to-hub, e.g. me/vgg8-stda
+    hub_private: bool = False  # create the Hub repo as private
+    explain_images: int = (
+        8  # validation/test images explained at each evaluation (heatmaps/, logged numbers; 0: off)
+    )
+    explain_method: str = (
+        "dtd"  # attribution method of those explanations (dtd, gradient, or a zennit composite)
+    )
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Refuse settings that cannot work, naming the bad value and the valid ones.
+
+    Raises
+    ------
+    StdaError
+        On the first bad setting.
+    """
+    for name, valid in (
+        ("synthetic", SYNTHETIC_MODES),
+        ("optimizer", OPTIMIZERS),
+        ("schedule", SCHEDULES),
+        ("imbalance", IMBALANCE),
+        ("mixed_precision", PRECISIONS),
+        ("monitor", MONITORS),
+    ):
+        if getattr(cfg, name) not in valid:
+            raise StdaError(
+                f"--{_flag(name)} {getattr(cfg, name)!r} is not valid; choose one of {list(valid)}"
+            )
+    _check_ranges(cfg)
+    if cfg.explain_images:
+        from ..attribution import check_composite_name
+
+        check_composite_name(cfg.explain_method)
+    if cfg.push_to_hub and not cfg.hub_model_id:
+        raise StdaError("--push-to-hub needs --hub-model-id (e.g. your-name/vgg8-stda)")
+    if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise StdaError("--mixed-precision fp16 needs a CUDA GPU; use bf16 or no on this machine")
+
+
+def _check_ranges(cfg: TrainConfig) -> None:
+    positive = ("epochs", "batch_size", "grad_accum", "image_size", "keep_checkpoints", "step_size")
+    for name in positive:
+        if getattr(cfg, name) < 1:
+            raise StdaError(f"--{_flag(name)} must be at least 1; got {getattr(cfg, name)}")
+    for name in (
+        "pretrain_epochs", "warmup_epochs", "early_stopping", "num_workers", "stop_after_epoch", "explain_images"
+    ):  # fmt: skip
+        if getattr(cfg, name) < 0:
+            raise StdaError(f"--{_flag(name)} must not be negative; got {getattr(cfg, name)}")
+    checks = (
+        ("lr", cfg.lr > 0, "a positive number"),
+        ("synthetic_ratio", cfg.synthetic_ratio >= 0, "0 or more"),
+        ("min_confidence", 0.0 <= cfg.min_confidence <= 1.0, "between 0 and 1"),
+        ("gamma", 0.0 < cfg.gamma <= 1.0, "in (0, 1]"),
+        ("zoom", 0.0 <= cfg.zoom < 1.0, "in [0, 1)"),
+        ("color_jitter", cfg.color_jitter >= 0, "0 or more"),
+    )
+    for name, ok, what in checks:
+        if not ok:
+            raise StdaError(f"--{_flag(name)} must be {what}; got {getattr(cfg, name)}")
+    if cfg.synthetic == "pretrain" and cfg.pretrain_epochs < 1:
+        raise StdaError("--synthetic pretrain needs --pretrain-epochs of at least 1")
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")

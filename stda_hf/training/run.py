@@ -1,0 +1,543 @@
+"""The run: set up Accelerate, fit with early stopping and checkpoints, test the best model, write the run folder."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import SPLITS
+from ..config import changed_settings, config_to_dict, describe_changes, dump_config, read_settings
+from ..errors import StdaError
+from ..fileio import write_json, write_text
+from ..models.vgg import (
+    MODEL_DIR,
+    MODEL_NAMES,
+    Preprocessing,
+    build_model,
+    default_preprocessing,
+    describe_weights,
+    layer_list,
+    save_model,
+)
+from ..utils import seed_everything
+from .config import RUN_CONTROL, TrainConfig, check_config
+from .data import ImageLabelSet, Phase, Splits, build_phases, build_transforms, load_splits, make_loader
+from .state import (
+    JsonlTracker,
+    RunState,
+    checkpoint_dir,
+    latest_checkpoint,
+    prune_checkpoints,
+    read_run_state,
+    recover_checkpoints,
+    save_checkpoint,
+)
+from .step import (
+    EvalContext,
+    EvalHook,
+    compute_metrics,
+    evaluate,
+    learning_rate,
+    phase_of,
+    predict,
+    total_epochs,
+    train_one_epoch,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    """The outcome of :func:`run_training`."""
+
+    run_dir: Path
+    status: str  # "finished", "stopped" (--stop-after-epoch) or "early-stopped"
+    epochs: int  # epochs completed
+    best_epoch: int
+    validation: dict[str, float]  # validation metrics of the best epoch
+    test: dict[str, float] | None  # test metrics of the final (best) model; None without a test split
+    is_main_process: bool = True
+
+
+@dataclass
+class _Run:
+    """Everything one run holds while training (internal)."""
+
+    cfg: TrainConfig
+    run_dir: Path
+    accelerator: Any
+    tracker: JsonlTracker
+    splits: Splits
+    preprocessing: Preprocessing
+    eval_transform: Callable
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    phases: dict[str, Phase]
+    loaders: dict[str, Any]
+    loss_fns: dict[str, nn.Module]
+    metric: Any
+    on_evaluate: EvalHook | None
+    state: RunState = field(default_factory=RunState)
+
+
+def run_training(cfg: TrainConfig, on_evaluate: EvalHook | None = None) -> TrainResult:
+    """Train, validate each epoch, checkpoint, stop early, then test the best model and write the run folder.
+
+    Parameters
+    ----------
+    cfg : TrainConfig
+        Settings (see ``train.py --help``).
+    on_evaluate : callable, optional
+        Called with an :class:`EvalContext` after each validation and after the test evaluation; the numbers
+        it returns are logged. Default: explain ``cfg.explain_images`` fixed images with
+        ``cfg.explain_method`` (:func:`stda_hf.explain_hook.explain_hook`), or nothing when that is 0.
+
+    Returns
+    -------
+    TrainResult
+        Status, epochs, best epoch and metrics.
+
+    Raises
+    ------
+    StdaError
+        Bad settings or dataset, a run folder in the way, a non-finite loss.
+    """
+    check_config(cfg)
+    if on_evaluate is None and cfg.explain_images:
+        from ..explain_hook import explain_hook
+
+        on_evaluate = explain_hook(cfg.explain_images, cfg.explain_method)
+    run = _setup(cfg, on_evaluate)
+    status = _fit(run)
+    if status == "stopped":
+        run.accelerator.end_training()
+        return _result(run, status, None)
+    test = _finish(run)
+    run.accelerator.end_training()
+    return _result(run, status, test)
+
+
+def _setup(cfg: TrainConfig, on_evaluate: EvalHook | None) -> _Run:
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, is_tensorboard_available
+
+    from ..metrics import load_metric
+
+    run_dir = Path(cfg.output_dir)
+    if logging.getLogger("accelerate").level == logging.NOTSET:
+        logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file checkpoint lines drown ours
+    tracker = JsonlTracker(run_dir / "log.jsonl")
+    log_with = [tracker, "tensorboard"] if is_tensorboard_available() else [tracker]
+    accelerator = Accelerator(
+        cpu=_cpu_only_launch(),
+        mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_steps=cfg.grad_accum,
+        log_with=log_with,
+        project_config=ProjectConfiguration(
+            project_dir=str(run_dir), logging_dir=str(run_dir / "tensorboard")
+        ),
+    )
+    _check_world(accelerator)
+    resume_from = _prepare_run_dir(cfg, run_dir, accelerator)
+    with accelerator.main_process_first():
+        splits = load_splits(cfg)
+    _report_skipped(splits, run_dir, accelerator)
+    pre = default_preprocessing(cfg.model, cfg.image_size)
+    seed_everything(cfg.seed)
+    model = build_model(cfg.model, cfg.weights, seed=cfg.seed, **_model_options(cfg))
+    run = _assemble(cfg, run_dir, accelerator, tracker, splits, pre, model, load_metric(), on_evaluate)
+    _start(run, resume_from)
+    return run
+
+
+def _world_size() -> int:
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _cpu_only_launch() -> bool:
+    """True for several processes on a machine without accelerator (torchrun on CPUs): train with gloo.
+
+    Accelerate treats several CPU processes as one distributed run only when asked (``cpu=True``); without it
+    torchrun would start independent copies of the same run, all writing the same folder.
+    """
+    has_accelerator = getattr(torch, "accelerator", None)
+    busy = has_accelerator.is_available() if has_accelerator is not None else torch.cuda.is_available()
+    return _world_size() > 1 and not busy
+
+
+def _check_world(accelerator) -> None:
+    if accelerator.num_processes != _world_size():
+        raise StdaError(
+            f"launched as {_world_size()} processes but Accelerate runs {accelerator.num_processes}; launch with "
+            "`torchrun --nproc_per_node N train.py` (CPUs) or `accelerate launch --multi_gpu` (GPUs)"
+        )
+
+
+def _model_options(cfg: TrainConfig) -> dict[str, Any]:
+    if cfg.model == "vgg8":
+        return {
+            "widths": cfg.vgg8_widths,
+            "hidden": cfg.vgg8_hidden,
+            "batch_norm": cfg.batch_norm,
+            "dropout": cfg.dropout,
+        }
+    return {"dropout": cfg.dropout} if cfg.model in MODEL_NAMES else {}
+
+
+def _assemble(cfg, run_dir, accelerator, tracker, splits, pre, model, metric, on_evaluate) -> _Run:
+    eval_transform = build_transforms(cfg, pre, train=False)
+    phases = build_phases(splits, cfg, build_transforms(cfg, pre, train=True))
+    optimizer = _make_optimizer(model, cfg)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    loaders = {
+        name: accelerator.prepare(make_loader(p.dataset, cfg, p.sampler)) for name, p in phases.items()
+    }
+    for split in SPLITS[1:]:
+        if getattr(splits, split) is not None:
+            data = ImageLabelSet(getattr(splits, split), eval_transform, split)
+            loaders[split] = accelerator.prepare(make_loader(data, cfg))
+    loss_fns = {
+        name: nn.CrossEntropyLoss(weight=p.weights.to(accelerator.device) if p.weights is not None else None)
+        for name, p in phases.items()
+    }
+    return _Run(
+        cfg, run_dir, accelerator, tracker, splits, pre, eval_transform, model, optimizer, phases, loaders,
+        loss_fns, metric, on_evaluate,
+    )  # fmt: skip
+
+
+def _make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _start(run: _Run, resume_from: Path | None) -> None:
+    """Restore the last checkpoint, or start fresh; then open the trackers."""
+    acc = run.accelerator
+    if resume_from is not None:
+        acc.load_state(str(resume_from))  # model, optimizer, RNG states of every process
+        run.state = read_run_state(resume_from)
+        if acc.is_main_process:
+            run.tracker.truncate_after(run.state.epoch)
+        logger.info("resumed %s after epoch %d", run.run_dir, run.state.epoch)
+    else:
+        seed_everything(run.cfg.seed + acc.process_index)  # augmentation differs between processes
+        if acc.is_main_process:
+            _write_data_record(run)
+    acc.wait_for_everyone()
+    acc.init_trackers("stda", config=_flat_config(run.cfg))
+
+
+def _prepare_run_dir(cfg: TrainConfig, run_dir: Path, accelerator) -> Path | None:
+    """Check the run folder against --resume/--overwrite and write config.yaml; return the checkpoint to resume."""
+    resume_from = None
+    _check_run_dir(cfg, run_dir)  # on every process, before anything changes, so all refuse alike
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if cfg.overwrite and run_dir.exists():
+            shutil.rmtree(run_dir)
+        recover_checkpoints(run_dir)
+        dump_config(cfg, run_dir / "config.yaml")
+    accelerator.wait_for_everyone()
+    if cfg.resume:
+        resume_from = latest_checkpoint(run_dir)
+        if resume_from is None:
+            logger.warning("--resume: no checkpoint in %s yet; starting from the beginning", run_dir)
+    return resume_from
+
+
+def _check_run_dir(cfg: TrainConfig, run_dir: Path) -> None:
+    if not run_dir.exists() or not any(run_dir.iterdir()):
+        return
+    if not ((run_dir / "config.yaml").is_file() or (run_dir / "checkpoints").is_dir()):
+        raise StdaError(
+            f"--output-dir {run_dir} is not empty and holds no train.py run; choose another folder"
+        )
+    if cfg.overwrite:
+        return
+    if not cfg.resume:
+        raise StdaError(
+            f"{run_dir} already holds a run; pass --resume to continue it, --overwrite to start it again, "
+            "or choose another --output-dir"
+        )
+    _check_same_settings(cfg, run_dir / "config.yaml")
+
+
+def _check_same_settings(cfg: TrainConfig, saved_file: Path) -> None:
+    saved = read_settings(saved_file)
+    if saved is None:
+        return
+    now = config_to_dict(cfg)
+    differ = sorted(changed_settings(saved, now, ignore=RUN_CONTROL, missing_is_change=False))
+    if differ:
+        pairs = describe_changes(saved, now, differ)
+        raise StdaError(
+            f"--resume with other settings than the run in {saved_file.parent} ({pairs}); a resumed run must use "
+            f"the same settings (only {list(RUN_CONTROL)} may change). Use a new --output-dir for new settings"
+        )
+
+
+def _report_skipped(splits: Splits, run_dir: Path, accelerator) -> None:
+    if len(splits.skipped) and accelerator.is_main_process:
+        splits.skipped.save(run_dir / "skipped.json")
+        logger.warning("%s; see %s", splits.skipped.summary(), run_dir / "skipped.json")
+
+
+def _write_data_record(run: _Run) -> None:
+    """``data.json`` (dataset, split sizes) and ``train_ids.txt`` (every image id trained on, for teacher checks)."""
+    cfg, splits = run.cfg, run.splits
+    trained_on = ["train"] + (["synthetic"] if splits.synthetic is not None else [])
+    ids = sorted(i for name in trained_on for i in _ids(getattr(splits, name)))
+    write_text(run.run_dir / "train_ids.txt", "".join(f"{i}\n" for i in ids))
+    write_json(
+        run.run_dir / "data.json",
+        {
+            "dataset": cfg.dataset,
+            "dataset_config": cfg.dataset_config,
+            "revision": cfg.revision,
+            "splits": splits.sizes(),
+            "trained_on_splits": trained_on,
+            "evaluated_on_splits": [s for s in SPLITS[1:] if getattr(splits, s) is not None],
+            "trained_on_ids": len(ids),
+            "skipped_images": len(splits.skipped),
+        },
+    )
+
+
+def _ids(ds) -> list[str]:
+    return [str(i) for i in ds["isic_id"]] if ds is not None and "isic_id" in ds.column_names else []
+
+
+def _flat_config(cfg: TrainConfig) -> dict[str, Any]:
+    """Settings as scalars (TensorBoard's hparams take no lists or None)."""
+    return {
+        k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in config_to_dict(cfg).items()
+    }
+
+
+def _fit(run: _Run) -> str:
+    """The epoch loop; returns "finished", "early-stopped" or "stopped"."""
+    cfg, state = run.cfg, run.state
+    if state.stopped_early:
+        return "early-stopped"
+    for epoch in range(state.epoch + 1, total_epochs(cfg) + 1):
+        _run_epoch(run, epoch)
+        if state.stopped_early:
+            logger.info("early stopping after epoch %d (best: epoch %d)", epoch, state.best_epoch)
+            return "early-stopped"
+        if epoch == cfg.stop_after_epoch:
+            logger.info("stopping after epoch %d as asked (--stop-after-epoch); --resume continues", epoch)
+            return "stopped"
+    return "finished"
+
+
+def _run_epoch(run: _Run, epoch: int) -> None:
+    cfg, acc = run.cfg, run.accelerator
+    phase = phase_of(cfg, epoch)
+    loader = run.loaders[phase]
+    loader.set_epoch(epoch)
+    stats = train_one_epoch(
+        run.model, loader, run.optimizer, run.loss_fns[phase], acc, learning_rate(cfg, epoch), epoch
+    )
+    val = evaluate(run.model, run.loaders["validation"], acc, run.metric)
+    extra = _hook(run, epoch, "validation", run.splits.validation, val)
+    improved = run.state.update(val, cfg, epoch)
+    record = {
+        "phase": phase,
+        "lr": learning_rate(cfg, epoch),
+        **_prefix("train", stats),
+        **_prefix("validation", val),
+    }
+    acc.log({**record, **_prefix("validation", extra)}, step=epoch)
+    metrics_file = run.run_dir / "metrics" / f"validation-epoch_{epoch:04d}.json"
+    _save_metrics(acc, metrics_file, {**val, **extra}, epoch, "validation")
+    if improved:
+        save_checkpoint(acc, checkpoint_dir(run.run_dir, "best"), run.state)
+    save_checkpoint(acc, checkpoint_dir(run.run_dir, epoch), run.state)
+    if acc.is_main_process:
+        prune_checkpoints(run.run_dir, cfg.keep_checkpoints)
+    _log_epoch(epoch, phase, stats, val, cfg.monitor, improved)
+
+
+def _hook(run: _Run, epoch: int, split: str, dataset, metrics: dict[str, float]) -> dict[str, float]:
+    if run.on_evaluate is None:
+        return {}
+    model = run.accelerator.unwrap_model(run.model)
+    ctx = EvalContext(
+        model,
+        run.accelerator,
+        epoch,
+        split,
+        dataset,
+        run.preprocessing,
+        run.eval_transform,
+        metrics,
+        run.run_dir,
+    )
+    return dict(run.on_evaluate(ctx) or {})
+
+
+def _prefix(prefix: str, values: dict[str, float]) -> dict[str, float]:
+    return {f"{prefix}/{k}": v for k, v in values.items()}
+
+
+def _log_epoch(epoch, phase, stats, val, monitor, improved) -> None:
+    logger.info(
+        "epoch %d (%s): train loss %.4f, %.0f img/s | validation %s %.4f, balanced acc %.4f%s",
+        epoch,
+        phase,
+        stats["loss"],
+        stats["images_per_second"],
+        monitor,
+        val[monitor],
+        val["balanced_accuracy"],
+        " (best so far)" if improved else "",
+    )
+
+
+def _save_metrics(accelerator, path: Path, metrics: dict[str, float], epoch: int, split: str) -> None:
+    """``evaluate.save`` the metrics with their context, written beside ``path`` and moved over it atomically."""
+    import os
+
+    import evaluate
+
+    if not accelerator.is_main_process:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.part")
+    record = {**metrics, "epoch": epoch, "split": split}
+    try:
+        with _stderr_silenced():  # evaluate.save asks git for the commit; outside a repository git complains
+            evaluate.save(str(tmp), **record)
+    except FileNotFoundError:  # no git installed: same record, without the commit and interpreter fields
+        write_json(tmp, record)
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def _stderr_silenced():
+    """Send file descriptor 2 (child processes included) to /dev/null for the duration of the block."""
+    import os
+    import sys
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _finish(run: _Run) -> dict[str, float] | None:
+    """Restore the best checkpoint, test it, and write the final model, plots, metrics and model card."""
+    from .. import model_card
+
+    acc, state = run.accelerator, run.state
+    best = checkpoint_dir(run.run_dir, "best")
+    if best.is_dir():
+        acc.load_state(str(best))
+    else:
+        logger.warning("no validation improvement was ever recorded; the final model is the last epoch's")
+    test, logits, labels = None, None, None
+    if "test" in run.loaders:
+        logits, labels = predict(run.model, run.loaders["test"], acc)
+        test = compute_metrics(logits, labels, run.metric)
+        test.update(_hook(run, state.best_epoch, "test", run.splits.test, test))
+        _save_metrics(acc, run.run_dir / "metrics" / "test.json", test, state.best_epoch, "test")
+        acc.log(_prefix("test", test), step=state.epoch)
+    if acc.is_main_process:
+        model_dir = run.run_dir / MODEL_DIR
+        save_model(acc.unwrap_model(run.model), model_dir, run.preprocessing)
+        model_card.write_run_card(model_dir, _card_facts(run, test), logits, labels)
+        if run.cfg.push_to_hub:
+            push_run(model_dir, run.cfg.hub_model_id, run.cfg.hub_private)
+    acc.wait_for_everyone()
+    return test
+
+
+def _card_facts(run: _Run, test: dict[str, float] | None):
+    from ..model_card import RunFacts
+
+    cfg, unwrapped = run.cfg, run.accelerator.unwrap_model(run.model)
+    return RunFacts(
+        config=config_to_dict(cfg),
+        layers=layer_list(unwrapped),
+        parameters=sum(p.numel() for p in unwrapped.parameters()),
+        weights=describe_weights(cfg.model, cfg.weights, cfg.seed),
+        split_sizes=run.splits.sizes(),
+        best_epoch=run.state.best_epoch,
+        epochs=run.state.epoch,
+        stopped_early=run.state.stopped_early,
+        validation=run.state.best_metrics,
+        test=test,
+        preprocessing=run.preprocessing,
+        dataset_license=_dataset_license(cfg.dataset),
+    )
+
+
+def _dataset_license(dataset: str) -> str | None:
+    """The licence in a local dataset folder's card (None when unknown; Hub cards are not fetched here)."""
+    card = Path(dataset) / "README.md"
+    if not card.is_file():
+        return None
+    try:
+        from huggingface_hub import DatasetCard
+
+        return DatasetCard.load(card).data.license
+    except Exception:  # a malformed card must not fail a finished run
+        logger.info("could not read the licence from %s", card)
+        return None
+
+
+def _result(run: _Run, status: str, test: dict[str, float] | None) -> TrainResult:
+    state = run.state
+    status = "early-stopped" if state.stopped_early and status != "stopped" else status
+    return TrainResult(
+        run.run_dir,
+        status,
+        state.epoch,
+        state.best_epoch,
+        state.best_metrics,
+        test,
+        run.accelerator.is_main_process,
+    )
+
+
+def push_run(model_dir: Path, repo_id: str, private: bool = False) -> str:
+    """Upload a run's ``model/`` folder (weights, config, card, plots) to the Hub model repo ``repo_id``.
+
+    The token comes from ``HF_TOKEN`` or ``hf auth login`` and is never printed; transient failures are retried
+    (:func:`stda_hf.hub.upload_folder`, as ``stda push`` does). Checkpoints stay local.
+
+    Raises
+    ------
+    StdaError
+        No token, no permission, or the Hub unreachable.
+    """
+    from ..hub import Upload, upload_folder
+
+    upload = Upload(
+        repo_id,
+        repo_type="model",
+        private=private,
+        commit_message="Upload model trained with stda-hf train.py",
+    )
+    url = upload_folder(model_dir, upload)
+    logger.info("pushed %s to %s", model_dir, repo_id)
+    return url

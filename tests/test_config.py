@@ -1,0 +1,46 @@
+"""Saved settings against the settings of now: the one guard every resumable stage runs first."""
+
+from __future__ import annotations
+
+import pytest
+
+from stda_hf.config import changed_settings, describe_changes, read_settings
+from stda_hf.errors import StdaError
+
+
+def test_changed_settings_names_what_differs_in_the_order_of_now():
+    saved = {"lr": 0.1, "epochs": 3, "seed": 0}
+    now = {"seed": 1, "epochs": 3, "lr": 0.2}
+    assert changed_settings(saved, now) == ["seed", "lr"]
+    assert describe_changes(saved, now, ["lr"]) == "lr: 0.1 -> 0.2"
+
+
+def test_settings_that_may_change_are_ignored():
+    assert (
+        changed_settings(
+            {"epochs": 3, "resume": False}, {"epochs": 5, "resume": True}, ignore={"epochs", "resume"}
+        )
+        == []
+    )
+
+
+def test_a_setting_missing_from_an_older_file_counts_as_changed_only_when_asked():
+    saved, now = {"lr": 0.1}, {"lr": 0.1, "new_option": 4}
+    assert changed_settings(saved, now) == ["new_option"]
+    assert changed_settings(saved, now, missing_is_change=False) == []
+
+
+def test_only_the_given_keys_are_compared():
+    assert changed_settings({"a": 1, "b": 1}, {"a": 2, "b": 2}, keys=["b"]) == ["b"]
+
+
+def test_read_settings_is_none_without_a_file_and_refuses_broken_yaml(tmp_path):
+    assert read_settings(tmp_path / "absent.yaml") is None
+    (tmp_path / "ok.yaml").write_text("lr: 0.1\n")
+    assert read_settings(tmp_path / "ok.yaml") == {"lr": 0.1}
+    (tmp_path / "bad.yaml").write_text("lr: [0.1\n")
+    with pytest.raises(StdaError, match=r"bad\.yaml is not valid YAML"):
+        read_settings(tmp_path / "bad.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n")
+    with pytest.raises(StdaError, match=r"list\.yaml must hold a mapping"):
+        read_settings(tmp_path / "list.yaml")
