@@ -186,7 +186,7 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type, skip: Sequence[
             comment if "default" in comment or default == "" else f"{comment} (default: {default})".strip()
         )
         origin = typing.get_origin(hint)
-        if hint is bool:
+        if hint is bool or _optional_scalar(hint, (bool,)):  # bool | None: unset means "the preset decides"
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
         elif origin is tuple:
             item = typing.get_args(hint)[0]
@@ -200,9 +200,9 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type, skip: Sequence[
         # dicts and other structured settings are set through --config
 
 
-def _optional_scalar(hint: object) -> type | None:
+def _optional_scalar(hint: object, kinds: tuple[type, ...] = (int, float, str)) -> type | None:
     args = [a for a in typing.get_args(hint) if a is not type(None)]
-    return args[0] if len(args) == 1 and args[0] in (int, float, str) else None
+    return args[0] if len(args) == 1 and args[0] in kinds else None
 
 
 def config_from_args(cls: type, args: argparse.Namespace, **extra: object):

@@ -44,3 +44,20 @@ def test_read_settings_is_none_without_a_file_and_refuses_broken_yaml(tmp_path):
     (tmp_path / "list.yaml").write_text("- 1\n")
     with pytest.raises(StdaError, match=r"list\.yaml must hold a mapping"):
         read_settings(tmp_path / "list.yaml")
+
+
+def test_an_optional_bool_field_becomes_a_yes_no_flag_that_defaults_to_unset():
+    import argparse
+    from dataclasses import dataclass
+
+    from stda_hf.config import add_config_flags
+
+    @dataclass
+    class Settings:
+        clamp: bool | None = None  # keep pixels in range
+
+    parser = argparse.ArgumentParser()
+    add_config_flags(parser, Settings)
+    assert parser.parse_args([]).clamp is None
+    assert parser.parse_args(["--clamp"]).clamp is True
+    assert parser.parse_args(["--no-clamp"]).clamp is False
