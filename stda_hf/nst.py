@@ -60,7 +60,8 @@ STRAY_TOLERANCE = 1.02
 PRESETS: dict[str, dict] = {
     # Gatys et al. (2016) style layers on VGG19, with the PyTorch tutorial's weights for these loss conventions;
     # content at conv3_1 (not conv4_2): with conv4_2 the lesion outline was lost on 1 of 8 phantom pairs, with
-    # conv3_1 on none (benchmarks/nst_figure.py --thresholds, random weights). Half the evaluations at half size.
+    # conv3_1 on none (benchmarks/nst_figure.py --thresholds, random weights). No coarse-to-fine: at 128 px it
+    # ended 8% above the full-size run's loss on one of two pairs (benchmarks/nst_throughput.py).
     "default": {
         "arch": "vgg19",
         "content_layer": "conv3_1",
@@ -76,7 +77,7 @@ PRESETS: dict[str, dict] = {
         "history": 100,
         "restart": 0,
         "clamp": True,
-        "coarse_to_fine": 0.5,
+        "coarse_to_fine": 0.0,
     },
     # titu1994's INetwork.py (the original work's Keras run) with its defaults: VGG16 on Caffe input, every
     # convolution a style layer with INetwork's adjacent-layer weights, Gram matrices of activations - 1, its
@@ -921,10 +922,11 @@ def schedule(cfg: NSTConfig, precision: str, size: Sequence[int]) -> list[Stage]
     """The stages of optimising images of ``size`` (H, W) at ``precision``, in order.
 
     ``cfg.coarse_to_fine`` of the evaluations at half size (none when that side is under ``MIN_COARSE_SIDE``
-    pixels), then the rest at full size; in bf16 the last ``cfg.fp32_finish`` of them in fp32.
+    pixels), then the rest (at least one) at full size; in bf16 the last ``cfg.fp32_finish`` of them in fp32.
     """
     n = cfg.iterations
-    coarse = round(n * cfg.coarse_to_fine) if min(_scaled(size, COARSE_SCALE)) >= MIN_COARSE_SIDE else 0
+    coarse = min(round(n * cfg.coarse_to_fine), n - 1)  # at least one evaluation at full size
+    coarse = coarse if min(_scaled(size, COARSE_SCALE)) >= MIN_COARSE_SIDE else 0
     finish = min(round(n * cfg.fp32_finish), n - coarse) if precision == "bf16" else 0
     stages = [
         Stage(COARSE_SCALE, (precision,) * coarse),
