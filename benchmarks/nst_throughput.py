@@ -374,7 +374,7 @@ def report(args, device, runs: list[Run], contents, styles, masks) -> None:
         images = torch.cat(run.images).cpu()
         verdicts = [r.verdict for r in assess(contents.cpu(), styles.cpu(), images, scorer, mask=masks)]
         reached = sum(run.reached)
-        to_target = f"{reached / n:.2f}" if math.isfinite(reached) else "not reached"
+        to_target = f"{reached / n:.2f}" if math.isfinite(reached) else "not reached" if plain else "-"
         speed = f"{sum(plain.reached) / reached:.2f}x" if plain and math.isfinite(reached) else "-"
         final = np.concatenate(run.final)
         ratio = f"{final.mean() / np.concatenate(plain.final).mean():.3f}" if plain else "-"
