@@ -457,6 +457,8 @@ def test_schedule_runs_half_size_first_and_ends_bf16_in_fp32():
     assert stages[0].precisions == ("bf16",) * 20
     assert stages[1].precisions == ("bf16",) * 10 + ("fp32",) * 10
     assert [s.precisions for s in schedule(cfg, "fp32", (48, 48))] == [("fp32",) * 40]  # too small to halve
+    short = dataclasses.replace(cfg, iterations=2, coarse_to_fine=0.75)
+    assert [(s.scale, len(s.precisions)) for s in schedule(short, "fp32", (128, 128))] == [(0.5, 1), (1.0, 1)]
 
 
 def test_coarse_to_fine_lowers_the_loss_and_keeps_images_independent_of_their_batch(features):
