@@ -1,62 +1,90 @@
-"""Style-transfer throughput: a plain per-image fp32 loop (the PyTorch tutorial's) against ``stda generate``'s engine.
+"""Style transfer per CPU core as time to quality: seconds until the plain fp32 loop's final loss is reached.
 
-    .venv/bin/python benchmarks/nst_throughput.py                      # CPU: 4 pairs, 128 px, 40 evaluations
-    .venv/bin/python benchmarks/nst_throughput.py --device cuda --pairs 64 --batch 32 --size 224 --iterations 100
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/nst_throughput.py --clock cpu --plot docs/nst_time_to_quality.png
+    .venv/bin/python benchmarks/nst_throughput.py --device cuda --pairs 32 --batch 32 --size 224 --iterations 100
 
-Both optimise the same objective (:func:`stda_hf.nst.objective`: content, Gram and TV losses on the same VGG
-layers and weights) for the same phantom pairs (benign content, malignant style), at the same size and for the
-same number of loss evaluations. The plain loop is the PyTorch neural-style tutorial's: one image at a time, a
-``nn.Sequential`` with loss modules, ``torch.optim.LBFGS`` and a closure that clamps the image, in fp32. The
-engine is :func:`stda_hf.nst.stylize` with batches of ``--batch`` pairs, Gram targets computed once per style,
-and ``--precision``. The two kinds of run alternate batch by batch, so load from other jobs hits both alike.
+The reference is the PyTorch neural-style tutorial's loop: one image at a time, a ``nn.Sequential`` with loss
+modules, ``torch.optim.LBFGS`` and a closure that clamps the image, in fp32, for ``--iterations`` loss
+evaluations. Its final loss (re-evaluated in fp32 by :func:`stda_hf.nst.objective`) is each pair's target.
+Every variant of the engine (:func:`stda_hf.nst.stylize`, batches of ``--batch`` pairs, the same objective,
+layers and weights) runs ``--engine-iterations`` evaluations (default 1.5x the plain loop's, so that its curve
+can pass the target) while a callback keeps the image it holds after each evaluation and the clock (the callback's own time is not counted); afterwards each kept image is evaluated in
+fp32 at full size by the same function (coarse-stage images upsampled as the engine does). A variant's time to
+quality is the time, from computing its style targets, until every image of its batch is at or below its
+target. Variants: the engine in fp32; with channels-last tensors; bf16 autocast with an fp32 finish;
+coarse-to-fine (half size first); both; ``torch.compile`` of the network (compilation excluded, printed apart).
+Both the tutorial and the engine compute content features and style Grams once per image, not per evaluation.
 
-Printed: images/s of both (the engine's including its Gram targets) and their ratio; the mean final loss of
-both (re-evaluated in fp32 on the final, clamped images, by the same function); and the engine's efficiency:
-the time that ``--iterations`` bare forward+backward passes take at the same batch and precision, divided by
-the time :func:`~stda_hf.nst.stylize` takes for the same batch.
+Printed per variant: seconds per image to the target and the speed-up over the plain loop, the evaluations that
+took, the final loss after all its evaluations (ratio to the plain loop's), images/s of the whole run, and the
+quality gate's verdicts (:mod:`stda_hf.quality`) on the images at the target. ``--plot`` draws the curves.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import math
 import os
 import platform
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("STDA_NO_PROGRESS", "1")
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 from stda_hf.generate import load_content
 from stda_hf.models.features import build_vgg_features
-from stda_hf.nst import NSTConfig, objective, resolve_precision, style_targets, stylize
+from stda_hf.nst import NSTConfig, objective, resize, style_targets, stylize
+from stda_hf.quality import StyleDistance, assess
+
+VARIANTS = {
+    "engine fp32": {"precision": "fp32", "coarse_to_fine": 0.0},
+    "channels_last": {"precision": "fp32", "coarse_to_fine": 0.0, "channels_last": True},
+    "bf16, fp32 finish": {"precision": "bf16", "coarse_to_fine": 0.0},
+    "coarse-to-fine": {"precision": "fp32", "coarse_to_fine": 0.5},
+    "coarse-to-fine + bf16": {"precision": "bf16", "coarse_to_fine": 0.5},
+    "torch.compile": {"precision": "fp32", "coarse_to_fine": 0.0, "compile": True},
+}
+"""Engine settings of each variant (``compile``: the network wrapped in ``torch.compile``)."""
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--pairs", type=int, default=4, help="content/style pairs (default: 4)")
-    p.add_argument("--batch", type=int, default=4, help="engine batch (default: 4)")
+    p.add_argument("--pairs", type=int, default=2, help="content/style pairs (default: 2)")
+    p.add_argument("--batch", type=int, default=2, help="engine batch (default: 2)")
     p.add_argument("--size", type=int, default=128, help="image side in pixels (default: 128)")
     p.add_argument("--iterations", type=int, default=40, help="loss evaluations per image (default: 40)")
-    p.add_argument("--precision", default="bf16", help="engine precision: fp32, bf16 or auto (default: bf16)")
+    p.add_argument(
+        "--engine-iterations",
+        type=int,
+        default=0,
+        help="evaluations of each engine variant, so its curve can pass the target (default: 1.5x --iterations)",
+    )
     p.add_argument("--preset", default="default", help="engine preset (default: default)")
     p.add_argument("--weights", default="random", help="imagenet, a file, or random (default: random)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
     p.add_argument(
-        "--repeats", type=int, default=1, help="time the engine and bare passes N times, keep the fastest"
+        "--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), help="engine variants to run"
     )
     p.add_argument(
         "--clock",
         choices=("wall", "cpu"),
         default="wall",
-        help="wall time, or this process's CPU time (with --threads 1 on a CPU shared with other jobs)",
+        help="wall time, or this process's CPU time (with OMP_NUM_THREADS=1 on a CPU shared with other jobs)",
     )
-    p.add_argument("--skip-plain", action="store_true", help="engine only (GPU throughput runs)")
+    p.add_argument(
+        "--skip-plain", action="store_true", help="engine images/s only, no target (GPU throughput)"
+    )
+    p.add_argument("--plot", type=Path, help="write the loss-vs-time curves to this PNG")
     return p.parse_args(argv)
 
 
@@ -119,8 +147,13 @@ def tutorial_model(features, cfg: NSTConfig, style: torch.Tensor, content: torch
     return model, style_losses, content_losses
 
 
-def run_tutorial(features, cfg: NSTConfig, content: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
-    """``run_style_transfer`` of the tutorial for one pair, for exactly ``cfg.iterations`` evaluations."""
+def run_tutorial(
+    features, cfg: NSTConfig, content: torch.Tensor, style: torch.Tensor, callback=None
+) -> torch.Tensor:
+    """``run_style_transfer`` of the tutorial for one pair, for exactly ``cfg.iterations`` evaluations.
+
+    ``callback(image)`` is called after every evaluation with the (clamped) image that was evaluated.
+    """
     model, style_losses, content_losses = tutorial_model(features, cfg, style, content)
     input_img = content.clone()
     input_img.requires_grad_(True)
@@ -141,6 +174,8 @@ def run_tutorial(features, cfg: NSTConfig, content: torch.Tensor, style: torch.T
             loss = style_score + content_score
             loss.backward()
             run[0] += 1
+            if callback is not None:
+                callback(input_img.detach())
             return style_score + content_score
 
         optimizer.step(closure)
@@ -161,16 +196,34 @@ def sync(device: torch.device) -> None:
 CLOCK = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
-def timed(fn, device: torch.device, clock: str = "wall"):
-    sync(device)
-    start = CLOCK[clock]()
-    out = fn()
-    sync(device)
-    return out, CLOCK[clock]() - start
+class Curve:
+    """Images kept after every evaluation with the time they were reached (the keeping itself not counted)."""
+
+    def __init__(self, device: torch.device, clock: str, offset: float = 0.0):
+        self.device, self.clock, self.offset = device, CLOCK[clock], offset
+        self.times: list[float] = []
+        self.images: list[torch.Tensor] = []
+        self.paused = 0.0
+        self.start = None
+
+    def begin(self) -> None:
+        sync(self.device)
+        self.start = self.clock()
+
+    def elapsed(self) -> float:
+        sync(self.device)
+        return self.clock() - self.start - self.paused + self.offset
+
+    def __call__(self, images: torch.Tensor) -> None:
+        sync(self.device)
+        now = self.clock()
+        self.times.append(now - self.start - self.paused + self.offset)
+        self.images.append(images.detach().clone())
+        self.paused += self.clock() - now
 
 
-def phantom_pairs(n: int, size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``n`` benign content and ``n`` malignant style phantoms as (n, 3, size, size) tensors."""
+def phantom_pairs(n: int, size: int, device: torch.device):
+    """``n`` benign content and ``n`` malignant style phantoms (n, 3, size, size), and the contents' masks."""
     from stda_hf.phantoms import PhantomConfig, make_phantoms
     from stda_hf.real import read_real_folder
 
@@ -178,24 +231,95 @@ def phantom_pairs(n: int, size: int, device: torch.device) -> tuple[torch.Tensor
     make_phantoms(root, PhantomConfig(n=4 * n + 8, size=size, seed=0))
     folder = read_real_folder(root)
     pick = {lab: [im for im in folder.labelled if im.label == lab][:n] for lab in ("benign", "malignant")}
-    load = [[load_content(im.path, size) for im in pick[lab]] for lab in ("benign", "malignant")]
-    return torch.stack(load[0]).to(device), torch.stack(load[1]).to(device)
+    load = [torch.stack([load_content(im.path, size) for im in pick[lab]]) for lab in ("benign", "malignant")]
+    masks = [np.asarray(Image.open(im.mask_path).resize((size, size))) > 127 for im in pick["benign"]]
+    return load[0].to(device), load[1].to(device), torch.from_numpy(np.stack(masks))
 
 
-def final_losses(features, cfg, content, images, targets) -> torch.Tensor:
-    """The weighted total loss of final images, evaluated in fp32 by the engine's objective."""
-    with torch.no_grad():
-        target = features(content)[cfg.content_layer]
-        return objective(features, images, target, targets, cfg, "fp32").total
+@torch.no_grad()
+def fp32_losses(features, cfg, content, images, targets) -> torch.Tensor:
+    """The weighted total loss of images (upsampled to the content's size), in fp32 by the engine's objective."""
+    target = features(content)[cfg.content_layer]
+    images = resize(images, tuple(content.shape[-2:]))
+    return objective(features, images, target, targets, cfg, "fp32").total
 
 
-def bare_passes(features, cfg, content, targets, precision: str) -> None:
-    """``cfg.iterations`` forward+backward passes of the objective: the floor the engine's time is held to."""
-    with torch.no_grad():
-        target = features(content)[cfg.content_layer].float()
-    x = content.clone().requires_grad_(True)
-    for _ in range(cfg.iterations):
-        torch.autograd.grad(objective(features, x, target, targets, cfg, precision).total.sum(), x)
+@dataclass
+class Run:
+    """One variant over all pairs: per pair, the curve's times and fp32 losses, and the images at the target."""
+
+    name: str
+    times: list[np.ndarray] = dataclasses.field(default_factory=list)  # per batch: (evaluations,)
+    losses: list[np.ndarray] = dataclasses.field(default_factory=list)  # per batch: (evaluations, B)
+    total_s: float = 0.0  # the whole runs (all evaluations, targets included)
+    images: list[torch.Tensor] = dataclasses.field(default_factory=list)  # per batch: at the target (or last)
+    reached: list[float] = dataclasses.field(
+        default_factory=list
+    )  # per batch: seconds to the target (or inf)
+    at: list[int] = dataclasses.field(default_factory=list)  # per batch: evaluations to the target
+    final: list[np.ndarray] = dataclasses.field(default_factory=list)  # per batch: final fp32 losses (B,)
+    extra: str = ""
+
+
+def record(run: Run, curve: Curve, losses: np.ndarray, goal: np.ndarray | None) -> None:
+    """Add one batch's curve to ``run``: its time to ``goal`` (per-image targets), the images there."""
+    run.times.append(np.asarray(curve.times))
+    run.losses.append(losses)
+    run.final.append(losses[-1])
+    hit = np.flatnonzero((losses <= goal).all(1)) if goal is not None else np.array([], dtype=int)
+    k = int(hit[0]) if len(hit) else len(losses) - 1
+    run.reached.append(curve.times[k] if len(hit) else math.inf)
+    run.at.append(k + 1)
+    run.images.append(curve.images[k])
+
+
+def plain_run(features, cfg, contents, styles, device, clock) -> Run:
+    """The tutorial's loop, one pair at a time."""
+    run = Run("plain loop (reference)")
+    run_tutorial(features, dataclasses.replace(cfg, iterations=2), contents[:1], styles[:1])  # one-time costs
+    for i in range(len(contents)):
+        content, style = contents[i : i + 1], styles[i : i + 1]
+        curve = Curve(device, clock)
+        curve.begin()
+        image = run_tutorial(features, cfg, content, style, callback=curve)
+        seconds = curve.elapsed()
+        run.total_s += seconds
+        targets = style_targets(features, style, cfg)
+        losses = torch.stack([fp32_losses(features, cfg, content, im, targets) for im in curve.images])
+        curve(image)  # the final image (after the last step) is the reference
+        losses = torch.cat([losses, fp32_losses(features, cfg, content, image, targets)[None]]).cpu().numpy()
+        goal = losses[-1:]
+        record(run, curve, losses, goal)
+        run.reached[-1] = seconds  # the plain loop's time is its whole run
+    return run
+
+
+def engine_run(name, features, cfg, contents, styles, batch, device, clock, goals) -> Run:
+    """One engine variant over the pairs in batches, with its curve; ``goals`` are the per-pair targets."""
+    settings = dict(VARIANTS[name])
+    net = features
+    run = Run(name)
+    if settings.pop("compile", False):
+        net = torch.compile(features)
+        start = CLOCK[clock]()
+        warm = dataclasses.replace(cfg, **settings, iterations=2)
+        stylize(net, contents[:batch], style_targets(net, styles[:batch], warm), warm)
+        run.extra = f"compilation {CLOCK[clock]() - start:.0f} s, not counted"
+    vcfg = dataclasses.replace(cfg, **settings)
+    warm = dataclasses.replace(vcfg, iterations=2)  # one-time costs (kernels, primitives) kept out
+    stylize(net, contents[:1], style_targets(net, styles[:1], warm), warm)
+    for start in range(0, len(contents), batch):
+        content, style = contents[start : start + batch], styles[start : start + batch]
+        curve = Curve(device, clock)
+        curve.begin()
+        targets = style_targets(net, style, vcfg)
+        stylize(net, content, targets, vcfg, callback=curve)
+        run.total_s += curve.elapsed()
+        full = {k: v for k, v in targets.items() if k in vcfg.style_layers}
+        losses = torch.stack([fp32_losses(features, vcfg, content, im, full) for im in curve.images])
+        goal = None if goals is None else goals[start : start + batch]
+        record(run, curve, losses.cpu().numpy(), goal)
+    return run
 
 
 def main(argv=None) -> None:
@@ -203,43 +327,22 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    cfg = NSTConfig(preset=args.preset, iterations=args.iterations, precision=args.precision)
-    precision = resolve_precision(cfg.precision, device)
+    cfg = NSTConfig(preset=args.preset, iterations=args.iterations)
     features = build_vgg_features(cfg.arch, cfg.layers(), cfg.pooling, args.weights).to(device)
-    contents, styles = phantom_pairs(args.pairs, args.size, device)
-    plain_s = engine_s = bare_s = optimise_s = 0.0
-    plain_loss, engine_loss, redone = [], [], 0
-    for start in range(0, args.pairs, args.batch):
-        content, style = contents[start : start + args.batch], styles[start : start + args.batch]
-        targets, t_targets = timed(
-            lambda style=style: style_targets(features, style, cfg), device, args.clock
+    contents, styles, masks = phantom_pairs(args.pairs, args.size, device)
+    runs, goals = [], None
+    if not args.skip_plain:
+        plain_cfg = dataclasses.replace(cfg, coarse_to_fine=0.0, precision="fp32")
+        runs.append(plain_run(features, plain_cfg, contents, styles, device, args.clock))
+        goals = np.concatenate(runs[0].final)
+    engine_cfg = dataclasses.replace(cfg, iterations=args.engine_iterations or round(1.5 * args.iterations))
+    for name in args.variants:
+        runs.append(
+            engine_run(name, features, engine_cfg, contents, styles, args.batch, device, args.clock, goals)
         )
-        t_engine = t_bare = float("inf")
-        for _ in range(args.repeats):  # the fastest of each: other jobs only ever add time
-            result, t = timed(lambda c=content, t=targets: stylize(features, c, t, cfg), device, args.clock)
-            t_engine = min(t_engine, t)
-            t = timed(
-                lambda c=content, t=targets: bare_passes(features, cfg, c, t, precision), device, args.clock
-            )[1]
-            t_bare = min(t_bare, t)
-        engine_s += t_targets + t_engine
-        engine_loss.append(final_losses(features, cfg, content, result.images, targets))
-        redone += int(result.redone.sum())
-        bare_s += t_bare
-        optimise_s += t_engine
-        if args.skip_plain:
-            continue
-        for i in range(len(content)):
-            one = {k: v[i : i + 1] for k, v in targets.items()}
-            pair = (content[i : i + 1], style[i : i + 1])
-            image, t_plain = timed(lambda pair=pair: run_tutorial(features, cfg, *pair), device, args.clock)
-            plain_s += t_plain
-            plain_loss.append(final_losses(features, cfg, content[i : i + 1], image, one))
-    report(args, device, precision, plain_s, engine_s, bare_s / optimise_s, plain_loss, engine_loss)
-    if precision != "fp32":
-        print(
-            f"redone:     {redone} of {args.pairs} images redone in fp32 (NaN/inf or a rising loss in {precision})"
-        )
+    report(args, device, runs, contents, styles, masks)
+    if args.plot:
+        plot(runs, goals, args)
 
 
 def machine(device: torch.device) -> str:
@@ -251,23 +354,74 @@ def machine(device: torch.device) -> str:
     return f"{cpu or platform.processor()} CPU, {torch.get_num_threads()} threads, {os.cpu_count()} cores"
 
 
-def report(args, device, precision, plain_s, engine_s, efficiency, plain_loss, engine_loss) -> None:
+def report(args, device, runs: list[Run], contents, styles, masks) -> None:
     n = args.pairs
     print(f"machine: {machine(device)}; torch {torch.__version__}; {args.clock} clock")
     print(
-        f"{n} pairs, {args.size} px, {args.iterations} evaluations, preset {args.preset}, weights {args.weights}; "
-        f"engine batch {args.batch}, {precision}"
+        f"{n} pairs, {args.size} px, {args.iterations} evaluations (engine: up to "
+        f"{args.engine_iterations or round(1.5 * args.iterations)}), preset {args.preset}, weights {args.weights}; "
+        f"engine batch {args.batch}"
     )
-    engine_loss_mean = torch.cat(engine_loss).mean().item()
-    print(f"engine:     {n / engine_s:8.3f} images/s   final loss {engine_loss_mean:.6g}")
-    if plain_loss:
-        plain_loss_mean = torch.cat(plain_loss).mean().item()
-        print(f"plain loop: {n / plain_s:8.3f} images/s   final loss {plain_loss_mean:.6g}")
-        print(f"ratio:      {plain_s / engine_s:8.2f}x images/s (engine / plain)")
-        print(f"loss:       {engine_loss_mean / plain_loss_mean:8.3f} (engine / plain; <= 1 is no worse)")
+    scorer = StyleDistance()
+    plain = None if args.skip_plain else runs[0]
     print(
-        f"efficiency: {efficiency:8.3f} (bare forward+backward passes / the engine's optimisation, same batches)"
+        "| run | s/image to the plain loop's final loss | speed-up | evaluations then | final loss / plain's "
+        "| images/s (all evaluations) | gate ok (at the target) |"
     )
+    print("|---|---|---|---|---|---|---|")
+    details = []
+    for run in runs:
+        images = torch.cat(run.images).cpu()
+        verdicts = [r.verdict for r in assess(contents.cpu(), styles.cpu(), images, scorer, mask=masks)]
+        reached = sum(run.reached)
+        to_target = f"{reached / n:.2f}" if math.isfinite(reached) else "not reached" if plain else "-"
+        speed = f"{sum(plain.reached) / reached:.2f}x" if plain and math.isfinite(reached) else "-"
+        final = np.concatenate(run.final)
+        ratio = f"{final.mean() / np.concatenate(plain.final).mean():.3f}" if plain else "-"
+        evals = "/".join(str(a) for a in run.at)
+        note = f" ({run.extra})" if run.extra else ""
+        print(
+            f"| {run.name}{note} | {to_target} | {speed} | {evals} | {ratio} | {n / run.total_s:.3f} "
+            f"| {verdicts.count('ok')} of {n} |"
+        )
+        if plain:
+            lowest = np.concatenate([losses.min(0) for losses in run.losses]) / np.concatenate(plain.final)
+            details.append(f"{run.name}: " + " ".join(f"{x:.3g}" for x in lowest))
+    if details:
+        print("lowest fp32 loss on the curve / the plain loop's final, per pair:")
+        print("\n".join(f"  {line}" for line in details))
+
+
+def plot(runs: list[Run], goals, args) -> None:
+    """Loss relative to each pair's target against seconds per image: a colour per run, a line style per pair."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for k, run in enumerate(runs):
+        first = 0
+        for times, losses in zip(run.times, run.losses, strict=True):
+            n = losses.shape[1]
+            rel = losses / goals[None, first : first + n] if goals is not None else losses
+            for j in range(n):  # one line per pair, one line style per pair
+                label = run.name if first + j == 0 else None
+                style = ("-", "--", ":", "-.")[(first + j) % 4]
+                ax.plot(times / n, rel[:, j], label=label, color=f"C{k}", ls=style, lw=1.2)
+            first += n
+    if goals is not None:
+        ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+    ax.set_yscale("log")
+    ax.set_xlabel(f"seconds per image ({args.clock} clock)")
+    ax.set_ylabel("fp32 loss / plain loop's final (per pair)" if goals is not None else "fp32 loss")
+    ax.set_title(
+        f"time to quality: {args.pairs} phantom pairs, {args.size} px, random weights, 1 thread", fontsize=10
+    )
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(args.plot, dpi=110)
+    print(f"wrote {args.plot}")
 
 
 if __name__ == "__main__":

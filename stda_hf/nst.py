@@ -34,6 +34,7 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .errors import StdaError
@@ -48,14 +49,22 @@ PRECISIONS = ("auto", "fp32", "bf16")
 COLOR_MODES = ("none", "luminance", "ycbcr")
 LAYER_WEIGHTINGS = ("uniform", "geometric", "inetwork")
 DEFAULT_LR = {"lbfgs": 1.0, "adam": 0.02}
+COARSE_SCALE = 0.5
+"""Side of the coarse stage's images relative to the output (``coarse_to_fine``)."""
+MIN_COARSE_SIDE = 64
+"""No coarse stage when its images would be smaller than this: at 32 px, VGG's conv4 layers are 4x4 pixels and
+the coarse result lost the lesion outline on phantoms (``benchmarks/nst_figure.py --thresholds``)."""
 STRAY_TOLERANCE = 1.02
 """A bf16 image whose final loss exceeds this times the lowest loss it reached is redone in fp32."""
 
 PRESETS: dict[str, dict] = {
-    # Gatys et al. (2016) layers on VGG19, with the PyTorch tutorial's weights for these loss conventions.
+    # Gatys et al. (2016) style layers on VGG19, with the PyTorch tutorial's weights for these loss conventions;
+    # content at conv3_1 (not conv4_2): with conv4_2 the lesion outline was lost on 1 of 8 phantom pairs, with
+    # conv3_1 on none (benchmarks/nst_figure.py --thresholds, random weights). No coarse-to-fine: at 128 px it
+    # ended 8% above the full-size run's loss on one of two pairs (benchmarks/nst_throughput.py).
     "default": {
         "arch": "vgg19",
-        "content_layer": "conv4_2",
+        "content_layer": "conv3_1",
         "style_layers": ("conv1_1", "conv2_1", "conv3_1", "conv4_1", "conv5_1"),
         "layer_weights": "uniform",
         "content_weight": 1.0,
@@ -68,6 +77,7 @@ PRESETS: dict[str, dict] = {
         "history": 100,
         "restart": 0,
         "clamp": True,
+        "coarse_to_fine": 0.0,
     },
     # titu1994's INetwork.py (the original work's Keras run) with its defaults: VGG16 on Caffe input, every
     # convolution a style layer with INetwork's adjacent-layer weights, Gram matrices of activations - 1, its
@@ -87,6 +97,7 @@ PRESETS: dict[str, dict] = {
         "history": 10,
         "restart": 20,
         "clamp": False,
+        "coarse_to_fine": 0.0,
     },
 }
 
@@ -118,6 +129,9 @@ class NSTConfig:
     restart: int | None = None  # restart L-BFGS every N evaluations, as maxfun does; 0: never (unset: preset)
     clamp: bool | None = None  # keep pixels in [0, 1] after every step (unset: preset, yes or no)
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16 autocast (Grams always fp32)
+    fp32_finish: float = 0.25  # in bf16, this share of the evaluations is done last, in fp32
+    coarse_to_fine: float | None = None  # share of evaluations at half size first (Gatys 2017; unset: preset)
+    channels_last: bool = False  # run the network on channels-last tensors (a speed setting)
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -176,6 +190,9 @@ def _validate(cfg: NSTConfig) -> None:
             raise StdaError(f"--{name} {getattr(cfg, name)} must be at least 1")
     if cfg.restart < 0:
         raise StdaError(f"--restart {cfg.restart} must be >= 0 (0: never restart)")
+    for name in ("fp32_finish", "coarse_to_fine"):
+        if not 0 <= getattr(cfg, name) < 1:
+            raise StdaError(f"--{name.replace('_', '-')} {getattr(cfg, name)} must be within [0, 1)")
     if not cfg.lr > 0 or not cfg.style_scale > 0:
         raise StdaError(f"--lr {cfg.lr} and --style-scale {cfg.style_scale} must be positive")
 
@@ -487,10 +504,39 @@ def _model_input(images: Tensor, cfg: NSTConfig) -> Tensor:
 
 @torch.no_grad()
 def style_targets(features: VGGFeatures, styles: Tensor, cfg: NSTConfig) -> dict[str, Tensor]:
-    """Gram targets of style images (B, 3, h, w) in [0, 1], computed in fp32: ``{layer: (B, C, C)}``."""
+    """Gram targets of style images (B, 3, h, w) in [0, 1], computed in fp32: ``{layer: (B, C, C)}``.
+
+    With ``cfg.coarse_to_fine``, also the targets of the styles at half size, under :func:`coarse_key` names,
+    for the coarse stage (the style's texture keeps its size relative to the image).
+    """
+    out = _grams(features, styles, cfg)
+    if cfg.coarse_to_fine:
+        half = resize(styles, _scaled(styles.shape[-2:], COARSE_SCALE))
+        out.update({coarse_key(k): v for k, v in _grams(features, half, cfg).items()})
+    return out
+
+
+def _grams(features: VGGFeatures, styles: Tensor, cfg: NSTConfig) -> dict[str, Tensor]:
     acts = activations(features, to_space(_model_input(styles, cfg), cfg), cfg)
     normalise = cfg.objective != "inetwork"
     return {layer: gram(acts[layer], cfg.gram_shift, normalise) for layer in cfg.style_layers}
+
+
+def coarse_key(layer: str) -> str:
+    """The name of a style layer's coarse-stage target in :func:`style_targets`'s dict."""
+    return f"coarse/{layer}"
+
+
+def resize(images: Tensor, size: tuple[int, int]) -> Tensor:
+    """Images (B, C, H, W) resized to ``size`` (bilinear, antialiased when shrinking); per image."""
+    if tuple(images.shape[-2:]) == tuple(size):
+        return images
+    shrink = size[0] < images.shape[-2] or size[1] < images.shape[-1]
+    return F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=shrink)
+
+
+def _scaled(size: Sequence[int], scale: float) -> tuple[int, int]:
+    return tuple(max(1, round(side * scale)) for side in size)
 
 
 class GramCache:
@@ -810,9 +856,13 @@ def stylize(
     targets: dict[str, Tensor],
     cfg: NSTConfig,
     seeds: Sequence[int] | None = None,
+    callback: Callable[[Tensor], None] | None = None,
 ) -> StylizeResult:
     """Neural style transfer of a batch: each image towards its content image and its style targets.
 
+    The evaluations follow :func:`schedule`: with ``cfg.coarse_to_fine``, a share of them at half size first
+    (content and style images halved; the result upsampled as the start of the full-size stage, as Gatys et
+    al. 2017 do), and in bf16 the last ``cfg.fp32_finish`` share in fp32. Each stage starts a fresh optimiser.
     In bf16, an image whose loss or gradient becomes NaN/inf, or whose final loss (re-evaluated) ends more than
     2% above the lowest loss it reached, is optimised again in fp32.
 
@@ -828,6 +878,9 @@ def stylize(
         Objective, optimiser, iterations and precision.
     seeds : sequence of int, optional
         One seed per image for ``init="noise"`` (default: 0, 1, ...).
+    callback : callable, optional
+        Called after every evaluation with the images each optimiser holds, RGB in [0, 1] (B, 3, h, w) at the
+        stage's size (for loss-over-time curves; not called while images are redone in fp32).
 
     Returns
     -------
@@ -837,7 +890,7 @@ def stylize(
     """
     precision = resolve_precision(cfg.precision, content.device)
     seeds = list(range(len(content))) if seeds is None else [int(s) for s in seeds]
-    result, strayed = _optimise(features, content, targets, cfg, seeds, precision)
+    result, strayed = _optimise(features, content, targets, cfg, seeds, precision, callback)
     rows = (~result.finite | strayed).nonzero().flatten()
     if precision == "fp32" or not len(rows):
         return result
@@ -857,6 +910,31 @@ def stylize(
     return result
 
 
+@dataclass(frozen=True)
+class Stage:
+    """One stage of an optimisation: image side relative to the output, and each loss evaluation's precision."""
+
+    scale: float
+    precisions: tuple[str, ...]
+
+
+def schedule(cfg: NSTConfig, precision: str, size: Sequence[int]) -> list[Stage]:
+    """The stages of optimising images of ``size`` (H, W) at ``precision``, in order.
+
+    ``cfg.coarse_to_fine`` of the evaluations at half size (none when that side is under ``MIN_COARSE_SIDE``
+    pixels), then the rest (at least one) at full size; in bf16 the last ``cfg.fp32_finish`` of them in fp32.
+    """
+    n = cfg.iterations
+    coarse = min(round(n * cfg.coarse_to_fine), n - 1)  # at least one evaluation at full size
+    coarse = coarse if min(_scaled(size, COARSE_SCALE)) >= MIN_COARSE_SIDE else 0
+    finish = min(round(n * cfg.fp32_finish), n - coarse) if precision == "bf16" else 0
+    stages = [
+        Stage(COARSE_SCALE, (precision,) * coarse),
+        Stage(1.0, (precision,) * (n - coarse - finish) + ("fp32",) * finish),
+    ]
+    return [stage for stage in stages if stage.precisions]
+
+
 def _optimise(
     features: VGGFeatures,
     content: Tensor,
@@ -864,29 +942,45 @@ def _optimise(
     cfg: NSTConfig,
     seeds: list[int],
     precision: str,
+    callback: Callable[[Tensor], None] | None = None,
 ) -> tuple[StylizeResult, Tensor]:
-    """One optimisation of the batch at ``precision``; also returns which images ended >2% above their best."""
-    model_in = _model_input(content, cfg)
-    content_target = content_features(features, content, cfg, precision)
-    x = to_space(initial_images(model_in, cfg.init, seeds), cfg).requires_grad_(True)
-    opt = make_optimizer(x, cfg)
-    finite = torch.ones(len(x), dtype=torch.bool, device=x.device)
-    best = torch.full((len(x),), float("inf"), device=x.device)
-    initial = None
-    for _ in range(cfg.iterations):
-        losses = objective(features, x, content_target, targets, cfg, precision)
-        (grad,) = torch.autograd.grad(losses.total.sum(), x)
-        if initial is None:
-            initial = Losses(*(getattr(losses, f.name).detach() for f in dataclasses.fields(Losses)))
-            finite &= torch.isfinite(losses.total) & torch.isfinite(grad).flatten(1).all(1)
-        best = torch.minimum(best, torch.nan_to_num(losses.total.detach(), nan=float("inf")))
-        opt.step(x, losses.total.detach(), grad, finite)
+    """One optimisation of the batch at ``precision``; also returns which images ended >2% above their best.
+
+    The stages of :func:`schedule` run in turn, each from the previous stage's result; the initial and final
+    terms are at full size, in the last evaluation's precision.
+    """
+    plan = schedule(cfg, precision, content.shape[-2:])
+    full = {layer: targets[layer] for layer in cfg.style_layers}
+    coarse = {layer: targets.get(coarse_key(layer), targets[layer]) for layer in cfg.style_layers}
+    full_start = start = initial_images(_model_input(content, cfg), cfg.init, seeds)
+    finite = torch.ones(len(content), dtype=torch.bool, device=content.device)
+    evaluations = torch.zeros(len(content), dtype=torch.long, device=content.device)
+    end = plan[-1].precisions[-1]
+    initial = x = None
+    if plan[0].scale != 1.0:
+        with torch.no_grad():
+            target = content_features(features, content, cfg, end)
+            initial = objective(features, to_space(start, cfg), target, full, cfg, end)
+    for stage in plan:
+        size = _scaled(content.shape[-2:], stage.scale)
+        if x is not None:
+            upsampled = resize(from_space(x, cfg), size)
+            start = _better_start(features, content, full_start, upsampled, full, cfg, end)
+        elif stage.scale != 1.0:
+            start = initial_images(_model_input(resize(content, size), cfg), cfg.init, seeds)
+        stage_targets = full if stage.scale == 1.0 else coarse
+        run = _run_stage(
+            features, resize(content, size), to_space(start, cfg), stage_targets, cfg, stage, callback
+        )
+        x, finite = run.x, finite & run.finite
+        initial = run.first if initial is None else initial
+        evaluations += run.evaluations
     with torch.no_grad():
-        end = opt.best.reshape(x.shape)
-        final = objective(features, end, content_target, targets, cfg, precision)
-        result = from_space(end, cfg).clamp(0, 1)
+        target = content_features(features, content, cfg, end)
+        final = objective(features, x, target, full, cfg, end)
+        result = from_space(x, cfg).clamp(0, 1)
     finite &= torch.isfinite(final.total)
-    lowest = torch.minimum(best, final.total)
+    lowest = torch.minimum(run.lowest, final.total)
     strayed = final.total - lowest > (STRAY_TOLERANCE - 1) * lowest.abs()
     if cfg.preserve_color != "none":
         result = keep_color(result, content)
@@ -902,5 +996,71 @@ def _optimise(
         initial.style,
         initial.tv,
         initial.total,
-        opt.evaluations.clone(),
+        evaluations,
     ), strayed
+
+
+@torch.no_grad()
+def _better_start(
+    features: VGGFeatures,
+    content: Tensor,
+    initial: Tensor,
+    upsampled: Tensor,
+    targets: dict[str, Tensor],
+    cfg: NSTConfig,
+    precision: str,
+) -> Tensor:
+    """Per image, the upsampled coarse result, or the start image where that has the higher full-size loss.
+
+    Upsampling loses the finest detail; on an image made of it (noise) the coarse result can be worse than
+    the start, and the full-size stage then starts from the start image.
+    """
+    upsampled = upsampled.clamp(0, 1) if cfg.clamp else upsampled
+    target = content_features(features, content, cfg, precision)
+    losses = [
+        objective(features, to_space(x, cfg), target, targets, cfg, precision).total
+        for x in (initial, upsampled)
+    ]
+    keep = losses[1] <= losses[0]
+    return torch.where(keep.view(-1, 1, 1, 1), upsampled, initial)
+
+
+@dataclass
+class _StageRun:
+    """What one stage of :func:`_optimise` ended with."""
+
+    x: Tensor  # (B, 3, h, w) the images each optimiser holds, in the objective's units
+    lowest: Tensor  # (B,) the lowest loss seen
+    first: Losses  # the losses at the stage's start
+    finite: Tensor  # (B,) bool: loss and gradient finite at the stage's start
+    evaluations: Tensor  # (B,) long: evaluations before each image stopped
+
+
+def _run_stage(
+    features: VGGFeatures,
+    content: Tensor,
+    x: Tensor,
+    targets: dict[str, Tensor],
+    cfg: NSTConfig,
+    stage: Stage,
+    callback: Callable[[Tensor], None] | None,
+) -> _StageRun:
+    """The evaluations of ``stage`` from ``x`` (objective units) at ``x``'s size, with one optimiser."""
+    content_target = {p: content_features(features, content, cfg, p) for p in set(stage.precisions)}
+    x = x.detach().clone().requires_grad_(True)
+    opt = make_optimizer(x, dataclasses.replace(cfg, iterations=len(stage.precisions)))
+    lowest = torch.full((len(x),), float("inf"), device=x.device)
+    first = finite = None
+    for precision in stage.precisions:
+        view = x.contiguous(memory_format=torch.channels_last) if cfg.channels_last else x
+        losses = objective(features, view, content_target[precision], targets, cfg, precision)
+        (grad,) = torch.autograd.grad(losses.total.sum(), x)
+        if first is None:
+            first = Losses(*(getattr(losses, f.name).detach() for f in dataclasses.fields(Losses)))
+            finite = torch.isfinite(losses.total) & torch.isfinite(grad).flatten(1).all(1)
+        lowest = torch.minimum(lowest, torch.nan_to_num(losses.total.detach(), nan=float("inf")))
+        opt.step(x, losses.total.detach(), grad, finite)
+        if callback is not None:
+            with torch.no_grad():
+                callback(from_space(opt.best.reshape(x.shape), cfg).clamp(0, 1))
+    return _StageRun(opt.best.reshape(x.shape).detach(), lowest, first, finite, opt.evaluations.clone())

@@ -446,3 +446,62 @@ def test_original_preset_changes_the_image_at_64_px():
     result = stylize(net, content, style_targets(net, style, cfg), cfg)
     assert (result.total_loss < 0.9 * result.initial_total_loss).all()
     assert (result.images - content).abs().mean() * 255 > 2.0
+
+
+def test_schedule_runs_half_size_first_and_ends_bf16_in_fp32():
+    from stda_hf.nst import schedule
+
+    cfg = NSTConfig(iterations=40, coarse_to_fine=0.5, fp32_finish=0.25)
+    stages = schedule(cfg, "bf16", (128, 128))
+    assert [s.scale for s in stages] == [0.5, 1.0]
+    assert stages[0].precisions == ("bf16",) * 20
+    assert stages[1].precisions == ("bf16",) * 10 + ("fp32",) * 10
+    assert [s.precisions for s in schedule(cfg, "fp32", (48, 48))] == [("fp32",) * 40]  # too small to halve
+    short = dataclasses.replace(cfg, iterations=2, coarse_to_fine=0.75)
+    assert [(s.scale, len(s.precisions)) for s in schedule(short, "fp32", (128, 128))] == [(0.5, 1), (1.0, 1)]
+
+
+def test_coarse_to_fine_lowers_the_loss_and_keeps_images_independent_of_their_batch(features):
+    g = torch.Generator().manual_seed(0)
+    smooth = torch.nn.functional.interpolate(torch.rand(4, 3, 16, 16, generator=g), size=128, mode="bilinear")
+    content, style = smooth[:2], smooth[2:] ** 2  # images with little pixel-level detail, as photos have
+    cfg = NSTConfig(iterations=8, **{**SMALL, "precision": "fp32"}, coarse_to_fine=0.5)
+    targets = style_targets(features, style, cfg)
+    assert targets["coarse/conv1_1"].shape == targets["conv1_1"].shape
+    assert not torch.equal(targets["coarse/conv1_1"], targets["conv1_1"])  # the style at half size
+    batch = stylize(features, content, targets, cfg)
+    alone = stylize(features, content[1:], {k: v[1:] for k, v in targets.items()}, cfg)
+    assert (batch.total_loss < 0.5 * batch.initial_total_loss).all()
+    assert batch.evaluations.tolist() == [8, 8]
+    torch.testing.assert_close(alone.images[0], batch.images[1], atol=1 / 255, rtol=0)
+
+
+def test_coarse_stage_shows_in_the_callback_at_half_size(features):
+    g = torch.Generator().manual_seed(0)
+    content, style = torch.rand(1, 3, 128, 128, generator=g), torch.rand(1, 3, 128, 128, generator=g)
+    cfg = NSTConfig(iterations=4, **SMALL, coarse_to_fine=0.5)
+    sizes = []
+    stylize(
+        features,
+        content,
+        style_targets(features, style, cfg),
+        cfg,
+        callback=lambda x: sizes.append(x.shape[-1]),
+    )
+    assert sizes == [64, 64, 128, 128]
+
+
+def test_channels_last_gives_the_same_images_to_an_8_bit_level(features, images, small_cfg):
+    content, style = images
+    targets = style_targets(features, style, small_cfg)
+    plain = stylize(features, content, targets, small_cfg)
+    nhwc = stylize(features, content, targets, dataclasses.replace(small_cfg, channels_last=True))
+    torch.testing.assert_close(nhwc.images, plain.images, atol=1 / 255, rtol=0)
+
+
+def test_bf16_with_fp32_finish_is_deterministic(features, images, small_cfg):
+    content, style = images
+    cfg = dataclasses.replace(small_cfg, precision="bf16", iterations=8, fp32_finish=0.5)
+    targets = style_targets(features, style, cfg)
+    a, b = stylize(features, content, targets, cfg), stylize(features, content, targets, cfg)
+    assert torch.equal(a.images, b.images)

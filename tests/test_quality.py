@@ -101,3 +101,31 @@ def test_record_to_dict_is_json_ready(scorer):
     line = json.loads(json.dumps(record.to_dict()))
     assert line["verdict"] in ("ok", "unchanged", "content_lost")
     assert line["mask_iou"] is None and line["terms"] == {"final_style": 1.23457}
+
+
+def test_default_preset_restyles_phantoms_and_keeps_the_lesion(tmp_path, scorer):
+    """The issue's bar: with random weights, every one of 8 phantom pairs passes the gate (64 px, 50 evaluations)."""
+    import numpy as np
+    from PIL import Image
+
+    from stda_hf.generate import load_content
+    from stda_hf.models.features import build_vgg_features
+    from stda_hf.nst import NSTConfig, style_targets, stylize
+    from stda_hf.phantoms import PhantomConfig, make_phantoms
+    from stda_hf.real import read_real_folder
+
+    make_phantoms(tmp_path / "real", PhantomConfig(n=40, size=64, seed=0))
+    folder = read_real_folder(tmp_path / "real")
+    benign = [im for im in folder.labelled if im.label == "benign"][:8]
+    malignant = [im for im in folder.labelled if im.label == "malignant"][:8]
+    content = torch.stack([load_content(im.path, 64) for im in benign])
+    style = torch.stack([load_content(im.path, 64) for im in malignant])
+    mask = torch.stack([torch.from_numpy(np.asarray(Image.open(im.mask_path)) > 127) for im in benign])
+    cfg = NSTConfig(iterations=50, precision="fp32")
+    features = build_vgg_features(cfg.arch, cfg.layers(), cfg.pooling, weights="random")
+    result = stylize(features, content, style_targets(features, style, cfg), cfg)
+    records = assess(content, style, result.images, scorer, mask=mask)
+    gate = QualityGate()
+    assert all(r.style_reduction >= gate.min_style_reduction for r in records), records
+    assert all(r.structure >= gate.min_structure for r in records), records
+    assert [r.verdict for r in records] == ["ok"] * 8
