@@ -1059,7 +1059,8 @@ def _finish_folder(run: _Run) -> None:
     logger.info("%s", run.report.summary())
 
 
-def _exclusive(root: Path):
+def _exclusive(root: Path) -> contextlib.AbstractContextManager[Path]:
+    """Hold ``root``'s fetch lock (the shared :func:`~stda_hf.fileio.exclusive`): one fetch per folder."""
     busy = f"another `stda fetch` is writing to {root}; wait for it to finish or use another --out"
     return exclusive(root, ".fetch.lock", busy)
 
