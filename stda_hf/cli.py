@@ -4,7 +4,8 @@ Each subcommand is one ``_add_<name>`` function that declares its arguments and 
 runner. Settings of a stage's ``@dataclass`` config become flags automatically (:func:`add_config_flags`), with
 the field's comment as help, and every command takes ``--config FILE.yaml`` for the same settings.
 Errors on user input (:class:`~stda_hf.errors.StdaError`) print one line and exit with status 2; ``--debug``
-shows the traceback instead.
+shows the traceback instead. Usage errors (a bad flag or value) are one line with status 2 as well, and no
+output folder may be, or lie inside, a folder the command reads.
 """
 
 from __future__ import annotations
@@ -18,10 +19,29 @@ from pathlib import Path
 from . import __version__
 from .config import add_config_flags, config_from_args, field_comments
 from .errors import StdaError, run_reporting_errors
+from .fileio import check_separate
 
 __all__ = ["add_config_flags", "build_parser", "config_from_args", "field_comments", "main"]
 
 logger = logging.getLogger("stda_hf")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Parsing
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line naming ``--help``, with exit status 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
+
+
+def _path(text: str) -> Path:
+    """A path argument; an empty one is refused (``Path("")`` would silently mean the current folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path; give a folder name (use . for the current folder)")
+    return Path(text)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -52,7 +72,7 @@ def _add_fetch(sub) -> None:
         description="Download images and metadata from the ISIC Archive API v2 into the real-image layout. "
         "Re-running the same command resumes; --dry-run only counts.",
     )
-    p.add_argument("--out", type=Path, default=None, help="output folder (the real-image layout)")
+    p.add_argument("--out", type=_path, default=None, help="output folder (the real-image layout)")
     p.add_argument(
         "--dry-run",
         action="store_true",
@@ -82,7 +102,7 @@ def _add_phantoms(sub) -> None:
         help=SUMMARIES["phantoms"],
         description="Write procedural, dermoscopy-like phantom lesions with masks and metadata.",
     )
-    p.add_argument("--out", type=Path, required=True, help="output folder (the real-image layout)")
+    p.add_argument("--out", type=_path, required=True, help="output folder (the real-image layout)")
     p.add_argument(
         "--artifact",
         action="append",
@@ -114,7 +134,7 @@ def _add_split(sub) -> None:
         description="Group images by lesion, patient and near-duplicate hash; split groups "
         "stratified by class; write splits.csv into the folder.",
     )
-    p.add_argument("real", type=Path, help="real-image folder")
+    p.add_argument("real", type=_path, help="real-image folder")
     add_config_flags(p, SplitConfig)
     p.set_defaults(func=_run_split)
 
@@ -136,7 +156,7 @@ def _add_inspect(sub) -> None:
         help=SUMMARIES["inspect"],
         description="Count images per class, licence and split; report sizes and unreadable files.",
     )
-    p.add_argument("real", type=Path, help="real-image folder")
+    p.add_argument("real", type=_path, help="real-image folder")
     p.add_argument(
         "--no-decode", action="store_true", help="read image headers only (fast; misses truncated files)"
     )
@@ -159,8 +179,8 @@ def _add_generate(sub) -> None:
         "images (style) -> images/ + manifest.jsonl. Re-run the same command to resume; run it under torchrun "
         "or accelerate launch to split the work between processes.",
     )
-    p.add_argument("real", type=Path, help="real-image folder with splits.csv")
-    p.add_argument("--out", type=Path, required=True, help="synthetic folder to write (or resume)")
+    p.add_argument("real", type=_path, help="real-image folder with splits.csv")
+    p.add_argument("--out", type=_path, required=True, help="synthetic folder to write (or resume)")
     add_config_flags(p, GenerateConfig)
     p.set_defaults(func=_run_generate)
 
@@ -183,7 +203,7 @@ def _add_label(sub) -> None:
         "and entropy; optionally temperature-scale it on the real validation split "
         "first. Resumable: re-running skips labelled images.",
     )
-    p.add_argument("synthetic", type=Path, help="synthetic folder written by `stda generate`")
+    p.add_argument("synthetic", type=_path, help="synthetic folder written by `stda generate`")
     add_config_flags(p, LabelConfig)
     p.set_defaults(func=_run_label)
 
@@ -213,12 +233,12 @@ def _add_package(sub) -> None:
         description="Stream real (and pseudo-labelled synthetic) images into data/<split>-NNNNN-of-NNNNN.parquet "
         "with a dataset card; refuses leakage; resumable and byte-identical on re-runs.",
     )
-    p.add_argument("real", type=Path, help="real-image folder with splits.csv")
+    p.add_argument("real", type=_path, help="real-image folder with splits.csv")
     p.add_argument(
-        "--synthetic", type=Path, default=None, help="synthetic folder with labels.jsonl (optional)"
+        "--synthetic", type=_path, default=None, help="synthetic folder with labels.jsonl (optional)"
     )
     p.add_argument(
-        "--out", type=Path, required=True, help="repository folder to write, e.g. hub/skin-lesions"
+        "--out", type=_path, required=True, help="repository folder to write, e.g. hub/skin-lesions"
     )
     add_config_flags(p, PackageConfig)
     p.set_defaults(func=_run_package)
@@ -227,6 +247,7 @@ def _add_package(sub) -> None:
 def _run_package(args) -> None:
     from .package import PackageConfig, package
 
+    check_separate(args.out, {"real-image folder": args.real, "synthetic folder": args.synthetic})
     result = package(args.real, args.out, synthetic=args.synthetic, cfg=config_from_args(PackageConfig, args))
     for split, counts in result.counts.items():
         print(f"{split:<11} benign {counts['benign']:>6}  malignant {counts['malignant']:>6}")
@@ -244,7 +265,7 @@ def _add_push(sub) -> None:
         description="Create the dataset repo if needed and upload the folder (token from HF_TOKEN or "
         "`hf auth login`; never printed). --dry-run lists what would be uploaded.",
     )
-    p.add_argument("folder", type=Path, help="packaged dataset folder (stda package --out)")
+    p.add_argument("folder", type=_path, help="packaged dataset folder (stda package --out)")
     add_config_flags(p, PushConfig)
     p.set_defaults(func=_run_push)
 
@@ -274,13 +295,15 @@ def _add_explain(sub) -> None:
         "images of a folder or a dataset split: heatmap and overlay PNGs, grid.png, relevance.csv/.jsonl and "
         "summary.json. Resumable: re-running skips images already explained.",
     )
-    p.add_argument("--model", type=Path, required=True, help="train.py run folder (runs/<run>) or its model/")
+    p.add_argument(
+        "--model", type=_path, required=True, help="train.py run folder (runs/<run>) or its model/"
+    )
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument(
-        "--images", type=Path, help="real-image folder (masks/, splits.csv used) or plain images"
+        "--images", type=_path, help="real-image folder (masks/, splits.csv used) or plain images"
     )
     source.add_argument("--dataset", help="Hub dataset id or a folder written by `stda package`")
-    p.add_argument("--out", type=Path, required=True, help="output folder, e.g. heatmaps/")
+    p.add_argument("--out", type=_path, required=True, help="output folder, e.g. heatmaps/")
     p.add_argument("--overwrite", action="store_true", help="replace results of other settings in --out")
     add_config_flags(p, ExplainConfig)
     p.set_defaults(func=_run_explain)
@@ -290,6 +313,8 @@ def _run_explain(args) -> None:
     from .explain import ExplainConfig, run_explain
 
     cfg = config_from_args(ExplainConfig, args)
+    local = args.dataset if args.dataset and Path(args.dataset).is_dir() else None
+    check_separate(args.out, {"image folder": args.images, "dataset folder": local})
     s = run_explain(
         args.model, args.out, cfg, images=args.images, dataset=args.dataset, overwrite=args.overwrite
     )
@@ -324,7 +349,7 @@ def _add_demo(sub) -> None:
         help=SUMMARIES["demo"],
         description="Phantoms -> split -> inspect -> ... in a few minutes on two CPU cores.",
     )
-    p.add_argument("--out", type=Path, default=Path("demo"), help="output folder (default: demo)")
+    p.add_argument("--out", type=_path, default=Path("demo"), help="output folder (default: demo)")
     p.add_argument("--n", type=int, default=400, help="number of phantom images (default: 400)")
     p.add_argument("--size", type=int, default=64, help="image side in pixels (default: 64)")
     p.add_argument("--seed", type=int, default=0, help="seed of every stage (default: 0)")
@@ -350,7 +375,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     With ``only``, that subcommand gets its full arguments and the others a one-line stub, so running one
     stage imports only that stage (``stda phantoms`` never loads torch). Without it, every subcommand is built.
     """
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="stda",
         description="Style-transfer data augmentation for skin-lesion images: "
         "fetch/phantoms -> split -> generate -> label -> package -> push; then train.py.",
@@ -358,7 +383,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"stda-hf {__version__}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
-        "--config", type=Path, default=None, help="YAML file with settings (flags override it)"
+        "--config", type=_path, default=None, help="YAML file with settings (flags override it)"
     )
     common.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     common.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
@@ -366,7 +391,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         dest="command",
         metavar="COMMAND",
         required=True,
-        parser_class=lambda **kw: argparse.ArgumentParser(parents=[common], **kw),
+        parser_class=lambda **kw: _Parser(parents=[common], **kw),
     )
     for add in COMMANDS:
         name = add.__name__.removeprefix("_add_")

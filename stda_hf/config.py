@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import inspect
 import io
+import math
 import tokenize
 import typing
 from collections.abc import Collection, Iterable, Mapping, Sequence
@@ -22,7 +23,7 @@ from typing import Any, TypeVar
 import yaml
 
 from .errors import StdaError
-from .fileio import write_text
+from .fileio import read_text, write_text
 
 C = TypeVar("C")
 
@@ -30,10 +31,14 @@ C = TypeVar("C")
 def load_config(cls: type[C], path: str | Path | None = None, **overrides: Any) -> C:
     """Build a ``cls`` config from an optional YAML file, then ``overrides`` (None values are ignored).
 
+    Every value is checked against its field's type first (:func:`check_types`), so a wrong type is refused
+    naming the setting and the value instead of failing somewhere inside the stage.
+
     Raises
     ------
     StdaError
-        When the file is missing or not a mapping, or has keys ``cls`` does not know (they are listed).
+        When the file is missing, not UTF-8 text, not YAML or not a mapping; has keys ``cls`` does not know (they
+        are listed); or a value of the wrong type.
     """
     values: dict[str, Any] = {}
     if path is not None:
@@ -41,29 +46,120 @@ def load_config(cls: type[C], path: str | Path | None = None, **overrides: Any) 
         if not path.is_file():
             raise StdaError(f"config file {path} not found")
         try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            loaded = yaml.safe_load(read_text(path)) or {}
         except yaml.YAMLError as err:
             raise StdaError(f"config file {path} is not valid YAML: {err}") from err
         if not isinstance(loaded, dict):
             raise StdaError(f"config file {path} must hold a mapping of setting: value")
+        keys = [k for k in loaded if not isinstance(k, str)]
+        if keys:
+            raise StdaError(f"config file {path}: setting names must be text, got {keys[0]!r}")
         values.update({k.replace("-", "_"): v for k, v in loaded.items()})
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    from_file = set(values)
+    flags = {k: v for k, v in overrides.items() if v is not None}
+    values.update(flags)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
         where = f" in {path}" if path is not None else ""
         raise StdaError(f"unknown setting(s) {unknown}{where}; valid settings: {sorted(known)}")
-    return cls(**_coerce(cls, values))
+    origin = {k: (f"in {path}" if k in from_file and k not in flags else "") for k in values}
+    return cls(**check_types(cls, values, origin))
 
 
-def _coerce(cls: type, values: dict[str, Any]) -> dict[str, Any]:
-    """Turn YAML lists into tuples where the dataclass field is a tuple (so configs stay hashable)."""
+def check_types(
+    cls: type, values: Mapping[str, Any], where: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """``values`` checked against the field types of dataclass ``cls``, with the safe conversions applied.
+
+    ``int`` takes integers (not booleans); ``float`` takes finite numbers; ``str`` takes text (a whole number
+    becomes its digits); ``bool`` takes true/false; ``X | None`` also takes null; ``tuple[X, ...]`` takes a list
+    (or one value) of X; ``dict`` a mapping; ``Literal[...]`` one of its values. Other types are not checked.
+
+    Parameters
+    ----------
+    cls : type
+        A dataclass.
+    values : mapping
+        Setting name -> value (names must be fields of ``cls``).
+    where : mapping, optional
+        Setting name -> where its value came from (``"in cfg.yaml"``), for the message.
+
+    Raises
+    ------
+    StdaError
+        Naming the first setting whose value has the wrong type, the value and what it should be.
+    """
     hints = typing.get_type_hints(cls)
     out = {}
-    for k, v in values.items():
-        origin = typing.get_origin(hints.get(k))
-        out[k] = tuple(v) if origin is tuple and isinstance(v, list) else v
+    for name, value in values.items():
+        try:
+            out[name] = _check_value(hints.get(name, Any), value)
+        except _WrongType as err:
+            flag = "--" + name.replace("_", "-")
+            place = (where or {}).get(name) or f"({flag})"
+            raise StdaError(f"setting {name} {place}: {value!r} is not {err}") from None
     return out
+
+
+class _WrongType(Exception):
+    """What a value should have been (a phrase: "an integer")."""
+
+
+_NONE = type(None)
+
+
+def _check_value(hint: Any, value: Any) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any or hint is object:
+        return value
+    if origin is typing.Union or type(hint).__name__ == "UnionType":
+        if value is None and _NONE in args:
+            return None
+        rest = [a for a in args if a is not _NONE]
+        if len(rest) == 1:
+            return _check_value(rest[0], value)
+        return value  # a union of several types: left to the config's own checks
+    if origin is typing.Literal:
+        if value not in args:
+            raise _WrongType(f"one of {list(args)}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise _WrongType("true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _WrongType("an integer")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _WrongType("a number")
+        if not math.isfinite(value):
+            raise _WrongType("a finite number")
+        return float(value)
+    if hint is str:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return str(value)
+        if not isinstance(value, str):
+            raise _WrongType("text (quote it in YAML)")
+        return value
+    if hint is Path:
+        if not isinstance(value, (str, Path)):
+            raise _WrongType("a path")
+        return Path(value)
+    if origin is tuple:
+        items = list(value) if isinstance(value, (list, tuple)) else [value]
+        item = args[0] if args else Any
+        try:
+            return tuple(_check_value(item, v) for v in items)
+        except _WrongType as err:
+            raise _WrongType(f"a list of values that are each {err}") from None
+    if origin is dict or hint is dict:
+        if not isinstance(value, Mapping):
+            raise _WrongType("a mapping of key: value")
+        return dict(value)
+    return value
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
@@ -93,7 +189,7 @@ def read_settings(path: str | Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        saved = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        saved = yaml.safe_load(read_text(path)) or {}
     except yaml.YAMLError as err:
         raise StdaError(f"{path} is not valid YAML ({err}); delete it to start the folder afresh") from err
     if not isinstance(saved, dict):

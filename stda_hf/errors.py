@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -32,6 +33,37 @@ class BadImageError(StdaError):
         super().__init__(f"{self.path}: {reason}")
 
 
+ENVIRONMENT_ERRNOS = {
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.ENOTDIR: "a part of the path is a file, not a folder",
+    errno.EISDIR: "it is a folder, not a file",
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.ENAMETOOLONG: "the file name is too long",
+}
+"""``OSError`` numbers that describe the user's environment (where a path points), not a bug of ours."""
+
+
+def environment_error(err: OSError, path: Path | str | None = None) -> StdaError | None:
+    """A :class:`StdaError` naming the path and what to do for an environment ``OSError``; None for others.
+
+    ``path`` is the file the caller was working on, used when the error does not name one.
+    """
+    if err.errno not in ENVIRONMENT_ERRNOS:
+        return None
+    where = err.filename if err.filename is not None else path
+    what = ENVIRONMENT_ERRNOS[err.errno]
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        advice = (
+            "free some space and re-run the same command: finished work is kept and only the rest is redone"
+        )
+    else:
+        advice = "choose a path you can write to (and read from)"
+    return StdaError(f"cannot use {where}: {what}; {advice}")
+
+
 def run_reporting_errors(
     prog: str,
     action: Callable[[], object],
@@ -41,6 +73,10 @@ def run_reporting_errors(
     """Run ``action`` as a command would: 0 when it returns, 2 with one line on stderr for a
     :class:`StdaError` (the traceback with ``debug``), 130 with ``resume`` advice on Ctrl-C.
 
+    An ``OSError`` of the environment (read-only file system, a file where a folder should be, no permission,
+    disk full; :data:`ENVIRONMENT_ERRNOS`) that a stage did not turn into a :class:`StdaError` itself is
+    reported the same way, naming its path.
+
     ``stda``, ``train.py`` and the benchmark script all end this way.
     """
     try:
@@ -48,9 +84,20 @@ def run_reporting_errors(
     except StdaError as err:
         if debug:
             raise
-        print(f"{prog}: error: {err}", file=sys.stderr)
+        print(f"{prog}: error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        known = environment_error(err)
+        if known is None or debug:
+            raise
+        print(f"{prog}: error: {_one_line(known)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; {resume}", file=sys.stderr)
         return 130
     return 0
+
+
+def _one_line(err: Exception) -> str:
+    """The message of ``err`` on one line (a YAML parser's or a library's message may span several)."""
+    return " ".join(str(err).split())

@@ -30,7 +30,6 @@ import contextlib
 import csv
 import hashlib
 import html
-import io
 import json
 import logging
 import math
@@ -46,16 +45,18 @@ from pathlib import Path
 from urllib.parse import urljoin, urlsplit
 
 import requests
-import yaml
 from PIL import Image, IptcImagePlugin
 
-from .config import config_to_dict, dump_config
+from .config import changed_settings, config_to_dict, dump_config, read_settings
 from .errors import BadImageError, StdaError
 from .fileio import (
     append_jsonl,
     append_text,
     atomic_write,
+    csv_text,
     drop_torn_tail,
+    exclusive,
+    open_csv,
     read_jsonl,
     write_json,
     write_text,
@@ -75,11 +76,6 @@ from .images import IMAGE_EXTENSIONS, SkipReport, load_image
 from .licenses import LICENSES, write_attribution
 from .real import REQUIRED_COLUMNS
 from .utils import progress
-
-try:  # POSIX: keep two fetches from writing into one folder at once
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None  # type: ignore[assignment]
 
 logger = logging.getLogger(__name__)
 
@@ -155,6 +151,11 @@ class FetchConfig:
             raise StdaError(f"--sample {self.sample!r}: choose one of {list(SAMPLES)}")
         if self.limit < 0:
             raise StdaError(f"--limit {self.limit} must be 0 (every match) or a positive number per class")
+        if not all(math.isfinite(v) for v in (self.timeout, self.backoff, self.max_backoff)):
+            raise StdaError(
+                f"--timeout {self.timeout}, --backoff {self.backoff} and --max-backoff {self.max_backoff} "
+                "must be finite numbers of seconds"
+            )
         if self.timeout <= 0 or self.backoff < 0 or self.max_backoff < self.backoff:
             raise StdaError(
                 f"--timeout {self.timeout} must be > 0 and 0 <= --backoff {self.backoff} <= "
@@ -555,8 +556,7 @@ class MetadataLog:
         drop_torn_tail(self.path)
         on_disk = _image_stems(self.images)
         dropped = 0
-        with open(self.path, newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh)
+        with open_csv(self.path) as reader:
             self.columns = _checked_header(self.path, reader.fieldnames)
             for row in reader:
                 isic_id = row.get("isic_id") or ""
@@ -593,8 +593,8 @@ class MetadataLog:
 
     def attribution_rows(self) -> Iterator[dict[str, str]]:
         """``isic_id``, ``copyright_license`` and ``attribution`` of every row, streamed from the file."""
-        with open(self.path, newline="", encoding="utf-8") as fh:
-            for row in csv.DictReader(fh):
+        with open_csv(self.path) as reader:
+            for row in reader:
                 yield {k: row[k] for k in ("isic_id", "copyright_license", "attribution")}
 
     def disagreements(self) -> tuple[int, dict[str, str]]:
@@ -603,8 +603,8 @@ class MetadataLog:
         credits, licences = 0, {}
         if not self.path.exists():
             return credits, licences
-        with open(self.path, newline="", encoding="utf-8") as fh:
-            for row in csv.DictReader(fh):
+        with open_csv(self.path) as reader:
+            for row in reader:
                 credit, api = row.get("embedded_credit") or "", row.get("api_attribution") or ""
                 credits += bool(credit and api and credit != api)
                 embedded = row.get("embedded_license") or ""
@@ -617,20 +617,15 @@ class MetadataLog:
         return credits, licences
 
     def _format(self, row: dict, header: bool) -> str:
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=self.columns, restval="", lineterminator="\n")
-        if header:
-            writer.writeheader()
-        writer.writerow(row)
-        return buf.getvalue()
+        return csv_text([row], self.columns, header=header)
 
     def _rewrite(self) -> None:
         """Stream the file into a new one with the current columns, keeping each known id's first row."""
         seen = set()
-        with open(self.path, newline="", encoding="utf-8") as src, atomic_write(self.path, "w") as dst:
+        with open_csv(self.path) as src, atomic_write(self.path, "w") as dst:
             writer = csv.DictWriter(dst, fieldnames=self.columns, restval="", lineterminator="\n")
             writer.writeheader()
-            for row in csv.DictReader(src):
+            for row in src:
                 if row.get("isic_id") in self.diagnoses and row["isic_id"] not in seen:
                     seen.add(row["isic_id"])
                     writer.writerow(row)
@@ -651,8 +646,8 @@ def count_on_disk(root: str | Path, diagnoses: dict[str, str]) -> dict[str, int]
     path = Path(root) / "metadata.csv"
     if not path.exists():
         return {}
-    with open(path, newline="", encoding="utf-8") as fh:
-        counts = Counter(row.get("diagnosis_1") for row in csv.DictReader(fh))
+    with open_csv(path) as reader:
+        counts = Counter(row.get("diagnosis_1") for row in reader)
     return {name: counts.get(d, 0) for name, d in diagnoses.items()}
 
 
@@ -1064,18 +1059,10 @@ def _finish_folder(run: _Run) -> None:
     logger.info("%s", run.report.summary())
 
 
-@contextlib.contextmanager
-def _exclusive(root: Path) -> Iterator[None]:
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / ".fetch.lock", "w") as fh:
-        if fcntl is not None:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise StdaError(
-                    f"another `stda fetch` is writing to {root}; wait for it to finish or use another --out"
-                ) from None
-        yield
+def _exclusive(root: Path) -> contextlib.AbstractContextManager[Path]:
+    """Hold ``root``'s fetch lock (the shared :func:`~stda_hf.fileio.exclusive`): one fetch per folder."""
+    busy = f"another `stda fetch` is writing to {root}; wait for it to finish or use another --out"
+    return exclusive(root, ".fetch.lock", busy)
 
 
 def _check_selection(root: Path, cfg: FetchConfig) -> None:
@@ -1097,17 +1084,11 @@ def _check_selection(root: Path, cfg: FetchConfig) -> None:
 
 def selection_change(root: str | Path, cfg: FetchConfig) -> str | None:
     """How ``cfg`` selects other images than the fetch that wrote ``root`` (None: same selection, or none yet)."""
-    settings = Path(root) / SETTINGS_FILE
-    if not settings.exists():
+    before = read_settings(Path(root) / SETTINGS_FILE)
+    if before is None:
         return None
-    try:
-        before = yaml.safe_load(settings.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as err:
-        raise StdaError(
-            f"{settings} is not valid YAML ({err}); delete it to start the folder afresh"
-        ) from err
     now = config_to_dict(cfg)
-    changed = [k for k in SELECTION if k in before and before[k] != now[k]]
+    changed = changed_settings(before, now, keys=SELECTION, missing_is_change=False)
     return "; ".join(f"{k}: {before[k]!r} before, {now[k]!r} now" for k in changed) or None
 
 

@@ -34,7 +34,7 @@ from PIL import Image
 from .config import changed_settings, config_to_dict, describe_changes, dump_config, read_settings
 from .devices import check_device_name, resolve_device
 from .errors import BadImageError, StdaError
-from .fileio import append_jsonl, read_jsonl, write_json, write_text
+from .fileio import append_jsonl, check_separate, exclusive, read_jsonl, write_json, write_text
 from .images import SkipReport, load_image, save_image
 from .models.features import VGGFeatures, build_vgg_features
 from .models.weights import WeightsSpec, parse_weights
@@ -189,8 +189,14 @@ def shard_of(pair_id: str, world: int) -> int:
 
 
 def check_output(out: Path, folder: RealFolder, cfg: GenerateConfig) -> dict:
-    """Refuse an output folder made from another ``splits.csv`` or with other image settings; return source.json."""
+    """Refuse an output folder made from another ``splits.csv`` or with other image settings; return source.json.
+
+    Saved settings count only once the folder holds an image: a run that failed before its first image (bad
+    weights, say) leaves a folder the corrected command may use.
+    """
     source = {"real": str(folder.root.resolve()), "splits_sha256": sha256_file(folder.splits_path)}
+    if not _holds_images(out):
+        return source
     old_source = out / "source.json"
     if old_source.is_file():
         previous = json.loads(old_source.read_text(encoding="utf-8"))
@@ -211,6 +217,14 @@ def check_output(out: Path, folder: RealFolder, cfg: GenerateConfig) -> dict:
                 f"{old_cfg} to resume"
             )
     return source
+
+
+def _holds_images(out: Path) -> bool:
+    """Whether ``out`` holds a finished image (a file in ``images/`` or a manifest line)."""
+    images = out / "images"
+    if images.is_dir() and any(not p.name.startswith(".") for p in images.iterdir()):
+        return True
+    return any(p.is_file() and p.stat().st_size for p in manifest_paths(out))
 
 
 def manifest_paths(out: Path) -> list[Path]:
@@ -448,6 +462,15 @@ def generate(real_root: str | Path, out: str | Path, cfg: GenerateConfig | None 
     """
     cfg = cfg or GenerateConfig()
     out = Path(out)
+    check_separate(out, {"real-image folder": real_root})
+    rank = world_info()[0]
+    busy = f"another `stda generate` is writing to {out} (rank {rank}); wait for it to finish or use another --out"
+    with exclusive(out, f".generate.rank{rank}.lock", busy):
+        return _generate(real_root, out, cfg)
+
+
+def _generate(real_root: str | Path, out: Path, cfg: GenerateConfig) -> GenerateSummary:
+    """:func:`generate` while holding the folder's lock."""
     rank, world, local = world_info()
     folder = read_real_folder(real_root)
     if not folder.splits_path.is_file():

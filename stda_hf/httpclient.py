@@ -22,6 +22,11 @@ import requests
 logger = logging.getLogger(__name__)
 
 _QUERY_SECRET = re.compile(r"\?[^\s'\"<>)]*")
+_HEADER_SECRET = re.compile(
+    r"(?i)(['\"]?(?:authorization|proxy-authorization|cookie|set-cookie|x-amz-security-token|x-amz-signature"
+    r"|x-api-key|x-auth-token|location)['\"]?\s*[:=]\s*)(['\"]?)[^'\"\r\n,}]*"
+)
+_BEARER = re.compile(r"(?i)\b(bearer|token|basic)\s+[A-Za-z0-9._~+/=-]{8,}")
 
 TRANSIENT_ERRORS = (
     requests.ConnectionError,
@@ -60,8 +65,12 @@ class RetryPolicy:
 
 
 def redact(text: object) -> str:
-    """``text`` with every URL query string (where signed URLs keep their credentials) removed."""
-    return _QUERY_SECRET.sub("?<redacted>", str(text))
+    """``text`` with every URL query string (where signed URLs keep their credentials) removed, and the values
+    of credential-bearing HTTP headers (``Authorization``, ``Cookie``, ``Set-Cookie``, ``Location``, S3 tokens,
+    in ``Name: value`` or ``{'Name': 'value'}`` form) and bearer tokens replaced by ``<redacted>``."""
+    text = _HEADER_SECRET.sub(r"\1\2<redacted>", str(text))
+    text = _BEARER.sub(r"\1 <redacted>", text)
+    return _QUERY_SECRET.sub("?<redacted>", text)
 
 
 def retry_after_seconds(value: str | None, now: datetime | None = None) -> float | None:
@@ -101,18 +110,24 @@ def excerpt(r: requests.Response) -> str:
 
 
 class _RedactQueries(logging.Filter):
-    """Strip query strings from a logger's messages (urllib3 logs full request URLs at DEBUG level)."""
+    """Strip query strings and header secrets from a logger's messages (urllib3 logs full request URLs, and
+    its header-parsing warnings the headers, at DEBUG level)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         record.msg, record.args = redact(record.getMessage()), None
         return True
 
 
+HTTP_LOGGERS = ("urllib3.connectionpool", "urllib3.connection", "urllib3.response", "urllib3.util.retry")
+"""The loggers that write request URLs or response headers (a filter on a logger does not reach its children)."""
+
+
 def redact_http_debug_logs() -> None:
-    """Install the query-string filter on urllib3's connection-pool logger (once)."""
-    pool_logger = logging.getLogger("urllib3.connectionpool")
-    if not any(isinstance(f, _RedactQueries) for f in pool_logger.filters):
-        pool_logger.addFilter(_RedactQueries())
+    """Install the redacting filter on every urllib3 logger that writes URLs or headers (once each)."""
+    for name in HTTP_LOGGERS:
+        http_logger = logging.getLogger(name)
+        if not any(isinstance(f, _RedactQueries) for f in http_logger.filters):
+            http_logger.addFilter(_RedactQueries())
 
 
 class RetryingClient:

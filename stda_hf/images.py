@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from .errors import BadImageError
 from .fileio import atomic_write, write_json
@@ -25,6 +25,33 @@ MAX_PIXELS = 64_000_000
 a likely decompression bomb. Raise it per call with ``max_pixels`` when you really have such images."""
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+"""The formats the project writes and suggests; a real-image folder may hold any format Pillow reads
+(:func:`why_not_an_image`)."""
+
+
+def why_not_an_image(path: str | Path) -> str | None:
+    """None when ``path`` is an image file Pillow can read, else why it is not, in words for a report.
+
+    An extension of :data:`IMAGE_EXTENSIONS` is trusted (the full decode happens when the image is used); any
+    other file (``.gif``, ``.jfif``, no extension) is accepted when Pillow recognises its header as a format it
+    can decode.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return "a folder (images must sit directly in the folder above it)"
+    if path.suffix.lower() in IMAGE_EXTENSIONS:
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                if isinstance(img, ImageFile.StubImageFile):
+                    return f"a {img.format} file, which Pillow cannot decode"
+                return None
+    except Image.DecompressionBombError:
+        return None  # an image; load_image refuses it with the reason when it is used
+    except (OSError, SyntaxError, ValueError):
+        return "not an image file Pillow can read"
 
 
 def load_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:

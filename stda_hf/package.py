@@ -617,6 +617,7 @@ def package(
     out = Path(out)
     check_out_folder(out)
     sources = load_sources(real, synthetic)  # reads and checks the sources; refusals happen here
+    unsplit = unsplit_report(sources.real)
     splits = sources.split_names()
     fingerprint, totals = scan_inputs(sources, splits, cfg)
     staging, done = open_staging(out, fingerprint)
@@ -626,7 +627,22 @@ def package(
         )
         for split in splits
     }
-    return _finish(out, staging, records, sources, FEATURES, cfg, synthetic)
+    result = _finish(out, staging, records, sources, FEATURES, cfg, synthetic)
+    result.skipped.update(unsplit)
+    return result
+
+
+def unsplit_report(real) -> dict[str, str]:
+    """``{path: reason}`` for the labelled real images ``splits.csv`` leaves out (logged): in no split."""
+    why = "in no split of splits.csv (added after `stda split`?); re-run `stda split` to include it"
+    missing = {str(im.path): why for im in real.unsplit()}
+    if missing:
+        logger.warning(
+            "%d labelled image(s) of %s are in no split of splits.csv and are left out; re-run `stda split`",
+            len(missing),
+            real.root,
+        )
+    return missing
 
 
 def _finish(out, staging, records, sources, features, cfg, synthetic) -> PackageResult:

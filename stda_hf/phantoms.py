@@ -60,6 +60,10 @@ PALETTE = {  # dermoscopic colours
 }
 
 
+MAX_SIZE = 4096
+"""Largest phantom side: rendering holds float64 arrays of size x size x 2 (256 MiB each at 4096 px)."""
+
+
 @dataclass
 class PhantomConfig:
     """Settings of ``stda phantoms``."""
@@ -78,8 +82,12 @@ class PhantomConfig:
     def __post_init__(self) -> None:
         if self.n < 1:
             raise StdaError(f"--n {self.n}: need at least one image")
-        if self.size < 16:
-            raise StdaError(f"--size {self.size}: phantoms need at least 16 pixels a side")
+        if not 16 <= self.size <= MAX_SIZE:
+            raise StdaError(
+                f"--size {self.size}: phantoms need 16 to {MAX_SIZE} pixels a side (each is rendered in memory "
+                f"as float arrays of size x size: {self.size} px would need about "
+                f"{16 * self.size**2 / 2**30:,.1f} GiB per array)"
+            )
         if not 0.0 <= self.malignant_fraction <= 1.0:
             raise StdaError(f"malignant_fraction {self.malignant_fraction} must be between 0 and 1")
         if self.image_format not in ("jpg", "png"):

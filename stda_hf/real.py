@@ -6,13 +6,17 @@ Two layouts are accepted:
   :data:`REQUIRED_COLUMNS`); optional ``masks/<id>.png`` (lesion masks) and ``artifacts/<id>.png``
   (artifact label maps, written by the phantom maker, codes from :data:`ARTIFACTS`), and ``splits.csv`` once
   ``stda split`` has run (read and checked here, :func:`load_splits`, since it is this folder's contract).
-* ImageFolder layout: ``benign/`` and ``malignant/`` sub-folders of images; ids are the file stems, lesion and
-  patient are unknown, licence and attribution are ``unknown``.
+* ImageFolder layout: ``benign/`` and ``malignant/`` sub-folders of images (any case: ``Malignant/``); ids are
+  the file stems, lesion and patient are unknown, licence and attribution are ``unknown``.
+
+Any format Pillow reads is an image. Every file the folder holds but the reader leaves out (not an image, a
+sub-folder, an image without a metadata row, an image outside the class folders) is listed with its reason
+in :attr:`RealFolder.left_out`, which ``stda inspect`` prints. Two files with one id (``x.jpg`` and ``x.png``)
+are refused: which one is meant cannot be guessed.
 """
 
 from __future__ import annotations
 
-import csv
 import logging
 import re
 from collections import Counter, defaultdict
@@ -24,8 +28,8 @@ from PIL import Image
 
 from . import LABELS, SPLITS
 from .errors import BadImageError, StdaError
-from .fileio import write_csv
-from .images import IMAGE_EXTENSIONS, SkipReport, load_image
+from .fileio import open_csv, write_csv
+from .images import SkipReport, load_image, why_not_an_image
 from .utils import first_few
 
 logger = logging.getLogger(__name__)
@@ -74,6 +78,9 @@ class RealFolder:
     root: Path
     layout: str  # "isic" or "imagefolder"
     images: list[RealImage]
+    left_out: dict[str, str] = field(
+        default_factory=dict
+    )  # file or folder -> why it is not one of the images
 
     def __post_init__(self) -> None:
         self._by_id = {im.isic_id: im for im in self.images}
@@ -106,6 +113,11 @@ class RealFolder:
             self._splits = load_splits(self)
         return self._splits
 
+    def unsplit(self) -> list[RealImage]:
+        """Labelled images that ``splits.csv`` does not assign (added after ``stda split`` ran): in no split."""
+        assignment = self.splits()
+        return [im for im in self.labelled if im.isic_id not in assignment]
+
     def subset(self, split: str, label: str | None = None) -> list[RealImage]:
         """Labelled images of one split (``train``, ``validation`` or ``test``), optionally of one class."""
         if split not in SPLITS:
@@ -134,11 +146,12 @@ def read_real_folder(root: str | Path) -> RealFolder:
         raise StdaError(
             f"real-image folder {root} does not exist; create it with `stda phantoms` or `stda fetch`"
         )
+    left_out: dict[str, str] = {}
     if (root / "metadata.csv").is_file():
-        images = _read_isic_layout(root)
+        images = _read_isic_layout(root, left_out)
         layout = "isic"
-    elif any((root / label).is_dir() for label in LABELS):
-        images = _read_imagefolder(root)
+    elif _class_folders(root):
+        images = _read_imagefolder(root, left_out)
         layout = "imagefolder"
     else:
         raise StdaError(
@@ -146,8 +159,19 @@ def read_real_folder(root: str | Path) -> RealFolder:
             f"`stda phantoms` write) or sub-folders {list(LABELS)}"
         )
     if not images:
-        raise StdaError(f"{root} holds no images")
-    return RealFolder(root=root, layout=layout, images=sorted(images, key=lambda im: im.isic_id))
+        raise StdaError(
+            f"{root} holds no images" + (f" ({len(left_out)} file(s) left out)" if left_out else "")
+        )
+    if left_out:
+        logger.warning(
+            "%s: %d file(s) left out, e.g. %s (%s); `stda inspect %s` lists them all",
+            root,
+            len(left_out),
+            *next(iter(sorted(left_out.items()))),
+            root,
+        )
+    images = sorted(images, key=lambda im: im.isic_id)
+    return RealFolder(root=root, layout=layout, images=images, left_out=dict(sorted(left_out.items())))
 
 
 def load_splits(folder: RealFolder) -> dict[str, str]:
@@ -162,8 +186,7 @@ def load_splits(folder: RealFolder) -> dict[str, str]:
     if not path.is_file():
         raise StdaError(f"{path} not found; run `stda split {folder.root}` first")
     assignment = {}
-    with open(path, newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
+    with open_csv(path) as reader:
         if not {"isic_id", "split"} <= set(reader.fieldnames or []):
             raise StdaError(f"{path} needs columns isic_id and split; re-run `stda split {folder.root}`")
         for row_no, row in enumerate(reader, start=2):
@@ -264,20 +287,39 @@ def check_id(isic_id: str, where: str) -> str:
     return isic_id
 
 
-def _index_files(folder: Path) -> dict[str, Path]:
-    """Map file stem -> path for the image files directly inside ``folder``."""
+def _index_files(folder: Path, left_out: dict[str, str] | None = None) -> dict[str, Path]:
+    """Map id (file stem) -> path for the image files directly inside ``folder``.
+
+    Everything else in it goes into ``left_out`` with the reason.
+
+    Raises
+    ------
+    StdaError
+        When two image files share one id (``x.jpg`` and ``x.png``), naming both.
+    """
     if not folder.is_dir():
         return {}
-    return {p.stem: p for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS}
+    files: dict[str, Path] = {}
+    for p in sorted(folder.iterdir()):
+        reason = why_not_an_image(p)
+        if reason is not None:
+            if left_out is not None:
+                left_out[str(p)] = reason
+            continue
+        if p.stem in files:
+            raise StdaError(
+                f"two files for one image id {p.stem!r}: {files[p.stem]} and {p}; delete or rename one of them"
+            )
+        files[p.stem] = p
+    return files
 
 
-def _read_isic_layout(root: Path) -> list[RealImage]:
+def _read_isic_layout(root: Path, left_out: dict[str, str]) -> list[RealImage]:
     meta = root / "metadata.csv"
-    files = _index_files(root / "images")
+    files = _index_files(root / "images", left_out)
     masks = _index_files(root / "masks")
     artifacts = _index_files(root / "artifacts")
-    with open(meta, newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
+    with open_csv(meta) as reader:
         missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
             raise StdaError(
@@ -317,13 +359,26 @@ def _read_isic_layout(root: Path) -> list[RealImage]:
                     extra=extra,
                 )
             )
+    for isic_id in sorted(set(files) - seen):
+        left_out[str(files[isic_id])] = f"no row in {meta.name}"
     return images
 
 
-def _read_imagefolder(root: Path) -> list[RealImage]:
+def _class_folders(root: Path) -> list[tuple[str, Path]]:
+    """``(label, folder)`` for each sub-folder of ``root`` named like a class, in any case (``Malignant/``)."""
+    return [(p.name.lower(), p) for p in sorted(root.iterdir()) if p.is_dir() and p.name.lower() in LABELS]
+
+
+def _read_imagefolder(root: Path, left_out: dict[str, str]) -> list[RealImage]:
     images, seen = [], {}
-    for label in LABELS:
-        for stem, path in _index_files(root / label).items():
+    classes = _class_folders(root)
+    for p in sorted(root.iterdir()):
+        if p.is_dir() and p not in {folder for _, folder in classes}:
+            left_out[str(p)] = f"not a class folder ({', '.join(LABELS)}, in any case)"
+        elif p.is_file() and why_not_an_image(p) is None:
+            left_out[str(p)] = f"an image outside the class folders ({', '.join(LABELS)})"
+    for label, folder in classes:
+        for stem, path in _index_files(folder, left_out).items():
             check_id(stem, str(path))
             if stem in seen:
                 raise StdaError(f"duplicate image id {stem!r}: {seen[stem]} and {path}; rename one of them")
@@ -356,6 +411,10 @@ class InspectReport:
     sizes: dict[str, int]  # min/median/max width and height
     masks: int
     bad: dict[str, str]
+    left_out: dict[str, str] = field(
+        default_factory=dict
+    )  # files of the folder that are not among its images
+    unsplit: int = 0  # labelled images splits.csv does not assign (added after `stda split`)
 
     def format(self) -> str:
         """Human-readable multi-line summary."""
@@ -376,6 +435,10 @@ class InspectReport:
         lines.append(f"  masks:       {self.masks}")
         lines.append(f"  bad files:   {len(self.bad)}")
         lines += [f"    {path}: {reason}" for path, reason in sorted(self.bad.items())]
+        lines.append(f"  left out:    {len(self.left_out)}")
+        lines += [f"    {path}: {reason}" for path, reason in sorted(self.left_out.items())]
+        if self.unsplit:
+            lines.append(f"  in no split: {self.unsplit} labelled image(s); run `stda split` again")
         return "\n".join(lines)
 
 
@@ -420,6 +483,8 @@ def inspect_folder(root: str | Path, decode: bool = True) -> InspectReport:
         sizes=_size_stats(widths, heights),
         masks=sum(im.mask_path is not None for im in folder.images),
         bad=report.skipped,
+        left_out=folder.left_out,
+        unsplit=len(folder.unsplit()) if per_split else 0,
     )
 
 

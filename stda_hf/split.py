@@ -16,7 +16,7 @@ import imagehash
 import numpy as np
 
 from .errors import BadImageError, StdaError
-from .fileio import csv_text, write_json, write_text
+from .fileio import check_writable, csv_text, write_json, write_text
 from .images import SkipReport, load_image
 from .real import SPLITS, RealImage, check_no_leakage, read_real_folder
 from .utils import progress
@@ -181,9 +181,15 @@ def make_splits(root: str | Path, cfg: SplitConfig | None = None) -> dict[str, d
     -------
     dict
         ``{split: {class: count}}``, also written to ``split_summary.json``.
+
+    Raises
+    ------
+    StdaError
+        The folder is not a usable real-image folder, cannot be written (read-only), or a class is too small.
     """
     cfg = cfg or SplitConfig()
     folder = read_real_folder(root)
+    check_writable(folder.root)  # before hashing every image, not after
     report = SkipReport()
     images = folder.labelled
     hashes = perceptual_hashes(images, report) if cfg.phash_distance >= 0 else {}

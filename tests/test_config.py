@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import typing
+
 import pytest
 
 from stda_hf.config import changed_settings, describe_changes, read_settings
@@ -61,3 +64,58 @@ def test_an_optional_bool_field_becomes_a_yes_no_flag_that_defaults_to_unset():
     assert parser.parse_args([]).clamp is None
     assert parser.parse_args(["--clamp"]).clamp is True
     assert parser.parse_args(["--no-clamp"]).clamp is False
+
+
+@dataclasses.dataclass
+class Typed:
+    n: int = 1  # a count
+    rate: float = 0.5  # a fraction
+    name: str = "x"  # a name
+    flag: bool = False  # a switch
+    layers: tuple[str, ...] = ()  # layer names
+    limit: int | None = None  # optional bound
+    mode: typing.Literal["fast", "exact"] = "fast"  # a choice
+
+
+def _typed():
+    return Typed
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"n": "ten"}, r"setting n \(--n\): 'ten' is not an integer"),
+        ({"n": True}, "True is not an integer"),
+        ({"n": None}, "None is not an integer"),
+        ({"rate": "abc"}, "'abc' is not a number"),
+        ({"rate": float("inf")}, "inf is not a finite number"),
+        ({"flag": "yes"}, "'yes' is not true or false"),
+        ({"name": [1]}, r"\[1\] is not text"),
+        ({"layers": [None, "a"]}, "is not a list of values that are each text"),
+        ({"limit": "x"}, "'x' is not an integer"),
+        ({"mode": "slow"}, r"'slow' is not one of \['fast', 'exact'\]"),
+    ],
+)
+def test_values_of_the_wrong_type_are_refused_naming_setting_and_value(values, message):
+    from stda_hf.config import check_types
+
+    with pytest.raises(StdaError, match=message):
+        check_types(_typed(), values)
+
+
+def test_safe_conversions_of_typed_values():
+    from stda_hf.config import check_types
+
+    got = check_types(
+        _typed(), {"rate": 1, "name": 2024, "layers": "conv1_1", "limit": None, "mode": "exact"}
+    )
+    assert got == {"rate": 1.0, "name": "2024", "layers": ("conv1_1",), "limit": None, "mode": "exact"}
+    assert isinstance(got["rate"], float)
+
+
+def test_a_config_file_value_of_the_wrong_type_names_the_file(tmp_path):
+    from stda_hf.config import load_config
+
+    (tmp_path / "c.yaml").write_text("n: many\n")
+    with pytest.raises(StdaError, match=r"setting n in .*c\.yaml: 'many' is not an integer"):
+        load_config(_typed(), tmp_path / "c.yaml")

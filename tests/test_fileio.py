@@ -93,3 +93,68 @@ def test_csv_text_keeps_the_given_columns_in_order_and_leaves_missing_cells_empt
     assert csv_text(rows, ("a", "b")) == 'a,b\n"x,y",1\nz,\n'
     assert csv_text(rows, ("a",), header=False) == '"x,y"\nz\n'
     assert csv_text(rows).splitlines()[0] == "b,a,extra"  # default: every key, in order of first appearance
+
+
+def test_read_text_drops_a_bom_and_refuses_other_encodings(tmp_path):
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbfisic_id\n")
+    assert fileio.read_text(tmp_path / "bom.txt") == "isic_id\n"
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(StdaError, match=r"latin1\.txt is not UTF-8 text \(byte 0xe9 at position 3\)"):
+        fileio.read_text(tmp_path / "latin1.txt")
+
+
+def test_open_csv_reads_a_bom_header_and_refuses_latin1_rows(tmp_path):
+    path = tmp_path / "m.csv"
+    path.write_bytes(b"\xef\xbb\xbfisic_id,x\na,1\n")
+    with fileio.open_csv(path) as reader:
+        assert [row["isic_id"] for row in reader] == ["a"]
+    path.write_bytes(b"isic_id,x\na,caf\xe9\n")
+    with pytest.raises(StdaError, match=r"m\.csv is not UTF-8 text"), fileio.open_csv(path) as reader:
+        list(reader)
+
+
+@pytest.mark.parametrize(
+    ("out", "message"),
+    [
+        ("real", "is \\(inside\\) the input"),
+        ("real/images", "is \\(inside\\) the input"),
+        (".", "holds the input"),
+    ],
+)
+def test_check_separate_refuses_an_output_overlapping_an_input(tmp_path, out, message):
+    (tmp_path / "real" / "images").mkdir(parents=True)
+    with pytest.raises(StdaError, match=message):
+        fileio.check_separate(tmp_path / out, {"input": tmp_path / "real"})
+    fileio.check_separate(tmp_path / "synthetic", {"input": tmp_path / "real", "unused": None})
+
+
+def test_make_dir_under_a_file_names_the_path(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(StdaError, match="is a file, not a folder"):
+        fileio.make_dir(tmp_path / "f")
+    with pytest.raises(StdaError, match="f/sub"):
+        fileio.make_dir(tmp_path / "f" / "sub")
+
+
+def test_exclusive_refuses_a_second_holder_and_frees_the_folder_after(tmp_path):
+    with fileio.exclusive(tmp_path / "out", ".x.lock", "busy: try later"):
+        with (
+            pytest.raises(StdaError, match="busy: try later"),
+            fileio.exclusive(tmp_path / "out", ".x.lock", "busy: try later"),
+        ):
+            pass
+    with fileio.exclusive(tmp_path / "out", ".x.lock", "busy"):
+        pass
+
+
+def test_a_read_only_file_system_is_one_clear_error(tmp_path, monkeypatch):
+    """In-process (root ignores chmod): mkstemp fails as on a read-only mount."""
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(tmp_path))
+
+    monkeypatch.setattr(fileio.tempfile, "mkstemp", read_only)
+    with pytest.raises(StdaError, match="the file system is read-only"):
+        write_text(tmp_path / "x.txt", "x")
+    with pytest.raises(StdaError, match="read-only"):
+        fileio.check_writable(tmp_path)

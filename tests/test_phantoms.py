@@ -101,7 +101,8 @@ def test_refuses_folder_made_with_other_settings(tmp_path):
     ("kwargs", "match"),
     [
         ({"n": 0}, "at least one"),
-        ({"size": 8}, "16 pixels"),
+        ({"size": 8}, "16 to 4096 pixels"),
+        ({"size": 100_000}, r"16 to 4096 pixels a side .* about 149.0 GiB"),
         ({"malignant_fraction": 2}, "between 0 and 1"),
         ({"artifacts": {"glitter": (0.1, 0.1)}}, "unknown artifact"),
         ({"artifacts": {"ink": (2, 0)}}, "two rates"),

@@ -141,3 +141,46 @@ def test_copied_folder_is_independent(phantom_real, phantom_real_session):
     shutil.rmtree(phantom_real / "masks")
     assert read_real_folder(phantom_real).images[0].mask_path is None
     assert read_real_folder(phantom_real_session).images[0].mask_path is not None
+
+
+def test_two_files_for_one_id_are_refused_naming_both(phantom_real):
+    images = phantom_real / "images"
+    shutil.copy(images / "PHANTOM_0000009.jpg", images / "PHANTOM_0000010.png")
+    with pytest.raises(StdaError, match=r"PHANTOM_0000010\.jpg and .*PHANTOM_0000010\.png"):
+        read_real_folder(phantom_real)
+
+
+def test_an_image_without_a_metadata_row_is_left_out_with_the_reason(phantom_real):
+    Image.new("RGB", (32, 32)).save(phantom_real / "images" / "EXTRA_1.png")
+    folder = read_real_folder(phantom_real)
+    assert folder.left_out == {str(phantom_real / "images" / "EXTRA_1.png"): "no row in metadata.csv"}
+    assert "EXTRA_1" not in folder
+
+
+def test_imagefolder_class_folders_in_any_case_and_pillow_formats(tmp_path):
+    img = Image.new("RGB", (32, 32), (200, 150, 120))
+    (tmp_path / "Benign").mkdir()
+    (tmp_path / "MALIGNANT").mkdir()
+    (tmp_path / "other").mkdir()
+    img.save(tmp_path / "Benign" / "a.gif")
+    img.save(tmp_path / "Benign" / "b", format="PNG")
+    img.save(tmp_path / "MALIGNANT" / "c.jfif", format="JPEG")
+    (tmp_path / "MALIGNANT" / "Thumbs.db").write_bytes(b"\x00" * 16)
+    folder = read_real_folder(tmp_path)
+    assert [(im.isic_id, im.label) for im in folder.images] == [
+        ("a", "benign"),
+        ("b", "benign"),
+        ("c", "malignant"),
+    ]
+    assert folder.left_out == {
+        str(tmp_path / "MALIGNANT" / "Thumbs.db"): "not an image file Pillow can read",
+        str(tmp_path / "other"): "not a class folder (benign, malignant, in any case)",
+    }
+
+
+def test_unsplit_lists_labelled_images_added_after_split(phantom_real):
+    splits = phantom_real / "splits.csv"
+    lines = splits.read_text().splitlines(keepends=True)
+    splits.write_text("".join(lines[:-1]))
+    missing = lines[-1].split(",")[0]
+    assert [im.isic_id for im in read_real_folder(phantom_real).unsplit()] == [missing]
