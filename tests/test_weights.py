@@ -55,6 +55,14 @@ def test_unrelated_file_is_refused(tmp_path):
         load_weights(_net(), parse_weights(tmp_path / "x.safetensors"))
 
 
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_a_corrupt_weights_file_is_one_error_naming_it(tmp_path, suffix):
+    path = tmp_path / f"broken{suffix}"
+    path.write_bytes(b"\x00not weights at all" * 10)
+    with pytest.raises(StdaError, match="broken"):
+        load_weights(_net(), parse_weights(path))
+
+
 def test_pickled_objects_are_not_executed(tmp_path):
     torch.save({"model": nn.Linear(2, 2)}, tmp_path / "pickled.pth")  # a whole module, not a state dict
     with pytest.raises(StdaError, match="cannot read weights"):
