@@ -74,9 +74,11 @@ def _label_step(synthetic: Path, teacher: Path, real: Path) -> None:
     _step("label", f"teacher {teacher}, calibrated on the real validation split")
     (synthetic / LABELS_FILE).unlink(missing_ok=True)  # a fresh teacher each demo: relabel everything
     (synthetic / "calibration.json").unlink(missing_ok=True)
-    s = label_synthetic(
-        synthetic, LabelConfig(teacher=str(teacher), real=str(real), calibrate=True, min_confidence=0.8)
+    # every image is labelled; `stda package` then leaves the ones that failed the quality gate out
+    cfg = LabelConfig(
+        teacher=str(teacher), real=str(real), calibrate=True, min_confidence=0.8, keep_failed=True
     )
+    s = label_synthetic(synthetic, cfg)
     c = s.calibration
     print(f"labels {s.labels}; temperature {c['temperature']:.2f} (ECE {c['ece_before']:.3f} -> {c['ece_after']:.3f});"
           f" {s.kept} of {s.images} at confidence >= 0.8")  # fmt: skip
@@ -90,6 +92,11 @@ def _package_step(real: Path, synthetic: Path | None, hub: Path) -> Path:
     result = package(real, hub, synthetic=synthetic)
     rows = ", ".join(f"{split} {sum(c.values())}" for split, c in result.counts.items())
     print(f"{rows}; licence {result.license}")
+    if result.left_out_failed:
+        left = ", ".join(f"{n} {v}" for v, n in result.left_out_failed.items())
+        print(
+            f"left out {sum(result.left_out_failed.values())} synthetic images that failed the quality gate ({left})"
+        )
     return hub
 
 
