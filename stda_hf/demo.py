@@ -4,8 +4,9 @@ phantoms -> split -> inspect -> package (real only) -> teacher (VGG8 on real tra
 -> generate -> label -> package (real + synthetic) -> load_dataset -> VGG8 with synthetic images mixed in ->
 explain both models on the same test images. Each step calls the same stage function the matching ``stda``
 command (or ``train.py``) calls, with small settings, and writes into its own folder under ``out``, so every
-intermediate result can be opened. Style transfer uses random VGG weights (offline): it shows the plumbing,
-not the texture quality of ImageNet features.
+intermediate result can be opened. Style transfer uses the pretrained feed-forward engine
+(``--engine arbitrary``: Magenta's arbitrary-style network from the ``stda-hf[arbitrary]`` extra, offline), because
+Gatys optimisation needs ImageNet VGG weights to make meaningful textures and those cannot be downloaded offline.
 """
 
 from __future__ import annotations
@@ -43,20 +44,25 @@ def run_demo(out: str | Path, n: int = 400, size: int = 64, seed: int = 0, epoch
 
 
 def _generate_step(out: Path, real: Path, size: int, seed: int) -> Path:
-    """Restyle benign train phantoms with malignant train ones (random VGG weights: offline, shows the plumbing)."""
-    from .errors import StdaError
-    from .generate import GenerateConfig, generate
+    """Restyle benign train phantoms with malignant train ones with the pretrained arbitrary-style network."""
+    import json
+
+    from .generate import ENGINE_FILE, GenerateConfig, QualityGateFailed, generate
 
     synthetic = out / "synthetic"
-    cfg = GenerateConfig(
-        weights="random", size=size, iterations=10, per_content=1, limit=24, batch=12, seed=seed
-    )
-    _step("generate", f"{cfg.limit} style transfers, {cfg.iterations} L-BFGS steps, {size}px -> {synthetic}")
+    cfg = GenerateConfig(engine="arbitrary", size=size, per_content=1, limit=24, batch=12, seed=seed)
+    _step("generate", f"{cfg.limit} style transfers with --engine arbitrary, {size}px -> {synthetic}")
+    shutil.rmtree(synthetic, ignore_errors=True)  # made from an earlier demo's phantoms: start afresh
     try:
         summary = generate(real, synthetic, cfg)
-    except StdaError:  # made from an earlier demo's phantoms or settings: start afresh
-        shutil.rmtree(synthetic, ignore_errors=True)
-        summary = generate(real, synthetic, cfg)
+    except QualityGateFailed as err:  # keep going: label and package leave the failed images out
+        summary = err.summary
+        print(f"quality gate: {err}")
+    engine = json.loads((synthetic / ENGINE_FILE).read_text(encoding="utf-8"))
+    print(
+        f"engine: arbitrary (Magenta's pretrained arbitrary-style network, {engine['package']}, "
+        f"{engine['provider']}; the paper's Gatys optimisation needs ImageNet VGG weights, offline here)"
+    )
     print(summary.format())
     return synthetic
 
@@ -68,9 +74,11 @@ def _label_step(synthetic: Path, teacher: Path, real: Path) -> None:
     _step("label", f"teacher {teacher}, calibrated on the real validation split")
     (synthetic / LABELS_FILE).unlink(missing_ok=True)  # a fresh teacher each demo: relabel everything
     (synthetic / "calibration.json").unlink(missing_ok=True)
-    s = label_synthetic(
-        synthetic, LabelConfig(teacher=str(teacher), real=str(real), calibrate=True, min_confidence=0.8)
+    # every image is labelled; `stda package` then leaves the ones that failed the quality gate out
+    cfg = LabelConfig(
+        teacher=str(teacher), real=str(real), calibrate=True, min_confidence=0.8, keep_failed=True
     )
+    s = label_synthetic(synthetic, cfg)
     c = s.calibration
     print(f"labels {s.labels}; temperature {c['temperature']:.2f} (ECE {c['ece_before']:.3f} -> {c['ece_after']:.3f});"
           f" {s.kept} of {s.images} at confidence >= 0.8")  # fmt: skip
@@ -84,6 +92,11 @@ def _package_step(real: Path, synthetic: Path | None, hub: Path) -> Path:
     result = package(real, hub, synthetic=synthetic)
     rows = ", ".join(f"{split} {sum(c.values())}" for split, c in result.counts.items())
     print(f"{rows}; licence {result.license}")
+    if result.left_out_failed:
+        left = ", ".join(f"{n} {v}" for v, n in result.left_out_failed.items())
+        print(
+            f"left out {sum(result.left_out_failed.values())} synthetic images that failed the quality gate ({left})"
+        )
     return hub
 
 

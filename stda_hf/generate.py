@@ -3,7 +3,12 @@
 ::
 
     stda generate real/ --out synthetic/ --per-content 4 --size 224 --iterations 100 --batch 16
+    stda generate real/ --out synthetic/ --engine arbitrary --strength 0.8       # pretrained, feed-forward
     torchrun --nproc_per_node 8 -m stda_hf.cli generate real/ --out synthetic/    # same result, 8 processes
+
+Two engines: ``gatys`` (the paper's method: optimise each image, :mod:`stda_hf.nst`) and ``arbitrary``
+(Magenta's pretrained feed-forward network, :mod:`stda_hf.arbitrary`; ``pip install 'stda-hf[arbitrary]'``).
+Style statistics (Gram targets or style vectors) are computed once per style image.
 
 Content images are the benign images of the ``train`` split, style images the malignant ones of the same split
 (validation and test images are never read). Each content image gets ``per_content`` different styles, spread
@@ -12,6 +17,12 @@ the append-only ``manifest.jsonl``; a re-run of the same command skips what is r
 at most the batch in flight and ends with the same images as an uninterrupted run. Under ``torchrun`` or
 ``accelerate launch`` each process takes the pairs whose id hashes to its rank, writes
 ``manifest.rank<k>.jsonl``, and rank 0 merges the shards into ``manifest.jsonl`` when all are done.
+
+Every image passes the quality gate (:mod:`stda_hf.quality`) on its 8-bit pixels: its manifest line records the
+style distance before and after, the structure score, the mean pixel change and the verdict (``ok``,
+``unchanged``, ``content_lost``), and for Gatys the initial and final loss terms. When more than
+``max_failed_share`` of the run's images fail, :func:`generate` raises :class:`QualityGateFailed` after
+everything is written.
 """
 
 from __future__ import annotations
@@ -22,10 +33,12 @@ import json
 import logging
 import os
 import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,7 +49,7 @@ from .devices import check_device_name, resolve_device
 from .errors import BadImageError, StdaError
 from .fileio import append_jsonl, check_separate, exclusive, read_jsonl, write_json, write_text
 from .images import SkipReport, load_image, save_image
-from .models.features import VGGFeatures, build_vgg_features
+from .models.features import build_vgg_features
 from .models.weights import WeightsSpec, parse_weights
 from .nst import (
     GramCache,
@@ -46,36 +59,84 @@ from .nst import (
     style_targets,
     stylize,
 )
+from .quality import VERDICTS, QualityGate, StyleDistance, assess
 from .real import RealFolder, RealImage, read_real_folder
 from .utils import progress, sha256_file, stable_hash
 
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.jsonl"
+ENGINE_FILE = "engine.json"
 JPEG_QUALITY = 95
-RESUMABLE = ("per_content", "batch", "device", "limit")
-"""Settings that may change between runs into the same folder (they do not change any image)."""
+ENGINES = ("gatys", "arbitrary")
+RESUMABLE = ("per_content", "batch", "device", "limit", "max_failed_share")
+"""Settings that may change between runs into the same folder (they change neither an image nor its record)."""
+GATE = ("min_style_reduction", "min_structure")
+"""Settings of the quality gate: they change verdicts, not pixels (not in ids; a folder keeps its own)."""
+ARBITRARY_ONLY = ("strength", "style_size", "render_size")
+GATYS_ONLY = (*(f.name for f in dataclasses.fields(NSTConfig) if f.name != "preserve_color"), "weights")
+FAILED = tuple(v for v in VERDICTS if v != "ok")
 MIN_SIZE = 32
+_GATE_DEFAULTS = QualityGate()
 
 
 @dataclass
 class GenerateConfig(NSTConfig):
-    """Settings of ``stda generate``: the engine's (see :class:`~stda_hf.nst.NSTConfig`) plus pairing and batching."""
+    """Settings of ``stda generate``: the engines' (see :class:`~stda_hf.nst.NSTConfig`), pairing, batching, gate."""
 
+    engine: str = (
+        "gatys"  # gatys (optimisation, the paper's method) or arbitrary (pretrained feed-forward network)
+    )
+    strength: float = 1.0  # arbitrary: 0 the content's own style vector, 1 the style image's, linear between
+    style_size: int = 256  # arbitrary: side the style image is resized to for style prediction
+    render_size: int = (
+        256  # arbitrary: longer side the network renders at (result resized to --size); 0: --size
+    )
     per_content: int = 4  # styles per content image, each a different malignant train image
     size: int = 224  # side of the square output images in pixels (content images are resized to it)
-    batch: int = 16  # pairs optimised at once; results do not depend on it
+    batch: int = 16  # pairs stylized at once; results do not depend on it
     seed: int = 0  # pairing and noise start images: same seed and settings, same images
-    weights: str = "imagenet"  # VGG weights: imagenet (download), a .safetensors/.pth file, or random
+    weights: str = "imagenet"  # gatys VGG weights: imagenet (download), a .safetensors/.pth file, or random
     device: str = "auto"  # auto (CUDA when available, else CPU), cpu, cuda or cuda:N
     limit: int = 0  # make at most this many pairs (0: all), for a quick look
+    min_style_reduction: float = (
+        _GATE_DEFAULTS.min_style_reduction
+    )  # gate: unchanged below this style-distance fall
+    min_structure: float = _GATE_DEFAULTS.min_structure  # gate: content_lost below this structure score
+    max_failed_share: float = 0.5  # exit 2 when more than this share of the run's images fail the gate
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.engine not in ENGINES:
+            raise StdaError(f"unknown --engine {self.engine!r}; valid engines: {list(ENGINES)}")
         for name, low in (("per_content", 1), ("size", MIN_SIZE), ("batch", 1), ("limit", 0)):
             if getattr(self, name) < low:
                 raise StdaError(f"--{name.replace('_', '-')} {getattr(self, name)} must be at least {low}")
+        if not 0.0 <= self.max_failed_share <= 1.0:
+            raise StdaError(f"--max-failed-share {self.max_failed_share} must be between 0 and 1")
+        self.gate()  # checks the thresholds
         check_device_name(self.device)
+        if self.engine == "arbitrary":
+            self.arbitrary_config()  # checks strength, sizes and preserve_color
+
+    def gate(self) -> QualityGate:
+        """The quality gate's thresholds."""
+        return QualityGate(min_style_reduction=self.min_style_reduction, min_structure=self.min_structure)
+
+    def arbitrary_config(self) -> Any:
+        """The :class:`~stda_hf.arbitrary.ArbitraryConfig` of these settings."""
+        from .arbitrary import ArbitraryConfig
+
+        return ArbitraryConfig(
+            strength=self.strength,
+            preserve_color=self.preserve_color,
+            style_size=self.style_size,
+            render_size=self.render_size,
+        )
+
+    def unused(self) -> tuple[str, ...]:
+        """Settings the chosen engine ignores (left out of its ids and of the folder guard)."""
+        return GATYS_ONLY if self.engine == "arbitrary" else ARBITRARY_ONLY
 
 
 @dataclass(frozen=True)
@@ -98,21 +159,44 @@ class GenerateSummary:
     retried: int = 0  # redone in fp32 after a NaN/inf or a rising loss in bf16
     skipped_pairs: int = 0  # pairs left out because an image could not be read
     skipped: dict[str, str] = field(default_factory=dict)  # unreadable file -> reason
-    failed: dict[str, str] = field(default_factory=dict)  # synthetic id -> reason
+    failed: dict[str, str] = field(default_factory=dict)  # synthetic id -> reason (not written)
+    verdicts: dict[str, int] = field(default_factory=dict)  # quality verdict -> images made by this run
+    run_verdicts: dict[str, int] = field(default_factory=dict)  # verdict -> all images of the run's pairs
+    engine: str = ""
     seconds: float = 0.0
 
     def format(self) -> str:
         """A few lines for the end of a run."""
         rate = self.done / self.seconds if self.seconds else 0.0
         lines = [
-            f"{self.pairs} pairs: {self.done} made now ({rate:.2f} images/s), {self.done_before} already done, "
-            f"{self.skipped_pairs} skipped, {len(self.failed)} failed, {self.retried} redone in fp32"
+            f"{self.pairs} pairs ({self.engine}): {self.done} made now ({rate:.2f} images/s), {self.done_before} "
+            f"already done, {self.skipped_pairs} skipped, {len(self.failed)} failed, {self.retried} redone in fp32",
+            "quality gate, images made now: " + _counts(self.verdicts),
         ]
+        if self.run_verdicts:
+            lines.append("quality gate, all images of this run: " + _counts(self.run_verdicts))
         lines += [f"  skipped {path}: {reason}" for path, reason in sorted(self.skipped.items())]
         lines += [f"  failed {sid}: {reason}" for sid, reason in sorted(self.failed.items())]
         if self.failed:
             lines.append("  re-run the same command to retry the failed images")
         return "\n".join(lines)
+
+    def failed_share(self) -> float:
+        """Share of the run's images (all processes) whose verdict is not ``ok``."""
+        total = sum(self.run_verdicts.values())
+        return sum(self.run_verdicts.get(v, 0) for v in FAILED) / total if total else 0.0
+
+
+def _counts(verdicts: dict[str, int]) -> str:
+    return ", ".join(f"{v} {verdicts.get(v, 0)}" for v in VERDICTS)
+
+
+class QualityGateFailed(StdaError):
+    """More than ``max_failed_share`` of a run's images failed the quality gate (everything is written)."""
+
+    def __init__(self, message: str, summary: GenerateSummary):
+        super().__init__(message)
+        self.summary = summary
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -153,11 +237,22 @@ def assign_styles(
     return pairs
 
 
-def params_hash(cfg: GenerateConfig, spec: WeightsSpec) -> str:
-    """Hash of every setting that changes an image's pixels (not batch, device, limit or per_content)."""
-    values = {k: v for k, v in config_to_dict(cfg).items() if k not in RESUMABLE}
-    values["weights"] = spec.describe() if spec.kind != "file" else f"sha256:{sha256_file(spec.path)}"
+def params_hash(cfg: GenerateConfig, engine: dict[str, Any]) -> str:
+    """Hash of every setting that changes an image's pixels, with the engine's description (weights or models).
+
+    Not in it: batch, device, limit, per_content, the gate's thresholds, and the settings the engine ignores
+    (for ``arbitrary`` every Gatys setting, the VGG weights and the seed, which only pairs images).
+    """
+    leave_out = {*RESUMABLE, *GATE, *cfg.unused(), *(("seed",) if cfg.engine == "arbitrary" else ())}
+    values = {k: v for k, v in config_to_dict(cfg).items() if k not in leave_out}
+    values["engine_files"] = {k: v for k, v in engine.items() if k != "name"}
     return stable_hash(values)
+
+
+def gatys_description(spec: WeightsSpec) -> dict[str, Any]:
+    """What identifies the Gatys engine's network: the weights (a file by its SHA-256)."""
+    weights = spec.describe() if spec.kind != "file" else f"sha256:{sha256_file(spec.path)}"
+    return {"name": "gatys", "weights": weights}
 
 
 def make_pairs(folder: RealFolder, cfg: GenerateConfig, phash: str) -> list[Pair]:
@@ -188,8 +283,9 @@ def shard_of(pair_id: str, world: int) -> int:
 # Output folder: settings, provenance, manifests
 
 
-def check_output(out: Path, folder: RealFolder, cfg: GenerateConfig) -> dict:
-    """Refuse an output folder made from another ``splits.csv`` or with other image settings; return source.json.
+def check_output(out: Path, folder: RealFolder, cfg: GenerateConfig, engine: dict[str, Any]) -> dict:
+    """Refuse an output folder made from another ``splits.csv``, with other image settings or other model files;
+    return source.json.
 
     Saved settings count only once the folder holds an image: a run that failed before its first image (bad
     weights, say) leaves a folder the corrected command may use.
@@ -209,13 +305,20 @@ def check_output(out: Path, folder: RealFolder, cfg: GenerateConfig) -> dict:
     previous = read_settings(old_cfg)
     if previous is not None:
         now = config_to_dict(cfg)
-        changed = changed_settings(previous, now, ignore=RESUMABLE)
+        ignore = {*RESUMABLE, *(cfg.unused() if previous.get("engine") == cfg.engine else ())}
+        changed = changed_settings(previous, now, ignore=ignore)
         if changed:
             diffs = describe_changes(previous, now, changed)
             raise StdaError(
                 f"{out} was made with other settings ({diffs}); use a new --out folder, or the settings of "
                 f"{old_cfg} to resume"
             )
+    old_engine = out / ENGINE_FILE
+    if old_engine.is_file() and json.loads(old_engine.read_text(encoding="utf-8")) != engine:
+        raise StdaError(
+            f"{out} was made by another engine build ({old_engine}: model files, weights or execution provider "
+            f"differ from {engine}); use a new --out folder"
+        )
     return source
 
 
@@ -283,18 +386,102 @@ def _batches(pairs: list[Pair], size: int) -> Iterator[list[Pair]]:
         yield pairs[i : i + size]
 
 
-class _Runner:
-    """The state of one process's run: model, style cache, skip report, summary and output paths."""
+def load_mask(path: Path, size: int) -> torch.Tensor:
+    """A lesion mask file as a (size, size) bool tensor (nearest-neighbour resize, foreground above 127)."""
+    with Image.open(path) as img:
+        mask = img.convert("L").resize((size, size), Image.Resampling.NEAREST)
+    return torch.from_numpy(np.asarray(mask) > 127)
 
-    def __init__(
-        self, out: Path, cfg: GenerateConfig, features: VGGFeatures, device: torch.device, shard: str
-    ):
-        self.out, self.cfg, self.features, self.device = out, cfg, features, device
+
+def as_saved(images: torch.Tensor) -> torch.Tensor:
+    """Images (B, 3, H, W) rounded to the 8-bit values that are saved: what the quality gate measures."""
+    return (images.detach().float().clamp(0, 1) * 255.0).round() / 255.0
+
+
+@dataclass
+class EngineOutput:
+    """One batch through an engine: images, per-image loss terms (Gatys; None otherwise), finite, redone."""
+
+    images: torch.Tensor  # (B, 3, H, W) in [0, 1]
+    terms: list[dict[str, float]] | None
+    finite: torch.Tensor  # (B,) bool
+    redone: int = 0
+
+
+class GatysEngine:
+    """Gatys optimisation (:func:`stda_hf.nst.stylize`) with Gram targets computed once per style image."""
+
+    name = "gatys"
+
+    def __init__(self, cfg: GenerateConfig, spec: WeightsSpec, device: torch.device):
+        self.cfg, self.device = cfg, device
+        self.features = build_vgg_features(cfg.arch, cfg.layers(), cfg.pooling, spec).to(device)
+        self.style_size = max(MIN_SIZE, round(cfg.size * cfg.style_scale))
+        self.description = gatys_description(spec)
+
+    def style_state(self, style: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Gram targets ``{layer: (C, C)}`` of one style image (3, h, w)."""
+        grams = style_targets(self.features, style[None].to(self.device), self.cfg)
+        return {layer: g[0] for layer, g in grams.items()}
+
+    def run(self, content: torch.Tensor, states: dict[str, torch.Tensor], seeds: list[int]) -> EngineOutput:
+        """Stylize a batch (B, 3, H, W) with stacked Gram targets."""
+        result = stylize(self.features, content.to(self.device), states, self.cfg, seeds=seeds)
+        terms = [result.terms(i) for i in range(len(content))]
+        return EngineOutput(result.images, terms, result.finite.cpu(), int(result.redone.sum()))
+
+
+class ArbitraryEngine:
+    """Magenta's arbitrary stylization network (:mod:`stda_hf.arbitrary`), style vectors once per style image."""
+
+    name = "arbitrary"
+
+    def __init__(self, cfg: GenerateConfig, device: torch.device):
+        from . import arbitrary
+
+        self.arbitrary, self.cfg = arbitrary, cfg.arbitrary_config()
+        self.models = arbitrary.load_models(device)
+        self.device = torch.device("cpu")  # onnxruntime takes and returns host memory
+        self.style_size = cfg.style_size
+        self.description = {"name": "arbitrary", **self.models.describe()}
+
+    def style_state(self, style: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The style vector ``{"vector": (100,)}`` of one style image (3, h, w)."""
+        return {"vector": self.arbitrary.style_vectors(self.models, style[None], self.cfg)[0]}
+
+    def run(self, content: torch.Tensor, states: dict[str, torch.Tensor], seeds: list[int]) -> EngineOutput:
+        """Render a batch (B, 3, H, W) with stacked style vectors (seeds are not used: the network is exact)."""
+        images = self.arbitrary.stylize(self.models, content, states["vector"], self.cfg).images
+        return EngineOutput(images, None, torch.isfinite(images).flatten(1).all(1))
+
+
+def make_engine(cfg: GenerateConfig, device: torch.device) -> GatysEngine | ArbitraryEngine:
+    """The engine ``cfg.engine`` names, its network loaded on ``device``.
+
+    Raises
+    ------
+    StdaError
+        Weights that cannot be loaded; for ``arbitrary``, the optional extra missing (names the install command).
+    """
+    if cfg.engine == "arbitrary":
+        return ArbitraryEngine(cfg, device)
+    return GatysEngine(cfg, parse_weights(cfg.weights, seed=0), device)
+
+
+GATE_STYLE = "_gate_style"  # key of the style image at the output size (the gate's reference) in the cache
+
+
+class _Runner:
+    """The state of one process's run: engine, style cache, gate, skip report, summary and output paths."""
+
+    def __init__(self, out: Path, cfg: GenerateConfig, engine: GatysEngine | ArbitraryEngine, shard: str):
+        self.out, self.cfg, self.engine = out, cfg, engine
         self.manifest = out / shard
         self.cache = GramCache(max_items=max(512, 2 * cfg.batch))
         self.report = SkipReport()
-        self.summary = GenerateSummary()
-        self.style_size = max(MIN_SIZE, round(cfg.size * cfg.style_scale))
+        self.summary = GenerateSummary(engine=engine.name)
+        self.scorer = StyleDistance(device=engine.device)
+        self.gate = cfg.gate()
         self.phash = ""
 
     def _load(self, im: RealImage, size: int) -> torch.Tensor | None:
@@ -307,33 +494,37 @@ class _Runner:
             return None
 
     def _style_key(self, style_id: str) -> tuple:
-        return (style_id, self.phash, self.cfg.style_layers, self.style_size)
+        return (style_id, self.phash)
 
     def _targets(self, batch: list[Pair]) -> tuple[list[Pair], dict[str, torch.Tensor]]:
-        """Drop pairs whose style cannot be read; Gram targets of the rest, computed once per style."""
-        loaded = {}
+        """Drop pairs whose style cannot be read; the engine's style state of the rest, once per style image."""
+        loaded, images = {}, {}
         for p in batch:
             if self._style_key(p.style.isic_id) not in self.cache and p.style.isic_id not in loaded:
-                loaded[p.style.isic_id] = self._load(p.style, self.style_size)
+                loaded[p.style.isic_id] = self._load(p.style, self.engine.style_size)
+                images[p.style.isic_id] = p.style
         batch = [p for p in batch if loaded.get(p.style.isic_id, True) is not None]
         if not batch:
             return [], {}
 
         def compute(keys: list[tuple]) -> list[dict[str, torch.Tensor]]:
-            # one style at a time: a style's targets are then the same whichever batch first needs them
-            return [self._one_style_targets(loaded[k[0]]) for k in keys]
+            # one style at a time: a style's state is then the same whichever batch first needs it
+            return [self._one_style(images[k[0]], loaded[k[0]]) for k in keys]
 
         per_pair = self.cache.get_many([self._style_key(p.style.isic_id) for p in batch], compute)
         return batch, stack_targets(per_pair)
 
-    def _one_style_targets(self, style: torch.Tensor) -> dict[str, torch.Tensor]:
-        grams = style_targets(self.features, style[None].to(self.device), self.cfg)
-        return {layer: g[0] for layer, g in grams.items()}
+    def _one_style(self, im: RealImage, style: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The engine's state of one style image, and the image at the output size (the gate's reference)."""
+        state = self.engine.style_state(style)
+        same = style.shape[-1] == self.cfg.size
+        state[GATE_STYLE] = style if same else load_content(im.path, self.cfg.size)
+        return state
 
     def run_batch(self, batch: list[Pair], done: set[str]) -> int:
-        """Stylize one batch, save and record its pairs not in ``done``; returns how many of those it consumed.
+        """Stylize one batch, gate, save and record its pairs not in ``done``; returns how many of those it consumed.
 
-        A batch is always optimised whole, done pairs included, so every image sees the same batch (and hence
+        A batch is always stylized whole, done pairs included, so every image sees the same batch (and hence
         the same floating-point arithmetic) in a resumed run as in an uninterrupted one.
         """
         start = time.perf_counter()
@@ -344,31 +535,45 @@ class _Runner:
         todo = sum(p.id not in done for p in batch)
         if not any(p.id not in done for p in usable):
             return todo
-        content = torch.stack([contents[p.id] for p in usable]).to(self.device)
-        result = self._stylize(usable, content, targets)
+        content = torch.stack([contents[p.id] for p in usable])
+        gate_styles = targets.pop(GATE_STYLE)
+        out = self.engine.run(content, targets, [p.seed for p in usable])
+        self.summary.retried += out.redone
+        images = as_saved(out.images).cpu()
+        records = self._assess(usable, content, gate_styles, images, out.finite)
         seconds = (time.perf_counter() - start) / len(usable)
         for i, p in enumerate(usable):
             if p.id in done:
                 continue
-            if not result.finite[i]:
+            if not out.finite[i]:
                 self.summary.failed[p.id] = "loss or gradient not finite (NaN/inf), in fp32 as well"
                 logger.warning(
                     "%s (%s x %s) failed: non-finite loss", p.id, p.content.isic_id, p.style.isic_id
                 )
                 continue
-            self._write(p, result, i, seconds)
+            self._write(p, images[i], records[i], out.terms[i] if out.terms else None, seconds)
         return todo
 
-    def _stylize(self, batch: list[Pair], content: torch.Tensor, targets: dict[str, torch.Tensor]):
-        """:func:`stylize` (which redoes images that went wrong in bf16 in fp32), counting the redone."""
-        result = stylize(self.features, content, targets, self.cfg, seeds=[p.seed for p in batch])
-        self.summary.retried += int(result.redone.sum())
-        return result
+    def _assess(self, pairs, content, styles, images, finite) -> list[dict]:
+        """Quality records (dicts) of a batch's finite images; those with a lesion mask are scored against it too."""
+        masks = [
+            load_mask(p.content.mask_path, self.cfg.size) if p.content.mask_path else None for p in pairs
+        ]
+        records: list[dict] = [{} for _ in pairs]
+        for with_mask in (True, False):
+            rows = [i for i, m in enumerate(masks) if (m is not None) == with_mask and finite[i]]
+            if not rows:
+                continue
+            mask = torch.stack([masks[i] for i in rows]) if with_mask else None
+            found = assess(content[rows], styles[rows], images[rows], self.scorer, mask=mask, gate=self.gate)
+            for i, record in zip(rows, found, strict=True):
+                records[i] = {k: v for k, v in record.to_dict().items() if k != "terms"}
+        return records
 
-    def _write(self, p: Pair, result, i: int, seconds: float) -> None:
+    def _write(self, p: Pair, image: torch.Tensor, quality: dict, terms: dict | None, seconds: float) -> None:
         """Save the image atomically, then append its manifest line."""
         rel = f"images/{p.id}.jpg"
-        save_image(to_pil(result.images[i]), self.out / rel, quality=JPEG_QUALITY)
+        save_image(to_pil(image), self.out / rel, quality=JPEG_QUALITY)
         append_jsonl(
             self.manifest,
             {
@@ -378,8 +583,9 @@ class _Runner:
                 "style_id": p.style.isic_id,
                 "seed": p.seed,
                 "params_hash": self.phash,
-                "content_loss": float(result.content_loss[i]),
-                "style_loss": float(result.style_loss[i]),
+                "engine": self.engine.name,
+                "terms": None if terms is None else {k: float(f"{v:.6g}") for k, v in terms.items()},
+                "quality": quality,
                 "seconds": round(seconds, 4),
                 "size": self.cfg.size,
                 "content_license": p.content.copyright_license,
@@ -389,6 +595,7 @@ class _Runner:
             },
         )
         self.summary.done += 1
+        self.summary.verdicts[quality["verdict"]] = self.summary.verdicts.get(quality["verdict"], 0) + 1
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -445,20 +652,25 @@ def generate(real_root: str | Path, out: str | Path, cfg: GenerateConfig | None 
     real_root : path
         A real-image folder with ``splits.csv`` (``stda split``).
     out : path
-        The synthetic folder: ``images/``, ``manifest.jsonl``, ``generate.yaml``, ``source.json``.
+        The synthetic folder: ``images/``, ``manifest.jsonl``, ``generate.yaml``, ``engine.json``,
+        ``source.json``, ``generate_summary.json``.
     cfg : GenerateConfig, optional
-        Engine, pairing and batching settings.
+        Engine, pairing, batching and quality-gate settings.
 
     Returns
     -------
     GenerateSummary
-        Counts for this process (made, already done, skipped with reasons, failed with reasons).
+        Counts for this process (made, already done, skipped with reasons, failed with reasons, verdicts).
 
     Raises
     ------
+    QualityGateFailed
+        More than ``cfg.max_failed_share`` of the run's images failed the quality gate (raised by rank 0 after
+        every file is written; the exception holds the summary).
     StdaError
-        No ``splits.csv``; no benign or malignant train images; ``out`` made from another split or with other
-        settings; unknown settings; weights that cannot be loaded.
+        No ``splits.csv``; no benign or malignant train images; ``out`` made from another split, with other
+        settings or another engine build; unknown settings; weights that cannot be loaded; the ``arbitrary``
+        extra not installed.
     """
     cfg = cfg or GenerateConfig()
     out = Path(out)
@@ -476,28 +688,47 @@ def _generate(real_root: str | Path, out: Path, cfg: GenerateConfig) -> Generate
     if not folder.splits_path.is_file():
         raise StdaError(f"{folder.root} has no splits.csv; run `stda split {folder.root}` first")
     device = resolve_device(cfg.device, local)
-    cfg = dataclasses.replace(cfg, precision=resolve_precision(cfg.precision, device))
-    source = check_output(out, folder, cfg)
-    spec = parse_weights(cfg.weights, seed=0)
-    phash = params_hash(cfg, spec)
+    if cfg.engine == "gatys":
+        cfg = dataclasses.replace(cfg, precision=resolve_precision(cfg.precision, device))
+    engine = make_engine(cfg, device)
+    source = check_output(out, folder, cfg, engine.description)
+    phash = params_hash(cfg, engine.description)
     pairs = make_pairs(folder, cfg, phash)
     created = _start_group(world)
     if rank == 0:
         write_json(out / "source.json", source)
+        write_json(out / ENGINE_FILE, engine.description)
         dump_config(cfg, out / "generate.yaml")
         if world == 1:
             merge_manifests(out)
             _remove_partial_images(out)
-    features = build_vgg_features(cfg.arch, cfg.layers(), cfg.pooling, spec).to(device)
-    runner = _Runner(out, cfg, features, device, MANIFEST if world == 1 else f"manifest.rank{rank}.jsonl")
+    runner = _Runner(out, cfg, engine, MANIFEST if world == 1 else f"manifest.rank{rank}.jsonl")
     runner.phash = phash
     _run(runner, [p for p in pairs if shard_of(p.id, world) == rank], rank)
     _finish_group(world, created)
+    summary = runner.summary
     if rank == 0:
         merge_manifests(out)
+        ids = {p.id for p in pairs}
+        found = Counter(_verdict(r) for r in read_jsonl(out / MANIFEST) if r["id"] in ids)
+        summary.run_verdicts = {v: found[v] for v in VERDICTS if found[v]}
     suffix = "" if world == 1 else f".rank{rank}"
-    write_json(out / f"generate_summary{suffix}.json", dataclasses.asdict(runner.summary))
-    return runner.summary
+    write_json(out / f"generate_summary{suffix}.json", dataclasses.asdict(summary))
+    if rank == 0 and summary.failed_share() > cfg.max_failed_share:
+        logger.warning("%s", summary.format())
+        raise QualityGateFailed(
+            f"{summary.failed_share():.0%} of the run's {sum(summary.run_verdicts.values())} images failed the "
+            f"quality gate ({_counts(summary.run_verdicts)}), more than --max-failed-share "
+            f"{cfg.max_failed_share:g}; everything is written to {out} (see manifest.jsonl): change the engine "
+            "settings and use a new --out folder, or raise --max-failed-share to accept them",
+            summary,
+        )
+    return summary
+
+
+def _verdict(record: dict) -> str:
+    """The quality verdict of a manifest line (``ok`` for lines written before the gate existed)."""
+    return (record.get("quality") or {}).get("verdict", "ok")
 
 
 def _run(runner: _Runner, mine: list[Pair], rank: int) -> None:
@@ -516,7 +747,12 @@ def _run(runner: _Runner, mine: list[Pair], rank: int) -> None:
     with bar:
         for batch in batches:
             bar.update(runner.run_batch(batch, done))
-            bar.set_postfix(failed=len(summary.failed), skipped=summary.skipped_pairs, refresh=False)
+            bar.set_postfix(
+                **{v: summary.verdicts.get(v, 0) for v in VERDICTS},
+                failed=len(summary.failed),
+                skipped=summary.skipped_pairs,
+                refresh=False,
+            )
     summary.skipped = dict(runner.report.skipped)
     summary.seconds = time.perf_counter() - start
     if runner.report:

@@ -49,6 +49,7 @@ class LabelConfig:
     image_size: int = 0  # teacher input side in pixels (0: the teacher's own)
     batch_size: int = 32  # images per forward pass
     device: str = "auto"  # auto, cpu, cuda, cuda:1, ...
+    keep_failed: bool = False  # also label images that failed generate's quality gate (left out by default)
 
     def __post_init__(self) -> None:
         if not self.teacher:
@@ -170,6 +171,7 @@ class LabelSummary:
     calibration: dict[str, Any] | None  # temperature scaling on the real validation split, when asked for
     skipped: dict[str, str]  # unreadable images and why
     settings: dict[str, Any]  # the LabelConfig used
+    left_out_failed: dict[str, int] = dataclasses.field(default_factory=dict)  # verdict -> not labelled
 
     def to_json(self) -> dict[str, Any]:
         """The summary as ``labels_summary.json`` holds it."""
@@ -361,7 +363,7 @@ def label_synthetic(synthetic: str | Path, cfg: LabelConfig) -> LabelSummary:
     manifest_records = read_jsonl(synthetic / "manifest.jsonl")
     if not manifest_records:
         raise StdaError(f"{synthetic}/manifest.jsonl is missing or empty; run `stda generate` first")
-    manifest = {r["id"]: r for r in manifest_records}
+    manifest, left_out = _passed_gate(manifest_records, cfg.keep_failed)
     device = resolve_device(cfg.device)
     teacher = load_teacher(cfg)
     teacher.model.to(device)
@@ -397,12 +399,31 @@ def label_synthetic(synthetic: str | Path, cfg: LabelConfig) -> LabelSummary:
         calibration=calibration or None,
         skipped=report.skipped,
         settings=config_to_dict(cfg),
+        left_out_failed=left_out,
     )
     write_json(synthetic / SUMMARY_FILE, summary.to_json())
     plot_confidence(records, cfg.min_confidence, synthetic / "confidence_histogram.png")
     if report:
         logger.warning("%s", report.summary())
     return summary
+
+
+def _passed_gate(records: list[dict], keep_failed: bool) -> tuple[dict[str, dict], dict[str, int]]:
+    """``{id: record}`` of the manifest lines to label, and ``{verdict: count}`` of those left out.
+
+    Images whose quality verdict is not ``ok`` (``unchanged``, ``content_lost``) are left out unless
+    ``keep_failed``; lines written before the gate existed count as ``ok``.
+    """
+    verdicts = {r["id"]: (r.get("quality") or {}).get("verdict", "ok") for r in records}
+    left_out = Counter(v for v in verdicts.values() if v != "ok" and not keep_failed)
+    if left_out:
+        logger.info(
+            "left out %d image(s) that failed the quality gate (%s); --keep-failed labels them",
+            sum(left_out.values()),
+            ", ".join(f"{v} {n}" for v, n in sorted(left_out.items())),
+        )
+    kept = {r["id"]: r for r in records if keep_failed or verdicts[r["id"]] == "ok"}
+    return kept, dict(sorted(left_out.items()))
 
 
 def _calibration(synthetic: Path, teacher: Teacher, cfg: LabelConfig, real_root: Path | None, device) -> dict:

@@ -81,6 +81,7 @@ class PackageConfig:
     row_group_rows: int = 100  # rows per Parquet row group at most (small groups stream with little memory)
     row_group_bytes: int = 32_000_000  # bytes per row group at most (caps memory for very large images)
     preview_per_row: int = 8  # images per row of preview.png (real benign, real malignant, synthetic)
+    keep_failed: bool = False  # also package synthetic images that failed generate's quality gate (left out)
 
     def __post_init__(self) -> None:
         for name in ("max_shard_bytes", "max_shard_rows", "row_group_rows", "row_group_bytes"):
@@ -121,6 +122,9 @@ class PackageResult:
     files: list[str]  # paths relative to ``out``
     license: str
     skipped: dict[str, str]  # image path -> reason
+    left_out_failed: dict[str, int] = field(
+        default_factory=dict
+    )  # quality verdict -> synthetic images left out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -618,6 +622,7 @@ def package(
     check_out_folder(out)
     sources = load_sources(real, synthetic)  # reads and checks the sources; refusals happen here
     unsplit = unsplit_report(sources.real)
+    left_out, kept = leave_out_failed(sources, synthetic, cfg.keep_failed)
     splits = sources.split_names()
     fingerprint, totals = scan_inputs(sources, splits, cfg)
     staging, done = open_staging(out, fingerprint)
@@ -627,8 +632,9 @@ def package(
         )
         for split in splits
     }
-    result = _finish(out, staging, records, sources, FEATURES, cfg, synthetic)
+    result = _finish(out, staging, records, sources, FEATURES, cfg, synthetic, (left_out, kept))
     result.skipped.update(unsplit)
+    result.left_out_failed = left_out
     return result
 
 
@@ -645,12 +651,36 @@ def unsplit_report(real) -> dict[str, str]:
     return missing
 
 
-def _finish(out, staging, records, sources, features, cfg, synthetic) -> PackageResult:
+def leave_out_failed(sources, synthetic: str | Path | None, keep: bool) -> tuple[dict[str, int], list[dict]]:
+    """Drop from ``sources`` the synthetic images whose quality verdict is not ``ok``, unless ``keep``.
+
+    Returns ``{verdict: images left out}`` and the manifest lines of the synthetic images kept (for the card).
+    Lines written before the quality gate existed count as ``ok``.
+    """
+    if synthetic is None:
+        return {}, []
+    manifest = {r["id"]: r for r in read_jsonl(Path(synthetic) / "manifest.jsonl")}
+    verdict = {i: (r.get("quality") or {}).get("verdict", "ok") for i, r in manifest.items()}
+    left_out = Counter(verdict[s.id] for s in sources.synthetic if verdict[s.id] != "ok" and not keep)
+    sources.synthetic = [s for s in sources.synthetic if keep or verdict[s.id] == "ok"]
+    if left_out:
+        logger.info(
+            "left out %d synthetic image(s) that failed the quality gate (%s); --keep-failed keeps them",
+            sum(left_out.values()),
+            ", ".join(f"{v} {n}" for v, n in sorted(left_out.items())),
+        )
+    return dict(sorted(left_out.items())), [manifest[s.id] for s in sources.synthetic]
+
+
+def _finish(out, staging, records, sources, features, cfg, synthetic, gate=({}, [])) -> PackageResult:
     from dataset_script.skin_lesions import CITATION
 
     names = publish_shards(out, staging, records)
     shards = {s: [n for n in names if n.startswith(f"data/{s}-")] for s in records}
     facts = collect_facts(out, shards, records, sources, cfg, Path(synthetic) if synthetic else None)
+    if facts.synthetic is not None:
+        engine = _read_mapping(Path(synthetic) / "engine.json")
+        facts.synthetic.add_generation(gate[1], gate[0], engine)
     write_text(out / "README.md", render_card(facts, features, CITATION))
     _write_attribution(out, shards)
     write_preview(out, shards, cfg.preview_per_row)

@@ -152,3 +152,26 @@ def test_missing_or_incompatible_teacher_is_a_clear_error(phantom_real, tmp_path
         LabelConfig()
     with pytest.raises(StdaError, match=r"manifest\.jsonl is missing"):
         label_synthetic(tmp_path, LabelConfig(teacher=str(three)))
+
+
+def _mark_failed(syn, verdicts: dict[int, str]) -> None:
+    """Give manifest lines ``i`` the quality verdict ``verdicts[i]`` (the rest ``ok``), as generate records it."""
+    records = read_jsonl(syn / "manifest.jsonl")
+    (syn / "manifest.jsonl").unlink()
+    for i, r in enumerate(records):
+        append_jsonl(syn / "manifest.jsonl", {**r, "quality": {"verdict": verdicts.get(i, "ok")}})
+
+
+def test_images_that_failed_the_quality_gate_are_left_out_and_counted(phantom_real, tmp_path):
+    syn = fake_synthetic(phantom_real, tmp_path / "syn")
+    _mark_failed(syn, {0: "unchanged", 3: "content_lost", 4: "content_lost"})
+    summary = label_synthetic(syn, LabelConfig(teacher=str(save_teacher(tmp_path / "teacher"))))
+    assert summary.images == 7 and len(read_jsonl(syn / "labels.jsonl")) == 7
+    assert summary.left_out_failed == {"content_lost": 2, "unchanged": 1}
+
+
+def test_keep_failed_labels_every_image(phantom_real, tmp_path):
+    syn = fake_synthetic(phantom_real, tmp_path / "syn")
+    _mark_failed(syn, {0: "unchanged"})
+    summary = label_synthetic(syn, LabelConfig(teacher=str(save_teacher(tmp_path / "t")), keep_failed=True))
+    assert summary.images == 10 and summary.left_out_failed == {}

