@@ -222,6 +222,7 @@ def _run_label(args) -> None:
     print(f"kept at confidence >= {s.min_confidence:g}: {s.kept} ({s.kept_labels})")
     if s.skipped:
         print(f"skipped {len(s.skipped)} unreadable image(s); see {args.synthetic / 'labels_summary.json'}")
+    _print_left_out(s.left_out_failed, "labelled")
 
 
 def _add_package(sub) -> None:
@@ -254,6 +255,15 @@ def _run_package(args) -> None:
     print(f"licence {result.license}; wrote {len(result.files)} files to {args.out}")
     for path, reason in sorted(result.skipped.items()):
         print(f"skipped {path}: {reason}")
+    _print_left_out(result.left_out_failed, "packaged")
+
+
+def _print_left_out(left_out: dict[str, int], what: str) -> None:
+    """One line for the synthetic images that failed generate's quality gate and were left out."""
+    if left_out:
+        counts = ", ".join(f"{n} {verdict}" for verdict, n in left_out.items())
+        print(f"not {what}: {sum(left_out.values())} synthetic image(s) that failed the quality gate ({counts}); "
+              "--keep-failed keeps them")  # fmt: skip
 
 
 def _add_push(sub) -> None:

@@ -560,3 +560,12 @@ def test_an_image_that_passed_the_gate_still_needs_a_label(phantom_real, tmp_pat
         append_jsonl(synthetic / "labels.jsonl", r)
     with pytest.raises(StdaError, match="have no pseudo-label"):
         package(phantom_real, tmp_path / "hub", synthetic=synthetic)
+
+
+def test_cli_package_says_how_many_failed_images_it_left_out(phantom_real, tmp_path, capsys):
+    synthetic = write_synthetic(phantom_real, tmp_path / "synthetic")
+    _with_quality(synthetic, ["ok", "unchanged", "ok", "content_lost"], ARBITRARY_ENGINE)
+    argv = ["package", str(phantom_real), "--out", str(tmp_path / "hub"), "--synthetic", str(synthetic)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "not packaged: 2 synthetic image(s) that failed the quality gate (1 content_lost, 1 unchanged)" in out
