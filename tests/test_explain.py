@@ -102,6 +102,15 @@ def test_biases_absorb_relevance_so_conservation_is_below_one():
     assert (conservation(expl) < 0.999).all()
 
 
+def test_strict_dtd_zeroes_the_biases_and_conserves_relevance_on_a_vgg8_with_biases():
+    model = random_batch_norms(small_vgg8())  # biases and batch-norm shifts present
+    kept = explain_batch(model, images(), method="dtd", mean=MEAN, std=STD)
+    strict = explain_batch(model, images(), method="dtd_strict", mean=MEAN, std=STD)
+    assert torch.allclose(conservation(strict), torch.ones(4), atol=2e-3)
+    assert (conservation(kept) < 0.999).all()
+    assert strict.relevance.min() >= 0
+
+
 def test_a_rule_that_subtracts_evidence_gives_negative_relevance_where_dtd_gives_none():
     model = random_batch_norms(small_vgg8())
     expl = explain_batch(model, images(), method="epsilon_alpha2_beta1", mean=MEAN, std=STD)
@@ -160,7 +169,7 @@ def test_every_method_name_gives_finite_relevance_of_the_input_shape(method):
 
 
 def test_unknown_method_error_lists_the_valid_ones():
-    with pytest.raises(StdaError, match=r"valid methods: dtd, gradient, .*epsilon_plus_flat"):
+    with pytest.raises(StdaError, match=r"valid methods: dtd, dtd_strict, gradient, .*epsilon_plus_flat"):
         explain_batch(small_vgg8(), images(1), method="lrp")
 
 
