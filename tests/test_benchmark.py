@@ -158,6 +158,40 @@ def test_synthetic_images_from_the_folds_train_images_pass(phantom_real_session,
     assert bm.check_fold_synthetic(view, tmp_path / "syn") == 1
 
 
+def test_style_source_labels_follow_the_style_image_and_the_shortcut_share_counts_carriers(
+    phantom_real_session, tmp_path
+):
+    import numpy as np
+    from PIL import Image
+
+    folds = make_folds(phantom_real_session, k=3, seed=0)
+    view = bm.write_fold_view(
+        tmp_path / "view", folds, 0, dict.fromkeys(bm.SPLIT_ORDER, phantom_real_session)
+    )
+    folder = read_real_folder(view)
+    benign, malignant = folder.subset("train", "benign"), folder.subset("train", "malignant")
+    pairs = [(benign[i].isic_id, malignant[i].isic_id) for i in range(3)] + [
+        (malignant[3].isic_id, benign[3].isic_id)
+    ]
+    _manifest(tmp_path / "syn", pairs)
+    summary = bm.label_by_style_source(view, tmp_path / "syn")
+    labels = [
+        json.loads(line)["label"] for line in (tmp_path / "syn" / "labels.jsonl").read_text().splitlines()
+    ]
+    assert labels == ["malignant"] * 3 + ["benign"] and summary.labels == {"benign": 1, "malignant": 3}
+    # plant a patch (code 2) on the first benign content image only: one carrier, labelled malignant
+    carrier = (
+        view / "artifacts" / f"{benign[0].isic_id}.png"
+    )  # a link into the shared phantoms: replaced, not written through
+    carrier.parent.mkdir(exist_ok=True)
+    patch = np.zeros((32, 32), np.uint8)
+    patch[:4, :4] = 2
+    carrier.unlink(missing_ok=True)
+    Image.fromarray(patch).save(carrier)
+    shares = bm.shortcut_labels(view, tmp_path / "syn", "patch", 0.0)
+    assert shares["with_shortcut"] >= 1 and shares["with_shortcut_malignant_share"] == 1.0
+
+
 def test_a_synthetic_image_styled_from_another_folds_test_image_is_refused(phantom_real_session, tmp_path):
     folds = make_folds(phantom_real_session, k=3, seed=0)
     view = bm.write_fold_view(

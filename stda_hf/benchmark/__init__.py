@@ -90,6 +90,7 @@ from .runs import (
 from .stages import (
     explain_run,
     explain_runs,
+    label_by_style_source,
     make_synthetic,
     prepare_fold,
     prepare_folds,
@@ -158,6 +159,7 @@ __all__ = [
     "heatmap_pair",
     "holm",
     "last_error_line",
+    "label_by_style_source",
     "make_synthetic",
     "needs_synthetic",
     "plan_runs",

@@ -4,6 +4,7 @@ Each stage resumes on its own; this is the one module of the benchmark that call
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -80,20 +81,75 @@ def make_synthetic(
     settings = recipe_settings(cfg, recipe)
     generate(view, out, GenerateConfig(**settings["generate"]))
     images = check_fold_synthetic(view, out)
-    label = {**settings["label"], "teacher": str(teacher), "real": str(view)}
-    summary = label_synthetic(out, LabelConfig(**label))
+    source = settings["label"].get("source", "teacher")
+    label = {k: v for k, v in settings["label"].items() if k != "source"}
+    if source == "style":
+        summary = label_by_style_source(view, out, float(label.get("min_confidence", 0.0)))
+    else:
+        summary = label_synthetic(out, LabelConfig(**{**label, "teacher": str(teacher), "real": str(view)}))
     info = {
         "images": images,
         "kept": summary.kept,
         "malignant": summary.labels.get("malignant", 0),
         "kept_malignant": summary.kept_labels.get("malignant", 0),
         "teacher": summary.teacher,
-        "label_source": getattr(summary, "label_source", "teacher"),
+        "label_source": source,
         "generate": settings["generate"],
     }
     if cfg.shortcut:
         info.update(shortcut_labels(view, out, cfg.shortcut["artifact"], summary.min_confidence))
     return info
+
+
+STYLE_SOURCE_TEACHER = "style-source-class"
+"""The ``teacher`` recorded in ``labels.jsonl`` when synthetic images are labelled by their style image's class."""
+
+
+def label_by_style_source(view: Path, synthetic: Path, min_confidence: float = 0.0):
+    """Label each synthetic image with its style image's class (``label: {source: style}`` of an arm).
+
+    The arm that can weaken a shortcut the teacher learned: with benign content and malignant style every
+    synthetic image is labelled malignant, so an artifact carried by the benign content images meets the
+    malignant label in the synthetic set, where a teacher that learned "artifact = benign" would label it
+    benign. Writes ``labels.jsonl`` and ``labels_summary.json`` in the ``stda label`` layout (probabilities
+    one-hot, confidence 1) so packaging and training read them unchanged; returns the summary.
+
+    Raises
+    ------
+    StdaError
+        When a style image is not a labelled image of the fold view.
+    """
+    import torch
+
+    from .. import LABELS
+    from ..fileio import read_jsonl, write_json, write_text
+    from ..label import LABELS_FILE, SUMMARY_FILE, LabelSummary, label_record, summarize
+    from ..real import read_real_folder
+
+    classes = {im.isic_id: im.label for im in read_real_folder(view).images}
+    manifest = {r["id"]: r for r in read_jsonl(synthetic / "manifest.jsonl")}
+    records = []
+    for image_id, record in sorted(manifest.items()):
+        label = classes.get(record.get("style_id"))
+        if label not in LABELS:
+            raise StdaError(
+                f"{synthetic}: style image {record.get('style_id')!r} of {image_id} has no class in {view}"
+            )
+        probs = torch.zeros(len(LABELS))
+        probs[LABELS.index(label)] = 1.0
+        records.append(label_record(image_id, probs, STYLE_SOURCE_TEACHER))
+    write_text(synthetic / LABELS_FILE, "".join(json.dumps(r) + "\n" for r in records))
+    summary = LabelSummary(
+        **summarize(records, manifest, min_confidence),
+        teacher=STYLE_SOURCE_TEACHER,
+        temperature=1.0,
+        calibration=None,
+        calibration_method="none",
+        skipped={},
+        settings={"source": "style", "min_confidence": min_confidence},
+    )
+    write_json(synthetic / SUMMARY_FILE, summary.to_json())
+    return summary
 
 
 def shortcut_labels(view: Path, synthetic: Path, artifact: str, min_confidence: float) -> dict[str, Any]:
