@@ -219,10 +219,15 @@ def render_report(
         lines += tests_table(stats)
     if stats.explanation_metrics:
         explain = {**DEFAULT_EXPLAIN, **cfg.explain}
+        target = explain.get("target", "predicted")
+        same = (
+            "the same images and target for every arm"
+            if target != "predicted"
+            else "the same images, but each model's own predicted class: not a fixed target"
+        )
         what = (
-            f"`{explain['method']}` explaining the {explain.get('target', 'predicted')} class "
-            f"({explain.get('output', 'log_odds')}) on the first {explain['limit'] or 'all'} {explain['split']} "
-            "images of each fold, the same images and target for every arm"
+            f"`{explain['method']}` explaining the {target} class ({explain.get('output', 'log_odds')}) on the "
+            f"first {explain['limit'] or 'all'} {explain['split']} images of each fold, {same}"
         )
         lines += ["", f"## Explanations ({what}; share of positive relevance, mean ± SD)", ""]
         lines += results_table(stats, [*stats.explanation_metrics, *stats.area_metrics])
