@@ -39,8 +39,11 @@ GRADIENT_METHODS = ("gradient", "guided_backprop", "deconvnet", "beta_smooth")
 """Methods that modify or use the gradient itself: they explain a unit output, not the logit's value."""
 
 
-COMPOSITE_NAMES = ("dtd", "gradient", *sorted(COMPOSITES))
-"""Every attribution method :func:`make_composite` knows, ``dtd`` first."""
+COMPOSITE_NAMES = ("dtd", "dtd_strict", "gradient", *sorted(COMPOSITES))
+"""Every attribution method :func:`make_composite` knows, ``dtd`` first. ``dtd_strict`` is DTD with every bias
+zeroed (zennit's ``zero_params=["bias"]``, after batch norm is merged into the convolutions), the strict z+ and
+z^B rules of Montavon et al. (2017): relevance is then conserved (input relevance sums to the explained score),
+where ``dtd`` keeps the biases and lets them absorb part of it."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -69,11 +72,16 @@ def input_bounds(
     return (0.0 - mean_t) / std_t, (1.0 - mean_t) / std_t
 
 
-def dtd_composite(low: torch.Tensor, high: torch.Tensor) -> Composite:
-    """Deep Taylor Decomposition: z^B on the first linear layer, z+ on every other, batch norm merged."""
+def dtd_composite(low: torch.Tensor, high: torch.Tensor, strict: bool = False) -> Composite:
+    """Deep Taylor Decomposition: z^B on the first linear layer, z+ on every other, batch norm merged.
+
+    ``strict`` zeroes every bias in the rules (``zero_params=["bias"]``), the merged batch-norm shifts
+    included, so the relevance is conserved layer by layer.
+    """
+    zero = ["bias"] if strict else None
     return SpecialFirstLayerMapComposite(
-        layer_map=[*layer_map_base(), (Linear, ZPlus())],
-        first_map=[(Linear, ZBox(low=low, high=high))],
+        layer_map=[*layer_map_base(), (Linear, ZPlus(zero_params=zero))],
+        first_map=[(Linear, ZBox(low=low, high=high, zero_params=zero))],
         canonizers=[SequentialMergeBatchNorm()],
     )
 
@@ -97,8 +105,8 @@ def make_composite(name: str, low: torch.Tensor, high: torch.Tensor) -> Composit
     check_composite_name(name)
     if name == "gradient":
         return None
-    if name == "dtd":
-        return dtd_composite(low, high)
+    if name in ("dtd", "dtd_strict"):
+        return dtd_composite(low, high, strict=name == "dtd_strict")
     cls = COMPOSITES[name]
     kwargs = {"low": low, "high": high} if name == "epsilon_gamma_box" else {}
     return cls(canonizers=[SequentialMergeBatchNorm()], **kwargs)

@@ -183,7 +183,10 @@ def explain_samples(
     results = []
     for i, s in enumerate(samples):
         size = pixels[i].shape[::-1]
-        numbers = localization(pixels[i], _resize_map(s.mask, size), _resize_map(s.artifacts, size))
+        # Where the evidence for the explained score lies: with a fixed target (e.g. malignant) the score can be
+        # negative, and then DTD's relevance is all negative; its sign is flipped so the shares still measure it.
+        evidence = pixels[i] if float(expl.explained[i]) >= 0 else -pixels[i]
+        numbers = localization(evidence, _resize_map(s.mask, size), _resize_map(s.artifacts, size))
         results.append(
             Result(
                 sample=s,

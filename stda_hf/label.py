@@ -3,7 +3,9 @@
 A benign lesion restyled with a malignant texture is not malignant by definition, so every synthetic image is
 labelled by a teacher network and keeps its full class probabilities, confidence and entropy. Temperature
 scaling on the real validation split (Guo et al., 2017) makes the confidences honest before a threshold is
-applied. Labelling is resumable like ``generate``: ``labels.jsonl`` is append-only and re-running skips what is
+applied; with a class-weighted teacher the logits are also shifted by about the log prior ratio, which a
+temperature cannot remove, so calibration fits a bias as well (Platt scaling on the logit difference). Its
+ECE is measured on validation images the fit did not see (two-fold cross-fitting). Labelling is resumable like ``generate``: ``labels.jsonl`` is append-only and re-running skips what is
 done.
 """
 
@@ -44,7 +46,7 @@ class LabelConfig:
     teacher: str = ""  # train.py run or model folder, a torchvision VGG name with --teacher-weights, or a transformers model
     teacher_weights: str = ""  # weights file for a torchvision teacher (e.g. vgg16 + vgg16-skin.safetensors)
     min_confidence: float = 0.0  # threshold the summary and card report (every label is kept)
-    calibrate: bool = False  # fit a temperature on the real validation split before labelling
+    calibrate: bool = False  # fit a scale and bias (Platt) on the real validation split before labelling
     real: str = ""  # real-image folder for calibration and leakage checks (default: the one in source.json)
     image_size: int = 0  # teacher input side in pixels (0: the teacher's own)
     batch_size: int = 32  # images per forward pass
@@ -113,6 +115,62 @@ def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, max_iter: int =
     return t
 
 
+CALIBRATION_METHOD = "platt"
+"""``calibration.json`` / ``labels_summary.json`` name of the calibration: a scale and a bias on the logit difference."""
+
+
+def fit_platt(logits: torch.Tensor, targets: torch.Tensor, max_iter: int = 200) -> tuple[float, float]:
+    """Scale ``a`` and bias ``b`` minimising the NLL of ``sigmoid(a (z_malignant - z_benign) + b)``.
+
+    For two classes this is temperature scaling (``a = 1 / T``) plus a bias, which undoes the shift of the
+    log-odds that a class-weighted loss leaves (about ``log`` of the prior ratio). ``a`` is kept positive (fitted
+    as ``exp``): calibration may soften or sharpen the teacher, never turn its predictions round.
+    """
+    params = torch.tensor([0.0, 0.0], requires_grad=True)  # log a, b
+    opt = torch.optim.LBFGS([params], lr=0.1, max_iter=max_iter, line_search_fn="strong_wolfe")
+    margin, y = (logits[:, 1] - logits[:, 0]).detach().float(), targets.float()
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.binary_cross_entropy_with_logits(params[0].exp() * margin + params[1], y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    a, b = float(params.detach()[0].exp()), float(params.detach()[1])
+    if not (math.isfinite(a) and math.isfinite(b)):
+        raise StdaError(
+            "calibration diverged (are the validation labels all one class?); run without --calibrate"
+        )
+    return a, b
+
+
+def platt_probs(logits: torch.Tensor, scale: float, bias: float) -> torch.Tensor:
+    """Calibrated class probabilities ``(N, 2)`` from raw logits with a Platt scale and bias."""
+    p = torch.sigmoid(scale * (logits[:, 1] - logits[:, 0]) + bias)
+    return torch.stack([1 - p, p], dim=1)
+
+
+def cross_fit_ece(logits: torch.Tensor, targets: torch.Tensor, seed: int = 0) -> float:
+    """ECE of Platt scaling on images it was not fitted on: fit on one half, measure on the other, both ways.
+
+    The halves are stratified by class; the result is the image-weighted mean of the two held-out ECEs.
+    """
+    rng = np.random.default_rng(seed)
+    half = np.zeros(len(targets), dtype=bool)
+    for c in targets.unique().tolist():
+        idx = rng.permutation(np.flatnonzero(targets.numpy() == c))
+        half[idx[: len(idx) // 2]] = True
+    masks = [torch.from_numpy(half), torch.from_numpy(~half)]
+    if any(len(targets[m].unique()) < 2 for m in masks):
+        return float("nan")
+    total = 0.0
+    for fit, held in (masks, masks[::-1]):
+        a, b = fit_platt(logits[fit], targets[fit])
+        total += expected_calibration_error(platt_probs(logits[held], a, b), targets[held]) * int(held.sum())
+    return total / len(targets)
+
+
 def label_record(image_id: str, probs: torch.Tensor, teacher: str) -> dict:
     """The ``labels.jsonl`` line of one image from its class probabilities."""
     p = [round(float(x), 6) for x in probs]
@@ -167,8 +225,9 @@ class LabelSummary:
     by_style: dict[str, dict[str, int]]  # labels per style source image
     by_content: dict[str, dict[str, int]]  # labels per content source image
     teacher: str  # the teacher's id, as labels.jsonl records it
-    temperature: float  # the temperature the logits were divided by (1: uncalibrated)
-    calibration: dict[str, Any] | None  # temperature scaling on the real validation split, when asked for
+    temperature: float  # 1 / the Platt scale (1: uncalibrated)
+    calibration: dict[str, Any] | None  # Platt scaling on the real validation split, when asked for
+    calibration_method: str  # "none", or "platt" (a scale and a bias on the logit difference)
     skipped: dict[str, str]  # unreadable images and why
     settings: dict[str, Any]  # the LabelConfig used
     left_out_failed: dict[str, int] = dataclasses.field(default_factory=dict)  # verdict -> not labelled
@@ -320,7 +379,12 @@ def _real_root(synthetic: Path, cfg: LabelConfig) -> Path | None:
 
 
 def calibrate(teacher: Teacher, real_root: Path, device: torch.device, batch_size: int) -> dict:
-    """Fit a temperature on the real validation split; return ``{temperature, ece_before, ece_after, n}``."""
+    """Fit a Platt scale and bias on the real validation split and measure the calibration honestly.
+
+    Returns ``{method, scale, bias, temperature, ece_before, ece_after, ece_after_on, validation_images}``: the
+    parameters used for labelling are fitted on the whole validation split; ``ece_after`` is the cross-fitted
+    ECE (:func:`cross_fit_ece`: fitted on one half, measured on the other), never the fit's own images.
+    """
     folder = read_real_folder(real_root)
     images = folder.subset("validation")
     if not images:
@@ -338,12 +402,32 @@ def calibrate(teacher: Teacher, real_root: Path, device: torch.device, batch_siz
             logits.append(teacher.logits(teacher.preprocess(batch), device))
             targets += labels
     z, y = torch.cat(logits), torch.tensor(targets)
-    t = fit_temperature(z, y)
+    a, b = fit_platt(z, y)
     return {
-        "temperature": round(t, 6),
+        "method": CALIBRATION_METHOD,
+        "scale": round(a, 6),
+        "bias": round(b, 6),
+        "temperature": round(1.0 / a, 6) if a != 0 else None,
         "ece_before": round(expected_calibration_error(z.softmax(-1), y), 6),
-        "ece_after": round(expected_calibration_error((z / t).softmax(-1), y), 6),
+        **_held_out_ece(z, y, a, b),
         "validation_images": len(targets),
+    }
+
+
+def _held_out_ece(z: torch.Tensor, y: torch.Tensor, a: float, b: float) -> dict[str, Any]:
+    """``ece_after`` cross-fitted where each half of validation holds both classes; else in-sample, said so."""
+    ece = cross_fit_ece(z, y)
+    if math.isfinite(ece):
+        return {
+            "ece_after": round(ece, 6),
+            "ece_after_on": "held-out halves of the validation split (cross-fit)",
+        }
+    logger.warning(
+        "validation has too few images of a class to hold half out: ECE after calibration is in-sample"
+    )
+    return {
+        "ece_after": round(expected_calibration_error(platt_probs(z, a, b), y), 6),
+        "ece_after_on": "the fitting images themselves (too few of a class to hold any out): optimistic",
     }
 
 
@@ -371,8 +455,9 @@ def label_synthetic(synthetic: str | Path, cfg: LabelConfig) -> LabelSummary:
     if real_root is not None:
         check_teacher_data(teacher, real_root)
     calibration = _calibration(synthetic, teacher, cfg, real_root, device)
-    temperature = calibration.get("temperature", 1.0)
-    tag = f"{teacher.name}|T={temperature:g}"
+    scale, bias = calibration.get("scale", 1.0), calibration.get("bias", 0.0)
+    temperature = calibration.get("temperature") or 1.0
+    tag = f"{teacher.name}|platt={scale:g},{bias:g}" if calibration else f"{teacher.name}|T=1"
     done = _done_labels(synthetic, tag)
     todo = [i for i in sorted(manifest) if i not in done]
     report = SkipReport()
@@ -386,7 +471,8 @@ def label_synthetic(synthetic: str | Path, cfg: LabelConfig) -> LabelSummary:
             except BadImageError as err:
                 report.add(err.path, err.reason)
         if batch:
-            probs = (teacher.logits(teacher.preprocess(batch), device) / temperature).softmax(-1)
+            logits = teacher.logits(teacher.preprocess(batch), device)
+            probs = platt_probs(logits, scale, bias) if calibration else logits.softmax(-1)
             for image_id, p in zip(ids, probs, strict=True):
                 append_jsonl(synthetic / LABELS_FILE, label_record(image_id, p, tag))
         bar.update(len(todo[start : start + cfg.batch_size]))
@@ -397,6 +483,7 @@ def label_synthetic(synthetic: str | Path, cfg: LabelConfig) -> LabelSummary:
         teacher=teacher.name,
         temperature=temperature,
         calibration=calibration or None,
+        calibration_method=CALIBRATION_METHOD if calibration else "none",
         skipped=report.skipped,
         settings=config_to_dict(cfg),
         left_out_failed=left_out,
@@ -431,7 +518,7 @@ def _calibration(synthetic: Path, teacher: Teacher, cfg: LabelConfig, real_root:
     if not cfg.calibrate:
         return {}
     path = synthetic / "calibration.json"
-    key = stable_hash({"teacher": teacher.name, "real": str(real_root)})
+    key = stable_hash({"teacher": teacher.name, "real": str(real_root), "method": CALIBRATION_METHOD})
     if path.is_file():
         import json
 
@@ -445,7 +532,11 @@ def _calibration(synthetic: Path, teacher: Teacher, cfg: LabelConfig, real_root:
     result = {**calibrate(teacher, real_root, device, cfg.batch_size), "key": key}
     write_json(path, result)
     logger.info(
-        "temperature %.3f: ECE %.4f -> %.4f", result["temperature"], result["ece_before"], result["ece_after"]
+        "Platt scale %.3f, bias %.3f: ECE %.4f -> %.4f (held out)",
+        result["scale"],
+        result["bias"],
+        result["ece_before"],
+        result["ece_after"],
     )
     return result
 

@@ -102,6 +102,15 @@ def test_biases_absorb_relevance_so_conservation_is_below_one():
     assert (conservation(expl) < 0.999).all()
 
 
+def test_strict_dtd_zeroes_the_biases_and_conserves_relevance_on_a_vgg8_with_biases():
+    model = random_batch_norms(small_vgg8())  # biases and batch-norm shifts present
+    kept = explain_batch(model, images(), method="dtd", mean=MEAN, std=STD)
+    strict = explain_batch(model, images(), method="dtd_strict", mean=MEAN, std=STD)
+    assert torch.allclose(conservation(strict), torch.ones(4), atol=2e-3)
+    assert (conservation(kept) < 0.999).all()
+    assert strict.relevance.min() >= 0
+
+
 def test_a_rule_that_subtracts_evidence_gives_negative_relevance_where_dtd_gives_none():
     model = random_batch_norms(small_vgg8())
     expl = explain_batch(model, images(), method="epsilon_alpha2_beta1", mean=MEAN, std=STD)
@@ -160,7 +169,7 @@ def test_every_method_name_gives_finite_relevance_of_the_input_shape(method):
 
 
 def test_unknown_method_error_lists_the_valid_ones():
-    with pytest.raises(StdaError, match=r"valid methods: dtd, gradient, .*epsilon_plus_flat"):
+    with pytest.raises(StdaError, match=r"valid methods: dtd, dtd_strict, gradient, .*epsilon_plus_flat"):
         explain_batch(small_vgg8(), images(1), method="lrp")
 
 
@@ -688,7 +697,7 @@ def test_train_py_explanations_can_be_switched_off_or_use_another_method(phantom
     assert train.main([*argv, "--output-dir", str(tmp_path / "off"), "--explain-images", "0"]) == 0
     assert not (tmp_path / "off" / "heatmaps").exists()
     assert train.main([*argv, "--output-dir", str(tmp_path / "bad"), "--explain-method", "lrp"]) == 2
-    assert "valid methods: dtd, gradient" in capsys.readouterr().err
+    assert "valid methods: dtd, dtd_strict, gradient" in capsys.readouterr().err
 
 
 def test_explaining_during_training_changes_neither_weights_nor_metrics(phantom_hub, tmp_path):
@@ -734,3 +743,23 @@ def test_explanation_settings_live_in_the_run_config(phantom_hub, tmp_path):
         run_training(
             TrainConfig(dataset=str(phantom_hub), output_dir=str(tmp_path / "x"), explain_method="lrp")
         )
+
+
+def test_a_fixed_target_with_a_negative_score_still_measures_where_its_evidence_lies():
+    from stda_hf import LABELS
+    from stda_hf.explain_hook import Sample, explain_samples
+    from stda_hf.models.vgg import eval_transform
+
+    model = random_batch_norms(small_vgg8())
+    rng = np.random.default_rng(0)
+    pictures = [Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(6)]
+    mask = np.zeros((32, 32), np.uint8)
+    mask[8:24, 8:24] = 1
+    samples = [Sample(f"im{i}", im, mask=mask) for i, im in enumerate(pictures)]
+    transform = eval_transform(Preprocessing(32, MEAN, STD))
+    results = {t: explain_samples(model, samples, transform, MEAN, STD, target=t) for t in LABELS}
+    for benign, malignant in zip(results["benign"], results["malignant"], strict=True):
+        assert benign.explained == pytest.approx(-malignant.explained, abs=1e-4)  # one of the two is negative
+        negative = benign if benign.explained < 0 else malignant
+        share = float((np.abs(negative.pixels) * mask).sum() / np.abs(negative.pixels).sum())
+        assert negative.numbers["relevance_in_mask"] == pytest.approx(share, rel=1e-4)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import shutil
 
 import pytest
@@ -12,9 +13,12 @@ from stda_hf.errors import StdaError
 from stda_hf.fileio import append_jsonl, read_jsonl, write_json
 from stda_hf.label import (
     LabelConfig,
+    cross_fit_ece,
     expected_calibration_error,
+    fit_platt,
     fit_temperature,
     label_synthetic,
+    platt_probs,
 )
 from stda_hf.models.vgg import VGG8, Preprocessing, save_model
 from stda_hf.real import read_real_folder
@@ -115,8 +119,10 @@ def test_calibration_lowers_ece_on_phantom_validation(phantom_real, tmp_path):
     teacher = save_teacher(tmp_path / "teacher", scale=200.0)  # random features, huge logits: overconfident
     summary = label_synthetic(syn, LabelConfig(teacher=str(teacher), calibrate=True))
     cal = summary.calibration
+    assert cal["method"] == "platt" and summary.calibration_method == "platt"
     assert cal["temperature"] > 1.0
     assert cal["ece_after"] < cal["ece_before"]
+    assert cal["ece_after_on"]  # where ECE after was measured (held out when validation allows)
     assert (syn / "calibration.json").is_file()
 
 
@@ -128,6 +134,32 @@ def test_temperature_and_ece_on_known_inputs():
     assert fit_temperature(logits, targets) == pytest.approx(4.0, rel=0.15)
     assert expected_calibration_error(torch.tensor([[0.0, 1.0], [1.0, 0.0]]), torch.tensor([1, 0])) == 0.0
     assert expected_calibration_error(torch.tensor([[0.0, 1.0]]), torch.tensor([0])) == pytest.approx(1.0)
+
+
+def test_platt_scaling_removes_a_class_weighting_shift_that_a_temperature_cannot():
+    torch.manual_seed(0)
+    targets = (torch.rand(4000) < 0.2).long()  # imbalanced, as ISIC is
+    x = torch.randn(4000) + 0.5 * (2 * targets - 1)  # classes N(+-0.5, 1): true log-odds x + log(0.2 / 0.8)
+    log_odds = x + math.log(0.2 / 0.8)
+    shifted = torch.stack(
+        [torch.zeros(4000), log_odds + math.log(4.0)], 1
+    )  # weighted loss: + log prior ratio
+    a, b = fit_platt(shifted, targets)
+    assert a == pytest.approx(1.0, abs=0.1) and b == pytest.approx(-math.log(4.0), abs=0.2)
+    t = fit_temperature(shifted, targets)
+    ece_t = expected_calibration_error((shifted / t).softmax(-1), targets)
+    ece_platt = expected_calibration_error(platt_probs(shifted, a, b), targets)
+    assert ece_platt < ece_t / 2
+
+
+def test_cross_fitted_ece_measures_each_half_with_the_other_halfs_fit():
+    torch.manual_seed(1)
+    targets = torch.randint(0, 2, (60,))
+    logits = torch.stack([torch.zeros(60), 3 * torch.randn(60) + (2 * targets - 1)], 1)
+    held_out = cross_fit_ece(logits, targets)
+    in_sample = expected_calibration_error(platt_probs(logits, *fit_platt(logits, targets)), targets)
+    assert math.isfinite(held_out) and held_out != pytest.approx(in_sample)
+    assert math.isnan(cross_fit_ece(logits[:3], torch.tensor([1, 1, 1])))  # one class: nothing to fit
 
 
 def test_teacher_trained_on_validation_images_is_refused(phantom_real, tmp_path):

@@ -359,6 +359,17 @@ def test_pretrain_runs_synthetic_epochs_before_real_ones(phantom_hub, tmp_path):
     assert result.best_epoch == 3  # the model is chosen among fine-tuned epochs only
 
 
+def test_synthetic_only_trains_on_the_synthetic_split_alone(phantom_hub, tmp_path):
+    result = run_training(_cfg(phantom_hub, tmp_path / "only", epochs=1, synthetic="only"))
+    assert result.status == "finished"
+    record = next(r for r in _log(tmp_path / "only") if "train/loss" in r)
+    assert record["train/images"] == 24
+    data = json.loads((tmp_path / "only" / "data.json").read_text())
+    assert data["trained_on_splits"] == ["synthetic"]
+    ids = (tmp_path / "only" / "train_ids.txt").read_text().split()
+    assert ids and all(i.startswith("syn_") for i in ids)
+
+
 def test_min_confidence_keeps_only_confident_pseudo_labels(phantom_hub):
     splits = load_splits(TrainConfig(dataset=str(phantom_hub), synthetic="mix", min_confidence=0.8))
     confidences = splits.synthetic["pseudo_label_confidence"]

@@ -10,8 +10,9 @@ images derive only from that fold's training images.
 Runs are recorded in a table (``runs.csv``: arm, fold, seed, status, metrics, error), rewritten atomically after
 each run: an interrupted benchmark resumes where it stopped, more seeds or arms can be added later, and a
 failing run is recorded as failed without stopping the others. The statistics (mean and SD per arm, the
-seed-to-seed spread as the repeatability figure, paired Wilcoxon signed-rank tests against the baseline with
-the matched-pairs rank-biserial effect size and Holm's correction) and the Markdown report with its plots are
+seed-to-seed spread as the repeatability figure, and tests against the baseline with the fold as the unit:
+seeds averaged within a fold, a t-test over fold means with the exact sign-flip test beside it, the corrected
+repeated k-fold t-test for several ``fold_seeds``, one primary endpoint and Holm over the secondaries) and the Markdown report with its plots are
 pure functions of that table and the runs' folders.
 
     stda benchmark --config benchmarks/configs/phantoms-small.yaml
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 from .config import (
     ALPHA,
+    AREA_METRICS,
     DEFAULT_ARMS,
     DEFAULT_EXPLAIN,
     EXPLAIN_DIR,
@@ -44,13 +46,25 @@ from .config import (
     fold_dir,
     needs_synthetic,
     plan_runs,
+    recipe_settings,
+    synthetic_recipe,
+    train_settings,
 )
 from .data import check_fold_synthetic, prepare_sources, shortcut_phantom_settings, write_fold_view
 from .plots import plot_boxplots, plot_heatmaps, plot_learning_curves
-from .report import caveats, render_report, repeatability_table, results_table, tests_table
+from .report import (
+    caveats,
+    primary_line,
+    render_report,
+    repeatability_table,
+    results_table,
+    tests_table,
+    unit_of_analysis,
+)
 from .runner import (
     check_protocol,
     check_stage_settings,
+    check_thresholds,
     heatmap_pair,
     protocol_record,
     read_fold_info,
@@ -60,6 +74,7 @@ from .runner import (
     write_report,
 )
 from .runs import (
+    dataset_of,
     default_train_command,
     device_slots,
     execute_runs,
@@ -72,17 +87,30 @@ from .runs import (
     stop_group,
     train_argv,
 )
-from .stages import explain_run, explain_runs, make_synthetic, prepare_fold, prepare_folds, train_teacher
+from .stages import (
+    explain_run,
+    explain_runs,
+    label_by_style_source,
+    make_synthetic,
+    prepare_fold,
+    prepare_folds,
+    shortcut_labels,
+    train_teacher,
+)
 from .stats import (
     ArmSummary,
     BenchmarkStats,
-    PairedTest,
+    FoldTest,
+    adjust,
     compute_stats,
+    corrected_t,
     equal_spread_band,
+    exact_wilcoxon,
+    fold_differences,
+    fold_test,
     holm,
-    paired_test,
-    rank_biserial,
     seed_spread,
+    sign_flip_p,
     summarize_arm,
     values_by_pair,
 )
@@ -90,6 +118,7 @@ from .table import RunTable
 
 __all__ = [
     "ALPHA",
+    "AREA_METRICS",
     "DEFAULT_ARMS",
     "DEFAULT_EXPLAIN",
     "EXPLAIN_DIR",
@@ -103,29 +132,36 @@ __all__ = [
     "ArmSummary",
     "BenchmarkConfig",
     "BenchmarkStats",
-    "PairedTest",
+    "FoldTest",
     "RunKey",
     "RunTable",
+    "adjust",
     "arm_uses_synthetic",
     "caveats",
     "check_fold_synthetic",
     "check_protocol",
     "check_stage_settings",
+    "check_thresholds",
     "compute_stats",
+    "corrected_t",
+    "dataset_of",
     "default_train_command",
     "device_slots",
     "equal_spread_band",
+    "exact_wilcoxon",
     "execute_runs",
     "explain_run",
     "explain_runs",
     "find_heatmap",
+    "fold_differences",
     "fold_dir",
+    "fold_test",
     "heatmap_pair",
     "holm",
+    "label_by_style_source",
     "last_error_line",
     "make_synthetic",
     "needs_synthetic",
-    "paired_test",
     "plan_runs",
     "plot_boxplots",
     "plot_heatmaps",
@@ -133,11 +169,12 @@ __all__ = [
     "prepare_fold",
     "prepare_folds",
     "prepare_sources",
+    "primary_line",
     "protocol_record",
-    "rank_biserial",
     "read_fold_info",
     "read_run_log",
     "read_run_metrics",
+    "recipe_settings",
     "render_plots",
     "render_report",
     "repeatability_table",
@@ -147,12 +184,17 @@ __all__ = [
     "run_command",
     "run_one",
     "seed_spread",
+    "shortcut_labels",
     "shortcut_phantom_settings",
+    "sign_flip_p",
     "stop_group",
     "summarize_arm",
+    "synthetic_recipe",
     "tests_table",
     "train_argv",
+    "train_settings",
     "train_teacher",
+    "unit_of_analysis",
     "values_by_pair",
     "write_fold_view",
     "write_report",

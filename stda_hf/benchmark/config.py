@@ -29,11 +29,25 @@ EXPLANATION_METRICS = ("relevance_in_mask", "relevance_on_artifact")
 """Explanation numbers reported per arm (``stda explain``'s summary, the relevance-localisation measurement)."""
 
 
+AREA_METRICS = ("mask_area", "artifact_area")
+"""Region sizes (share of the image) the explanation shares are read against: carried, summarised, not tested."""
+
+
+DEFAULT_PRIMARY_METRIC = "roc_auc"
+
+
+ARM_STAGE_KEYS = ("generate", "label")
+"""Keys of an arm's settings that change its synthetic set (per-arm `stda generate` / `stda label` settings),
+not train.py settings: arms with the same ones share a synthetic set per fold."""
+
+
 EXPLAIN_DIR = "explain"
 
 
 METRIC_TITLES = {
     "roc_auc": "ROC AUC",
+    "mask_area": "lesion area",
+    "artifact_area": "artifact area",
     "balanced_accuracy": "balanced accuracy",
     "sensitivity": "sensitivity",
     "specificity": "specificity",
@@ -50,7 +64,9 @@ DEFAULT_ARMS = {
 }
 
 
-DEFAULT_EXPLAIN = {"method": "dtd", "split": "test", "limit": 32, "grid": 8}
+DEFAULT_EXPLAIN = {"method": "dtd", "target": "malignant", "split": "test", "limit": 32, "grid": 8}
+"""Every arm explains the same images and the same fixed target (the malignant log-odds), so arms compare like
+with like; each model's own prediction would differ between arms."""
 
 
 STATUSES = ("done", "failed", "running")
@@ -59,7 +75,7 @@ STATUSES = ("done", "failed", "running")
 SPLIT_ORDER = SPLITS
 
 
-RUN_COLUMNS = ("arm", "fold", "seed", "status", "seconds", "run_dir")
+RUN_COLUMNS = ("arm", "repeat", "fold", "seed", "status", "seconds", "run_dir")
 
 
 ALPHA = 0.05
@@ -80,11 +96,17 @@ class BenchmarkConfig:
     folds: int = 3  # k of the k-fold cross-validation, grouped by lesion, patient and near-duplicates
     seeds: tuple[int, ...] = (0, 1)  # training seeds; every arm runs every fold x seed (add more later)
     fold_seed: int = 0  # shuffles the groups into folds; fixed for the life of a benchmark
+    fold_seeds: tuple[int, ...] = ()  # repeated cross-validation: one k-fold partition per fold seed
+    repeats: int = 0  # shorthand for fold_seeds: fold_seed, fold_seed + 1, ... (this many); 0: one repetition
     val: float = 0.15  # validation share of all images in each fold, drawn from its non-test groups
     phash_distance: int = 6  # near-duplicate threshold of `stda split` (-1 disables)
     arms: dict[str, dict[str, Any]] = field(default_factory=lambda: dict(DEFAULT_ARMS))
     # ^ arm name -> train.py settings of that arm (e.g. synthetic: mix); everything else comes from `train`
     baseline: str = "baseline"  # the arm every other arm is compared with
+    primary: dict[str, str] = field(default_factory=dict)
+    # ^ the one endpoint read against alpha as it stands: {arm: mix, metric: roc_auc}; every other comparison is
+    #   secondary (Holm). Unset: `mix` (else the first compared arm) on ROC AUC
+    alpha: float = ALPHA  # two-sided level of the tests and intervals
     train: dict[str, Any] = field(default_factory=dict)  # train.py settings shared by every arm
     teacher: dict[str, Any] = field(default_factory=dict)  # train.py settings of each fold's teacher
     generate: dict[str, Any] = field(default_factory=dict)  # `stda generate` settings of each fold
@@ -113,8 +135,60 @@ class BenchmarkConfig:
                 raise StdaError(f"arm name {arm!r}: use letters, digits, '_' or '-' only")
         if self.gpus_per_run < 1:
             raise StdaError(f"gpus_per_run: {self.gpus_per_run}; must be at least 1")
+        self._check_repeats()
+        self._check_primary()
+        for arm, settings in self.arms.items():
+            for key in ARM_STAGE_KEYS:
+                if not isinstance(settings.get(key, {}), dict):
+                    raise StdaError(
+                        f"arms.{arm}.{key}: {settings[key]!r}; give a mapping of `stda {key}` settings"
+                    )
+        if not 0 < self.alpha < 1:
+            raise StdaError(f"alpha: {self.alpha}; give a level between 0 and 1, e.g. 0.05")
         if self.real and (self.phantoms or self.shortcut):
             raise StdaError("give either `real` (your images) or `phantoms`/`shortcut` settings, not both")
+
+    def _check_repeats(self) -> None:
+        if self.fold_seeds and self.repeats:
+            raise StdaError(f"give fold_seeds {list(self.fold_seeds)} or repeats {self.repeats}, not both")
+        if self.repeats < 0:
+            raise StdaError(f"repeats: {self.repeats}; the number of cross-validation repetitions, 1 or more")
+        if len(set(self.fold_seeds)) != len(self.fold_seeds):
+            raise StdaError(f"fold_seeds: {list(self.fold_seeds)} repeats a seed; each fold seed once")
+        if self.fold_seeds and self.fold_seeds[0] != self.fold_seed and self.fold_seed != 0:
+            raise StdaError(
+                f"fold_seed {self.fold_seed} and fold_seeds {list(self.fold_seeds)}: give only fold_seeds "
+                "(its first seed is the first repetition)"
+            )
+
+    def _check_primary(self) -> None:
+        if not self.primary:
+            return
+        arm, metric = self.primary.get("arm"), self.primary.get("metric")
+        if set(self.primary) != {"arm", "metric"}:
+            raise StdaError(f"primary: {self.primary}; give exactly {{arm: <arm>, metric: <metric>}}")
+        if arm not in self.arms or arm == self.baseline:
+            others = [a for a in self.arms if a != self.baseline]
+            raise StdaError(f"primary arm {arm!r}: choose one of the compared arms {others}")
+        if metric not in METRICS and not str(metric).startswith("relevance_"):
+            raise StdaError(
+                f"primary metric {metric!r}: choose one of {list(METRICS)} or a relevance_* number"
+            )
+
+    @property
+    def cv_seeds(self) -> list[int]:
+        """The fold seed of each cross-validation repetition, repetition 0 first."""
+        if self.fold_seeds:
+            return list(self.fold_seeds)
+        return [self.fold_seed + i for i in range(max(self.repeats, 1))]
+
+    @property
+    def primary_endpoint(self) -> tuple[str, str]:
+        """``(arm, metric)`` of the primary endpoint (``primary``, or `mix`/the first compared arm on ROC AUC)."""
+        if self.primary:
+            return self.primary["arm"], self.primary["metric"]
+        others = [a for a in self.arms if a != self.baseline]
+        return ("mix" if "mix" in others else (others or [""])[0]), DEFAULT_PRIMARY_METRIC
 
     @property
     def work_dir(self) -> Path:
@@ -131,16 +205,21 @@ class BenchmarkConfig:
 
 @dataclass(frozen=True, order=True)
 class RunKey:
-    """One training run of the benchmark: an arm on a fold with a seed."""
+    """One training run of the benchmark: an arm on a fold (of a CV repetition) with a seed."""
 
     fold: int
     seed: int
     arm: str
+    repeat: int = 0  # index into the benchmark's fold seeds (repeated cross-validation)
 
     @property
     def name(self) -> str:
-        """Relative folder of the run: ``<arm>/fold<k>-seed<s>``."""
-        return f"{self.arm}/fold{self.fold}-seed{self.seed}"
+        """Relative folder of the run: ``<arm>/fold<k>-seed<s>`` (``<arm>/rep<r>-fold<k>-seed<s>`` after the first)."""
+        return f"{self.arm}/{_fold_name(self.repeat, self.fold)}-seed{self.seed}"
+
+
+def _fold_name(repeat: int, fold: int) -> str:
+    return f"fold{fold}" if repeat == 0 else f"rep{repeat}-fold{fold}"
 
 
 def plan_runs(cfg: BenchmarkConfig) -> list[RunKey]:
@@ -149,7 +228,10 @@ def plan_runs(cfg: BenchmarkConfig) -> list[RunKey]:
     That order completes whole (fold, seed) pairs first, so a benchmark stopped half-way can already be
     compared pair by pair.
     """
-    return [RunKey(f, s, a) for f in range(cfg.folds) for s in cfg.seeds for a in cfg.arms]
+    repeats = range(len(cfg.cv_seeds))
+    return [
+        RunKey(f, s, a, r) for r in repeats for f in range(cfg.folds) for s in cfg.seeds for a in cfg.arms
+    ]
 
 
 def arm_uses_synthetic(settings: dict[str, Any]) -> bool:
@@ -157,8 +239,33 @@ def arm_uses_synthetic(settings: dict[str, Any]) -> bool:
     return str(settings.get("synthetic", "none")) != "none"
 
 
-def fold_dir(cfg: BenchmarkConfig, fold: int) -> Path:
-    return cfg.work_dir / "folds" / f"fold{fold}"
+def train_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """An arm's train.py settings: its settings without the per-arm stage settings (:data:`ARM_STAGE_KEYS`)."""
+    return {k: v for k, v in settings.items() if k not in ARM_STAGE_KEYS}
+
+
+def synthetic_recipe(cfg: BenchmarkConfig, arm: str) -> str:
+    """The name of the synthetic set an arm trains on: ``""`` for the benchmark's own `generate`/`label`
+    settings, else ``s-<hash>`` of the arm's merged settings (arms with equal settings share one set)."""
+    from ..utils import stable_hash
+
+    own = {k: cfg.arms[arm].get(k) for k in ARM_STAGE_KEYS if cfg.arms[arm].get(k)}
+    if not own or not arm_uses_synthetic(cfg.arms[arm]):
+        return ""
+    merged = {k: {**getattr(cfg, k), **own.get(k, {})} for k in ARM_STAGE_KEYS}
+    return "s-" + stable_hash(merged)[:10]
+
+
+def recipe_settings(cfg: BenchmarkConfig, recipe: str) -> dict[str, dict[str, Any]]:
+    """``{generate: ..., label: ...}`` settings of a synthetic set named by :func:`synthetic_recipe`."""
+    for arm, settings in cfg.arms.items():
+        if synthetic_recipe(cfg, arm) == recipe:
+            return {k: {**getattr(cfg, k), **settings.get(k, {})} for k in ARM_STAGE_KEYS}
+    return {k: dict(getattr(cfg, k)) for k in ARM_STAGE_KEYS}
+
+
+def fold_dir(cfg: BenchmarkConfig, fold: int, repeat: int = 0) -> Path:
+    return cfg.work_dir / "folds" / _fold_name(repeat, fold)
 
 
 def needs_synthetic(cfg: BenchmarkConfig) -> bool:

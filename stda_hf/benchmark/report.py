@@ -6,8 +6,8 @@ import logging
 import math
 from typing import Any
 
-from .config import ALPHA, DEFAULT_EXPLAIN, METRIC_TITLES, SPLIT_ORDER, BenchmarkConfig
-from .stats import BenchmarkStats, equal_spread_band
+from .config import ALPHA, DEFAULT_EXPLAIN, METRIC_TITLES, SPLIT_ORDER, BenchmarkConfig, synthetic_recipe
+from .stats import T_TEST, BenchmarkStats, FoldTest, equal_spread_band
 
 logger = logging.getLogger(__name__)
 
@@ -54,56 +54,117 @@ def repeatability_table(stats: BenchmarkStats) -> list[str]:
     return _table(["arm", *(_title(m) for m in stats.metrics)], rows)
 
 
+def _delta(x: float) -> str:
+    return f"{x:+.3f}" if math.isfinite(x) else "n/a"
+
+
+def _interval(t: FoldTest) -> str:
+    return f"[{_delta(t.ci_low)}, {_delta(t.ci_high)}]" if math.isfinite(t.ci_low) else "n/a"
+
+
 def tests_table(stats: BenchmarkStats) -> list[str]:
-    """Markdown rows: one paired test per arm and metric."""
+    """Markdown rows: one fold-level test per compared arm and metric, the primary endpoint first."""
+    level = f"{1 - stats.alpha:.0%}"
+    ordered = sorted(stats.tests, key=lambda t: not t.primary)
     rows = [
         [
-            t.arm,
-            _title(t.metric),
-            f"{t.n} ({t.n_nonzero})",
-            f"{t.mean_diff:+.3f}" if math.isfinite(t.mean_diff) else "n/a",
-            f"{t.median_diff:+.3f}" if math.isfinite(t.median_diff) else "n/a",
-            _fmt(t.statistic, 1),
+            f"**{t.arm}**" if t.primary else t.arm,
+            f"**{_title(t.metric)}** (primary)" if t.primary else _title(t.metric),
+            f"{t.units} ({t.runs})",
+            _delta(t.mean_diff),
+            _interval(t),
+            f"{_fmt(t.statistic, 2)} ({t.dof})",
             _p(t.p_value),
-            _p(t.p_holm),
-            f"{t.rank_biserial:+.2f}" if math.isfinite(t.rank_biserial) else "n/a",
-            t.note,
+            "primary" if t.primary else _p(t.p_adjusted),
+            _p(t.sign_flip_p),
+            _p(t.wilcoxon_p),
+            _fmt(t.detectable),
+            "; ".join(t.notes),
         ]
-        for t in stats.tests
+        for t in ordered
     ]
     header = [
         "arm",
         "metric",
-        "pairs (nonzero)",
+        "folds (runs)",
         "mean Δ",
-        "median Δ",
-        "W",
+        f"{level} CI",
+        "t (df)",
         "p",
         "p Holm",
-        "r (rank-biserial)",
+        "sign-flip p",
+        "Wilcoxon p",
+        "detectable |Δ|",
+        "note",
     ]
-    return _table([*header, "note"], rows)
+    return _table(header, rows)
+
+
+def unit_of_analysis(stats: BenchmarkStats) -> list[str]:
+    """The paragraph that says what one observation is and which test is used."""
+    repeats = max((t.repeats for t in stats.tests), default=1)
+    method = next((t.method for t in stats.tests), T_TEST)
+    lines = [
+        f"The unit of analysis is the fold: seeds within a fold share its test images, teacher and synthetic set, "
+        f"so each fold contributes one number, the mean over its seeds of arm minus `{stats.baseline}`. "
+        f"{stats.folds} folds × {repeats} cross-validation repetition(s); test: {method}."
+    ]
+    if repeats > 1:
+        lines.append(
+            "Repetitions reuse the same images, so the variance of the mean is inflated by the Nadeau-Bengio "
+            "factor (1/(r·k) + 1/(k-1)) with df = r·k - 1 (Bouckaert & Frank 2004); this correction is "
+            "conservative, and it keeps the interval wider than the naive one however many repetitions are added."
+        )
+    else:
+        lines.append(
+            "The exact sign-flip test over whole folds and the exact Wilcoxon test (zeros dropped) stand beside "
+            "the t-test: they need no normality, but with few folds they cannot reach small p."
+        )
+    return [" ".join(lines)]
+
+
+def primary_line(stats: BenchmarkStats) -> list[str]:
+    """The primary endpoint's result and the design's power in two sentences."""
+    arm, metric = stats.primary
+    t = stats.primary_test
+    if t is None or not math.isfinite(t.mean_diff):
+        return [
+            f"Primary endpoint: `{arm}` vs `{stats.baseline}` on {_title(metric)}: no finished pairs yet."
+        ]
+    level = f"{1 - stats.alpha:.0%}"
+    verdict = "reaches" if math.isfinite(t.p_value) and t.p_value < stats.alpha else "does not reach"
+    return [
+        f"Primary endpoint, declared before the runs: `{arm}` minus `{stats.baseline}` on {_title(metric)}: "
+        f"Δ = {_delta(t.mean_diff)}, {level} CI {_interval(t)}, t({t.dof}) = {_fmt(t.statistic, 2)}, "
+        f"p = {_p(t.p_value)} ({verdict} α = {stats.alpha:g}).",
+        "",
+        f"Power: with the spread of fold differences observed here, this design detects a true |Δ| of "
+        f"{_fmt(t.detectable)} or more in 80% of benchmarks at α = {stats.alpha:g} (two-sided); smaller true "
+        "effects are likely to go unseen. More folds or repetitions, or more seeds per fold (which shrink the "
+        "seed part of the spread), lower it.",
+    ]
 
 
 def caveats(stats: BenchmarkStats) -> list[str]:
-    """Automatic cautions: how many pairs, what p can reach, how many tests, failed runs."""
+    """Automatic cautions: what the tests can reach, how many tests, failed runs, the spread band."""
     lines = []
-    n_pairs = max((t.n for t in stats.tests), default=0)
     if stats.tests:
-        floor = min(1.0, 2.0 / 2**n_pairs) if n_pairs else 1.0
+        units = max((t.units for t in stats.tests), default=0)
+        floor = min(1.0, 2.0 / 2**units) if units else 1.0
         lines.append(
-            f"- Each paired test has at most {n_pairs} pairs (folds × seeds); the smallest two-sided p a Wilcoxon "
-            f"test can give with {n_pairs} pairs is {floor:.3g}."
-            + (" Significance at 0.05 is out of reach by construction." if floor > ALPHA else "")
+            f"- Each test has at most {units} folds; the smallest two-sided p the sign-flip test can give with "
+            f"{units} folds is {floor:.3g}."
+            + (
+                " Distribution-free significance at 0.05 is out of reach by construction."
+                if floor > ALPHA
+                else ""
+            )
         )
         lines.append(
-            f"- {len(stats.tests)} tests are reported; `p Holm` corrects for all of them together. Pairs share "
-            "folds (the same test images across seeds), so they are not fully independent and p is optimistic."
+            f"- One primary endpoint; the other {len(stats.tests) - 1} comparisons are secondary and `p Holm` "
+            "corrects them as one family. Explanation numbers are tested like the metrics (as secondaries)."
         )
-        lines.append(
-            "- Δ is arm minus baseline; r (rank-biserial) is +1 when the arm wins every pair, -1 when it loses "
-            "every pair, 0 when wins and losses balance."
-        )
+        lines.append("- Δ is arm minus baseline; the interval and `detectable |Δ|` come from the same t.")
     lines.append(
         "- Repeatability is the pooled within-fold SD across seeds (same data, different seed); a ratio below "
         "1 means the arm's runs agree more closely than the baseline's."
@@ -111,7 +172,7 @@ def caveats(stats: BenchmarkStats) -> list[str]:
     lines += _spread_caveat(stats)
     if stats.n_failed:
         lines.append(
-            f"- {stats.n_failed} run(s) failed and are left out (see below); pairs missing a run drop."
+            f"- {stats.n_failed} run(s) failed and are left out (see below); a fold keeps the seeds both arms finished."
         )
     return lines
 
@@ -152,17 +213,30 @@ def render_report(
         lines += ["", "## Repeatability: seed-to-seed SD (ratio to the baseline's)", ""]
         lines += repeatability_table(stats)
     if stats.tests:
-        lines += [
-            "",
-            f"## Paired tests against `{stats.baseline}` (Wilcoxon signed-rank over folds × seeds)",
-            "",
-        ]
+        lines += ["", f"## Tests against `{stats.baseline}`, the fold as the unit", ""]
+        lines += unit_of_analysis(stats)
+        lines += ["", *primary_line(stats), ""]
         lines += tests_table(stats)
     if stats.explanation_metrics:
         explain = {**DEFAULT_EXPLAIN, **cfg.explain}
-        what = f"`{explain['method']}` on the first {explain['limit'] or 'all'} {explain['split']} images of each fold"
+        target = explain.get("target", "predicted")
+        same = (
+            "the same images and target for every arm"
+            if target != "predicted"
+            else "the same images, but each model's own predicted class: not a fixed target"
+        )
+        what = (
+            f"`{explain['method']}` explaining the {target} class ({explain.get('output', 'log_odds')}) on the "
+            f"first {explain['limit'] or 'all'} {explain['split']} images of each fold, {same}"
+        )
         lines += ["", f"## Explanations ({what}; share of positive relevance, mean ± SD)", ""]
-        lines += results_table(stats, stats.explanation_metrics)
+        lines += results_table(stats, [*stats.explanation_metrics, *stats.area_metrics])
+        if stats.area_metrics:
+            lines += [
+                "",
+                "A share is read against its region's area: relevance spread evenly would put `lesion area` of it "
+                "in the lesion and `artifact area` on the artifacts.",
+            ]
     lines += ["", "## Plots", ""]
     lines += [f"![{title}]({path})" for title, path in plots.items()] or ["No plots (no finished runs)."]
     lines += [
@@ -184,14 +258,23 @@ def _protocol_section(cfg: BenchmarkConfig, fold_info: list[dict[str, Any]]) -> 
     lines = ["## Protocol", "", f"- Data: {data}"]
     if cfg.shortcut:
         lines.append(f"- Planted shortcut: {_settings(cfg.shortcut)}")
+    arm, metric = cfg.primary_endpoint
     lines += [
-        f"- {cfg.folds} folds grouped by lesion, patient and near-duplicates (fold seed {cfg.fold_seed}; "
-        f"validation {cfg.val:.0%} of the images), × seeds {list(cfg.seeds)}; validation and test real only",
+        f"- {cfg.folds} folds grouped by lesion, patient and near-duplicates (fold seeds {cfg.cv_seeds}: "
+        f"{len(cfg.cv_seeds)} repetition(s); validation {cfg.val:.0%} of the images), × seeds {list(cfg.seeds)}; "
+        "validation and test real only",
+        f"- Primary endpoint: `{arm}` vs `{cfg.baseline}` on {_title(metric)}; α = {cfg.alpha:g}",
         *(f"- Arm `{a}`: {_settings(s) or 'train settings only'}" for a, s in cfg.arms.items()),
         f"- Shared training settings: {_settings(cfg.train) or 'train.py defaults'}",
         f"- Teacher (per fold, real train images only): {_settings(cfg.teacher) or 'train.py defaults'}",
         f"- Style transfer (per fold, train images only): {_settings(cfg.generate) or 'defaults'}",
         f"- Pseudo-labels: {_settings(cfg.label) or 'defaults'}",
+        *(
+            f"- Arm `{a}` has its own synthetic set `{synthetic_recipe(cfg, a)}` (same folds, same teacher)"
+            for a in cfg.arms
+            if synthetic_recipe(cfg, a)
+        ),
+        f"- Explanations: {_settings({**DEFAULT_EXPLAIN, **cfg.explain}) if cfg.explain else 'off'}",
     ]
     if fold_info:
         lines += ["", *_fold_table(fold_info)]
@@ -200,25 +283,49 @@ def _protocol_section(cfg: BenchmarkConfig, fold_info: list[dict[str, Any]]) -> 
 
 def _fold_table(fold_info: list[dict[str, Any]]) -> list[str]:
     rows = []
+    shortcut = any("with_shortcut" in v for i in fold_info for v in i.values() if isinstance(v, dict))
     for info in fold_info:
         counts = info.get("counts", {})
         cells = [
             f"{counts.get(s, {}).get('benign', 0)}/{counts.get(s, {}).get('malignant', 0)}"
             for s in SPLIT_ORDER
         ]
-        synthetic = info.get("synthetic", {})
-        rows.append(
-            [
-                str(info.get("fold")),
+        sets = {k: v for k, v in info.items() if k.startswith("synthetic") and isinstance(v, dict)} or {
+            "": {}
+        }
+        for name, synthetic in sets.items():
+            row = [
+                f"{info.get('repeat', 0)}/{info.get('fold')}",
                 *cells,
+                name,
                 str(synthetic.get("images", "")),
                 str(synthetic.get("kept", "")),
                 str(synthetic.get("malignant", "")),
-                info.get("error", ""),
             ]
-        )
-    header = ["fold", "train b/m", "validation b/m", "test b/m", "synthetic", "kept", "labelled malignant"]
+            if shortcut:
+                row.append(_share_cell(synthetic))
+            rows.append([*row, info.get("error", "")])
+    header = [
+        "repetition/fold",
+        "train b/m",
+        "validation b/m",
+        "test b/m",
+        "synthetic set",
+        "images",
+        "kept",
+        "labelled malignant",
+    ]
+    if shortcut:
+        header.append("with the shortcut: labelled malignant (kept)")
     return _table([*header, "error"], rows)
+
+
+def _share_cell(synthetic: dict[str, Any]) -> str:
+    n, share = synthetic.get("with_shortcut"), synthetic.get("with_shortcut_malignant_share")
+    kept = synthetic.get("with_shortcut_kept_malignant_share")
+    if not n:
+        return "none carry it"
+    return f"{_fmt(share, 2)} of {n} ({_fmt(kept, 2) if kept is not None else 'n/a'})"
 
 
 def _settings(d: dict[str, Any]) -> str:

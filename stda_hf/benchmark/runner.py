@@ -9,7 +9,17 @@ from typing import Any
 
 from ..errors import StdaError
 from ..fileio import write_text
-from .config import DEFAULT_EXPLAIN, EXPLANATION_METRICS, BenchmarkConfig, RunKey, fold_dir, plan_runs
+from .config import (
+    AREA_METRICS,
+    DEFAULT_EXPLAIN,
+    EXPLANATION_METRICS,
+    BenchmarkConfig,
+    RunKey,
+    arm_uses_synthetic,
+    fold_dir,
+    plan_runs,
+    train_settings,
+)
 from .data import prepare_sources
 from .plots import plot_boxplots, plot_heatmaps, plot_learning_curves
 from .report import render_report
@@ -34,17 +44,30 @@ def check_stage_settings(cfg: BenchmarkConfig) -> None:
     from ..generate import GenerateConfig
     from ..label import LabelConfig
 
+    teacher = {"teacher": "<each fold's teacher>"}
     checks: list[tuple[str, type, dict[str, Any], Any]] = [
         ("generate", GenerateConfig, cfg.generate, None),
-        ("label", LabelConfig, {**cfg.label, "teacher": "<each fold's teacher>"}, None),
+        ("label", LabelConfig, {**cfg.label, **teacher}, None),
     ]
+    for arm, settings in cfg.arms.items():
+        if settings.get("generate"):
+            checks.append(
+                (f"arms.{arm}.generate", GenerateConfig, {**cfg.generate, **settings["generate"]}, None)
+            )
+        if settings.get("label"):
+            checks.append(
+                (f"arms.{arm}.label", LabelConfig, {**cfg.label, **settings["label"], **teacher}, None)
+            )
     if cfg.explain:
         checks.append(("explain", ExplainConfig, {**DEFAULT_EXPLAIN, **cfg.explain}, None))
     if not cfg.train_command:  # train.py's own settings; another trainer may take others
         from ..training import TrainConfig, check_config
 
         checks.append(("teacher", TrainConfig, {**cfg.train, **cfg.teacher}, check_config))
-        checks += [(f"arms.{a}", TrainConfig, {**cfg.train, **s}, check_config) for a, s in cfg.arms.items()]
+        checks += [
+            (f"arms.{a}", TrainConfig, {**cfg.train, **train_settings(s)}, check_config)
+            for a, s in cfg.arms.items()
+        ]
     for where, cls, values, extra_check in checks:
         try:
             built = load_config(cls, None, **values)
@@ -52,10 +75,43 @@ def check_stage_settings(cfg: BenchmarkConfig) -> None:
                 extra_check(built)
         except StdaError as err:
             raise StdaError(f"benchmark setting `{where}`: {err}") from None
+    check_thresholds(cfg)
 
 
-def protocol_record(cfg: BenchmarkConfig, folds) -> dict[str, Any]:
-    """What fixes the meaning of every run (data, folds, stage and training settings) and each arm's settings."""
+def check_thresholds(cfg: BenchmarkConfig) -> None:
+    """Refuse a benchmark whose pseudo-label threshold differs from the training threshold of an arm.
+
+    `stda label`'s ``min_confidence`` is what the labels summary, the card and the report count as kept;
+    train.py's ``min_confidence`` is what training actually uses. If they differ, the report describes a
+    synthetic set the arm never trained on.
+
+    Raises
+    ------
+    StdaError
+        Naming the arm and both thresholds.
+    """
+    from ..label import LabelConfig
+    from ..training import TrainConfig
+
+    label_default = LabelConfig.__dataclass_fields__["min_confidence"].default
+    train_default = TrainConfig.__dataclass_fields__["min_confidence"].default
+    for arm, settings in cfg.arms.items():
+        if not arm_uses_synthetic(settings):
+            continue
+        label = {**cfg.label, **settings.get("label", {})}.get("min_confidence", label_default)
+        train = {**cfg.train, **train_settings(settings)}.get("min_confidence", train_default)
+        if float(label) != float(train):
+            raise StdaError(
+                f"arm {arm!r} trains with min_confidence {train} but its pseudo-labels are thresholded at "
+                f"{label} (label.min_confidence); set both to the same value"
+            )
+
+
+def protocol_record(cfg: BenchmarkConfig, partitions: dict[int, Any]) -> dict[str, Any]:
+    """What fixes the meaning of every run (data, folds, stage and training settings) and each arm's settings.
+
+    ``partitions`` maps each fold seed to its folds; repetitions may be added later, so they are recorded
+    apart from the protocol (``fold_assignments``: one digest per fold seed)."""
     from ..config import config_to_dict
     from ..utils import stable_hash
 
@@ -64,7 +120,6 @@ def protocol_record(cfg: BenchmarkConfig, folds) -> dict[str, Any]:
         "phantoms",
         "shortcut",
         "folds",
-        "fold_seed",
         "val",
         "phash_distance",
         "train",
@@ -74,11 +129,15 @@ def protocol_record(cfg: BenchmarkConfig, folds) -> dict[str, Any]:
     )
     protocol = {k: plain[k] for k in keys}
     protocol["real"] = str(Path(cfg.real).resolve()) if cfg.real else ""
-    protocol["fold_assignments"] = stable_hash(folds.assignments)
-    return {"protocol": protocol, "arms": {a: stable_hash(s) for a, s in plain["arms"].items()}}
+    assignments = {str(seed): stable_hash(f.assignments) for seed, f in partitions.items()}
+    return {
+        "protocol": protocol,
+        "fold_assignments": assignments,
+        "arms": {a: stable_hash(s) for a, s in plain["arms"].items()},
+    }
 
 
-def check_protocol(cfg: BenchmarkConfig, folds) -> None:
+def check_protocol(cfg: BenchmarkConfig, partitions: dict[int, Any]) -> None:
     """Refuse to add runs to a work folder whose earlier runs used another protocol or other arm settings.
 
     Seeds and new arms may be added at any time; anything that would make old and new runs incomparable is
@@ -95,9 +154,15 @@ def check_protocol(cfg: BenchmarkConfig, folds) -> None:
     from ..fileio import write_json
 
     path = cfg.work_dir / "protocol.json"
-    current = protocol_record(cfg, folds)
+    current = protocol_record(cfg, partitions)
     saved = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else current
-    changed = sorted(changed_settings(saved["protocol"], current["protocol"]))
+    saved_folds = saved.get("fold_assignments") or _old_assignments(saved["protocol"])
+    changed = sorted(changed_settings(saved["protocol"], current["protocol"], missing_is_change=False))
+    changed += [
+        f"folds of fold seed {seed}"
+        for seed in sorted(set(saved_folds) & set(current["fold_assignments"]))
+        if saved_folds[seed] != current["fold_assignments"][seed]
+    ]
     if changed:
         raise StdaError(
             f"{cfg.work_dir} holds runs made with other {changed} settings; its runs would not be comparable. "
@@ -109,7 +174,21 @@ def check_protocol(cfg: BenchmarkConfig, folds) -> None:
             f"arm(s) {arms} changed settings since their runs in {cfg.work_dir}; give the new settings a new arm "
             f"name, or delete {cfg.work_dir / 'runs'}/<arm> and its rows in runs.csv to redo them"
         )
-    write_json(path, {"protocol": current["protocol"], "arms": {**saved["arms"], **current["arms"]}})
+    write_json(
+        path,
+        {
+            "protocol": current["protocol"],
+            "fold_assignments": {**saved_folds, **current["fold_assignments"]},
+            "arms": {**saved["arms"], **current["arms"]},
+        },
+    )
+
+
+def _old_assignments(protocol: dict[str, Any]) -> dict[str, str]:
+    """The fold digest of a ``protocol.json`` written before repeated cross-validation (one fold seed)."""
+    if "fold_assignments" in protocol and "fold_seed" in protocol:
+        return {str(protocol["fold_seed"]): protocol["fold_assignments"]}
+    return {}
 
 
 def run_benchmark(cfg: BenchmarkConfig, config_path: str = "", report_only: bool = False) -> Path:
@@ -141,13 +220,19 @@ def run_benchmark(cfg: BenchmarkConfig, config_path: str = "", report_only: bool
 
             torch.set_num_threads(cfg.cpu_threads)
         sources = prepare_sources(cfg)
-        folds = make_folds(sources["test"], cfg.folds, cfg.fold_seed, cfg.val, cfg.phash_distance)
-        check_protocol(cfg, folds)
+        partitions = {
+            seed: make_folds(sources["test"], cfg.folds, seed, cfg.val, cfg.phash_distance)
+            for seed in cfg.cv_seeds
+        }
+        check_protocol(cfg, partitions)
         dump_config(cfg, cfg.work_dir / "benchmark.yaml")
         table = RunTable.load(cfg.work_dir / "runs.csv")
         todo = table.todo(plan_runs(cfg), cfg.retry_failed)
         logger.info("%d of %d runs to do", len(todo), len(plan_runs(cfg)))
-        datasets = prepare_folds(cfg, folds, sources, sorted({k.fold for k in todo}))
+        datasets: dict[tuple[int, int], Any] = {}
+        for repeat, seed in enumerate(cfg.cv_seeds):
+            wanted = sorted({k.fold for k in todo if k.repeat == repeat})
+            datasets.update(prepare_folds(cfg, partitions[seed], sources, wanted, repeat))
         execute_runs(cfg, table, todo, datasets)
         explain_runs(cfg, table)
     return write_report(cfg, config_path)
@@ -169,7 +254,16 @@ def write_report(cfg: BenchmarkConfig, config_path: str = "") -> Path:
     table = RunTable.load(table_path)
     rows = list(table.rows.values())
     arms = list(dict.fromkeys([*cfg.arms, *(r["arm"] for r in rows)]))
-    stats = compute_stats(rows, arms, cfg.baseline, report_explanations(cfg))
+    stats = compute_stats(
+        rows,
+        arms,
+        cfg.baseline,
+        report_explanations(cfg),
+        primary=cfg.primary_endpoint,
+        folds=cfg.folds,
+        area_metrics=AREA_METRICS,
+        alpha=cfg.alpha,
+    )
     out = cfg.report_dir
     plots = render_plots(cfg, table, stats, out)
     reading = (out / "reading.md").read_text(encoding="utf-8") if (out / "reading.md").is_file() else ""
@@ -192,7 +286,7 @@ def read_fold_info(cfg: BenchmarkConfig) -> list[dict[str, Any]]:
     """The ``fold.json`` of each prepared fold (counts, synthetic images), in fold order."""
     import json
 
-    paths = [fold_dir(cfg, f) / "fold.json" for f in range(cfg.folds)]
+    paths = [fold_dir(cfg, f, r) / "fold.json" for r in range(len(cfg.cv_seeds)) for f in range(cfg.folds)]
     return [json.loads(p.read_text(encoding="utf-8")) for p in paths if p.is_file()]
 
 
@@ -222,10 +316,10 @@ def render_plots(cfg: BenchmarkConfig, table: RunTable, stats: BenchmarkStats, o
 
 def heatmap_pair(cfg: BenchmarkConfig, done: dict[RunKey, dict], arms: list[str]):
     """The first (fold, seed) where every arm finished and wrote heatmaps: ``((fold, seed), {arm: png})``."""
-    for fold, seed in sorted({(k.fold, k.seed) for k in done}):
+    for repeat, fold, seed in sorted({(k.repeat, k.fold, k.seed) for k in done}):
         images = {}
         for arm in arms:
-            key = RunKey(fold, seed, arm)
+            key = RunKey(fold, seed, arm, repeat)
             found = find_heatmap(cfg.work_dir / str(done[key]["run_dir"])) if key in done else None
             if found is not None:
                 images[arm] = found
@@ -246,6 +340,10 @@ def _write_stats_json(path: Path, stats: BenchmarkStats) -> None:
         path,
         {
             "baseline": stats.baseline,
+            "unit": "fold (seeds averaged within each fold)",
+            "primary": {"arm": stats.primary[0], "metric": stats.primary[1]},
+            "folds": stats.folds,
+            "alpha": stats.alpha,
             "runs": {"done": stats.n_done, "failed": stats.n_failed},
             "summaries": [{k: clean(v) for k, v in asdict(s).items()} for s in stats.summaries.values()],
             "tests": [{k: clean(v) for k, v in asdict(t).items()} for t in stats.tests],

@@ -10,7 +10,7 @@ from typing import Any
 
 from ..errors import StdaError
 from ..fileio import write_text
-from .config import EXPLAIN_DIR, RUN_METRICS, BenchmarkConfig, RunKey
+from .config import EXPLAIN_DIR, RUN_METRICS, BenchmarkConfig, RunKey, synthetic_recipe, train_settings
 from .table import RunTable
 
 logger = logging.getLogger(__name__)
@@ -208,7 +208,7 @@ def run_one(cfg: BenchmarkConfig, key: RunKey, dataset: Path, slot: str | None, 
 
         log.unlink(missing_ok=True)
         shutil.rmtree(run_dir / EXPLAIN_DIR, ignore_errors=True)
-    settings = {**cfg.train, **cfg.arms[key.arm], "seed": key.seed, "dataset": str(dataset)}
+    settings = {**cfg.train, **train_settings(cfg.arms[key.arm]), "seed": key.seed, "dataset": str(dataset)}
     argv = train_argv(cfg, settings, run_dir, mode)
     ok, error, seconds = run_command(argv, log, slot, cfg.run_timeout, cfg.cpu_threads)
     metrics: dict[str, float] = {}
@@ -226,8 +226,20 @@ def run_one(cfg: BenchmarkConfig, key: RunKey, dataset: Path, slot: str | None, 
     return {"status": "done" if ok else "failed", **values}
 
 
-def execute_runs(cfg: BenchmarkConfig, table: RunTable, todo: list[RunKey], datasets: dict[int, Any]) -> None:
-    """Run ``todo`` (serially on the CPU, one run per GPU slot otherwise), recording each as it ends."""
+def dataset_of(cfg: BenchmarkConfig, datasets: dict[tuple[int, int], Any], key: RunKey) -> Path | str:
+    """The dataset folder a run trains on (its fold's, with its arm's synthetic set), or why there is none."""
+    found = datasets.get((key.repeat, key.fold), "fold not prepared")
+    if isinstance(found, str):
+        return found
+    return found.get(synthetic_recipe(cfg, key.arm), f"no dataset for arm {key.arm} in fold {key.fold}")
+
+
+def execute_runs(
+    cfg: BenchmarkConfig, table: RunTable, todo: list[RunKey], datasets: dict[tuple[int, int], Any]
+) -> None:
+    """Run ``todo`` (serially on the CPU, one run per GPU slot otherwise), recording each as it ends.
+
+    ``datasets`` is :func:`~.stages.prepare_folds`'s ``{(repeat, fold): {recipe: folder} or error}``."""
     import threading
     from concurrent.futures import ThreadPoolExecutor, as_completed
     from queue import Queue
@@ -235,9 +247,10 @@ def execute_runs(cfg: BenchmarkConfig, table: RunTable, todo: list[RunKey], data
     from ..utils import progress
 
     lock = threading.Lock()
-    for key in (k for k in todo if not isinstance(datasets.get(k.fold), Path)):
-        table.record(key, "failed", error=datasets.get(key.fold, "fold not prepared"))
-    ready = [k for k in todo if isinstance(datasets.get(k.fold), Path)]
+    chosen = {k: dataset_of(cfg, datasets, k) for k in todo}
+    for key in (k for k in todo if not isinstance(chosen[k], Path)):
+        table.record(key, "failed", error=chosen[key])
+    ready = [k for k in todo if isinstance(chosen[k], Path)]
     slots = device_slots(cfg.devices, cfg.gpus_per_run)
     free: Queue = Queue()
     for slot in slots:
@@ -249,7 +262,7 @@ def execute_runs(cfg: BenchmarkConfig, table: RunTable, todo: list[RunKey], data
             with lock:
                 mode = "resume" if table.status(key) == "running" else "overwrite"
                 table.record(key, "running", run_dir=str(Path("runs") / key.name))
-            return run_one(cfg, key, datasets[key.fold], slot, mode)
+            return run_one(cfg, key, chosen[key], slot, mode)
         finally:
             free.put(slot)
 

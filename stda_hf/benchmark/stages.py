@@ -4,12 +4,23 @@ Each stage resumes on its own; this is the one module of the benchmark that call
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
 
 from ..errors import StdaError
-from .config import DEFAULT_EXPLAIN, EXPLAIN_DIR, BenchmarkConfig, RunKey, fold_dir, needs_synthetic
+from .config import (
+    AREA_METRICS,
+    DEFAULT_EXPLAIN,
+    EXPLAIN_DIR,
+    BenchmarkConfig,
+    RunKey,
+    arm_uses_synthetic,
+    fold_dir,
+    recipe_settings,
+    synthetic_recipe,
+)
 from .data import check_fold_synthetic, write_fold_view
 from .runs import run_command, train_argv
 from .table import RunTable
@@ -21,47 +32,171 @@ logger = logging.getLogger(__name__)
 # Fold preparation
 
 
-def prepare_fold(cfg: BenchmarkConfig, folds, fold: int, sources: dict[str, Path]) -> Path:
-    """Build one fold's dataset and return its folder (``stda package`` layout); records ``fold.json``.
+def prepare_fold(
+    cfg: BenchmarkConfig, folds, fold: int, sources: dict[str, Path], repeat: int = 0
+) -> dict[str, Path]:
+    """Build one fold's datasets and return ``{synthetic recipe: dataset folder}``; records ``fold.json``.
 
-    Real view -> (teacher trained on the view's real train images -> synthetic images from its train images
-    -> pseudo-labels) -> packaged dataset with validation and test real only.
+    Real view -> (teacher trained on the view's real train images -> for each synthetic recipe of the arms,
+    synthetic images from its train images -> pseudo-labels) -> packaged dataset with validation and test real
+    only. Recipe ``""`` (the benchmark's own `generate`/`label` settings) is ``hub/``, which every arm without
+    synthetic images trains on too; an arm with its own settings gets ``synthetic-<recipe>`` and ``hub-<recipe>``.
     """
     from ..fileio import write_json
     from ..package import PackageConfig, package
 
-    d = fold_dir(cfg, fold)
+    d = fold_dir(cfg, fold, repeat)
     view = write_fold_view(d / "real", folds, fold, sources)
-    info: dict[str, Any] = {"fold": fold, "counts": folds.summary(fold)}
-    synthetic = None
-    if needs_synthetic(cfg):
-        package(view, d / "hub-real", cfg=PackageConfig(name=f"benchmark/{cfg.name}-fold{fold}-real"))
-        teacher = train_teacher(cfg, d / "teacher", d / "hub-real")
-        synthetic = d / "synthetic"
-        info["synthetic"] = make_synthetic(cfg, view, synthetic, teacher)
-    package(view, d / "hub", synthetic=synthetic, cfg=PackageConfig(name=f"benchmark/{cfg.name}-fold{fold}"))
+    info: dict[str, Any] = {"fold": fold, "repeat": repeat, "counts": folds.summary(fold)}
+    recipes = sorted({synthetic_recipe(cfg, a) for a, s in cfg.arms.items() if arm_uses_synthetic(s)})
+    name = f"benchmark/{cfg.name}-{d.name}"
+    teacher = None
+    if recipes:
+        package(view, d / "hub-real", cfg=PackageConfig(name=f"{name}-real"))
+        teacher = train_teacher(cfg, d / "teacher", d / "hub-real", cfg.cv_seeds[repeat])
+    out: dict[str, Path] = {}
+    for recipe in sorted({"", *recipes}):
+        suffix = f"-{recipe}" if recipe else ""
+        synthetic = d / f"synthetic{suffix}" if recipe in recipes else None
+        if synthetic is not None:
+            info[f"synthetic{suffix}"] = make_synthetic(cfg, view, synthetic, teacher, recipe)
+        package(view, d / f"hub{suffix}", synthetic=synthetic, cfg=PackageConfig(name=name + suffix))
+        out[recipe] = d / f"hub{suffix}"
     write_json(d / "fold.json", info)
-    return d / "hub"
+    return out
 
 
-def make_synthetic(cfg: BenchmarkConfig, view: Path, out: Path, teacher: Path) -> dict[str, Any]:
-    """Style transfer from the fold's train images, the leakage check, and pseudo-labels; returns counts."""
+def make_synthetic(
+    cfg: BenchmarkConfig, view: Path, out: Path, teacher: Path, recipe: str = ""
+) -> dict[str, Any]:
+    """Style transfer from the fold's train images, the leakage check, and pseudo-labels; returns counts.
+
+    ``recipe`` names the `generate`/`label` settings (:func:`~.config.recipe_settings`). Besides the label
+    counts it reports the synthetic images that carry the planted shortcut artifact (they inherit it from their
+    content image) and how many of those were labelled malignant.
+    """
     from ..generate import GenerateConfig, generate
     from ..label import LabelConfig, label_synthetic
 
-    generate(view, out, GenerateConfig(**cfg.generate))
+    settings = recipe_settings(cfg, recipe)
+    generate(view, out, GenerateConfig(**settings["generate"]))
     images = check_fold_synthetic(view, out)
-    summary = label_synthetic(out, LabelConfig(**{**cfg.label, "teacher": str(teacher), "real": str(view)}))
-    return {
+    source = settings["label"].get("source", "teacher")
+    label = {k: v for k, v in settings["label"].items() if k != "source"}
+    if source == "style":
+        summary = label_by_style_source(view, out, float(label.get("min_confidence", 0.0)))
+    else:
+        summary = label_synthetic(out, LabelConfig(**{**label, "teacher": str(teacher), "real": str(view)}))
+    info = {
         "images": images,
         "kept": summary.kept,
         "malignant": summary.labels.get("malignant", 0),
+        "kept_malignant": summary.kept_labels.get("malignant", 0),
         "teacher": summary.teacher,
+        "label_source": source,
+        "generate": settings["generate"],
+    }
+    if cfg.shortcut:
+        info.update(shortcut_labels(view, out, cfg.shortcut["artifact"], summary.min_confidence))
+    return info
+
+
+STYLE_SOURCE_TEACHER = "style-source-class"
+"""The ``teacher`` recorded in ``labels.jsonl`` when synthetic images are labelled by their style image's class."""
+
+
+def label_by_style_source(view: Path, synthetic: Path, min_confidence: float = 0.0):
+    """Label each synthetic image with its style image's class (``label: {source: style}`` of an arm).
+
+    The arm that can weaken a shortcut the teacher learned: with benign content and malignant style every
+    synthetic image is labelled malignant, so an artifact carried by the benign content images meets the
+    malignant label in the synthetic set, where a teacher that learned "artifact = benign" would label it
+    benign. Writes ``labels.jsonl`` and ``labels_summary.json`` in the ``stda label`` layout (probabilities
+    one-hot, confidence 1) so packaging and training read them unchanged; returns the summary.
+
+    Raises
+    ------
+    StdaError
+        When a style image is not a labelled image of the fold view.
+    """
+    import torch
+
+    from .. import LABELS
+    from ..fileio import read_jsonl, write_json, write_text
+    from ..label import LABELS_FILE, SUMMARY_FILE, LabelSummary, label_record, summarize
+    from ..real import read_real_folder
+
+    classes = {im.isic_id: im.label for im in read_real_folder(view).images}
+    manifest = {r["id"]: r for r in read_jsonl(synthetic / "manifest.jsonl")}
+    records = []
+    for image_id, record in sorted(manifest.items()):
+        label = classes.get(record.get("style_id"))
+        if label not in LABELS:
+            raise StdaError(
+                f"{synthetic}: style image {record.get('style_id')!r} of {image_id} has no class in {view}"
+            )
+        probs = torch.zeros(len(LABELS))
+        probs[LABELS.index(label)] = 1.0
+        records.append(label_record(image_id, probs, STYLE_SOURCE_TEACHER))
+    write_text(synthetic / LABELS_FILE, "".join(json.dumps(r) + "\n" for r in records))
+    summary = LabelSummary(
+        **summarize(records, manifest, min_confidence),
+        teacher=STYLE_SOURCE_TEACHER,
+        temperature=1.0,
+        calibration=None,
+        calibration_method="none",
+        skipped={},
+        settings={"source": "style", "min_confidence": min_confidence},
+    )
+    write_json(synthetic / SUMMARY_FILE, summary.to_json())
+    return summary
+
+
+def shortcut_labels(view: Path, synthetic: Path, artifact: str, min_confidence: float) -> dict[str, Any]:
+    """How the pseudo-labels treat the planted shortcut: synthetic images whose content image carries
+    ``artifact`` (style transfer keeps the content's layout, so they carry it too), and the share of them
+    labelled malignant, overall and at the training threshold.
+
+    In the shortcut design the artifact marks benign images; a teacher that learned it labels these images
+    benign, and training on them reinforces the shortcut. A share near 0 says the synthetic set teaches
+    "artifact = benign"; a share well above 0 says it works against it.
+    """
+    from ..fileio import read_jsonl
+    from ..real import read_real_folder
+
+    marked = {im.isic_id for im in read_real_folder(view).images if _carries(im.artifact_path, artifact)}
+    manifest = {r["id"]: r for r in read_jsonl(synthetic / "manifest.jsonl")}
+    labels = [r for r in read_jsonl(synthetic / "labels.jsonl") if r["id"] in manifest]
+    carrying = [r for r in labels if manifest[r["id"]].get("content_id") in marked]
+    kept = [r for r in carrying if r["confidence"] >= min_confidence]
+
+    def share(rows: list[dict]) -> float | None:
+        return round(sum(r["label"] == "malignant" for r in rows) / len(rows), 4) if rows else None
+
+    return {
+        "with_shortcut": len(carrying),
+        "with_shortcut_malignant_share": share(carrying),
+        "with_shortcut_kept": len(kept),
+        "with_shortcut_kept_malignant_share": share(kept),
     }
 
 
-def train_teacher(cfg: BenchmarkConfig, run_dir: Path, dataset: Path) -> Path:
-    """Train (or reuse) the fold's teacher on real images only, seeded with ``fold_seed``; return its run folder.
+def _carries(artifact_path: Path | None, artifact: str) -> bool:
+    """Whether an image's artifact label map (``artifacts/<id>.png``) marks any pixel as ``artifact``."""
+    import numpy as np
+    from PIL import Image
+
+    from ..real import ARTIFACTS
+
+    if artifact_path is None or not Path(artifact_path).is_file():
+        return False
+    with Image.open(artifact_path) as im:
+        return bool((np.asarray(im) == ARTIFACTS.index(artifact) + 1).any())
+
+
+def train_teacher(cfg: BenchmarkConfig, run_dir: Path, dataset: Path, seed: int | None = None) -> Path:
+    """Train (or reuse) the fold's teacher on real images only, seeded with its repetition's fold seed (``seed``,
+    default ``fold_seed``); return its run folder.
 
     Raises
     ------
@@ -76,7 +211,7 @@ def train_teacher(cfg: BenchmarkConfig, run_dir: Path, dataset: Path) -> Path:
         **cfg.train,
         **cfg.teacher,
         "synthetic": "none",
-        "seed": cfg.fold_seed,  # fixed with the folds: adding or reordering seeds never changes a teacher
+        "seed": cfg.fold_seed if seed is None else seed,  # fixed with the folds: seeds never change a teacher
         "dataset": str(dataset),
     }
     argv = train_argv(cfg, settings, run_dir, "resume")
@@ -86,18 +221,21 @@ def train_teacher(cfg: BenchmarkConfig, run_dir: Path, dataset: Path) -> Path:
     return run_dir
 
 
-def prepare_folds(cfg: BenchmarkConfig, folds, sources: dict[str, Path], wanted: list[int]) -> dict[int, Any]:
-    """``{fold: dataset folder}`` for each wanted fold, or the error that stopped its preparation."""
-    out: dict[int, Any] = {}
+def prepare_folds(
+    cfg: BenchmarkConfig, folds, sources: dict[str, Path], wanted: list[int], repeat: int = 0
+) -> dict[tuple[int, int], Any]:
+    """``{(repeat, fold): {recipe: dataset folder}}`` for each wanted fold of one CV repetition (``folds`` is
+    its partition), or the error that stopped the fold's preparation."""
+    out: dict[tuple[int, int], Any] = {}
     for fold in wanted:
-        logger.info("preparing fold %d of %d", fold + 1, cfg.folds)
+        logger.info("preparing fold %d of %d (repetition %d)", fold + 1, cfg.folds, repeat)
         try:
-            out[fold] = prepare_fold(cfg, folds, fold, sources)
+            out[(repeat, fold)] = prepare_fold(cfg, folds, fold, sources, repeat)
         except Exception as err:  # one broken fold is recorded against its runs; the others go on
             logger.warning(
                 "fold %d could not be prepared: %s", fold, err, exc_info=logger.isEnabledFor(logging.DEBUG)
             )
-            out[fold] = f"fold {fold} preparation failed: {type(err).__name__}: {err}"
+            out[(repeat, fold)] = f"fold {fold} preparation failed: {type(err).__name__}: {err}"
     return out
 
 
@@ -113,10 +251,11 @@ def explain_run(cfg: BenchmarkConfig, key: RunKey, run_dir: Path) -> dict[str, f
     """
     from ..explain import ExplainConfig, run_explain
 
-    view = fold_dir(cfg, key.fold) / "real"
+    view = fold_dir(cfg, key.fold, key.repeat) / "real"
     settings = ExplainConfig(**{**DEFAULT_EXPLAIN, **cfg.explain})
     summary = run_explain(run_dir, run_dir / EXPLAIN_DIR, settings, images=view, overwrite=True)
-    return {k: v for k, v in summary.numbers.items() if k.startswith("relevance_")}
+    keep = ("relevance_", *AREA_METRICS)
+    return {k: v for k, v in summary.numbers.items() if k.startswith(keep)}
 
 
 def explain_runs(cfg: BenchmarkConfig, table: RunTable) -> None:

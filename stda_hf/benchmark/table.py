@@ -11,14 +11,14 @@ from typing import Any
 
 from ..errors import StdaError
 from ..fileio import csv_text, write_text
-from .config import EXPLANATION_METRICS, METRICS, RUN_COLUMNS, STATUSES, RunKey
+from .config import AREA_METRICS, EXPLANATION_METRICS, METRICS, RUN_COLUMNS, STATUSES, RunKey
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class RunTable:
-    """``runs.csv``: one row per attempted run (arm, fold, seed, status, seconds, run_dir, metrics..., error)."""
+    """``runs.csv``: one row per attempted run (arm, repeat, fold, seed, status, seconds, run_dir, metrics..., error)."""
 
     path: Path
     rows: dict[RunKey, dict[str, Any]] = field(default_factory=dict)
@@ -48,7 +48,9 @@ class RunTable:
     def to_csv(self) -> str:
         """The table as CSV text, rows in plan order, metric columns after the key columns."""
         extra = sorted({k for r in self.rows.values() for k in r} - set(RUN_COLUMNS) - {"error"})
-        metrics = [m for m in (*METRICS, *EXPLANATION_METRICS) if m in extra]  # the rest: alphabetical
+        metrics = [
+            m for m in (*METRICS, *EXPLANATION_METRICS, *AREA_METRICS) if m in extra
+        ]  # the rest: alphabetical
         columns = [*RUN_COLUMNS, *metrics, *(c for c in extra if c not in metrics), "error"]
         return csv_text(
             ({c: _cell(self.rows[key].get(c)) for c in columns} for key in sorted(self.rows)), columns
@@ -68,7 +70,8 @@ class RunTable:
         """Set a run's row (replacing an earlier attempt) and save the table."""
         if status not in STATUSES:
             raise ValueError(f"unknown run status {status!r}; valid: {STATUSES}")
-        self.rows[key] = {"arm": key.arm, "fold": key.fold, "seed": key.seed, "status": status, **values}
+        keys = {"arm": key.arm, "repeat": key.repeat, "fold": key.fold, "seed": key.seed}
+        self.rows[key] = {**keys, "status": status, **values}
         self.save()
 
     def done(self) -> list[dict[str, Any]]:
@@ -78,14 +81,14 @@ class RunTable:
 
 def _parse_row(row: dict[str, str], where: str) -> tuple[RunKey, dict[str, Any]]:
     try:
-        key = RunKey(int(row["fold"]), int(row["seed"]), row["arm"])
+        key = RunKey(int(row["fold"]), int(row["seed"]), row["arm"], int(row.get("repeat") or 0))
     except (KeyError, TypeError, ValueError):
         raise StdaError(
             f"{where}: needs integer fold and seed and an arm; delete the row to redo it"
         ) from None
     if row.get("status") not in STATUSES:
         raise StdaError(f"{where}: unknown status {row.get('status')!r}; valid: {list(STATUSES)}")
-    parsed: dict[str, Any] = {"arm": key.arm, "fold": key.fold, "seed": key.seed}
+    parsed: dict[str, Any] = {"arm": key.arm, "repeat": key.repeat, "fold": key.fold, "seed": key.seed}
     for col, text in row.items():
         if col in parsed or col is None:
             continue

@@ -12,7 +12,7 @@ from ..errors import StdaError
 logger = logging.getLogger(__name__)
 
 
-SYNTHETIC_MODES = ("none", "mix", "pretrain")
+SYNTHETIC_MODES = ("none", "mix", "pretrain", "only")
 
 
 OPTIMIZERS = ("adamw", "sgd")
@@ -65,6 +65,7 @@ class TrainConfig:
     dataset_config: str | None = None  # dataset configuration name (default: the dataset's default)
     revision: str | None = None  # dataset revision on the Hub (branch, tag or commit)
     synthetic: str = "none"  # none | mix (synthetic images added to each epoch) | pretrain (synthetic first)
+    #   | only (the synthetic split alone, no real training image: the original work's pretrain-only variant)
     synthetic_ratio: float = 1.0  # mix: synthetic images drawn per real training image, anew each epoch
     min_confidence: float = 0.0  # use only synthetic images whose pseudo-label confidence is at least this
     pretrain_epochs: int = 5  # pretrain: epochs on synthetic images before the real-image epochs

@@ -33,7 +33,7 @@ class Splits:
     train: Any  # datasets.Dataset of real training images
     validation: Any  # real images only
     test: Any | None  # real images only; None when the dataset has no test split
-    synthetic: Any | None  # pseudo-labelled synthetic images; None unless --synthetic mix|pretrain
+    synthetic: Any | None  # pseudo-labelled synthetic images; None unless --synthetic mix|pretrain|only
     skipped: SkipReport = field(default_factory=SkipReport)  # undecodable images left out
 
     def sizes(self) -> dict[str, int]:
@@ -301,6 +301,9 @@ class Phase:
 
 def build_phases(splits: Splits, cfg: TrainConfig, transform: Callable) -> dict[str, Phase]:
     """The training phases of ``cfg``: ``train``, preceded by ``pretrain`` in pretrain mode."""
+    if cfg.synthetic == "only":  # the synthetic split alone; validation and test stay real
+        syn = ImageLabelSet(splits.synthetic, transform, "synthetic")
+        return {"train": _phase("train", syn, syn.labels, len(syn), 0, cfg)}
     real = ImageLabelSet(splits.train, transform, "train")
     phases = {}
     if cfg.synthetic == "pretrain":

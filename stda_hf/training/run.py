@@ -299,7 +299,9 @@ def _report_skipped(splits: Splits, run_dir: Path, accelerator) -> None:
 def _write_data_record(run: _Run) -> None:
     """``data.json`` (dataset, split sizes) and ``train_ids.txt`` (every image id trained on, for teacher checks)."""
     cfg, splits = run.cfg, run.splits
-    trained_on = ["train"] + (["synthetic"] if splits.synthetic is not None else [])
+    trained_on = (["train"] if cfg.synthetic != "only" else []) + (
+        ["synthetic"] if splits.synthetic is not None else []
+    )
     ids = sorted(i for name in trained_on for i in _ids(getattr(splits, name)))
     write_text(run.run_dir / "train_ids.txt", "".join(f"{i}\n" for i in ids))
     write_json(
