@@ -18,6 +18,8 @@ Both the tutorial and the engine compute content features and style Grams once p
 Printed per variant: seconds per image to the target and the speed-up over the plain loop, the evaluations that
 took, the final loss after all its evaluations (ratio to the plain loop's), images/s of the whole run, and the
 quality gate's verdicts (:mod:`stda_hf.quality`) on the images at the target. ``--plot`` draws the curves.
+``--engine arbitrary gatys`` also measures the pretrained feed-forward engine (:mod:`stda_hf.arbitrary`) on the
+same pairs, with the same clock and gate, and both engines' hours for the paper's 248,489 images.
 """
 
 from __future__ import annotations
@@ -85,6 +87,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--skip-plain", action="store_true", help="engine images/s only, no target (GPU throughput)"
     )
     p.add_argument("--plot", type=Path, help="write the loss-vs-time curves to this PNG")
+    p.add_argument(
+        "--engine",
+        nargs="+",
+        choices=("gatys", "arbitrary"),
+        default=["gatys"],
+        help="engines to measure on the same pairs: gatys (the variants above), arbitrary (the pretrained "
+        "feed-forward network, images/s and gate; needs the 'arbitrary' extra) (default: gatys)",
+    )
     p.add_argument(
         "--tolerance",
         type=float,
@@ -357,6 +367,10 @@ def main(argv=None) -> None:
     features = build_vgg_features(cfg.arch, cfg.layers(), cfg.pooling, args.weights).to(device)
     contents, styles, masks = phantom_pairs(args.pairs, args.size, device)
     runs, goals = [], None
+    if "arbitrary" in args.engine:
+        arbitrary_row(args, device, contents, styles, masks)
+    if "gatys" not in args.engine:
+        return
     if not args.skip_plain:
         plain_cfg = dataclasses.replace(cfg, coarse_to_fine=0.0, precision="fp32")
         runs.append(plain_run(features, plain_cfg, contents, styles, device, args.clock))
@@ -369,6 +383,36 @@ def main(argv=None) -> None:
     report(args, device, runs, contents, styles, masks)
     if args.plot:
         plot(runs, goals, args)
+
+
+PAPER_IMAGES = 248_489  # the original work's synthetic set
+
+
+def arbitrary_row(args, device: torch.device, contents, styles, masks) -> None:
+    """Images/s of the pretrained feed-forward engine on the same pairs (style vectors once per style, timed),
+    its quality-gate verdicts, and the hours the paper's 248,489 images would take at that rate."""
+    from stda_hf import arbitrary
+
+    models = arbitrary.load_models(device, threads=args.threads or None)
+    cfg = arbitrary.ArbitraryConfig()
+    warm = contents[:1].cpu()
+    arbitrary.stylize(models, warm, arbitrary.style_vectors(models, styles[:1].cpu(), cfg), cfg)
+    clock = CLOCK[args.clock]
+    start, out = clock(), []
+    for i in range(0, len(contents), args.batch):
+        content, style = contents[i : i + args.batch].cpu(), styles[i : i + args.batch].cpu()
+        out.append(
+            arbitrary.stylize(models, content, arbitrary.style_vectors(models, style, cfg), cfg).images
+        )
+    seconds = clock() - start
+    images = torch.cat(out)
+    verdicts = [r.verdict for r in assess(contents.cpu(), styles.cpu(), images, StyleDistance(), mask=masks)]
+    rate = len(images) / seconds
+    print(
+        f"arbitrary ({models.describe()['provider']}, batch {args.batch}, {args.size} px, {args.clock} clock): "
+        f"{rate:.2f} images/s, gate ok {verdicts.count('ok')} of {len(images)}; "
+        f"{PAPER_IMAGES:,} images would take {PAPER_IMAGES / rate / 3600:.1f} h"
+    )
 
 
 def machine(device: torch.device) -> str:
@@ -395,7 +439,7 @@ def report(args, device, runs: list[Run], contents, styles, masks) -> None:
         "| images/s (all evaluations) | gate ok (at the target) |"
     )
     print("|---|---|---|---|---|---|---|")
-    details, within_lines = [], []
+    details, within_lines, hours = [], [], []
     for run in runs:
         images = torch.cat(run.images).cpu()
         verdicts = [r.verdict for r in assess(contents.cpu(), styles.cpu(), images, scorer, mask=masks)]
@@ -410,6 +454,7 @@ def report(args, device, runs: list[Run], contents, styles, masks) -> None:
             f"| {run.name}{note} | {to_target} | {speed} | {evals} | {ratio} | {n / run.total_s:.3f} "
             f"| {verdicts.count('ok')} of {n} |"
         )
+        hours.append(f"{run.name}: {PAPER_IMAGES * run.total_s / n / 3600:,.0f} h")
         for tol in args.tolerance[1:] if plain else ():
             seconds, plain_s = time_to(run, np.concatenate(plain.final) * (1 + tol)), sum(plain.reached)
             within = (
@@ -424,6 +469,8 @@ def report(args, device, runs: list[Run], contents, styles, masks) -> None:
     if details:
         print("lowest fp32 loss on the curve / the plain loop's final, per pair:")
         print("\n".join(f"  {line}" for line in details))
+    print(f"hours for the paper's {PAPER_IMAGES:,} images at these rates ({args.iterations} evaluations for the plain "
+          f"loop, the engine's all evaluations): " + "; ".join(hours))  # fmt: skip
     if within_lines:
         print(
             "time to quality with a tolerance (a loss curve that levels off at the target is timed where it levels):"
