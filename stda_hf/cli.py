@@ -200,7 +200,7 @@ def _add_label(sub) -> None:
         "label",
         help=SUMMARIES["label"],
         description="Label every synthetic image with a teacher's class probabilities, confidence "
-        "and entropy; optionally temperature-scale it on the real validation split "
+        "and entropy; optionally calibrate it (Platt scale and bias) on the real validation split "
         "first. Resumable: re-running skips labelled images.",
     )
     p.add_argument("synthetic", type=_path, help="synthetic folder written by `stda generate`")
@@ -217,7 +217,8 @@ def _run_label(args) -> None:
     if s.calibration:
         c = s.calibration
         print(
-            f"temperature {c['temperature']:.3f}: ECE on real validation {c['ece_before']:.4f} -> {c['ece_after']:.4f}"
+            f"Platt scale {c['scale']:.3f}, bias {c['bias']:+.3f}: ECE on real validation {c['ece_before']:.4f} -> "
+            f"{c['ece_after']:.4f} (after: on {c['ece_after_on']})"
         )
     print(f"kept at confidence >= {s.min_confidence:g}: {s.kept} ({s.kept_labels})")
     if s.skipped:

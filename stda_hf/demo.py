@@ -68,7 +68,7 @@ def _generate_step(out: Path, real: Path, size: int, seed: int) -> Path:
 
 
 def _label_step(synthetic: Path, teacher: Path, real: Path) -> None:
-    """Pseudo-label the synthetic images with the teacher, temperature-scaled on the real validation split."""
+    """Pseudo-label the synthetic images with the teacher, Platt-calibrated on the real validation split."""
     from .label import LABELS_FILE, LabelConfig, label_synthetic
 
     _step("label", f"teacher {teacher}, calibrated on the real validation split")
@@ -78,8 +78,8 @@ def _label_step(synthetic: Path, teacher: Path, real: Path) -> None:
     cfg = LabelConfig(teacher=str(teacher), real=str(real), calibrate=True, min_confidence=0.8)
     s = label_synthetic(synthetic, cfg)
     c = s.calibration
-    print(f"labels {s.labels}; temperature {c['temperature']:.2f} (ECE {c['ece_before']:.3f} -> {c['ece_after']:.3f});"
-          f" {s.kept} of {s.images} at confidence >= 0.8")  # fmt: skip
+    print(f"labels {s.labels}; Platt scale {c['scale']:.2f}, bias {c['bias']:+.2f}; {s.kept} of {s.images} at "
+          f"confidence >= 0.8\nECE {c['ece_before']:.3f} -> {c['ece_after']:.3f} (after: on {c['ece_after_on']})")  # fmt: skip
 
 
 def _package_step(real: Path, synthetic: Path | None, hub: Path) -> Path:

@@ -146,6 +146,7 @@ def _model_name(cfg: dict[str, Any]) -> str:
         "none": "real images only",
         "mix": "real + synthetic (mix)",
         "pretrain": "synthetic pretrain + real",
+        "only": "synthetic images only",
     }
     model = cfg["model"].upper() if cfg["model"].startswith("vgg") else _public(cfg["model"])
     return f"{model} skin-lesion classifier ({arm[cfg['synthetic']]})"
@@ -186,6 +187,7 @@ def _summary(facts: RunFacts) -> str:
         "none": "real training images only (the baseline)",
         "mix": f"real training images plus {cfg['synthetic_ratio']:g} synthetic image(s) per real one in each epoch",
         "pretrain": f"{cfg['pretrain_epochs']} epochs on synthetic images, then fine-tuning on real ones",
+        "only": "synthetic images only (no real training image; the original work's pretrain-only variant)",
     }[cfg["synthetic"]]
     return (
         f"A benign (0) vs malignant (1) classifier trained with [stda-hf](https://huggingface.co/datasets/stda/skin-lesions) "

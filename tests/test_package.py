@@ -568,4 +568,6 @@ def test_cli_package_says_how_many_failed_images_it_left_out(phantom_real, tmp_p
     argv = ["package", str(phantom_real), "--out", str(tmp_path / "hub"), "--synthetic", str(synthetic)]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "not packaged: 2 synthetic image(s) that failed the quality gate (1 content_lost, 1 unchanged)" in out
+    assert (
+        "not packaged: 2 synthetic image(s) that failed the quality gate (1 content_lost, 1 unchanged)" in out
+    )
