@@ -571,3 +571,16 @@ def test_cli_package_says_how_many_failed_images_it_left_out(phantom_real, tmp_p
     assert (
         "not packaged: 2 synthetic image(s) that failed the quality gate (1 content_lost, 1 unchanged)" in out
     )
+
+
+def test_card_says_how_the_teacher_was_calibrated(phantom_real, tmp_path):
+    synthetic = write_synthetic(phantom_real, tmp_path / "synthetic")
+    calibration = {"method": "platt", "scale": 0.8, "bias": -0.4, "ece_before": 0.12, "ece_after": 0.05}
+    calibration["ece_after_on"] = "held-out halves of the validation split (cross-fit)"
+    write_json(synthetic / "labels_summary.json", {"calibration_method": "platt", "calibration": calibration})
+    package(phantom_real, tmp_path / "hub", synthetic=synthetic)
+    text = " ".join((tmp_path / "hub" / "README.md").read_text().split())
+    assert "**Platt scale and bias**" in text and "(scale 0.800, bias -0.400)" in text
+    assert (
+        "0.120 before, 0.050 after (measured on held-out halves of the validation split (cross-fit))" in text
+    )
