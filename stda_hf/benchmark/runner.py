@@ -24,7 +24,7 @@ from .data import prepare_sources
 from .plots import plot_boxplots, plot_heatmaps, plot_learning_curves
 from .report import render_report
 from .runs import execute_runs, find_heatmap, read_run_log
-from .stages import explain_runs, prepare_folds
+from .stages import LABEL_SOURCES, explain_runs, prepare_folds
 from .stats import BenchmarkStats, compute_stats
 from .table import RunTable
 
@@ -55,9 +55,13 @@ def check_stage_settings(cfg: BenchmarkConfig) -> None:
                 (f"arms.{arm}.generate", GenerateConfig, {**cfg.generate, **settings["generate"]}, None)
             )
         if settings.get("label"):
-            checks.append(
-                (f"arms.{arm}.label", LabelConfig, {**cfg.label, **settings["label"], **teacher}, None)
-            )
+            label = dict(settings["label"])
+            if label.pop("source", "teacher") not in LABEL_SOURCES:
+                raise StdaError(
+                    f"benchmark setting `arms.{arm}.label.source`: {settings['label']['source']!r}; "
+                    f"valid: {list(LABEL_SOURCES)}"
+                )
+            checks.append((f"arms.{arm}.label", LabelConfig, {**cfg.label, **label, **teacher}, None))
     if cfg.explain:
         checks.append(("explain", ExplainConfig, {**DEFAULT_EXPLAIN, **cfg.explain}, None))
     if not cfg.train_command:  # train.py's own settings; another trainer may take others

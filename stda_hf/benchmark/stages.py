@@ -101,6 +101,8 @@ def make_synthetic(
     return info
 
 
+LABEL_SOURCES = ("teacher", "style")
+"""Where an arm's pseudo-labels come from (``label: {source: ...}``): ``stda label``'s teacher, or the style image."""
 STYLE_SOURCE_TEACHER = "style-source-class"
 """The ``teacher`` recorded in ``labels.jsonl`` when synthetic images are labelled by their style image's class."""
 
