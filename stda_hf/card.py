@@ -4,7 +4,7 @@
 licences, skin types, artifacts, style-transfer settings, the teacher); :func:`render_card` turns them into
 ``README.md``: a YAML header the Hub and ``datasets`` read (licence, task, ``configs`` with every split,
 ``dataset_info`` with the features, so the ``ClassLabel`` survives a plain Parquet load) and the sections of
-the Hub's dataset-card template, from ``cards/dataset_card.md``.
+the Hub's dataset-card template, from ``stda_hf/cards/dataset_card.md``.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from . import LABELS, __version__
 from .errors import StdaError
 from .licenses import get_license, most_restrictive
 
-TEMPLATE = Path(__file__).resolve().parents[1] / "cards" / "dataset_card.md"
-"""The card template (Jinja2), kept beside the code in ``cards/``."""
+TEMPLATE = Path(__file__).resolve().parent / "cards" / "dataset_card.md"
+"""The card template (Jinja2), shipped as package data in ``stda_hf/cards/``."""
 
 SIZE_CATEGORIES = ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"))
 SUMMARY_OMIT = {"skipped", "settings", "by_style", "by_content"}  # local paths or one row per source image
