@@ -24,7 +24,12 @@ from .errors import StdaError
 from .licenses import get_license, most_restrictive
 
 TEMPLATE = Path(__file__).resolve().parent / "cards" / "dataset_card.md"
-"""The card template (Jinja2), shipped as package data in ``stda_hf/cards/``."""
+"""The card template (Jinja2), shipped as package data in ``stda_hf/cards/`` (found in an installed wheel).
+
+Rendered here rather than with ``huggingface_hub.DatasetCard.from_template``: that renders with Jinja's default
+``Undefined`` (a fact the template names but the build lacks becomes an empty string in a public card instead
+of failing the build, which ``StrictUndefined`` guarantees), without our ``pct`` filter, and writes the header
+from ``DatasetCardData`` (we write ``dataset_info`` from the ``Features`` ourselves, byte for byte)."""
 
 SIZE_CATEGORIES = ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"))
 SUMMARY_OMIT = {"skipped", "settings", "by_style", "by_content"}  # local paths or one row per source image
@@ -209,7 +214,7 @@ def render_card(
         When the template file is missing.
     """
     if not template.is_file():
-        raise StdaError(f"dataset card template {template} not found; reinstall stda-hf from its repository")
+        raise StdaError(f"dataset card template {template} not found; reinstall stda-hf (the wheel ships it)")
     env = jinja2.Environment(
         undefined=jinja2.StrictUndefined, keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True
     )
