@@ -29,6 +29,7 @@ def _run(argv: list[str], cwd: Path, env: dict[str, str], timeout: float = 600) 
 def wheel_venv(tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("wheel")
     src = tmp / "src"  # a copy, so the build leaves no build/ or egg-info in the checkout
+    src.mkdir()
     for name in ("pyproject.toml", "README.md", "stda_hf", "dataset_script"):
         copy = shutil.copytree if (ROOT / name).is_dir() else shutil.copy2
         copy(
