@@ -44,9 +44,35 @@ FEATURES = datasets.Features(
         "attribution": datasets.Value("string"),
         "mask": datasets.Image(),  # binary lesion mask (0/255); null when unknown
         "artifact_mask": datasets.Image(),  # artifact label map (0 none, 1 ruler, 2 patch, 3 ink, 4 dark corners)
+        "skin_type": datasets.Value("string"),  # Fitzpatrick skin type (I..VI); null when unknown
+        "age_approx": datasets.Value("int32"),  # ISIC's approximate age (5-year steps); null when unknown
+        "sex": datasets.Value("string"),  # ISIC's sex field; null when unknown
+        "anatom_site_general": datasets.Value("string"),  # ISIC's body site; null when unknown
     }
 )
-"""The schema of every split. Class ids follow :data:`stda_hf.LABELS` (0 benign, 1 malignant)."""
+"""The schema of every split. Class ids follow :data:`stda_hf.LABELS` (0 benign, 1 malignant). The subgroup
+columns (``skin_type`` .. ``anatom_site_general``) are always there, null where the metadata has no value, so
+every split and every build share one schema; synthetic rows carry their content image's values."""
+
+SUBGROUP_COLUMNS = ("skin_type", "age_approx", "sex", "anatom_site_general")
+"""Per-image subgroup columns, read from ``metadata.csv`` (``fitzpatrick_skin_type`` counts as ``skin_type``)."""
+
+
+def subgroups(im: RealImage) -> dict[str, str | int | None]:
+    """The subgroup values of a real image from its extra metadata columns (None where unknown)."""
+    extra = {k: (v or "").strip() for k, v in im.extra.items()}
+    age = extra.get("age_approx", "")
+    try:
+        age_value = int(float(age)) if age else None
+    except ValueError:
+        age_value = None  # a free-text age is not a number we can group by
+    return {
+        "skin_type": extra.get("skin_type") or extra.get("fitzpatrick_skin_type") or None,
+        "age_approx": age_value,
+        "sex": extra.get("sex") or None,
+        "anatom_site_general": extra.get("anatom_site_general") or None,
+    }
+
 
 SPLIT_ORDER = DATASET_SPLITS
 """Splits in the order they are written and listed; ``synthetic`` only when a synthetic folder is given."""
@@ -256,6 +282,7 @@ def real_example(im: RealImage) -> dict:
         "attribution": im.attribution,
         "mask": str(im.mask_path) if im.mask_path else None,
         "artifact_mask": str(im.artifact_path) if im.artifact_path else None,
+        **subgroups(im),
     }
 
 
@@ -281,6 +308,7 @@ def synthetic_example(syn: SyntheticImage) -> dict:
         ),
         "mask": None,  # the content's mask does not hold exactly after restyling: unknown
         "artifact_mask": None,
+        **subgroups(content),  # the depicted lesion's patient
     }
 
 

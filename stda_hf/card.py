@@ -4,7 +4,7 @@
 licences, skin types, artifacts, style-transfer settings, the teacher); :func:`render_card` turns them into
 ``README.md``: a YAML header the Hub and ``datasets`` read (licence, task, ``configs`` with every split,
 ``dataset_info`` with the features, so the ``ClassLabel`` survives a plain Parquet load) and the sections of
-the Hub's dataset-card template, from ``cards/dataset_card.md``.
+the Hub's dataset-card template, from ``stda_hf/cards/dataset_card.md``.
 """
 
 from __future__ import annotations
@@ -23,8 +23,13 @@ from . import LABELS, __version__
 from .errors import StdaError
 from .licenses import get_license, most_restrictive
 
-TEMPLATE = Path(__file__).resolve().parents[1] / "cards" / "dataset_card.md"
-"""The card template (Jinja2), kept beside the code in ``cards/``."""
+TEMPLATE = Path(__file__).resolve().parent / "cards" / "dataset_card.md"
+"""The card template (Jinja2), shipped as package data in ``stda_hf/cards/`` (found in an installed wheel).
+
+Rendered here rather than with ``huggingface_hub.DatasetCard.from_template``: that renders with Jinja's default
+``Undefined`` (a fact the template names but the build lacks becomes an empty string in a public card instead
+of failing the build, which ``StrictUndefined`` guarantees), without our ``pct`` filter, and writes the header
+from ``DatasetCardData`` (we write ``dataset_info`` from the ``Features`` ourselves, byte for byte)."""
 
 SIZE_CATEGORIES = ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"))
 SUMMARY_OMIT = {"skipped", "settings", "by_style", "by_content"}  # local paths or one row per source image
@@ -248,7 +253,7 @@ def render_card(
         When the template file is missing.
     """
     if not template.is_file():
-        raise StdaError(f"dataset card template {template} not found; reinstall stda-hf from its repository")
+        raise StdaError(f"dataset card template {template} not found; reinstall stda-hf (the wheel ships it)")
     env = jinja2.Environment(
         undefined=jinja2.StrictUndefined, keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True
     )

@@ -56,6 +56,7 @@ SUMMARIES = {
     "label": "pseudo-label synthetic images with a teacher trained on real images",
     "package": "write the Hub dataset repo on disk: Parquet shards, card, attribution",
     "push": "upload a packaged dataset to the Hugging Face Hub",
+    "train": "train a benign/malignant classifier on a Hub dataset (train.py; accelerate launch works too)",
     "explain": "explain a trained model: DTD heatmaps and how much relevance lies in the lesion / on artifacts",
     "benchmark": "baseline vs ST-DA over grouped folds x seeds: runs, statistics and a Markdown report",
     "demo": "run the whole flow on phantoms, offline, with small sizes",
@@ -294,6 +295,27 @@ def _run_push(args) -> None:
         print(f"uploaded {total} to datasets/{result.repo_id} ({result.revision}): {result.commit_url}")
 
 
+def _add_train(sub) -> None:
+    from .training import TrainConfig
+
+    p = sub.add_parser(
+        "train",
+        help=SUMMARIES["train"],
+        description="Train VGG8 (or a torchvision VGG, or a transformers model) on real and synthetic "
+        "skin-lesion images, as the repository's train.py does; several processes: "
+        "`accelerate launch -m stda_hf.training ...`.",
+    )
+    add_config_flags(p, TrainConfig)
+    p.set_defaults(func=_run_train)
+
+
+def _run_train(args) -> None:
+    from .training.command import quiet_loggers, train_from_args
+
+    quiet_loggers(args.verbose)
+    train_from_args(args)
+
+
 def _add_explain(sub) -> None:
     from .explain import COMPOSITE_NAMES, ExplainConfig
 
@@ -375,7 +397,7 @@ def _run_demo(args) -> None:
 
 COMMANDS: list[Callable] = [
     _add_fetch, _add_phantoms, _add_split, _add_inspect, _add_generate, _add_label, _add_package, _add_push,
-    _add_explain, _add_benchmark, _add_demo,
+    _add_train, _add_explain, _add_benchmark, _add_demo,
 ]  # fmt: skip
 """Subcommands in the order ``stda --help`` lists them (the order of the flow)."""
 

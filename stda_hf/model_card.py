@@ -17,7 +17,7 @@ import torch
 
 from . import LABELS, __version__
 from .fileio import atomic_write, write_text
-from .models.vgg import Preprocessing
+from .models.vgg import MODEL_NAMES, Preprocessing
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +54,11 @@ class RunFacts:
     test: dict[str, float] | None  # test metrics of the final model
     preprocessing: Preprocessing  # input size and normalisation
     dataset_license: str | None  # licence of the training data, when known
+    dataset_id: str | None = None  # Hub id of the training data (also for a local copy whose card names it)
+    dataset_license_name: str | None = None  # the dataset card's license_name when its licence is "other"
+    dataset_license_link: str | None = None  # the dataset card's license_link when its licence is "other"
+    base_model: str | None = None  # Hub id of the pretrained weights the model started from
+    subgroups: dict[str, dict[str, dict[str, float]]] | None = None  # column -> value -> test metrics + "n"
 
 
 def roc_points(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -109,16 +114,28 @@ def render_card(facts: RunFacts, plots: list[str]) -> str:
     from huggingface_hub import ModelCard, ModelCardData
 
     cfg = facts.config
+    licence = facts.dataset_license or "other"
     data = ModelCardData(
-        license=facts.dataset_license or "other",
-        library_name="stda-hf",
+        license=licence,
+        library_name="transformers",
         pipeline_tag="image-classification",
-        tags=["image-classification", "skin-lesions", "dermoscopy", "style-transfer-augmentation", "vgg"],
-        datasets=[cfg["dataset"]] if _is_hub_id(cfg["dataset"]) else None,
+        tags=[
+            "image-classification",
+            "skin-lesions",
+            "dermoscopy",
+            "style-transfer-augmentation",
+            "vgg",
+            "stda-hf",
+        ],
+        datasets=[facts.dataset_id] if facts.dataset_id else None,
+        base_model=facts.base_model,
         metrics=[m[1] for m in CARD_METRICS],
         model_name=_model_name(cfg),
         eval_results=_eval_results(facts) or None,
     )
+    if licence == "other":  # the Hub asks a name (and a link) for any licence outside its list
+        data.license_name = facts.dataset_license_name or "training-data-licence"
+        data.license_link = facts.dataset_license_link or "LICENSE"
     body = "\n".join(
         [
             f"# {_model_name(cfg)}",
@@ -126,6 +143,7 @@ def render_card(facts: RunFacts, plots: list[str]) -> str:
             _summary(facts),
             "",
             *_results_section(facts, plots),
+            *_subgroup_section(facts),
             *_model_section(facts),
             *_data_section(facts),
             *_training_section(facts),
@@ -135,6 +153,24 @@ def render_card(facts: RunFacts, plots: list[str]) -> str:
     )
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
     return str(card)
+
+
+BASE_MODELS = {
+    "vgg11": "timm/vgg11.tv_in1k",
+    "vgg11_bn": "timm/vgg11_bn.tv_in1k",
+    "vgg16": "timm/vgg16.tv_in1k",
+    "vgg16_bn": "timm/vgg16_bn.tv_in1k",
+}
+"""Hub ids of torchvision's ImageNet VGG weights (``IMAGENET1K_V1``; timm's copies of the same tensors)."""
+
+
+def base_model(model: str, weights: str) -> str | None:
+    """The card's ``base_model``: the Hub id of the pretrained weights a run started from (None when random)."""
+    if weights == "random" or model == "vgg8":
+        return None
+    if model in BASE_MODELS:
+        return BASE_MODELS[model] if weights in ("auto", "imagenet") else None
+    return model if _is_hub_id(model) and weights == "auto" else None
 
 
 def _is_hub_id(name: str) -> bool:
@@ -291,17 +327,55 @@ def _training_section(facts: RunFacts) -> list[str]:
 
 
 def _usage_section(facts: RunFacts) -> list[str]:
-    return [
+    model_id = facts.config.get("hub_model_id") or "path/to/this/folder"
+    remote = "" if facts.config["model"] not in MODEL_NAMES else ", trust_remote_code=True"
+    lines = [
         "## How to use",
         "",
         "```python",
-        "from stda_hf.models.vgg import load_model",
+        "from transformers import pipeline",
         "",
-        'model, preprocessing = load_model("path/to/this/folder")  # or a local clone of the Hub repo',
-        "# logits = model(images)  # images: (N, 3, H, W), normalised as in preprocessor_config.json",
+        f'classifier = pipeline("image-classification", model="{model_id}"{remote})',
+        'print(classifier("lesion.jpg"))  # [{"label": "malignant", "score": ...}, {"label": "benign", ...}]',
         "```",
         "",
     ]
+    if remote:
+        lines += [
+            "The model's code (`modeling_stda_vgg.py`, `configuration_stda_vgg.py`, `image_processing_stda_vgg.py`) "
+            "comes with it, so `trust_remote_code=True` needs no other package; with `stda-hf` installed, "
+            "`import stda_hf.models` registers the classes and `trust_remote_code` may be left out. The image "
+            "processor resizes, scales and normalises exactly as `train.py` evaluated the model.",
+            "",
+        ]
+    return lines
+
+
+def _subgroup_section(facts: RunFacts) -> list[str]:
+    if not facts.subgroups:
+        return []
+    lines = [
+        "## Results per subgroup",
+        "",
+        "Test metrics per value of each subgroup column of the dataset (small groups give unstable numbers; "
+        "AUC is undefined, shown as nan, where a group holds one class only):",
+        "",
+    ]
+    for column, groups in facts.subgroups.items():
+        lines += [
+            f"`{column}`:",
+            "",
+            "| value | images | ROC AUC | balanced accuracy | sensitivity | specificity |",
+        ]
+        lines.append("|---|---|---|---|---|---|")
+        for value, m in groups.items():
+            cells = [
+                f"{m.get(k, float('nan')):.4f}"
+                for k in ("roc_auc", "balanced_accuracy", "sensitivity", "specificity")
+            ]
+            lines.append(f"| {value} | {int(m['n'])} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
 
 
 def _limits_section() -> list[str]:

@@ -46,9 +46,26 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+PROGRESS_SWITCHES = ("STDA_NO_PROGRESS", "TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS")
+"""Environment variables that turn progress bars off when set to 1/true/yes (ours, tqdm's, the Hub's)."""
+
+
+def progress_disabled() -> bool:
+    """True when any of :data:`PROGRESS_SWITCHES` is set to a true value."""
+    return any(
+        os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on") for name in PROGRESS_SWITCHES
+    )
+
+
 def progress(iterable: Iterable[T] | None = None, **kwargs: Any) -> tqdm:
-    """A tqdm progress bar with ETA on stderr, silent when ``STDA_NO_PROGRESS=1`` (CI logs, tests)."""
-    kwargs.setdefault("disable", os.environ.get("STDA_NO_PROGRESS") == "1")
+    """A tqdm progress bar with ETA on stderr, silent when ``STDA_NO_PROGRESS``, ``TQDM_DISABLE`` or
+    ``HF_HUB_DISABLE_PROGRESS_BARS`` is set (CI logs, tests).
+
+    ``disable=True`` silences one bar whatever the environment; ``disable=None`` or no ``disable`` lets the
+    environment decide.
+    """
+    if not kwargs.get("disable"):
+        kwargs["disable"] = progress_disabled()
     kwargs.setdefault("dynamic_ncols", True)
     kwargs.setdefault("smoothing", 0.1)
     return tqdm(iterable, **kwargs)

@@ -15,6 +15,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -147,3 +149,288 @@ def test_streaming_by_repo_id_through_the_mirror(mirror, tmp_path):
     assert result["ids"] == sorted(labels)
     assert [["benign", "malignant"][i] for i in result["labels"]] == [labels[i] for i in sorted(labels)]
     assert result["sizes"] == [[32, 32]] * len(labels)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A trained model by id: AutoModelForImageClassification and pipeline, without stda_hf importable
+
+MODEL_ID = "stda/vgg8-stda"
+MODEL_LOADER = """
+import importlib.abc, json, sys
+
+class NoStda(importlib.abc.MetaPathFinder):  # the user has transformers, not stda-hf
+    def find_spec(self, name, path=None, target=None):
+        if name == "stda_hf" or name.startswith("stda_hf."):
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)")
+
+sys.meta_path.insert(0, NoStda())
+import datasets, torch
+from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline
+
+model_id, hub = sys.argv[1], sys.argv[2]
+images = [im.convert("RGB") for im in datasets.load_dataset(hub, split="test")["image"]]
+classifier = pipeline("image-classification", model=model_id, trust_remote_code=True)
+scores = [{r["label"]: r["score"] for r in classifier(im)}["malignant"] for im in images]
+model = AutoModelForImageClassification.from_pretrained(model_id, trust_remote_code=True).eval()
+processor = AutoImageProcessor.from_pretrained(model_id, trust_remote_code=True)
+with torch.no_grad():
+    logits = model(**processor(images, return_tensors="pt")).logits
+out = {"scores": scores, "logits": logits.tolist(), "labels": model.config.id2label,
+       "stda_loaded": [m for m in sys.modules if m.startswith("stda_hf")]}
+print("RESULT " + json.dumps(out))
+"""
+
+
+def start_olah(tmp: Path, probe: str) -> tuple[str, subprocess.Popen]:
+    """olah serving ``tmp/mirrors`` (offline) on a free port, answering ``probe``; returns (url, process)."""
+    port = free_port()
+    config = tmp / "olah.toml"
+    config.write_text(
+        f'[basic]\nhost = "127.0.0.1"\nport = {port}\nrepos-path = "{tmp / "repos"}"\n'
+        f'mirrors-path = ["{tmp / "mirrors"}"]\n\n[accessibility]\noffline = true\n'
+    )
+    olah = Path(sys.executable).with_name("olah-cli")
+    proc = subprocess.Popen(
+        [str(olah), "-c", str(config), "--log-path", str(tmp / "logs")],
+        cwd=tmp,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"olah exited with status {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url + probe, timeout=2) as resp:
+                if resp.status == 200:
+                    return url, proc
+        except OSError:
+            time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError(f"olah did not answer {probe} on {url}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def served_model(phantom_real_session, tmp_path_factory):
+    """A train.py run on the packaged phantoms; its model/ folder served by olah as ``stda/vgg8-stda``."""
+    from stda_hf.training import TrainConfig, run_training
+
+    tmp = tmp_path_factory.mktemp("olah-model")
+    package(phantom_real_session, tmp / "hub")
+    cfg = TrainConfig(
+        dataset=str(tmp / "hub"), output_dir=str(tmp / "run"), image_size=32, vgg8_widths=(8, 16, 16, 32, 32),
+        vgg8_hidden=(32, 32), batch_size=16, num_workers=0, epochs=2, early_stopping=0, explain_images=0,
+        hub_model_id=MODEL_ID,
+    )  # fmt: skip
+    result = run_training(cfg)
+    repo = tmp / "mirrors" / "models" / MODEL_ID
+    shutil.copytree(tmp / "run" / "model", repo)
+    git_repo(repo)
+    url, proc = start_olah(tmp, f"/api/models/{MODEL_ID}/revision/main")
+    server, proxy, _ = range_proxy(url, tmp / "mirrors")
+    try:
+        yield {
+            "url": proxy,
+            "hub": tmp / "hub",
+            "run": tmp / "run",
+            "result": result,
+            "home": tmp / "hf-home",
+        }
+    finally:
+        server.shutdown()
+        stop(proc)
+
+
+def test_pipeline_by_model_id_reproduces_train_py_test_metrics_without_stda_hf(served_model):
+    import torch
+
+    from stda_hf.metrics import load_metric
+    from stda_hf.training import compute_metrics
+
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    env.update(HF_ENDPOINT=served_model["url"], HF_HOME=str(served_model["home"]), HF_HUB_DISABLE_XET="1")
+    env.update(HF_HUB_DISABLE_PROGRESS_BARS="1", PYTHONPATH="")  # stda_hf neither on the path nor importable
+    proc = subprocess.run(
+        [sys.executable, "-c", MODEL_LOADER, MODEL_ID, str(served_model["hub"])],
+        env=env, capture_output=True, text=True, timeout=300, cwd=served_model["home"].parent,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(
+        next(x for x in proc.stdout.splitlines() if x.startswith("RESULT ")).removeprefix("RESULT ")
+    )
+    assert out["stda_loaded"] == [] and out["labels"] == {"0": "benign", "1": "malignant"}
+    import datasets
+
+    labels = torch.tensor(datasets.load_dataset(str(served_model["hub"]), split="test")["label"])
+    logits = torch.tensor(out["logits"])
+    assert torch.allclose(logits.softmax(-1)[:, 1], torch.tensor(out["scores"]), atol=1e-6)
+    ours = compute_metrics(logits, labels, load_metric())
+    theirs = json.loads((served_model["run"] / "metrics" / "test.json").read_text())
+    assert [ours[k] for k in ("tn", "fp", "fn", "tp")] == [theirs[k] for k in ("tn", "fp", "fn", "tp")]
+    assert ours["roc_auc"] == pytest.approx(theirs["roc_auc"], abs=1e-6)
+    assert ours["loss"] == pytest.approx(theirs["loss"], abs=1e-5)
+
+
+def test_model_card_says_how_to_use_the_model_by_id(served_model):
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(served_model["run"] / "model" / "README.md")
+    assert card.data.library_name == "transformers" and card.data.pipeline_tag == "image-classification"
+    assert f'pipeline("image-classification", model="{MODEL_ID}", trust_remote_code=True)' in card.text
+    assert card.data.datasets == ["stda/skin-lesions"]  # trained from a local copy whose card names its id
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Streaming by id at a realistic shard size, through a server that honours HTTP Range
+
+NOISE_ID = "stda/noise-lesions"
+STREAMER = """
+import json, sys
+import datasets
+stream = datasets.load_dataset(sys.argv[1], split="train", streaming=True)
+rows = [(r["label"], r["image"].size) for r in stream]
+print("RESULT " + json.dumps({"n": len(rows), "labels": [r[0] for r in rows], "sizes": sorted({r[1] for r in rows})}))
+"""
+
+
+def range_proxy(upstream: str, mirrors: Path):
+    """A threaded HTTP server on 127.0.0.1 in front of olah, answering as the Hub does where olah does not:
+    ``GET .../resolve/<rev>/<file>`` with a Range header gets 206 and the bytes from the mirror folder, and a
+    file the repository lacks gets 404 ``EntryNotFound`` (olah answers 401); everything else goes to
+    ``upstream``. Returns (server, url, served ranges)."""
+    import re
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    resolve = re.compile(r"^/(datasets/)?([^/]+/[^/]+)/resolve/[^/]+/([^?]+)")
+    ranges: list[tuple[int, int]] = []
+
+    def local_file(path: str) -> Path | None:
+        match = resolve.match(path)
+        if not match:
+            return None
+        kind = "datasets" if match.group(1) else "models"
+        return mirrors / kind / match.group(2) / urllib.parse.unquote(match.group(3))
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):  # quiet
+            pass
+
+        def _missing(self) -> bool:
+            file = local_file(self.path)
+            if file is None or file.is_file():
+                return False
+            self.send_response(404)
+            self.send_header("X-Error-Code", "EntryNotFound")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return True
+
+        def do_GET(self):
+            if self._missing():
+                return
+            file = local_file(self.path)
+            wanted = re.match(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
+            if file is not None and wanted:
+                data = file.read_bytes()
+                start = int(wanted.group(1))
+                end = min(int(wanted.group(2) or len(data) - 1), len(data) - 1)
+                ranges.append((start, end))
+                self.send_response(206)
+                self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
+                self.send_header("Content-Length", str(end - start + 1))
+                self.send_header("Accept-Ranges", "bytes")
+                self.end_headers()
+                self.wfile.write(data[start : end + 1])
+                return
+            self._forward("GET")
+
+        def do_HEAD(self):
+            if not self._missing():
+                self._forward("HEAD")
+
+        def do_POST(self):
+            self._forward("POST")
+
+        def _forward(self, method: str) -> None:
+            path = re.sub(
+                r"^(/api/datasets/[^/?]+/[^/?]+)(\?|$)", r"\1/revision/main\2", self.path
+            )  # the Hub answers both
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0)) or None
+            headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+            request = urllib.request.Request(upstream + path, data=body, headers=headers, method=method)
+            try:
+                resp = urllib.request.urlopen(request, timeout=60)
+            except urllib.error.HTTPError as err:
+                resp = err
+            payload = resp.read() if method != "HEAD" else b""
+            self.send_response(resp.status)
+            for key, value in resp.headers.items():
+                if key.lower() not in ("transfer-encoding", "connection", "content-length"):
+                    self.send_header(
+                        key, value.replace(upstream, f"http://127.0.0.1:{self.server.server_port}")
+                    )
+            length = resp.headers.get("Content-Length") if method == "HEAD" else str(len(payload))
+            self.send_header("Content-Length", length or "0")
+            self.end_headers()
+            self.wfile.write(payload)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_port}", ranges
+
+
+def test_streaming_a_multi_megabyte_shard_by_id_through_a_range_server(tmp_path):
+    import io
+
+    import datasets
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    images = []
+    for _ in range(240):  # noise does not compress: about 12 kB per 64 px PNG
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buf, "PNG")
+        images.append({"bytes": buf.getvalue(), "path": None})
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=["benign", "malignant"])}
+    )
+    repo = tmp_path / "mirrors" / "datasets" / NOISE_ID
+    shard = repo / "data" / "train-00000-of-00001.parquet"
+    shard.parent.mkdir(parents=True)
+    datasets.Dataset.from_dict(
+        {"image": images, "label": [i % 2 for i in range(240)]}, features=features
+    ).to_parquet(str(shard), batch_size=40)
+    assert (
+        shard.stat().st_size > 2_000_000
+    )  # the 0.5 MB file that olah alone could not stream, four times over
+    git_repo(repo)
+    url, olah = start_olah(tmp_path, f"/api/datasets/{NOISE_ID}/revision/main")
+    server, proxy, ranges = range_proxy(url, tmp_path / "mirrors")
+    try:
+        env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+        env.update(HF_ENDPOINT=proxy, HF_HOME=str(tmp_path / "hf-home"), HF_HUB_DISABLE_XET="1")
+        env.update(HF_HUB_DISABLE_PROGRESS_BARS="1")
+        proc = subprocess.run(
+            [sys.executable, "-c", STREAMER, NOISE_ID], env=env, capture_output=True, text=True, timeout=300
+        )
+    finally:
+        server.shutdown()
+        stop(olah)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(
+        next(x for x in proc.stdout.splitlines() if x.startswith("RESULT ")).removeprefix("RESULT ")
+    )
+    assert out == {"n": 240, "labels": [i % 2 for i in range(240)], "sizes": [[64, 64]]}
+    assert ranges and all(end - start + 1 < shard.stat().st_size for start, end in ranges)  # read in pieces

@@ -63,28 +63,82 @@ def test_random_weights_depend_on_the_seed_alone():
     assert not _same_weights(a, c)
 
 
-def test_saved_model_reloads_with_from_pretrained_and_load_model(tmp_path):
+def test_saved_model_is_a_transformers_model_that_auto_classes_and_load_model_reload(tmp_path):
+    from transformers import AutoModelForImageClassification
+
     model = build_model("vgg8", seed=1, **TINY).eval()
     save_model(model, tmp_path / "model", Preprocessing(48, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)))
-    assert {"model.safetensors", "config.json", "preprocessor_config.json"} <= {
-        p.name for p in (tmp_path / "model").iterdir()
-    }
+    files = {p.name for p in (tmp_path / "model").iterdir()}
+    assert {"model.safetensors", "config.json", "preprocessor_config.json", "modeling_stda_vgg.py"} <= files
     config = json.loads((tmp_path / "model" / "config.json").read_text())
-    assert config["widths"] == [4, 8, 8, 16, 16] and config["stda_architecture"] == "VGG8"
-    via_mixin = VGG8.from_pretrained(tmp_path / "model")
+    assert config["model_type"] == "stda-vgg" and config["widths"] == [4, 8, 8, 16, 16]
+    assert config["id2label"] == {"0": "benign", "1": "malignant"} and config["label2id"]["malignant"] == 1
+    assert config["auto_map"]["AutoModelForImageClassification"].startswith("modeling_stda_vgg.")
+    via_auto = AutoModelForImageClassification.from_pretrained(tmp_path / "model").eval()
     via_run_folder, pre = load_model(tmp_path)  # a run folder: its model/ sub-folder is used
     x = torch.rand(3, 3, 48, 48)
-    assert torch.equal(model(x), via_mixin(x)) and torch.equal(model(x), via_run_folder(x))
+    out = model(x)
+    assert type(out).__name__ == "ImageClassifierOutput"
+    assert torch.equal(out.logits, via_auto(x).logits) and torch.equal(out.logits, via_run_folder(x).logits)
     assert pre == Preprocessing(48, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 
 
-def test_preprocessing_file_is_readable_by_transformers(tmp_path):
+def test_labels_give_the_cross_entropy_loss():
+    model = build_model("vgg8", seed=1, **TINY).eval()
+    x, y = torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 1, 0])
+    out = model(pixel_values=x, labels=y)
+    assert torch.allclose(out.loss, nn.functional.cross_entropy(out.logits, y))
+
+
+def test_plain_vgg8_saves_as_the_same_transformers_model(tmp_path):
+    plain = VGG8(**TINY).eval()
+    save_model(plain, tmp_path, Preprocessing(32))
+    again, _ = load_model(tmp_path)
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.equal(plain(x), again(x).logits)
+
+
+def test_model_folder_of_an_earlier_version_still_loads(tmp_path):
+    from safetensors.torch import save_file
+
+    plain = VGG8(**TINY).eval()  # what PyTorchModelHubMixin wrote: the init arguments and the weights
+    old = {"num_classes": 2, "widths": [4, 8, 8, 16, 16], "hidden": [16, 16], "batch_norm": True}
+    old.update(dropout=0.5, pool_size=2, in_channels=3, stda_architecture="VGG8")
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    save_file(plain.state_dict(), tmp_path / "model.safetensors")
+    model, pre = load_model(tmp_path)
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.equal(plain(x), model(x).logits) and pre == Preprocessing(224)
+
+
+def test_image_processor_is_loaded_by_transformers_and_equals_the_eval_transform(tmp_path):
+    from PIL import Image
     from transformers import AutoImageProcessor
 
-    save_model(VGG8(**TINY), tmp_path, Preprocessing(40))
+    from stda_hf.models.vgg import eval_transform
+
+    pre = Preprocessing(40, mean=(0.4, 0.5, 0.6), std=(0.2, 0.25, 0.3))
+    save_model(VGG8(**TINY), tmp_path, pre)
     proc = AutoImageProcessor.from_pretrained(tmp_path)
-    assert proc.size == {"height": 40, "width": 40}
-    assert list(proc.image_mean) == pytest.approx([0.485, 0.456, 0.406])
+    assert type(proc).__name__ == "StdaImageProcessor" and proc.size == 40
+    gen = torch.Generator().manual_seed(0)
+    for shape, mode in (((57, 31, 3), "RGB"), ((64, 64), "L"), ((20, 90, 3), "RGB")):
+        image = Image.fromarray(
+            torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen).numpy()
+        ).convert(mode)
+        expected = eval_transform(pre)(image.convert("RGB"))
+        assert torch.equal(proc(image, return_tensors="pt")["pixel_values"][0], expected)
+
+
+def test_the_transformers_model_is_explained_like_the_plain_vgg8():
+    from stda_hf.attribution import explain_batch
+
+    plain = VGG8(**TINY).eval()
+    hf = build_model("vgg8", "random", **TINY).eval()
+    hf.load_state_dict(plain.state_dict())
+    x = torch.rand(2, 3, 32, 32)
+    a, b = explain_batch(plain, x, method="dtd"), explain_batch(hf, x, method="dtd")
+    assert torch.allclose(a.relevance, b.relevance) and a.relevance.abs().sum() > 0
 
 
 def test_weights_file_of_another_vgg8_is_refused_with_its_shapes(tmp_path):
@@ -114,7 +168,8 @@ def test_torchvision_vgg_takes_imagenet_weights_and_gets_a_fresh_two_class_head(
     assert torch.equal(state["features.0.weight"], imagenet["features.0.weight"])
     assert torch.equal(state["classifier.3.weight"], imagenet["classifier.3.weight"])
     assert state["classifier.6.weight"].shape == (2, 4096)
-    assert model.eval()(torch.rand(1, 3, 32, 32)).shape == (1, 2)
+    assert model.eval()(torch.rand(1, 3, 32, 32)).logits.shape == (1, 2)
+    assert model.config.id2label == {0: "benign", 1: "malignant"}
 
 
 def test_offline_imagenet_download_names_both_ways_out(monkeypatch):

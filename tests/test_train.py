@@ -168,13 +168,32 @@ def test_training_loss_decreases(finished_run):
 def test_metrics_are_saved_with_evaluate_each_epoch_and_for_test(finished_run, phantom_hub):
     run, result = finished_run
     files = sorted(p.name for p in (run / "metrics").iterdir())
-    assert files == ["test.json"] + [f"validation-epoch_{e:04d}.json" for e in range(1, 6)]
+    assert files == ["test.json", "test_subgroups.json"] + [
+        f"validation-epoch_{e:04d}.json" for e in range(1, 6)
+    ]
     test = json.loads((run / "metrics" / "test.json").read_text())
     assert set(METRIC_KEYS) <= set(test) and "_evaluate_version" in test  # written by evaluate.save
     assert test["split"] == "test" and test["epoch"] == result.best_epoch
     assert test["n"] == 15  # every test image once, gathered
     assert test["tn"] + test["fp"] + test["fn"] + test["tp"] == 15
     assert _metrics(run / "metrics" / "test.json") == {k: result.test[k] for k in METRIC_KEYS}
+
+
+def test_test_metrics_are_reported_per_skin_type_with_counts_in_metrics_and_card(finished_run, phantom_hub):
+    import datasets
+    from huggingface_hub import ModelCard
+
+    run, _ = finished_run
+    groups = json.loads((run / "metrics" / "test_subgroups.json").read_text())["skin_type"]
+    test = datasets.load_dataset(str(phantom_hub), split="test")
+    counts = {t: test["skin_type"].count(t) for t in set(test["skin_type"])}
+    assert {t: int(m["n"]) for t, m in groups.items()} == counts and sum(counts.values()) == 15
+    for m in groups.values():
+        assert m["tn"] + m["fp"] + m["fn"] + m["tp"] == m["n"]
+    card = ModelCard.load(run / "model" / "README.md").text
+    assert "## Results per subgroup" in card
+    for skin_type, m in groups.items():
+        assert f"| {skin_type} | {int(m['n'])} | " in card
 
 
 def test_best_checkpoint_is_the_final_model(finished_run):
@@ -200,7 +219,7 @@ def test_final_model_reloads_and_reproduces_the_test_metrics(finished_run, phant
     transform = build_transforms(TrainConfig(), pre, train=False)
     x = torch.stack([transform(im.convert("RGB")) for im in test["image"]])
     with torch.no_grad():
-        logits = model(x)
+        logits = model(pixel_values=x).logits
     metrics = compute_metrics(logits, torch.tensor(test["label"]), load_metric())
     assert metrics["roc_auc"] == pytest.approx(result.test["roc_auc"])
     assert metrics["balanced_accuracy"] == pytest.approx(result.test["balanced_accuracy"])
@@ -593,3 +612,113 @@ def test_non_finite_loss_stops_the_run_with_advice():
 
     with pytest.raises(StdaError, match=r"training loss became nan in epoch 3.*Lower --lr"):
         _epoch_stats(float("nan"), 32.0, 0.1, 0.2, 3)
+
+
+def test_other_column_names_and_a_seven_class_label_map_train(tmp_path):
+    import datasets
+
+    dx = ["nv", "mel", "bkl", "bcc", "akiec", "df", "vasc"]
+    features = datasets.Features({"img": datasets.Image(), "dx": datasets.ClassLabel(names=dx),
+                                  "age_approx": datasets.Value("int32")})  # fmt: skip
+    rows = {
+        "img": [_png(i) for i in range(14)],
+        "dx": list(range(7)) * 2,
+        "age_approx": [35, 47, 52, 68] * 3 + [20, 81],
+    }
+    hub = _write_hub(tmp_path / "hub", {"train": rows, "validation": rows, "test": rows}, features)
+    mapping = "nv:benign,bkl:benign,df:benign,vasc:benign,mel:malignant,bcc:malignant,akiec:malignant"
+    flags = {
+        "image_column": "img",
+        "label_column": "dx",
+        "label_map": mapping,
+        "epochs": 1,
+        "explain_images": 0,
+    }
+    splits = load_splits(_cfg(hub, tmp_path / "run", **flags))
+    assert splits.train.features["label"].names == ["benign", "malignant"]
+    assert splits.train["label"] == [0, 1, 0, 1, 1, 0, 0] * 2
+    result = run_training(_cfg(hub, tmp_path / "run", **flags))
+    assert result.test["n"] == 14
+    ages = json.loads((tmp_path / "run" / "metrics" / "test_subgroups.json").read_text())["age_approx"]
+    assert {k: int(v["n"]) for k, v in ages.items()} == {
+        "20-29": 1,
+        "30-39": 3,
+        "40-49": 3,
+        "50-59": 3,
+        "60-69": 3,
+        "80-89": 1,
+    }
+
+
+def test_a_label_value_left_out_of_the_label_map_is_refused_by_name(tmp_path):
+    import datasets
+
+    features = datasets.Features({"image": datasets.Image(), "dx": datasets.Value("string")})
+    rows = {"image": [_png(i) for i in range(3)], "dx": ["nv", "mel", "scc"]}
+    hub = _write_hub(tmp_path / "hub", {"train": rows, "validation": rows}, features)
+    cfg = TrainConfig(dataset=str(hub), label_column="dx", label_map="nv:benign,mel:malignant")
+    with pytest.raises(StdaError, match=r"does not map label value\(s\) \['scc'\]"):
+        load_splits(cfg)
+
+
+def test_accelerate_launch_settings_apply_unless_a_flag_is_given(phantom_hub, tmp_path):
+    import yaml
+
+    # what `accelerate launch --mixed_precision bf16 --gradient_accumulation_steps 2 train.py` sets
+    env = {**_env(), "ACCELERATE_MIXED_PRECISION": "bf16", "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "2"}
+    base = [
+        sys.executable,
+        TRAIN_PY,
+        "--dataset",
+        str(phantom_hub),
+        *TINY_FLAGS,
+        "--epochs",
+        "1",
+        "--explain-images",
+        "0",
+    ]
+    for name, flags in (("launcher", []), ("flags", ["--mixed-precision", "no", "--grad-accum", "1"])):
+        proc = subprocess.run(
+            [*base, "--output-dir", str(tmp_path / name), *flags],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    launched = yaml.safe_load((tmp_path / "launcher" / "config.yaml").read_text())
+    flagged = yaml.safe_load((tmp_path / "flags" / "config.yaml").read_text())
+    assert (launched["mixed_precision"], launched["grad_accum"]) == ("bf16", 2)
+    assert (flagged["mixed_precision"], flagged["grad_accum"]) == ("no", 1)
+
+
+def test_with_tracking_reports_to_tensorboard(phantom_hub, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_training(
+        _cfg(
+            phantom_hub,
+            tmp_path / "run",
+            epochs=1,
+            explain_images=0,
+            with_tracking=True,
+            report_to="tensorboard",
+        )
+    )
+    events = sorted((tmp_path / "run" / "tensorboard").rglob("events.out.tfevents.*"))
+    assert events
+    tags = {t for e in events for t in EventAccumulator(str(e)).Reload().Tags()["scalars"]}
+    assert {"validation/roc_auc", "train/loss", "test/roc_auc"} <= tags
+
+
+def test_without_tracking_only_the_jsonl_log_is_written(phantom_hub, tmp_path):
+    run_training(_cfg(phantom_hub, tmp_path / "run", epochs=1, explain_images=0))
+    assert not (tmp_path / "run" / "tensorboard").exists() and (tmp_path / "run" / "log.jsonl").is_file()
+
+
+def test_an_unknown_tracker_is_refused_with_the_known_ones():
+    from stda_hf.training.config import check_report_to
+
+    with pytest.raises(StdaError, match=r"unknown tracker\(s\) \['tensorbored'\]; choose from \['all', "):
+        check_report_to("tensorbored")

@@ -21,24 +21,14 @@ logger = logging.getLogger(__name__)
 
 
 def default_train_command(gpus: int = 1) -> list[str]:
-    """``python train.py``, or ``accelerate launch --multi_gpu`` when one run spans several GPUs.
-
-    Raises
-    ------
-    StdaError
-        When ``train.py`` is not beside the package (an installed copy without the repository).
-    """
+    """``python -m stda_hf.training`` (train.py's command, installed with the package), or under
+    ``accelerate launch --multi_gpu`` when one run spans several GPUs."""
     import sys
 
-    script = Path(__file__).resolve().parents[2] / "train.py"
-    if not script.is_file():
-        raise StdaError(
-            f"{script} not found; run the benchmark from a checkout of the repository or set train_command"
-        )
     if gpus == 1:
-        return [sys.executable, str(script)]
+        return [sys.executable, "-m", "stda_hf.training"]
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(gpus)]
-    return [*launch, str(script)]
+    return [*launch, "-m", "stda_hf.training"]
 
 
 def train_argv(cfg: BenchmarkConfig, settings: dict[str, Any], run_dir: Path, mode: str) -> list[str]:

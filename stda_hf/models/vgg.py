@@ -1,29 +1,34 @@
-"""Image classifiers for train.py: VGG8, torchvision VGG11/VGG16 and ``transformers`` models, saved like Hub models.
+"""Image classifiers for train.py: VGG8, torchvision VGG11/VGG16 and ``transformers`` models, saved as Hub models.
 
-Every classifier saves as ``model.safetensors`` + ``config.json`` (+ ``preprocessor_config.json``) and reloads
-with :func:`load_model` (or ``VGG8.from_pretrained``), so a trained model is shared like any Hub model. Our own
-architectures use ``huggingface_hub``'s :class:`~huggingface_hub.PyTorchModelHubMixin`; ``transformers`` models
-use their own ``save_pretrained``. Class ids follow :data:`stda_hf.LABELS` (0 benign, 1 malignant).
+Our VGGs are ``transformers`` models (:class:`StdaVGGForImageClassification`, model type ``stda-vgg``, with
+:class:`StdaImageProcessor`): :func:`save_model` writes ``model.safetensors`` + ``config.json`` +
+``preprocessor_config.json`` and the three code files, so ``AutoModelForImageClassification``,
+``AutoImageProcessor`` and ``pipeline("image-classification", trust_remote_code=True)`` load a trained model
+by Hub id without ``stda_hf`` installed; with ``stda_hf.models`` imported, the Auto classes know the type
+without remote code. Other ``transformers`` models use their own classes. Class ids follow
+:data:`stda_hf.LABELS` (0 benign, 1 malignant).
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
 from .. import LABELS
 from ..errors import StdaError
 from ..fileio import write_json
+from ..utils import progress_disabled
+from .configuration_stda_vgg import StdaVGGConfig
+from .image_processing_stda_vgg import StdaImageProcessor
+from .modeling_stda_vgg import StdaVGGForImageClassification, build_classifier, build_features
 from .weights import WeightsSpec, load_weights, parse_weights, read_state_dict
 
 logger = logging.getLogger(__name__)
@@ -37,15 +42,31 @@ TORCHVISION_VGGS = ("vgg11", "vgg11_bn", "vgg16", "vgg16_bn")
 MODEL_NAMES = ("vgg8", *TORCHVISION_VGGS)
 """Architectures built here; any other name is read as a ``transformers`` model id or local folder."""
 PREPROCESSOR_FILE = "preprocessor_config.json"
-_HUB_METADATA = {
-    "library_name": "stda-hf",
-    "pipeline_tag": "image-classification",
-    "tags": ["skin-lesions", "style-transfer-augmentation", "image-classification"],
-    "repo_url": "https://huggingface.co/datasets/stda/skin-lesions",
-}
 
 
-class VGG8(nn.Module, PyTorchModelHubMixin, **_HUB_METADATA):
+def register_auto_classes() -> None:
+    """Tell the ``transformers`` Auto classes about ``stda-vgg``, and save our code with every model.
+
+    Called when :mod:`stda_hf.models` is imported (that import loads ``transformers``; ``import stda_hf``
+    alone does not).
+    """
+    from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
+
+    AutoConfig.register(StdaVGGConfig.model_type, StdaVGGConfig, exist_ok=True)
+    AutoModelForImageClassification.register(StdaVGGConfig, StdaVGGForImageClassification, exist_ok=True)
+    try:  # transformers 5: one class per backend; ours is both (PIL resize, then torch arithmetic)
+        backends = {"pil": StdaImageProcessor, "torchvision": StdaImageProcessor}
+        AutoImageProcessor.register(StdaVGGConfig, image_processor_classes=backends, exist_ok=True)
+    except TypeError:  # transformers 4
+        AutoImageProcessor.register(
+            StdaVGGConfig, slow_image_processor_class=StdaImageProcessor, exist_ok=True
+        )
+    StdaVGGConfig.register_for_auto_class()
+    StdaVGGForImageClassification.register_for_auto_class("AutoModelForImageClassification")
+    StdaImageProcessor.register_for_auto_class("AutoImageProcessor")
+
+
+class VGG8(nn.Module):
     """VGG8: eight weight layers, five 3x3 convolution blocks then three fully connected layers.
 
     The original paper does not publish its layer list; this is ours, in the VGG family's naming (VGG-n counts
@@ -70,6 +91,10 @@ class VGG8(nn.Module, PyTorchModelHubMixin, **_HUB_METADATA):
     ``forward`` (Conv2d, BatchNorm2d, ReLU, MaxPool2d, AdaptiveAvgPool2d, Flatten, Linear, Dropout), each
     batch norm directly after its convolution, so Zennit's canonizers and rules apply (Deep Taylor
     Decomposition). :meth:`layer_list` prints the list for any setting.
+
+    This plain module returns the logits tensor; :class:`StdaVGGForImageClassification` holds the same layers
+    under the same names as a ``transformers`` model (what :func:`build_model` returns, train.py trains and
+    :func:`save_model` writes). ``self.config`` is that model's configuration.
 
     Parameters
     ----------
@@ -101,19 +126,9 @@ class VGG8(nn.Module, PyTorchModelHubMixin, **_HUB_METADATA):
     ):
         super().__init__()
         widths, hidden = _check_vgg8(widths, hidden, dropout, pool_size, num_classes)
-        self.features = _conv_blocks(in_channels, widths, batch_norm)
-        self.avgpool = nn.AdaptiveAvgPool2d(pool_size)
-        self.flatten = nn.Flatten(1)
-        flat = widths[-1] * pool_size * pool_size
-        self.classifier = nn.Sequential(
-            nn.Linear(flat, hidden[0]),
-            nn.ReLU(inplace=True),
-            nn.Dropout(dropout),
-            nn.Linear(hidden[0], hidden[1]),
-            nn.ReLU(inplace=True),
-            nn.Dropout(dropout),
-            nn.Linear(hidden[1], num_classes),
-        )
+        self.config = vgg_config("vgg8", num_classes, widths=widths, hidden=hidden, batch_norm=batch_norm,
+                                 dropout=dropout, pool_size=pool_size, in_channels=in_channels)  # fmt: skip
+        _add_layers(self, self.config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``(N, num_classes)`` of images ``(N, 3, H, W)`` normalised per :class:`Preprocessing`."""
@@ -121,7 +136,21 @@ class VGG8(nn.Module, PyTorchModelHubMixin, **_HUB_METADATA):
 
     def layer_list(self) -> list[str]:
         """The eight weight layers with what follows each, one line per layer (for cards and logs)."""
-        return _describe_layers([*self.features, self.avgpool, self.flatten, *self.classifier])
+        return layer_list(self)
+
+
+def vgg_config(arch: str, num_classes: int = 2, **fields: Any) -> StdaVGGConfig:
+    """The ``transformers`` configuration of a VGG with ``num_classes`` outputs named after :data:`LABELS`."""
+    labels = {i: LABELS[i] if i < len(LABELS) else str(i) for i in range(num_classes)}
+    return StdaVGGConfig(arch=arch, id2label=labels, **fields)
+
+
+def _add_layers(module: nn.Module, config: StdaVGGConfig) -> None:
+    """Give ``module`` the layers of ``config`` under torchvision's names (what both VGG classes hold)."""
+    module.features = build_features(config)
+    module.avgpool = nn.AdaptiveAvgPool2d(config.pool_size)
+    module.flatten = nn.Flatten(1)
+    module.classifier = build_classifier(config)
 
 
 def _check_vgg8(widths, hidden, dropout, pool_size, num_classes) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -135,17 +164,6 @@ def _check_vgg8(widths, hidden, dropout, pool_size, num_classes) -> tuple[tuple[
     if pool_size < 1 or num_classes < 2:
         raise StdaError(f"pool_size must be >= 1 and num_classes >= 2; got {pool_size}, {num_classes}")
     return widths, hidden
-
-
-def _conv_blocks(in_channels: int, widths: Sequence[int], batch_norm: bool) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    for width in widths:
-        layers.append(nn.Conv2d(in_channels, width, kernel_size=3, padding=1))
-        if batch_norm:
-            layers.append(nn.BatchNorm2d(width))
-        layers += [nn.ReLU(inplace=True), nn.MaxPool2d(kernel_size=2, stride=2, ceil_mode=True)]
-        in_channels = width
-    return nn.Sequential(*layers)
 
 
 def _describe_layers(modules: Sequence[nn.Module]) -> list[str]:
@@ -173,11 +191,12 @@ def _short(m: nn.Module) -> str:
     return type(m).__name__
 
 
-class TorchvisionVGG(nn.Module, PyTorchModelHubMixin, **_HUB_METADATA):
+class TorchvisionVGG(nn.Module):
     """A torchvision VGG (11 or 16 weight layers, with or without batch norm) with a ``num_classes`` head.
 
     Parameter names are torchvision's (``features.*``, ``classifier.*``), so torchvision ImageNet weights and
-    files saved from torchvision load directly; :func:`build_model` puts them in.
+    files saved from torchvision load directly; :func:`build_model` puts them in. Like :class:`VGG8`, a plain
+    module returning logits; ``self.config`` describes it as a :class:`StdaVGGForImageClassification`.
 
     Parameters
     ----------
@@ -191,28 +210,28 @@ class TorchvisionVGG(nn.Module, PyTorchModelHubMixin, **_HUB_METADATA):
 
     def __init__(self, arch: str = "vgg11", num_classes: int = 2, dropout: float = 0.5):
         super().__init__()
-        import torchvision
-
         if arch not in TORCHVISION_VGGS:
             raise StdaError(f"unknown torchvision VGG {arch!r}; valid: {list(TORCHVISION_VGGS)}")
-        net = torchvision.models.get_model(arch, weights=None, num_classes=num_classes, dropout=dropout)
-        self.features, self.avgpool, self.classifier = net.features, net.avgpool, net.classifier
-        self.flatten = nn.Flatten(1)
+        self.config = vgg_config(arch, num_classes, dropout=dropout)
+        _add_layers(self, self.config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``(N, num_classes)``."""
         return self.classifier(self.flatten(self.avgpool(self.features(x))))
 
-    def replace_head(self, num_classes: int, seed: int = 0) -> None:
-        """Swap the last linear layer for a fresh, seeded one with ``num_classes`` outputs."""
-        old = self.classifier[-1]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            self.classifier[-1] = nn.Linear(old.in_features, num_classes)
-
     def layer_list(self) -> list[str]:
         """The weight layers with what follows each, one line per layer."""
-        return _describe_layers([*self.features, self.avgpool, self.flatten, *self.classifier])
+        return layer_list(self)
+
+
+def replace_head(model: nn.Module, num_classes: int, seed: int = 0) -> None:
+    """Swap the last linear layer of a VGG for a fresh, seeded one with ``num_classes`` outputs (config too)."""
+    old = model.classifier[-1]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model.classifier[-1] = nn.Linear(old.in_features, num_classes)
+    labels = vgg_config(model.config.arch, num_classes).id2label
+    model.config.id2label, model.config.label2id = labels, {v: k for k, v in labels.items()}
 
 
 @dataclass(frozen=True)
@@ -293,7 +312,8 @@ def build_model(
     """
     if name == "vgg8":
         spec = parse_weights("random" if weights == "auto" else weights, seed=seed)
-        return load_weights(VGG8(num_classes=num_classes, **_only(options, VGG8, name)), spec, strict=True)
+        config = VGG8(num_classes=num_classes, **_only(options, VGG8, name)).config  # checks the options
+        return load_weights(StdaVGGForImageClassification(config), spec, strict=True)
     if name in TORCHVISION_VGGS:
         return _build_torchvision(name, weights, num_classes, seed, _only(options, TorchvisionVGG, name))
     if _looks_like_transformers(name):
@@ -314,16 +334,18 @@ def _only(options: dict[str, Any], cls: type, name: str) -> dict[str, Any]:
     return options
 
 
-def _build_torchvision(name: str, weights: str, num_classes: int, seed: int, options: dict) -> TorchvisionVGG:
+def _build_torchvision(
+    name: str, weights: str, num_classes: int, seed: int, options: dict
+) -> StdaVGGForImageClassification:
     spec = parse_weights("imagenet" if weights == "auto" else weights, seed=seed)
     if spec.kind == "random":
-        return load_weights(TorchvisionVGG(name, num_classes, **options), spec)
+        return load_weights(StdaVGGForImageClassification(vgg_config(name, num_classes, **options)), spec)
     state = _imagenet_state(name) if spec.kind == "imagenet" else read_state_dict(spec.path)
     head = _head_size(state) or num_classes
-    model = TorchvisionVGG(name, head, **options)
+    model = StdaVGGForImageClassification(vgg_config(name, head, **options))
     load_weights(model, WeightsSpec("imagenet"), download=lambda: state, strict=True)
     if head != num_classes:
-        model.replace_head(num_classes, seed)
+        replace_head(model, num_classes, seed)
     return model
 
 
@@ -395,15 +417,54 @@ def logits_of(output: Any) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output.logits
 
 
+@contextlib.contextmanager
+def quiet_transformers_bars() -> Iterator[None]:
+    """Silence ``transformers``' own loading/saving bars while ours are off (:func:`~stda_hf.utils.progress`)."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    if was_on and progress_disabled():
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
+def as_transformers(model: nn.Module) -> nn.Module:
+    """``model`` as a ``transformers`` model: our plain VGG modules become :class:`StdaVGGForImageClassification`
+    with the same weights; ``transformers`` models are returned as they are."""
+    if isinstance(model, (VGG8, TorchvisionVGG)):
+        hf = StdaVGGForImageClassification(model.config)
+        hf.load_state_dict(model.state_dict(), strict=True)
+        return hf.train(model.training)
+    return model
+
+
+def image_processor(preprocessing: Preprocessing) -> StdaImageProcessor:
+    """The image processor that feeds a model exactly as :func:`eval_transform` does."""
+    pre = preprocessing
+    return StdaImageProcessor(size=pre.image_size, image_mean=list(pre.mean), image_std=list(pre.std))
+
+
 def save_model(model: nn.Module, folder: str | Path, preprocessing: Preprocessing) -> Path:
-    """Save ``model`` as ``model.safetensors`` + ``config.json`` + ``preprocessor_config.json`` in ``folder``."""
+    """Save ``model`` in ``folder`` as a Hub model: weights, ``config.json``, ``preprocessor_config.json``.
+
+    Our VGGs are saved with their code files (``configuration_stda_vgg.py``, ``modeling_stda_vgg.py``,
+    ``image_processing_stda_vgg.py``) and an ``auto_map``, so ``trust_remote_code=True`` loads them anywhere.
+    Other ``transformers`` models keep their own classes and get a ``ViTImageProcessor``-type preprocessor
+    file (built in, no remote code; it resizes through ``transformers``' own code, so its pixels may differ
+    from :func:`eval_transform` in the last float bits).
+    """
     folder = Path(folder)
-    if isinstance(model, PyTorchModelHubMixin):
-        config = {**model._hub_mixin_config, "stda_architecture": type(model).__name__}
-        model.save_pretrained(folder, config=config)
+    model = as_transformers(model)
+    with quiet_transformers_bars():
+        model.save_pretrained(folder)
+    if isinstance(model, StdaVGGForImageClassification):
+        image_processor(preprocessing).save_pretrained(folder)
     else:
-        model.save_pretrained(folder, safe_serialization=True)
-    write_json(folder / PREPROCESSOR_FILE, preprocessing.to_json())
+        write_json(folder / PREPROCESSOR_FILE, preprocessing.to_json())
     return folder
 
 
@@ -424,7 +485,8 @@ def load_model(folder: str | Path) -> tuple[nn.Module, Preprocessing]:
     """Load a classifier saved by :func:`save_model` in eval mode, with its preprocessing.
 
     ``folder`` is a model folder (``config.json`` + ``model.safetensors``) or a train.py run folder (its
-    ``model/`` sub-folder is used).
+    ``model/`` sub-folder is used). Folders written before our VGGs were ``transformers`` models (a
+    ``config.json`` with ``stda_architecture``) load too.
 
     Raises
     ------
@@ -436,24 +498,36 @@ def load_model(folder: str | Path) -> tuple[nn.Module, Preprocessing]:
     if not config_file.is_file():
         raise StdaError(f"{folder} holds no config.json; give a model folder written by train.py")
     config = json.loads(config_file.read_text(encoding="utf-8"))
-    arch = config.get("stda_architecture")
-    if arch in _OWN_CLASSES:
-        with contextlib.redirect_stdout(
-            io.StringIO()
-        ):  # the mixin prints "Loading weights from local directory"
-            model = _OWN_CLASSES[arch].from_pretrained(folder, strict=True)
+    if "stda_architecture" in config:
+        model = _load_pre_transformers_folder(folder, config)
     elif "model_type" in config:
         from transformers import AutoModelForImageClassification
 
-        model = AutoModelForImageClassification.from_pretrained(folder)
+        with quiet_transformers_bars():  # our type is registered: no remote code runs for it
+            model = AutoModelForImageClassification.from_pretrained(folder)
     else:
-        raise StdaError(f"{config_file}: unknown architecture {arch!r}; known: {sorted(_OWN_CLASSES)}")
+        raise StdaError(f"{config_file}: neither a transformers model (model_type) nor a model of stda-hf")
     pre_file = folder / PREPROCESSOR_FILE
     pre = json.loads(pre_file.read_text(encoding="utf-8")) if pre_file.is_file() else {}
     return model.eval(), Preprocessing.from_json(pre)
 
 
-_OWN_CLASSES: dict[str, type[nn.Module]] = {"VGG8": VGG8, "TorchvisionVGG": TorchvisionVGG}
+def _load_pre_transformers_folder(folder: Path, config: dict[str, Any]) -> StdaVGGForImageClassification:
+    """A model folder saved by the ``PyTorchModelHubMixin`` of earlier versions (same parameter names)."""
+    from safetensors.torch import load_file
+
+    arch = config["stda_architecture"]
+    fields = {k: v for k, v in config.items() if k not in ("stda_architecture", "num_classes", "arch")}
+    if arch == "VGG8":
+        plain = VGG8(num_classes=config.get("num_classes", 2), **fields)
+    elif arch == "TorchvisionVGG":
+        plain = TorchvisionVGG(config.get("arch", "vgg11"), config.get("num_classes", 2), **fields)
+    else:
+        raise StdaError(
+            f"{folder / 'config.json'}: unknown architecture {arch!r}; known: VGG8, TorchvisionVGG"
+        )
+    plain.load_state_dict(load_file(str(folder / "model.safetensors")), strict=True)
+    return as_transformers(plain)
 
 
 def describe_weights(name: str, weights: str, seed: int) -> str:
@@ -468,6 +542,8 @@ def describe_weights(name: str, weights: str, seed: int) -> str:
 
 
 def layer_list(model: nn.Module) -> list[str]:
-    """The weight layers of ``model`` (our architectures), or its class name for other models."""
-    fn = getattr(model, "layer_list", None)
-    return fn() if callable(fn) else [type(model).__name__]
+    """The weight layers of a VGG (ours or torchvision's), one line each; a class name for other models."""
+    parts = ("features", "avgpool", "flatten", "classifier")
+    if not all(hasattr(model, p) for p in parts):
+        return [type(model).__name__]
+    return _describe_layers([*model.features, model.avgpool, model.flatten, *model.classifier])

@@ -11,7 +11,8 @@
 * steps: :func:`train_one_epoch` and :func:`evaluate` (metrics through the project's ``evaluate`` module on
   predictions gathered from every process);
 * run: :func:`run_training` with ``save_state`` checkpoints each epoch and at the best validation score, exact
-  resume, early stopping, a JSON-lines log (TensorBoard too when installed), the final model, plots and card.
+  resume, early stopping, a JSON-lines log (and the --report-to trackers with --with-tracking), the final
+  model (a transformers model), plots and card.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ from .state import (
     save_checkpoint,
 )
 from .step import (
+    SUBGROUP_COLUMNS,
     EvalContext,
     EvalHook,
     compute_metrics,
@@ -58,6 +60,7 @@ from .step import (
     learning_rate,
     phase_of,
     predict,
+    subgroup_metrics,
     total_epochs,
     train_one_epoch,
 )
@@ -70,6 +73,7 @@ __all__ = [
     "REQUIRED_COLUMNS",
     "RUN_CONTROL",
     "SCHEDULES",
+    "SUBGROUP_COLUMNS",
     "SYNTHETIC_MODES",
     "EpochSampler",
     "EvalContext",
@@ -100,6 +104,7 @@ __all__ = [
     "recover_checkpoints",
     "run_training",
     "save_checkpoint",
+    "subgroup_metrics",
     "total_epochs",
     "train_one_epoch",
 ]

@@ -53,6 +53,8 @@ RUN_CONTROL = (
     "hub_private",
     "explain_images",
     "explain_method",
+    "with_tracking",
+    "report_to",
 )
 """Settings that may change when a run is resumed (none changes the weights); any other is refused."""
 
@@ -64,6 +66,13 @@ class TrainConfig:
     dataset: str = "stda/skin-lesions"  # Hub dataset id, or a local folder written by `stda package`
     dataset_config: str | None = None  # dataset configuration name (default: the dataset's default)
     revision: str | None = None  # dataset revision on the Hub (branch, tag or commit)
+    image_column: str = "image"  # the dataset's image column
+    label_column: str = (
+        "label"  # the dataset's label column (ClassLabel benign/malignant, 0/1, or --label-map)
+    )
+    label_map: str | None = (
+        None  # label values to benign/malignant, e.g. "nv:benign,mel:malignant,bcc:malignant"
+    )
     synthetic: str = "none"  # none | mix (synthetic images added to each epoch) | pretrain (synthetic first)
     #   | only (the synthetic split alone, no real training image: the original work's pretrain-only variant)
     synthetic_ratio: float = 1.0  # mix: synthetic images drawn per real training image, anew each epoch
@@ -86,7 +95,7 @@ class TrainConfig:
     color_jitter: float = 0.1  # augmentation: brightness, contrast, saturation jitter (hue a quarter)
     epochs: int = 30  # epochs on real training images (after the pretrain epochs, if any)
     batch_size: int = 32  # images per process and step
-    grad_accum: int = 1  # gradient accumulation steps (effective batch: batch_size x processes x this)
+    grad_accum: int | None = None  # gradient accumulation steps (unset: accelerate's setting, else 1)
     optimizer: str = "adamw"  # adamw | sgd
     lr: float = 1e-3  # peak learning rate
     momentum: float = 0.9  # SGD momentum
@@ -96,7 +105,9 @@ class TrainConfig:
     step_size: int = 10  # step schedule: epochs between decays
     gamma: float = 0.1  # step schedule: decay factor
     imbalance: str = "weights"  # weights (class-weighted loss) | sampler (balanced sampling) | none
-    mixed_precision: str = "no"  # no | fp16 (GPU only) | bf16
+    mixed_precision: str | None = (
+        None  # no | fp16 (GPU only) | bf16 (unset: `accelerate launch`/config decides)
+    )
     early_stopping: int = 10  # stop after this many epochs without validation improvement (0: never)
     monitor: str = "roc_auc"  # validation metric that picks the best checkpoint (loss: lower is better)
     seed: int = 0  # seed of weights, data order and augmentation
@@ -112,6 +123,8 @@ class TrainConfig:
     explain_images: int = (
         8  # validation/test images explained at each evaluation (heatmaps/, logged numbers; 0: off)
     )
+    with_tracking: bool = False  # also log to the trackers of --report-to (log.jsonl is always written)
+    report_to: str = "all"  # with --with-tracking: all (every installed tracker) | tensorboard | wandb | ...
     explain_method: str = (
         "dtd"  # attribution method of those explanations (dtd, gradient, or a zennit composite)
     )
@@ -133,7 +146,9 @@ def check_config(cfg: TrainConfig) -> None:
         ("mixed_precision", PRECISIONS),
         ("monitor", MONITORS),
     ):
-        if getattr(cfg, name) not in valid:
+        if getattr(cfg, name) not in valid and not (
+            name == "mixed_precision" and cfg.mixed_precision is None
+        ):
             raise StdaError(
                 f"--{_flag(name)} {getattr(cfg, name)!r} is not valid; choose one of {list(valid)}"
             )
@@ -146,12 +161,73 @@ def check_config(cfg: TrainConfig) -> None:
         raise StdaError("--push-to-hub needs --hub-model-id (e.g. your-name/vgg8-stda)")
     if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise StdaError("--mixed-precision fp16 needs a CUDA GPU; use bf16 or no on this machine")
+    if cfg.with_tracking:
+        check_report_to(cfg.report_to)
+    if cfg.label_map is not None:
+        parse_label_map(cfg.label_map)
+
+
+def parse_label_map(text: str) -> dict[str, str]:
+    """``{value: benign|malignant}`` from ``"value:class,value:class"`` (values as the label column holds them,
+    ClassLabel names or numbers written out).
+
+    Raises
+    ------
+    StdaError
+        A pair without ``:``, a class other than benign/malignant, a value mapped twice.
+    """
+    from .. import LABELS
+
+    mapping: dict[str, str] = {}
+    for pair in (p.strip() for p in text.split(",") if p.strip()):
+        value, sep, target = (x.strip() for x in pair.rpartition(":"))
+        if not sep or not value or target not in LABELS:
+            raise StdaError(
+                f"--label-map {text!r}: {pair!r} is not value:class with class one of {list(LABELS)} "
+                "(e.g. 'nv:benign,mel:malignant')"
+            )
+        if value in mapping:
+            raise StdaError(f"--label-map {text!r}: {value!r} is mapped twice")
+        mapping[value] = target
+    if not mapping:
+        raise StdaError(
+            f"--label-map {text!r} maps nothing; give value:class pairs, e.g. 'nv:benign,mel:malignant'"
+        )
+    return mapping
+
+
+def check_report_to(report_to: str) -> list[str]:
+    """The trackers ``--report-to`` names (comma-separated, or ``all``), each one Accelerate knows.
+
+    Raises
+    ------
+    StdaError
+        An unknown tracker name, or a known one whose package is not installed.
+    """
+    from accelerate.utils import LoggerType
+
+    names = [n.strip() for n in report_to.split(",") if n.strip()]
+    known = [t.value for t in LoggerType]
+    bad = [n for n in names if n not in known]
+    if not names or bad:
+        raise StdaError(
+            f"--report-to {report_to!r}: unknown tracker(s) {bad}; choose from {known} (comma-separated)"
+        )
+    if names == ["all"]:
+        return names
+    from accelerate.tracking import filter_trackers
+
+    missing = [n for n in names if not filter_trackers([n], logging_dir=".")]  # only asks what is installed
+    if missing:
+        extra = " (pip install 'stda-hf[tracking]')" if "tensorboard" in missing else ""
+        raise StdaError(f"--report-to: tracker(s) {missing} are not installed{extra}")
+    return names
 
 
 def _check_ranges(cfg: TrainConfig) -> None:
     positive = ("epochs", "batch_size", "grad_accum", "image_size", "keep_checkpoints", "step_size")
     for name in positive:
-        if getattr(cfg, name) < 1:
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
             raise StdaError(f"--{_flag(name)} must be at least 1; got {getattr(cfg, name)}")
     for name in (
         "pretrain_epochs", "warmup_epochs", "early_stopping", "num_workers", "stop_after_epoch", "explain_images"

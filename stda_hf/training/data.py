@@ -52,6 +52,7 @@ def load_splits(cfg: TrainConfig) -> Splits:
         labels other than benign/malignant, synthetic rows in train/validation/test, a missing split.
     """
     data = _load_dataset(cfg.dataset, cfg.dataset_config, cfg.revision)
+    data = {name: _adapt_columns(ds, name, cfg) for name, ds in data.items()}
     for name in SPLITS[:2]:  # train and validation are required
         if name not in data:
             raise StdaError(f"dataset {cfg.dataset} has no {name!r} split; splits found: {sorted(data)}")
@@ -90,6 +91,46 @@ def _load_dataset(name: str, config: str | None, revision: str | None):
         ) from err
 
 
+def _adapt_columns(ds, split: str, cfg: TrainConfig):
+    """``ds`` with ``--image-column``/``--label-column`` renamed to ``image``/``label`` and ``--label-map`` applied
+    (the label becoming a ClassLabel benign/malignant); other datasets' conventions meet ours here."""
+    for ours, theirs, flag in (
+        ("image", cfg.image_column, "--image-column"),
+        ("label", cfg.label_column, "--label-column"),
+    ):
+        if theirs == ours:
+            continue
+        if theirs not in ds.column_names:
+            raise StdaError(
+                f"{flag} {theirs!r}: split {split!r} of {cfg.dataset} has no such column; found {ds.column_names}"
+            )
+        if ours in ds.column_names:
+            ds = ds.remove_columns(ours)
+        ds = ds.rename_column(theirs, ours)
+    if cfg.label_map is None or "label" not in ds.column_names:
+        return ds
+    return _map_labels(ds, split, cfg)
+
+
+def _map_labels(ds, split: str, cfg: TrainConfig):
+    """Replace the label column by its ``--label-map`` classes (values compared as text: names or numbers)."""
+    from datasets import ClassLabel
+
+    from .config import parse_label_map
+
+    mapping = parse_label_map(cfg.label_map)
+    feature = ds.features["label"]
+    values = [feature.int2str(v) if isinstance(feature, ClassLabel) else str(v) for v in ds["label"]]
+    unmapped = sorted(set(values) - set(mapping))
+    if unmapped:
+        raise StdaError(
+            f"--label-map does not map label value(s) {unmapped[:10]} of split {split!r}; add them, e.g. "
+            f"'{unmapped[0]}:benign', so every image has a class"
+        )
+    ids = [LABELS.index(mapping[v]) for v in values]
+    return ds.remove_columns("label").add_column("label", ids, feature=ClassLabel(names=list(LABELS)))
+
+
 def _check_columns(ds, split: str, dataset: str) -> None:
     from datasets import ClassLabel
 
@@ -97,13 +138,15 @@ def _check_columns(ds, split: str, dataset: str) -> None:
     if missing:
         raise StdaError(
             f"split {split!r} of {dataset} lacks column(s) {missing}; found {ds.column_names}. "
-            f"train.py needs {list(REQUIRED_COLUMNS)} (an Image and a ClassLabel benign/malignant)"
+            f"train.py needs {list(REQUIRED_COLUMNS)} (an Image and a ClassLabel benign/malignant); name other "
+            "columns with --image-column / --label-column, and map other labels with --label-map"
         )
     feature = ds.features["label"]
     if isinstance(feature, ClassLabel):
         if list(feature.names) != list(LABELS):
             raise StdaError(
-                f"split {split!r} of {dataset}: label names {feature.names}; expected {list(LABELS)} in that order"
+                f"split {split!r} of {dataset}: label names {feature.names}; expected {list(LABELS)} in that "
+                "order, or map them with --label-map (e.g. 'nv:benign,mel:malignant')"
             )
     elif not set(ds.unique("label")) <= {0, 1}:
         raise StdaError(

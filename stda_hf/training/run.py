@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from ..models.vgg import (
     save_model,
 )
 from ..utils import seed_everything
-from .config import RUN_CONTROL, TrainConfig, check_config
+from .config import RUN_CONTROL, TrainConfig, check_config, check_report_to
 from .data import ImageLabelSet, Phase, Splits, build_phases, build_transforms, load_splits, make_loader
 from .state import (
     JsonlTracker,
@@ -48,6 +49,7 @@ from .step import (
     learning_rate,
     phase_of,
     predict,
+    subgroup_metrics,
     total_epochs,
     train_one_epoch,
 )
@@ -127,25 +129,14 @@ def run_training(cfg: TrainConfig, on_evaluate: EvalHook | None = None) -> Train
 
 
 def _setup(cfg: TrainConfig, on_evaluate: EvalHook | None) -> _Run:
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, is_tensorboard_available
-
     from ..metrics import load_metric
 
     run_dir = Path(cfg.output_dir)
     if logging.getLogger("accelerate").level == logging.NOTSET:
         logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file checkpoint lines drown ours
     tracker = JsonlTracker(run_dir / "log.jsonl")
-    log_with = [tracker, "tensorboard"] if is_tensorboard_available() else [tracker]
-    accelerator = Accelerator(
-        cpu=_cpu_only_launch(),
-        mixed_precision=cfg.mixed_precision,
-        gradient_accumulation_steps=cfg.grad_accum,
-        log_with=log_with,
-        project_config=ProjectConfiguration(
-            project_dir=str(run_dir), logging_dir=str(run_dir / "tensorboard")
-        ),
-    )
+    accelerator = _accelerator(cfg, run_dir, tracker)
+    cfg = _resolved(cfg, accelerator)
     _check_world(accelerator)
     resume_from = _prepare_run_dir(cfg, run_dir, accelerator)
     with accelerator.main_process_first():
@@ -157,6 +148,42 @@ def _setup(cfg: TrainConfig, on_evaluate: EvalHook | None) -> _Run:
     run = _assemble(cfg, run_dir, accelerator, tracker, splits, pre, model, load_metric(), on_evaluate)
     _start(run, resume_from)
     return run
+
+
+def _accelerator(cfg: TrainConfig, run_dir: Path, tracker: JsonlTracker):
+    """The run's Accelerator: settings given to train.py win; unset ones are left to ``accelerate launch``
+    (its flags and ``accelerate config`` reach Accelerate as ``ACCELERATE_*`` environment variables)."""
+    from accelerate import Accelerator
+    from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration
+
+    log_with: list[Any] = [tracker]
+    if cfg.with_tracking:
+        log_with += check_report_to(cfg.report_to)
+    accumulation = {}
+    if (
+        cfg.grad_accum is not None
+    ):  # a plugin, because Accelerate lets the environment override the plain number
+        accumulation["gradient_accumulation_plugin"] = GradientAccumulationPlugin(num_steps=cfg.grad_accum)
+    return Accelerator(
+        cpu=_cpu_only_launch(),
+        mixed_precision=cfg.mixed_precision,
+        log_with=log_with,
+        project_config=ProjectConfiguration(
+            project_dir=str(run_dir), logging_dir=str(run_dir / "tensorboard")
+        ),
+        **accumulation,
+    )
+
+
+def _resolved(cfg: TrainConfig, accelerator) -> TrainConfig:
+    """``cfg`` with the precision and accumulation Accelerate applies (what ``config.yaml`` records)."""
+    import dataclasses
+
+    return dataclasses.replace(
+        cfg,
+        mixed_precision=str(accelerator.mixed_precision),
+        grad_accum=int(accelerator.gradient_accumulation_steps),
+    )
 
 
 def _world_size() -> int:
@@ -456,27 +483,54 @@ def _finish(run: _Run) -> dict[str, float] | None:
         acc.load_state(str(best))
     else:
         logger.warning("no validation improvement was ever recorded; the final model is the last epoch's")
-    test, logits, labels = None, None, None
+    test, logits, labels, subgroups = None, None, None, None
     if "test" in run.loaders:
         logits, labels = predict(run.model, run.loaders["test"], acc)
         test = compute_metrics(logits, labels, run.metric)
         test.update(_hook(run, state.best_epoch, "test", run.splits.test, test))
         _save_metrics(acc, run.run_dir / "metrics" / "test.json", test, state.best_epoch, "test")
-        acc.log(_prefix("test", test), step=state.epoch)
+        subgroups = _save_subgroups(run, logits, labels)
+        acc.log({**_prefix("test", test), **_flat_subgroups(subgroups)}, step=state.epoch)
     if acc.is_main_process:
         model_dir = run.run_dir / MODEL_DIR
         save_model(acc.unwrap_model(run.model), model_dir, run.preprocessing)
-        model_card.write_run_card(model_dir, _card_facts(run, test), logits, labels)
+        model_card.write_run_card(model_dir, _card_facts(run, test, subgroups), logits, labels)
         if run.cfg.push_to_hub:
             push_run(model_dir, run.cfg.hub_model_id, run.cfg.hub_private)
     acc.wait_for_everyone()
     return test
 
 
-def _card_facts(run: _Run, test: dict[str, float] | None):
-    from ..model_card import RunFacts
+def _save_subgroups(run: _Run, logits: torch.Tensor, labels: torch.Tensor) -> dict | None:
+    """Test metrics per subgroup (skin type, age, sex, site: what the dataset has) in
+    ``metrics/test_subgroups.json`` and the log; None when the test split has no subgroup column."""
+    found = subgroup_metrics(run.splits.test, logits, labels, run.metric)
+    if not found:
+        return None
+    if run.accelerator.is_main_process:
+        write_json(run.run_dir / "metrics" / "test_subgroups.json", {"epoch": run.state.best_epoch, **found})
+    for column, groups in found.items():
+        logger.info(
+            "test by %s: %s",
+            column,
+            ", ".join(f"{v} (n={int(m['n'])}): AUC {m['roc_auc']:.3f}" for v, m in groups.items()),
+        )
+    return found
+
+
+def _flat_subgroups(subgroups: dict | None) -> dict[str, float]:
+    """``test/<column>=<value>/<metric>`` numbers for the trackers."""
+    found = subgroups or {}
+    return {
+        f"test/{c}={v}/{k}": x for c, groups in found.items() for v, m in groups.items() for k, x in m.items()
+    }
+
+
+def _card_facts(run: _Run, test: dict[str, float] | None, subgroups=None):
+    from ..model_card import RunFacts, base_model
 
     cfg, unwrapped = run.cfg, run.accelerator.unwrap_model(run.model)
+    card = _dataset_card(cfg.dataset)
     return RunFacts(
         config=config_to_dict(cfg),
         layers=layer_list(unwrapped),
@@ -489,22 +543,44 @@ def _card_facts(run: _Run, test: dict[str, float] | None):
         validation=run.state.best_metrics,
         test=test,
         preprocessing=run.preprocessing,
-        dataset_license=_dataset_license(cfg.dataset),
+        dataset_license=card.get("license"),
+        dataset_id=card.get("hub_id"),
+        dataset_license_name=card.get("license_name"),
+        dataset_license_link=card.get("license_link"),
+        base_model=base_model(cfg.model, cfg.weights),
+        subgroups=subgroups,
     )
 
 
-def _dataset_license(dataset: str) -> str | None:
-    """The licence in a local dataset folder's card (None when unknown; Hub cards are not fetched here)."""
+_LOAD_DATASET_ID = re.compile(r"""load_dataset\(\s*["']([\w.-]+/[\w.-]+)["']""")
+
+
+def _dataset_card(dataset: str) -> dict[str, str | None]:
+    """The Hub id and licence of the training data: a Hub id as given; for a local dataset folder, what its
+    card says (licence fields, and the id its ``load_dataset("org/name")`` example names). Hub cards are not
+    fetched here."""
+    facts: dict[str, str | None] = {"hub_id": dataset if _is_hub_id(dataset) else None}
     card = Path(dataset) / "README.md"
     if not card.is_file():
-        return None
+        return facts
     try:
         from huggingface_hub import DatasetCard
 
-        return DatasetCard.load(card).data.license
+        loaded = DatasetCard.load(card)
     except Exception:  # a malformed card must not fail a finished run
-        logger.info("could not read the licence from %s", card)
-        return None
+        logger.info("could not read the dataset card %s", card)
+        return facts
+    data = loaded.data
+    facts.update(
+        license=data.license, license_name=data.get("license_name"), license_link=data.get("license_link")
+    )
+    named = _LOAD_DATASET_ID.search(loaded.text)
+    facts["hub_id"] = facts["hub_id"] or (named.group(1) if named else None)
+    return facts
+
+
+def _is_hub_id(name: str) -> bool:
+    return name.count("/") == 1 and not Path(name).exists() and not name.startswith((".", "/", "~"))
 
 
 def _result(run: _Run, status: str, test: dict[str, float] | None) -> TrainResult:

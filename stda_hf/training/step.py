@@ -145,6 +145,36 @@ def compute_metrics(logits: torch.Tensor, labels: torch.Tensor, metric) -> dict[
     return flat
 
 
+SUBGROUP_COLUMNS = ("skin_type", "fitzpatrick_skin_type", "age_approx", "sex", "anatom_site_general")
+"""Columns whose values split the test metrics into subgroups, when a dataset has them (ages in decades)."""
+
+
+def subgroup_metrics(
+    dataset, logits: torch.Tensor, labels: torch.Tensor, metric
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Metrics per value of each :data:`SUBGROUP_COLUMNS` column of ``dataset`` (rows in prediction order),
+    each with its image count ``n``; rows without a value are left out; a column without values is absent."""
+    found: dict[str, dict[str, dict[str, float]]] = {}
+    for column in (c for c in SUBGROUP_COLUMNS if c in dataset.column_names):
+        groups: dict[str, list[int]] = {}
+        for i, value in enumerate(dataset[column]):
+            if value is not None and str(value).strip() not in ("", "nan", "unknown"):
+                groups.setdefault(_group_name(column, value), []).append(i)
+        if groups:
+            found[column] = {
+                name: {"n": float(len(rows)), **compute_metrics(logits[rows], labels[rows], metric)}
+                for name, rows in sorted(groups.items())
+            }
+    return found
+
+
+def _group_name(column: str, value: Any) -> str:
+    if column == "age_approx":
+        decade = int(float(value)) // 10 * 10
+        return f"{decade}-{decade + 9}"
+    return str(value)
+
+
 def evaluate(model: nn.Module, loader: DataLoader, accelerator, metric) -> dict[str, float]:
     """Metrics of ``model`` on ``loader``'s split, computed on the predictions gathered from every process."""
     logits, labels = predict(model, loader, accelerator)

@@ -1,0 +1,67 @@
+"""The image processor of the project's classifiers: the evaluation transform, as ``AutoImageProcessor`` loads it.
+
+Resize to ``size`` x ``size`` (PIL bilinear, as torchvision resizes PIL images), scale to [0, 1], normalise with
+``image_mean`` and ``image_std``: the same operations in the same order and dtype as
+``stda_hf.models.vgg.eval_transform``, so a model gives the same logits through ``pipeline`` as in
+``train.py``'s evaluation. Saved beside every trained model (``register_for_auto_class``); it imports only
+``numpy``, ``PIL``, ``torch`` and ``transformers``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class StdaImageProcessor(BaseImageProcessor):
+    """Resize, scale and normalise RGB images into ``pixel_values`` ``(N, 3, size, size)`` float32.
+
+    Parameters
+    ----------
+    size : int
+        Side of the square the images are resized to.
+    image_mean, image_std : sequence of 3 float
+        Per-channel normalisation after scaling to [0, 1].
+    """
+
+    model_input_names = ["pixel_values"]  # noqa: RUF012 - transformers reads this class attribute
+
+    def __init__(
+        self,
+        size: int = 224,
+        image_mean: Sequence[float] = IMAGENET_MEAN,
+        image_std: Sequence[float] = IMAGENET_STD,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.size = int(size["height"] if isinstance(size, dict) else size)
+        self.image_mean = [float(x) for x in image_mean]
+        self.image_std = [float(x) for x in image_std]
+
+    def preprocess(self, images, return_tensors: str | None = "pt", **kwargs) -> BatchFeature:
+        """``pixel_values`` of one image or a list (PIL images or ``(H, W, 3)`` uint8 arrays)."""
+        batch = images if isinstance(images, (list, tuple)) else [images]
+        pixels = torch.stack([self.transform(image) for image in batch])
+        if return_tensors in ("np", "numpy"):
+            pixels = pixels.numpy()
+        return BatchFeature(data={"pixel_values": pixels})
+
+    def transform(self, image) -> torch.Tensor:
+        """One image as a normalised ``(3, size, size)`` float32 tensor."""
+        if not isinstance(image, Image.Image):
+            image = Image.fromarray(np.asarray(image))
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        image = image.resize((self.size, self.size), resample=Image.BILINEAR)
+        x = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)  # (3, H, W)
+        x = x.to(torch.float32).mul_(1.0 / 255)
+        mean = torch.as_tensor(self.image_mean, dtype=torch.float32).view(-1, 1, 1)
+        std = torch.as_tensor(self.image_std, dtype=torch.float32).view(-1, 1, 1)
+        return x.sub(mean).div_(std)

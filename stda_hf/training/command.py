@@ -1,0 +1,109 @@
+"""The training command: ``stda train``, ``python -m stda_hf.training`` and the repository's ``train.py``.
+
+    accelerate launch train.py --dataset stda/skin-lesions --model vgg8 --synthetic mix --synthetic-ratio 1
+    accelerate launch --mixed_precision bf16 -m stda_hf.training --dataset stda/skin-lesions   # installed wheel
+    stda train --config train.yaml                           # one process; flags override the YAML
+    torchrun --nproc_per_node 2 train.py --dataset hub/skin-lesions ...   # two processes (gloo on CPU)
+    python train.py --config train.yaml --resume             # continue a killed run exactly where it stopped
+
+``--dataset`` is a Hub id or a folder written by ``stda package`` (any dataset with an image and a label column
+and train/validation splits; ``--image-column``, ``--label-column`` and ``--label-map`` adapt other datasets).
+``--synthetic none|mix|pretrain`` chooses the experiment's arm. ``--mixed-precision`` and ``--grad-accum``,
+when not given, are what ``accelerate launch`` / ``accelerate config`` set. The run folder (``--output-dir``)
+receives Accelerate checkpoints (each epoch and the best), metrics saved with ``evaluate.save``, ``log.jsonl``,
+the final model in ``model/`` (a ``transformers`` model: ``pipeline("image-classification", model=...,
+trust_remote_code=True)``), test plots and a model card.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..config import add_config_flags, config_from_args
+from ..errors import run_reporting_errors
+from ..utils import setup_logging
+from .config import TrainConfig
+from .run import TrainResult, run_training
+from .step import EvalHook
+
+QUIET_LOGGERS = ("accelerate", "httpx", "httpcore", "urllib3")
+"""Loggers held at WARNING unless ``--verbose``: Accelerate's per-checkpoint lines, one line per HTTP request."""
+
+
+def get_args_parser(add_help: bool = True, prog: str = "train.py") -> argparse.ArgumentParser:
+    """The training parser: ``--config`` plus one flag per :class:`~stda_hf.training.TrainConfig` field.
+
+    Not ``transformers.HfArgumentParser``: it gives every flag its dataclass default, so a flag left out
+    would override the same key of ``--config`` YAML; :func:`~stda_hf.config.add_config_flags` leaves unset
+    flags at None (the YAML, then the dataclass, decides) and takes each flag's help from the field's comment.
+    """
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Train VGG8 (or a torchvision VGG, or a transformers model) on real and synthetic "
+        "skin-lesion images; validation and test on real images only.",
+        add_help=add_help,
+    )
+    parser.add_argument(
+        "--config", type=Path, default=None, help="YAML file with settings (flags override it)"
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    add_config_flags(parser, TrainConfig)
+    return parser
+
+
+def main(
+    argv: Sequence[str] | None = None, on_evaluate: EvalHook | None = None, prog: str = "train.py"
+) -> int:
+    """Parse ``argv``, train, print the outcome; returns the exit status (0 ok, 2 bad input, 130 interrupted).
+
+    ``on_evaluate`` is called after each validation and the final test evaluation
+    (see :class:`~stda_hf.training.EvalContext`); without one, ``--explain-images`` fixed images are explained
+    there (:func:`stda_hf.explain_hook.explain_hook`, set up by :func:`~stda_hf.training.run_training`).
+    """
+    args = get_args_parser(prog=prog).parse_args(argv)
+    setup_logging(args.verbose)
+    quiet_loggers(args.verbose)
+    return run_reporting_errors(
+        prog,
+        lambda: train_from_args(args, on_evaluate),
+        args.debug,
+        "run the same command with --resume to continue",
+    )
+
+
+def train_from_args(args: argparse.Namespace, on_evaluate: EvalHook | None = None) -> None:
+    """Train with the settings of parsed ``args`` and print :func:`summary` on the main process."""
+    result = run_training(config_from_args(TrainConfig, args), on_evaluate=on_evaluate)
+    if result.is_main_process:
+        print(summary(result))
+
+
+def quiet_loggers(verbose: bool) -> None:
+    """Hold :data:`QUIET_LOGGERS` at WARNING (unless ``verbose``); processes other than rank 0 log warnings only."""
+    if not verbose:
+        for name in QUIET_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
+    if int(os.environ.get("RANK", "0")) > 0:
+        logging.getLogger("stda_hf").setLevel(logging.WARNING)  # one process speaks for the run
+
+
+def summary(result: TrainResult) -> str:
+    """What the command prints at the end: status, best epoch and the headline metrics."""
+    lines = [f"{result.status} after {result.epochs} epoch(s); run folder {result.run_dir}"]
+    if result.validation:
+        lines.append(f"best validation (epoch {result.best_epoch}): {_headline(result.validation)}")
+    if result.test:
+        lines.append(f"test: {_headline(result.test)}")
+    if result.status == "stopped":
+        lines.append("continue with the same command and --resume")
+    return "\n".join(lines)
+
+
+def _headline(metrics: dict[str, float]) -> str:
+    keys = ("roc_auc", "balanced_accuracy", "sensitivity", "specificity", "f1")
+    return ", ".join(f"{k} {metrics[k]:.4f}" for k in keys if k in metrics)
