@@ -178,7 +178,7 @@ def test_missing_or_incompatible_teacher_is_a_clear_error(phantom_real, tmp_path
         label_synthetic(syn, LabelConfig(teacher=str(tmp_path / "nothing")))
     three = tmp_path / "three"
     save_model(VGG8(num_classes=3, **SMALL), three, Preprocessing(32))
-    with pytest.raises(StdaError, match="3 outputs"):
+    with pytest.raises(StdaError, match="must predict exactly"):
         label_synthetic(syn, LabelConfig(teacher=str(three)))
     with pytest.raises(StdaError, match="--teacher is required"):
         LabelConfig()
