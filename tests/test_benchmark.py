@@ -608,11 +608,10 @@ def test_real_stages_end_to_end_at_minimal_size(phantom_real_session, tmp_path):
             "check_images": False,
             "explain_images": 0,  # the benchmark explains each finished run itself
         },
-        generate={
+        generate={  # the pretrained engine: images that pass the quality gate in one forward pass
+            "engine": "arbitrary",
             "size": 32,
             "per_content": 1,
-            "iterations": 2,
-            "weights": "random",
             "device": "cpu",
             "limit": 6,
         },
