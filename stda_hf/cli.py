@@ -19,7 +19,6 @@ from pathlib import Path
 from . import __version__
 from .config import add_config_flags, config_from_args, field_comments
 from .errors import StdaError, run_reporting_errors
-from .fileio import check_separate
 
 __all__ = ["add_config_flags", "build_parser", "config_from_args", "field_comments", "main"]
 
@@ -250,7 +249,6 @@ def _add_package(sub) -> None:
 def _run_package(args) -> None:
     from .package import PackageConfig, package
 
-    check_separate(args.out, {"real-image folder": args.real, "synthetic folder": args.synthetic})
     result = package(args.real, args.out, synthetic=args.synthetic, cfg=config_from_args(PackageConfig, args))
     for split, counts in result.counts.items():
         print(f"{split:<11} benign {counts['benign']:>6}  malignant {counts['malignant']:>6}")
@@ -346,8 +344,6 @@ def _run_explain(args) -> None:
     from .explain import ExplainConfig, run_explain
 
     cfg = config_from_args(ExplainConfig, args)
-    local = args.dataset if args.dataset and Path(args.dataset).is_dir() else None
-    check_separate(args.out, {"image folder": args.images, "dataset folder": local})
     s = run_explain(
         args.model, args.out, cfg, images=args.images, dataset=args.dataset, overwrite=args.overwrite
     )

@@ -54,7 +54,7 @@ from .explain_hook import (
     row_samples,
     target_indices,
 )
-from .fileio import append_jsonl, csv_text, read_jsonl, write_json, write_text
+from .fileio import append_jsonl, check_separate, csv_text, read_jsonl, write_json, write_text
 from .heatmaps import COLORMAPS, overlay, save_grid, save_heatmap
 from .images import IMAGE_EXTENSIONS, SkipReport, iter_images, load_image, save_image
 from .models.vgg import eval_transform, load_model, model_folder
@@ -291,6 +291,8 @@ def run_explain(
     if (images is None) == (dataset is None):
         raise StdaError("give exactly one of --images DIR or --dataset NAME_OR_FOLDER")
     out = Path(out)
+    local = dataset if dataset is not None and Path(dataset).is_dir() else None
+    check_separate(out, {"image folder": images, "dataset folder": local})
     model, pre, device = _load_for_explain(model_dir, cfg.device)
     report = SkipReport()
     source, total = open_source(images, dataset, cfg.split, report)

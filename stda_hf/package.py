@@ -39,7 +39,15 @@ from PIL import Image, ImageDraw, ImageOps
 from . import LABELS, __version__
 from .card import CardFacts, SplitFacts, SyntheticFacts, dataset_license, render_card
 from .errors import BadImageError, StdaError
-from .fileio import append_jsonl, atomic_write, read_jsonl, write_bytes, write_json, write_text
+from .fileio import (
+    append_jsonl,
+    atomic_write,
+    check_separate,
+    read_jsonl,
+    write_bytes,
+    write_json,
+    write_text,
+)
 from .images import SkipReport, load_image
 from .licenses import write_attribution
 from .real import PHANTOM_ATTRIBUTION
@@ -619,6 +627,7 @@ def package(
 
     cfg = cfg or PackageConfig()
     out = Path(out)
+    check_separate(out, {"real-image folder": real, "synthetic folder": synthetic})
     check_out_folder(out)
     sources = load_sources(real, synthetic)  # reads and checks the sources; refusals happen here
     unsplit = unsplit_report(sources.real)

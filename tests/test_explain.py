@@ -454,6 +454,12 @@ def test_explain_refuses_results_of_other_settings_without_overwrite(phantom_rea
         run_explain(saved_model, out, ExplainConfig(split="test", method="gradient"), images=phantom_real)
 
 
+def test_explain_from_python_refuses_an_output_inside_its_image_folder(phantom_real, saved_model):
+    with pytest.raises(StdaError, match="is \\(inside\\) the image folder"):
+        run_explain(saved_model, phantom_real / "explained", ExplainConfig(split="test"), images=phantom_real)
+    assert not (phantom_real / "explained").exists()
+
+
 def test_explain_needs_exactly_one_source(saved_model, tmp_path):
     with pytest.raises(StdaError, match="exactly one"):
         run_explain(saved_model, tmp_path / "h")

@@ -584,3 +584,8 @@ def test_card_says_how_the_teacher_was_calibrated(phantom_real, tmp_path):
     assert (
         "0.120 before, 0.050 after (measured on held-out halves of the validation split (cross-fit))" in text
     )
+
+
+def test_package_from_python_refuses_an_output_inside_its_input(phantom_real):
+    with pytest.raises(StdaError, match="is \\(inside\\) the real-image folder"):
+        package(phantom_real, phantom_real / "hub")
