@@ -4,17 +4,14 @@
     stda fetch --out real/ --limit 500 --sample random --seed 1   # 500 per class sampled across the archive
     stda fetch --out real/ --licenses CC-0 CC-BY --dry-run        # counts per class and licence, no download
 
-The archive's API, its selection settings and its records are :mod:`stda_hf.isic_api`.
-
-The archive records ``files.full.size`` at ingest, then embeds IPTC/XMP credit and licence into every JPEG when
-it publishes it, so a served JPEG is a few KB larger than stated. A transfer is therefore judged by its own
-``Content-Length`` and a full decode; both sizes, the SHA-256 and the embedded credit and licence go into
-``metadata.csv``. Downloads run in a bounded thread pool with the retries of :mod:`stda_hf.httpclient`. Each
-file is streamed to a staging name, checked and decoded, its digest journalled, and only then renamed into
-``images/``; its ``metadata.csv`` row is appended after that. An interrupted run therefore leaves a usable
-folder, and re-running the same command continues where it stopped, keeping a finished file without its row
-when it decodes and matches its journalled digest. Public file URLs are permanent; a private image's URL is
-signed and expires (a refused one is refreshed from the API). URLs are never stored or logged, only ISIC ids.
+The stage: hold the folder's lock, check that a resumed fetch keeps its selection, check the collections and
+the free disk space, fetch each class, then write ``ATTRIBUTION.md``, ``LICENSES/`` and ``fetch_skipped.json``
+and summarise the run (:class:`FetchResult`); ``--dry-run`` counts instead (:func:`dry_run`). Its parts:
+:mod:`stda_hf.isic_api` (the settings, the archive query, the client, the records),
+:mod:`stda_hf.fetch_downloads` (the worker pool: stream, verify, journal, rename into ``images/``) and
+:mod:`stda_hf.fetch_records` (``metadata.csv``, the digest journal, the credit and licence each file embeds).
+An interrupted run leaves a usable folder, and re-running the same command continues where it stopped.
+URLs are never stored or logged, only ISIC ids.
 """
 
 from __future__ import annotations
@@ -34,17 +31,8 @@ from .config import changed_settings, config_to_dict, dump_config, read_settings
 from .errors import StdaError
 from .fetch_downloads import STAGING_DIR, DownloadRun, fetch_class, human_bytes
 from .fetch_records import DigestJournal, MetadataLog, count_on_disk
-from .fileio import (
-    exclusive,
-    write_json,
-)
-from .isic_api import (
-    FetchConfig,
-    IsicClient,
-    SkipImage,
-    build_query,
-    parse_record,
-)
+from .fileio import exclusive, write_json
+from .isic_api import FetchConfig, IsicClient, SkipImage, build_query, parse_record
 from .licenses import write_attribution
 from .utils import progress
 
