@@ -22,7 +22,7 @@ from pathlib import Path
 from PIL import Image
 
 from .errors import BadImageError, StdaError
-from .fetch_records import DigestJournal, MetadataLog, file_columns, file_sha256
+from .fetch_records import DigestJournal, MetadataLog, file_columns
 from .images import SkipReport, load_image
 from .isic_api import (
     FetchConfig,
@@ -35,6 +35,7 @@ from .isic_api import (
     full_file,
     parse_record,
 )
+from .utils import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ def accept_download(
             other.unlink(missing_ok=True)
     images.mkdir(parents=True, exist_ok=True)
     if journal is not None:
-        journal.record(isic_id, sha256 or file_sha256(staging))
+        journal.record(isic_id, sha256 or sha256_file(staging))
     os.replace(staging, final)
     return final
 
@@ -194,7 +195,7 @@ def _admit(
         return None
     orphans = _candidates(run.root / "images", item.isic_id)
     if len(orphans) == 1 and _decodes(orphans[0]):
-        digest = file_sha256(orphans[0])
+        digest = sha256_file(orphans[0])
         if run.journal.digests().get(item.isic_id) == digest:
             run.log.append(file_columns(item.row, orphans[0], item.size, digest))
             run.adopted += 1

@@ -10,7 +10,6 @@ per finished image (:class:`MetadataLog`); the SHA-256 of every file is journall
 from __future__ import annotations
 
 import csv
-import hashlib
 import html
 import logging
 import os
@@ -34,7 +33,7 @@ from .fileio import (
     write_text,
 )
 from .images import IMAGE_EXTENSIONS
-from .isic_api import CHUNK_BYTES, csv_cell
+from .isic_api import csv_cell
 from .real import REQUIRED_COLUMNS
 
 logger = logging.getLogger(__name__)
@@ -74,15 +73,6 @@ def _xmp_text(xmp: str, name: str) -> str:
         return html.unescape((item or element).group(1).strip())
     attribute = re.search(rf'\b{name}="([^"]*)"', xmp)
     return html.unescape(attribute.group(1)) if attribute else ""
-
-
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(CHUNK_BYTES), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 FILE_COLUMNS = (
