@@ -19,7 +19,8 @@ from isic_server import LICENSES, FakeIsicArchive, corrupt, phantom_archive
 
 from stda_hf.cli import main
 from stda_hf.errors import StdaError
-from stda_hf.fetch import FILE_COLUMNS, FetchConfig, IsicClient, dry_run, fetch
+from stda_hf.fetch import FetchConfig, IsicClient, dry_run, fetch
+from stda_hf.fetch_records import FILE_COLUMNS
 from stda_hf.httpclient import backoff_delay, retry_after_seconds
 from stda_hf.real import REQUIRED_COLUMNS, read_real_folder
 from stda_hf.split import SplitConfig, make_splits
