@@ -586,7 +586,7 @@ def test_mix_without_a_synthetic_split_is_refused(phantom_hub_real):
     [
         (
             ["--synthetic", "sometimes"],
-            "--synthetic 'sometimes' is not valid; choose one of ['none', 'mix', 'pretrain']",
+            "--synthetic 'sometimes' is not valid; choose one of ['none', 'mix', 'pretrain', 'only']",
         ),
         (["--optimizer", "adam"], "--optimizer 'adam' is not valid; choose one of ['adamw', 'sgd']"),
         (["--lr", "0"], "--lr must be a positive number; got 0.0"),
