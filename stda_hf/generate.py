@@ -47,7 +47,7 @@ from .devices import check_device_name, resolve_device
 from .engines import GATE_STYLE, ArbitraryEngine, GatysEngine, StyleStates, as_saved, assess_batch
 from .errors import BadImageError, StdaError
 from .fileio import append_jsonl, check_separate, exclusive, read_jsonl, write_json, write_text
-from .images import SkipReport, load_image, save_image
+from .images import SkipReport, check_side, load_image, save_image
 from .models.weights import parse_weights
 from .nst import NSTConfig, resolve_precision
 from .processes import finish_group, shard_of, start_group, world_info
@@ -69,6 +69,8 @@ ARBITRARY_ONLY = ("strength", "style_size", "render_size")
 GATYS_ONLY = (*(f.name for f in dataclasses.fields(NSTConfig) if f.name != "preserve_color"), "weights")
 FAILED = tuple(v for v in VERDICTS if v != "ok")
 MIN_SIZE = 32
+MAX_SIZE = 4096
+"""Largest output side: an image is stylized through VGG feature maps of 64 x size x size floats (4 GiB at 4096)."""
 _GATE_DEFAULTS = QualityGate()
 
 
@@ -104,6 +106,8 @@ class GenerateConfig(NSTConfig):
         for name, low in (("per_content", 1), ("size", MIN_SIZE), ("batch", 1), ("limit", 0)):
             if getattr(self, name) < low:
                 raise StdaError(f"--{name.replace('_', '-')} {getattr(self, name)} must be at least {low}")
+        why = "each image is stylized through float32 feature maps of 64 x size x size"
+        check_side("--size", self.size, MIN_SIZE, MAX_SIZE, "generated images", why, bytes_per_pixel=256)
         if not 0.0 <= self.max_failed_share <= 1.0:
             raise StdaError(f"--max-failed-share {self.max_failed_share} must be between 0 and 1")
         self.gate()  # checks the thresholds
