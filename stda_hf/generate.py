@@ -8,7 +8,8 @@
 
 Two engines: ``gatys`` (the paper's method: optimise each image, :mod:`stda_hf.nst`) and ``arbitrary``
 (Magenta's pretrained feed-forward network, :mod:`stda_hf.arbitrary`; ``pip install 'stda-hf[arbitrary]'``).
-Style statistics (Gram targets or style vectors) are computed once per style image.
+Style statistics (Gram targets or style vectors) are computed once per style image; the engines and the quality
+gate's application are :mod:`stda_hf.engines`, and this module is the stage: pairing, ids, the folder's contract.
 
 Content images are the benign images of the ``train`` split, style images the malignant ones of the same split
 (validation and test images are never read). Each content image gets ``per_content`` different styles, spread
@@ -28,15 +29,12 @@ everything is written.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
-import os
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -46,20 +44,14 @@ from PIL import Image
 
 from .config import changed_settings, config_to_dict, describe_changes, dump_config, read_settings
 from .devices import check_device_name, resolve_device
+from .engines import GATE_STYLE, ArbitraryEngine, GatysEngine, StyleStates, as_saved, assess_batch
 from .errors import BadImageError, StdaError
 from .fileio import append_jsonl, check_separate, exclusive, read_jsonl, write_json, write_text
-from .images import SkipReport, load_image, save_image
-from .models.features import build_vgg_features
-from .models.weights import WeightsSpec, parse_weights
-from .nst import (
-    GramCache,
-    NSTConfig,
-    resolve_precision,
-    stack_targets,
-    style_targets,
-    stylize,
-)
-from .quality import VERDICTS, QualityGate, StyleDistance, assess
+from .images import SkipReport, check_side, load_image, save_image
+from .models.weights import parse_weights
+from .nst import NSTConfig, resolve_precision
+from .processes import finish_group, shard_of, start_group, world_info
+from .quality import VERDICTS, QualityGate, StyleDistance
 from .real import RealFolder, RealImage, read_real_folder
 from .utils import progress, sha256_file, stable_hash
 
@@ -77,6 +69,8 @@ ARBITRARY_ONLY = ("strength", "style_size", "render_size")
 GATYS_ONLY = (*(f.name for f in dataclasses.fields(NSTConfig) if f.name != "preserve_color"), "weights")
 FAILED = tuple(v for v in VERDICTS if v != "ok")
 MIN_SIZE = 32
+MAX_SIZE = 4096
+"""Largest output side: an image is stylized through VGG feature maps of 64 x size x size floats (4 GiB at 4096)."""
 _GATE_DEFAULTS = QualityGate()
 
 
@@ -112,6 +106,8 @@ class GenerateConfig(NSTConfig):
         for name, low in (("per_content", 1), ("size", MIN_SIZE), ("batch", 1), ("limit", 0)):
             if getattr(self, name) < low:
                 raise StdaError(f"--{name.replace('_', '-')} {getattr(self, name)} must be at least {low}")
+        why = "each image is stylized through float32 feature maps of 64 x size x size"
+        check_side("--size", self.size, MIN_SIZE, MAX_SIZE, "generated images", why, bytes_per_pixel=256)
         if not 0.0 <= self.max_failed_share <= 1.0:
             raise StdaError(f"--max-failed-share {self.max_failed_share} must be between 0 and 1")
         self.gate()  # checks the thresholds
@@ -249,12 +245,6 @@ def params_hash(cfg: GenerateConfig, engine: dict[str, Any]) -> str:
     return stable_hash(values)
 
 
-def gatys_description(spec: WeightsSpec) -> dict[str, Any]:
-    """What identifies the Gatys engine's network: the weights (a file by its SHA-256)."""
-    weights = spec.describe() if spec.kind != "file" else f"sha256:{sha256_file(spec.path)}"
-    return {"name": "gatys", "weights": weights}
-
-
 def make_pairs(folder: RealFolder, cfg: GenerateConfig, phash: str) -> list[Pair]:
     """Every pair of the run, in pairing order (``limit`` applied): benign train content x malignant train style."""
     contents = folder.subset("train", "benign")
@@ -272,11 +262,6 @@ def make_pairs(folder: RealFolder, cfg: GenerateConfig, phash: str) -> list[Pair
         seed = int(stable_hash({"seed": cfg.seed, "id": sid}, 8), 16)
         pairs.append(Pair(id=sid, content=folder[c], style=folder[s], seed=seed))
     return pairs[: cfg.limit] if cfg.limit else pairs
-
-
-def shard_of(pair_id: str, world: int) -> int:
-    """The process (rank) that makes ``pair_id`` among ``world`` processes: a stable hash of the id."""
-    return int(hashlib.sha256(pair_id.encode()).hexdigest()[:15], 16) % world
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -381,78 +366,11 @@ def to_pil(image: torch.Tensor) -> Image.Image:
     return Image.fromarray(arr, "RGB")
 
 
-def _batches(pairs: list[Pair], size: int) -> Iterator[list[Pair]]:
-    for i in range(0, len(pairs), size):
-        yield pairs[i : i + size]
-
-
 def load_mask(path: Path, size: int) -> torch.Tensor:
     """A lesion mask file as a (size, size) bool tensor (nearest-neighbour resize, foreground above 127)."""
     with Image.open(path) as img:
         mask = img.convert("L").resize((size, size), Image.Resampling.NEAREST)
     return torch.from_numpy(np.asarray(mask) > 127)
-
-
-def as_saved(images: torch.Tensor) -> torch.Tensor:
-    """Images (B, 3, H, W) rounded to the 8-bit values that are saved: what the quality gate measures."""
-    return (images.detach().float().clamp(0, 1) * 255.0).round() / 255.0
-
-
-@dataclass
-class EngineOutput:
-    """One batch through an engine: images, per-image loss terms (Gatys; None otherwise), finite, redone."""
-
-    images: torch.Tensor  # (B, 3, H, W) in [0, 1]
-    terms: list[dict[str, float]] | None
-    finite: torch.Tensor  # (B,) bool
-    redone: int = 0
-
-
-class GatysEngine:
-    """Gatys optimisation (:func:`stda_hf.nst.stylize`) with Gram targets computed once per style image."""
-
-    name = "gatys"
-
-    def __init__(self, cfg: GenerateConfig, spec: WeightsSpec, device: torch.device):
-        self.cfg, self.device = cfg, device
-        self.features = build_vgg_features(cfg.arch, cfg.layers(), cfg.pooling, spec).to(device)
-        self.style_size = max(MIN_SIZE, round(cfg.size * cfg.style_scale))
-        self.description = gatys_description(spec)
-
-    def style_state(self, style: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Gram targets ``{layer: (C, C)}`` of one style image (3, h, w)."""
-        grams = style_targets(self.features, style[None].to(self.device), self.cfg)
-        return {layer: g[0] for layer, g in grams.items()}
-
-    def run(self, content: torch.Tensor, states: dict[str, torch.Tensor], seeds: list[int]) -> EngineOutput:
-        """Stylize a batch (B, 3, H, W) with stacked Gram targets."""
-        result = stylize(self.features, content.to(self.device), states, self.cfg, seeds=seeds)
-        terms = [result.terms(i) for i in range(len(content))]
-        return EngineOutput(result.images, terms, result.finite.cpu(), int(result.redone.sum()))
-
-
-class ArbitraryEngine:
-    """Magenta's arbitrary stylization network (:mod:`stda_hf.arbitrary`), style vectors once per style image."""
-
-    name = "arbitrary"
-
-    def __init__(self, cfg: GenerateConfig, device: torch.device):
-        from . import arbitrary
-
-        self.arbitrary, self.cfg = arbitrary, cfg.arbitrary_config()
-        self.models = arbitrary.load_models(device)
-        self.device = torch.device("cpu")  # onnxruntime takes and returns host memory
-        self.style_size = cfg.style_size
-        self.description = {"name": "arbitrary", **self.models.describe()}
-
-    def style_state(self, style: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The style vector ``{"vector": (100,)}`` of one style image (3, h, w)."""
-        return {"vector": self.arbitrary.style_vectors(self.models, style[None], self.cfg)[0]}
-
-    def run(self, content: torch.Tensor, states: dict[str, torch.Tensor], seeds: list[int]) -> EngineOutput:
-        """Render a batch (B, 3, H, W) with stacked style vectors (seeds are not used: the network is exact)."""
-        images = self.arbitrary.stylize(self.models, content, states["vector"], self.cfg).images
-        return EngineOutput(images, None, torch.isfinite(images).flatten(1).all(1))
 
 
 def make_engine(cfg: GenerateConfig, device: torch.device) -> GatysEngine | ArbitraryEngine:
@@ -464,25 +382,24 @@ def make_engine(cfg: GenerateConfig, device: torch.device) -> GatysEngine | Arbi
         Weights that cannot be loaded; for ``arbitrary``, the optional extra missing (names the install command).
     """
     if cfg.engine == "arbitrary":
-        return ArbitraryEngine(cfg, device)
-    return GatysEngine(cfg, parse_weights(cfg.weights, seed=0), device)
-
-
-GATE_STYLE = "_gate_style"  # key of the style image at the output size (the gate's reference) in the cache
+        return ArbitraryEngine(cfg.arbitrary_config(), device)
+    style_size = max(MIN_SIZE, round(cfg.size * cfg.style_scale))
+    return GatysEngine(cfg, parse_weights(cfg.weights, seed=0), device, style_size)
 
 
 class _Runner:
-    """The state of one process's run: engine, style cache, gate, skip report, summary and output paths."""
+    """The state of one process's run: engine, style states, gate, skip report, summary and output paths."""
 
-    def __init__(self, out: Path, cfg: GenerateConfig, engine: GatysEngine | ArbitraryEngine, shard: str):
-        self.out, self.cfg, self.engine = out, cfg, engine
+    def __init__(
+        self, out: Path, cfg: GenerateConfig, engine: GatysEngine | ArbitraryEngine, shard: str, phash: str
+    ):
+        self.out, self.cfg, self.engine, self.phash = out, cfg, engine, phash
         self.manifest = out / shard
-        self.cache = GramCache(max_items=max(512, 2 * cfg.batch))
+        self.styles = StyleStates(engine, cfg.size, tag=phash, max_items=max(512, 2 * cfg.batch))
         self.report = SkipReport()
         self.summary = GenerateSummary(engine=engine.name)
         self.scorer = StyleDistance(device=engine.device)
         self.gate = cfg.gate()
-        self.phash = ""
 
     def _load(self, im: RealImage, size: int) -> torch.Tensor | None:
         if str(im.path) in self.report.skipped:
@@ -493,33 +410,13 @@ class _Runner:
             self.report.add(err.path, err.reason)
             return None
 
-    def _style_key(self, style_id: str) -> tuple:
-        return (style_id, self.phash)
-
     def _targets(self, batch: list[Pair]) -> tuple[list[Pair], dict[str, torch.Tensor]]:
         """Drop pairs whose style cannot be read; the engine's style state of the rest, once per style image."""
-        loaded, images = {}, {}
-        for p in batch:
-            if self._style_key(p.style.isic_id) not in self.cache and p.style.isic_id not in loaded:
-                loaded[p.style.isic_id] = self._load(p.style, self.engine.style_size)
-                images[p.style.isic_id] = p.style
-        batch = [p for p in batch if loaded.get(p.style.isic_id, True) is not None]
-        if not batch:
-            return [], {}
-
-        def compute(keys: list[tuple]) -> list[dict[str, torch.Tensor]]:
-            # one style at a time: a style's state is then the same whichever batch first needs it
-            return [self._one_style(images[k[0]], loaded[k[0]]) for k in keys]
-
-        per_pair = self.cache.get_many([self._style_key(p.style.isic_id) for p in batch], compute)
-        return batch, stack_targets(per_pair)
-
-    def _one_style(self, im: RealImage, style: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The engine's state of one style image, and the image at the output size (the gate's reference)."""
-        state = self.engine.style_state(style)
-        same = style.shape[-1] == self.cfg.size
-        state[GATE_STYLE] = style if same else load_content(im.path, self.cfg.size)
-        return state
+        images = {p.style.isic_id: p.style for p in batch}
+        readable, states = self.styles.stacked(
+            [p.style.isic_id for p in batch], lambda style_id, side: self._load(images[style_id], side)
+        )
+        return [p for p, ok in zip(batch, readable, strict=True) if ok], states
 
     def run_batch(self, batch: list[Pair], done: set[str]) -> int:
         """Stylize one batch, gate, save and record its pairs not in ``done``; returns how many of those it consumed.
@@ -559,16 +456,7 @@ class _Runner:
         masks = [
             load_mask(p.content.mask_path, self.cfg.size) if p.content.mask_path else None for p in pairs
         ]
-        records: list[dict] = [{} for _ in pairs]
-        for with_mask in (True, False):
-            rows = [i for i, m in enumerate(masks) if (m is not None) == with_mask and finite[i]]
-            if not rows:
-                continue
-            mask = torch.stack([masks[i] for i in rows]) if with_mask else None
-            found = assess(content[rows], styles[rows], images[rows], self.scorer, mask=mask, gate=self.gate)
-            for i, record in zip(rows, found, strict=True):
-                records[i] = {k: v for k, v in record.to_dict().items() if k != "terms"}
-        return records
+        return assess_batch(content, styles, images, finite, masks, self.scorer, self.gate)
 
     def _write(self, p: Pair, image: torch.Tensor, quality: dict, terms: dict | None, seconds: float) -> None:
         """Save the image atomically, then append its manifest line."""
@@ -596,48 +484,6 @@ class _Runner:
         )
         self.summary.done += 1
         self.summary.verdicts[quality["verdict"]] = self.summary.verdicts.get(quality["verdict"], 0) + 1
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Processes and devices
-
-
-def world_info() -> tuple[int, int, int]:
-    """``(rank, world_size, local_rank)`` from the environment torchrun and ``accelerate launch`` set."""
-    try:
-        rank = int(os.environ.get("RANK", "0"))
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        local = int(os.environ.get("LOCAL_RANK", str(rank)))
-    except ValueError as err:
-        raise StdaError(f"RANK/WORLD_SIZE/LOCAL_RANK must be integers ({err})") from err
-    if not 0 <= rank < world:
-        raise StdaError(f"RANK {rank} is not between 0 and WORLD_SIZE-1 ({world - 1})")
-    return rank, world, local
-
-
-def _start_group(world: int) -> bool:
-    """Join a gloo process group (for the final barrier) when there are several processes; True if created."""
-    import torch.distributed as dist
-
-    if world == 1 or dist.is_initialized():
-        return False
-    try:
-        dist.init_process_group("gloo", timeout=timedelta(days=30))
-    except (RuntimeError, ValueError) as err:
-        raise StdaError(
-            f"WORLD_SIZE={world} but the processes could not connect ({err}); start them with torchrun or "
-            "accelerate launch, which set MASTER_ADDR and MASTER_PORT"
-        ) from err
-    return True
-
-
-def _finish_group(world: int, created: bool) -> None:
-    import torch.distributed as dist
-
-    if world > 1 and dist.is_initialized():
-        dist.barrier()
-        if created:
-            dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -694,7 +540,7 @@ def _generate(real_root: str | Path, out: Path, cfg: GenerateConfig) -> Generate
     source = check_output(out, folder, cfg, engine.description)
     phash = params_hash(cfg, engine.description)
     pairs = make_pairs(folder, cfg, phash)
-    created = _start_group(world)
+    created = start_group(world)
     if rank == 0:
         write_json(out / "source.json", source)
         write_json(out / ENGINE_FILE, engine.description)
@@ -702,10 +548,9 @@ def _generate(real_root: str | Path, out: Path, cfg: GenerateConfig) -> Generate
         if world == 1:
             merge_manifests(out)
             _remove_partial_images(out)
-    runner = _Runner(out, cfg, engine, MANIFEST if world == 1 else f"manifest.rank{rank}.jsonl")
-    runner.phash = phash
+    runner = _Runner(out, cfg, engine, MANIFEST if world == 1 else f"manifest.rank{rank}.jsonl", phash)
     _run(runner, [p for p in pairs if shard_of(p.id, world) == rank], rank)
-    _finish_group(world, created)
+    finish_group(world, created)
     summary = runner.summary
     if rank == 0:
         merge_manifests(out)
@@ -736,7 +581,9 @@ def _run(runner: _Runner, mine: list[Pair], rank: int) -> None:
     start = time.perf_counter()
     done = done_ids(runner.out)
     ordered = sorted(mine, key=lambda p: (p.style.isic_id, p.content.isic_id))  # styles' targets stay cached
-    batches = [b for b in _batches(ordered, runner.cfg.batch) if any(p.id not in done for p in b)]
+    size = runner.cfg.batch
+    batches = [ordered[i : i + size] for i in range(0, len(ordered), size)]
+    batches = [b for b in batches if any(p.id not in done for p in b)]
     todo = sum(p.id not in done for p in mine)
     summary = runner.summary
     summary.pairs, summary.done_before = len(mine), len(mine) - todo

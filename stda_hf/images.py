@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from .errors import BadImageError
+from .errors import BadImageError, StdaError
 from .fileio import atomic_write, write_json
 
 logger = logging.getLogger(__name__)
@@ -27,6 +27,36 @@ a likely decompression bomb. Raise it per call with ``max_pixels`` when you real
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 """The formats the project writes and suggests; a real-image folder may hold any format Pillow reads
 (:func:`why_not_an_image`)."""
+
+
+def check_side(flag: str, side: int, low: int, high: int, what: str, why: str, bytes_per_pixel: int) -> None:
+    """Refuse a square image side outside ``[low, high]`` before anything is allocated, saying what it would take.
+
+    Parameters
+    ----------
+    flag : str
+        The setting as the user typed it, e.g. ``--size``.
+    side : int
+        The requested side in pixels.
+    low, high : int
+        The sides accepted.
+    what : str
+        What is made at that side, e.g. ``phantoms``.
+    why : str
+        What holds memory in proportion to ``side ** 2``, e.g. ``each is rendered in memory as float arrays``.
+    bytes_per_pixel : int
+        Bytes of one such array per pixel (the GiB in the message).
+
+    Raises
+    ------
+    StdaError
+        ``side`` outside ``[low, high]``.
+    """
+    if not low <= side <= high:
+        raise StdaError(
+            f"{flag} {side}: {what} need {low} to {high} pixels a side ({why}: {side} px would need about "
+            f"{bytes_per_pixel * side**2 / 2**30:,.1f} GiB per array)"
+        )
 
 
 def why_not_an_image(path: str | Path) -> str | None:

@@ -27,7 +27,7 @@ from scipy.ndimage import map_coordinates
 
 from .config import config_to_dict, dump_config
 from .errors import StdaError
-from .images import save_image
+from .images import check_side, save_image
 from .licenses import write_attribution
 from .real import ARTIFACTS, PHANTOM_ATTRIBUTION, write_metadata
 from .utils import progress
@@ -82,12 +82,8 @@ class PhantomConfig:
     def __post_init__(self) -> None:
         if self.n < 1:
             raise StdaError(f"--n {self.n}: need at least one image")
-        if not 16 <= self.size <= MAX_SIZE:
-            raise StdaError(
-                f"--size {self.size}: phantoms need 16 to {MAX_SIZE} pixels a side (each is rendered in memory "
-                f"as float arrays of size x size: {self.size} px would need about "
-                f"{16 * self.size**2 / 2**30:,.1f} GiB per array)"
-            )
+        why = "each is rendered in memory as float arrays of size x size"
+        check_side("--size", self.size, 16, MAX_SIZE, "phantoms", why, bytes_per_pixel=16)
         if not 0.0 <= self.malignant_fraction <= 1.0:
             raise StdaError(f"malignant_fraction {self.malignant_fraction} must be between 0 and 1")
         if self.image_format not in ("jpg", "png"):

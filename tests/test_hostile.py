@@ -177,6 +177,12 @@ def test_phantom_size_is_bounded_before_allocating(work):
     assert not (work / "big").exists()
 
 
+def test_generate_size_is_bounded_before_allocating(work):
+    proc = stda("generate", "real", "--out", "big", "--size", "100000", cwd=work)
+    refused(proc, "generate", "32 to 4096 pixels a side", "2,384.2 GiB")
+    assert not (work / "big").exists()
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The real folder's contract
 

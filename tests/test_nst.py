@@ -11,7 +11,6 @@ import torch
 from stda_hf.errors import StdaError
 from stda_hf.models.features import build_vgg_features, conv_layer_names
 from stda_hf.nst import (
-    BatchedLBFGS,
     GramCache,
     NSTConfig,
     gram,
@@ -23,6 +22,7 @@ from stda_hf.nst import (
     stylize,
     ycbcr_to_rgb,
 )
+from stda_hf.optimizers import BatchedLBFGS
 
 SMALL = {"content_layer": "conv3_1", "style_layers": ("conv1_1", "conv2_1", "conv3_1"), "precision": "fp32"}
 
