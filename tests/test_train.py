@@ -693,7 +693,6 @@ def test_accelerate_launch_settings_apply_unless_a_flag_is_given(phantom_hub, tm
 
 
 def test_with_tracking_reports_to_tensorboard(phantom_hub, tmp_path):
-    pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run_training(
