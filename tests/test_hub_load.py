@@ -67,20 +67,6 @@ def git_repo(folder: Path) -> None:
         subprocess.run(["git", *cmd], cwd=folder, env=env, check=True)
 
 
-def wait_until_serving(url: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"olah exited with status {proc.returncode}")
-        try:
-            with urllib.request.urlopen(f"{url}/api/datasets/{REPO_ID}/revision/main", timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.3)
-    raise RuntimeError(f"olah did not answer on {url} within {timeout}s")
-
-
 @pytest.fixture(scope="module")
 def mirror(phantom_real_session, tmp_path_factory):
     """The packaged folder (real + synthetic) served by olah; yields the endpoint URL and the synthetic folder."""
@@ -90,30 +76,11 @@ def mirror(phantom_real_session, tmp_path_factory):
     package(phantom_real_session, tmp / "hub", synthetic=synthetic)
     shutil.copytree(tmp / "hub", repo)
     git_repo(repo)
-    port = free_port()
-    config = tmp / "olah.toml"
-    config.write_text(
-        f'[basic]\nhost = "127.0.0.1"\nport = {port}\nrepos-path = "{tmp / "repos"}"\n'
-        f'mirrors-path = ["{tmp / "mirrors"}"]\n\n[accessibility]\noffline = true\n'
-    )
-    olah = Path(sys.executable).with_name("olah-cli")
-    proc = subprocess.Popen(
-        [str(olah), "-c", str(config), "--log-path", str(tmp / "logs")],
-        cwd=tmp,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
+    url, proc = start_olah(tmp, f"/api/datasets/{REPO_ID}/revision/main")
     try:
-        wait_until_serving(url, proc)
         yield {"url": url, "synthetic": synthetic, "home": tmp / "hf-home"}
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
 
 
 def load_by_repo_id(mirror: dict, mode: str, home: Path) -> dict:
