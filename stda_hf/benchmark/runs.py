@@ -5,6 +5,7 @@ A failing run is recorded in the table, not fatal; Ctrl-C stops the running proc
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,8 @@ def run_command(
     with open(log, "ab") as fh:
         proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         _ACTIVE.add(proc.pid)
+        if _STOPPING.is_set():  # Ctrl-C came while this command was starting: execute_runs did not see it
+            stop_group(proc.pid)
         try:
             code = proc.wait(timeout=timeout or None)
         except BaseException as err:  # timeout, Ctrl-C: stop the whole group, then report or re-raise
@@ -187,6 +190,9 @@ def find_heatmap(run_dir: Path) -> Path | None:
 
 
 _ACTIVE: set[int] = set()  # process groups of running training commands, stopped on Ctrl-C
+# Set on Ctrl-C before _ACTIVE is read, and read by run_command after it adds a process: a command starting at
+# that moment is either in _ACTIVE when it is read, or sees the flag and stops itself.
+_STOPPING = threading.Event()
 
 
 def run_one(cfg: BenchmarkConfig, key: RunKey, dataset: Path, slot: str | None, mode: str) -> dict[str, Any]:
@@ -237,6 +243,7 @@ def execute_runs(
     from ..utils import progress
 
     lock = threading.Lock()
+    _STOPPING.clear()
     chosen = {k: dataset_of(cfg, datasets, k) for k in todo}
     for key in (k for k in todo if not isinstance(chosen[k], Path)):
         table.record(key, "failed", error=chosen[key])
@@ -267,6 +274,7 @@ def execute_runs(
                 bar.set_postfix_str(f"{key.name}: {row['status']}")
                 bar.update()
         except BaseException:  # Ctrl-C: stop every run; their rows stay "running" and resume next time
+            _STOPPING.set()
             pool.shutdown(wait=False, cancel_futures=True)
             for pgid in list(_ACTIVE):
                 stop_group(pgid)
