@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # compute the same arithmetic.
 os.environ["OMP_NUM_THREADS"] = "1"
 os.environ["MKL_NUM_THREADS"] = "1"
+# A suite started in the background by a non-interactive shell (`make test &`, nohup) inherits SIGINT ignored,
+# and so would every process the tests start, which then cannot be stopped as a user's Ctrl-C stops them (the
+# Ctrl-C tests of fetch and the benchmark). A handled signal is reset to the default in a child at exec.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
