@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from generate_runs import cli_flags, kill_after_first_image, manifest_lines, subprocess_env
 from PIL import Image
 
 from stda_hf import generate as gen
@@ -61,16 +59,6 @@ RUN = {**COMMON, "iterations": 8, "limit": 9, "batch": 3}
 FAST = {**COMMON, "iterations": 1, "batch": 4}
 
 
-def _flags(settings: dict) -> list[str]:
-    flags = []
-    for key, value in settings.items():
-        flags += [
-            f"--{key.replace('_', '-')}",
-            *(map(str, value) if isinstance(value, tuple) else [str(value)]),
-        ]
-    return flags
-
-
 def _pixels(out: Path) -> dict[tuple[str, str], np.ndarray]:
     """{(content id, style id): decoded pixels} of a synthetic folder's manifest."""
     return {
@@ -84,10 +72,6 @@ def _assert_same_images(out: Path, reference: Path) -> None:
     assert ours.keys() == ref.keys()
     for key, pixels in ours.items():
         assert np.array_equal(pixels, ref[key]), key
-
-
-def _subprocess_env() -> dict[str, str]:
-    return {**os.environ, "STDA_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -250,24 +234,14 @@ def test_a_changed_split_is_refused(phantom_real, tmp_path):
         generate(phantom_real, tmp_path / "syn", GenerateConfig(**FAST, limit=1))
 
 
-def _lines(path: Path) -> int:
-    return len(read_jsonl(path)) if path.exists() else 0
-
-
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_same_images(phantom_real_session, tmp_path, reference):
     out = tmp_path / "syn"
     cmd = [sys.executable, "-m", "stda_hf.cli", "generate", str(phantom_real_session), "--out", str(out)]
-    cmd += _flags(RUN)
-    proc = subprocess.Popen(cmd, env=_subprocess_env(), stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while _lines(out / "manifest.jsonl") < 1 and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
-    assert 1 <= _lines(out / "manifest.jsonl") < RUN["limit"]
-    subprocess.run(cmd, env=_subprocess_env(), check=True, capture_output=True)
+    cmd += cli_flags(RUN)
+    kill_after_first_image(cmd, out)
+    assert 1 <= manifest_lines(out / "manifest.jsonl") < RUN["limit"]
+    subprocess.run(cmd, env=subprocess_env(), check=True, capture_output=True)
     records = read_jsonl(out / "manifest.jsonl")
     assert len({r["id"] for r in records}) == len(records) == RUN["limit"]
     assert not list((out / "images").glob(".*.part"))
@@ -287,8 +261,8 @@ def test_two_processes_split_the_work_and_merge_to_the_single_process_result(
     out = tmp_path / "syn"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     cmd += ["-m", "stda_hf.cli", "generate", str(phantom_real_session), "--out", str(out)]
-    cmd += _flags({**RUN, "batch": 1})
-    done = subprocess.run(cmd, env=_subprocess_env(), capture_output=True, text=True, timeout=300)
+    cmd += cli_flags({**RUN, "batch": 1})
+    done = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     shares = [json.loads((out / f"generate_summary.rank{k}.json").read_text())["pairs"] for k in (0, 1)]
     assert sum(shares) == RUN["limit"] and min(shares) > 0
@@ -375,7 +349,7 @@ def test_cli_generate_with_a_config_file(phantom_real, tmp_path, capsys):
     ],
 )
 def test_cli_bad_options_exit_2_with_the_value(phantom_real, tmp_path, capsys, flags, message):
-    argv = ["generate", str(phantom_real), "--out", str(tmp_path / "syn"), *_flags(FAST), *flags]
+    argv = ["generate", str(phantom_real), "--out", str(tmp_path / "syn"), *cli_flags(FAST), *flags]
     assert main(argv) == 2
     assert message in capsys.readouterr().err
 
@@ -386,11 +360,11 @@ def test_cli_imagenet_weights_offline_says_what_to_do(phantom_real, tmp_path, ca
 
     monkeypatch.setattr("torchvision.models._api.load_state_dict_from_url", offline)
     flags = {**FAST, "weights": "imagenet"}
-    assert main(["generate", str(phantom_real), "--out", str(tmp_path / "syn"), *_flags(flags)]) == 2
+    assert main(["generate", str(phantom_real), "--out", str(tmp_path / "syn"), *cli_flags(flags)]) == 2
     err = capsys.readouterr().err
     assert "--weights PATH" in err and "--weights random" in err
 
 
 def test_cli_missing_real_folder_is_a_clear_error(tmp_path, capsys):
-    assert main(["generate", str(tmp_path / "nope"), "--out", str(tmp_path / "syn"), *_flags(FAST)]) == 2
+    assert main(["generate", str(tmp_path / "nope"), "--out", str(tmp_path / "syn"), *cli_flags(FAST)]) == 2
     assert "does not exist" in capsys.readouterr().err

@@ -4,13 +4,12 @@ sharding, its model files in the ids, and a missing extra named with its install
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from generate_runs import cli_flags, kill_after_first_image, manifest_lines, subprocess_env
 
 from stda_hf.cli import main
 from stda_hf.fileio import read_jsonl
@@ -25,18 +24,8 @@ from stda_hf.split import SplitConfig, make_splits
 ARB = {"engine": "arbitrary", "size": 64, "per_content": 1, "limit": 8, "batch": 4}
 
 
-def _flags(settings: dict) -> list[str]:
-    return [x for k, v in settings.items() for x in (f"--{k.replace('_', '-')}", str(v))]
-
-
 def _files(out: Path) -> dict[str, bytes]:
     return {r["id"]: (out / r["file"]).read_bytes() for r in read_jsonl(out / "manifest.jsonl")}
-
-
-def _env() -> dict[str, str]:
-    import os
-
-    return {**os.environ, "STDA_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -110,30 +99,29 @@ def test_other_model_files_in_the_same_folder_are_refused(real64, tmp_path):
 
 def test_missing_extra_names_the_install_command(real64, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime now raises ImportError
-    argv = ["generate", str(real64), "--out", str(tmp_path / "syn"), *_flags(ARB)]
+    argv = ["generate", str(real64), "--out", str(tmp_path / "syn"), *cli_flags(ARB)]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "pip install 'stda-hf[arbitrary]'" in err
-
-
-def _lines(path: Path) -> int:
-    return len(read_jsonl(path)) if path.exists() else 0
 
 
 @pytest.mark.slow
 def test_killed_run_resumes_to_identical_files(real64, reference, tmp_path):
     out = tmp_path / "syn"
     settings = {**ARB, "batch": 2}  # batches do not change the images (test above)
-    cmd = [sys.executable, "-m", "stda_hf.cli", "generate", str(real64), "--out", str(out), *_flags(settings)]
-    proc = subprocess.Popen(cmd, env=_env(), stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while _lines(out / "manifest.jsonl") < 1 and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
-    assert 1 <= _lines(out / "manifest.jsonl") < ARB["limit"]
-    subprocess.run(cmd, env=_env(), check=True, capture_output=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "stda_hf.cli",
+        "generate",
+        str(real64),
+        "--out",
+        str(out),
+        *cli_flags(settings),
+    ]
+    kill_after_first_image(cmd, out)
+    assert 1 <= manifest_lines(out / "manifest.jsonl") < ARB["limit"]
+    subprocess.run(cmd, env=subprocess_env(), check=True, capture_output=True)
     assert _files(out) == _files(reference)
     assert sorted(p.name for p in (out / "images").iterdir()) == sorted(f"{i}.jpg" for i in _files(reference))
 
@@ -142,8 +130,8 @@ def test_killed_run_resumes_to_identical_files(real64, reference, tmp_path):
 def test_two_processes_split_the_work_and_merge_to_the_single_process_result(real64, reference, tmp_path):
     out = tmp_path / "syn"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    cmd += ["-m", "stda_hf.cli", "generate", str(real64), "--out", str(out), *_flags(ARB)]
-    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    cmd += ["-m", "stda_hf.cli", "generate", str(real64), "--out", str(out), *cli_flags(ARB)]
+    done = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     shares = [json.loads((out / f"generate_summary.rank{k}.json").read_text())["pairs"] for k in (0, 1)]
     assert sum(shares) == ARB["limit"] and min(shares) > 0
