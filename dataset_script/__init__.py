@@ -8,8 +8,10 @@ from .skin_lesions import (
     Sources,
     load_sources,
     split_examples,
+    verdict_of,
 )
 
 __all__ = [
     "FEATURES", "SPLIT_ORDER", "SkinLesions", "SkinLesionsConfig", "Sources", "load_sources", "split_examples",
+    "verdict_of",
 ]  # fmt: skip

@@ -178,7 +178,7 @@ def read_synthetic(root: Path, real: RealFolder, assignment: dict[str, str]) -> 
     return [_synthetic_image(root, rec, labels[i], real) for i, rec in manifest.items() if i in labels]
 
 
-def _verdict(record: dict) -> str:
+def verdict_of(record: dict) -> str:
     """The quality gate's verdict of a manifest line (``ok`` for lines written before the gate existed)."""
     return (record.get("quality") or {}).get("verdict", "ok")
 
@@ -204,7 +204,7 @@ def _read_labels(root: Path, manifest: dict[str, dict]) -> dict[str, dict]:
     """
     path = root / "labels.jsonl"
     labels = {rec.get("id"): rec for rec in read_jsonl(path)}
-    unlabelled = sorted(i for i in set(manifest) - set(labels) if _verdict(manifest[i]) == "ok")
+    unlabelled = sorted(i for i in set(manifest) - set(labels) if verdict_of(manifest[i]) == "ok")
     if unlabelled:
         raise StdaError(
             f"{len(unlabelled)} synthetic image(s) in {root} have no pseudo-label (e.g. {first_few(unlabelled)}); "

@@ -669,7 +669,9 @@ def leave_out_failed(sources, synthetic: str | Path | None, keep: bool) -> tuple
     if synthetic is None:
         return {}, []
     manifest = {r["id"]: r for r in read_jsonl(Path(synthetic) / "manifest.jsonl")}
-    verdict = {i: (r.get("quality") or {}).get("verdict", "ok") for i, r in manifest.items()}
+    from dataset_script import verdict_of
+
+    verdict = {i: verdict_of(r) for i, r in manifest.items()}
     present = {s.id for s in sources.synthetic}  # `stda label` leaves failed images unlabelled by default
     left_out = Counter(v for i, v in verdict.items() if v != "ok" and (not keep or i not in present))
     if keep and left_out:
