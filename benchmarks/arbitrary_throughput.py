@@ -6,11 +6,11 @@
     python benchmarks/arbitrary_throughput.py --device cuda --threads 4 --batches 1 32
 
 Prints images/s (style vectors computed once per style, as ``stda generate`` does; timed: the transformer
-with resizing, colour and strength handling as :func:`stda_hf.arbitrary.stylize` runs them), the largest and
+with resizing, colour and strength handling as :func:`stda_hf.generate.arbitrary.stylize` runs them), the largest and
 mean pixel difference of the torch conversion against onnxruntime, and the hours the paper's 248,489 images
 would take at each rate. The torch conversion evaluates the ONNX graph op by op (weights dequantised once,
 activation QuantizeLinear/DequantizeLinear kept as fake quantisation): it is what
-``stda_hf.arbitrary`` would use if it were faster and matched onnxruntime to 1e-4. Inputs are random images
+``stda_hf.generate.arbitrary`` would use if it were faster and matched onnxruntime to 1e-4. Inputs are random images
 (the speed does not depend on content); the figures come from one machine and say so.
 """
 
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from stda_hf import arbitrary
+from stda_hf.generate import arbitrary
 
 PAPER_IMAGES = 248_489
 

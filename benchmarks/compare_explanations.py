@@ -35,7 +35,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stda_hf.explain import (
+from stda_hf.attribution.heatmaps import Tile, prediction_tiles, render_grid, save_grid
+from stda_hf.core.fileio import write_json
+from stda_hf.data.images import SkipReport
+from stda_hf.data.real import ARTIFACTS
+from stda_hf.explain.stage import (
     COMPOSITE_NAMES,
     Result,
     Sample,
@@ -45,11 +49,7 @@ from stda_hf.explain import (
     open_source,
     summarize,
 )
-from stda_hf.fileio import write_json
-from stda_hf.heatmaps import Tile, prediction_tiles, render_grid, save_grid
-from stda_hf.images import SkipReport
 from stda_hf.models.vgg import load_model
-from stda_hf.real import ARTIFACTS
 
 TIMED_METHODS = ("gradient", "dtd", "epsilon_plus_flat", "epsilon_gamma_box", "excitation_backprop")
 

@@ -23,7 +23,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from isic_server import FakeIsicArchive, phantom_archive  # noqa: E402
 
-from stda_hf.fetch import FetchConfig, fetch  # noqa: E402
+from stda_hf.fetch.stage import FetchConfig, fetch  # noqa: E402
 
 
 def timed_fetch(archive: FakeIsicArchive, out: Path, workers: int) -> float:

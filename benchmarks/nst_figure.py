@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/nst_figure.py --weights imagenet      # online (or --weights vgg19.safetensors)
     .venv/bin/python benchmarks/nst_figure.py --thresholds            # the quality gate's measures on phantoms
 
-Runs the real stage (:func:`stda_hf.generate.generate`) on a split phantom folder and lays out one row per pair
+Runs the real stage (:func:`stda_hf.generate.stage.generate`) on a split phantom folder and lays out one row per pair
 from its manifest: benign content | malignant style | result. Writes ``docs/generate_pairs.jpg``.
 """
 
@@ -17,11 +17,11 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from stda_hf.fileio import read_jsonl
-from stda_hf.generate import GenerateConfig, generate
-from stda_hf.phantoms import PhantomConfig, make_phantoms
-from stda_hf.real import read_real_folder
-from stda_hf.split import SplitConfig, make_splits
+from stda_hf.core.fileio import read_jsonl
+from stda_hf.data.phantoms import PhantomConfig, make_phantoms
+from stda_hf.data.real import read_real_folder
+from stda_hf.data.split import SplitConfig, make_splits
+from stda_hf.generate.stage import GenerateConfig, generate
 
 os.environ.setdefault("STDA_NO_PROGRESS", "1")
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -80,10 +80,10 @@ def measure_gate(pairs: int = 8, size: int = 64, iterations: int = 50) -> None:
     import numpy as np
     import torch
 
-    from stda_hf.generate import load_content
+    from stda_hf.generate.nst import NSTConfig, style_targets, stylize
+    from stda_hf.generate.quality import StyleDistance, assess
+    from stda_hf.generate.stage import load_content
     from stda_hf.models.features import build_vgg_features
-    from stda_hf.nst import NSTConfig, style_targets, stylize
-    from stda_hf.quality import StyleDistance, assess
 
     with tempfile.TemporaryDirectory() as tmp:
         real = Path(tmp) / "real"

@@ -5,8 +5,8 @@
 
 The reference is the PyTorch neural-style tutorial's loop: one image at a time, a ``nn.Sequential`` with loss
 modules, ``torch.optim.LBFGS`` and a closure that clamps the image, in fp32, for ``--iterations`` loss
-evaluations. Its final loss (re-evaluated in fp32 by :func:`stda_hf.nst.objective`) is each pair's target.
-Every variant of the engine (:func:`stda_hf.nst.stylize`, batches of ``--batch`` pairs, the same objective,
+evaluations. Its final loss (re-evaluated in fp32 by :func:`stda_hf.generate.nst.objective`) is each pair's target.
+Every variant of the engine (:func:`stda_hf.generate.nst.stylize`, batches of ``--batch`` pairs, the same objective,
 layers and weights) runs ``--engine-iterations`` evaluations (default 1.5x the plain loop's, so that its curve
 can pass the target) while a callback keeps the image it holds after each evaluation and the clock (the callback's own time is not counted); afterwards each kept image is evaluated in
 fp32 at full size by the same function (coarse-stage images upsampled as the engine does). A variant's time to
@@ -17,8 +17,8 @@ Both the tutorial and the engine compute content features and style Grams once p
 
 Printed per variant: seconds per image to the target and the speed-up over the plain loop, the evaluations that
 took, the final loss after all its evaluations (ratio to the plain loop's), images/s of the whole run, and the
-quality gate's verdicts (:mod:`stda_hf.quality`) on the images at the target. ``--plot`` draws the curves.
-``--engine arbitrary gatys`` also measures the pretrained feed-forward engine (:mod:`stda_hf.arbitrary`) on the
+quality gate's verdicts (:mod:`stda_hf.generate.quality`) on the images at the target. ``--plot`` draws the curves.
+``--engine arbitrary gatys`` also measures the pretrained feed-forward engine (:mod:`stda_hf.generate.arbitrary`) on the
 same pairs, with the same clock and gate, and both engines' hours for the paper's 248,489 images.
 """
 
@@ -42,10 +42,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from stda_hf.generate import load_content
+from stda_hf.generate.nst import NSTConfig, objective, resize, style_targets, stylize
+from stda_hf.generate.quality import StyleDistance, assess
+from stda_hf.generate.stage import load_content
 from stda_hf.models.features import build_vgg_features
-from stda_hf.nst import NSTConfig, objective, resize, style_targets, stylize
-from stda_hf.quality import StyleDistance, assess
 
 VARIANTS = {
     "engine fp32": {"precision": "fp32", "coarse_to_fine": 0.0},
@@ -242,8 +242,8 @@ class Curve:
 
 def phantom_pairs(n: int, size: int, device: torch.device):
     """``n`` benign content and ``n`` malignant style phantoms (n, 3, size, size), and the contents' masks."""
-    from stda_hf.phantoms import PhantomConfig, make_phantoms
-    from stda_hf.real import read_real_folder
+    from stda_hf.data.phantoms import PhantomConfig, make_phantoms
+    from stda_hf.data.real import read_real_folder
 
     root = Path(tempfile.mkdtemp()) / "real"
     make_phantoms(root, PhantomConfig(n=4 * n + 8, size=size, seed=0))
@@ -391,7 +391,7 @@ PAPER_IMAGES = 248_489  # the original work's synthetic set
 def arbitrary_row(args, device: torch.device, contents, styles, masks) -> None:
     """Images/s of the pretrained feed-forward engine on the same pairs (style vectors once per style, timed),
     its quality-gate verdicts, and the hours the paper's 248,489 images would take at that rate."""
-    from stda_hf import arbitrary
+    from stda_hf.generate import arbitrary
 
     models = arbitrary.load_models(device, threads=args.threads or None)
     cfg = arbitrary.ArbitraryConfig()

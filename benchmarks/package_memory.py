@@ -23,7 +23,7 @@ os.environ.setdefault("STDA_NO_PROGRESS", "1")
 
 MEASURE = """
 import json, os, resource, sys, time, tracemalloc
-from stda_hf.package import package
+from stda_hf.dataset.packaging import package
 
 def rss():
     with open("/proc/self/statm") as fh:
@@ -44,8 +44,8 @@ print(json.dumps({"base_rss": base, "peak_rss": peak_rss, "peak_heap": peak_heap
 
 def make_real(root: Path, n: int, size: int, seed: int) -> Path:
     """A split phantom folder of ``n`` images."""
-    from stda_hf.phantoms import PhantomConfig, make_phantoms
-    from stda_hf.split import SplitConfig, make_splits
+    from stda_hf.data.phantoms import PhantomConfig, make_phantoms
+    from stda_hf.data.split import SplitConfig, make_splits
 
     make_phantoms(root, PhantomConfig(n=n, size=size, seed=seed))
     make_splits(root, SplitConfig(seed=seed))

@@ -51,9 +51,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def phantom_dataset(folder: Path, n: int, size: int) -> Path:
     """Phantoms -> split -> package into ``folder``: the offline dataset train.py trains on in the demo."""
-    from stda_hf.package import package
-    from stda_hf.phantoms import PhantomConfig, make_phantoms
-    from stda_hf.split import SplitConfig, make_splits
+    from stda_hf.data.phantoms import PhantomConfig, make_phantoms
+    from stda_hf.data.split import SplitConfig, make_splits
+    from stda_hf.dataset.packaging import package
 
     make_phantoms(folder / "real", PhantomConfig(n=n, size=size, seed=0))
     make_splits(folder / "real", SplitConfig(seed=0))

@@ -22,11 +22,18 @@ from typing import ClassVar
 import datasets
 
 from stda_hf import DATASET_SPLITS, LABELS
-from stda_hf.errors import StdaError
-from stda_hf.fileio import read_jsonl
-from stda_hf.licenses import most_restrictive
-from stda_hf.real import SPLITS, RealFolder, RealImage, check_leakage, read_real_folder, untrained_sources
-from stda_hf.utils import first_few, sha256_file
+from stda_hf.core.errors import StdaError
+from stda_hf.core.fileio import read_jsonl
+from stda_hf.core.utils import first_few, sha256_file
+from stda_hf.data.licenses import most_restrictive
+from stda_hf.data.real import (
+    SPLITS,
+    RealFolder,
+    RealImage,
+    check_leakage,
+    read_real_folder,
+    untrained_sources,
+)
 
 FEATURES = datasets.Features(
     {

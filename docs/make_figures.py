@@ -13,9 +13,9 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from stda_hf.fileio import read_jsonl
-from stda_hf.phantoms import PhantomConfig, make_phantoms
-from stda_hf.real import read_real_folder
+from stda_hf.core.fileio import read_jsonl
+from stda_hf.data.phantoms import PhantomConfig, make_phantoms
+from stda_hf.data.real import read_real_folder
 
 DOCS = Path(__file__).resolve().parent
 
@@ -51,8 +51,8 @@ def engine_grid(out: Path, pairs: int = 4, size: int = 128, tile: int = 160) -> 
     Every run is ``stda generate`` with ``per_content=1`` and the same seed, so the rows hold the same pairs;
     returns one line per image with its quality verdict, style reduction and structure score.
     """
-    from stda_hf.generate import GenerateConfig, generate
-    from stda_hf.split import SplitConfig, make_splits
+    from stda_hf.data.split import SplitConfig, make_splits
+    from stda_hf.generate.stage import GenerateConfig, generate
 
     lines = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -3,7 +3,7 @@
 Each subcommand is one ``_add_<name>`` function that declares its arguments and sets ``func`` to a small
 runner. Settings of a stage's ``@dataclass`` config become flags automatically (:func:`add_config_flags`), with
 the field's comment as help, and every command takes ``--config FILE.yaml`` for the same settings.
-Errors on user input (:class:`~stda_hf.errors.StdaError`) print one line and exit with status 2; ``--debug``
+Errors on user input (:class:`~stda_hf.core.errors.StdaError`) print one line and exit with status 2; ``--debug``
 shows the traceback instead. Usage errors (a bad flag or value) are one line with status 2 as well, and no
 output folder may be, or lie inside, a folder the command reads.
 """
@@ -16,9 +16,9 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from . import __version__
-from .config import add_config_flags, config_from_args, field_comments
-from .errors import StdaError, run_reporting_errors
+from stda_hf import __version__
+from stda_hf.core.config import add_config_flags, config_from_args, field_comments
+from stda_hf.core.errors import StdaError, run_reporting_errors
 
 __all__ = ["add_config_flags", "build_parser", "config_from_args", "field_comments", "main"]
 
@@ -64,7 +64,7 @@ SUMMARIES = {
 
 
 def _add_fetch(sub) -> None:
-    from .fetch import FetchConfig
+    from stda_hf.fetch import FetchConfig
 
     p = sub.add_parser(
         "fetch",
@@ -83,7 +83,7 @@ def _add_fetch(sub) -> None:
 
 
 def _run_fetch(args) -> None:
-    from .fetch import FetchConfig, dry_run, fetch
+    from stda_hf.fetch import FetchConfig, dry_run, fetch
 
     cfg = config_from_args(FetchConfig, args)
     if args.dry_run:
@@ -95,7 +95,7 @@ def _run_fetch(args) -> None:
 
 
 def _add_phantoms(sub) -> None:
-    from .phantoms import PhantomConfig
+    from stda_hf.data.phantoms import PhantomConfig
 
     p = sub.add_parser(
         "phantoms",
@@ -117,7 +117,12 @@ def _add_phantoms(sub) -> None:
 
 
 def _run_phantoms(args) -> None:
-    from .phantoms import DEFAULT_ARTIFACT_RATES, PhantomConfig, make_phantoms, parse_artifact_rates
+    from stda_hf.data.phantoms import (
+        DEFAULT_ARTIFACT_RATES,
+        PhantomConfig,
+        make_phantoms,
+        parse_artifact_rates,
+    )
 
     artifacts = {**DEFAULT_ARTIFACT_RATES, **parse_artifact_rates(args.artifact)} if args.artifact else None
     cfg = config_from_args(PhantomConfig, args, artifacts=artifacts)
@@ -126,7 +131,7 @@ def _run_phantoms(args) -> None:
 
 
 def _add_split(sub) -> None:
-    from .split import SplitConfig
+    from stda_hf.data.split import SplitConfig
 
     p = sub.add_parser(
         "split",
@@ -140,7 +145,7 @@ def _add_split(sub) -> None:
 
 
 def _run_split(args) -> None:
-    from .split import SplitConfig, make_splits
+    from stda_hf.data.split import SplitConfig, make_splits
 
     summary = make_splits(args.real, config_from_args(SplitConfig, args))
     for split, counts in summary.items():
@@ -164,13 +169,13 @@ def _add_inspect(sub) -> None:
 
 
 def _run_inspect(args) -> None:
-    from .real import inspect_folder
+    from stda_hf.data.real import inspect_folder
 
     print(inspect_folder(args.real, decode=not args.no_decode).format())
 
 
 def _add_generate(sub) -> None:
-    from .generate import GenerateConfig
+    from stda_hf.generate import GenerateConfig
 
     p = sub.add_parser(
         "generate",
@@ -186,7 +191,7 @@ def _add_generate(sub) -> None:
 
 
 def _run_generate(args) -> None:
-    from .generate import GenerateConfig, generate
+    from stda_hf.generate import GenerateConfig, generate
 
     summary = generate(args.real, args.out, config_from_args(GenerateConfig, args))
     print(summary.format())
@@ -194,7 +199,7 @@ def _run_generate(args) -> None:
 
 
 def _add_label(sub) -> None:
-    from .label import LabelConfig
+    from stda_hf.label import LabelConfig
 
     p = sub.add_parser(
         "label",
@@ -209,7 +214,7 @@ def _add_label(sub) -> None:
 
 
 def _run_label(args) -> None:
-    from .label import LabelConfig, label_synthetic
+    from stda_hf.label import LabelConfig, label_synthetic
 
     s = label_synthetic(args.synthetic, config_from_args(LabelConfig, args))
     labels = ", ".join(f"{k} {v}" for k, v in s.labels.items())
@@ -227,7 +232,7 @@ def _run_label(args) -> None:
 
 
 def _add_package(sub) -> None:
-    from .package import PackageConfig
+    from stda_hf.dataset import PackageConfig
 
     p = sub.add_parser(
         "package",
@@ -247,7 +252,7 @@ def _add_package(sub) -> None:
 
 
 def _run_package(args) -> None:
-    from .package import PackageConfig, package
+    from stda_hf.dataset import PackageConfig, package
 
     result = package(args.real, args.out, synthetic=args.synthetic, cfg=config_from_args(PackageConfig, args))
     for split, counts in result.counts.items():
@@ -267,7 +272,7 @@ def _print_left_out(left_out: dict[str, int], what: str) -> None:
 
 
 def _add_push(sub) -> None:
-    from .push import PushConfig
+    from stda_hf.dataset import PushConfig
 
     p = sub.add_parser(
         "push",
@@ -281,7 +286,7 @@ def _add_push(sub) -> None:
 
 
 def _run_push(args) -> None:
-    from .push import PushConfig, push
+    from stda_hf.dataset import PushConfig, push
 
     result = push(args.folder, config_from_args(PushConfig, args))
     for path, size in result.files:
@@ -294,7 +299,7 @@ def _run_push(args) -> None:
 
 
 def _add_train(sub) -> None:
-    from .training import TrainConfig
+    from stda_hf.training import TrainConfig
 
     p = sub.add_parser(
         "train",
@@ -308,14 +313,14 @@ def _add_train(sub) -> None:
 
 
 def _run_train(args) -> None:
-    from .training.command import quiet_loggers, train_from_args
+    from stda_hf.training import quiet_loggers, train_from_args
 
     quiet_loggers(args.verbose)
     train_from_args(args)
 
 
 def _add_explain(sub) -> None:
-    from .explain import COMPOSITE_NAMES, ExplainConfig
+    from stda_hf.explain import COMPOSITE_NAMES, ExplainConfig
 
     p = sub.add_parser(
         "explain",
@@ -341,7 +346,7 @@ def _add_explain(sub) -> None:
 
 
 def _run_explain(args) -> None:
-    from .explain import ExplainConfig, run_explain
+    from stda_hf.explain import ExplainConfig, run_explain
 
     cfg = config_from_args(ExplainConfig, args)
     s = run_explain(
@@ -351,7 +356,7 @@ def _run_explain(args) -> None:
 
 
 def _add_benchmark(sub) -> None:
-    from .benchmark import BenchmarkConfig
+    from stda_hf.benchmark import BenchmarkConfig
 
     p = sub.add_parser(
         "benchmark",
@@ -366,7 +371,7 @@ def _add_benchmark(sub) -> None:
 
 
 def _run_benchmark(args) -> None:
-    from .benchmark import BenchmarkConfig, run_benchmark
+    from stda_hf.benchmark import BenchmarkConfig, run_benchmark
 
     cfg = config_from_args(BenchmarkConfig, args)
     print(f"report: {run_benchmark(cfg, str(args.config or ''), report_only=args.report_only)}")
@@ -386,7 +391,7 @@ def _add_demo(sub) -> None:
 
 
 def _run_demo(args) -> None:
-    from .demo import run_demo
+    from stda_hf.demo import run_demo
 
     run_demo(args.out, n=args.n, size=args.size, seed=args.seed)
 
@@ -438,7 +443,7 @@ def _command_in(argv: Sequence[str]) -> str | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``stda``; returns the exit status (0 ok, 2 bad input, 130 interrupted)."""
-    from .utils import setup_logging
+    from stda_hf.core.utils import setup_logging
 
     argv = sys.argv[1:] if argv is None else list(argv)
     command = _command_in(argv)

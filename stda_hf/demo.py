@@ -15,9 +15,9 @@ import logging
 import shutil
 from pathlib import Path
 
-from .phantoms import PhantomConfig, make_phantoms
-from .real import inspect_folder
-from .split import SplitConfig, make_splits
+from stda_hf.data.phantoms import PhantomConfig, make_phantoms
+from stda_hf.data.real import inspect_folder
+from stda_hf.data.split import SplitConfig, make_splits
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def _generate_step(out: Path, real: Path, size: int, seed: int) -> Path:
     """Restyle benign train phantoms with malignant train ones with the pretrained arbitrary-style network."""
     import json
 
-    from .generate import ENGINE_FILE, GenerateConfig, QualityGateFailed, generate
+    from stda_hf.generate import ENGINE_FILE, GenerateConfig, QualityGateFailed, generate
 
     synthetic = out / "synthetic"
     cfg = GenerateConfig(engine="arbitrary", size=size, per_content=1, limit=24, batch=12, seed=seed)
@@ -69,7 +69,7 @@ def _generate_step(out: Path, real: Path, size: int, seed: int) -> Path:
 
 def _label_step(synthetic: Path, teacher: Path, real: Path) -> None:
     """Pseudo-label the synthetic images with the teacher, Platt-calibrated on the real validation split."""
-    from .label import LABELS_FILE, LabelConfig, label_synthetic
+    from stda_hf.label import LABELS_FILE, LabelConfig, label_synthetic
 
     _step("label", f"teacher {teacher}, calibrated on the real validation split")
     (synthetic / LABELS_FILE).unlink(missing_ok=True)  # a fresh teacher each demo: relabel everything
@@ -84,7 +84,7 @@ def _label_step(synthetic: Path, teacher: Path, real: Path) -> None:
 
 def _package_step(real: Path, synthetic: Path | None, hub: Path) -> Path:
     """Package the real images (and the labelled synthetic ones, when given) as a Hub dataset folder."""
-    from .package import package
+    from stda_hf.dataset import package
 
     _step("package", f"{'real + synthetic' if synthetic else 'real'} images -> {hub}")
     result = package(real, hub, synthetic=synthetic)
@@ -110,7 +110,7 @@ def _load_step(hub: Path) -> None:
 
 def _train_step(run: Path, hub: Path, synthetic: str, size: int, seed: int, epochs: int) -> Path:
     """Train a small VGG8 on the packaged dataset: real images only, or with the synthetic split mixed in."""
-    from .training import TrainConfig, run_training
+    from stda_hf.training import TrainConfig, run_training
 
     what = "real + synthetic (mix)" if synthetic == "mix" else "real train images only"
     _step("train", f"VGG8 on {what}, {epochs} epochs -> {run}")
@@ -131,7 +131,7 @@ def _train_step(run: Path, hub: Path, synthetic: str, size: int, seed: int, epoc
 
 def _explain_step(out: Path, real: Path, models: dict[str, Path]) -> None:
     """Explain each model on the same real test images with DTD and print the relevance numbers side by side."""
-    from .explain import ExplainConfig, run_explain
+    from stda_hf.explain import ExplainConfig, run_explain
 
     _step("explain", "Deep Taylor Decomposition of each model on the real test images")
     for name, run in models.items():

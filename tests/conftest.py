@@ -29,8 +29,8 @@ if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
 @pytest.fixture(scope="session")
 def phantom_real_session(tmp_path_factory) -> Path:
     """A split phantom folder (60 images, 32 px), built once per session. Do not modify: copy it."""
-    from stda_hf.phantoms import PhantomConfig, make_phantoms
-    from stda_hf.split import SplitConfig, make_splits
+    from stda_hf.data.phantoms import PhantomConfig, make_phantoms
+    from stda_hf.data.split import SplitConfig, make_splits
 
     root = tmp_path_factory.mktemp("phantoms") / "real"
     make_phantoms(root, PhantomConfig(n=60, size=32, seed=0))

@@ -8,7 +8,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from stda_hf.fileio import read_jsonl
+from stda_hf.core.fileio import read_jsonl
 
 
 def cli_flags(settings: dict) -> list[str]:

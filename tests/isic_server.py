@@ -140,7 +140,7 @@ def phantom_archive(folder: Path, n: int = 24, seed: int = 0, size: int = 32) ->
     """
     import random
 
-    from stda_hf.phantoms import PhantomConfig, make_phantoms
+    from stda_hf.data.phantoms import PhantomConfig, make_phantoms
 
     make_phantoms(
         folder, PhantomConfig(n=n, size=size, seed=seed, max_lesions_per_patient=1, max_images_per_lesion=2)

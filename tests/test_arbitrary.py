@@ -1,4 +1,4 @@
-"""The pretrained arbitrary-style engine (stda_hf.arbitrary) on 64 px phantoms: restyles, keeps structure, exact."""
+"""The pretrained arbitrary-style engine (stda_hf.generate.arbitrary) on 64 px phantoms: restyles, keeps structure, exact."""
 
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from stda_hf import arbitrary  # the test extra installs the 'arbitrary' extra: these tests never skip
-from stda_hf.errors import StdaError
-from stda_hf.phantoms import PhantomConfig, make_phantoms
+from stda_hf.core.errors import StdaError
+from stda_hf.data.phantoms import PhantomConfig, make_phantoms
+from stda_hf.generate import (
+    arbitrary,  # the test extra installs the 'arbitrary' extra: these tests never skip
+)
 
 SIZE = 64
 STRUCTURE_BOUND = 0.7  # luminance correlation of result and content (measured 0.82-0.93 at strength 1)
@@ -136,7 +138,7 @@ def test_sides_that_are_not_multiples_of_four_keep_their_size(models, pairs, ren
 
 @pytest.mark.parametrize("mode", ["luminance", "ycbcr"])
 def test_preserve_color_keeps_the_content_chroma(models, pairs, mode):
-    from stda_hf.nst import rgb_to_ycbcr
+    from stda_hf.generate.nst import rgb_to_ycbcr
 
     content, style = pairs
     result = _run(models, content, style, preserve_color=mode)

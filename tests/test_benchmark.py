@@ -15,9 +15,9 @@ import pytest
 
 from stda_hf import benchmark as bm
 from stda_hf.benchmark import BenchmarkConfig, RunKey, RunTable
-from stda_hf.errors import StdaError
-from stda_hf.real import read_real_folder
-from stda_hf.split import make_folds
+from stda_hf.core.errors import StdaError
+from stda_hf.data.real import read_real_folder
+from stda_hf.data.split import make_folds
 
 # ----------------------------------------------------------------------------------------------------------------
 # Folds
@@ -124,7 +124,7 @@ def test_an_unknown_label_source_is_refused_before_any_work(tmp_path):
 
 
 def test_shipped_configs_load():
-    from stda_hf.config import load_config
+    from stda_hf.core.config import load_config
 
     configs = sorted((Path(__file__).parent.parent / "benchmarks" / "configs").glob("*.yaml"))
     assert {p.stem for p in configs} >= {"phantoms-small", "phantoms-shortcut", "isic"}

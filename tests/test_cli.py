@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from stda_hf.cli import build_parser, field_comments, main
-from stda_hf.phantoms import PhantomConfig
+from stda_hf.data.phantoms import PhantomConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,7 +51,7 @@ def test_user_error_is_one_line_and_exit_2(tmp_path, capsys):
 
 
 def test_debug_shows_the_traceback(tmp_path):
-    from stda_hf.errors import StdaError
+    from stda_hf.core.errors import StdaError
 
     with pytest.raises(StdaError):
         main(["split", str(tmp_path / "missing"), "--debug"])

@@ -7,8 +7,8 @@ import typing
 
 import pytest
 
-from stda_hf.config import changed_settings, describe_changes, read_settings
-from stda_hf.errors import StdaError
+from stda_hf.core.config import changed_settings, describe_changes, read_settings
+from stda_hf.core.errors import StdaError
 
 
 def test_changed_settings_names_what_differs_in_the_order_of_now():
@@ -53,7 +53,7 @@ def test_an_optional_bool_field_becomes_a_yes_no_flag_that_defaults_to_unset():
     import argparse
     from dataclasses import dataclass
 
-    from stda_hf.config import add_config_flags
+    from stda_hf.core.config import add_config_flags
 
     @dataclass
     class Settings:
@@ -97,14 +97,14 @@ def _typed():
     ],
 )
 def test_values_of_the_wrong_type_are_refused_naming_setting_and_value(values, message):
-    from stda_hf.config import check_types
+    from stda_hf.core.config import check_types
 
     with pytest.raises(StdaError, match=message):
         check_types(_typed(), values)
 
 
 def test_safe_conversions_of_typed_values():
-    from stda_hf.config import check_types
+    from stda_hf.core.config import check_types
 
     got = check_types(
         _typed(), {"rate": 1, "name": 2024, "layers": "conv1_1", "limit": None, "mode": "exact"}
@@ -114,7 +114,7 @@ def test_safe_conversions_of_typed_values():
 
 
 def test_a_config_file_value_of_the_wrong_type_names_the_file(tmp_path):
-    from stda_hf.config import load_config
+    from stda_hf.core.config import load_config
 
     (tmp_path / "c.yaml").write_text("n: many\n")
     with pytest.raises(StdaError, match=r"setting n in .*c\.yaml: 'many' is not an integer"):

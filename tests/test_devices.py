@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stda_hf.devices import check_device_name, resolve_device
-from stda_hf.errors import StdaError
+from stda_hf.core.devices import check_device_name, resolve_device
+from stda_hf.core.errors import StdaError
 
 
 def test_auto_is_the_cpu_without_cuda_and_cpu_is_the_cpu():

@@ -14,8 +14,8 @@ from PIL import Image
 from scipy.ndimage import binary_erosion
 from torch import nn
 
-from stda_hf.errors import StdaError
-from stda_hf.explain import (
+from stda_hf.core.errors import StdaError
+from stda_hf.explain.stage import (
     COMPOSITE_NAMES,
     ExplainConfig,
     conservation,
@@ -356,8 +356,8 @@ def _train(x: torch.Tensor, y: torch.Tensor, steps: int = 100) -> nn.Module:
 @pytest.fixture(scope="module")
 def patch_phantoms(tmp_path_factory):
     """Phantoms with a colour patch in every benign image and none in malignant ones (40 px)."""
-    from stda_hf.phantoms import PhantomConfig, make_phantoms
-    from stda_hf.real import read_real_folder
+    from stda_hf.data.phantoms import PhantomConfig, make_phantoms
+    from stda_hf.data.real import read_real_folder
 
     root = tmp_path_factory.mktemp("shortcut") / "real"
     make_phantoms(root, PhantomConfig(n=120, size=40, seed=0, hair=0.0, artifacts={"patch": (1.0, 0.0)}))
@@ -482,8 +482,8 @@ def test_dataset_rows_that_do_not_decode_are_skipped_and_reported():
 
     import datasets
 
-    from stda_hf.explain import row_samples
-    from stda_hf.images import SkipReport
+    from stda_hf.data.images import SkipReport
+    from stda_hf.explain.stage import row_samples
 
     buf = io.BytesIO()
     Image.new("RGB", (8, 8), "red").save(buf, format="PNG")
@@ -518,7 +518,7 @@ def test_target_true_needs_labels(saved_model, tmp_path):
 
 def test_explain_a_packaged_dataset_split_from_the_command_line(phantom_real, saved_model, tmp_path, capsys):
     from stda_hf.cli import main
-    from stda_hf.package import package
+    from stda_hf.dataset.packaging import package
 
     package(phantom_real, tmp_path / "hub")
     out = tmp_path / "h"
@@ -618,8 +618,8 @@ class _ImageTracker:
 def test_training_hook_saves_the_grid_logs_it_and_returns_numbers(phantom_real, tmp_path):
     import datasets
 
-    from stda_hf.explain import eval_transform
-    from stda_hf.package import package
+    from stda_hf.dataset.packaging import package
+    from stda_hf.explain.stage import eval_transform
 
     package(phantom_real, tmp_path / "hub")
     val = datasets.load_dataset(str(tmp_path / "hub"), split="validation")
@@ -668,7 +668,7 @@ TINY_TRAIN = [
 
 @pytest.fixture
 def phantom_hub(phantom_real, tmp_path):
-    from stda_hf.package import package
+    from stda_hf.dataset.packaging import package
 
     package(phantom_real, tmp_path / "hub")
     return tmp_path / "hub"
@@ -734,7 +734,7 @@ def test_explaining_during_training_changes_neither_weights_nor_metrics(phantom_
 def test_explanation_settings_live_in_the_run_config(phantom_hub, tmp_path):
     import yaml
 
-    from stda_hf.errors import StdaError
+    from stda_hf.core.errors import StdaError
     from stda_hf.training import TrainConfig, run_training
 
     cfg = TrainConfig(
@@ -753,7 +753,7 @@ def test_explanation_settings_live_in_the_run_config(phantom_hub, tmp_path):
 
 def test_a_fixed_target_with_a_negative_score_still_measures_where_its_evidence_lies():
     from stda_hf import LABELS
-    from stda_hf.explain_hook import Sample, explain_samples
+    from stda_hf.attribution.hook import Sample, explain_samples
     from stda_hf.models.vgg import eval_transform
 
     model = random_batch_norms(small_vgg8())

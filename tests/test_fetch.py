@@ -18,12 +18,12 @@ import pytest
 from isic_server import LICENSES, FakeIsicArchive, corrupt, phantom_archive
 
 from stda_hf.cli import main
-from stda_hf.errors import StdaError
-from stda_hf.fetch import FetchConfig, IsicClient, dry_run, fetch
-from stda_hf.fetch_records import FILE_COLUMNS
-from stda_hf.httpclient import backoff_delay, retry_after_seconds
-from stda_hf.real import REQUIRED_COLUMNS, read_real_folder
-from stda_hf.split import SplitConfig, make_splits
+from stda_hf.core.errors import StdaError
+from stda_hf.data.real import REQUIRED_COLUMNS, read_real_folder
+from stda_hf.data.split import SplitConfig, make_splits
+from stda_hf.fetch.http import backoff_delay, retry_after_seconds
+from stda_hf.fetch.records import FILE_COLUMNS
+from stda_hf.fetch.stage import FetchConfig, IsicClient, dry_run, fetch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -373,7 +373,7 @@ def test_unreachable_api_is_a_clear_error(tmp_path):
 
 
 CHILD_FETCH = (
-    "import sys; from stda_hf.fetch import FetchConfig, fetch; "
+    "import sys; from stda_hf.fetch.stage import FetchConfig, fetch; "
     "fetch(sys.argv[1], FetchConfig(api_url=sys.argv[2], workers=2, page_size=5, backoff=0.01, max_backoff=0.05))"
 )
 
@@ -662,7 +662,9 @@ def test_later_search_pages_carry_no_count(archive):
 
 
 def test_fetch_refuses_when_the_disk_lacks_the_space(archive, tmp_path, monkeypatch):
-    monkeypatch.setattr("stda_hf.fetch.shutil.disk_usage", lambda path: type("Usage", (), {"free": 10_000})())
+    monkeypatch.setattr(
+        "stda_hf.fetch.stage.shutil.disk_usage", lambda path: type("Usage", (), {"free": 10_000})()
+    )
     with pytest.raises(StdaError, match=r"need about .* only 10.0 KB is free"):
         fetch(tmp_path / "real", config(archive))
     assert archive.count("size") >= 1 and archive.count("file") == 0

@@ -7,9 +7,9 @@ import os
 
 import pytest
 
-from stda_hf import fileio
-from stda_hf.errors import StdaError
-from stda_hf.fileio import append_jsonl, atomic_write, read_jsonl, write_json, write_text
+from stda_hf.core import fileio
+from stda_hf.core.errors import StdaError
+from stda_hf.core.fileio import append_jsonl, atomic_write, read_jsonl, write_json, write_text
 
 
 def test_atomic_write_keeps_old_file_when_block_fails(tmp_path):
@@ -87,7 +87,7 @@ def test_atomic_files_get_the_usual_permissions(tmp_path):
 
 
 def test_csv_text_keeps_the_given_columns_in_order_and_leaves_missing_cells_empty():
-    from stda_hf.fileio import csv_text
+    from stda_hf.core.fileio import csv_text
 
     rows = [{"b": 1, "a": "x,y"}, {"a": "z", "extra": "dropped"}]
     assert csv_text(rows, ("a", "b")) == 'a,b\n"x,y",1\nz,\n'

@@ -16,14 +16,14 @@ import torch
 from generate_runs import cli_flags, kill_after_first_image, manifest_lines, subprocess_env
 from PIL import Image
 
-from stda_hf import generate as gen
 from stda_hf.cli import main
-from stda_hf.errors import StdaError
-from stda_hf.fileio import read_jsonl
-from stda_hf.generate import GenerateConfig, assign_styles, generate, merge_manifests
+from stda_hf.core.errors import StdaError
+from stda_hf.core.fileio import read_jsonl
+from stda_hf.data.real import read_real_folder
+from stda_hf.data.split import SplitConfig, make_splits
+from stda_hf.generate import stage as gen
+from stda_hf.generate.stage import GenerateConfig, assign_styles, generate, merge_manifests
 from stda_hf.models.features import VGGFeatures
-from stda_hf.real import read_real_folder
-from stda_hf.split import SplitConfig, make_splits
 
 MANIFEST_KEYS = {
     "id",
@@ -142,7 +142,7 @@ def test_generate_writes_images_manifest_and_provenance(reference, phantom_real_
 
 
 def test_saved_settings_reload_to_the_same_config(reference):
-    from stda_hf.config import load_config
+    from stda_hf.core.config import load_config
 
     cfg = load_config(GenerateConfig, reference / "generate.yaml")
     assert cfg == GenerateConfig(**RUN)

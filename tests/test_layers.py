@@ -1,5 +1,9 @@
-"""The import graph of ``stda_hf`` runs one way: no circles, no stage importing another, nothing but ``__main__``
-importing the CLI (DESIGN.md, "Boundaries").
+"""The import graph of ``stda_hf`` runs one way, folder by folder (docs/architecture.md, "Layers").
+
+Shared layers, bottom up: ``core`` (and the package root's constants), ``data``, ``models``, ``attribution``,
+``metrics``. A stage folder (``fetch``, ``generate``, ``label``, ``dataset``, ``training``, ``explain``) imports the
+shared layers and itself, never another stage. Orchestrators (``demo``, ``benchmark``) and the CLI import a stage
+only through its public face (``stda_hf.<stage>``), never its internals; nothing but ``__main__`` imports the CLI.
 
 The graph is read from the source (every ``import`` statement, function-local ones included), not from what
 Python happens to have loaded, so a lazy import inside a function counts like a top-level one.
@@ -13,11 +17,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "stda_hf"
 
-STAGES = ("fetch", "phantoms", "split", "generate", "label", "package", "push", "training", "explain")
-"""One module (or package) per stage of the flow; a stage imports helpers and models, never another stage."""
+LAYERS = ("core", "data", "models", "attribution", "metrics")
+"""The shared layers, bottom up: each may import the ones before it and itself."""
+
+STAGES = ("fetch", "generate", "label", "dataset", "training", "explain")
+"""One folder per stage of the flow; a stage imports the shared layers and itself, never another stage."""
 
 ORCHESTRATORS = ("demo", "benchmark")
-"""Run several stages in order: they may import stages, never the CLI."""
+"""Run several stages in order: they may import stages (their public face), never the CLI."""
 
 CLI = "stda_hf.cli"
 ENTRY_POINTS = ("stda_hf.__main__",)
@@ -69,23 +76,47 @@ def graph() -> dict[str, set[str]]:
     return {name: imported(name, path, set(found)) for name, path in found.items()}
 
 
-def group(name: str) -> str:
-    """The layer unit of a module: ``stda_hf.<top>`` for stages and orchestrators (their submodules are one unit)."""
+def unit(name: str) -> str:
+    """The folder a module belongs to: ``core`` for the package root, else the first name below ``stda_hf``."""
     parts = name.split(".")
-    return ".".join(parts[:2]) if len(parts) > 1 else name
+    return parts[1] if len(parts) > 1 else "core"
 
 
 def kind(name: str) -> str:
-    top = name.split(".")[1] if "." in name else ""
     if name == CLI:
         return "cli"
     if name in ENTRY_POINTS:
         return "entry"
+    top = unit(name)
     if top in STAGES:
         return "stage"
     if top in ORCHESTRATORS:
         return "orchestrator"
-    return "helper"
+    if top in LAYERS:
+        return "layer"
+    return "unknown"
+
+
+def why_forbidden(src: str, dst: str) -> str | None:
+    """Why ``src`` may not import ``dst``, or None when the import keeps to the layers."""
+    a, b = kind(src), kind(dst)
+    if unit(src) == unit(dst):
+        return None
+    if "unknown" in (a, b):
+        return f"{src if a == 'unknown' else dst} sits in no known folder: add it to LAYERS, STAGES or ORCHESTRATORS"
+    if b == "cli" and a != "entry":
+        return "only the entry point imports the CLI"
+    if b == "entry":
+        return "nothing imports the entry point"
+    if a == "layer":
+        return (
+            None if b == "layer" and LAYERS.index(unit(dst)) < LAYERS.index(unit(src)) else f"{a} imports {b}"
+        )
+    if a == "stage":
+        return None if b == "layer" else "stage imports another stage"
+    if b == "stage" and dst != f"stda_hf.{unit(dst)}":
+        return "imports a stage's internals (use its public face, stda_hf.<stage>)"
+    return None
 
 
 def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
@@ -113,20 +144,12 @@ def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
 
 def forbidden(edges: dict[str, set[str]]) -> list[str]:
     """Every import that breaks the layer rules, as ``importer -> imported (why)``."""
-    allowed = {
-        "entry": {"cli", "helper"},
-        "cli": {"stage", "orchestrator", "helper"},
-        "orchestrator": {"stage", "orchestrator", "helper"},
-        "stage": {"helper"},
-        "helper": {"helper"},
-    }
-    bad = []
-    for src, targets in sorted(edges.items()):
-        for dst in sorted(targets):
-            same_unit = group(src) == group(dst) and kind(src) in ("stage", "orchestrator")
-            if not same_unit and kind(dst) not in allowed[kind(src)]:
-                bad.append(f"{src} -> {dst} ({kind(src)} imports {kind(dst)})")
-    return bad
+    return [
+        f"{src} -> {dst} ({why})"
+        for src, targets in sorted(edges.items())
+        for dst in sorted(targets)
+        if (why := why_forbidden(src, dst))
+    ]
 
 
 def test_the_package_has_no_import_circle():
@@ -134,7 +157,7 @@ def test_the_package_has_no_import_circle():
     assert cycle is None, " -> ".join(cycle or [])
 
 
-def test_no_stage_or_helper_imports_a_stage_or_the_cli():
+def test_every_import_keeps_to_the_folder_layers():
     assert forbidden(graph()) == [], "\n".join(forbidden(graph()))
 
 
@@ -160,15 +183,46 @@ def test_scripts_outside_the_package_use_the_cli_only_as_an_entry_point():
 def test_the_checker_sees_a_circle_and_a_sideways_import():
     edges = {"stda_hf.a": {"stda_hf.b"}, "stda_hf.b": {"stda_hf.a"}}
     assert find_cycle(edges) == ["stda_hf.a", "stda_hf.b", "stda_hf.a"]
-    sideways = {"stda_hf.training": {"stda_hf.explain"}, "stda_hf.real": {"stda_hf.utils"}}
-    assert forbidden(sideways) == ["stda_hf.training -> stda_hf.explain (stage imports stage)"]
+    sideways = {
+        "stda_hf.label.stage": {"stda_hf.generate.engines", "stda_hf.core.utils", "stda_hf.label.teacher"}
+    }
+    assert forbidden(sideways) == [
+        "stda_hf.label.stage -> stda_hf.generate.engines (stage imports another stage)"
+    ]
+
+
+def test_the_checker_refuses_internals_upward_imports_and_unknown_folders():
+    edges = {
+        "stda_hf.demo": {"stda_hf.generate", "stda_hf.generate.stage"},
+        "stda_hf.data.split": {"stda_hf.models.vgg", "stda_hf.core.fileio"},
+        "stda_hf.core.utils": {"stda_hf.cli"},
+        "stda_hf.gadgets": {"stda_hf.core.utils"},
+    }
+    assert forbidden(edges) == [
+        "stda_hf.core.utils -> stda_hf.cli (only the entry point imports the CLI)",
+        "stda_hf.data.split -> stda_hf.models.vgg (layer imports layer)",
+        "stda_hf.demo -> stda_hf.generate.stage (imports a stage's internals (use its public face, stda_hf.<stage>))",
+        "stda_hf.gadgets -> stda_hf.core.utils (stda_hf.gadgets sits in no known folder: add it to LAYERS, STAGES or "
+        "ORCHESTRATORS)",
+    ]
+
+
+def test_every_stage_and_layer_is_a_folder():
+    folders = {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()}
+    assert folders == set(LAYERS) | set(STAGES) | {"benchmark"}
+    modules_at_top = {p.stem for p in PACKAGE.glob("*.py")}
+    assert modules_at_top == {"__init__", "__main__", "cli", "demo"}
 
 
 def test_the_checker_resolves_relative_and_function_local_imports(tmp_path):
-    known = {"stda_hf", "stda_hf.models", "stda_hf.models.vgg", "stda_hf.errors", "stda_hf.real"}
+    known = {"stda_hf", "stda_hf.models", "stda_hf.models.vgg", "stda_hf.core.errors", "stda_hf.data.real"}
     source = tmp_path / "vgg.py"
     source.write_text(
-        "from .. import LABELS\nfrom ..errors import StdaError\nimport numpy\n"
-        "def f():\n    from stda_hf.real import RealFolder\n"
+        "from .. import LABELS\nfrom ..core.errors import StdaError\nimport numpy\n"
+        "def f():\n    from stda_hf.data.real import RealFolder\n"
     )
-    assert imported("stda_hf.models.vgg", source, known) == {"stda_hf", "stda_hf.errors", "stda_hf.real"}
+    assert imported("stda_hf.models.vgg", source, known) == {
+        "stda_hf",
+        "stda_hf.core.errors",
+        "stda_hf.data.real",
+    }

@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from stda_hf.errors import StdaError
+from stda_hf.core.errors import StdaError
 from stda_hf.metrics import load_metric, metric_path
-from stda_hf.model_card import roc_points
+from stda_hf.training.model_card import roc_points
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from stda_hf.errors import StdaError
+from stda_hf.core.errors import StdaError
 from stda_hf.models import VGG8, Preprocessing, build_model, load_model, save_model
 from stda_hf.models.vgg import TorchvisionVGG, default_preprocessing, describe_weights, logits_of
 
@@ -131,7 +131,7 @@ def test_image_processor_is_loaded_by_transformers_and_equals_the_eval_transform
 
 
 def test_the_transformers_model_is_explained_like_the_plain_vgg8():
-    from stda_hf.attribution import explain_batch
+    from stda_hf.attribution.engine import explain_batch
 
     plain = VGG8(**TINY).eval()
     hf = build_model("vgg8", "random", **TINY).eval()

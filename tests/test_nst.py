@@ -8,9 +8,8 @@ import dataclasses
 import pytest
 import torch
 
-from stda_hf.errors import StdaError
-from stda_hf.models.features import build_vgg_features, conv_layer_names
-from stda_hf.nst import (
+from stda_hf.core.errors import StdaError
+from stda_hf.generate.nst import (
     GramCache,
     NSTConfig,
     gram,
@@ -22,7 +21,8 @@ from stda_hf.nst import (
     stylize,
     ycbcr_to_rgb,
 )
-from stda_hf.optimizers import BatchedLBFGS
+from stda_hf.generate.nst.optimizers import BatchedLBFGS
+from stda_hf.models.features import build_vgg_features, conv_layer_names
 
 SMALL = {"content_layer": "conv3_1", "style_layers": ("conv1_1", "conv2_1", "conv3_1"), "precision": "fp32"}
 
@@ -376,7 +376,7 @@ def test_lbfgs_stops_an_image_whose_gradient_vanishes():
 
 
 def test_auto_precision_is_fp32_on_cpu_and_explicit_values_are_kept():
-    from stda_hf.nst import resolve_precision
+    from stda_hf.generate.nst import resolve_precision
 
     assert resolve_precision("auto", "cpu") == "fp32"
     assert resolve_precision("bf16", "cpu") == "bf16"
@@ -413,8 +413,8 @@ def _inetwork_reference(net, rgb, content, style, layers, content_layer):
 
 
 def test_original_terms_and_gradient_equal_inetworks_in_float64():
+    from stda_hf.generate.nst import loss_terms
     from stda_hf.models.features import to_caffe
-    from stda_hf.nst import loss_terms
 
     layers = tuple(conv_layer_names("vgg16")[:5])
     cfg = NSTConfig(preset="original", content_layer="conv2_2", style_layers=layers)
@@ -449,7 +449,7 @@ def test_original_preset_changes_the_image_at_64_px():
 
 
 def test_schedule_runs_half_size_first_and_ends_bf16_in_fp32():
-    from stda_hf.nst import schedule
+    from stda_hf.generate.nst import schedule
 
     cfg = NSTConfig(iterations=40, coarse_to_fine=0.5, fp32_finish=0.25)
     stages = schedule(cfg, "bf16", (128, 128))

@@ -15,15 +15,15 @@ import yaml
 from huggingface_hub import DatasetCard
 from PIL import Image
 
-import stda_hf.package as package_module
+import stda_hf.dataset.packaging as package_module
 from dataset_script import FEATURES
 from dataset_script.skin_lesions import check_leakage
 from stda_hf.cli import main
-from stda_hf.errors import StdaError
-from stda_hf.fileio import append_jsonl, read_jsonl, write_json
-from stda_hf.images import load_image
-from stda_hf.package import PackageConfig, package
-from stda_hf.real import RealImage, read_real_folder
+from stda_hf.core.errors import StdaError
+from stda_hf.core.fileio import append_jsonl, read_jsonl, write_json
+from stda_hf.data.images import load_image
+from stda_hf.data.real import RealImage, read_real_folder
+from stda_hf.dataset.packaging import PackageConfig, package
 
 
 def write_synthetic(real_root: Path, out: Path, n: int = 4) -> Path:

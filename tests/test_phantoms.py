@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stda_hf.errors import StdaError
-from stda_hf.phantoms import PhantomConfig, make_phantoms, parse_artifact_rates, plan_images
-from stda_hf.real import read_real_folder
+from stda_hf.core.errors import StdaError
+from stda_hf.data.phantoms import PhantomConfig, make_phantoms, parse_artifact_rates, plan_images
+from stda_hf.data.real import read_real_folder
 
 
 def _rows(root):

@@ -18,7 +18,7 @@ import pytest
 from hub_server import HubServer
 from test_package import write_synthetic
 
-from stda_hf.package import PackageConfig, package
+from stda_hf.dataset.packaging import PackageConfig, package
 
 TOKEN = "hf_stdaPushTestToken0123456789"
 REPO_ID = "stda/skin-lesions"

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from stda_hf.errors import StdaError
-from stda_hf.quality import (
+from stda_hf.core.errors import StdaError
+from stda_hf.generate.quality import (
     QualityGate,
     StyleDistance,
     assess,
@@ -108,11 +108,11 @@ def test_default_preset_restyles_phantoms_and_keeps_the_lesion(tmp_path, scorer)
     import numpy as np
     from PIL import Image
 
-    from stda_hf.generate import load_content
+    from stda_hf.data.phantoms import PhantomConfig, make_phantoms
+    from stda_hf.data.real import read_real_folder
+    from stda_hf.generate.nst import NSTConfig, style_targets, stylize
+    from stda_hf.generate.stage import load_content
     from stda_hf.models.features import build_vgg_features
-    from stda_hf.nst import NSTConfig, style_targets, stylize
-    from stda_hf.phantoms import PhantomConfig, make_phantoms
-    from stda_hf.real import read_real_folder
 
     make_phantoms(tmp_path / "real", PhantomConfig(n=40, size=64, seed=0))
     folder = read_real_folder(tmp_path / "real")

@@ -8,8 +8,8 @@ import shutil
 import pytest
 from PIL import Image
 
-from stda_hf.errors import StdaError
-from stda_hf.real import REQUIRED_COLUMNS, inspect_folder, read_real_folder
+from stda_hf.core.errors import StdaError
+from stda_hf.data.real import REQUIRED_COLUMNS, inspect_folder, read_real_folder
 
 
 def _rewrite_metadata(root, edit):

@@ -8,9 +8,9 @@ from collections import defaultdict
 
 import pytest
 
-from stda_hf.errors import StdaError
-from stda_hf.real import load_splits, read_real_folder
-from stda_hf.split import SplitConfig, make_splits, near_duplicate_pairs
+from stda_hf.core.errors import StdaError
+from stda_hf.data.real import load_splits, read_real_folder
+from stda_hf.data.split import SplitConfig, make_splits, near_duplicate_pairs
 
 
 def _splits(root):
@@ -30,7 +30,7 @@ def test_every_labelled_image_is_assigned_and_no_group_spans_splits(phantom_real
 
 
 def test_stratified_fractions(tmp_path):
-    from stda_hf.phantoms import PhantomConfig, make_phantoms
+    from stda_hf.data.phantoms import PhantomConfig, make_phantoms
 
     make_phantoms(tmp_path, PhantomConfig(n=300, size=32, seed=2))
     summary = make_splits(tmp_path, SplitConfig(val=0.2, test=0.2, seed=0))
@@ -93,7 +93,7 @@ def test_hand_edited_split_with_leakage_is_refused(phantom_real):
 
 
 def test_too_few_groups_is_a_clear_error(tmp_path):
-    from stda_hf.phantoms import PhantomConfig, make_phantoms
+    from stda_hf.data.phantoms import PhantomConfig, make_phantoms
 
     make_phantoms(tmp_path, PhantomConfig(n=2, size=32))
     with pytest.raises(StdaError, match="would be empty"):

@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from stda_hf.errors import StdaError
+from stda_hf.core.errors import StdaError
 from stda_hf.training import (
     EpochSampler,
     TrainConfig,
@@ -65,9 +65,9 @@ def _env() -> dict[str, str]:
 def _write_synthetic(real_root: Path, out: Path, n: int = 24) -> Path:
     """A synthetic folder by the contract (manifest, labels, source.json): blends of benign and malignant
     training images stand in for style transfer, with pseudo-label confidences from 0.55 to 1."""
-    from stda_hf.fileio import append_jsonl, write_json
-    from stda_hf.images import load_image, save_image
-    from stda_hf.real import read_real_folder
+    from stda_hf.core.fileio import append_jsonl, write_json
+    from stda_hf.data.images import load_image, save_image
+    from stda_hf.data.real import read_real_folder
 
     real = read_real_folder(real_root)
     benign, malignant = real.subset("train", "benign"), real.subset("train", "malignant")
@@ -102,9 +102,9 @@ def _write_synthetic(real_root: Path, out: Path, n: int = 24) -> Path:
 @pytest.fixture(scope="session")
 def phantom_hub(tmp_path_factory) -> Path:
     """96 phantoms at 32 px, split, 24 synthetic images, packaged by `stda package` (read-only)."""
-    from stda_hf.package import package
-    from stda_hf.phantoms import PhantomConfig, make_phantoms
-    from stda_hf.split import SplitConfig, make_splits
+    from stda_hf.data.phantoms import PhantomConfig, make_phantoms
+    from stda_hf.data.split import SplitConfig, make_splits
+    from stda_hf.dataset.packaging import package
 
     base = tmp_path_factory.mktemp("train-data")
     make_phantoms(base / "real", PhantomConfig(n=96, size=32, seed=0))
@@ -117,7 +117,7 @@ def phantom_hub(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def phantom_hub_real(phantom_hub) -> Path:
     """The same real images packaged without synthetic ones (no synthetic split)."""
-    from stda_hf.package import package
+    from stda_hf.dataset.packaging import package
 
     package(phantom_hub.parent / "real", phantom_hub.parent / "hub-real")
     return phantom_hub.parent / "hub-real"

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from stda_hf.errors import StdaError
+from stda_hf.core.errors import StdaError
 from stda_hf.models.weights import load_weights, parse_weights
 
 

@@ -61,7 +61,7 @@ def wheel_venv(tmp_path_factory) -> dict:
 
 
 def test_the_installed_package_is_the_wheel_with_its_card_template(wheel_venv):
-    code = "import stda_hf, stda_hf.card as c; print(stda_hf.__file__); print(c.TEMPLATE.is_file())"
+    code = "import stda_hf, stda_hf.dataset.card as c; print(stda_hf.__file__); print(c.TEMPLATE.is_file())"
     where, template = _run(
         [str(wheel_venv["python"]), "-c", code], wheel_venv["work"], wheel_venv["env"]
     ).split()

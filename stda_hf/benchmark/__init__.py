@@ -27,7 +27,7 @@ Their public names are re-exported here.
 
 from __future__ import annotations
 
-from .config import (
+from stda_hf.benchmark.config import (
     ALPHA,
     AREA_METRICS,
     DEFAULT_ARMS,
@@ -50,9 +50,14 @@ from .config import (
     synthetic_recipe,
     train_settings,
 )
-from .data import check_fold_synthetic, prepare_sources, shortcut_phantom_settings, write_fold_view
-from .plots import plot_boxplots, plot_heatmaps, plot_learning_curves
-from .report import (
+from stda_hf.benchmark.data import (
+    check_fold_synthetic,
+    prepare_sources,
+    shortcut_phantom_settings,
+    write_fold_view,
+)
+from stda_hf.benchmark.plots import plot_boxplots, plot_heatmaps, plot_learning_curves
+from stda_hf.benchmark.report import (
     caveats,
     primary_line,
     render_report,
@@ -61,7 +66,7 @@ from .report import (
     tests_table,
     unit_of_analysis,
 )
-from .runner import (
+from stda_hf.benchmark.runner import (
     check_protocol,
     check_stage_settings,
     check_thresholds,
@@ -73,7 +78,7 @@ from .runner import (
     run_benchmark,
     write_report,
 )
-from .runs import (
+from stda_hf.benchmark.runs import (
     dataset_of,
     default_train_command,
     device_slots,
@@ -87,7 +92,7 @@ from .runs import (
     stop_group,
     train_argv,
 )
-from .stages import (
+from stda_hf.benchmark.stages import (
     explain_run,
     explain_runs,
     label_by_style_source,
@@ -97,7 +102,7 @@ from .stages import (
     shortcut_labels,
     train_teacher,
 )
-from .stats import (
+from stda_hf.benchmark.stats import (
     ArmSummary,
     BenchmarkStats,
     FoldTest,
@@ -114,7 +119,7 @@ from .stats import (
     summarize_arm,
     values_by_pair,
 )
-from .table import RunTable
+from stda_hf.benchmark.table import RunTable
 
 __all__ = [
     "ALPHA",

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import SPLITS
-from ..errors import StdaError
+from stda_hf import SPLITS
+from stda_hf.core.errors import StdaError
 
 logger = logging.getLogger(__name__)
 
@@ -247,7 +247,7 @@ def train_settings(settings: dict[str, Any]) -> dict[str, Any]:
 def synthetic_recipe(cfg: BenchmarkConfig, arm: str) -> str:
     """The name of the synthetic set an arm trains on: ``""`` for the benchmark's own `generate`/`label`
     settings, else ``s-<hash>`` of the arm's merged settings (arms with equal settings share one set)."""
-    from ..utils import stable_hash
+    from stda_hf.core.utils import stable_hash
 
     own = {k: cfg.arms[arm].get(k) for k in ARM_STAGE_KEYS if cfg.arms[arm].get(k)}
     if not own or not arm_uses_synthetic(cfg.arms[arm]):

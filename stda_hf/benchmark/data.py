@@ -6,9 +6,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ..errors import StdaError
-from ..fileio import write_text
-from .config import SPLIT_ORDER, BenchmarkConfig
+from stda_hf.benchmark.config import SPLIT_ORDER, BenchmarkConfig
+from stda_hf.core.errors import StdaError
+from stda_hf.core.fileio import write_text
 
 logger = logging.getLogger(__name__)
 
@@ -39,8 +39,8 @@ def shortcut_phantom_settings(phantoms: dict[str, Any], shortcut: dict[str, Any]
     StdaError
         Unknown keys, artifact or split in ``shortcut``.
     """
-    from ..phantoms import DEFAULT_ARTIFACT_RATES
-    from ..real import ARTIFACTS
+    from stda_hf.data.phantoms import DEFAULT_ARTIFACT_RATES
+    from stda_hf.data.real import ARTIFACTS
 
     known = {"artifact", "benign", "malignant", "splits"}
     if set(shortcut) - known or "artifact" not in shortcut:
@@ -61,8 +61,8 @@ def _make_phantoms(root: Path, settings: dict[str, Any]) -> Path:
     """Make the phantom folder unless it already holds exactly these settings (resume skips it)."""
     import yaml
 
-    from ..config import config_to_dict
-    from ..phantoms import PhantomConfig, make_phantoms
+    from stda_hf.core.config import config_to_dict
+    from stda_hf.data.phantoms import PhantomConfig, make_phantoms
 
     cfg = PhantomConfig(**settings)
     saved = root / "phantoms.yaml"
@@ -81,8 +81,8 @@ def write_fold_view(dest: Path, folds, fold: int, sources: dict[str, Path]) -> P
     Only the fold's images are listed; masks and artifact maps are linked too. Re-writing a view is cheap and
     gives the same folder, so resumed benchmarks simply rebuild it.
     """
-    from ..licenses import write_attribution
-    from ..real import read_real_folder, write_metadata
+    from stda_hf.data.licenses import write_attribution
+    from stda_hf.data.real import read_real_folder, write_metadata
 
     readers = {root: read_real_folder(root) for root in set(sources.values())}
     assignment = folds.assignments[fold]
@@ -111,7 +111,7 @@ def _link_files(folder: Path, targets: list[Path]) -> None:
 
 
 def _metadata_row(im) -> dict[str, str]:
-    from ..real import REQUIRED_COLUMNS
+    from stda_hf.data.real import REQUIRED_COLUMNS
 
     row = {c: getattr(im, c) for c in REQUIRED_COLUMNS}
     return {**row, **{k: v for k, v in im.extra.items() if k not in row}}
@@ -125,9 +125,9 @@ def check_fold_synthetic(view: Path, synthetic: Path) -> int:
     StdaError
         Naming the offending synthetic ids and their source images.
     """
-    from ..fileio import read_jsonl
-    from ..real import read_real_folder, untrained_sources
-    from ..utils import first_few
+    from stda_hf.core.fileio import read_jsonl
+    from stda_hf.core.utils import first_few
+    from stda_hf.data.real import read_real_folder, untrained_sources
 
     folder = read_real_folder(view)
     records = read_jsonl(synthetic / "manifest.jsonl")

@@ -9,9 +9,9 @@ from typing import Any
 
 import numpy as np
 
-from .config import RunKey
-from .report import _title
-from .stats import values_by_pair
+from stda_hf.benchmark.config import RunKey
+from stda_hf.benchmark.report import _title
+from stda_hf.benchmark.stats import values_by_pair
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ def plot_heatmaps(images: dict[str, Path], path: Path, caption: str = "") -> Pat
     """
     from PIL import Image, ImageDraw, ImageFont
 
-    from ..images import load_image, save_image
+    from stda_hf.data.images import load_image, save_image
 
     grids = {arm: load_image(p) for arm, p in images.items()}
     font = ImageFont.load_default(size=14)
@@ -101,7 +101,7 @@ def plot_heatmaps(images: dict[str, Path], path: Path, caption: str = "") -> Pat
 
 
 def _save_figure(fig, path: Path) -> Path:
-    from ..fileio import atomic_write
+    from stda_hf.core.fileio import atomic_write
 
     fig.tight_layout()
     with atomic_write(path, "wb") as fh:

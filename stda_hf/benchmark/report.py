@@ -6,8 +6,15 @@ import logging
 import math
 from typing import Any
 
-from .config import ALPHA, DEFAULT_EXPLAIN, METRIC_TITLES, SPLIT_ORDER, BenchmarkConfig, synthetic_recipe
-from .stats import T_TEST, BenchmarkStats, FoldTest, equal_spread_band
+from stda_hf.benchmark.config import (
+    ALPHA,
+    DEFAULT_EXPLAIN,
+    METRIC_TITLES,
+    SPLIT_ORDER,
+    BenchmarkConfig,
+    synthetic_recipe,
+)
+from stda_hf.benchmark.stats import T_TEST, BenchmarkStats, FoldTest, equal_spread_band
 
 logger = logging.getLogger(__name__)
 

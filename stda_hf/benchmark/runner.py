@@ -7,9 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from ..errors import StdaError
-from ..fileio import write_text
-from .config import (
+from stda_hf.benchmark.config import (
     AREA_METRICS,
     DEFAULT_EXPLAIN,
     EXPLANATION_METRICS,
@@ -20,13 +18,15 @@ from .config import (
     plan_runs,
     train_settings,
 )
-from .data import prepare_sources
-from .plots import plot_boxplots, plot_heatmaps, plot_learning_curves
-from .report import render_report
-from .runs import execute_runs, find_heatmap, read_run_log
-from .stages import LABEL_SOURCES, explain_runs, prepare_folds
-from .stats import BenchmarkStats, compute_stats
-from .table import RunTable
+from stda_hf.benchmark.data import prepare_sources
+from stda_hf.benchmark.plots import plot_boxplots, plot_heatmaps, plot_learning_curves
+from stda_hf.benchmark.report import render_report
+from stda_hf.benchmark.runs import execute_runs, find_heatmap, read_run_log
+from stda_hf.benchmark.stages import LABEL_SOURCES, explain_runs, prepare_folds
+from stda_hf.benchmark.stats import BenchmarkStats, compute_stats
+from stda_hf.benchmark.table import RunTable
+from stda_hf.core.errors import StdaError
+from stda_hf.core.fileio import write_text
 
 logger = logging.getLogger(__name__)
 
@@ -39,10 +39,10 @@ def check_stage_settings(cfg: BenchmarkConfig) -> None:
     StdaError
         Naming the section (``generate``, ``arms.mix``, ...) and the stage's own complaint.
     """
-    from ..config import load_config
-    from ..explain import ExplainConfig
-    from ..generate import GenerateConfig
-    from ..label import LabelConfig
+    from stda_hf.core.config import load_config
+    from stda_hf.explain import ExplainConfig
+    from stda_hf.generate import GenerateConfig
+    from stda_hf.label import LabelConfig
 
     teacher = {"teacher": "<each fold's teacher>"}
     checks: list[tuple[str, type, dict[str, Any], Any]] = [
@@ -65,7 +65,7 @@ def check_stage_settings(cfg: BenchmarkConfig) -> None:
     if cfg.explain:
         checks.append(("explain", ExplainConfig, {**DEFAULT_EXPLAIN, **cfg.explain}, None))
     if not cfg.train_command:  # train.py's own settings; another trainer may take others
-        from ..training import TrainConfig, check_config
+        from stda_hf.training import TrainConfig, check_config
 
         checks.append(("teacher", TrainConfig, {**cfg.train, **cfg.teacher}, check_config))
         checks += [
@@ -94,8 +94,8 @@ def check_thresholds(cfg: BenchmarkConfig) -> None:
     StdaError
         Naming the arm and both thresholds.
     """
-    from ..label import LabelConfig
-    from ..training import TrainConfig
+    from stda_hf.label import LabelConfig
+    from stda_hf.training import TrainConfig
 
     label_default = LabelConfig.__dataclass_fields__["min_confidence"].default
     train_default = TrainConfig.__dataclass_fields__["min_confidence"].default
@@ -116,8 +116,8 @@ def protocol_record(cfg: BenchmarkConfig, partitions: dict[int, Any]) -> dict[st
 
     ``partitions`` maps each fold seed to its folds; repetitions may be added later, so they are recorded
     apart from the protocol (``fold_assignments``: one digest per fold seed)."""
-    from ..config import config_to_dict
-    from ..utils import stable_hash
+    from stda_hf.core.config import config_to_dict
+    from stda_hf.core.utils import stable_hash
 
     plain = config_to_dict(cfg)
     keys = (
@@ -154,8 +154,8 @@ def check_protocol(cfg: BenchmarkConfig, partitions: dict[int, Any]) -> None:
     """
     import json
 
-    from ..config import changed_settings
-    from ..fileio import write_json
+    from stda_hf.core.config import changed_settings
+    from stda_hf.core.fileio import write_json
 
     path = cfg.work_dir / "protocol.json"
     current = protocol_record(cfg, partitions)
@@ -213,8 +213,8 @@ def run_benchmark(cfg: BenchmarkConfig, config_path: str = "", report_only: bool
         Bad settings, unusable data, or a work folder holding runs of another protocol. A failing run or fold
         is recorded in the table, not raised.
     """
-    from ..config import dump_config
-    from ..split import make_folds
+    from stda_hf.core.config import dump_config
+    from stda_hf.data.split import make_folds
 
     if not report_only:
         check_stage_settings(cfg)
@@ -335,7 +335,7 @@ def heatmap_pair(cfg: BenchmarkConfig, done: dict[RunKey, dict], arms: list[str]
 def _write_stats_json(path: Path, stats: BenchmarkStats) -> None:
     from dataclasses import asdict
 
-    from ..fileio import write_json
+    from stda_hf.core.fileio import write_json
 
     def clean(x: Any) -> Any:
         return None if isinstance(x, float) and not math.isfinite(x) else x

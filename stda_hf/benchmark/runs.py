@@ -9,10 +9,17 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from ..errors import StdaError
-from ..fileio import write_text
-from .config import EXPLAIN_DIR, RUN_METRICS, BenchmarkConfig, RunKey, synthetic_recipe, train_settings
-from .table import RunTable
+from stda_hf.benchmark.config import (
+    EXPLAIN_DIR,
+    RUN_METRICS,
+    BenchmarkConfig,
+    RunKey,
+    synthetic_recipe,
+    train_settings,
+)
+from stda_hf.benchmark.table import RunTable
+from stda_hf.core.errors import StdaError
+from stda_hf.core.fileio import write_text
 
 logger = logging.getLogger(__name__)
 
@@ -167,7 +174,7 @@ def read_run_metrics(run_dir: Path) -> dict[str, float]:
 
 def read_run_log(run_dir: Path) -> list[dict[str, float]]:
     """Per-epoch records of a run's JSON-lines log as ``{epoch, train_loss, val_<metric>...}``."""
-    from ..fileio import read_jsonl
+    from stda_hf.core.fileio import read_jsonl
 
     records = []
     for r in read_jsonl(run_dir / "log.jsonl"):
@@ -240,7 +247,7 @@ def execute_runs(
     from concurrent.futures import ThreadPoolExecutor, as_completed
     from queue import Queue
 
-    from ..utils import progress
+    from stda_hf.core.utils import progress
 
     lock = threading.Lock()
     _STOPPING.clear()

@@ -9,8 +9,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ..errors import StdaError
-from .config import (
+from stda_hf.benchmark.config import (
     AREA_METRICS,
     DEFAULT_EXPLAIN,
     EXPLAIN_DIR,
@@ -21,9 +20,10 @@ from .config import (
     recipe_settings,
     synthetic_recipe,
 )
-from .data import check_fold_synthetic, write_fold_view
-from .runs import run_command, train_argv
-from .table import RunTable
+from stda_hf.benchmark.data import check_fold_synthetic, write_fold_view
+from stda_hf.benchmark.runs import run_command, train_argv
+from stda_hf.benchmark.table import RunTable
+from stda_hf.core.errors import StdaError
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +42,8 @@ def prepare_fold(
     only. Recipe ``""`` (the benchmark's own `generate`/`label` settings) is ``hub/``, which every arm without
     synthetic images trains on too; an arm with its own settings gets ``synthetic-<recipe>`` and ``hub-<recipe>``.
     """
-    from ..fileio import write_json
-    from ..package import PackageConfig, package
+    from stda_hf.core.fileio import write_json
+    from stda_hf.dataset import PackageConfig, package
 
     d = fold_dir(cfg, fold, repeat)
     view = write_fold_view(d / "real", folds, fold, sources)
@@ -75,8 +75,8 @@ def make_synthetic(
     counts it reports the synthetic images that carry the planted shortcut artifact (they inherit it from their
     content image) and how many of those were labelled malignant.
     """
-    from ..generate import GenerateConfig, generate
-    from ..label import LabelConfig, label_synthetic
+    from stda_hf.generate import GenerateConfig, generate
+    from stda_hf.label import LabelConfig, label_synthetic
 
     settings = recipe_settings(cfg, recipe)
     generate(view, out, GenerateConfig(**settings["generate"]))
@@ -123,10 +123,10 @@ def label_by_style_source(view: Path, synthetic: Path, min_confidence: float = 0
     """
     import torch
 
-    from .. import LABELS
-    from ..fileio import read_jsonl, write_json, write_text
-    from ..label import LABELS_FILE, SUMMARY_FILE, LabelSummary, label_record, summarize
-    from ..real import read_real_folder
+    from stda_hf import LABELS
+    from stda_hf.core.fileio import read_jsonl, write_json, write_text
+    from stda_hf.data.real import read_real_folder
+    from stda_hf.label import LABELS_FILE, SUMMARY_FILE, LabelSummary, label_record, summarize
 
     classes = {im.isic_id: im.label for im in read_real_folder(view).images}
     manifest = {r["id"]: r for r in read_jsonl(synthetic / "manifest.jsonl")}
@@ -163,8 +163,8 @@ def shortcut_labels(view: Path, synthetic: Path, artifact: str, min_confidence: 
     benign, and training on them reinforces the shortcut. A share near 0 says the synthetic set teaches
     "artifact = benign"; a share well above 0 says it works against it.
     """
-    from ..fileio import read_jsonl
-    from ..real import read_real_folder
+    from stda_hf.core.fileio import read_jsonl
+    from stda_hf.data.real import read_real_folder
 
     marked = {im.isic_id for im in read_real_folder(view).images if _carries(im.artifact_path, artifact)}
     manifest = {r["id"]: r for r in read_jsonl(synthetic / "manifest.jsonl")}
@@ -188,7 +188,7 @@ def _carries(artifact_path: Path | None, artifact: str) -> bool:
     import numpy as np
     from PIL import Image
 
-    from ..real import ARTIFACTS
+    from stda_hf.data.real import ARTIFACTS
 
     if artifact_path is None or not Path(artifact_path).is_file():
         return False
@@ -205,7 +205,7 @@ def train_teacher(cfg: BenchmarkConfig, run_dir: Path, dataset: Path, seed: int 
     StdaError
         When the training command fails (the message carries the end of its log).
     """
-    from ..models.vgg import MODEL_DIR
+    from stda_hf.models.vgg import MODEL_DIR
 
     if (run_dir / MODEL_DIR / "config.json").is_file():
         return run_dir
@@ -251,7 +251,7 @@ def explain_run(cfg: BenchmarkConfig, key: RunKey, run_dir: Path) -> dict[str, f
     Every arm of a fold is explained on the same images (the fold view's ``explain.split``, first ``limit``),
     so the numbers and heatmap grids compare arms directly. Resumes like ``stda explain`` does.
     """
-    from ..explain import ExplainConfig, run_explain
+    from stda_hf.explain import ExplainConfig, run_explain
 
     view = fold_dir(cfg, key.fold, key.repeat) / "real"
     settings = ExplainConfig(**{**DEFAULT_EXPLAIN, **cfg.explain})
@@ -262,7 +262,7 @@ def explain_run(cfg: BenchmarkConfig, key: RunKey, run_dir: Path) -> dict[str, f
 
 def explain_runs(cfg: BenchmarkConfig, table: RunTable) -> None:
     """Add explanation numbers to every finished run (a failure is noted in the row, the run stays done)."""
-    from ..utils import progress
+    from stda_hf.core.utils import progress
 
     if not cfg.explain:
         return

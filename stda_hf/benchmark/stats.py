@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from scipy.stats import t as student
 
-from .config import ALPHA, EXPLANATION_METRICS, METRICS
+from stda_hf.benchmark.config import ALPHA, EXPLANATION_METRICS, METRICS
 
 logger = logging.getLogger(__name__)
 

@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import StdaError
-from ..fileio import csv_text, write_text
-from .config import AREA_METRICS, EXPLANATION_METRICS, METRICS, RUN_COLUMNS, STATUSES, RunKey
+from stda_hf.benchmark.config import AREA_METRICS, EXPLANATION_METRICS, METRICS, RUN_COLUMNS, STATUSES, RunKey
+from stda_hf.core.errors import StdaError
+from stda_hf.core.fileio import csv_text, write_text
 
 logger = logging.getLogger(__name__)
 

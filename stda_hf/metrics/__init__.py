@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import StdaError
+from stda_hf.core.errors import StdaError
 
 METRICS_DIR = Path(__file__).parent
 

@@ -6,8 +6,8 @@ that decides. Importing this package registers the ``stda-vgg`` model type with 
 classes (:func:`~stda_hf.models.vgg.register_auto_classes`).
 """
 
-from .features import build_vgg_features
-from .vgg import (
+from stda_hf.models.features import build_vgg_features
+from stda_hf.models.vgg import (
     MODEL_NAMES,
     VGG8,
     Preprocessing,
@@ -21,7 +21,7 @@ from .vgg import (
     register_auto_classes,
     save_model,
 )
-from .weights import WeightsSpec, load_weights, parse_weights
+from stda_hf.models.weights import WeightsSpec, load_weights, parse_weights
 
 register_auto_classes()
 

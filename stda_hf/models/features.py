@@ -15,8 +15,8 @@ import logging
 import torch
 from torch import nn
 
-from ..errors import StdaError
-from .weights import WeightsSpec, load_weights, parse_weights
+from stda_hf.core.errors import StdaError
+from stda_hf.models.weights import WeightsSpec, load_weights, parse_weights
 
 logger = logging.getLogger(__name__)
 

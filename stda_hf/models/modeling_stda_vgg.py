@@ -15,7 +15,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import ImageClassifierOutput
 
-from .configuration_stda_vgg import StdaVGGConfig
+from .configuration_stda_vgg import StdaVGGConfig  # relative: this file travels as Hub remote code
 
 TORCHVISION_LAYOUTS = {
     "vgg11": (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),

@@ -22,14 +22,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import LABELS
-from ..errors import StdaError
-from ..fileio import write_json
-from ..utils import progress_disabled
-from .configuration_stda_vgg import StdaVGGConfig
-from .image_processing_stda_vgg import StdaImageProcessor
-from .modeling_stda_vgg import StdaVGGForImageClassification, build_classifier, build_features
-from .weights import WeightsSpec, load_weights, parse_weights, read_state_dict
+from stda_hf import LABELS
+from stda_hf.core.errors import StdaError
+from stda_hf.core.fileio import write_json
+from stda_hf.core.utils import progress_disabled
+from stda_hf.models.configuration_stda_vgg import StdaVGGConfig
+from stda_hf.models.image_processing_stda_vgg import StdaImageProcessor
+from stda_hf.models.modeling_stda_vgg import StdaVGGForImageClassification, build_classifier, build_features
+from stda_hf.models.weights import WeightsSpec, load_weights, parse_weights, read_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -419,7 +419,7 @@ def logits_of(output: Any) -> torch.Tensor:
 
 @contextlib.contextmanager
 def quiet_transformers_bars() -> Iterator[None]:
-    """Silence ``transformers``' own loading/saving bars while ours are off (:func:`~stda_hf.utils.progress`)."""
+    """Silence ``transformers``' own loading/saving bars while ours are off (:func:`~stda_hf.core.utils.progress`)."""
     from transformers.utils import logging as hf_logging
 
     was_on = hf_logging.is_progress_bar_enabled()

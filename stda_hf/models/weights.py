@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import StdaError
+from stda_hf.core.errors import StdaError
 
 logger = logging.getLogger(__name__)
 

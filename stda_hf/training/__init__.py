@@ -17,7 +17,8 @@
 
 from __future__ import annotations
 
-from .config import (
+from stda_hf.training.command import quiet_loggers, train_from_args
+from stda_hf.training.config import (
     IMBALANCE,
     MONITORS,
     OPTIMIZERS,
@@ -29,7 +30,7 @@ from .config import (
     TrainConfig,
     check_config,
 )
-from .data import (
+from stda_hf.training.data import (
     EpochSampler,
     ImageLabelSet,
     Phase,
@@ -40,8 +41,8 @@ from .data import (
     load_splits,
     make_loader,
 )
-from .run import TrainResult, push_run, run_training
-from .state import (
+from stda_hf.training.run import TrainResult, push_run, run_training
+from stda_hf.training.state import (
     JsonlTracker,
     RunState,
     checkpoint_dir,
@@ -51,7 +52,7 @@ from .state import (
     recover_checkpoints,
     save_checkpoint,
 )
-from .step import (
+from stda_hf.training.step import (
     SUBGROUP_COLUMNS,
     EvalContext,
     EvalHook,
@@ -100,11 +101,13 @@ __all__ = [
     "predict",
     "prune_checkpoints",
     "push_run",
+    "quiet_loggers",
     "read_run_state",
     "recover_checkpoints",
     "run_training",
     "save_checkpoint",
     "subgroup_metrics",
     "total_epochs",
+    "train_from_args",
     "train_one_epoch",
 ]

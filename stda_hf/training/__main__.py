@@ -2,7 +2,7 @@
 
 import sys
 
-from .command import main
+from stda_hf.training.command import main
 
 if __name__ == "__main__":
     sys.exit(main(prog="python -m stda_hf.training"))

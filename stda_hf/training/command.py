@@ -23,12 +23,12 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..config import add_config_flags, config_from_args
-from ..errors import run_reporting_errors
-from ..utils import setup_logging
-from .config import TrainConfig
-from .run import TrainResult, run_training
-from .step import EvalHook
+from stda_hf.core.config import add_config_flags, config_from_args
+from stda_hf.core.errors import run_reporting_errors
+from stda_hf.core.utils import setup_logging
+from stda_hf.training.config import TrainConfig
+from stda_hf.training.run import TrainResult, run_training
+from stda_hf.training.step import EvalHook
 
 QUIET_LOGGERS = ("accelerate", "httpx", "httpcore", "urllib3")
 """Loggers held at WARNING unless ``--verbose``: Accelerate's per-checkpoint lines, one line per HTTP request."""
@@ -38,7 +38,7 @@ def get_args_parser(add_help: bool = True, prog: str = "train.py") -> argparse.A
     """The training parser: ``--config`` plus one flag per :class:`~stda_hf.training.TrainConfig` field.
 
     Not ``transformers.HfArgumentParser``: it gives every flag its dataclass default, so a flag left out
-    would override the same key of ``--config`` YAML; :func:`~stda_hf.config.add_config_flags` leaves unset
+    would override the same key of ``--config`` YAML; :func:`~stda_hf.core.config.add_config_flags` leaves unset
     flags at None (the YAML, then the dataclass, decides) and takes each flag's help from the field's comment.
     """
     parser = argparse.ArgumentParser(
@@ -63,7 +63,7 @@ def main(
 
     ``on_evaluate`` is called after each validation and the final test evaluation
     (see :class:`~stda_hf.training.EvalContext`); without one, ``--explain-images`` fixed images are explained
-    there (:func:`stda_hf.explain_hook.explain_hook`, set up by :func:`~stda_hf.training.run_training`).
+    there (:func:`stda_hf.attribution.hook.explain_hook`, set up by :func:`~stda_hf.training.run_training`).
     """
     args = get_args_parser(prog=prog).parse_args(argv)
     setup_logging(args.verbose)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import StdaError
+from stda_hf.core.errors import StdaError
 
 logger = logging.getLogger(__name__)
 
@@ -154,7 +154,7 @@ def check_config(cfg: TrainConfig) -> None:
             )
     _check_ranges(cfg)
     if cfg.explain_images:
-        from ..attribution import check_composite_name
+        from stda_hf.attribution.engine import check_composite_name
 
         check_composite_name(cfg.explain_method)
     if cfg.push_to_hub and not cfg.hub_model_id:
@@ -176,7 +176,7 @@ def parse_label_map(text: str) -> dict[str, str]:
     StdaError
         A pair without ``:``, a class other than benign/malignant, a value mapped twice.
     """
-    from .. import LABELS
+    from stda_hf import LABELS
 
     mapping: dict[str, str] = {}
     for pair in (p.strip() for p in text.split(",") if p.strip()):

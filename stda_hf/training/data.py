@@ -13,15 +13,15 @@ import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 
-from .. import LABELS, SPLITS
-from ..errors import BadImageError, StdaError
-from ..images import SkipReport, decode_image
-from ..models.vgg import (
+from stda_hf import LABELS, SPLITS
+from stda_hf.core.errors import BadImageError, StdaError
+from stda_hf.core.utils import progress
+from stda_hf.data.images import SkipReport, decode_image
+from stda_hf.models.vgg import (
     Preprocessing,
     eval_transform,
 )
-from ..utils import progress
-from .config import REQUIRED_COLUMNS, TrainConfig
+from stda_hf.training.config import REQUIRED_COLUMNS, TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ def _map_labels(ds, split: str, cfg: TrainConfig):
     """Replace the label column by its ``--label-map`` classes (values compared as text: names or numbers)."""
     from datasets import ClassLabel
 
-    from .config import parse_label_map
+    from stda_hf.training.config import parse_label_map
 
     mapping = parse_label_map(cfg.label_map)
     feature = ds.features["label"]

@@ -14,11 +14,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import SPLITS
-from ..config import changed_settings, config_to_dict, describe_changes, dump_config, read_settings
-from ..errors import StdaError
-from ..fileio import write_json, write_text
-from ..models.vgg import (
+from stda_hf import SPLITS
+from stda_hf.core.config import changed_settings, config_to_dict, describe_changes, dump_config, read_settings
+from stda_hf.core.errors import StdaError
+from stda_hf.core.fileio import write_json, write_text
+from stda_hf.core.utils import seed_everything
+from stda_hf.models.vgg import (
     MODEL_DIR,
     MODEL_NAMES,
     Preprocessing,
@@ -28,10 +29,17 @@ from ..models.vgg import (
     layer_list,
     save_model,
 )
-from ..utils import seed_everything
-from .config import RUN_CONTROL, TrainConfig, check_config, check_report_to
-from .data import ImageLabelSet, Phase, Splits, build_phases, build_transforms, load_splits, make_loader
-from .state import (
+from stda_hf.training.config import RUN_CONTROL, TrainConfig, check_config, check_report_to
+from stda_hf.training.data import (
+    ImageLabelSet,
+    Phase,
+    Splits,
+    build_phases,
+    build_transforms,
+    load_splits,
+    make_loader,
+)
+from stda_hf.training.state import (
     JsonlTracker,
     RunState,
     checkpoint_dir,
@@ -41,7 +49,7 @@ from .state import (
     recover_checkpoints,
     save_checkpoint,
 )
-from .step import (
+from stda_hf.training.step import (
     EvalContext,
     EvalHook,
     compute_metrics,
@@ -101,7 +109,7 @@ def run_training(cfg: TrainConfig, on_evaluate: EvalHook | None = None) -> Train
     on_evaluate : callable, optional
         Called with an :class:`EvalContext` after each validation and after the test evaluation; the numbers
         it returns are logged. Default: explain ``cfg.explain_images`` fixed images with
-        ``cfg.explain_method`` (:func:`stda_hf.explain_hook.explain_hook`), or nothing when that is 0.
+        ``cfg.explain_method`` (:func:`stda_hf.attribution.hook.explain_hook`), or nothing when that is 0.
 
     Returns
     -------
@@ -115,7 +123,7 @@ def run_training(cfg: TrainConfig, on_evaluate: EvalHook | None = None) -> Train
     """
     check_config(cfg)
     if on_evaluate is None and cfg.explain_images:
-        from ..explain_hook import explain_hook
+        from stda_hf.attribution.hook import explain_hook
 
         on_evaluate = explain_hook(cfg.explain_images, cfg.explain_method)
     run = _setup(cfg, on_evaluate)
@@ -129,7 +137,7 @@ def run_training(cfg: TrainConfig, on_evaluate: EvalHook | None = None) -> Train
 
 
 def _setup(cfg: TrainConfig, on_evaluate: EvalHook | None) -> _Run:
-    from ..metrics import load_metric
+    from stda_hf.metrics import load_metric
 
     run_dir = Path(cfg.output_dir)
     if logging.getLogger("accelerate").level == logging.NOTSET:
@@ -475,7 +483,7 @@ def _stderr_silenced():
 
 def _finish(run: _Run) -> dict[str, float] | None:
     """Restore the best checkpoint, test it, and write the final model, plots, metrics and model card."""
-    from .. import model_card
+    from stda_hf.training import model_card
 
     acc, state = run.accelerator, run.state
     best = checkpoint_dir(run.run_dir, "best")
@@ -527,7 +535,7 @@ def _flat_subgroups(subgroups: dict | None) -> dict[str, float]:
 
 
 def _card_facts(run: _Run, test: dict[str, float] | None, subgroups=None):
-    from ..model_card import RunFacts, base_model
+    from stda_hf.training.model_card import RunFacts, base_model
 
     cfg, unwrapped = run.cfg, run.accelerator.unwrap_model(run.model)
     card = _dataset_card(cfg.dataset)
@@ -601,14 +609,14 @@ def push_run(model_dir: Path, repo_id: str, private: bool = False) -> str:
     """Upload a run's ``model/`` folder (weights, config, card, plots) to the Hub model repo ``repo_id``.
 
     The token comes from ``HF_TOKEN`` or ``hf auth login`` and is never printed; transient failures are retried
-    (:func:`stda_hf.hub.upload_folder`, as ``stda push`` does). Checkpoints stay local.
+    (:func:`stda_hf.core.hub.upload_folder`, as ``stda push`` does). Checkpoints stay local.
 
     Raises
     ------
     StdaError
         No token, no permission, or the Hub unreachable.
     """
-    from ..hub import Upload, upload_folder
+    from stda_hf.core.hub import Upload, upload_folder
 
     upload = Upload(
         repo_id,

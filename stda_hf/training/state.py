@@ -12,9 +12,9 @@ from typing import Any
 
 from accelerate.tracking import GeneralTracker
 
-from ..fileio import append_jsonl, read_jsonl, write_json, write_text
-from .config import TrainConfig
-from .step import phase_of
+from stda_hf.core.fileio import append_jsonl, read_jsonl, write_json, write_text
+from stda_hf.training.config import TrainConfig
+from stda_hf.training.step import phase_of
 
 logger = logging.getLogger(__name__)
 

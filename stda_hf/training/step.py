@@ -15,13 +15,13 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
-from ..errors import StdaError
-from ..models.vgg import (
+from stda_hf.core.errors import StdaError
+from stda_hf.core.utils import progress
+from stda_hf.models.vgg import (
     Preprocessing,
     logits_of,
 )
-from ..utils import progress
-from .config import TrainConfig
+from stda_hf.training.config import TrainConfig
 
 logger = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ An ``evaluate`` measurement module of stda-hf, loaded by path (nothing is fetche
     m = load_metric("relevance_localization", module_type="measurement")
     m.compute(relevance=[r1, r2], lesion_mask=[m1, None], artifact_mask=[a1, None])
 
-The per-image numbers come from :func:`stda_hf.explain.localization`, the one implementation that
+The per-image numbers come from :func:`stda_hf.explain.stage.localization`, the one implementation that
 ``stda explain`` and ``train.py`` also use.
 """
 
@@ -16,7 +16,7 @@ import datasets
 import evaluate
 import numpy as np
 
-from stda_hf.relevance import localization, summarize
+from stda_hf.attribution.relevance import localization, summarize
 
 _DESCRIPTION = """
 Share of the positive relevance of each heatmap that falls inside the binary lesion mask

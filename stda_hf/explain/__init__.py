@@ -1,0 +1,5 @@
+"""``stda explain``: explain a trained model on a folder or dataset split; heatmaps, overlays and shares out."""
+
+from stda_hf.explain.stage import COMPOSITE_NAMES, ExplainConfig, run_explain
+
+__all__ = ["COMPOSITE_NAMES", "ExplainConfig", "run_explain"]

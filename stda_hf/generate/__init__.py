@@ -1,0 +1,10 @@
+"""``stda generate``: synthetic lesions by style transfer of benign training images with malignant styles.
+
+``stage`` is the orchestration and the synthetic folder's contract (manifest, settings, resume, shards);
+``engines`` runs either engine on one batch: ``nst`` (Gatys optimisation) or ``arbitrary`` (a pretrained
+feed-forward network); ``quality`` is the gate that judges every result.
+"""
+
+from stda_hf.generate.stage import ENGINE_FILE, GenerateConfig, QualityGateFailed, generate
+
+__all__ = ["ENGINE_FILE", "GenerateConfig", "QualityGateFailed", "generate"]

@@ -1,0 +1,226 @@
+"""The two style-transfer engines behind ``stda generate``, one batch at a time, and the quality gate on their output.
+
+Tensors in, tensors and records out (no files, no folder): an engine computes the state of one style image
+once (:meth:`GatysEngine.style_state`: Gram targets; :meth:`ArbitraryEngine.style_state`: a style vector;
+:class:`StyleStates` keeps them per style image) and renders a batch of content images with stacked states
+(``run``). :func:`assess_batch` applies the quality gate (:mod:`stda_hf.generate.quality`) to a batch's 8-bit results
+(:func:`as_saved`)::
+
+    engine = GatysEngine(NSTConfig(iterations=100), parse_weights("imagenet"), device, style_size=224)
+    states = stack_targets([engine.style_state(style) for style in styles])
+    out = engine.run(contents, states, seeds)                      # EngineOutput
+    records = assess_batch(contents, styles, as_saved(out.images), out.finite, masks, StyleDistance(), gate)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from stda_hf.core.utils import sha256_file
+from stda_hf.generate.nst import GramCache, NSTConfig, stack_targets, style_targets, stylize
+from stda_hf.generate.quality import QualityGate, StyleDistance, assess
+from stda_hf.models.features import build_vgg_features
+from stda_hf.models.weights import WeightsSpec
+
+if TYPE_CHECKING:
+    from stda_hf.generate.arbitrary import ArbitraryConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineOutput:
+    """One batch through an engine: images, per-image loss terms (Gatys; None otherwise), finite, redone."""
+
+    images: torch.Tensor  # (B, 3, H, W) in [0, 1]
+    terms: list[dict[str, float]] | None
+    finite: torch.Tensor  # (B,) bool
+    redone: int = 0
+
+
+def gatys_description(spec: WeightsSpec) -> dict[str, Any]:
+    """What identifies the Gatys engine's network: the weights (a file by its SHA-256)."""
+    weights = spec.describe() if spec.kind != "file" else f"sha256:{sha256_file(spec.path)}"
+    return {"name": "gatys", "weights": weights}
+
+
+class GatysEngine:
+    """Gatys optimisation (:func:`stda_hf.generate.nst.stylize`) with Gram targets computed once per style image.
+
+    Parameters
+    ----------
+    cfg : NSTConfig
+        The engine's settings (objective, optimiser, iterations, precision).
+    spec : WeightsSpec
+        The VGG weights.
+    device : torch.device
+        Where the network runs.
+    style_size : int
+        Side the style images are loaded at (the caller loads them).
+    """
+
+    name = "gatys"
+
+    def __init__(self, cfg: NSTConfig, spec: WeightsSpec, device: torch.device, style_size: int):
+        self.cfg, self.device = cfg, device
+        self.features = build_vgg_features(cfg.arch, cfg.layers(), cfg.pooling, spec).to(device)
+        self.style_size = style_size
+        self.description = gatys_description(spec)
+
+    def style_state(self, style: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Gram targets ``{layer: (C, C)}`` of one style image (3, h, w)."""
+        grams = style_targets(self.features, style[None].to(self.device), self.cfg)
+        return {layer: g[0] for layer, g in grams.items()}
+
+    def run(self, content: torch.Tensor, states: dict[str, torch.Tensor], seeds: list[int]) -> EngineOutput:
+        """Stylize a batch (B, 3, H, W) with stacked Gram targets."""
+        result = stylize(self.features, content.to(self.device), states, self.cfg, seeds=seeds)
+        terms = [result.terms(i) for i in range(len(content))]
+        return EngineOutput(result.images, terms, result.finite.cpu(), int(result.redone.sum()))
+
+
+class ArbitraryEngine:
+    """Magenta's arbitrary stylization network (:mod:`stda_hf.generate.arbitrary`), style vectors once per style image.
+
+    Parameters
+    ----------
+    cfg : ArbitraryConfig
+        Strength, colour mode and the sizes the networks work at.
+    device : torch.device
+        Where onnxruntime runs the networks (CUDA when available there).
+
+    Raises
+    ------
+    StdaError
+        The ``arbitrary`` extra not installed (names the install command).
+    """
+
+    name = "arbitrary"
+
+    def __init__(self, cfg: ArbitraryConfig, device: torch.device):
+        from stda_hf.generate import arbitrary
+
+        self.arbitrary, self.cfg = arbitrary, cfg
+        self.models = arbitrary.load_models(device)
+        self.device = torch.device("cpu")  # onnxruntime takes and returns host memory
+        self.style_size = cfg.style_size
+        self.description = {"name": "arbitrary", **self.models.describe()}
+
+    def style_state(self, style: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The style vector ``{"vector": (100,)}`` of one style image (3, h, w)."""
+        return {"vector": self.arbitrary.style_vectors(self.models, style[None], self.cfg)[0]}
+
+    def run(self, content: torch.Tensor, states: dict[str, torch.Tensor], seeds: list[int]) -> EngineOutput:
+        """Render a batch (B, 3, H, W) with stacked style vectors (seeds are not used: the network is exact)."""
+        images = self.arbitrary.stylize(self.models, content, states["vector"], self.cfg).images
+        return EngineOutput(images, None, torch.isfinite(images).flatten(1).all(1))
+
+
+GATE_STYLE = "_gate_style"
+"""Key of the style image at the output size (the quality gate's reference) in a :class:`StyleStates` state."""
+
+
+class StyleStates:
+    """Each style image's engine state, computed once and kept in memory, with the gate's reference image.
+
+    Parameters
+    ----------
+    engine : GatysEngine or ArbitraryEngine
+        Computes a style image's state (:meth:`GatysEngine.style_state`).
+    size : int
+        Output side: the style image at this size is kept under :data:`GATE_STYLE` beside its state.
+    tag : Hashable
+        What identifies the states besides the style id (the settings' hash).
+    max_items : int
+        States kept (least recently used first out).
+    """
+
+    def __init__(self, engine: GatysEngine | ArbitraryEngine, size: int, tag: Hashable, max_items: int = 512):
+        self.engine, self.size, self.tag = engine, size, tag
+        self.cache = GramCache(max_items=max_items)
+
+    def _key(self, style_id: str) -> tuple:
+        return (style_id, self.tag)
+
+    def stacked(
+        self, style_ids: Sequence[str], load: Callable[[str, int], torch.Tensor | None]
+    ) -> tuple[list[bool], dict[str, torch.Tensor]]:
+        """Which of ``style_ids`` (repeats allowed) could be read, and the stacked states of those that could.
+
+        ``load(style_id, side)`` returns the style image (3, side, side) in [0, 1], or None when it cannot be
+        read; it is called only for styles whose state is not kept. The states are ``{name: (B, ...)}`` in the
+        order of the readable ids, :data:`GATE_STYLE` among them.
+        """
+        loaded: dict[str, torch.Tensor | None] = {}
+        for style_id in style_ids:
+            if self._key(style_id) not in self.cache and style_id not in loaded:
+                loaded[style_id] = load(style_id, self.engine.style_size)
+        readable = [loaded.get(style_id, True) is not None for style_id in style_ids]
+        kept = [style_id for style_id, ok in zip(style_ids, readable, strict=True) if ok]
+        if not kept:
+            return readable, {}
+
+        def compute(keys: list[tuple]) -> list[dict[str, torch.Tensor]]:
+            # one style at a time: a style's state is then the same whichever batch first needs it
+            return [self._one(k[0], loaded[k[0]], load) for k in keys]
+
+        return readable, stack_targets(self.cache.get_many([self._key(s) for s in kept], compute))
+
+    def _one(
+        self, style_id: str, style: torch.Tensor, load: Callable[[str, int], torch.Tensor | None]
+    ) -> dict:
+        """The engine's state of one style image, and the image at the output size (the gate's reference)."""
+        state = self.engine.style_state(style)
+        state[GATE_STYLE] = style if style.shape[-1] == self.size else load(style_id, self.size)
+        return state
+
+
+def as_saved(images: torch.Tensor) -> torch.Tensor:
+    """Images (B, 3, H, W) rounded to the 8-bit values that are saved: what the quality gate measures."""
+    return (images.detach().float().clamp(0, 1) * 255.0).round() / 255.0
+
+
+def assess_batch(
+    content: torch.Tensor,
+    styles: torch.Tensor,
+    images: torch.Tensor,
+    finite: torch.Tensor,
+    masks: list[torch.Tensor | None],
+    scorer: StyleDistance,
+    gate: QualityGate,
+) -> list[dict]:
+    """Quality records (dicts, without loss terms) of a batch's finite images; ``{}`` for the others.
+
+    Parameters
+    ----------
+    content, styles, images : Tensor
+        Content images, style images at the output size and results (:func:`as_saved`), (B, 3, H, W) each.
+    finite : Tensor
+        (B,) bool: only these images are assessed.
+    masks : list of Tensor or None
+        Per image its lesion mask (H, W) bool, or None; images with a mask are scored against it too.
+    scorer : StyleDistance
+        The style distance the gate measures.
+    gate : QualityGate
+        The gate's thresholds.
+
+    Returns
+    -------
+    list of dict
+        One record per image, in batch order.
+    """
+    records: list[dict] = [{} for _ in masks]
+    for with_mask in (True, False):
+        rows = [i for i, m in enumerate(masks) if (m is not None) == with_mask and finite[i]]
+        if not rows:
+            continue
+        mask = torch.stack([masks[i] for i in rows]) if with_mask else None
+        found = assess(content[rows], styles[rows], images[rows], scorer, mask=mask, gate=gate)
+        for i, record in zip(rows, found, strict=True):
+            records[i] = {k: v for k, v in record.to_dict().items() if k != "terms"}
+    return records

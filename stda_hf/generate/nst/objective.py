@@ -1,0 +1,343 @@
+"""The style-transfer objectives: Gram matrices, the ``gatys`` and ``inetwork`` loss terms, style targets, colour.
+
+Pure tensor functions of a batch: every loss is per image, a (B,) tensor, so an image's loss never depends on
+the other images of its batch.
+
+``gatys`` (the ``default`` preset; the conventions of the PyTorch tutorial and Johnson's neural-style, so that
+weights do not depend on the image size): RGB images in [0, 1] with torchvision's normalisation; content loss
+the mean squared difference of the content-layer activations; a Gram matrix ``F F^T / (C H W)`` of the
+(optionally shifted) activations, computed in fp32; a layer's style loss the mean squared difference of Gram
+matrices, the style loss their weighted sum; total variation the mean of squared neighbour differences of the
+image in [0, 1]. ``inetwork`` (the ``original`` preset) is the objective of titu1994's Neural-Style-Transfer
+``INetwork.py``, which the original work ran: its unnormalised sums on Caffe input (:func:`loss_terms`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from stda_hf.core.errors import StdaError
+from stda_hf.generate.nst.config import COARSE_SCALE, NSTConfig
+from stda_hf.models.features import VGGFeatures, from_caffe, to_caffe
+
+# ----------------------------------------------------------------------------------------------------------------
+# Losses (per image: every function returns a (B,) tensor)
+
+
+def gram(features: Tensor, shift: float = 0.0, normalise: bool = True) -> Tensor:
+    """Gram matrices ``(F + shift)(F + shift)^T`` of activations (B, C, H, W), at least fp32: (B, C, C).
+
+    Divided by ``C H W`` when ``normalise`` (the ``gatys`` objective); INetwork's are not.
+    """
+    b, c, h, w = features.shape
+    with torch.autocast(features.device.type, enabled=False):
+        f = at_least_fp32(features).reshape(b, c, h * w)
+        if shift:
+            f = f + shift
+        alpha = 1.0 / (c * h * w) if normalise else 1.0
+        return torch.baddbmm(f.new_empty(b, c, c), f, f.transpose(1, 2), beta=0.0, alpha=alpha)
+
+
+def at_least_fp32(t: Tensor) -> Tensor:
+    """``t`` in fp32, or in its own dtype when that is wider (fp64)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def content_loss(features: Tensor, target: Tensor) -> Tensor:
+    """Mean squared difference per image of content-layer activations (B, C, H, W): (B,)."""
+    return (at_least_fp32(features) - at_least_fp32(target)).square().flatten(1).mean(1)
+
+
+def style_loss(grams: dict[str, Tensor], targets: dict[str, Tensor], weights: dict[str, float]) -> Tensor:
+    """Weighted sum over layers of the mean squared Gram difference per image: (B,)."""
+    return sum(
+        w * (grams[layer] - targets[layer]).square().flatten(1).mean(1) for layer, w in weights.items()
+    )
+
+
+def tv_loss(images: Tensor) -> Tensor:
+    """Total variation per image: mean of squared horizontal plus vertical neighbour differences, (B,)."""
+    dy = images[:, :, 1:, :-1] - images[:, :, :-1, :-1]
+    dx = images[:, :, :-1, 1:] - images[:, :, :-1, :-1]
+    return (dx.square() + dy.square()).flatten(1).mean(1)
+
+
+def inetwork_content_loss(features: Tensor, target: Tensor) -> Tensor:
+    """INetwork's default content loss (``content_loss_type`` 0): the plain sum of squared differences, (B,)."""
+    return (at_least_fp32(features) - at_least_fp32(target)).square().flatten(1).sum(1)
+
+
+def inetwork_style_loss(
+    grams: dict[str, Tensor], targets: dict[str, Tensor], weights: dict[str, float], rows: int, cols: int
+) -> Tensor:
+    """INetwork's style loss: per layer ``sum((S - G)^2) / (4 * 3^2 * (rows * cols)^2)``, weighted, summed: (B,).
+
+    INetwork fixes the channel count at 3 and uses the input image's ``rows * cols`` for every layer; Grams are
+    unnormalised (:func:`gram` with ``normalise=False``). ``weights`` are :func:`inetwork_layer_weights`.
+    """
+    denominator = 4.0 * 3**2 * float(rows * cols) ** 2
+    return sum(
+        w * (grams[layer] - targets[layer]).square().flatten(1).sum(1) / denominator
+        for layer, w in weights.items()
+    )
+
+
+def inetwork_tv_loss(images: Tensor) -> Tensor:
+    """INetwork's total variation: ``sum((a + b)^1.25)`` over ``[:H-1, :W-1]`` of the image in its units, (B,).
+
+    ``a`` and ``b`` are the squared differences to the pixel below and to the right.
+    """
+    x = at_least_fp32(images)
+    corner = x[:, :, :-1, :-1]
+    a = (corner - x[:, :, 1:, :-1]).square()
+    b = (corner - x[:, :, :-1, 1:]).square()
+    return (a + b).pow(1.25).flatten(1).sum(1)
+
+
+@dataclass
+class Losses:
+    """Per-image losses (each (B,)): unweighted terms and the weighted total that is optimised."""
+
+    content: Tensor
+    style: Tensor
+    tv: Tensor
+    total: Tensor
+
+
+def to_space(rgb: Tensor, cfg: NSTConfig) -> Tensor:
+    """RGB images in [0, 1] in the objective's units: themselves (``gatys``) or Caffe's (``inetwork``)."""
+    return to_caffe(rgb) if cfg.objective == "inetwork" else rgb
+
+
+def from_space(x: Tensor, cfg: NSTConfig) -> Tensor:
+    """Inverse of :func:`to_space` (no clipping)."""
+    return from_caffe(x) if cfg.objective == "inetwork" else x
+
+
+def activations(features: VGGFeatures, x: Tensor, cfg: NSTConfig) -> dict[str, Tensor]:
+    """VGG activations of images ``x`` given in the objective's units (see :func:`to_space`)."""
+    return features.activations(x) if cfg.objective == "inetwork" else features(x)
+
+
+def objective(
+    features: VGGFeatures,
+    images: Tensor,
+    content_target: Tensor,
+    targets: dict[str, Tensor],
+    cfg: NSTConfig,
+    precision: str = "fp32",
+) -> Losses:
+    """Content, style and TV losses of ``images`` (B, 3, H, W), in the objective's units, against per-image targets.
+
+    ``images`` are RGB in [0, 1] for ``gatys`` and Caffe-preprocessed (:func:`to_space`) for ``inetwork``;
+    ``content_target`` comes from :func:`content_features`, ``targets`` from :func:`style_targets`.
+    """
+    with autocast(precision, images.device):
+        acts = activations(features, images, cfg)
+    layer_weights = cfg.style_layer_weights()
+    inetwork = cfg.objective == "inetwork"
+    grams = {layer: gram(acts[layer], cfg.gram_shift, normalise=not inetwork) for layer in layer_weights}
+    if inetwork:
+        c = inetwork_content_loss(acts[cfg.content_layer], content_target)
+        s = inetwork_style_loss(grams, targets, layer_weights, *images.shape[-2:])
+        tv = inetwork_tv_loss(images) if cfg.tv_weight else torch.zeros_like(c)
+    else:
+        c = content_loss(acts[cfg.content_layer], content_target)
+        s = style_loss(grams, targets, layer_weights)
+        tv = tv_loss(at_least_fp32(images)) if cfg.tv_weight else torch.zeros_like(c)
+    total = cfg.content_weight * c + cfg.style_weight * s + cfg.tv_weight * tv
+    return Losses(content=c, style=s, tv=tv, total=total)
+
+
+@torch.no_grad()
+def content_features(
+    features: VGGFeatures, content: Tensor, cfg: NSTConfig, precision: str = "fp32"
+) -> Tensor:
+    """The content-layer activations of content images (B, 3, H, W), RGB in [0, 1], at least fp32."""
+    with autocast(precision, content.device):
+        acts = activations(features, to_space(model_input(content, cfg), cfg), cfg)
+    return at_least_fp32(acts[cfg.content_layer])
+
+
+@dataclass
+class TermsAndGrads:
+    """Per-image loss terms and their input gradients (see :func:`inetwork_terms`)."""
+
+    terms: dict[str, Tensor]  # content, style, tv, total: (B,) each
+    grads: dict[str, Tensor]  # the gradient of each term with respect to the images: (B, 3, H, W) each
+
+
+def loss_terms(
+    features: VGGFeatures,
+    images: Tensor,
+    content: Tensor,
+    style: Tensor,
+    cfg: NSTConfig,
+    space: str = "rgb",
+    dtype: torch.dtype | None = torch.float64,
+    weighted: bool = True,
+) -> TermsAndGrads:
+    """Each loss term of ``cfg``'s objective and its gradient with respect to the input, per image.
+
+    For ``NSTConfig(preset="original")`` these are INetwork.py's terms: ``content`` is
+    ``content_weight * sum((F - P)^2)`` at the content layer, ``style`` the sum over adjacent layer pairs of
+    ``style_weight / 2^(L - (i + 1)) * (sl_i - sl_{i+1})``, ``tv`` is ``tv_weight * sum((a + b)^1.25)``, and
+    ``total`` their sum: the value and gradient INetwork's ``f_outputs`` return for a one-style run.
+
+    Parameters
+    ----------
+    features : VGGFeatures
+        The network (copied, not changed, when ``dtype`` differs from its own).
+    images, content, style : Tensor
+        Result, content and style images (B, 3, H, W), all the same size (INetwork resizes the style image to
+        the content's). RGB in [0, 1] when ``space="rgb"``; in the objective's units (Caffe's BGR, 0-255 minus
+        the ImageNet mean, for ``inetwork``) when ``space="script"``.
+    cfg : NSTConfig
+        The objective and its weights.
+    space : {"rgb", "script"}
+        Units of the images and of the returned gradients.
+    dtype : torch.dtype, optional
+        Compute in this dtype (default float64); None keeps the images' dtype.
+    weighted : bool
+        Terms as they enter the total (times their weights), or unweighted.
+
+    Returns
+    -------
+    TermsAndGrads
+        ``terms[name]`` (B,) and ``grads[name]`` (B, 3, H, W) for ``content``, ``style``, ``tv``, ``total``.
+
+    Raises
+    ------
+    StdaError
+        Unknown ``space``; images of different sizes.
+    """
+    if space not in ("rgb", "script"):
+        raise StdaError(f"unknown space {space!r}; valid values: ['rgb', 'script']")
+    if not images.shape == content.shape == style.shape:
+        raise StdaError(
+            f"images {tuple(images.shape)}, content {tuple(content.shape)} and style {tuple(style.shape)} "
+            "must have the same shape (INetwork resizes the style image to the content image's size)"
+        )
+    if dtype is not None and next(features.parameters()).dtype != dtype:
+        features = copy.deepcopy(features).to(dtype)
+    images, content, style = (t.to(dtype) if dtype is not None else t for t in (images, content, style))
+    x = images.detach().clone().requires_grad_(True)
+    unit = x if space == "script" else to_space(model_input(x, cfg), cfg)
+    if space == "script":
+        content, style = from_space(content, cfg), from_space(style, cfg)
+    target = content_features(features, content, cfg)
+    losses = objective(features, unit, target, style_targets(features, style, cfg), cfg)
+    weights = {"content": cfg.content_weight, "style": cfg.style_weight, "tv": cfg.tv_weight, "total": 1.0}
+    terms, grads = {}, {}
+    for name, w in weights.items():
+        value = getattr(losses, name) * (w if weighted or name == "total" else 1.0)
+        (grad,) = torch.autograd.grad(value.sum(), x, retain_graph=name != "total", allow_unused=True)
+        terms[name] = value.detach()
+        grads[name] = torch.zeros_like(x) if grad is None else grad
+    return TermsAndGrads(terms, grads)
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on ``device`` for ``precision="bf16"``, else a context that changes nothing."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def resolve_precision(precision: str, device: torch.device | str) -> str:
+    """``fp32`` or ``bf16``: ``auto`` is bf16 on a CUDA GPU that supports it, fp32 elsewhere.
+
+    On CPUs, bf16 (even with native AVX512-BF16) gained too little once images that L-BFGS lost in bf16 are
+    redone in fp32 (see ``benchmarks/nst_throughput.py``); ``--precision bf16`` still uses it.
+    """
+    device = torch.device(device)
+    if precision != "auto":
+        return precision
+    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Colour
+
+
+def rgb_to_ycbcr(images: Tensor) -> Tensor:
+    """Full-range (JPEG) YCbCr of RGB images in [0, 1]; Cb and Cr are centred on 0.5."""
+    r, g, b = images.unbind(1)
+    y = 0.299 * r + 0.587 * g + 0.114 * b
+    cb = 0.5 + (b - y) * 0.564
+    cr = 0.5 + (r - y) * 0.713
+    return torch.stack((y, cb, cr), 1)
+
+
+def ycbcr_to_rgb(ycbcr: Tensor) -> Tensor:
+    """Inverse of :func:`rgb_to_ycbcr`."""
+    y, cb, cr = ycbcr.unbind(1)
+    r = y + (cr - 0.5) / 0.713
+    b = y + (cb - 0.5) / 0.564
+    g = (y - 0.299 * r - 0.114 * b) / 0.587
+    return torch.stack((r, g, b), 1)
+
+
+def luminance3(images: Tensor) -> Tensor:
+    """The luminance of RGB images repeated on three channels (what ``luminance`` colour mode optimises)."""
+    return rgb_to_ycbcr(images)[:, :1].expand(-1, 3, -1, -1).contiguous()
+
+
+def keep_color(result: Tensor, content: Tensor) -> Tensor:
+    """The luminance of ``result`` with the chroma (Cb, Cr) of ``content``, clamped to [0, 1]."""
+    y = rgb_to_ycbcr(result)[:, :1]
+    return ycbcr_to_rgb(torch.cat((y, rgb_to_ycbcr(content)[:, 1:]), 1)).clamp(0, 1)
+
+
+def model_input(images: Tensor, cfg: NSTConfig) -> Tensor:
+    """What the network sees of RGB images: their luminance on three channels in ``luminance`` mode, else them."""
+    return luminance3(images) if cfg.preserve_color == "luminance" else images
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Style targets
+
+
+@torch.no_grad()
+def style_targets(features: VGGFeatures, styles: Tensor, cfg: NSTConfig) -> dict[str, Tensor]:
+    """Gram targets of style images (B, 3, h, w) in [0, 1], computed in fp32: ``{layer: (B, C, C)}``.
+
+    With ``cfg.coarse_to_fine``, also the targets of the styles at half size, under :func:`coarse_key` names,
+    for the coarse stage (the style's texture keeps its size relative to the image).
+    """
+    out = _grams(features, styles, cfg)
+    if cfg.coarse_to_fine:
+        half = resize(styles, scaled_size(styles.shape[-2:], COARSE_SCALE))
+        out.update({coarse_key(k): v for k, v in _grams(features, half, cfg).items()})
+    return out
+
+
+def _grams(features: VGGFeatures, styles: Tensor, cfg: NSTConfig) -> dict[str, Tensor]:
+    acts = activations(features, to_space(model_input(styles, cfg), cfg), cfg)
+    normalise = cfg.objective != "inetwork"
+    return {layer: gram(acts[layer], cfg.gram_shift, normalise) for layer in cfg.style_layers}
+
+
+def coarse_key(layer: str) -> str:
+    """The name of a style layer's coarse-stage target in :func:`style_targets`'s dict."""
+    return f"coarse/{layer}"
+
+
+def resize(images: Tensor, size: tuple[int, int]) -> Tensor:
+    """Images (B, C, H, W) resized to ``size`` (bilinear, antialiased when shrinking); per image."""
+    if tuple(images.shape[-2:]) == tuple(size):
+        return images
+    shrink = size[0] < images.shape[-2] or size[1] < images.shape[-1]
+    return F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=shrink)
+
+
+def scaled_size(size: Sequence[int], scale: float) -> tuple[int, int]:
+    """``(H, W)`` times ``scale``, rounded, at least one pixel a side."""
+    return tuple(max(1, round(side * scale)) for side in size)
