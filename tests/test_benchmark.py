@@ -13,8 +13,31 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stda_hf import benchmark as bm
-from stda_hf.benchmark import BenchmarkConfig, RunKey, RunTable
+from stda_hf.benchmark import BenchmarkConfig, run_benchmark, stages
+from stda_hf.benchmark.config import (
+    SPLIT_ORDER,
+    RunKey,
+    fold_dir,
+    plan_runs,
+    recipe_settings,
+    synthetic_recipe,
+    train_settings,
+)
+from stda_hf.benchmark.data import check_fold_synthetic, prepare_sources, write_fold_view
+from stda_hf.benchmark.plots import plot_boxplots
+from stda_hf.benchmark.report import render_report
+from stda_hf.benchmark.runner import check_stage_settings, check_thresholds
+from stda_hf.benchmark.runs import device_slots
+from stda_hf.benchmark.stages import label_by_style_source, shortcut_labels
+from stda_hf.benchmark.stats import (
+    compute_stats,
+    equal_spread_band,
+    fold_differences,
+    holm,
+    seed_spread,
+    values_by_pair,
+)
+from stda_hf.benchmark.table import RunTable
 from stda_hf.core.errors import StdaError
 from stda_hf.data.real import read_real_folder
 from stda_hf.data.split import make_folds
@@ -49,7 +72,7 @@ def test_each_fold_has_both_classes_in_every_split(phantom_real_session):
     folds = make_folds(phantom_real_session, k=3, seed=0)
     for fold in range(3):
         summary = folds.summary(fold)
-        assert all(summary[s]["benign"] > 0 and summary[s]["malignant"] > 0 for s in bm.SPLIT_ORDER)
+        assert all(summary[s]["benign"] > 0 and summary[s]["malignant"] > 0 for s in SPLIT_ORDER)
 
 
 def test_same_fold_seed_same_folds_other_seed_other_folds(phantom_real_session):
@@ -72,7 +95,7 @@ def test_bad_fold_settings_are_refused(phantom_real_session, k, val, match):
 
 def test_plan_covers_every_arm_fold_and_seed_once_pairs_first():
     cfg = BenchmarkConfig(folds=3, seeds=(0, 1), arms={"baseline": {}, "mix": {"synthetic": "mix"}})
-    keys = bm.plan_runs(cfg)
+    keys = plan_runs(cfg)
     assert len(keys) == len(set(keys)) == 3 * 2 * 2
     assert keys[:2] == [RunKey(0, 0, "baseline"), RunKey(0, 0, "mix")]
 
@@ -120,7 +143,7 @@ def test_an_unknown_label_source_is_refused_before_any_work(tmp_path):
         arms={"baseline": {"synthetic": "none"}, "mix": {"synthetic": "mix", "label": {"source": "oracle"}}},
     )
     with pytest.raises(StdaError, match=r"arms.mix.label.source.*'oracle'.*\['teacher', 'style'\]"):
-        bm.check_stage_settings(cfg)
+        check_stage_settings(cfg)
 
 
 def test_shipped_configs_load():
@@ -131,7 +154,7 @@ def test_shipped_configs_load():
     for path in configs:
         cfg = load_config(BenchmarkConfig, path)
         assert cfg.baseline in cfg.arms, path
-        bm.check_stage_settings(cfg)  # every stage accepts its section
+        check_stage_settings(cfg)  # every stage accepts its section
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -140,9 +163,7 @@ def test_shipped_configs_load():
 
 def test_fold_view_lists_the_folds_splits_and_links_every_image(phantom_real_session, tmp_path):
     folds = make_folds(phantom_real_session, k=3, seed=0)
-    view = bm.write_fold_view(
-        tmp_path / "view", folds, 1, dict.fromkeys(bm.SPLIT_ORDER, phantom_real_session)
-    )
+    view = write_fold_view(tmp_path / "view", folds, 1, dict.fromkeys(SPLIT_ORDER, phantom_real_session))
     folder = read_real_folder(view)
     assert folder.splits() == folds.assignments[1]
     assert all(im.path.is_symlink() and im.mask_path is not None for im in folder.images)
@@ -159,13 +180,11 @@ def _manifest(folder: Path, pairs: list[tuple[str, str]]) -> None:
 
 def test_synthetic_images_from_the_folds_train_images_pass(phantom_real_session, tmp_path):
     folds = make_folds(phantom_real_session, k=3, seed=0)
-    view = bm.write_fold_view(
-        tmp_path / "view", folds, 0, dict.fromkeys(bm.SPLIT_ORDER, phantom_real_session)
-    )
+    view = write_fold_view(tmp_path / "view", folds, 0, dict.fromkeys(SPLIT_ORDER, phantom_real_session))
     folder = read_real_folder(view)
     benign, malignant = folder.subset("train", "benign"), folder.subset("train", "malignant")
     _manifest(tmp_path / "syn", [(benign[0].isic_id, malignant[0].isic_id)])
-    assert bm.check_fold_synthetic(view, tmp_path / "syn") == 1
+    assert check_fold_synthetic(view, tmp_path / "syn") == 1
 
 
 def test_style_source_labels_follow_the_style_image_and_the_shortcut_share_counts_carriers(
@@ -175,16 +194,14 @@ def test_style_source_labels_follow_the_style_image_and_the_shortcut_share_count
     from PIL import Image
 
     folds = make_folds(phantom_real_session, k=3, seed=0)
-    view = bm.write_fold_view(
-        tmp_path / "view", folds, 0, dict.fromkeys(bm.SPLIT_ORDER, phantom_real_session)
-    )
+    view = write_fold_view(tmp_path / "view", folds, 0, dict.fromkeys(SPLIT_ORDER, phantom_real_session))
     folder = read_real_folder(view)
     benign, malignant = folder.subset("train", "benign"), folder.subset("train", "malignant")
     pairs = [(benign[i].isic_id, malignant[i].isic_id) for i in range(3)] + [
         (malignant[3].isic_id, benign[3].isic_id)
     ]
     _manifest(tmp_path / "syn", pairs)
-    summary = bm.label_by_style_source(view, tmp_path / "syn")
+    summary = label_by_style_source(view, tmp_path / "syn")
     labels = [
         json.loads(line)["label"] for line in (tmp_path / "syn" / "labels.jsonl").read_text().splitlines()
     ]
@@ -198,15 +215,13 @@ def test_style_source_labels_follow_the_style_image_and_the_shortcut_share_count
     patch[:4, :4] = 2
     carrier.unlink(missing_ok=True)
     Image.fromarray(patch).save(carrier)
-    shares = bm.shortcut_labels(view, tmp_path / "syn", "patch", 0.0)
+    shares = shortcut_labels(view, tmp_path / "syn", "patch", 0.0)
     assert shares["with_shortcut"] >= 1 and shares["with_shortcut_malignant_share"] == 1.0
 
 
 def test_a_synthetic_image_styled_from_another_folds_test_image_is_refused(phantom_real_session, tmp_path):
     folds = make_folds(phantom_real_session, k=3, seed=0)
-    view = bm.write_fold_view(
-        tmp_path / "view", folds, 0, dict.fromkeys(bm.SPLIT_ORDER, phantom_real_session)
-    )
+    view = write_fold_view(tmp_path / "view", folds, 0, dict.fromkeys(SPLIT_ORDER, phantom_real_session))
     train_benign = read_real_folder(view).subset("train", "benign")[0].isic_id
     # an image that trains fold 1 but is tested in fold 0: fine for fold 1, leakage for fold 0
     leak = next(
@@ -214,7 +229,7 @@ def test_a_synthetic_image_styled_from_another_folds_test_image_is_refused(phant
     )
     _manifest(tmp_path / "syn", [(train_benign, leak)])
     with pytest.raises(StdaError, match=f"outside the train split.*{leak}"):
-        bm.check_fold_synthetic(view, tmp_path / "syn")
+        check_fold_synthetic(view, tmp_path / "syn")
 
 
 def test_shortcut_is_planted_only_in_the_chosen_splits(tmp_path):
@@ -222,10 +237,10 @@ def test_shortcut_is_planted_only_in_the_chosen_splits(tmp_path):
     cfg = BenchmarkConfig(
         name="s", out=str(tmp_path / "work"), phantoms=phantoms, folds=2, shortcut={"artifact": "patch"}
     )
-    sources = bm.prepare_sources(cfg)
+    sources = prepare_sources(cfg)
     assert sources["train"] != sources["test"] == sources["validation"]
     folds = make_folds(sources["test"], k=2, seed=0)
-    view = read_real_folder(bm.write_fold_view(tmp_path / "view", folds, 0, sources))
+    view = read_real_folder(write_fold_view(tmp_path / "view", folds, 0, sources))
     patched = {im.isic_id: "patch" in im.extra["artifacts"] for im in view.images}
     train = view.subset("train")
     assert all(patched[im.isic_id] for im in train if im.label == "benign")
@@ -239,23 +254,23 @@ def test_shortcut_is_planted_only_in_the_chosen_splits(tmp_path):
 
 
 def test_holm_adjusts_the_finite_p_values_as_a_family():
-    adjusted = bm.holm([0.01, 0.04, 0.03, float("nan")])
+    adjusted = holm([0.01, 0.04, 0.03, float("nan")])
     assert adjusted[:3] == pytest.approx([0.03, 0.06, 0.06])
     assert math.isnan(adjusted[3])
 
 
 def test_seed_spread_is_the_pooled_within_fold_sd():
     values = {(0, 0): 1.0, (0, 1): 3.0, (1, 0): 2.0, (1, 1): 2.0}
-    assert bm.seed_spread(values) == (pytest.approx(1.0), 2)
-    sd, dof = bm.seed_spread({(0, 0): 1.0, (1, 0): 2.0})
+    assert seed_spread(values) == (pytest.approx(1.0), 2)
+    sd, dof = seed_spread({(0, 0): 1.0, (1, 0): 2.0})
     assert math.isnan(sd) and dof == 0
 
 
 def test_equal_spread_band_is_wide_with_few_repeats_and_narrows_with_more():
-    lo, hi = bm.equal_spread_band(3, 3)
+    lo, hi = equal_spread_band(3, 3)
     assert (lo, hi) == (pytest.approx(0.2546, abs=1e-3), pytest.approx(3.928, abs=1e-2))
     assert lo == pytest.approx(1 / hi)
-    lo100, hi100 = bm.equal_spread_band(100, 100)
+    lo100, hi100 = equal_spread_band(100, 100)
     assert lo < lo100 < 1 < hi100 < hi
 
 
@@ -272,7 +287,7 @@ def _rows(effect: float, noise: dict[str, float]) -> list[dict]:
 
 def test_compute_stats_on_known_runs():
     rows = _rows(0.1, {"baseline": 0.02, "mix": 0.01})
-    stats = bm.compute_stats(rows, ["baseline", "mix"], "baseline", primary=("mix", "roc_auc"), folds=3)
+    stats = compute_stats(rows, ["baseline", "mix"], "baseline", primary=("mix", "roc_auc"), folds=3)
     base, mix = stats.summaries[("baseline", "roc_auc")], stats.summaries[("mix", "roc_auc")]
     assert (base.n, mix.n, stats.n_done, stats.n_failed) == (6, 6, 12, 1)
     assert mix.mean - base.mean == pytest.approx(0.1)
@@ -289,11 +304,9 @@ def test_compute_stats_on_known_runs():
 def test_report_states_the_unit_the_primary_endpoint_the_power_and_the_caveats(tmp_path):
     rows = _rows(0.1, {"baseline": 0.02, "mix": 0.01})
     rows[1]["roc_auc"] += 0.03  # fold 0 seed 0: mix gains a little more, so the folds differ
-    stats = bm.compute_stats(rows, ["baseline", "mix"], "baseline", primary=("mix", "roc_auc"), folds=3)
+    stats = compute_stats(rows, ["baseline", "mix"], "baseline", primary=("mix", "roc_auc"), folds=3)
     cfg = BenchmarkConfig(name="known", arms={"baseline": {}, "mix": {"synthetic": "mix"}})
-    text = bm.render_report(
-        cfg, stats, [], [rows[-1]], {"Box plots": "boxplots.png"}, "It shows X.", "c.yaml"
-    )
+    text = render_report(cfg, stats, [], [rows[-1]], {"Box plots": "boxplots.png"}, "It shows X.", "c.yaml")
     assert "# ST-DA benchmark: known" in text
     assert f"{stats.summaries[('mix', 'roc_auc')].mean:.3f} ± " in text
     assert "The unit of analysis is the fold" in text
@@ -311,11 +324,11 @@ def test_secondary_comparisons_are_holm_adjusted_and_the_primary_is_not():
     for r in rows:
         r["f1"] = r["roc_auc"] + (0.01 * r["fold"] if r["arm"] == "mix" else 0.0)
         r["sensitivity"] = r["roc_auc"] * (1.02 if r["arm"] == "mix" and r["fold"] != 1 else 1.0)
-    stats = bm.compute_stats(rows, ["baseline", "mix"], "baseline", primary=("mix", "f1"), folds=3)
+    stats = compute_stats(rows, ["baseline", "mix"], "baseline", primary=("mix", "f1"), folds=3)
     by_metric = {t.metric: t for t in stats.tests}
     assert by_metric["f1"].primary and by_metric["f1"].p_adjusted == by_metric["f1"].p_value
     secondary = [by_metric["roc_auc"], by_metric["sensitivity"]]
-    assert [t.p_adjusted for t in secondary] == pytest.approx(bm.holm([t.p_value for t in secondary]))
+    assert [t.p_adjusted for t in secondary] == pytest.approx(holm([t.p_value for t in secondary]))
 
 
 def test_repeated_cross_validation_rows_use_the_corrected_test():
@@ -327,16 +340,12 @@ def test_repeated_cross_validation_rows_use_the_corrected_test():
             rows.append(
                 {"arm": arm, "repeat": repeat, "fold": fold, "seed": seed, "status": "done", "roc_auc": value}
             )
-    stats = bm.compute_stats(rows, ["baseline", "mix"], "baseline", primary=("mix", "roc_auc"), folds=3)
+    stats = compute_stats(rows, ["baseline", "mix"], "baseline", primary=("mix", "roc_auc"), folds=3)
     (test,) = stats.tests
     assert (test.repeats, test.units, test.dof) == (2, 6, 5)
     assert test.method.startswith("corrected repeated k-fold")
     d = np.asarray(
-        list(
-            bm.fold_differences(*(bm.values_by_pair(rows, a, "roc_auc") for a in ("mix", "baseline")))[
-                0
-            ].values()
-        )
+        list(fold_differences(*(values_by_pair(rows, a, "roc_auc") for a in ("mix", "baseline")))[0].values())
     )
     assert test.statistic == pytest.approx(d.mean() / math.sqrt((1 / 6 + 1 / 2) * d.var(ddof=1)))
 
@@ -357,7 +366,7 @@ def test_plan_covers_every_repetition_with_its_own_folders():
     cfg = BenchmarkConfig(
         seeds=(0,), folds=2, fold_seeds=(0, 7), arms={"baseline": {}, "mix": {"synthetic": "mix"}}
     )
-    keys = bm.plan_runs(cfg)
+    keys = plan_runs(cfg)
     assert len(keys) == 2 * 2 * 2 and {k.repeat for k in keys} == {0, 1}
     assert (
         RunKey(1, 0, "mix", 1).name == "mix/rep1-fold1-seed0"
@@ -371,8 +380,8 @@ def test_a_label_threshold_other_than_the_training_threshold_is_refused():
         label={"min_confidence": 0.5},
     )
     with pytest.raises(StdaError, match=r"arm 'mix' trains with min_confidence 0.8 .* thresholded at 0.5"):
-        bm.check_thresholds(cfg)
-    bm.check_thresholds(BenchmarkConfig(arms=cfg.arms, label={"min_confidence": 0.8}))
+        check_thresholds(cfg)
+    check_thresholds(BenchmarkConfig(arms=cfg.arms, label={"min_confidence": 0.8}))
 
 
 def test_arms_with_their_own_generate_settings_get_their_own_synthetic_set():
@@ -383,16 +392,16 @@ def test_arms_with_their_own_generate_settings_get_their_own_synthetic_set():
         "also_gatys": {"synthetic": "pretrain", "generate": {"iterations": 5}},
     }
     cfg = BenchmarkConfig(arms=arms, generate={"size": 32, "iterations": 25})
-    assert bm.synthetic_recipe(cfg, "mix") == "" and bm.synthetic_recipe(cfg, "baseline") == ""
-    own = bm.synthetic_recipe(cfg, "mix_gatys")
-    assert own.startswith("s-") and own == bm.synthetic_recipe(cfg, "also_gatys")
-    assert bm.recipe_settings(cfg, own)["generate"] == {"size": 32, "iterations": 5}
-    assert bm.train_settings(arms["mix_gatys"]) == {"synthetic": "mix"}
+    assert synthetic_recipe(cfg, "mix") == "" and synthetic_recipe(cfg, "baseline") == ""
+    own = synthetic_recipe(cfg, "mix_gatys")
+    assert own.startswith("s-") and own == synthetic_recipe(cfg, "also_gatys")
+    assert recipe_settings(cfg, own)["generate"] == {"size": 32, "iterations": 5}
+    assert train_settings(arms["mix_gatys"]) == {"synthetic": "mix"}
 
 
 def test_box_plot_is_a_png(tmp_path):
     rows = _rows(0.1, {"baseline": 0.02, "mix": 0.01})
-    path = bm.plot_boxplots(rows, ["baseline", "mix"], ["roc_auc"], tmp_path / "b.png")
+    path = plot_boxplots(rows, ["baseline", "mix"], ["roc_auc"], tmp_path / "b.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -441,8 +450,8 @@ def _fake_explain(cfg, key, run_dir):
 
 
 def _fake_prepare(cfg, folds, fold, sources, repeat=0):
-    view = bm.write_fold_view(bm.fold_dir(cfg, fold, repeat) / "real", folds, fold, sources)
-    (bm.fold_dir(cfg, fold, repeat) / "fold.json").write_text(
+    view = write_fold_view(fold_dir(cfg, fold, repeat) / "real", folds, fold, sources)
+    (fold_dir(cfg, fold, repeat) / "fold.json").write_text(
         json.dumps({"fold": fold, "repeat": repeat, "counts": folds.summary(fold)})
     )
     return {"": view}
@@ -454,8 +463,8 @@ def fake(tmp_path, monkeypatch, phantom_real_session):
     script = tmp_path / "fake_train.py"
     script.write_text(FAKE_TRAINER)
     monkeypatch.setenv("FAKE_CALLS", str(tmp_path / "calls.jsonl"))
-    monkeypatch.setattr(bm.stages, "prepare_fold", _fake_prepare)  # where the runner looks them up
-    monkeypatch.setattr(bm.stages, "explain_run", _fake_explain)
+    monkeypatch.setattr(stages, "prepare_fold", _fake_prepare)  # where the runner looks them up
+    monkeypatch.setattr(stages, "explain_run", _fake_explain)
     settings = {
         "name": "fake",
         "real": str(phantom_real_session),
@@ -478,7 +487,7 @@ def _calls(tmp_path) -> list[dict]:
 
 def test_a_failing_run_is_recorded_as_failed_and_the_others_finish(fake, tmp_path, monkeypatch):
     monkeypatch.setenv("FAKE_FAIL", "mix/fold1-seed0")
-    report = bm.run_benchmark(BenchmarkConfig(**fake))
+    report = run_benchmark(BenchmarkConfig(**fake))
     table = RunTable.load(tmp_path / "work" / "runs.csv")
     assert [table.status(k) for k in sorted(table.rows)] == ["done", "done", "done", "failed"]
     assert "the loss became NaN" in table.rows[RunKey(1, 0, "mix")]["error"]
@@ -487,11 +496,11 @@ def test_a_failing_run_is_recorded_as_failed_and_the_others_finish(fake, tmp_pat
 
 def test_failed_runs_are_retried_only_when_asked(fake, tmp_path, monkeypatch):
     monkeypatch.setenv("FAKE_FAIL", "mix/fold1-seed0")
-    bm.run_benchmark(BenchmarkConfig(**fake))
+    run_benchmark(BenchmarkConfig(**fake))
     monkeypatch.delenv("FAKE_FAIL")
-    bm.run_benchmark(BenchmarkConfig(**fake))
+    run_benchmark(BenchmarkConfig(**fake))
     assert len(_calls(tmp_path)) == 4
-    bm.run_benchmark(BenchmarkConfig(**fake, retry_failed=True))
+    run_benchmark(BenchmarkConfig(**fake, retry_failed=True))
     assert _calls(tmp_path)[4:] == [
         {"run": "mix/fold1-seed0", "mode": "--overwrite", "pid": _calls(tmp_path)[4]["pid"]}
     ]
@@ -499,9 +508,9 @@ def test_failed_runs_are_retried_only_when_asked(fake, tmp_path, monkeypatch):
 
 
 def test_adding_seeds_later_runs_only_the_new_runs_and_pairs_them(fake, tmp_path):
-    bm.run_benchmark(BenchmarkConfig(**fake))
+    run_benchmark(BenchmarkConfig(**fake))
     assert len(_calls(tmp_path)) == 4
-    report = bm.run_benchmark(BenchmarkConfig(**{**fake, "seeds": (0, 1)}))
+    report = run_benchmark(BenchmarkConfig(**{**fake, "seeds": (0, 1)}))
     new = [c["run"] for c in _calls(tmp_path)[4:]]
     assert sorted(new) == [
         "baseline/fold0-seed1",
@@ -528,23 +537,23 @@ def test_adding_seeds_later_runs_only_the_new_runs_and_pairs_them(fake, tmp_path
 
 
 def test_changed_training_settings_are_refused_but_new_arms_are_added(fake, tmp_path):
-    bm.run_benchmark(BenchmarkConfig(**fake))
+    run_benchmark(BenchmarkConfig(**fake))
     with pytest.raises(StdaError, match=r"other \['train'\] settings"):
-        bm.run_benchmark(BenchmarkConfig(**{**fake, "train": {"epochs": 3}}))
+        run_benchmark(BenchmarkConfig(**{**fake, "train": {"epochs": 3}}))
     with pytest.raises(StdaError, match=r"arm\(s\) \['mix'\] changed"):
-        bm.run_benchmark(BenchmarkConfig(**{**fake, "arms": {**fake["arms"], "mix": {"synthetic": "mix"}}}))
+        run_benchmark(BenchmarkConfig(**{**fake, "arms": {**fake["arms"], "mix": {"synthetic": "mix"}}}))
     arms = {**fake["arms"], "pretrain": {"synthetic": "pretrain", "effect": 0.02}}
-    bm.run_benchmark(BenchmarkConfig(**{**fake, "arms": arms}))
+    run_benchmark(BenchmarkConfig(**{**fake, "arms": arms}))
     assert sorted(c["run"] for c in _calls(tmp_path)[4:]) == ["pretrain/fold0-seed0", "pretrain/fold1-seed0"]
 
 
 RUNNER = """
 import runpy, sys
-import stda_hf.benchmark as bm
+from stda_hf.benchmark import stages
 sys.path.insert(0, {tests!r})
 from test_benchmark import _fake_explain, _fake_prepare
-bm.stages.prepare_fold = _fake_prepare
-bm.stages.explain_run = _fake_explain
+stages.prepare_fold = _fake_prepare
+stages.explain_run = _fake_explain
 sys.argv = ["stda_benchmark.py", *sys.argv[1:]]
 runpy.run_path({script!r}, run_name="__main__")
 """
@@ -620,13 +629,13 @@ def test_real_stages_end_to_end_at_minimal_size(phantom_real_session, tmp_path):
         devices="cpu",
         cpu_threads=1,
     )
-    report = bm.run_benchmark(cfg)
+    report = run_benchmark(cfg)
     table = RunTable.load(tmp_path / "work" / "runs.csv")
     assert {r["status"] for r in table.rows.values()} == {"done"}, table.to_csv()
     assert all(0.0 <= r["roc_auc"] <= 1.0 and r["relevance_in_mask"] is not None for r in table.rows.values())
     for fold in range(2):
-        d = bm.fold_dir(cfg, fold)
-        assert bm.check_fold_synthetic(d / "real", d / "synthetic") == 6
+        d = fold_dir(cfg, fold)
+        assert check_fold_synthetic(d / "real", d / "synthetic") == 6
         assert json.loads((d / "fold.json").read_text())["synthetic"]["images"] == 6
         teacher_ids = set((d / "teacher" / "train_ids.txt").read_text().split())
         assert teacher_ids <= {im.isic_id for im in read_real_folder(d / "real").subset("train")}
@@ -647,24 +656,24 @@ def test_real_stages_end_to_end_at_minimal_size(phantom_real_session, tmp_path):
 def test_a_typo_in_stage_settings_fails_before_any_work(tmp_path, settings, match):
     cfg = BenchmarkConfig(name="typo", out=str(tmp_path / "work"), phantoms={"n": 20, "size": 32}, **settings)
     with pytest.raises(StdaError, match=match):
-        bm.run_benchmark(cfg)
+        run_benchmark(cfg)
     assert not (tmp_path / "work").exists()
 
 
 def test_device_slots_split_the_gpus_into_runs():
-    assert bm.device_slots("cpu", 1) == [None]
-    assert bm.device_slots("0,1,2,3", 1) == ["0", "1", "2", "3"]
-    assert bm.device_slots("0,1,2,3", 2) == ["0,1", "2,3"]
-    assert bm.device_slots("4,5,6", 2) == ["4,5"]
+    assert device_slots("cpu", 1) == [None]
+    assert device_slots("0,1,2,3", 1) == ["0", "1", "2", "3"]
+    assert device_slots("0,1,2,3", 2) == ["0,1", "2,3"]
+    assert device_slots("4,5,6", 2) == ["4,5"]
     with pytest.raises(StdaError, match="only 2 GPU"):
-        bm.device_slots("0,1", 3)
+        device_slots("0,1", 3)
     with pytest.raises(StdaError, match="GPU ids"):
-        bm.device_slots("gpu0", 1)
+        device_slots("gpu0", 1)
 
 
 def test_runs_spread_over_gpus_one_run_per_gpu_at_a_time(fake, tmp_path, monkeypatch):
     monkeypatch.setenv("FAKE_SLEEP", "0.5")
-    bm.run_benchmark(BenchmarkConfig(**{**fake, "devices": "0,1"}))
+    run_benchmark(BenchmarkConfig(**{**fake, "devices": "0,1"}))
     spans = [json.loads(line) for line in (tmp_path / "calls.jsonl.gpu").read_text().splitlines()]
     assert len(spans) == 4 and {s["gpu"] for s in spans} == {"0", "1"}
     on = {gpu: sorted((s["start"], s["end"]) for s in spans if s["gpu"] == gpu) for gpu in ("0", "1")}
