@@ -31,6 +31,7 @@ from stda_hf.benchmark.runs import device_slots
 from stda_hf.benchmark.stages import label_by_style_source, shortcut_labels
 from stda_hf.benchmark.stats import (
     compute_stats,
+    detectable_difference,
     equal_spread_band,
     fold_differences,
     holm,
@@ -305,13 +306,29 @@ def test_report_states_the_unit_the_primary_endpoint_the_power_and_the_caveats(t
     rows = _rows(0.1, {"baseline": 0.02, "mix": 0.01})
     rows[1]["roc_auc"] += 0.03  # fold 0 seed 0: mix gains a little more, so the folds differ
     stats = compute_stats(rows, ["baseline", "mix"], "baseline", primary=("mix", "roc_auc"), folds=3)
-    cfg = BenchmarkConfig(name="known", arms={"baseline": {}, "mix": {"synthetic": "mix"}})
-    text = render_report(cfg, stats, [], [rows[-1]], {"Box plots": "boxplots.png"}, "It shows X.", "c.yaml")
+    cfg = BenchmarkConfig(
+        name="known",
+        arms={"baseline": {}, "mix": {"synthetic": "mix"}},
+        prior_fold_sd=0.02,
+        prior_source="pilot",
+    )
+    declared = {"arm": "mix", "metric": "roc_auc", "declared_at": "2026-12-06T04:00:00+00:00", "runs_done": 0}
+    text = render_report(
+        cfg, stats, [], [rows[-1]], {"Box plots": "boxplots.png"}, "It shows X.", "c.yaml", declared
+    )
     assert "# ST-DA benchmark: known" in text
     assert f"{stats.summaries[('mix', 'roc_auc')].mean:.3f} ± " in text
     assert "The unit of analysis is the fold" in text
-    assert "Primary endpoint, declared before the runs: `mix` minus `baseline` on ROC AUC: Δ = +0.105" in text
-    assert f"detects a true |Δ| of {stats.tests[0].detectable:.3f} or more in 80% of benchmarks" in text
+    assert (
+        "Primary endpoint, declared before the runs (2026-12-06T04:00:00+00:00): `mix` minus `baseline` on ROC AUC: "
+        "Δ = +0.105" in text
+    )
+    detectable = detectable_difference(0.02, 3)
+    assert f"SD of fold differences 0.02 (pilot), this design detects a true |Δ| of {detectable:.3f}" in text
+    assert (
+        "Validity at k = 3 (4,000 simulated benchmarks with no true effect): the fold t-test rejects" in text
+    )
+    assert "| cannot reject at k = 3 (0.250) | cannot reject at k = 3 (0.250) |" in text
     assert "| **mix** | **ROC AUC** (primary) | 3 (6) | +0.105 |" in text
     assert "smallest two-sided p the sign-flip test can give with 3 folds is 0.25" in text
     assert "mix fold 9 seed 0: x" in text
@@ -529,6 +546,9 @@ def test_adding_seeds_later_runs_only_the_new_runs_and_pairs_them(fake, tmp_path
     text = report.read_text()
     assert "| **mix** | **ROC AUC** (primary) | 2 (4) | +0.050 |" in text
     assert "| mix | 4 | 0.550 ± 0.000 |" in text  # explanation numbers of the runs, not the trainer's hooks
+    declared = json.loads((tmp_path / "work" / "declaration.json").read_text())
+    assert (declared["arm"], declared["metric"], declared["runs_done"]) == ("mix", "roc_auc", 0)
+    assert f"Primary endpoint, declared before the runs ({declared['declared_at']})" in text
     assert {p.name for p in (tmp_path / "report").glob("*.png")} == {
         "boxplots.png",
         "learning_curves.png",
@@ -557,6 +577,20 @@ stages.explain_run = _fake_explain
 sys.argv = ["stda_benchmark.py", *sys.argv[1:]]
 runpy.run_path({script!r}, run_name="__main__")
 """
+
+
+def test_the_report_says_declared_before_the_runs_only_when_the_record_says_so():
+    rows = _rows(0.1, {"baseline": 0.02, "mix": 0.01})
+    stats = compute_stats(rows, ["baseline", "mix"], "baseline", primary=("mix", "roc_auc"), folds=3)
+    cfg = BenchmarkConfig(name="known", arms={"baseline": {}, "mix": {"synthetic": "mix"}})
+    late = {"arm": "mix", "metric": "roc_auc", "declared_at": "t1", "runs_done": 4}
+    other = {"arm": "mix", "metric": "f1", "declared_at": "t0", "runs_done": 0}
+    texts = [render_report(cfg, stats, [], [], {}, "", "c.yaml", d) for d in ({}, late, other)]
+    assert "Primary endpoint, not recorded before the runs" in texts[0]
+    assert "Primary endpoint, declared after 4 run(s) had finished (t1)" in texts[1]
+    assert "Primary endpoint, changed after the declaration (declared: `mix` on F1, t0)" in texts[2]
+    assert not any("declared before the runs" in text for text in texts)
+    assert "no prior SD of fold differences was stated" in texts[0]
 
 
 def test_interrupted_benchmark_stops_its_run_and_resumes_it(fake, tmp_path):

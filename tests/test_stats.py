@@ -62,13 +62,46 @@ def test_fold_test_of_identical_fold_gains_rejects_and_says_what_few_folds_canno
     assert "cannot go below p = 0.25" in test.notes[0]
 
 
-def test_detectable_difference_is_the_80_percent_power_distance_from_the_spread():
+def test_detectable_difference_is_the_80_percent_power_distance_from_the_stated_sd():
     from scipy.stats import t
 
-    d = np.array([0.01, 0.03, -0.02, 0.04, 0.0])
-    out = stats.corrected_t(d)
-    se = d.std(ddof=1) / math.sqrt(5)
-    assert float(out["detectable"]) == pytest.approx((t.ppf(0.975, 4) + t.ppf(0.8, 4)) * se)
+    expected = (t.ppf(0.975, 4) + t.ppf(0.8, 4)) * 0.02 / math.sqrt(5)
+    assert stats.detectable_difference(0.02, 5) == pytest.approx(expected)
+    assert stats.detectable_difference(0.02, 20, 0.25) == pytest.approx(
+        (t.ppf(0.975, 19) + t.ppf(0.8, 19)) * 0.02 * math.sqrt(1 / 20 + 0.25)
+    )
+
+
+def test_no_detectable_difference_without_a_stated_sd_or_with_one_fold():
+    assert math.isnan(stats.detectable_difference(0.0, 5)) and math.isnan(
+        stats.detectable_difference(0.02, 1)
+    )
+
+
+def test_detectable_difference_finds_the_effect_80_percent_of_the_time():
+    """Simulated: a true effect of exactly the detectable size is found in about 80% of null-free benchmarks."""
+    k, sd = 10, 0.03
+    effect = stats.detectable_difference(sd, k)
+    d = effect + np.random.default_rng(0).normal(0.0, sd, size=(4000, k))
+    power = np.mean(stats.corrected_t(d)["p"] < 0.05)
+    assert 0.77 < power < 0.83
+
+
+def test_the_fold_t_test_keeps_its_level_under_a_normal_null_and_says_where_it_does_not():
+    rates = stats.fold_test_validity(5)
+    assert set(rates) == set(stats.NULL_SCENARIOS)
+    assert 0.04 < rates["normal"] < 0.06  # a valid test at its nominal level
+    assert rates["correlated"] > 0.09  # folds sharing training images: the one-repetition test is liberal
+    assert rates["skewed"] > rates["normal"]
+
+
+def test_null_fold_differences_have_the_scenario_s_shape():
+    skewed = stats.null_fold_differences("skewed", 5, 20000)
+    assert abs(skewed.mean()) < 0.02 and ((skewed - skewed.mean()) ** 3).mean() > 1.5  # mean 0, skewness 2
+    corr = np.corrcoef(stats.null_fold_differences("correlated", 5, 20000).T)
+    assert corr[0, 1] == pytest.approx(0.2, abs=0.03)  # 1/k
+    with pytest.raises(ValueError, match="unknown null scenario"):
+        stats.null_fold_differences("uniform", 5)
 
 
 def test_holm_leaves_the_primary_alone():

@@ -107,6 +107,12 @@ class BenchmarkConfig:
     # ^ the one endpoint read against alpha as it stands: {arm: mix, metric: roc_auc}; every other comparison is
     #   secondary (Holm). Unset: `mix` (else the first compared arm) on ROC AUC
     alpha: float = ALPHA  # two-sided level of the tests and intervals
+    prior_fold_sd: float = 0.0
+    # ^ SD of the per-fold primary differences expected BEFORE the runs (a pilot or prior knowledge): the report's
+    #   power line rests on it, never on the spread the runs happen to show; 0: no power figure is stated
+    prior_source: str = (
+        ""  # where prior_fold_sd comes from (e.g. "pilot: reports/phantoms-small"), quoted in the report
+    )
     train: dict[str, Any] = field(default_factory=dict)  # train.py settings shared by every arm
     teacher: dict[str, Any] = field(default_factory=dict)  # train.py settings of each fold's teacher
     generate: dict[str, Any] = field(default_factory=dict)  # `stda generate` settings of each fold
@@ -128,6 +134,10 @@ class BenchmarkConfig:
             raise StdaError("seeds: give at least one training seed, e.g. [0, 1]")
         if len(set(self.seeds)) != len(self.seeds):
             raise StdaError(f"seeds: {list(self.seeds)} repeats a seed; each seed once")
+        if not (self.prior_fold_sd >= 0 and self.prior_fold_sd < float("inf")):
+            raise StdaError(
+                f"prior_fold_sd: {self.prior_fold_sd}; give the expected SD of fold differences (>= 0)"
+            )
         if self.baseline not in self.arms:
             raise StdaError(f"baseline: arm {self.baseline!r} is not among the arms {list(self.arms)}")
         for arm in self.arms:

@@ -14,7 +14,15 @@ from stda_hf.benchmark.config import (
     BenchmarkConfig,
     synthetic_recipe,
 )
-from stda_hf.benchmark.stats import T_TEST, BenchmarkStats, FoldTest, equal_spread_band
+from stda_hf.benchmark.stats import (
+    T_TEST,
+    BenchmarkStats,
+    FoldTest,
+    detectable_difference,
+    equal_spread_band,
+    fold_test_validity,
+    smallest_p,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -83,9 +91,8 @@ def tests_table(stats: BenchmarkStats) -> list[str]:
             f"{_fmt(t.statistic, 2)} ({t.dof})",
             _p(t.p_value),
             "primary" if t.primary else _p(t.p_adjusted),
-            _p(t.sign_flip_p),
-            _p(t.wilcoxon_p),
-            _fmt(t.detectable),
+            _exact_p(t.sign_flip_p, t, stats.alpha),
+            _exact_p(t.wilcoxon_p, t, stats.alpha),
             "; ".join(t.notes),
         ]
         for t in ordered
@@ -101,10 +108,16 @@ def tests_table(stats: BenchmarkStats) -> list[str]:
         "p Holm",
         "sign-flip p",
         "Wilcoxon p",
-        "detectable |Δ|",
         "note",
     ]
     return _table(header, rows)
+
+
+def _exact_p(p: float, t: FoldTest, alpha: float) -> str:
+    """An exact permutation p, or "cannot reject at k = n" when n folds cannot reach ``alpha`` at all."""
+    if t.repeats == 1 and t.units and smallest_p(t.units) > alpha:
+        return f"cannot reject at k = {t.units} ({_p(p)})"
+    return _p(p)
 
 
 def unit_of_analysis(stats: BenchmarkStats) -> list[str]:
@@ -130,8 +143,8 @@ def unit_of_analysis(stats: BenchmarkStats) -> list[str]:
     return [" ".join(lines)]
 
 
-def primary_line(stats: BenchmarkStats) -> list[str]:
-    """The primary endpoint's result and the design's power in two sentences."""
+def primary_line(stats: BenchmarkStats, cfg: BenchmarkConfig, declaration: dict[str, Any]) -> list[str]:
+    """The primary endpoint's result, whether it was declared before the runs, the test's validity and power."""
     arm, metric = stats.primary
     t = stats.primary_test
     if t is None or not math.isfinite(t.mean_diff):
@@ -140,15 +153,59 @@ def primary_line(stats: BenchmarkStats) -> list[str]:
         ]
     level = f"{1 - stats.alpha:.0%}"
     verdict = "reaches" if math.isfinite(t.p_value) and t.p_value < stats.alpha else "does not reach"
-    return [
-        f"Primary endpoint, declared before the runs: `{arm}` minus `{stats.baseline}` on {_title(metric)}: "
+    lines = [
+        f"Primary endpoint, {_declared(stats, declaration)}: `{arm}` minus `{stats.baseline}` on {_title(metric)}: "
         f"Δ = {_delta(t.mean_diff)}, {level} CI {_interval(t)}, t({t.dof}) = {_fmt(t.statistic, 2)}, "
         f"p = {_p(t.p_value)} ({verdict} α = {stats.alpha:g}).",
-        "",
-        f"Power: with the spread of fold differences observed here, this design detects a true |Δ| of "
-        f"{_fmt(t.detectable)} or more in 80% of benchmarks at α = {stats.alpha:g} (two-sided); smaller true "
-        "effects are likely to go unseen. More folds or repetitions, or more seeds per fold (which shrink the "
-        "seed part of the spread), lower it.",
+    ]
+    lines += ["", *validity_line(t, stats.alpha), "", *power_line(t, cfg, stats.alpha)]
+    return lines
+
+
+def _declared(stats: BenchmarkStats, declaration: dict[str, Any]) -> str:
+    """ "declared before the runs" only when the record says so; otherwise what the record does say."""
+    arm, metric = stats.primary
+    if not declaration:
+        return "not recorded before the runs (this benchmark predates the declaration record)"
+    same = (declaration.get("arm"), declaration.get("metric")) == (arm, metric)
+    if not same:
+        return (
+            f"changed after the declaration (declared: `{declaration.get('arm')}` on "
+            f"{_title(str(declaration.get('metric')))}, {declaration.get('declared_at')})"
+        )
+    done = int(declaration.get("runs_done") or 0)
+    if done:
+        return f"declared after {done} run(s) had finished ({declaration.get('declared_at')})"
+    return f"declared before the runs ({declaration.get('declared_at')})"
+
+
+def validity_line(t: FoldTest, alpha: float) -> list[str]:
+    """How often the fold t-test rejects a true null at this many folds (simulated), when it is the one used."""
+    if t.repeats != 1 or t.units < 2:
+        return []
+    rates = fold_test_validity(t.units, alpha)
+    return [
+        f"Validity at k = {t.units} (4,000 simulated benchmarks with no true effect): the fold t-test rejects "
+        f"{rates['normal']:.1%} with normal fold effects, {rates['skewed']:.1%} with skewed ones and "
+        f"{rates['correlated']:.1%} when folds correlate at 1/k, against a nominal {alpha:.0%}; read p values near "
+        f"α with that in mind."
+    ]
+
+
+def power_line(t: FoldTest, cfg: BenchmarkConfig, alpha: float) -> list[str]:
+    """The smallest effect the design detects with 80% power, from the prior SD stated before the runs."""
+    ratio = 1.0 / (cfg.folds - 1) if t.repeats > 1 and cfg.folds > 1 else 0.0
+    detectable = detectable_difference(cfg.prior_fold_sd, t.units, ratio, alpha)
+    if not math.isfinite(detectable):
+        return [
+            "Power: no prior SD of fold differences was stated (`prior_fold_sd`), so no power figure is given; the "
+            "spread these runs happen to show is too noisy at few folds to stand in for one."
+        ]
+    source = f" ({cfg.prior_source})" if cfg.prior_source else ""
+    return [
+        f"Power: with the stated SD of fold differences {cfg.prior_fold_sd:g}{source}, this design detects a true "
+        f"|Δ| of {_fmt(detectable)} or more in 80% of benchmarks at α = {alpha:g} (two-sided); smaller true "
+        "effects are likely to go unseen. More folds or repetitions, or more seeds per fold, lower it."
     ]
 
 
@@ -157,7 +214,7 @@ def caveats(stats: BenchmarkStats) -> list[str]:
     lines = []
     if stats.tests:
         units = max((t.units for t in stats.tests), default=0)
-        floor = min(1.0, 2.0 / 2**units) if units else 1.0
+        floor = smallest_p(units) if units else 1.0
         lines.append(
             f"- Each test has at most {units} folds; the smallest two-sided p the sign-flip test can give with "
             f"{units} folds is {floor:.3g}."
@@ -171,7 +228,7 @@ def caveats(stats: BenchmarkStats) -> list[str]:
             f"- One primary endpoint; the other {len(stats.tests) - 1} comparisons are secondary and `p Holm` "
             "corrects them as one family. Explanation numbers are tested like the metrics (as secondaries)."
         )
-        lines.append("- Δ is arm minus baseline; the interval and `detectable |Δ|` come from the same t.")
+        lines.append("- Δ is arm minus baseline; the interval comes from the same t as p.")
     lines.append(
         "- Repeatability is the pooled within-fold SD across seeds (same data, different seed); a ratio below "
         "1 means the arm's runs agree more closely than the baseline's."
@@ -209,6 +266,7 @@ def render_report(
     plots: dict[str, str],
     reading: str = "",
     config_path: str = "",
+    declaration: dict[str, Any] | None = None,
 ) -> str:
     """The Markdown report: protocol, results, repeatability, paired tests, explanations, plots, runs, reading."""
     cmd = f"python benchmarks/stda_benchmark.py --config {config_path or '<config>.yaml'}"
@@ -222,7 +280,7 @@ def render_report(
     if stats.tests:
         lines += ["", f"## Tests against `{stats.baseline}`, the fold as the unit", ""]
         lines += unit_of_analysis(stats)
-        lines += ["", *primary_line(stats), ""]
+        lines += ["", *primary_line(stats, cfg, declaration or {}), ""]
         lines += tests_table(stats)
     if stats.explanation_metrics:
         explain = {**DEFAULT_EXPLAIN, **cfg.explain}

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+from dataclasses import asdict
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +29,7 @@ from stda_hf.benchmark.stages import LABEL_SOURCES, explain_runs, prepare_folds
 from stda_hf.benchmark.stats import BenchmarkStats, compute_stats
 from stda_hf.benchmark.table import RunTable
 from stda_hf.core.errors import StdaError
-from stda_hf.core.fileio import write_text
+from stda_hf.core.fileio import write_json, write_text
 
 logger = logging.getLogger(__name__)
 
@@ -152,8 +155,6 @@ def check_protocol(cfg: BenchmarkConfig, partitions: dict[int, Any]) -> None:
     StdaError
         Naming the changed settings or arms and what to do.
     """
-    import json
-
     from stda_hf.core.config import changed_settings
     from stda_hf.core.fileio import write_json
 
@@ -231,6 +232,7 @@ def run_benchmark(cfg: BenchmarkConfig, config_path: str = "", report_only: bool
         check_protocol(cfg, partitions)
         dump_config(cfg, cfg.work_dir / "benchmark.yaml")
         table = RunTable.load(cfg.work_dir / "runs.csv")
+        record_declaration(cfg, table)
         todo = table.todo(plan_runs(cfg), cfg.retry_failed)
         logger.info("%d of %d runs to do", len(todo), len(plan_runs(cfg)))
         datasets: dict[tuple[int, int], Any] = {}
@@ -272,11 +274,67 @@ def write_report(cfg: BenchmarkConfig, config_path: str = "") -> Path:
     plots = render_plots(cfg, table, stats, out)
     reading = (out / "reading.md").read_text(encoding="utf-8") if (out / "reading.md").is_file() else ""
     failed = [r for r in rows if r["status"] == "failed"]
-    text = render_report(cfg, stats, read_fold_info(cfg), failed, plots, reading, config_path)
+    declaration = read_declaration(cfg)
+    text = render_report(cfg, stats, read_fold_info(cfg), failed, plots, reading, config_path, declaration)
     write_text(out / "runs.csv", table.to_csv())
     _write_stats_json(out / "stats.json", stats)
     write_text(out / "report.md", text)
     return out / "report.md"
+
+
+DECLARATION_FILE = "declaration.json"
+"""The primary endpoint and the power prior as first declared, with how many runs had finished by then."""
+
+
+def record_declaration(cfg: BenchmarkConfig, table: RunTable) -> dict[str, Any]:
+    """Write the primary endpoint's declaration once, before runs start; later runs keep the first one.
+
+    The report calls the primary endpoint "declared before the runs" only when this record names the same endpoint
+    and was written when no run had finished.
+    """
+    path = cfg.work_dir / DECLARATION_FILE
+    current = declaration_of(cfg)
+    if path.is_file():
+        first = read_declaration(cfg)
+        if {k: first.get(k) for k in current} != current:
+            logger.warning(
+                "the primary endpoint or its prior changed since %s declared %s; the report will say so",
+                path,
+                {k: first.get(k) for k in current},
+            )
+        return first
+    done = sum(1 for r in table.rows.values() if r["status"] == "done")
+    record = {
+        **current,
+        "declared_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "runs_done": done,
+    }
+    write_json(path, record)
+    return record
+
+
+def declaration_of(cfg: BenchmarkConfig) -> dict[str, Any]:
+    """The parts of a configuration that must be fixed before the runs: the primary endpoint and the power prior."""
+    arm, metric = cfg.primary_endpoint
+    return {"arm": arm, "metric": metric, "alpha": cfg.alpha, "prior_fold_sd": cfg.prior_fold_sd}
+
+
+def read_declaration(cfg: BenchmarkConfig) -> dict[str, Any]:
+    """The recorded declaration, or {} when the benchmark predates the record (or has not run yet)."""
+    path = cfg.work_dir / DECLARATION_FILE
+    if not path.is_file():
+        return {}
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise StdaError(
+            f"{path}: unreadable ({err}); delete it only if you accept an undeclared primary endpoint"
+        ) from err
+    if not isinstance(record, dict):
+        raise StdaError(
+            f"{path}: not a JSON object; delete it only if you accept an undeclared primary endpoint"
+        )
+    return record
 
 
 def report_explanations(cfg: BenchmarkConfig) -> tuple[str, ...]:
@@ -288,8 +346,6 @@ def report_explanations(cfg: BenchmarkConfig) -> tuple[str, ...]:
 
 def read_fold_info(cfg: BenchmarkConfig) -> list[dict[str, Any]]:
     """The ``fold.json`` of each prepared fold (counts, synthetic images), in fold order."""
-    import json
-
     paths = [fold_dir(cfg, f, r) / "fold.json" for r in range(len(cfg.cv_seeds)) for f in range(cfg.folds)]
     return [json.loads(p.read_text(encoding="utf-8")) for p in paths if p.is_file()]
 
@@ -333,8 +389,6 @@ def heatmap_pair(cfg: BenchmarkConfig, done: dict[RunKey, dict], arms: list[str]
 
 
 def _write_stats_json(path: Path, stats: BenchmarkStats) -> None:
-    from dataclasses import asdict
-
     from stda_hf.core.fileio import write_json
 
     def clean(x: Any) -> Any:
