@@ -35,21 +35,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from stda_hf.attribution.engine import COMPOSITE_NAMES
 from stda_hf.attribution.heatmaps import Tile, prediction_tiles, render_grid, save_grid
+from stda_hf.attribution.hook import Result, Sample, explain_samples
+from stda_hf.attribution.relevance import summarize
 from stda_hf.core.fileio import write_json
 from stda_hf.data.images import SkipReport
 from stda_hf.data.real import ARTIFACTS
-from stda_hf.explain.stage import (
-    COMPOSITE_NAMES,
-    Result,
-    Sample,
-    eval_transform,
-    explain_samples,
-    model_folder,
-    open_source,
-    summarize,
-)
-from stda_hf.models.vgg import load_model
+from stda_hf.explain.stage import open_source
+from stda_hf.models.vgg import eval_transform, load_model, model_folder
 
 TIMED_METHODS = ("gradient", "dtd", "epsilon_plus_flat", "epsilon_gamma_box", "excitation_backprop")
 

@@ -14,21 +14,19 @@ from PIL import Image
 from scipy.ndimage import binary_erosion
 from torch import nn
 
-from stda_hf.core.errors import StdaError
-from stda_hf.explain.stage import (
+from stda_hf.attribution.engine import (
     COMPOSITE_NAMES,
-    ExplainConfig,
     conservation,
     contrast_matrix,
     explain_batch,
-    explain_hook,
     input_bounds,
-    localization,
     negative_fraction,
-    region_share,
-    run_explain,
-    summarize,
+    untrained_copy,
 )
+from stda_hf.attribution.hook import explain_hook
+from stda_hf.attribution.relevance import localization, region_share, summarize
+from stda_hf.core.errors import StdaError
+from stda_hf.explain.stage import ExplainConfig, run_explain
 from stda_hf.models.vgg import VGG8, Preprocessing, save_model
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
@@ -431,6 +429,49 @@ def test_explain_folder_writes_heatmaps_numbers_and_grid(phantom_real, saved_mod
         assert grid.format == "PNG" and grid.width > 4 * 40
 
 
+def test_untrained_copy_reinitialises_every_parameter_and_leaves_the_model_alone():
+    model = small_vgg8(seed=3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.features[1].running_mean += 1.0  # a trained batch norm's statistics
+    copy, again = untrained_copy(model, seed=0), untrained_copy(model, seed=0)
+    weights = [k for k in before if k.endswith("weight") and before[k].dim() > 1]
+    assert all(not torch.equal(copy.state_dict()[k], model.state_dict()[k]) for k in weights)
+    assert all(torch.equal(copy.state_dict()[k], again.state_dict()[k]) for k in before)  # seeded
+    assert torch.equal(copy.features[1].running_mean, torch.zeros_like(copy.features[1].running_mean))
+    assert float(model.features[1].running_mean.min()) >= 1.0 and not copy.training
+
+
+def test_explain_reports_each_share_beside_an_untrained_reference(phantom_real, tmp_path):
+    run, out = tmp_path / "run", tmp_path / "ref"
+    save_model(small_vgg8(seed=5), run / "model", Preprocessing(40, MEAN, STD))  # other weights than seed 0's
+    s = run_explain(run, out, ExplainConfig(split="validation", grid=0), images=phantom_real)
+    records = [json.loads(line) for line in (out / "relevance.jsonl").read_text().splitlines()]
+    assert all(0 <= r["untrained_relevance_in_mask"] <= 1 for r in records)
+    assert any(r["untrained_relevance_in_mask"] != r["relevance_in_mask"] for r in records)
+    reference = s.numbers["untrained"]["relevance_in_mask"]
+    assert reference == pytest.approx(np.mean([r["untrained_relevance_in_mask"] for r in records]))
+    assert f"(untrained model of the same architecture: {reference:.3f})" in s.format()
+    assert "untrained_relevance_in_mask" in (out / "relevance.csv").read_text().splitlines()[0]
+
+
+def test_an_untrained_model_is_its_own_reference(phantom_real, tmp_path):
+    """The known answer: a model that learned nothing scores exactly its reference's shares."""
+    run = tmp_path / "run"
+    save_model(untrained_copy(small_vgg8(), seed=0), run / "model", Preprocessing(40, MEAN, STD))
+    s = run_explain(run, tmp_path / "h", ExplainConfig(split="validation", grid=0), images=phantom_real)
+    assert s.numbers["untrained"]["relevance_in_mask"] == pytest.approx(s.numbers["relevance_in_mask"])
+
+
+def test_explain_without_a_reference_skips_it(phantom_real, saved_model, tmp_path):
+    s = run_explain(
+        saved_model,
+        tmp_path / "h",
+        ExplainConfig(split="test", grid=0, reference="none"),
+        images=phantom_real,
+    )
+    assert "untrained" not in s.numbers and "untrained model" not in s.format()
+
+
 def test_explain_resumes_after_an_interruption_without_redoing_finished_images(
     phantom_real, saved_model, tmp_path
 ):
@@ -482,8 +523,8 @@ def test_dataset_rows_that_do_not_decode_are_skipped_and_reported():
 
     import datasets
 
+    from stda_hf.attribution.hook import row_samples
     from stda_hf.data.images import SkipReport
-    from stda_hf.explain.stage import row_samples
 
     buf = io.BytesIO()
     Image.new("RGB", (8, 8), "red").save(buf, format="PNG")
@@ -619,7 +660,7 @@ def test_training_hook_saves_the_grid_logs_it_and_returns_numbers(phantom_real, 
     import datasets
 
     from stda_hf.dataset.packaging import package
-    from stda_hf.explain.stage import eval_transform
+    from stda_hf.models.vgg import eval_transform
 
     package(phantom_real, tmp_path / "hub")
     val = datasets.load_dataset(str(tmp_path / "hub"), split="validation")
@@ -769,3 +810,23 @@ def test_a_fixed_target_with_a_negative_score_still_measures_where_its_evidence_
         negative = benign if benign.explained < 0 else malignant
         share = float((np.abs(negative.pixels) * mask).sum() / np.abs(negative.pixels).sum())
         assert negative.numbers["relevance_in_mask"] == pytest.approx(share, rel=1e-4)
+
+
+def _class_map_correlation(method: str, output: str) -> float:
+    """Mean correlation, over images, of the maps explaining benign and malignant with the same model."""
+    model, x = small_vgg8(seed=1), torch.randn(4, 3, 40, 40, generator=torch.Generator().manual_seed(0))
+    maps = [
+        explain_batch(model, x, torch.full((4,), c), method, MEAN, STD, output).pixels.reshape(4, -1).numpy()
+        for c in (0, 1)
+    ]
+    return float(np.mean([np.corrcoef(maps[0][i], maps[1][i])[0, 1] for i in range(4)]))
+
+
+def test_log_odds_and_z_plus_maps_are_class_insensitive_and_gradient_or_epsilon_on_logits_are_not():
+    """What docs/explain.md says each choice can show: the benign map of the log-odds is the malignant map negated
+    under every method, z+ DTD stays so even on a logit; gradient and epsilon rules on a logit differ per class."""
+    assert _class_map_correlation("dtd", "log_odds") < -0.99
+    assert _class_map_correlation("gradient", "log_odds") < -0.99
+    assert _class_map_correlation("dtd", "logit") < -0.99
+    assert _class_map_correlation("gradient", "logit") > -0.9
+    assert _class_map_correlation("epsilon_plus_flat", "logit") > -0.9

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from copy import deepcopy
 from dataclasses import dataclass
 
 import torch
@@ -307,3 +308,22 @@ def negative_fraction(expl: Explanation) -> torch.Tensor:
     flat = expl.relevance.flatten(1)
     mass = flat.abs().sum(dim=1).clamp_min(1e-12)
     return flat.clamp(max=0).abs().sum(dim=1) / mass
+
+
+def untrained_copy(model: nn.Module, seed: int = 0) -> nn.Module:
+    """The same architecture with every parameter re-initialised: the reference level of a relevance share.
+
+    Adebayo et al. (2018)'s model-randomisation check: what an explanation method shows for a network that has
+    learned nothing. Every module's own ``reset_parameters`` draws the weights (seeded; batch-norm running
+    statistics reset too); the copy is in eval mode on the model's device and the model is left untouched.
+    """
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        copy = deepcopy(model)
+        for module in copy.modules():
+            if hasattr(module, "reset_parameters") and module is not copy:
+                module.reset_parameters()
+    finally:
+        torch.random.set_rng_state(state)
+    return copy.eval()

@@ -24,35 +24,19 @@ import yaml
 
 from stda_hf import LABELS
 from stda_hf.attribution.engine import (
-    COMPOSITE_NAMES,
-    GRADIENT_METHODS,
     OUTPUTS,
-    Explanation,
     check_composite_name,
-    conservation,
-    contrast_matrix,
-    dtd_composite,
-    explain_batch,
-    input_bounds,
-    make_composite,
-    negative_fraction,
-    pixel_relevance,
+    untrained_copy,
 )
 from stda_hf.attribution.heatmaps import COLORMAPS, overlay, save_grid, save_heatmap
 from stda_hf.attribution.hook import (
     Result,
     Sample,
-    explain_hook,
     explain_samples,
-    fixed_samples,
-    hook_numbers,
-    log_grid,
-    result_tiles,
     results_grid,
     row_samples,
-    target_indices,
 )
-from stda_hf.attribution.relevance import is_defined, localization, mean_or_none, region_share, summarize
+from stda_hf.attribution.relevance import is_defined, mean_or_none, summarize
 from stda_hf.core.config import changed_settings, config_to_dict, describe_changes, read_settings
 from stda_hf.core.devices import resolve_device
 from stda_hf.core.errors import BadImageError, StdaError
@@ -61,14 +45,6 @@ from stda_hf.core.utils import progress
 from stda_hf.data.images import IMAGE_EXTENSIONS, SkipReport, iter_images, load_image, save_image
 from stda_hf.data.real import ARTIFACTS, RealFolder, RealImage, read_real_folder
 from stda_hf.models.vgg import eval_transform, load_model, model_folder
-
-__all__ = [
-    "COMPOSITE_NAMES", "GRADIENT_METHODS", "OUTPUTS", "ExplainConfig", "ExplainSummary", "Explanation", "Result",
-    "Sample", "check_composite_name", "conservation", "contrast_matrix", "dtd_composite", "eval_transform",
-    "explain_batch", "explain_hook", "explain_samples", "fixed_samples", "hook_numbers", "input_bounds",
-    "localization", "log_grid", "make_composite", "model_folder", "negative_fraction", "pixel_relevance",
-    "region_share", "result_tiles", "results_grid", "row_samples", "run_explain", "summarize", "target_indices",
-]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
@@ -203,15 +179,24 @@ class ExplainConfig:
     columns: int = 4  # images per grid row (each shows the input and its heatmap)
     colormap: str = "bwr"  # heatmap colours: bwr, coldnhot or wred
     device: str = "auto"  # auto (cuda when available), cpu, cuda or cuda:N
+    reference: str = "untrained"
+    # ^ untrained: every share beside the same share of the same architecture with re-initialised weights (the
+    #   reference level a share is read against: Adebayo et al. 2018), at twice the cost; none: skip it
 
     def __post_init__(self) -> None:
         check_composite_name(self.method)
         _choice("output", self.output, OUTPUTS)
         _choice("target", self.target, ("predicted", "true", *LABELS))
         _choice("colormap", self.colormap, tuple(COLORMAPS))
+        _choice("reference", self.reference, REFERENCES)
         for name, low in (("limit", 0), ("batch_size", 1), ("grid", 0), ("columns", 1)):
             if getattr(self, name) < low:
                 raise StdaError(f"--{name.replace('_', '-')} {getattr(self, name)} must be at least {low}")
+
+
+REFERENCES = ("untrained", "none")
+UNTRAINED = "untrained_"
+"""Prefix of the untrained reference's numbers in ``relevance.jsonl``/``.csv``."""
 
 
 def _choice(name: str, value: str, valid: tuple[str, ...]) -> None:
@@ -240,6 +225,9 @@ class ExplainSummary:
             value = (
                 "unavailable (no masks)" if n[share] is None else f"{n[share]:.3f} over {n[count]} image(s)"
             )
+            reference = (n.get("untrained") or {}).get(share)
+            if n[share] is not None and reference is not None:
+                value += f" (untrained model of the same architecture: {reference:.3f})"
             lines.append(f"positive relevance {what}: {value}")
         if self.skipped:
             lines.append(f"skipped {self.skipped} unreadable image(s); see {self.out / 'skipped.json'}")
@@ -302,10 +290,17 @@ def run_explain(
     transform = eval_transform(pre)
     model = model.to(device)
 
+    untrained = untrained_copy(model) if cfg.reference == "untrained" else None
+
     def explain(samples: list[Sample]) -> list[Result]:
-        return explain_samples(
-            model, samples, transform, pre.mean, pre.std, cfg.method, cfg.output, cfg.target
-        )
+        args = (samples, transform, pre.mean, pre.std, cfg.method, cfg.output, cfg.target)
+        results = explain_samples(model, *args)
+        if untrained is not None:
+            for result, reference in zip(results, explain_samples(untrained, *args), strict=True):
+                result.numbers.update(
+                    {f"{UNTRAINED}{k}": v for k, v in reference.numbers.items() if k in SHARES}
+                )
+        return results
 
     done = {r["id"] for r in read_jsonl(out / "relevance.jsonl")}
     n_new, shown = _explain_all(source, total, done, explain, out, cfg)
@@ -414,12 +409,18 @@ def run_numbers(records: list[dict], cfg: ExplainConfig) -> dict:
     """``summary.json``: the method, the localization averages (:func:`summarize`) and the DTD checks."""
     numbers: dict = {"method": cfg.method, "output": cfg.output, "target": cfg.target}
     numbers.update(summarize(records))
+    if cfg.reference == "untrained":  # the same images and areas, the untrained model's shares
+        reference = summarize([{**r, **{s: r.get(UNTRAINED + s) for s in SHARES}} for r in records])
+        numbers["untrained"] = {k: v for k, v in reference.items() if k in SHARES}
     for key in ("conservation", "negative_fraction"):
         numbers[f"{key}_mean"] = mean_or_none([r[key] for r in records if is_defined(r.get(key))])
     labelled = [r for r in records if r.get("label") is not None]
     numbers["accuracy"] = mean_or_none([float(r["predicted"] == r["label"]) for r in labelled])
     return numbers
 
+
+SHARES = ("relevance_in_mask", "relevance_on_artifact", *(f"relevance_on_{kind}" for kind in ARTIFACTS))
+"""The relevance shares of an image (each also measured for the untrained reference)."""
 
 RECORD_FIELDS = (
     "id",
@@ -436,8 +437,9 @@ RECORD_FIELDS = (
     "relevance_on_artifact",
     "artifact_area",
     *(f"relevance_on_{kind}" for kind in ARTIFACTS),
+    *(f"{UNTRAINED}{share}" for share in SHARES),
 )
-"""Columns of ``relevance.csv``, in order."""
+"""Columns of ``relevance.csv``, in order: each share and area, then the untrained reference's shares."""
 
 
 def _csv(records: list[dict]) -> str:
