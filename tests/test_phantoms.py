@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from stda_hf.core.errors import StdaError
-from stda_hf.data.phantoms import PhantomConfig, make_phantoms, parse_artifact_rates, plan_images
-from stda_hf.data.real import read_real_folder
+from stda_hf.data.phantoms import PhantomConfig, make_phantoms, parse_artifact_rates, plan_images, rerender
+from stda_hf.data.real import ARTIFACTS, read_real_folder
 
 
 def _rows(root):
@@ -117,3 +117,61 @@ def test_artifact_rate_parsing():
     assert parse_artifact_rates(["patch=0.5,0", "ink=0.2"]) == {"patch": (0.5, 0.0), "ink": (0.2, 0.2)}
     with pytest.raises(StdaError, match="NAME=RATE"):
         parse_artifact_rates(["patch"])
+
+
+# --- Interventions: the same photograph with an artifact removed or pasted ---
+
+
+@pytest.fixture(scope="module")
+def artifact_folder(tmp_path_factory):
+    out = tmp_path_factory.mktemp("interventions")
+    make_phantoms(
+        out,
+        PhantomConfig(
+            n=24, size=48, image_format="png", artifacts={"patch": (1.0, 0.0), "ruler": (1.0, 1.0)}
+        ),
+    )
+    return out
+
+
+def _rows(folder):
+    with open(folder / "metadata.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_rerender_with_the_drawn_artifacts_is_the_written_image(artifact_folder):
+    row = _rows(artifact_folder)[0]
+    view = rerender(artifact_folder, row["isic_id"], tuple(row["artifacts"].split(";")))
+    with Image.open(artifact_folder / "images" / f"{row['isic_id']}.png") as written:
+        assert np.array_equal(np.asarray(view.image), np.asarray(written.convert("RGB")))
+
+
+def test_removing_an_artifact_changes_only_its_own_pixels(artifact_folder):
+    row = next(r for r in _rows(artifact_folder) if r["diagnosis_1"] == "Benign")  # patch and ruler
+    both = rerender(artifact_folder, row["isic_id"], ("patch", "ruler"))
+    ruler_only = rerender(artifact_folder, row["isic_id"], ("ruler",))
+    changed = np.any(np.asarray(both.image) != np.asarray(ruler_only.image), axis=-1)
+    patch_code = ARTIFACTS.index("patch") + 1
+    assert changed.any() and not changed[both.labels == 0].any()  # only where an artifact was
+    assert np.all(both.labels[changed] == patch_code)
+    assert patch_code not in ruler_only.labels and ruler_only.artifacts == ("ruler",)
+    assert np.array_equal(both.mask, ruler_only.mask)  # the same lesion
+
+
+def test_pasting_an_artifact_adds_it_and_keeps_the_others(artifact_folder):
+    row = next(r for r in _rows(artifact_folder) if r["diagnosis_1"] == "Malignant")  # ruler only
+    plain = rerender(artifact_folder, row["isic_id"], ("ruler",))
+    pasted = rerender(artifact_folder, row["isic_id"], ("ruler", "patch"))
+    patch_code = ARTIFACTS.index("patch") + 1
+    changed = np.any(np.asarray(plain.image) != np.asarray(pasted.image), axis=-1)
+    assert (pasted.labels == patch_code).sum() > 0 and changed.any()
+    assert np.all(pasted.labels[changed] == patch_code)  # the ruler and the rest are untouched
+
+
+def test_rerender_refuses_a_folder_without_phantom_settings_and_an_unknown_id(artifact_folder, tmp_path):
+    with pytest.raises(StdaError, match=r"no phantoms\.yaml"):
+        rerender(tmp_path, "PHANTOM_0000001", ())
+    with pytest.raises(StdaError, match="no phantom 'PHANTOM_9999999'"):
+        rerender(artifact_folder, "PHANTOM_9999999", ())
+    with pytest.raises(StdaError, match="unknown artifact"):
+        rerender(artifact_folder, "PHANTOM_0000001", ("sticker",))

@@ -25,7 +25,7 @@ import yaml
 from PIL import Image, ImageDraw
 from scipy.ndimage import map_coordinates
 
-from stda_hf.core.config import config_to_dict, dump_config
+from stda_hf.core.config import config_to_dict, dump_config, load_config
 from stda_hf.core.errors import StdaError
 from stda_hf.core.utils import progress
 from stda_hf.data.images import check_side, save_image
@@ -269,8 +269,13 @@ def render_view(
     size: int,
     hair: float,
     artifacts: tuple[str, ...],
+    paint: tuple[str, ...] | None = None,
 ) -> tuple[Image.Image, np.ndarray, np.ndarray]:
-    """Render one photograph of ``lesion``: RGB image, binary lesion mask and artifact label map (uint8)."""
+    """Render one photograph of ``lesion``: RGB image, binary lesion mask and artifact label map (uint8).
+
+    Artifacts are drawn in the order given; only those in ``paint`` (default: all) reach the image, the others
+    are drawn onto a scratch copy so the random stream, and so every other artifact, stays the same.
+    """
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
     angle, scale = rng.uniform(0, 2 * np.pi), rng.uniform(0.85, 1.15)
     cx, cy = size * (0.5 + rng.uniform(-0.08, 0.08, 2))
@@ -297,7 +302,9 @@ def render_view(
         _draw_hairs(rng, pil, size)
     labels = np.zeros((size, size), np.uint8)
     for name in artifacts:
-        _ARTIFACT_DRAWERS[name](rng, pil, labels, size, (cx, cy, radius))
+        shown = paint is None or name in paint
+        target, target_labels = (pil, labels) if shown else (pil.copy(), labels.copy())
+        _ARTIFACT_DRAWERS[name](rng, target, target_labels, size, (cx, cy, radius))
     mask = (coverage > 0.5).astype(np.uint8) * 255
     return pil, mask, labels
 
@@ -431,6 +438,64 @@ def plan_images(cfg: PhantomConfig) -> list[_Plan]:
     return plans
 
 
+@dataclass(frozen=True)
+class PhantomView:
+    """One rendered phantom: the image, its lesion mask and artifact label map, and what it shows."""
+
+    image: Image.Image
+    mask: np.ndarray
+    labels: np.ndarray  # artifact label map (0 = none)
+    artifacts: tuple[str, ...]
+    lesion: Lesion
+    skin_type: int
+
+
+def render_plan(cfg: PhantomConfig, plan: _Plan, artifacts: tuple[str, ...] | None = None) -> PhantomView:
+    """Render the image ``plan`` names, deterministically for ``cfg.seed``.
+
+    With ``artifacts`` the same photograph (skin, lesion, lighting, hairs) is rendered with exactly those
+    artifacts instead of the ones its class's rates drew: the intervention that removes an artifact from an
+    image, or pastes one onto it, and changes nothing else.
+    """
+    prng = np.random.default_rng([cfg.seed, plan.patient, 10**6])
+    skin_type = int(prng.choice(len(SKIN_TYPES), p=SKIN_PROBS))
+    skin = SKIN_TONES[skin_type] * prng.uniform(0.96, 1.04, 3)
+    lrng = np.random.default_rng([cfg.seed, plan.patient, plan.lesion])
+    lesion = draw_lesion(lrng, malignant=bool(lrng.uniform() < cfg.malignant_fraction))
+    vrng = np.random.default_rng([cfg.seed, plan.patient, plan.lesion, plan.view + 1])
+    label = 1 if lesion.malignant else 0
+    drawn = tuple(a for a in ARTIFACTS if vrng.uniform() < cfg.artifacts[a][label])
+    if artifacts is None:
+        img, mask, labels = render_view(vrng, lesion, skin, cfg.size, cfg.hair, drawn)
+        return PhantomView(img, mask, labels, drawn, lesion, skin_type)
+    unknown = sorted(set(artifacts) - set(ARTIFACTS))
+    if unknown:
+        raise StdaError(f"unknown artifact(s) {unknown}; valid: {list(ARTIFACTS)}")
+    order = drawn + tuple(a for a in ARTIFACTS if a in artifacts and a not in drawn)  # pasted ones last
+    img, mask, labels = render_view(vrng, lesion, skin, cfg.size, cfg.hair, order, paint=tuple(artifacts))
+    return PhantomView(img, mask, labels, tuple(a for a in order if a in artifacts), lesion, skin_type)
+
+
+def rerender(root: str | Path, isic_id: str, artifacts: tuple[str, ...]) -> PhantomView:
+    """Re-render phantom ``isic_id`` of the phantom folder ``root`` with exactly ``artifacts``.
+
+    Raises
+    ------
+    StdaError
+        ``root`` holds no ``phantoms.yaml`` (not a phantom folder), or no image of that id.
+    """
+    settings = Path(root) / "phantoms.yaml"
+    if not settings.is_file():
+        raise StdaError(
+            f"{root}: no phantoms.yaml; artifacts can be removed or pasted only on phantom folders"
+        )
+    cfg = load_config(PhantomConfig, settings)
+    plan = next((p for p in plan_images(cfg) if p.isic_id == isic_id), None)
+    if plan is None:
+        raise StdaError(f"{root}: no phantom {isic_id!r} in its plan of {cfg.n} images")
+    return render_plan(cfg, plan, artifacts)
+
+
 def make_phantoms(out: str | Path, cfg: PhantomConfig | None = None, overwrite: bool = False) -> Path:
     """Write ``cfg.n`` phantom images in the real-image layout under ``out``; deterministic for a seed.
 
@@ -457,22 +522,17 @@ def make_phantoms(out: str | Path, cfg: PhantomConfig | None = None, overwrite: 
             raise StdaError(
                 f"{out} already holds images made with other settings; pass --overwrite or another --out"
             )
-    rows, skin_cache, lesion_cache = [], {}, {}
+    rows = []
     for plan in progress(plan_images(cfg), desc="phantoms", unit="img"):
-        if plan.patient not in skin_cache:
-            prng = np.random.default_rng([cfg.seed, plan.patient, 10**6])
-            skin_type = int(prng.choice(len(SKIN_TYPES), p=SKIN_PROBS))
-            skin_cache = {plan.patient: (skin_type, SKIN_TONES[skin_type] * prng.uniform(0.96, 1.04, 3))}
-        skin_type, skin = skin_cache[plan.patient]
-        key = (plan.patient, plan.lesion)
-        if key not in lesion_cache:
-            lrng = np.random.default_rng([cfg.seed, plan.patient, plan.lesion])
-            lesion_cache = {key: draw_lesion(lrng, malignant=bool(lrng.uniform() < cfg.malignant_fraction))}
-        lesion = lesion_cache[key]
-        vrng = np.random.default_rng([cfg.seed, plan.patient, plan.lesion, plan.view + 1])
-        label = 1 if lesion.malignant else 0
-        present = tuple(a for a in ARTIFACTS if vrng.uniform() < cfg.artifacts[a][label])
-        img, mask, labels = render_view(vrng, lesion, skin, cfg.size, cfg.hair, present)
+        view = render_plan(cfg, plan)
+        img, mask, labels, present, lesion, skin_type = (
+            view.image,
+            view.mask,
+            view.labels,
+            view.artifacts,
+            view.lesion,
+            view.skin_type,
+        )
         save_image(img, out / "images" / f"{plan.isic_id}.{cfg.image_format}")
         save_image(Image.fromarray(mask, "L"), out / "masks" / f"{plan.isic_id}.png")
         if present:
