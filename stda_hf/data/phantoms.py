@@ -476,13 +476,13 @@ def render_plan(cfg: PhantomConfig, plan: _Plan, artifacts: tuple[str, ...] | No
     return PhantomView(img, mask, labels, tuple(a for a in order if a in artifacts), lesion, skin_type)
 
 
-def rerender(root: str | Path, isic_id: str, artifacts: tuple[str, ...]) -> PhantomView:
-    """Re-render phantom ``isic_id`` of the phantom folder ``root`` with exactly ``artifacts``.
+def phantom_plan(root: str | Path) -> tuple[PhantomConfig, dict[str, _Plan]]:
+    """The settings a phantom folder was made with and its plan, ``{isic_id: plan}``, to re-render its images.
 
     Raises
     ------
     StdaError
-        ``root`` holds no ``phantoms.yaml`` (not a phantom folder), or no image of that id.
+        ``root`` holds no ``phantoms.yaml`` (not a phantom folder).
     """
     settings = Path(root) / "phantoms.yaml"
     if not settings.is_file():
@@ -490,10 +490,25 @@ def rerender(root: str | Path, isic_id: str, artifacts: tuple[str, ...]) -> Phan
             f"{root}: no phantoms.yaml; artifacts can be removed or pasted only on phantom folders"
         )
     cfg = load_config(PhantomConfig, settings)
-    plan = next((p for p in plan_images(cfg) if p.isic_id == isic_id), None)
-    if plan is None:
+    return cfg, {p.isic_id: p for p in plan_images(cfg)}
+
+
+def rerender(
+    root: str | Path, isic_id: str, artifacts: tuple[str, ...], plan: tuple | None = None
+) -> PhantomView:
+    """Re-render phantom ``isic_id`` of the phantom folder ``root`` with exactly ``artifacts``.
+
+    ``plan`` is :func:`phantom_plan`'s answer for ``root``, when the caller re-renders many images.
+
+    Raises
+    ------
+    StdaError
+        ``root`` holds no ``phantoms.yaml`` (not a phantom folder), or no image of that id.
+    """
+    cfg, plans = plan or phantom_plan(root)
+    if isic_id not in plans:
         raise StdaError(f"{root}: no phantom {isic_id!r} in its plan of {cfg.n} images")
-    return render_plan(cfg, plan, artifacts)
+    return render_plan(cfg, plans[isic_id], artifacts)
 
 
 def make_phantoms(out: str | Path, cfg: PhantomConfig | None = None, overwrite: bool = False) -> Path:
