@@ -381,6 +381,7 @@ class FakeIsicArchive:
     deliveries: Counter = field(default_factory=Counter)  # complete file bodies sent, per id
     requests: list[tuple[str, str, int]] = field(default_factory=list)  # (kind, key, status)
     hosts: Counter = field(default_factory=Counter)  # role -> requests it received
+    encodings: Counter = field(default_factory=Counter)  # Accept-Encoding header -> requests that sent it
     release: threading.Event = field(default_factory=threading.Event)
     closing: threading.Event = field(default_factory=threading.Event)
 
@@ -464,9 +465,10 @@ class FakeIsicArchive:
         with self._lock:
             self.deliveries[isic_id] += 1
 
-    def saw(self, role: str) -> None:
+    def saw(self, role: str, accept_encoding: str) -> None:
         with self._lock:
             self.hosts[role] += 1
+            self.encodings[accept_encoding] += 1
 
     # -- content
     @staticmethod
@@ -549,7 +551,7 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
     def do_GET(self) -> None:
-        self.archive.saw(self.role)
+        self.archive.saw(self.role, self.headers.get("Accept-Encoding", ""))
         parts = urlsplit(self.path)
         params = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
         path = parts.path
