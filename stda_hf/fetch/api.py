@@ -335,6 +335,11 @@ class IsicClient(RetryingClient):
             results = page.get("results")
             if not isinstance(results, list):
                 raise StdaError(f"{redact(url)}: search answer without a 'results' list; check --api-url")
+            count = page.get("count")
+            if count is not None and (not isinstance(count, int) or isinstance(count, bool)):
+                raise StdaError(
+                    f"{redact(url)}: the search page's 'count' is {count!r}, not a number or null"
+                )
             yield from results
             url, params = self._next_page(url, page.get("next"), endpoint, seen), None
 

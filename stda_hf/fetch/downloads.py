@@ -179,7 +179,9 @@ def fetch_one(
             break
         except UrlExpired as err:
             if refresh == MAX_URL_REFRESHES:
-                raise SkipImage(f"download URL refused ({err}) even after refreshing it") from None
+                raise SkipImage(
+                    f"download URL refused ({err}) even after refreshing it", kind="server"
+                ) from None
             try:
                 record = client.image(item.isic_id)
             except StdaError as refused:
@@ -263,7 +265,7 @@ class DownloadRun:
 
     def skip(self, key: str, err: SkipImage, diagnosis: str) -> None:
         """Record one skipped image with its reason and kind (and as refused for good when permanent)."""
-        self.report.add(key, err.reason)
+        self.report.add(key, " ".join(err.reason.split()))  # one line per file
         self.kinds[err.kind] += 1
         if err.permanent:
             self.refused.setdefault(diagnosis, set()).add(key)
