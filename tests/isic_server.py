@@ -40,7 +40,8 @@ Faults are queued per request key (``"search"``, ``"image:<id>"``, ``"file:<id>"
   timeout), ``"hold"`` (waits for :attr:`FakeIsicArchive.release`, then 503), ``"stall"`` (accepts, never
   answers), ``"html"`` (HTTP 200 with an HTML page), ``"redirect-file"`` (302 to ``file:///etc/passwd``),
   ``"redirect-loop"`` (302 to itself), ``"redirect-foreign"`` (302 to the same path on the other origin),
-  ``"redirect-self"`` (302 to the same URL once: an accepted hop);
+  ``"redirect-self"`` (302 to the same URL once: an accepted hop), ``"redirect-malformed"`` (302 to an
+  unparseable URL);
 * files: ``"truncate"`` (full ``Content-Length``, a part of the body, then the connection closes), ``"short"``
   (half the stated size with a matching ``Content-Length``: only the stated-size check catches it), ``"drip"``
   (one byte every :attr:`~FakeIsicArchive.drip_interval` seconds), ``"stall-body"`` (headers, then nothing),
@@ -618,6 +619,7 @@ class _Handler(BaseHTTPRequestHandler):
             "redirect-loop": here,
             "redirect-self": here,
             "redirect-foreign": f"{self.archive.foreign}{self.path}",
+            "redirect-malformed": "http://[::1/images/x.jpg",
         }[fault]
         if fault == "redirect-loop":
             self.archive.fault(f"{kind}:{key}" if kind != "search" else "search", "redirect-loop")

@@ -954,6 +954,7 @@ def test_api_that_never_answers_is_an_error_after_timeout_times_tries(archive, t
         ("redirect-file", "file:///etc/passwd' is not an http(s) URL"),
         ("redirect-loop", "more than 5 redirects"),
         ("redirect-foreign", "neither the archive's"),
+        ("redirect-malformed", "Invalid IPv6 URL"),
     ],
 )
 def test_bad_redirect_skips_only_its_file(archive, tmp_path, fault, reason):
@@ -961,7 +962,8 @@ def test_bad_redirect_skips_only_its_file(archive, tmp_path, fault, reason):
     archive.always(f"file:{isic_id}", fault)
     out = tmp_path / "real"
     result = fetch(out, config(archive))
-    skipped_only(result, isic_id, "host" if fault != "redirect-loop" else "protocol", archive, out)
+    kind = "protocol" if fault in ("redirect-loop", "redirect-malformed") else "host"
+    skipped_only(result, isic_id, kind, archive, out)
     assert reason in result.skipped[isic_id]
     assert archive.hosts["foreign"] == 0  # the other origin was never asked
 

@@ -352,7 +352,12 @@ class IsicClient(RetryingClient):
                 f"{redact(url)}: the search page's 'next' is {type(nxt).__name__} {str(nxt)[:40]!r}, not a link "
                 "or null; check --api-url"
             )
-        absolute = urljoin(url, nxt)
+        try:
+            absolute = urljoin(url, nxt)
+        except ValueError:  # e.g. an unclosed IPv6 bracket
+            absolute = nxt
+        if problem := check_url(absolute):
+            raise StdaError(f"{redact(url)}: the search page's 'next' link: {problem}; check --api-url")
         if origin(absolute) != self.api_origin or urlsplit(absolute).path != urlsplit(endpoint).path:
             raise StdaError(
                 f"the search page's 'next' link {redact(absolute)[:120]} leaves the search endpoint "

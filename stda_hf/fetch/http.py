@@ -292,7 +292,12 @@ class RetryingClient:
                 return r
             location = r.headers.get("Location", "")
             r.close()
-            nxt = urljoin(r.url, location)
+            try:
+                nxt = urljoin(r.url, location)
+            except ValueError:
+                raise Refused(
+                    f"a redirect to a malformed URL {redact(location)[:120]!r}", kind="host"
+                ) from None
             if urlsplit(r.url).scheme == "https" and urlsplit(nxt).scheme == "http":
                 raise Refused(f"a redirect from https to plain http ({redact(nxt)})", kind="host")
             url, params = nxt, None
@@ -322,7 +327,11 @@ def check_url(url: object) -> str | None:
     """Why ``url`` may not be requested (not a string, not http(s), no host), or None."""
     if not isinstance(url, str):
         return f"a URL that is a {type(url).__name__}, not text"
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in 0-65535
+    except ValueError:
+        return f"{redact(url)[:120]!r} is not a valid URL"
     if parts.scheme not in ("http", "https") or not parts.netloc:
         return f"{redact(url)[:120]!r} is not an http(s) URL"
     return None
