@@ -46,7 +46,8 @@ Faults are queued per request key (``"search"``, ``"image:<id>"``, ``"file:<id>"
   (half the stated size with a matching ``Content-Length``: only the stated-size check catches it), ``"drip"``
   (one byte every :attr:`~FakeIsicArchive.drip_interval` seconds), ``"stall-body"`` (headers, then nothing),
   ``"endless"`` (no ``Content-Length``, bytes until the client leaves), ``"huge"`` (``Content-Length: 10**15``,
-  then endless), ``"gzip"`` (``Content-Encoding: gzip`` though identity was asked), ``"swap"`` (another
+  then endless), ``"gzip"`` (``Content-Encoding: gzip`` though identity was asked), ``"gzip-bomb"`` (16 MiB of zeros in
+  about 16 KB of gzip), ``"swap"`` (another
   image's file), ``"garble"`` (the right length, bytes reversed: does not decode);
 * search: ``"deep"`` (JSON nested 200,000 levels), ``"int-next"`` (``next`` an integer), ``"foreign-next"``
   (``next`` on the other origin).
@@ -61,6 +62,7 @@ from __future__ import annotations
 import base64
 import binascii
 import csv
+import functools
 import gzip
 import hashlib
 import hmac
@@ -358,6 +360,14 @@ def _number_match(raw: str):
 
 DEEP_JSON = b"[" * 200_000 + b"]" * 200_000
 """An API answer nested 200,000 levels deep (Python's json raises RecursionError on it)."""
+
+
+@functools.cache
+def gzip_bomb() -> bytes:
+    """16 MiB of zeros in about 16 KB of gzip (made on first use)."""
+    return gzip.compress(b"\0" * (16 << 20), compresslevel=9)
+
+
 ROLES = ("api", "storage", "foreign")
 
 
@@ -647,6 +657,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._raw(data[::-1])
         if fault == "gzip":
             return self._raw(gzip.compress(data), {"Content-Encoding": "gzip"})
+        if fault == "gzip-bomb":
+            return self._raw(gzip_bomb(), {"Content-Encoding": "gzip"})
         if fault in ("truncate", "short"):
             half = data[: len(im.data) // 2]  # fewer bytes than even the stated (pre-embedding) size
             self._head({"Content-Length": str(len(data) if fault == "truncate" else len(half))})

@@ -880,6 +880,15 @@ def test_gzip_answer_is_inflated_under_the_cap_and_identity_was_asked(archive, t
     assert set(archive.encodings) == {"identity"}
 
 
+def test_gzip_bomb_is_cut_at_the_cap_while_inflating(archive, tmp_path):
+    isic_id = sorted(expected(archive))[0]
+    archive.always(f"file:{isic_id}", "gzip-bomb")
+    out = tmp_path / "real"
+    result = fetch(out, config(archive))
+    skipped_only(result, isic_id, "too large", archive, out)
+    assert archive.count("file", isic_id) == 1  # not retried
+
+
 def test_huge_content_length_is_refused_before_reading(archive, tmp_path):
     isic_id = sorted(expected(archive))[0]
     archive.always(f"file:{isic_id}", "huge")
