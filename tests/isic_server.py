@@ -50,7 +50,7 @@ Faults are queued per request key (``"search"``, ``"image:<id>"``, ``"file:<id>"
   about 16 KB of gzip), ``"swap"`` (another
   image's file), ``"garble"`` (the right length, bytes reversed: does not decode);
 * search: ``"deep"`` (JSON nested 200,000 levels), ``"int-next"`` (``next`` an integer), ``"foreign-next"``
-  (``next`` on the other origin).
+  (``next`` on the other origin), ``"bad-cursor-next"`` (``next`` with a cursor the archive refuses: 422).
 
 Persistent faults are data too: a corrupt JPEG is an image whose bytes do not decode (:func:`corrupt`), an
 expired URL is a private image's id in :attr:`FakeIsicArchive.expired_ids`, a malicious id is a raw record in
@@ -640,9 +640,11 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, DEEP_JSON, "application/json", "search", "search")
             return True
         page = {"count": 1, "previous": None, "results": []}
-        page["next"] = (
-            12345 if fault == "int-next" else f"{self.archive.foreign}/api/v2/images/search/?cursor=x"
-        )
+        page["next"] = {
+            "int-next": 12345,
+            "foreign-next": f"{self.archive.foreign}/api/v2/images/search/?cursor=x",
+            "bad-cursor-next": f"{self.archive.api_url}images/search/?cursor=%25%25%25",
+        }[fault]
         self._json(200, page, "search", "search")
         return True
 
