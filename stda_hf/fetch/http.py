@@ -361,32 +361,42 @@ def read_body(
             )
         inflate = zlib.decompressobj(ENCODINGS[encoding])
     raw = written = 0
-    try:
-        while True:
-            if stop.is_set():
-                raise Stopped()
-            if time.monotonic() > end:
-                raise Retry(f"the transfer took longer than the {deadline:g} s deadline ({raw} bytes so far)")
-            chunk = r.raw.read1(READ_BYTES, decode_content=False)
-            if not chunk:
-                break
-            raw += len(chunk)
-            if inflate is not None:
-                chunk = inflate.decompress(chunk, cap - written + 1)
-            written += len(chunk)
-            if raw > cap or written > cap:
-                raise TooLarge(f"the body goes on past the cap of {cap} bytes")
-            write(chunk)
-        if inflate is not None:
-            tail = inflate.flush()
-            written += len(tail)
-            if written > cap:
-                raise TooLarge(f"the body inflates past the cap of {cap} bytes")
-            write(tail)
-    except RAW_ERRORS as err:
-        raise Retry(f"the transfer broke: {redact(err)}") from err
-    except zlib.error as err:
-        raise Retry(f"the {encoding} body does not inflate: {err}") from err
+    while True:
+        if stop.is_set():
+            raise Stopped()
+        if time.monotonic() > end:
+            raise Retry(f"the transfer took longer than the {deadline:g} s deadline ({raw} bytes so far)")
+        data = _read_raw(r)
+        if not data:
+            break
+        raw += len(data)
+        chunk = data if inflate is None else _inflate(inflate, data, cap - written + 1, encoding)
+        written += len(chunk)
+        if raw > cap or written > cap:
+            raise TooLarge(f"the body goes on past the cap of {cap} bytes")
+        write(chunk)  # an OSError here is the disk's (full, read-only): not a transfer to retry
+    if inflate is not None:
+        tail = _inflate(inflate, b"", cap - written + 1, encoding) + inflate.flush()
+        written += len(tail)
+        if written > cap:
+            raise TooLarge(f"the body inflates past the cap of {cap} bytes")
+        write(tail)
     if announced is not None and raw != announced:
         raise Retry(f"got {raw} of the {announced} bytes the server announced")
     return written
+
+
+def _read_raw(r: requests.Response) -> bytes:
+    """At most :data:`READ_BYTES` of the raw body, as soon as any arrive (b"" at its end)."""
+    try:
+        return r.raw.read1(READ_BYTES, decode_content=False)
+    except RAW_ERRORS as err:
+        raise Retry(f"the transfer broke: {redact(err)}") from err
+
+
+def _inflate(inflate, data: bytes, max_length: int, encoding: str) -> bytes:
+    """``data`` inflated, at most ``max_length`` bytes of it (the rest stays in the decompressor)."""
+    try:
+        return inflate.decompress(inflate.unconsumed_tail + data, max_length)
+    except zlib.error as err:
+        raise Retry(f"the {encoding} body does not inflate: {err}") from err
