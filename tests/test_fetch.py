@@ -962,7 +962,7 @@ def test_api_that_never_answers_is_an_error_after_timeout_times_tries(archive, t
     [
         ("redirect-file", "file:///etc/passwd' is not an http(s) URL"),
         ("redirect-loop", "more than 5 redirects"),
-        ("redirect-foreign", "neither the archive's"),
+        ("redirect-foreign", "a redirect to http://127.0.0.1:"),
         ("redirect-malformed", "Invalid IPv6 URL"),
     ],
 )
@@ -1105,3 +1105,9 @@ def test_ctrl_c_ends_a_stuck_run_within_2_s(archive, tmp_path, stuck):
     assert proc.returncode == 130 and "re-run the same command to resume" in err
     assert took < 2.0
     assert not image_ids(out)
+
+
+def test_dry_run_total_is_what_the_pages_deliver_when_the_count_runs_ahead(archive):
+    archive.count_surplus = 1
+    report = dry_run(config(archive))
+    assert report.totals["benign"] == len(expected(archive, diagnoses=("Benign",)))

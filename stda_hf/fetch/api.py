@@ -237,7 +237,8 @@ class IsicClient(RetryingClient):
         return None
 
     def accepts_file_url(self, url: str) -> str | None:
-        """None when a file may come from ``url`` (the API's origin, the archive's bucket, ``--file-hosts``)."""
+        """None when a file may come from ``url`` (the API's origin, the archive's bucket, ``--file-hosts``);
+        else the refused origin and why."""
         parts = urlsplit(url)
         if origin(url) in self._file_origins:
             return None
@@ -248,8 +249,8 @@ class IsicClient(RetryingClient):
         ):
             return None
         return (
-            f"the file URL's host {origin(url)} is neither the archive's ({self.api_origin}, {BUCKET_HOST.pattern}) "
-            "nor in --file-hosts"
+            f"{origin(url)}, which is neither the archive's ({self.api_origin}, or https://isic-archive.s3"
+            ".amazonaws.com and its regional names) nor in --file-hosts"
         )
 
     def get_json(self, url: str, params: dict | None = None, missing_ok: bool = False) -> dict | None:

@@ -276,10 +276,10 @@ class RetryingClient:
         Refused
             A hop that is refused, too many hops, or any other request error.
         """
-        for _ in range(MAX_REDIRECTS + 1):
+        for hop in range(MAX_REDIRECTS + 1):
             problem = check_url(url) or (accept(url) if accept else None)
             if problem:
-                raise Refused(problem, kind="host")
+                raise Refused(f"a redirect to {problem}" if hop else problem, kind="host")
             try:
                 r = self.session().get(
                     url, params=params, timeout=self.policy.timeout, stream=True, allow_redirects=False

@@ -436,7 +436,8 @@ def dry_run(cfg: FetchConfig | None = None, out: str | Path | None = None) -> Dr
             total = client.count(query)
             counts[name], method, unsafe = _license_counts(client, query, total, diagnosis, cfg.licenses)
             refused[name] = unsafe if method == "paging" else len(refused_ids.get(diagnosis, ()))
-            totals[name] = total - refused[name]
+            # paged: what the pages delivered and a fetch would take (the count may run ahead of them)
+            totals[name] = sum(counts[name].values()) if method == "paging" else total - refused[name]
             methods.add(method)
         no_diagnosis = client.count(build_query(cfg, None))
         todo = {}
