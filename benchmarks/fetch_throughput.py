@@ -5,8 +5,9 @@
 Serves ``n`` phantom images from tests/isic_server.py on 127.0.0.1 with ``latency`` seconds before each file
 answer (a network round trip; the real archive serves files from S3/CloudFront), fetches them with 1, 4, 8 and
 16 workers into fresh folders, then re-runs the finished fetch (resume cost) and fetches once more with a 500
-injected into every tenth file (retry cost). Prints images/s and the speed-up over one worker, all measured in
-this one run.
+injected into every tenth file (retry cost), once with every tenth file garbled once (the in-run retry of a file
+that does not decode), and once with every tenth file dripping until its deadline (the cost of a hostile server:
+those files are skipped). Prints images/s and the speed-up over one worker, all measured in this one run.
 """
 
 from __future__ import annotations
@@ -26,8 +27,17 @@ from isic_server import FakeIsicArchive, phantom_archive  # noqa: E402
 from stda_hf.fetch.stage import FetchConfig, fetch  # noqa: E402
 
 
-def timed_fetch(archive: FakeIsicArchive, out: Path, workers: int) -> float:
-    cfg = FetchConfig(api_url=archive.api_url, workers=workers, image_type="", include_indeterminate=True)
+def timed_fetch(archive: FakeIsicArchive, out: Path, workers: int, deadline: float = 300.0) -> float:
+    cfg = FetchConfig(
+        api_url=archive.api_url,
+        workers=workers,
+        image_type="",
+        include_indeterminate=True,
+        file_hosts=(archive.storage,),
+        deadline=deadline,
+        retries=1,
+        backoff=0.05,
+    )
     start = time.perf_counter()
     fetch(out, cfg)
     return time.perf_counter() - start
@@ -63,6 +73,17 @@ def main(argv: list[str] | None = None) -> None:
             archive.fault(f"file:{im.isic_id}", "500")
         seconds = timed_fetch(archive, tmp / "faults", 8)
         print(f"  8 workers, a 500 on every tenth file: {seconds:.2f} s ({args.n / seconds:.1f} img/s)")
+        for im in images[::10]:
+            archive.fault(f"file:{im.isic_id}", "garble")
+        seconds = timed_fetch(archive, tmp / "garbled", 8)
+        print(f"  8 workers, every tenth file garbled once: {seconds:.2f} s ({args.n / seconds:.1f} img/s)")
+        for im in images[::10]:
+            archive.always(f"file:{im.isic_id}", "drip")
+        seconds = timed_fetch(archive, tmp / "drip", 8, deadline=1.0)
+        print(
+            f"  8 workers, every tenth file dripping (1 s deadline, 2 tries, then skipped): {seconds:.2f} s "
+            f"({args.n / seconds:.1f} img/s)"
+        )
     finally:
         archive.stop()
 

@@ -70,7 +70,9 @@ def _add_fetch(sub) -> None:
         "fetch",
         help=SUMMARIES["fetch"],
         description="Download images and metadata from the ISIC Archive API v2 into the real-image layout. "
-        "Re-running the same command resumes; --dry-run only counts.",
+        "Re-running the same command resumes; --dry-run only counts. See docs/fetch.md.",
+        epilog=FETCH_EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--out", type=_path, default=None, help="output folder (the real-image layout)")
     p.add_argument(
@@ -82,7 +84,17 @@ def _add_fetch(sub) -> None:
     p.set_defaults(func=_run_fetch)
 
 
+FETCH_EXIT_CODES = """exit status:
+  0    every selected image is on disk (or --dry-run counted)
+  2    bad input, or the archive refused the selection or stayed unreachable (one line on stderr)
+  3    incomplete: some selected images are not on disk (skipped, or the search listed fewer than it
+       counted); the summary gives the count and the reasons by kind, fetch_skipped.json each reason;
+       re-running the same command retries them
+  130  interrupted (Ctrl-C); re-running the same command resumes"""
+
+
 def _run_fetch(args) -> None:
+    from stda_hf.core.errors import IncompleteError
     from stda_hf.fetch import FetchConfig, dry_run, fetch
 
     cfg = config_from_args(FetchConfig, args)
@@ -91,7 +103,14 @@ def _run_fetch(args) -> None:
     elif args.out is None:
         raise StdaError("--out is required to fetch (only --dry-run works without it)")
     else:
-        print(fetch(args.out, cfg).format())
+        result = fetch(args.out, cfg)
+        print(result.format())
+        if not result.complete:
+            kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(result.kinds.items())) or "none skipped"
+            raise IncompleteError(
+                f"{args.out}: {result.missing} selected image(s) are not on disk (skipped this run: {kinds}; "
+                f"each reason in {args.out / 'fetch_skipped.json'}); re-run the same command to retry them"
+            )
 
 
 def _add_phantoms(sub) -> None:

@@ -1,11 +1,17 @@
-"""A local ISIC Archive API v2 on 127.0.0.1 for tests, with fault injection.
+"""A local ISIC Archive API v2 on 127.0.0.1 for tests, with its storage bucket, another origin, and faults.
 
-It behaves as the archive's own code does (ImageMarkup/isic, read at the time of writing):
+It behaves as the archive's own code does (ImageMarkup/isic, read at the time of writing), on three listeners:
+the API (:attr:`FakeIsicArchive.api_url`), the storage bucket the records' file URLs point at
+(:attr:`FakeIsicArchive.storage`, as ``isic-archive.s3.amazonaws.com`` is for the real API), and another origin
+serving the same files (:attr:`FakeIsicArchive.foreign`), so a client's host allow-list can be tested:
 
 * ``GET images/search/?query=&collections=&limit=&cursor=`` (``isic/core/api/image.py``,
   ``isic/core/pagination.py``) -> ``{"count", "next", "previous", "results"}``: results in creation order (not id
-  order), ``limit`` clamped to 1-100, ``next`` an absolute URL (None on the last page), ``count`` on the first page
-  only (None after); a query it cannot parse is HTTP 400 ``{"message": "Could not parse search query."}``;
+  order), ``limit`` as the archive takes it (0 or absent: 100, at most 100, a negative one 0, not a number: 422),
+  ``cursor`` standard base64 of ``o=<offset>&r=0&p=<created>`` (one it cannot read: HTTP 422 ``{"detail": [...
+  "Invalid cursor."]}``), ``next`` an absolute URL (None on the last page), ``count`` on the first page only (None
+  after; :attr:`FakeIsicArchive.count_surplus` makes it overstate what the pages deliver, as the archive's
+  Elasticsearch count can); a query it cannot parse is HTTP 400 ``{"message": "Could not parse search query."}``;
   ``collections`` keeps images in the listed collections the caller may see, so unknown or private ids alone
   filter everything out;
 * ``GET images/search/size/`` -> ``{"size"}``: the sum of the stated sizes of the matches;
@@ -14,30 +20,50 @@ It behaves as the archive's own code does (ImageMarkup/isic, read at the time of
 * ``GET images/facets/?query=`` -> ``{field: {"meta": {...}, "buckets": [{"key", "doc_count"}]}}``;
 * records ``{"isic_id", "public", "copyright_license", "attribution" (the cohort's default), "files": {"full":
   {"url", "size"}, "thumbnail_256": {...}}, "metadata": {"acquisition": {...}, "clinical": {...}}}``;
-* ``files.full.size`` is the size recorded at ingest, but a served JPEG carries the IPTC/XMP credit and licence
-  the archive embeds when it publishes (``isic/ingest/services/publish/__init__.py``): APP1 XMP and APP13 IPTC
-  after APP0, pixels unchanged, about 3.2 KB more (:func:`embed_rights`);
-* public images' file URLs are unsigned and permanent (``/files/<id>.jpg``); a private image's URL is signed
-  (``/s3/<id>.jpg?Expires=&Signature=``) and answers 403 (S3's AccessDenied) once expired.
+* ``files.full.size`` is the size recorded at ingest, but a served JPEG carries the IPTC/XMP credit, licence and
+  image id the archive embeds when it publishes (``isic/ingest/services/publish/__init__.py``): APP1 XMP and
+  APP13 IPTC after APP0, pixels unchanged, 3149 bytes plus the credit's more (:func:`embed_rights`, the overhead
+  measured with the archive's pyexiv2); a PNG is served as stated;
+* public images' file URLs are unsigned and permanent, on the storage listener (``/images/<id>.jpg``); a private
+  image's URL is signed (``/s3/<id>.jpg?Expires=&Signature=&Key-Pair-Id=``, CloudFront's form) and answers 403
+  (AccessDenied XML) once expired.
 
 The query language is that of ``isic/core/dsl.py``: ``field:value``, ``field:"quoted value"``, ``field:*``
 (present), ``field:abc*`` / ``field:*abc`` (prefix / suffix), ``field:[a TO b]`` and ``{a TO b}`` ranges on numeric
 fields (``*`` for an open end), ``-`` negating one term (which also matches images without the field; there is no
 ``NOT``), ``AND``, ``OR``, juxtaposed terms (an implicit AND) and parentheses; unknown fields are refused.
 
-Faults are queued per request key (``"search"``, ``"image:<id>"``, ``"file:<id>"``) and used one per request:
-``"429"`` (with ``Retry-After``), ``"500"``, ``"503"``, ``"slow"`` (answers after the client's timeout),
-``"truncate"`` (full ``Content-Length``, a part of the body, then the connection closes), ``"short"`` (half
-the stated size with a matching ``Content-Length``: only the stated-size check catches it), ``"hold"`` (waits for
-:attr:`FakeIsicArchive.release`, then 503). Persistent faults are data: a corrupt JPEG is an image whose
-bytes do not decode (:func:`corrupt`), an expired URL is a private image's id in
-:attr:`FakeIsicArchive.expired_ids`, a malicious id is a raw record in :attr:`FakeIsicArchive.extra_records`.
+Faults are queued per request key (``"search"``, ``"image:<id>"``, ``"file:<id>"``) and used one per request
+(:meth:`FakeIsicArchive.fault`), or kept for every request of a key (:meth:`FakeIsicArchive.always`):
+
+* any key: ``"ok"`` (no fault: lets a queued fault wait for a later request), ``"429"`` (with ``Retry-After``), ``"500"``, ``"503"``, ``"slow"`` (answers after the client's
+  timeout), ``"hold"`` (waits for :attr:`FakeIsicArchive.release`, then 503), ``"stall"`` (accepts, never
+  answers), ``"html"`` (HTTP 200 with an HTML page), ``"redirect-file"`` (302 to ``file:///etc/passwd``),
+  ``"redirect-loop"`` (302 to itself), ``"redirect-foreign"`` (302 to the same path on the other origin),
+  ``"redirect-self"`` (302 to the same URL once: an accepted hop), ``"redirect-malformed"`` (302 to an
+  unparseable URL);
+* files: ``"truncate"`` (full ``Content-Length``, a part of the body, then the connection closes), ``"short"``
+  (half the stated size with a matching ``Content-Length``: only the stated-size check catches it), ``"drip"``
+  (one byte every :attr:`~FakeIsicArchive.drip_interval` seconds), ``"stall-body"`` (headers, then nothing),
+  ``"endless"`` (no ``Content-Length``, bytes until the client leaves), ``"huge"`` (``Content-Length: 10**15``,
+  then endless), ``"gzip"`` (``Content-Encoding: gzip`` though identity was asked), ``"gzip-bomb"`` (16 MiB of zeros in
+  about 16 KB of gzip), ``"swap"`` (another
+  image's file), ``"garble"`` (the right length, bytes reversed: does not decode);
+* search: ``"deep"`` (JSON nested 200,000 levels), ``"int-next"`` (``next`` an integer), ``"foreign-next"``
+  (``next`` on the other origin), ``"bad-cursor-next"`` (``next`` with a cursor the archive refuses: 422).
+
+Persistent faults are data too: a corrupt JPEG is an image whose bytes do not decode (:func:`corrupt`), an
+expired URL is a private image's id in :attr:`FakeIsicArchive.expired_ids`, a malicious id is a raw record in
+:attr:`FakeIsicArchive.extra_records`, a pixel size the file does not have is a record's ``pixels_x``.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import csv
+import functools
+import gzip
 import hashlib
 import hmac
 import json
@@ -89,11 +115,24 @@ def _xml(text: str) -> str:
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
 
 
+EMBED_OVERHEAD = 3149
+"""Bytes the archive's embedding adds to a JPEG besides the credit (measured with its pyexiv2 2.15.5)."""
+
+
 def embed_rights(data: bytes, credit: str, license_: str, isic_id: str) -> bytes:
-    """A JPEG with the archive's published metadata: APP1 XMP (title, supplier, licence) and APP13 IPTC
-    (credit, source, UTF-8 character set) inserted after APP0, the pixels untouched; other data unchanged."""
+    """A JPEG with the archive's published metadata: APP1 XMP (title, supplier id, licence) and APP13 IPTC
+    (credit, source, UTF-8 character set) inserted after APP0, the pixels untouched; other data unchanged.
+
+    The XMP padding is sized so the file grows by :data:`EMBED_OVERHEAD` plus the credit's UTF-8 bytes, as the
+    archive's does."""
     if data[:2] != b"\xff\xd8":
         return data
+    unpadded = _embed(data, credit, license_, isic_id, 0)
+    padding = max(0, EMBED_OVERHEAD + len(credit.encode("utf-8")) - (len(unpadded) - len(data)))
+    return _embed(data, credit, license_, isic_id, padding)
+
+
+def _embed(data: bytes, credit: str, license_: str, isic_id: str, padding: int) -> bytes:
     xmp = (
         '<?xpacket begin="\ufeff" id="W5M0MpCehiHzreSzNTczkc9d"?>'
         '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
@@ -106,7 +145,7 @@ def embed_rights(data: bytes, credit: str, license_: str, isic_id: str) -> bytes
         "</xmpRights:UsageTerms>"
         '<plus:Licensor><rdf:Seq><rdf:li plus:LicensorName="ISIC Archive" '
         'plus:LicensorURL="https://www.isic-archive.com"/></rdf:Seq></plus:Licensor>'
-        "</rdf:Description></rdf:RDF></x:xmpmeta>" + " " * 2048 + '<?xpacket end="w"?>'
+        "</rdf:Description></rdf:RDF></x:xmpmeta>" + " " * padding + '<?xpacket end="w"?>'
     )
     app1 = _segment(0xE1, b"http://ns.adobe.com/xap/1.0/\x00" + xmp.encode("utf-8"))
     iptc = (
@@ -319,9 +358,22 @@ def _number_match(raw: str):
 # The server
 
 
+DEEP_JSON = b"[" * 200_000 + b"]" * 200_000
+"""An API answer nested 200,000 levels deep (Python's json raises RecursionError on it)."""
+
+
+@functools.cache
+def gzip_bomb() -> bytes:
+    """16 MiB of zeros in about 16 KB of gzip (made on first use)."""
+    return gzip.compress(b"\0" * (16 << 20), compresslevel=9)
+
+
+ROLES = ("api", "storage", "foreign")
+
+
 @dataclass
 class FakeIsicArchive:
-    """The archive's state, its faults and what it saw; :meth:`start` serves it on 127.0.0.1."""
+    """The archive's state, its faults and what it saw; :meth:`start` serves it on three 127.0.0.1 listeners."""
 
     images: list[ArchiveImage]
     extra_records: list[dict] = field(default_factory=list)  # raw records appended to every search
@@ -330,43 +382,63 @@ class FakeIsicArchive:
     embed_metadata: bool = True  # serve JPEGs with the IPTC/XMP the archive embeds (larger than stated)
     size_endpoint: bool = True
     facets_enabled: bool = True
+    count_surplus: int = 0  # the first page's count exceeds the records the pages deliver by this many
     retry_after: str = "2"
     slow_seconds: float = 3.0
+    drip_interval: float = 0.2  # seconds between the bytes of a "drip" answer
     file_latency: float = 0.0  # seconds before each file answer (a network round trip, for benchmarks)
     faults: dict[str, deque] = field(default_factory=lambda: defaultdict(deque))
+    persistent: dict[str, str] = field(default_factory=dict)  # key -> fault answered to every request
     deliveries: Counter = field(default_factory=Counter)  # complete file bodies sent, per id
     requests: list[tuple[str, str, int]] = field(default_factory=list)  # (kind, key, status)
+    hosts: Counter = field(default_factory=Counter)  # role -> requests it received
+    encodings: Counter = field(default_factory=Counter)  # Accept-Encoding header -> requests that sent it
     release: threading.Event = field(default_factory=threading.Event)
     closing: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
-        self._server: ThreadingHTTPServer | None = None
+        self._servers: dict[str, ThreadingHTTPServer] = {}
         self.by_id = {im.isic_id: im for im in self.images}
 
     # -- lifecycle
     def start(self) -> FakeIsicArchive:
         archive = self
+        for role in ROLES:
 
-        class Handler(_Handler):
-            pass
+            class Handler(_Handler):
+                pass
 
-        Handler.archive = archive
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, args=(0.02,), daemon=True).start()
+            Handler.archive, Handler.role = archive, role
+            server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+            server.daemon_threads = True
+            threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True).start()
+            self._servers[role] = server
         return self
 
     def stop(self) -> None:
         self.closing.set()
         self.release.set()
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
+        for server in self._servers.values():
+            server.shutdown()
+            server.server_close()
+
+    def origin(self, role: str) -> str:
+        return f"http://127.0.0.1:{self._servers[role].server_address[1]}"
 
     @property
     def base(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
+        return self.origin("api")
+
+    @property
+    def storage(self) -> str:
+        """The storage bucket's origin: where the records' file URLs point."""
+        return self.origin("storage")
+
+    @property
+    def foreign(self) -> str:
+        """Another origin serving the same files (no client should accept it)."""
+        return self.origin("foreign")
 
     @property
     def api_url(self) -> str:
@@ -378,10 +450,15 @@ class FakeIsicArchive:
         with self._lock:
             self.faults[key].extend(kinds)
 
+    def always(self, key: str, kind: str) -> None:
+        """Answer every request of ``key`` with the fault ``kind`` (after the queued ones)."""
+        with self._lock:
+            self.persistent[key] = kind
+
     def next_fault(self, key: str) -> str | None:
         with self._lock:
             queue = self.faults.get(key)
-            return queue.popleft() if queue else None
+            return queue.popleft() if queue else self.persistent.get(key)
 
     def log(self, kind: str, key: str, status: int) -> None:
         with self._lock:
@@ -399,19 +476,28 @@ class FakeIsicArchive:
         with self._lock:
             self.deliveries[isic_id] += 1
 
+    def saw(self, role: str, accept_encoding: str) -> None:
+        with self._lock:
+            self.hosts[role] += 1
+            self.encodings[accept_encoding] += 1
+
     # -- content
-    def sign(self, isic_id: str, expires: int) -> str:
+    @staticmethod
+    def extension(im: ArchiveImage) -> str:
+        return "png" if im.data[:8] == b"\x89PNG\r\n\x1a\n" else "jpg"
+
+    def sign(self, isic_id: str, expires: int, ext: str = "jpg") -> str:
         sig = hmac.new(SECRET, f"{isic_id}:{expires}".encode(), hashlib.sha256).hexdigest()[:32]
-        return f"{self.base}/s3/{isic_id}.jpg?" + urlencode(
-            {"X-Amz-Credential": "AKIATESTKEY", "Expires": expires, "Signature": f"SIG{sig}"}
+        return f"{self.storage}/s3/{isic_id}.{ext}?" + urlencode(
+            {"Expires": expires, "Signature": f"SIG{sig}", "Key-Pair-Id": "AKIATESTKEY"}
         )
 
     def url(self, im: ArchiveImage, fresh: bool) -> str:
         """A public image's permanent unsigned URL, or a private one's signed URL (expired if listed so)."""
         if im.public:
-            return f"{self.base}/files/{im.isic_id}.jpg"
+            return f"{self.storage}/images/{im.isic_id}.{self.extension(im)}"
         expired = im.isic_id in self.expired_ids and not fresh
-        return self.sign(im.isic_id, int(time.time()) + (-60 if expired else 3600))
+        return self.sign(im.isic_id, int(time.time()) + (-60 if expired else 3600), self.extension(im))
 
     def served(self, im: ArchiveImage) -> bytes:
         """The bytes the file server sends: with the published metadata embedded (JPEGs only)."""
@@ -430,7 +516,10 @@ class FakeIsicArchive:
             "attribution": im.attribution,
             "files": {
                 "full": {"url": self.url(im, fresh), "size": len(im.data)},
-                "thumbnail_256": {"url": self.url(im, fresh), "size": len(im.data)},
+                "thumbnail_256": {
+                    "url": f"{self.storage}/thumbnails/{im.isic_id}_thumbnail.jpg",
+                    "size": len(im.data),
+                },
             },
             "metadata": {"acquisition": dict(im.acquisition), "clinical": dict(im.clinical)},
         }
@@ -445,40 +534,68 @@ class FakeIsicArchive:
         return sorted(found, key=lambda im: im.created)
 
 
+def encode_cursor(offset: int, created: int) -> str:
+    """The archive's cursor: standard base64 of ``o=<offset>&r=0&p=<created>`` (``isic/core/pagination.py``)."""
+    return base64.b64encode(urlencode({"o": offset, "r": 0, "p": created}).encode()).decode()
+
+
+def decode_cursor(cursor: str) -> int:
+    """The offset of a cursor; ValueError for one the archive would refuse."""
+    try:
+        fields = parse_qs(base64.b64decode(cursor, validate=True).decode("ascii"), strict_parsing=True)
+        return int(fields["o"][0])
+    except (binascii.Error, UnicodeDecodeError, KeyError, ValueError) as err:
+        raise ValueError("Invalid cursor.") from err
+
+
+def _limit(raw: str | None) -> int:
+    """``limit`` as the archive clamps it: 0 or absent -> 100, at most 100, a negative one -> 0."""
+    value = int(raw) if raw not in (None, "") else 0
+    return max(0, min(value or 100, 100))
+
+
 class _Handler(BaseHTTPRequestHandler):
     archive: FakeIsicArchive
+    role: str
 
     def log_message(self, *args) -> None:  # keep test output quiet
         pass
 
     def do_GET(self) -> None:
+        self.archive.saw(self.role, self.headers.get("Accept-Encoding", ""))
         parts = urlsplit(self.path)
         params = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
         path = parts.path
         try:
-            if path == "/api/v2/images/search/":
-                self._search(params)
-            elif path == "/api/v2/images/search/size/":
-                self._size(params)
-            elif m := re.fullmatch(r"/api/v2/collections/([^/]+)/", path):
-                self._collection(m.group(1))
-            elif path == "/api/v2/images/facets/":
-                self._facets(params)
-            elif m := re.fullmatch(r"/api/v2/images/([^/]+)/", path):
-                self._image(m.group(1))
-            elif m := re.fullmatch(r"/s3/([^/]+)\.jpg", path):
+            if self.role == "api":
+                self._api(path, params)
+            elif m := re.fullmatch(r"/s3/([^/]+)\.(jpg|png)", path):
                 self._file(m.group(1), params)
-            elif m := re.fullmatch(r"/files/([^/]+)\.jpg", path):
+            elif m := re.fullmatch(r"/images/([^/]+)\.(jpg|png)", path):
                 self._file(m.group(1), None)
             else:
-                self._json(404, {"detail": "Not Found"}, "other", path)
+                self._send(404, b"<Error><Code>NoSuchKey</Code></Error>", "application/xml", "other", path)
         except (BrokenPipeError, ConnectionResetError):
-            pass  # the client went away (timeout, kill)
+            pass  # the client went away (timeout, kill, a refused body)
+
+    def _api(self, path: str, params: dict[str, str]) -> None:
+        if path == "/api/v2/images/search/":
+            self._search(params)
+        elif path == "/api/v2/images/search/size/":
+            self._size(params)
+        elif m := re.fullmatch(r"/api/v2/collections/([^/]+)/", path):
+            self._collection(m.group(1))
+        elif path == "/api/v2/images/facets/":
+            self._facets(params)
+        elif m := re.fullmatch(r"/api/v2/images/([^/]+)/", path):
+            self._image(m.group(1))
+        else:
+            self._json(404, {"detail": "Not Found"}, "other", path)
 
     # -- faults
     def _faulted(self, kind: str, key: str) -> bool:
         fault = self.archive.next_fault(f"{kind}:{key}" if kind != "search" else "search")
-        if fault is None:
+        if fault in (None, "ok"):  # "ok": answer this request normally (a fault queued after it waits)
             return False
         if fault == "429":
             self._json(
@@ -492,44 +609,122 @@ class _Handler(BaseHTTPRequestHandler):
         elif fault == "hold":
             self.archive.release.wait(60)
             self._json(503, {"detail": "released"}, kind, key)
+        elif fault == "stall":
+            self.archive.log(kind, key, 0)
+            self.archive.closing.wait(600)
+        elif fault == "html":
+            self._send(200, b"<html><body>Down for maintenance</body></html>", "text/html", kind, key)
+        elif fault.startswith("redirect-"):
+            self._redirect(fault, kind, key)
+        elif kind == "search":
+            return self._search_fault(fault)
         else:
             return self._body_fault(fault, kind, key)
+        return True
+
+    def _redirect(self, fault: str, kind: str, key: str) -> None:
+        here = f"{self.archive.origin(self.role)}{self.path}"
+        target = {
+            "redirect-file": "file:///etc/passwd",
+            "redirect-loop": here,
+            "redirect-self": here,
+            "redirect-foreign": f"{self.archive.foreign}{self.path}",
+            "redirect-malformed": "http://[::1/images/x.jpg",
+        }[fault]
+        if fault == "redirect-loop":
+            self.archive.fault(f"{kind}:{key}" if kind != "search" else "search", "redirect-loop")
+        self._send(302, b"", "text/plain", kind, key, {"Location": target})
+
+    def _search_fault(self, fault: str) -> bool:
+        if fault == "deep":
+            self._send(200, DEEP_JSON, "application/json", "search", "search")
+            return True
+        page = {"count": 1, "previous": None, "results": []}
+        page["next"] = {
+            "int-next": 12345,
+            "foreign-next": f"{self.archive.foreign}/api/v2/images/search/?cursor=x",
+            "bad-cursor-next": f"{self.archive.api_url}images/search/?cursor=%25%25%25",
+        }[fault]
+        self._json(200, page, "search", "search")
         return True
 
     def _body_fault(self, fault: str, kind: str, key: str) -> bool:
         im = self.archive.by_id[key]
         data = self.archive.served(im)
-        half = data[: len(im.data) // 2]  # fewer bytes than even the stated (pre-embedding) size
         self.archive.log(kind, key, 200)
-        self.send_response(200)
-        self.send_header("Content-Type", "image/jpeg")
-        self.send_header("Content-Length", str(len(data) if fault == "truncate" else len(half)))
-        self.end_headers()
-        self.wfile.write(half)
+        if fault == "swap":
+            other = next(o for o in self.archive.images if o.isic_id != key and o.data[:2] == im.data[:2])
+            return self._raw(self.archive.served(other))
+        if fault == "garble":
+            return self._raw(data[::-1])
+        if fault == "gzip":
+            return self._raw(gzip.compress(data), {"Content-Encoding": "gzip"})
+        if fault == "gzip-bomb":
+            return self._raw(gzip_bomb(), {"Content-Encoding": "gzip"})
+        if fault in ("truncate", "short"):
+            half = data[: len(im.data) // 2]  # fewer bytes than even the stated (pre-embedding) size
+            self._head({"Content-Length": str(len(data) if fault == "truncate" else len(half))})
+            self.wfile.write(half)
+        elif fault == "drip":
+            self._head({"Content-Length": str(len(data))})
+            for i in range(len(data)):
+                if self.archive.closing.wait(self.archive.drip_interval):
+                    break
+                self.wfile.write(data[i : i + 1])
+                self.wfile.flush()
+        elif fault == "stall-body":
+            self._head({"Content-Length": str(len(data))})
+            self.wfile.flush()
+            self.archive.closing.wait(600)
+        elif fault in ("endless", "huge"):
+            self._head({"Content-Length": str(10**15)} if fault == "huge" else {"Connection": "close"})
+            self.wfile.write(data)
+            while not self.archive.closing.is_set():
+                self.wfile.write(b"\0" * 65536)
+        else:
+            raise ValueError(f"unknown fault {fault!r}")
         self.wfile.flush()
         self.close_connection = True
+        return True
+
+    def _head(self, headers: dict[str, str]) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "image/jpeg")
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.end_headers()
+
+    def _raw(self, body: bytes, headers: dict[str, str] | None = None) -> bool:
+        self._head({"Content-Length": str(len(body)), **(headers or {})})
+        self.wfile.write(body)
+        self.wfile.flush()
         return True
 
     # -- endpoints
     def _search(self, params: dict[str, str]) -> None:
         if self._faulted("search", "search"):
             return
-        limit = max(1, min(int(params.get("limit", "100") or 100), 100))  # clamped, as the archive does
+        try:
+            limit = _limit(params.get("limit"))
+            offset = decode_cursor(params["cursor"]) if params.get("cursor") else 0
+        except ValueError:
+            loc = "cursor" if params.get("cursor") else "limit"
+            detail = [{"type": "value_error", "loc": ["query", loc], "msg": "Value error, Invalid cursor."}]
+            return self._json(422, {"detail": detail}, "search", "search")
         try:
             matches = self.archive.matching(params)
         except QueryError:
             return self._json(400, PARSE_ERROR, "search", "search")
         results = [self.archive.record(im, fresh=False) for im in matches] + list(self.archive.extra_records)
-        offset = int(base64.urlsafe_b64decode(params["cursor"]).decode()) if params.get("cursor") else 0
         page = results[offset : offset + limit]
 
         def link(off: int) -> str:
             q = {k: v for k, v in params.items() if k != "cursor"}
-            q["cursor"] = base64.urlsafe_b64encode(str(off).encode()).decode()
-            return f"{self.archive.api_url}images/search/?{urlencode(q)}"
+            q["cursor"] = encode_cursor(off, off)
+            return f"{self.archive.api_url}images/search/?{urlencode(sorted(q.items()))}"
 
         body = {
-            "count": None if offset else len(results),  # on the first page only
+            "count": None if offset else len(results) + self.archive.count_surplus,  # on the first page only
             "next": link(offset + limit) if offset + limit < len(results) else None,
             "previous": link(max(0, offset - limit)) if offset else None,
             "results": page,
@@ -588,7 +783,7 @@ class _Handler(BaseHTTPRequestHandler):
             good = im is not None and im.public
         else:
             expires = int(params.get("Expires", "0") or 0)
-            signature = self.archive.sign(isic_id, expires).rsplit("Signature=", 1)[-1]
+            signature = self.archive.sign(isic_id, expires).split("Signature=", 1)[-1].split("&", 1)[0]
             good = im is not None and params.get("Signature") == signature and expires >= time.time()
         if not good:
             body = b"<Error><Code>AccessDenied</Code><Message>Request has expired</Message></Error>"
@@ -597,7 +792,8 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if self.archive.file_latency:
             self.archive.closing.wait(self.archive.file_latency)
-        self._send(200, self.archive.served(im), "image/jpeg", "file", isic_id)
+        ctype = "image/png" if self.archive.extension(im) == "png" else "image/jpeg"
+        self._send(200, self.archive.served(im), ctype, "file", isic_id)
         self.archive.delivered(isic_id)
 
     # -- plumbing

@@ -21,6 +21,7 @@ from stda_hf.cli import main
 from stda_hf.core.errors import StdaError
 from stda_hf.data.real import REQUIRED_COLUMNS, read_real_folder
 from stda_hf.data.split import SplitConfig, make_splits
+from stda_hf.fetch.api import METADATA_MARGIN
 from stda_hf.fetch.http import backoff_delay, retry_after_seconds
 from stda_hf.fetch.records import FILE_COLUMNS
 from stda_hf.fetch.stage import FetchConfig, IsicClient, dry_run, fetch
@@ -55,6 +56,8 @@ def config(archive: FakeIsicArchive, **overrides) -> FetchConfig:
         retries=3,
         backoff=0.01,
         max_backoff=0.05,
+        deadline=10.0,
+        file_hosts=(archive.storage,),
     )
     settings.update(overrides)
     return FetchConfig(**settings)
@@ -374,7 +377,8 @@ def test_unreachable_api_is_a_clear_error(tmp_path):
 
 CHILD_FETCH = (
     "import sys; from stda_hf.fetch.stage import FetchConfig, fetch; "
-    "fetch(sys.argv[1], FetchConfig(api_url=sys.argv[2], workers=2, page_size=5, backoff=0.01, max_backoff=0.05))"
+    "fetch(sys.argv[1], FetchConfig(api_url=sys.argv[2], workers=2, page_size=5, backoff=0.01, max_backoff=0.05, "
+    "file_hosts=(sys.argv[3],)))"
 )
 
 
@@ -389,6 +393,7 @@ def start_fetch_process(
         archive.fault(f"file:{isic_id}", "hold")
     if cli:
         cmd = [sys.executable, "-m", "stda_hf.cli", "fetch", "--out", str(out), "--api-url", archive.api_url]
+        cmd += ["--file-hosts", archive.storage]
         cmd += [
             "--workers",
             "2",
@@ -401,7 +406,7 @@ def start_fetch_process(
             *cli_flags,
         ]
     else:
-        cmd = [sys.executable, "-c", CHILD_FETCH, str(out), archive.api_url]
+        cmd = [sys.executable, "-c", CHILD_FETCH, str(out), archive.api_url, archive.storage]
     env = {**os.environ, "STDA_NO_PROGRESS": "1"}
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -514,7 +519,8 @@ def test_second_fetch_into_the_same_folder_at_once_is_refused(archive, tmp_path)
 
 
 @pytest.mark.parametrize("facets", [True, False], ids=["facets", "paging"])
-def test_dry_run_counts_per_class_and_licence_without_downloading(archive, facets):
+def test_dry_run_counts_per_class_and_licence_without_downloading(archive, facets, monkeypatch):
+    monkeypatch.setattr("stda_hf.fetch.stage.DRY_RUN_PAGING_MAX", 0)  # a large class: facets when offered
     archive.facets_enabled = facets
     report = dry_run(config(archive))
     for name in ("benign", "malignant"):
@@ -545,6 +551,7 @@ def test_bad_settings_are_refused_naming_the_flag(setting, value):
 def test_cli_fetch_then_dry_run(archive, tmp_path, capsys):
     out = tmp_path / "real"
     common = ["--api-url", archive.api_url, "--page-size", "5", "--backoff", "0.01", "--max-backoff", "0.05"]
+    common += ["--file-hosts", archive.storage]
     assert main(["fetch", "--out", str(out), "--limit", "2", *common]) == 0
     assert "benign 2, malignant 2 images on disk" in capsys.readouterr().out
     before = (out / "metadata.csv").read_bytes()
@@ -583,9 +590,9 @@ def test_served_jpeg_larger_than_its_stated_size_is_kept_with_both_sizes_recorde
         assert (out / "images" / f"{im.isic_id}.jpg").read_bytes() == archive.served(im)
 
 
-def test_public_file_urls_are_unsigned_and_permanent(archive):
-    record = archive.record(archive.images[0], fresh=False)
-    assert "?" not in record["files"]["full"]["url"] and "/files/" in record["files"]["full"]["url"]
+def test_public_file_urls_are_unsigned_permanent_and_on_the_storage_host(archive):
+    url = archive.record(archive.images[0], fresh=False)["files"]["full"]["url"]
+    assert "?" not in url and url.startswith(f"{archive.storage}/images/") and archive.storage != archive.base
 
 
 def test_orphan_file_whose_digest_was_not_journalled_is_downloaded_again(archive, tmp_path):
@@ -670,9 +677,8 @@ def test_fetch_refuses_when_the_disk_lacks_the_space(archive, tmp_path, monkeypa
     assert archive.count("size") >= 1 and archive.count("file") == 0
 
 
-def test_embedded_credit_is_the_attribution_and_a_licence_disagreement_is_reported(archive, tmp_path):
+def test_embedded_credit_is_the_attribution(archive, tmp_path):
     ids = sorted(expected(archive))
-    archive.by_id[ids[0]].embedded_license = "CC-BY-NC-ND"
     out = tmp_path / "real"
     result = fetch(out, config(archive))
     rows = {r["isic_id"]: r for r in metadata_rows(out)}
@@ -683,8 +689,6 @@ def test_embedded_credit_is_the_attribution_and_a_licence_disagreement_is_report
         assert rows[i]["attribution"] == rows[i]["embedded_credit"] == archive.by_id[i].credit
         assert rows[i]["api_attribution"] == archive.by_id[i].attribution
         assert archive.by_id[i].credit in attribution
-    assert rows[ids[0]]["embedded_license"] == "CC-BY-NC-ND"
-    assert list(result.license_differs) == [ids[0]] and "licence disagreement" in result.format()
 
 
 def test_licences_folder_holds_a_title_and_url_per_licence(archive, tmp_path):
@@ -712,3 +716,398 @@ def test_refused_ids_are_permanent_not_counted_and_not_re_run(archive, tmp_path)
     assert report.totals["benign"] == len(expected(archive, diagnoses=("Benign",)))
     archive.facets_enabled = False
     assert dry_run(config(archive)).totals["benign"] == len(expected(archive, diagnoses=("Benign",)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A hostile network (issue 25): every misbehaviour ends in bounded time, skips only its file, keeps nothing wrong
+
+
+def fetch_cli(archive: FakeIsicArchive, out: Path, capsys, *flags: str) -> tuple[int, str, str]:
+    """``stda fetch`` in this process with the test settings; (exit status, stdout, stderr)."""
+    capsys.readouterr()
+    argv = ["fetch", "--out", str(out), "--api-url", archive.api_url, "--file-hosts", archive.storage]
+    argv += ["--workers", "3", "--page-size", "5", "--timeout", "2", "--deadline", "5", "--retries", "3"]
+    argv += ["--backoff", "0.01", "--max-backoff", "0.05", *flags]
+    code = main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def skipped_only(result, isic_id: str, kind: str, archive: FakeIsicArchive, out: Path) -> None:
+    """``isic_id`` alone was skipped, for ``kind``; every other selected image is on disk, nothing else kept."""
+    assert set(result.skipped) == {isic_id} and result.kinds == {kind: 1}
+    assert image_ids(out) == expected(archive) - {isic_id}
+    assert isic_id not in {r["isic_id"] for r in metadata_rows(out)}
+    assert not (out / ".incoming").exists() and not list(out.rglob("*.part"))
+    assert not result.complete and result.missing == 1
+
+
+def test_faulted_archive_gives_the_whole_set_in_one_run_and_exit_0(archive, tmp_path, capsys):
+    ids = sorted(expected(archive))
+    archive.fault("search", "429", "500")
+    faults = ["429", "500", "truncate", "short", "garble", "swap", "gzip", "redirect-self", "503", "html"]
+    for isic_id, fault in zip(ids[: len(faults)], faults, strict=True):
+        archive.fault(f"file:{isic_id}", fault)
+    out = tmp_path / "real"
+    code, printed, err = fetch_cli(archive, out, capsys)
+    assert code == 0, err
+    assert image_ids(out) == expected(archive)
+    assert all((out / "images" / f"{i}.jpg").read_bytes() == archive.served(archive.by_id[i]) for i in ids)
+    assert "incomplete" not in printed
+
+
+def test_missing_images_exit_3_with_the_count_and_the_reasons_by_kind(archive, tmp_path, capsys):
+    isic_id = sorted(expected(archive))[0]
+    archive.always(f"file:{isic_id}", "500")
+    out = tmp_path / "real"
+    code, printed, err = fetch_cli(archive, out, capsys)
+    assert code == 3
+    assert "1 selected image(s) are not on disk" in err and "1 transfer" in err and len(err.splitlines()) == 1
+    assert "skipped by kind: 1 downloads that failed every try" in printed
+    assert "bad or unreadable" not in printed + err
+
+
+def test_fetch_help_documents_the_exit_codes(capsys):
+    from stda_hf.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser(only="fetch").parse_args(["fetch", "--help"])
+    text = capsys.readouterr().out
+    for line in (
+        "0    every selected image is on disk",
+        "2    bad input",
+        "3    incomplete",
+        "130  interrupted",
+    ):
+        assert line in text
+
+
+def test_failed_first_run_does_not_block_the_corrected_command(archive, tmp_path):
+    out = tmp_path / "real"
+    for wrong in (dict(query="age_approx:[30 TO"), dict(collections=(2,)), dict(licenses=("CC-0",))):
+        if "licenses" in wrong:
+            archive.always("search", "500")  # the archive is down: nothing was fetched
+        with pytest.raises(StdaError):
+            fetch(out, config(archive, retries=0, **wrong))
+        archive.persistent.clear()
+    result = fetch(out, config(archive))
+    assert result.complete and image_ids(out) == expected(archive)
+
+
+def test_another_selection_says_how_to_start_over(archive, tmp_path):
+    out = tmp_path / "real"
+    fetch(out, config(archive, limit=1))
+    with pytest.raises(StdaError, match=r"start over in another --out \(or after deleting"):
+        fetch(out, config(archive, limit=1, query="sex:male"))
+
+
+def test_garbled_transfer_is_retried_in_the_same_run(archive, tmp_path):
+    isic_id = sorted(expected(archive))[0]
+    archive.fault(f"file:{isic_id}", "garble", "garble")
+    out = tmp_path / "real"
+    result = fetch(out, config(archive))
+    assert result.complete and archive.count("file", isic_id) == 3
+    assert (out / "images" / f"{isic_id}.jpg").read_bytes() == archive.served(archive.by_id[isic_id])
+
+
+def test_file_with_another_images_bytes_every_time_is_skipped_as_content(archive, tmp_path):
+    isic_id = sorted(expected(archive))[0]
+    archive.always(f"file:{isic_id}", "swap")
+    out = tmp_path / "real"
+    result = fetch(out, config(archive, retries=2))
+    skipped_only(result, isic_id, "content", archive, out)
+    assert "another image's bytes" in result.skipped[isic_id] and archive.count("file", isic_id) == 3
+
+
+def test_file_whose_pixels_differ_from_its_record_is_skipped(archive, tmp_path):
+    isic_id = sorted(expected(archive))[0]
+    archive.by_id[isic_id].acquisition["pixels_x"] = 64
+    out = tmp_path / "real"
+    result = fetch(out, config(archive, retries=1))
+    skipped_only(result, isic_id, "content", archive, out)
+    assert "the file is 32x32 pixels, the record states 64x32" in result.skipped[isic_id]
+
+
+def test_png_without_embedded_metadata_is_kept_at_its_stated_size(archive, tmp_path):
+    import io
+
+    from PIL import Image
+
+    isic_id = sorted(expected(archive))[0]
+    im = archive.by_id[isic_id]
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(im.data)).save(buffer, "PNG")
+    im.data = buffer.getvalue()
+    out = tmp_path / "real"
+    result = fetch(out, config(archive))
+    assert result.complete and (out / "images" / f"{isic_id}.png").read_bytes() == im.data
+    row = {r["isic_id"]: r for r in metadata_rows(out)}[isic_id]
+    assert row["file_size"] == row["stated_size"] and row["embedded_license"] == ""
+
+
+def test_more_restrictive_embedded_licence_wins_in_metadata_and_attribution(archive, tmp_path):
+    isic_id = next(i for i in sorted(expected(archive)) if archive.by_id[i].copyright_license == "CC-BY")
+    archive.by_id[isic_id].embedded_license = "CC-BY-NC"
+    out = tmp_path / "real"
+    result = fetch(out, config(archive))
+    row = {r["isic_id"]: r for r in metadata_rows(out)}[isic_id]
+    assert (row["copyright_license"], row["api_license"], row["embedded_license"]) == (
+        "CC-BY-NC",
+        "CC-BY",
+        "CC-BY-NC",
+    )
+    assert f"| {isic_id} | CC-BY-NC |" in (out / "ATTRIBUTION.md").read_text(encoding="utf-8")
+    assert list(result.license_differs) == [isic_id] and "'CC-BY-NC' applies" in result.format()
+
+
+def test_embedded_licence_outside_the_selection_refuses_the_file_for_good(archive, tmp_path):
+    isic_id = next(i for i in sorted(expected(archive)) if archive.by_id[i].copyright_license == "CC-BY")
+    archive.by_id[isic_id].embedded_license = "CC-BY-NC"
+    out = tmp_path / "real"
+    result = fetch(out, config(archive, licenses=("CC-0", "CC-BY")))
+    assert result.refused == {isic_id} and result.kinds == {"licence": 1}
+    assert isic_id not in image_ids(out) and result.complete
+    assert "more restrictive than the API's 'CC-BY'" in result.skipped[isic_id]
+
+
+def test_gzip_answer_is_inflated_under_the_cap_and_identity_was_asked(archive, tmp_path):
+    isic_id = sorted(expected(archive))[0]
+    archive.fault(f"file:{isic_id}", "gzip")
+    out = tmp_path / "real"
+    result = fetch(out, config(archive))
+    assert result.complete and archive.count("file", isic_id) == 1
+    assert (out / "images" / f"{isic_id}.jpg").read_bytes() == archive.served(archive.by_id[isic_id])
+    assert set(archive.encodings) == {"identity"}
+
+
+def test_gzip_bomb_is_cut_at_the_cap_while_inflating(archive, tmp_path):
+    isic_id = sorted(expected(archive))[0]
+    archive.always(f"file:{isic_id}", "gzip-bomb")
+    out = tmp_path / "real"
+    result = fetch(out, config(archive))
+    skipped_only(result, isic_id, "too large", archive, out)
+    assert archive.count("file", isic_id) == 1  # not retried
+
+
+def test_huge_content_length_is_refused_before_reading(archive, tmp_path):
+    isic_id = sorted(expected(archive))[0]
+    archive.always(f"file:{isic_id}", "huge")
+    out = tmp_path / "real"
+    result = fetch(out, config(archive))
+    skipped_only(result, isic_id, "too large", archive, out)
+    assert "announces 1000000000000000 bytes" in result.skipped[isic_id]
+    assert archive.count("file", isic_id) == 1  # not retried
+
+
+def test_endless_body_is_cut_at_the_cap_and_nothing_is_kept(archive, tmp_path):
+    isic_id = sorted(expected(archive))[0]
+    archive.always(f"file:{isic_id}", "endless")
+    out = tmp_path / "real"
+    result = fetch(out, config(archive))
+    skipped_only(result, isic_id, "too large", archive, out)
+    assert f"cap of {len(archive.by_id[isic_id].data) + METADATA_MARGIN} bytes" in result.skipped[isic_id]
+
+
+def test_longest_credit_the_archive_allows_fits_under_the_cap(archive, tmp_path):
+    isic_id = sorted(expected(archive))[0]
+    im = archive.by_id[isic_id]
+    im.credit = "\U0001f52c" * 200  # 200 characters (the archive's maximum), 800 bytes in UTF-8
+    served = len(archive.served(im))
+    assert served - len(im.data) == 3149 + 800 < METADATA_MARGIN  # the measured embedding, worst case
+    out = tmp_path / "real"
+    assert fetch(out, config(archive)).complete
+    assert (out / "images" / f"{isic_id}.jpg").stat().st_size == served
+
+
+def test_file_past_the_cap_is_skipped_as_too_large(archive, tmp_path):
+    isic_id = sorted(expected(archive))[0]
+    archive.by_id[isic_id].credit = "x" * METADATA_MARGIN  # the embedding alone now exceeds the margin
+    out = tmp_path / "real"
+    result = fetch(out, config(archive))
+    skipped_only(result, isic_id, "too large", archive, out)
+
+
+def test_dripping_file_is_skipped_at_its_deadline(archive, tmp_path):
+    isic_id = sorted(expected(archive))[0]
+    archive.always(f"file:{isic_id}", "drip")
+    out = tmp_path / "real"
+    start = time.monotonic()
+    result = fetch(out, config(archive, deadline=0.5, retries=1))
+    assert time.monotonic() - start < 8
+    skipped_only(result, isic_id, "transfer", archive, out)
+    assert "longer than the 0.5 s deadline" in result.skipped[isic_id]
+
+
+def test_stalled_body_is_skipped_after_the_read_timeout(archive, tmp_path):
+    isic_id = sorted(expected(archive))[0]
+    archive.always(f"file:{isic_id}", "stall-body")
+    out = tmp_path / "real"
+    start = time.monotonic()
+    result = fetch(out, config(archive, timeout=0.3, retries=1))
+    assert time.monotonic() - start < 8
+    skipped_only(result, isic_id, "transfer", archive, out)
+
+
+def test_api_that_never_answers_is_an_error_after_timeout_times_tries(archive, tmp_path, caplog):
+    archive.always("search", "stall")
+    start = time.monotonic()
+    with pytest.raises(StdaError, match="could not reach the ISIC Archive"):
+        fetch(tmp_path / "real", config(archive, timeout=0.3, retries=2))
+    assert time.monotonic() - start < 5
+    assert "try 2 of 3" in caplog.text  # each retry is said, not silent
+
+
+@pytest.mark.parametrize(
+    ("fault", "reason"),
+    [
+        ("redirect-file", "file:///etc/passwd' is not an http(s) URL"),
+        ("redirect-loop", "more than 5 redirects"),
+        ("redirect-foreign", "a redirect to http://127.0.0.1:"),
+        ("redirect-malformed", "Invalid IPv6 URL"),
+    ],
+)
+def test_bad_redirect_skips_only_its_file(archive, tmp_path, fault, reason):
+    isic_id = sorted(expected(archive))[0]
+    archive.always(f"file:{isic_id}", fault)
+    out = tmp_path / "real"
+    result = fetch(out, config(archive))
+    kind = "protocol" if fault in ("redirect-loop", "redirect-malformed") else "host"
+    skipped_only(result, isic_id, kind, archive, out)
+    assert reason in result.skipped[isic_id]
+    assert archive.hosts["foreign"] == 0  # the other origin was never asked
+
+
+def test_file_url_off_the_accepted_hosts_is_never_requested(archive, tmp_path):
+    isic_id = sorted(expected(archive))[0]
+    out = tmp_path / "real"
+    result = fetch(out, config(archive, file_hosts=()))  # the storage host is no longer accepted
+    assert isic_id in result.skipped and result.kinds == {"host": len(expected(archive))}
+    assert archive.hosts["storage"] == 0 and not image_ids(out)
+
+
+def test_the_archive_bucket_is_accepted_over_https_only(archive):
+    client = IsicClient(config(archive))
+    for url in ("https://isic-archive.s3.amazonaws.com/images/ISIC_0000001.jpg",
+                "https://isic-archive.s3.us-east-1.amazonaws.com/images/ISIC_0000001.jpg"):  # fmt: skip
+        assert client.accepts_file_url(url) is None
+    for url in ("http://isic-archive.s3.amazonaws.com/images/x.jpg", "https://isic-archive.s3.evil.com/x.jpg",
+                "https://evil-isic-archive.s3.amazonaws.com/x.jpg", archive.foreign + "/images/x.jpg"):  # fmt: skip
+        assert client.accepts_file_url(url) is not None
+
+
+@pytest.mark.parametrize(
+    ("fault", "message"),
+    [
+        ("int-next", r"'next' is int '12345', not a link or null"),
+        ("foreign-next", r"'next' link .* leaves the search endpoint"),
+        ("deep", r"nested too deep"),
+        ("html", r"HTTP 200 with something that is not JSON \(<html>"),
+        ("bad-cursor-next", r"refused its own next-page cursor \(HTTP 422"),
+    ],
+)
+def test_bad_search_page_is_a_one_line_error(archive, tmp_path, fault, message):
+    archive.fault("search", "ok", "ok", fault)  # the two count requests pass; the first page is bad
+    with pytest.raises(StdaError, match=message) as err:
+        fetch(tmp_path / "real", config(archive))
+    assert "\n" not in str(err.value)
+    assert archive.hosts["foreign"] == 0  # not followed
+    assert archive.count("search") == 3 + (fault == "bad-cursor-next")  # the 422 is not retried
+
+
+def test_search_ending_before_its_count_is_reported_and_incomplete(archive, tmp_path, capsys):
+    archive.count_surplus = 1
+    out = tmp_path / "real"
+    code, printed, err = fetch_cli(archive, out, capsys)
+    assert code == 3 and image_ids(out) == expected(archive)
+    assert "2 selected image(s) are not on disk" in err
+    assert "benign: the archive counted" in printed and "but its search listed only" in printed
+
+
+def test_query_the_archive_refuses_names_the_query_sent(archive, tmp_path):
+    with pytest.raises(StdaError, match=r"the query sent was .*age_approx:\[30 TO"):
+        fetch(tmp_path / "real", config(archive, query="age_approx:[30 TO"))
+
+
+def test_dry_run_prints_the_size_estimate_of_the_disk_check(archive):
+    from stda_hf.fetch.stage import space_needed
+
+    report = dry_run(config(archive))
+    stated = sum(len(archive.by_id[i].data) for i in expected(archive))
+    assert report.approx_bytes == stated + len(expected(archive)) * METADATA_MARGIN
+    assert "to download (approximate" in report.format()
+    with IsicClient(config(archive)) as client:
+        todo = {"Benign": (1, 1)}
+        assert space_needed(client, config(archive), todo) > 0
+
+
+def test_dry_run_on_a_fresh_folder_counts_only_acceptable_records(archive, tmp_path):
+    victim = sorted(expected(archive, diagnoses=("Benign",)))[0]
+    archive.extra_records.append({**archive.record(archive.by_id[victim], fresh=True), "isic_id": "../evil"})
+    report = dry_run(config(archive), out=tmp_path / "fresh")
+    assert report.totals["benign"] == len(expected(archive, diagnoses=("Benign",)))
+    assert report.refused["benign"] == 1
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The test server behaves as the real archive does where the client depends on it
+
+
+def test_served_jpeg_grows_by_the_measured_embedding(archive):
+    im = archive.by_id["ISIC_0000006"]  # one with a credit of its own
+    assert len(archive.served(im)) - len(im.data) == 3149 + len(im.credit.encode("utf-8"))
+
+
+def test_bad_cursor_is_422_as_the_archive_answers(archive):
+    import requests
+
+    answer = requests.get(archive.api_url + "images/search/", params={"cursor": "%%%"}, timeout=5)
+    assert answer.status_code == 422 and answer.json()["detail"][0]["loc"] == ["query", "cursor"]
+
+
+def test_search_limit_is_clamped_as_the_archive_does(archive):
+    import requests
+
+    def page(limit: str) -> list:
+        return requests.get(archive.api_url + "images/search/", params={"limit": limit}, timeout=5).json()[
+            "results"
+        ]
+
+    assert len(page("0")) == len(archive.images) == len(page("500")) and page("-3") == []
+
+
+@pytest.mark.slow  # a `stda fetch` child process: a few seconds to start
+@pytest.mark.parametrize("stuck", ["file", "search"], ids=["dripping-files", "silent-api"])
+def test_ctrl_c_ends_a_stuck_run_within_2_s(archive, tmp_path, stuck):
+    if stuck == "file":
+        for isic_id in expected(archive):
+            archive.always(f"file:{isic_id}", "drip")  # one byte every 0.2 s: never a read timeout
+    else:
+        archive.fault("search", "ok", "ok")  # the counts come, then the first page never does
+        archive.always("search", "stall")
+    out = tmp_path / "real"
+    cmd = [sys.executable, "-m", "stda_hf.cli", "fetch", "--out", str(out), "--api-url", archive.api_url]
+    cmd += ["--file-hosts", archive.storage, "--workers", "2", "--timeout", "60", "--deadline", "600"]
+    env = {**os.environ, "STDA_NO_PROGRESS": "1"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        stuck_requests = 2 if stuck == "file" else 3  # both workers dripping; or the counts, then the page
+        while archive.count(stuck) < stuck_requests and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        time.sleep(0.3)  # well inside the stuck reads
+        assert proc.poll() is None, proc.communicate()
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+        took = time.monotonic() - sent
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "re-run the same command to resume" in err
+    assert took < 2.0
+    assert not image_ids(out)
+
+
+def test_dry_run_total_is_what_the_pages_deliver_when_the_count_runs_ahead(archive):
+    archive.count_surplus = 1
+    report = dry_run(config(archive))
+    assert report.totals["benign"] == len(expected(archive, diagnoses=("Benign",)))

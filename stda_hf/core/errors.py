@@ -12,8 +12,17 @@ class StdaError(Exception):
     """An error in user input or in the environment.
 
     The message must name the bad value (file, option, column) and say what to do. The CLI prints it as one
-    line and exits with status 2; tracebacks appear only with ``--debug``.
+    line and exits with status :attr:`exit_code` (2); tracebacks appear only with ``--debug``.
     """
+
+    exit_code = 2
+
+
+class IncompleteError(StdaError):
+    """A job that finished but left some of what it was asked for undone (e.g. images a fetch skipped): the
+    folder is usable, a re-run may complete it. Exit status 3, so a script can tell it from bad input (2)."""
+
+    exit_code = 3
 
 
 class BadImageError(StdaError):
@@ -70,8 +79,9 @@ def run_reporting_errors(
     debug: bool = False,
     resume: str = "re-run the same command to resume",
 ) -> int:
-    """Run ``action`` as a command would: 0 when it returns, 2 with one line on stderr for a
-    :class:`StdaError` (the traceback with ``debug``), 130 with ``resume`` advice on Ctrl-C.
+    """Run ``action`` as a command would: 0 when it returns, the error's ``exit_code`` (2; 3 for an
+    :class:`IncompleteError`) with one line on stderr for a :class:`StdaError` (the traceback with ``debug``),
+    130 with ``resume`` advice on Ctrl-C.
 
     An ``OSError`` of the environment (read-only file system, a file where a folder should be, no permission,
     disk full; :data:`ENVIRONMENT_ERRNOS`) that a stage did not turn into a :class:`StdaError` itself is
@@ -85,7 +95,7 @@ def run_reporting_errors(
         if debug:
             raise
         print(f"{prog}: error: {_one_line(err)}", file=sys.stderr)
-        return 2
+        return err.exit_code
     except OSError as err:
         known = environment_error(err)
         if known is None or debug:

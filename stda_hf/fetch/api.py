@@ -7,13 +7,19 @@ comes on the first page only); ``images/search/size/`` for the stated bytes of a
 for dry-run counts; ``collections/{id}/`` (404 for an unknown or private collection, which a search would
 silently treat as empty); ``images/{isic_id}/`` for a fresh URL. Record fields as ``isic/core/api/image.py``
 defines them: ``isic_id``, ``copyright_license``, ``attribution`` (the cohort's default), ``files.full.{url,size}``
-and ``metadata.acquisition`` / ``metadata.clinical``. Retries, timeouts and redaction come from
-:mod:`stda_hf.fetch.http`; URLs are never stored or logged, only ISIC ids.
+and ``metadata.acquisition`` / ``metadata.clinical``. Retries, timeouts, deadlines, size caps, checked
+redirects and redaction come from :mod:`stda_hf.fetch.http`; URLs are never stored or logged, only ISIC ids.
+
+Hosts: API requests, their redirects and every ``next`` link stay on ``--api-url``'s origin; a file may come
+from that origin, from the archive's storage bucket (:data:`BUCKET_HOST`: ``isic-archive.s3.amazonaws.com`` and
+its regional names, https only) and from the origins listed in ``--file-hosts``; a file URL or redirect
+anywhere else is refused and the file skipped.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import re
@@ -29,13 +35,13 @@ from stda_hf.core.fileio import atomic_write
 from stda_hf.data.licenses import LICENSES
 from stda_hf.data.real import REQUIRED_COLUMNS
 from stda_hf.fetch.http import (
-    TRANSIENT_ERRORS,
     GaveUp,
+    Refused,
     Retry,
     RetryingClient,
     RetryPolicy,
-    Stopped,
-    excerpt,
+    check_url,
+    origin,
     redact,
     transient_status,
 )
@@ -49,8 +55,20 @@ DIAGNOSES = {"benign": "Benign", "malignant": "Malignant", "indeterminate": "Ind
 """Class name -> the archive's ``diagnosis_1`` value (the top of its diagnosis hierarchy)."""
 EXPIRED_STATUS = frozenset({400, 401, 403, 410})
 """What S3 and CloudFront answer for an expired or otherwise refused signed URL."""
-CHUNK_BYTES = 1 << 20
 SAMPLES = ("oldest", "random")
+METADATA_MARGIN = 8192
+"""Bytes a served file may exceed its stated ``files.full.size`` by: the cap of every file is stated + this.
+
+The archive states the size recorded at ingest, then embeds IPTC/XMP credit and licence into every JPEG when it
+publishes it (``isic/ingest/services/publish/__init__.py`` ``embed_iptc_metadata``, pyexiv2 2.15.5) and never
+updates the stated size. Re-running that call measured ``served = stated + 3149 + len(credit in UTF-8)`` bytes
+whatever the image size: 3158-3251 for typical credits, at most 3949 for the longest credit the archive allows
+(200 characters, 800 bytes); PNG and TIFF files are served as stated. 8192 is twice that worst case, slack for
+another exiv2 version's padding, and a body past it is not an image with metadata but something else."""
+BUCKET_HOST = re.compile(r"isic-archive\.s3(?:[.-][a-z0-9-]+)?\.amazonaws\.com")
+"""The archive's public storage bucket (``images/<id>.jpg``), global or regional names; accepted over https."""
+MAX_API_BYTES = 32 << 20
+"""Cap of one API answer (a page of 100 records is about 0.2 MB)."""
 
 
 @dataclass
@@ -68,10 +86,12 @@ class FetchConfig:
     seed: int = 0  # seed of --sample random
     workers: int = 8  # parallel downloads
     page_size: int = 100  # search results per page (the API allows 1-100)
-    timeout: float = 60.0  # seconds to wait for a connection or for the next bytes of an answer
-    retries: int = 6  # further tries after a 429, a 5xx, a timeout or a broken transfer
+    timeout: float = 30.0  # seconds to wait for a connection or for the next bytes of an answer
+    deadline: float = 300.0  # seconds one try of one file or API page may take in all (a trickle is retried)
+    retries: int = 6  # further tries after a 429, a 5xx, a timeout, a broken or corrupt transfer
     backoff: float = 1.0  # seconds before the first retry; doubles each try, with jitter
     max_backoff: float = 120.0  # longest wait between two tries, Retry-After included
+    file_hosts: tuple[str, ...] = ()  # more origins (https://host[:port]) files may come from, e.g. a mirror
 
     def __post_init__(self) -> None:
         if urlsplit(self.api_url).scheme not in ("http", "https") or not urlsplit(self.api_url).netloc:
@@ -94,16 +114,26 @@ class FetchConfig:
             raise StdaError(f"--sample {self.sample!r}: choose one of {list(SAMPLES)}")
         if self.limit < 0:
             raise StdaError(f"--limit {self.limit} must be 0 (every match) or a positive number per class")
-        if not all(math.isfinite(v) for v in (self.timeout, self.backoff, self.max_backoff)):
+        seconds = (self.timeout, self.deadline, self.backoff, self.max_backoff)
+        if not all(math.isfinite(v) for v in seconds):
             raise StdaError(
-                f"--timeout {self.timeout}, --backoff {self.backoff} and --max-backoff {self.max_backoff} "
-                "must be finite numbers of seconds"
+                f"--timeout {self.timeout}, --deadline {self.deadline}, --backoff {self.backoff} and "
+                f"--max-backoff {self.max_backoff} must be finite numbers of seconds"
             )
-        if self.timeout <= 0 or self.backoff < 0 or self.max_backoff < self.backoff:
+        if self.timeout <= 0 or self.deadline <= 0 or self.backoff < 0 or self.max_backoff < self.backoff:
             raise StdaError(
-                f"--timeout {self.timeout} must be > 0 and 0 <= --backoff {self.backoff} <= "
-                f"--max-backoff {self.max_backoff}"
+                f"--timeout {self.timeout} and --deadline {self.deadline} must be > 0 and 0 <= --backoff "
+                f"{self.backoff} <= --max-backoff {self.max_backoff}"
             )
+        hosts = []
+        for host in self.file_hosts:
+            parts = urlsplit(host if "//" in host else f"https://{host}")
+            if parts.scheme not in ("http", "https") or not parts.hostname or parts.path.strip("/"):
+                raise StdaError(
+                    f"--file-hosts {host!r}: give an origin like https://files.example.org[:port]"
+                )
+            hosts.append(origin(f"{parts.scheme}://{parts.netloc}"))
+        self.file_hosts = tuple(sorted(set(hosts)))
 
     @property
     def diagnoses(self) -> dict[str, str]:
@@ -142,13 +172,36 @@ class SkipImage(Exception):
     """One image cannot be fetched; the run records it and goes on.
 
     ``permanent`` marks what a re-run cannot change (an unsafe id, a record outside the selection); the rest
-    (a failed or corrupt download) is tried again on the next run.
+    (a failed or corrupt download) is tried again on the next run. ``kind`` names the reason in a word the
+    run's summary counts by (:data:`SKIP_KINDS`).
     """
 
-    def __init__(self, reason: str, permanent: bool = False):
+    def __init__(self, reason: str, permanent: bool = False, kind: str = ""):
         super().__init__(reason)
         self.reason = reason
         self.permanent = permanent
+        self.kind = kind or ("refused record" if permanent else "transfer")
+
+
+SKIP_KINDS = {
+    "refused record": "records refused (unsafe id, outside the selection)",
+    "transfer": "downloads that failed every try",
+    "content": "files that do not match their record (not an image, other pixels, another image's id)",
+    "too large": "bodies past the size cap",
+    "host": "URLs or redirects off the accepted hosts",
+    "protocol": "protocol errors (encoding, request refused)",
+    "licence": "files embedding a licence outside the selection",
+    "server": "files the server refused or no longer has",
+}
+"""Kinds of skipped images, and what the summary calls them."""
+
+
+class BadContent(Exception):
+    """A downloaded file that does not match its record: retried like a broken transfer, then skipped."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -171,9 +224,34 @@ class IsicClient(RetryingClient):
     """
 
     def __init__(self, cfg: FetchConfig, sleep: Callable[[float], None] | None = None):
-        policy = RetryPolicy(cfg.timeout, cfg.retries, cfg.backoff, cfg.max_backoff)
+        policy = RetryPolicy(cfg.timeout, cfg.retries, cfg.deadline, cfg.backoff, cfg.max_backoff)
         super().__init__(policy, sleep, user_agent="stda-hf-fetch")
         self.cfg = cfg
+        self.api_origin = origin(cfg.api_url)
+        self._file_origins = {self.api_origin, *cfg.file_hosts}
+
+    def accepts_api_url(self, url: str) -> str | None:
+        """None when ``url`` is on ``--api-url``'s origin; else why not."""
+        if origin(url) != self.api_origin:
+            return f"{redact(url)[:120]} is not on the archive's API host {self.api_origin}"
+        return None
+
+    def accepts_file_url(self, url: str) -> str | None:
+        """None when a file may come from ``url`` (the API's origin, the archive's bucket, ``--file-hosts``);
+        else the refused origin and why."""
+        parts = urlsplit(url)
+        if origin(url) in self._file_origins:
+            return None
+        if (
+            parts.scheme == "https"
+            and BUCKET_HOST.fullmatch(parts.hostname or "")
+            and parts.port in (None, 443)
+        ):
+            return None
+        return (
+            f"{origin(url)}, which is neither the archive's ({self.api_origin}, or https://isic-archive.s3"
+            ".amazonaws.com and its regional names) nor in --file-hosts"
+        )
 
     def get_json(self, url: str, params: dict | None = None, missing_ok: bool = False) -> dict | None:
         """GET a JSON object from the API; None for a 404 when ``missing_ok``.
@@ -185,33 +263,42 @@ class IsicClient(RetryingClient):
         """
 
         def attempt() -> dict | None:
-            with self.get(url, params=params) as r:
+            body = bytearray()
+            with self.get(url, self.accepts_api_url, params) as r:
                 if retry := transient_status(r):
                     raise retry
                 if r.status_code == 404 and missing_ok:
                     return None
-                if r.status_code != 200:
-                    raise StdaError(
-                        f"the ISIC Archive answered HTTP {r.status_code} to {redact(r.url)}: {excerpt(r)}; "
-                        "check --api-url and --query (the archive's query language: README, `stda fetch`)"
-                    )
-                try:
-                    data = r.json()
-                except ValueError as err:
-                    raise Retry("the answer is not JSON") from err
-            if not isinstance(data, dict):
-                raise StdaError(
-                    f"{redact(url)} answered {type(data).__name__}, not a JSON object; check --api-url"
-                )
-            return data
+                self.read_body(r, body.extend, MAX_API_BYTES)
+                status, where = r.status_code, redact(r.url)
+            text = " ".join(body[:300].decode("utf-8", "replace").split())
+            if status != 200:
+                raise StdaError(self._refusal(status, where, redact(text) or "(empty answer)", params))
+            return _json_object(bytes(body), where, text)
 
         try:
-            return self.retrying(f"GET {redact(url)}", attempt)
+            return self.retrying(f"GET {redact(url)}", attempt, level=logging.WARNING)
         except GaveUp as err:
             raise StdaError(
                 f"could not reach the ISIC Archive at {self.cfg.api_url} ({err}); check the network and "
                 "--api-url, then re-run the same command: finished images are kept"
             ) from None
+        except Refused as err:
+            raise StdaError(f"the ISIC Archive's answer to {redact(url)} was refused: {err.reason}") from None
+
+    def _refusal(self, status: int, where: str, text: str, params: dict | None) -> str:
+        """The one-line error for an API answer that is neither 200 nor transient."""
+        if status == 422 and "cursor" in text:
+            return (
+                f"the ISIC Archive refused its own next-page cursor (HTTP 422 to {where}: {text}); re-run the "
+                "same command: finished images are kept"
+            )
+        query = (params or {}).get("query")
+        sent = f"; the query sent was {query!r}" if query is not None else ""
+        return (
+            f"the ISIC Archive answered HTTP {status} to {where}: {text}{sent}; check --api-url and --query "
+            "(the archive's query language: README, `stda fetch --help`)"
+        )
 
     def _api(self, path: str) -> str:
         return urljoin(self.cfg.api_url, path)
@@ -240,7 +327,8 @@ class IsicClient(RetryingClient):
 
     def search(self, query: str) -> Iterator[dict]:
         """Every image record matching ``query`` in the archive's order (creation), following ``next``."""
-        url: str | None = self._api("images/search/")
+        endpoint = self._api("images/search/")
+        url: str | None = endpoint
         params: dict | None = self._search_params(query, self.cfg.page_size)
         seen = set()
         while url:
@@ -248,14 +336,40 @@ class IsicClient(RetryingClient):
             results = page.get("results")
             if not isinstance(results, list):
                 raise StdaError(f"{redact(url)}: search answer without a 'results' list; check --api-url")
-            yield from results
-            nxt = page.get("next")
-            if nxt and nxt in seen:
+            count = page.get("count")
+            if count is not None and (not isinstance(count, int) or isinstance(count, bool)):
                 raise StdaError(
-                    f"the archive's next-page cursor repeats ({redact(nxt)}); stopping the search"
+                    f"{redact(url)}: the search page's 'count' is {count!r}, not a number or null"
                 )
-            seen.add(nxt)
-            url, params = (urljoin(url, nxt) if nxt else None), None
+            yield from results
+            url, params = self._next_page(url, page.get("next"), endpoint, seen), None
+
+    def _next_page(self, url: str, nxt: object, endpoint: str, seen: set[str]) -> str | None:
+        """The absolute next-page URL of a search page, checked: text or null, on the search endpoint, new."""
+        if nxt is None:
+            return None
+        if not isinstance(nxt, str) or not nxt:
+            raise StdaError(
+                f"{redact(url)}: the search page's 'next' is {type(nxt).__name__} {str(nxt)[:40]!r}, not a link "
+                "or null; check --api-url"
+            )
+        try:
+            absolute = urljoin(url, nxt)
+        except ValueError:  # e.g. an unclosed IPv6 bracket
+            absolute = nxt
+        if problem := check_url(absolute):
+            raise StdaError(f"{redact(url)}: the search page's 'next' link: {problem}; check --api-url")
+        if origin(absolute) != self.api_origin or urlsplit(absolute).path != urlsplit(endpoint).path:
+            raise StdaError(
+                f"the search page's 'next' link {redact(absolute)[:120]} leaves the search endpoint "
+                f"{redact(endpoint)}; not following it; check --api-url"
+            )
+        if absolute in seen:
+            raise StdaError(
+                f"the archive's next-page cursor repeats ({redact(absolute)}); stopping the search"
+            )
+        seen.add(absolute)
+        return absolute
 
     def facets(self, query: str) -> dict | None:
         """Facet counts (``{field: {"buckets": [{"key", "doc_count"}]}}``) of ``query``; None if unavailable."""
@@ -269,31 +383,42 @@ class IsicClient(RetryingClient):
         """The record of one image (with a fresh download URL); None if the archive does not know it."""
         return self.get_json(self._api(f"images/{checked_id(isic_id)}/"), missing_ok=True)
 
-    def download(self, url: str, stated: int, dest: Path) -> Download:
-        """Stream ``url`` to ``dest`` atomically; the transfer is judged by its own ``Content-Length``.
+    def download(
+        self, url: str, stated: int, dest: Path, verify: Callable[[Path], object] | None = None
+    ) -> Download:
+        """Stream ``url`` to ``dest`` atomically and check it; retry a broken, short or corrupt transfer.
 
-        The API's ``stated`` size is advisory: the archive embeds IPTC/XMP metadata into every JPEG after
-        recording it, so a served file is larger. A file smaller than stated is suspicious and retried.
+        The API's ``stated`` size is a floor, and stated + :data:`METADATA_MARGIN` the cap: the archive embeds
+        IPTC/XMP metadata into every JPEG after recording its size. The file is then judged by ``verify(dest)``,
+        which raises :class:`BadContent` for a file that does not match its record (retried like a short
+        transfer: the next answer may be right). Only hosts :meth:`accepts_file_url` accepts are followed.
 
         Raises
         ------
         UrlExpired
             A signed URL was refused: fetch a fresh one with :meth:`image`.
         SkipImage
-            The file is gone, or every try failed.
+            The file is gone, too large, on a refused host, or every try failed; with the reason's kind.
         """
 
         def attempt() -> Download:
-            with self.get(url, stream=True) as r:
+            with self.get(url, self.accepts_file_url) as r:
+                got = self._save(r, stated, dest)
+            if verify is not None:
                 try:
-                    return self._save(r, stated, dest)
-                except TRANSIENT_ERRORS as err:
-                    raise Retry(redact(err)) from err
+                    verify(dest)
+                except BadContent as err:
+                    dest.unlink(missing_ok=True)
+                    raise Retry(err.reason, kind="content") from None
+            return got
 
         try:
             return self.retrying(f"download {dest.stem}", attempt)
         except GaveUp as err:
-            raise SkipImage(f"download failed: {err}") from None
+            what = "the file does not match its record" if err.kind == "content" else "download failed"
+            raise SkipImage(f"{what}: {err}", kind=err.kind) from None
+        except Refused as err:
+            raise SkipImage(err.reason, kind=err.kind) from None
 
     def _save(self, r: requests.Response, stated: int, dest: Path) -> Download:
         if retry := transient_status(r):
@@ -301,22 +426,36 @@ class IsicClient(RetryingClient):
         if r.status_code in EXPIRED_STATUS:
             raise UrlExpired(f"HTTP {r.status_code}")
         if r.status_code != 200:
-            raise SkipImage(f"the file server answered HTTP {r.status_code}")
-        length = r.headers.get("Content-Length")
-        expected = int(length) if length and length.isdigit() else None
-        n, digest = 0, hashlib.sha256()
+            raise SkipImage(f"the file server answered HTTP {r.status_code}", kind="server")
+        digest = hashlib.sha256()
         with atomic_write(dest, "wb") as fh:
-            for chunk in r.iter_content(CHUNK_BYTES):
-                if self.stop.is_set():
-                    raise Stopped()
+
+            def write(chunk: bytes) -> None:
                 fh.write(chunk)
                 digest.update(chunk)
-                n += len(chunk)
-            if expected is not None and n != expected:
-                raise Retry(f"got {n} of the {expected} bytes the server announced")
+
+            n = self.read_body(r, write, stated + METADATA_MARGIN)
             if n < stated:
                 raise Retry(f"got {n} bytes, fewer than the {stated} the API states")
         return Download(n, digest.hexdigest())
+
+
+def _json_object(body: bytes, where: str, text: str) -> dict:
+    """The JSON object of an API answer; a one-line :class:`StdaError` for anything else."""
+    try:
+        data = json.loads(body)
+    except RecursionError:
+        raise StdaError(
+            f"{where} answered JSON nested too deep to be an API answer; check --api-url"
+        ) from None
+    except ValueError:
+        raise StdaError(
+            f"{where} answered HTTP 200 with something that is not JSON ({redact(text) or 'empty'}); "
+            "check --api-url (it should end in /api/v2/)"
+        ) from None
+    if not isinstance(data, dict):
+        raise StdaError(f"{where} answered {type(data).__name__}, not a JSON object; check --api-url")
+    return data
 
 
 def _int_field(obj: dict, key: str) -> int:
@@ -351,8 +490,9 @@ class ImageToFetch:
 
     isic_id: str
     url: str
-    size: int  # what the API states (advisory: the archive embeds metadata after recording it)
+    size: int  # what the API states (a floor: the archive embeds metadata after recording it)
     row: dict[str, str] = field(repr=False)
+    pixels: tuple[int, int] | None = None  # metadata.acquisition.pixels_x/_y, where the record states them
 
 
 def parse_record(record: object, diagnosis: str, licenses: tuple[str, ...]) -> ImageToFetch:
@@ -376,7 +516,19 @@ def parse_record(record: object, diagnosis: str, licenses: tuple[str, ...]) -> I
             f"diagnosis_1 is {row['diagnosis_1']!r}, the search asked for {diagnosis!r}", permanent=True
         )
     url, size = full_file(record)
-    return ImageToFetch(isic_id, url, size, row)
+    return ImageToFetch(isic_id, url, size, row, stated_pixels(record))
+
+
+def stated_pixels(record: dict) -> tuple[int, int] | None:
+    """``(pixels_x, pixels_y)`` from ``metadata.acquisition`` when both are positive integers, else None."""
+    metadata = record.get("metadata")
+    acquisition = metadata.get("acquisition") if isinstance(metadata, dict) else None
+    if not isinstance(acquisition, dict):
+        return None
+    x, y = acquisition.get("pixels_x"), acquisition.get("pixels_y")
+    if all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (x, y)):
+        return x, y
+    return None
 
 
 def full_file(record: dict) -> tuple[str, int]:
@@ -390,7 +542,7 @@ def full_file(record: dict) -> tuple[str, int]:
     files = record.get("files")
     full = files.get("full") if isinstance(files, dict) else None
     url, size = (full.get("url"), full.get("size")) if isinstance(full, dict) else (None, None)
-    if not isinstance(url, str) or urlsplit(url).scheme not in ("http", "https"):
+    if check_url(url):
         raise SkipImage("the record has no http(s) URL in files.full.url", permanent=True)
     if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
         raise SkipImage(f"the record states no valid files.full.size ({size!r})", permanent=True)

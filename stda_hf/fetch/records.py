@@ -65,6 +65,18 @@ def embedded_rights(path: str | Path) -> tuple[str, str]:
     return csv_cell(credit.decode("utf-8", "replace")), csv_cell(_xmp_text(text, "xmpRights:UsageTerms"))
 
 
+def embedded_image_id(path: str | Path) -> str:
+    """The ISIC id the archive embeds in a file (XMP ``plus:ImageSupplierImageID``, else ``dc:title``); ""
+    where the file carries none (PNG, TIFF, or not an image)."""
+    try:
+        with Image.open(path) as img:
+            xmp = img.info.get("xmp") or b""
+    except (OSError, SyntaxError, ValueError, IndexError):
+        return ""
+    text = xmp.decode("utf-8", "replace") if isinstance(xmp, bytes) else str(xmp)
+    return (_xmp_text(text, "plus:ImageSupplierImageID") or _xmp_text(text, "dc:title")).strip()
+
+
 def _xmp_text(xmp: str, name: str) -> str:
     """One property of an XMP packet, as an element (plain or ``rdf:Alt`` list) or as an attribute."""
     element = re.search(rf"<{name}\b[^>]*>(.*?)</{name}>", xmp, re.S)
@@ -77,6 +89,7 @@ def _xmp_text(xmp: str, name: str) -> str:
 
 FILE_COLUMNS = (
     "api_attribution",
+    "api_license",
     "embedded_credit",
     "embedded_license",
     "file_size",
@@ -92,6 +105,7 @@ def file_columns(row: dict[str, str], path: Path, stated: int, sha256: str) -> d
     credit, license_ = embedded_rights(path)
     api_attribution = row["attribution"]
     return {
+        "api_license": row["copyright_license"],
         **row,
         "attribution": credit or api_attribution,
         "api_attribution": api_attribution,
@@ -170,7 +184,7 @@ class MetadataLog:
 
     def disagreements(self) -> tuple[int, dict[str, str]]:
         """How many rows embed a credit other than the API's attribution, and the rows whose embedded licence
-        is not the API's (id -> what each says), streamed from the file."""
+        is not the API's (id -> what each says and which applies: the more restrictive), streamed."""
         credits, licences = 0, {}
         if not self.path.exists():
             return credits, licences
@@ -179,12 +193,11 @@ class MetadataLog:
                 credit, api = row.get("embedded_credit") or "", row.get("api_attribution") or ""
                 credits += bool(credit and api and credit != api)
                 embedded = row.get("embedded_license") or ""
-                if embedded and embedded != row.get("copyright_license"):
-                    licences[row["isic_id"]] = f"embedded {embedded!r}, API {row.get('copyright_license')!r}"
-        for isic_id, what in licences.items():
-            logger.warning(
-                "%s: licence disagreement (%s); the API's licence is the one selected on", isic_id, what
-            )
+                api_license = row.get("api_license") or row.get("copyright_license")
+                if embedded and embedded != api_license:
+                    licences[row["isic_id"]] = (
+                        f"embedded {embedded!r}, API {api_license!r}: {row.get('copyright_license')!r} applies"
+                    )
         return credits, licences
 
     def _format(self, row: dict, header: bool) -> str:

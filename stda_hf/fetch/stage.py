@@ -4,9 +4,11 @@
     stda fetch --out real/ --limit 500 --sample random --seed 1   # 500 per class sampled across the archive
     stda fetch --out real/ --licenses CC-0 CC-BY --dry-run        # counts per class and licence, no download
 
-The stage: hold the folder's lock, check that a resumed fetch keeps its selection, check the collections and
-the free disk space, fetch each class, then write ``ATTRIBUTION.md``, ``LICENSES/`` and ``fetch_skipped.json``
-and summarise the run (:class:`FetchResult`); ``--dry-run`` counts instead (:func:`dry_run`). Its parts:
+The stage: hold the folder's lock, check that a resumed fetch keeps its selection, check the collections, the
+counts and the free disk space, record the selection (``fetch.yaml``, only once the archive accepted it), fetch
+each class, then write ``ATTRIBUTION.md``, ``LICENSES/`` and ``fetch_skipped.json`` and summarise the run
+(:class:`FetchResult`, whose :attr:`~FetchResult.complete` says whether every selected image is on disk);
+``--dry-run`` counts instead (:func:`dry_run`). Its parts:
 :mod:`stda_hf.fetch.api` (the settings, the archive query, the client, the records),
 :mod:`stda_hf.fetch.downloads` (the worker pool: stream, verify, journal, rename into ``images/``) and
 :mod:`stda_hf.fetch.records` (``metadata.csv``, the digest journal, the credit and licence each file embeds).
@@ -22,7 +24,6 @@ import logging
 import math
 import shutil
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urljoin
@@ -32,14 +33,25 @@ from stda_hf.core.errors import StdaError
 from stda_hf.core.fileio import exclusive, write_json
 from stda_hf.core.utils import progress
 from stda_hf.data.licenses import write_attribution
-from stda_hf.fetch.api import FetchConfig, IsicClient, SkipImage, build_query, parse_record
-from stda_hf.fetch.downloads import STAGING_DIR, DownloadRun, fetch_class, human_bytes
+from stda_hf.fetch.api import (
+    METADATA_MARGIN,
+    SKIP_KINDS,
+    FetchConfig,
+    IsicClient,
+    SkipImage,
+    build_query,
+    parse_record,
+)
+from stda_hf.fetch.downloads import STAGING_DIR, DownloadRun, WorkerPool, fetch_class, human_bytes
 from stda_hf.fetch.records import DigestJournal, MetadataLog, count_on_disk
 
 logger = logging.getLogger(__name__)
 
-METADATA_MARGIN = 8192
-"""Bytes per JPEG to add to the archive's stated sizes: what it embeds after ingest (3.2 KB measured)."""
+INTERRUPT_WAIT = 0.5
+"""Seconds an interrupted run waits for its workers to notice (a transfer stuck in a read is abandoned)."""
+DRY_RUN_PAGING_MAX = 5000
+"""A dry run pages through at most this many records per class (50 requests) to count only the acceptable
+ones; above it, it takes the archive's facets (one request) and says that refused records are not known."""
 SELECTION = (
     "api_url",
     "query",
@@ -73,7 +85,20 @@ class FetchResult:
         default_factory=set
     )  # skipped ids a re-run cannot fetch (unsafe, outside selection)
     credit_differs: int = 0  # images whose embedded credit is not the API's cohort attribution (expected)
-    license_differs: dict[str, str] = field(default_factory=dict)  # id -> "embedded X, API Y"
+    license_differs: dict[str, str] = field(default_factory=dict)  # id -> "embedded X, API Y: Z applies"
+    wanted: dict[str, int] = field(default_factory=dict)  # class -> images selected (count - refused, limit)
+    kinds: dict[str, int] = field(default_factory=dict)  # skip kind -> images skipped this run
+    short: dict[str, tuple[int, int]] = field(default_factory=dict)  # class -> (count, records that came)
+
+    @property
+    def missing(self) -> int:
+        """Selected images not on disk: skipped ones, and those a search that ended early never listed."""
+        return sum(max(0, want - self.per_class.get(name, 0)) for name, want in self.wanted.items())
+
+    @property
+    def complete(self) -> bool:
+        """Whether every selected image is on disk (what exit status 0 means)."""
+        return self.missing == 0
 
     def format(self) -> str:
         """A short human-readable summary."""
@@ -85,11 +110,23 @@ class FetchResult:
         lines += [f"    skipped {k}: {v}" for k, v in sorted(self.skipped.items())[:20]]
         if len(self.skipped) > 20:
             lines.append(f"    ... and {len(self.skipped) - 20} more, see {self.out / SKIPPED_FILE}")
+        if self.kinds:
+            lines.append(
+                "  skipped by kind: "
+                + ", ".join(f"{n} {SKIP_KINDS.get(k, k)}" for k, n in sorted(self.kinds.items()))
+            )
+        for name, (count, came) in self.short.items():
+            lines.append(
+                f"  {name}: the archive counted {count} matching images but its search listed only {came}; "
+                "re-run later to fetch the rest"
+            )
         retry = len(set(self.skipped) - self.refused)
         if retry:
             lines.append(f"  re-run the same command to retry the {retry} failed download(s)")
         if self.refused:
             lines.append(f"  {len(self.refused)} record(s) refused for good (a re-run will not fetch them)")
+        if self.missing:
+            lines.append(f"  incomplete: {self.missing} selected image(s) are not on disk")
         if self.credit_differs:
             lines.append(
                 f"  {self.credit_differs} image(s) embed a credit other than the API's cohort attribution; "
@@ -129,27 +166,35 @@ def fetch(out: str | Path, cfg: FetchConfig | None = None, client: IsicClient | 
     root = Path(out)
     with _exclusive(root):
         _check_selection(root, cfg)
-        dump_config(cfg, root / SETTINGS_FILE)
         _clear_staging(root)
         log = MetadataLog(root)
         refused = refused_before(root)
-        with client or IsicClient(cfg) as cl, ThreadPoolExecutor(cfg.workers, "stda-fetch") as pool:
+        with client or IsicClient(cfg) as cl:
             check_collections(cl, cfg)
-            todo = {d: _todo(cl, cfg, log, d, refused) for d in cfg.diagnoses.values()}
+            counts = {d: cl.count(build_query(cfg, d)) for d in cfg.diagnoses.values()}
+            todo = {d: _todo(cfg, log, d, n, refused) for d, n in counts.items()}
             check_space(cl, cfg, root, todo)
+            dump_config(cfg, root / SETTINGS_FILE)  # the archive accepted the selection: record it
             bar = progress(total=sum(t for _, t in todo.values()), desc="fetch", unit="img")
-            run = DownloadRun(cfg, root, cl, log, DigestJournal(root), pool, bar, refused)
+            pool = WorkerPool(cfg.workers, "stda-fetch")
+            run = DownloadRun(cfg, root, cl, log, DigestJournal(root), pool, bar, refused, counts)
             try:
                 for diagnosis in cfg.diagnoses.values():
                     fetch_class(run, diagnosis)
+                pool.shutdown()
             except BaseException:
                 cl.stop.set()
-                pool.shutdown(wait=True, cancel_futures=True)
+                pool.shutdown(timeout=INTERRUPT_WAIT)
                 raise
             finally:
                 bar.close()
                 _finish_folder(run)
     credit_differs, license_differs = log.disagreements()
+    names = {d: name for name, d in cfg.diagnoses.items()}
+    wanted = {}
+    for name, diagnosis in cfg.diagnoses.items():
+        selectable = max(0, counts[diagnosis] - len(run.refused.get(diagnosis, ())))
+        wanted[name] = min(selectable, cfg.limit) if cfg.limit else selectable
     return FetchResult(
         out=root,
         per_class={name: log.count(d) for name, d in cfg.diagnoses.items()},
@@ -160,6 +205,9 @@ def fetch(out: str | Path, cfg: FetchConfig | None = None, client: IsicClient | 
         refused=set(run.report.skipped) & set().union(*run.refused.values()),
         credit_differs=credit_differs,
         license_differs=license_differs,
+        wanted=wanted,
+        kinds=dict(run.kinds),
+        short={names[d]: v for d, v in run.short.items()},
     )
 
 
@@ -181,24 +229,19 @@ def check_collections(client: IsicClient, cfg: FetchConfig) -> None:
 
 
 def _todo(
-    client: IsicClient, cfg: FetchConfig, log: MetadataLog, diagnosis: str, refused: dict[str, set[str]]
+    cfg: FetchConfig, log: MetadataLog, diagnosis: str, count: int, refused: dict[str, set[str]]
 ) -> tuple[int, int]:
-    """(matches, images still to fetch) of one class; records refused for good are not counted."""
-    matches = client.count(build_query(cfg, diagnosis)) - len(refused.get(diagnosis, ()))
+    """(matches, images still to fetch) of one class from the archive's ``count``; records refused for good
+    are not counted."""
+    matches = max(0, count - len(refused.get(diagnosis, ())))
     want = min(matches, cfg.limit) if cfg.limit else matches
     return matches, max(0, want - log.count(diagnosis))
 
 
-def check_space(client: IsicClient, cfg: FetchConfig, root: Path, todo: dict[str, tuple[int, int]]) -> None:
-    """Refuse to start when ``root``'s disk cannot hold what is left to fetch.
-
-    The need is the archive's ``images/search/size/`` (which sums the stated, pre-embedding sizes) scaled to
-    the images still to fetch, plus :data:`METADATA_MARGIN` per file.
-
-    Raises
-    ------
-    StdaError
-        Saying how much is needed and how much is free.
+def space_needed(client: IsicClient, cfg: FetchConfig, todo: dict[str, tuple[int, int]]) -> int | None:
+    """Approximate bytes the images left to fetch need: the archive's ``images/search/size/`` (the stated,
+    pre-embedding sizes) scaled to the images left, plus :data:`METADATA_MARGIN` each (an upper bound of what
+    the archive embeds). None where the archive does not report sizes. ``todo``: diagnosis -> (matches, left).
     """
     need = 0
     for diagnosis, (matches, left) in todo.items():
@@ -206,9 +249,24 @@ def check_space(client: IsicClient, cfg: FetchConfig, root: Path, todo: dict[str
             continue
         stated = client.total_size(build_query(cfg, diagnosis))
         if stated is None:
-            logger.info("the archive does not report selection sizes; not checking free disk space")
-            return
+            return None
         need += math.ceil(stated * left / matches) + left * METADATA_MARGIN
+    return need
+
+
+def check_space(client: IsicClient, cfg: FetchConfig, root: Path, todo: dict[str, tuple[int, int]]) -> None:
+    """Refuse to start when ``root``'s disk cannot hold what is left to fetch (:func:`space_needed`).
+
+    Raises
+    ------
+    StdaError
+        Saying how much is needed and how much is free.
+    """
+    need = space_needed(client, cfg, todo)
+    if need is None:
+        logger.info("the archive does not report selection sizes; not checking free disk space")
+        return
+    root.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(root).free
     if need > free:
         images = sum(left for _, left in todo.values())
@@ -246,7 +304,6 @@ def _finish_folder(run: DownloadRun) -> None:
         (run.root / STAGING_DIR).rmdir()
     if (run.root / "splits.csv").exists() and run.downloaded + run.adopted:
         logger.warning("%s: new images arrived after `stda split`; run it again", run.root)
-    logger.info("%s", run.report.summary())
 
 
 def _exclusive(root: Path) -> contextlib.AbstractContextManager[Path]:
@@ -264,12 +321,20 @@ def _check_selection(root: Path, cfg: FetchConfig) -> None:
                 f"{root} holds a real-image folder that `stda fetch` did not write; use another --out"
             )
         return
+    if not _holds_images(root):
+        return  # an earlier run fetched nothing: the folder is fresh, whatever it tried to select
     change = selection_change(root, cfg)
     if change:
         raise StdaError(
             f"{root} was fetched with another selection ({change}); re-run with the same settings to resume, "
-            "or use another --out"
+            f"or start over in another --out (or after deleting {root})"
         )
+
+
+def _holds_images(root: Path) -> bool:
+    """Whether ``root`` has a ``metadata.csv`` row or a file in ``images/``."""
+    images = root / "images"
+    return (root / "metadata.csv").exists() or (images.is_dir() and any(images.iterdir()))
 
 
 def selection_change(root: str | Path, cfg: FetchConfig) -> str | None:
@@ -308,6 +373,7 @@ class DryRun:
     refused: dict[str, int] = field(
         default_factory=dict
     )  # class -> records refused for good (unsafe id, ...)
+    approx_bytes: int | None = None  # what the images to fetch need on disk (the disk check's estimate)
 
     def format(self) -> str:
         """A table: class, matches per licence, total, what a fetch would download."""
@@ -321,6 +387,13 @@ class DryRun:
                 + "".join(f"{self.counts[name].get(lic, 0):>10}" for lic in licenses)
                 + f"{total:>10}{max(0, want - self.on_disk.get(name, 0)):>10}"
             )
+        if self.approx_bytes is not None:
+            lines.append(
+                f"about {human_bytes(self.approx_bytes)} to download (approximate: the archive's stated sizes "
+                f"plus up to {METADATA_MARGIN} bytes each for the metadata it embeds)"
+            )
+        else:
+            lines.append("size unknown: the archive does not report selection sizes")
         lines.append(f"{self.no_diagnosis} matching image(s) have no diagnosis_1 and are never fetched")
         for name, n in self.refused.items():
             if n:
@@ -335,9 +408,10 @@ class DryRun:
 def dry_run(cfg: FetchConfig | None = None, out: str | Path | None = None) -> DryRun:
     """Count what ``cfg`` selects per class and licence without downloading any image file.
 
-    Uses the archive's facets when it offers them, otherwise pages through the search results (metadata only,
-    leaving out records a fetch would refuse). Records an earlier fetch into ``out`` refused for good are not
-    counted either.
+    Pages through the search results (metadata only, leaving out records a fetch would refuse) when a class has
+    at most :data:`DRY_RUN_PAGING_MAX` matches or the archive offers no facets; otherwise takes the facets.
+    Records an earlier fetch into ``out`` refused for good are not counted either. The size is the disk check's
+    estimate (:func:`space_needed`).
 
     Raises
     ------
@@ -347,7 +421,7 @@ def dry_run(cfg: FetchConfig | None = None, out: str | Path | None = None) -> Dr
     cfg = cfg or FetchConfig()
     on_disk, note, refused_ids = {}, "", {}
     if out is not None:
-        change = selection_change(out, cfg)
+        change = selection_change(out, cfg) if _holds_images(Path(out)) else None
         if change:
             note = f"{out} holds another selection ({change}): a fetch into it would be refused"
         else:
@@ -362,19 +436,35 @@ def dry_run(cfg: FetchConfig | None = None, out: str | Path | None = None) -> Dr
             total = client.count(query)
             counts[name], method, unsafe = _license_counts(client, query, total, diagnosis, cfg.licenses)
             refused[name] = unsafe if method == "paging" else len(refused_ids.get(diagnosis, ()))
-            totals[name] = total - refused[name]
+            # paged: what the pages delivered and a fetch would take (the count may run ahead of them)
+            totals[name] = sum(counts[name].values()) if method == "paging" else total - refused[name]
             methods.add(method)
         no_diagnosis = client.count(build_query(cfg, None))
+        todo = {}
+        for name, diagnosis in cfg.diagnoses.items():
+            want = min(totals[name], cfg.limit) if cfg.limit else totals[name]
+            todo[diagnosis] = (totals[name], max(0, want - on_disk.get(name, 0)))
+        approx = space_needed(client, cfg, todo)
     return DryRun(
-        queries, counts, totals, on_disk, cfg.limit, "+".join(sorted(methods)), note, no_diagnosis, refused
+        queries,
+        counts,
+        totals,
+        on_disk,
+        cfg.limit,
+        "+".join(sorted(methods)),
+        note,
+        no_diagnosis,
+        refused,
+        approx,
     )
 
 
 def _license_counts(
     client: IsicClient, query: str, total: int, diagnosis: str, licenses: tuple[str, ...]
 ) -> tuple[dict[str, int], str, int]:
-    """(licence -> images, method, records refused for good): by facets, else by paging the metadata."""
-    facets = client.facets(query)
+    """(licence -> images, method, records refused for good): by paging the metadata up to
+    :data:`DRY_RUN_PAGING_MAX` matches, by facets above it (when the archive offers them)."""
+    facets = client.facets(query) if total > DRY_RUN_PAGING_MAX else None
     buckets = ((facets or {}).get("copyright_license") or {}).get("buckets")
     if isinstance(buckets, list) and all(isinstance(b, dict) and "key" in b for b in buckets):
         return {str(b["key"]): int(b.get("doc_count", 0)) for b in buckets if b.get("doc_count")}, "facets", 0
