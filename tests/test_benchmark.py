@@ -15,6 +15,7 @@ import pytest
 
 from stda_hf.benchmark import BenchmarkConfig, run_benchmark, stages
 from stda_hf.benchmark.config import (
+    RELIANCE_METRICS,
     SPLIT_ORDER,
     RunKey,
     fold_dir,
@@ -26,9 +27,9 @@ from stda_hf.benchmark.config import (
 from stda_hf.benchmark.data import check_fold_synthetic, prepare_sources, write_fold_view
 from stda_hf.benchmark.plots import plot_boxplots
 from stda_hf.benchmark.report import render_report
-from stda_hf.benchmark.runner import check_stage_settings, check_thresholds
+from stda_hf.benchmark.runner import check_stage_settings, check_thresholds, report_explanations
 from stda_hf.benchmark.runs import device_slots
-from stda_hf.benchmark.stages import label_by_style_source, shortcut_labels
+from stda_hf.benchmark.stages import label_by_style_source, reliance_runs, shortcut_labels
 from stda_hf.benchmark.stats import (
     compute_stats,
     detectable_difference,
@@ -42,6 +43,7 @@ from stda_hf.benchmark.table import RunTable
 from stda_hf.core.errors import StdaError
 from stda_hf.data.real import read_real_folder
 from stda_hf.data.split import make_folds
+from stda_hf.models.vgg import VGG8, Preprocessing, save_model
 
 # ----------------------------------------------------------------------------------------------------------------
 # Folds
@@ -248,6 +250,34 @@ def test_shortcut_is_planted_only_in_the_chosen_splits(tmp_path):
     assert not any(patched[im.isic_id] for im in train if im.label == "malignant")
     assert not any(patched[im.isic_id] for im in view.subset("test"))
     assert all(im.path.resolve().parent.parent == sources["test"].resolve() for im in view.subset("test"))
+
+
+def test_every_finished_run_of_a_shortcut_benchmark_gets_its_reliance_measured(tmp_path):
+    phantoms = {"n": 40, "size": 32, "seed": 3, "artifacts": {"patch": [0.0, 0.0]}}
+    cfg = BenchmarkConfig(
+        name="s", out=str(tmp_path / "work"), phantoms=phantoms, folds=2, shortcut={"artifact": "patch"}
+    )
+    sources = prepare_sources(cfg)
+    folds = make_folds(sources["test"], k=2, seed=0)
+    write_fold_view(fold_dir(cfg, 0) / "real", folds, 0, sources)
+    save_model(
+        VGG8(widths=(4, 8, 8, 8, 8), hidden=(8, 8)), cfg.work_dir / "runs" / "r" / "model", Preprocessing(32)
+    )
+    table = RunTable(cfg.work_dir / "runs.csv")
+    table.record(RunKey(0, 0, "baseline"), "done", run_dir="runs/r", roc_auc=0.5, error="")
+    reliance_runs(cfg, table)
+    row = table.rows[RunKey(0, 0, "baseline")]
+    assert set(RELIANCE_METRICS) <= set(row) and row["error"] == ""
+    assert math.isfinite(row["reliance"]) and 0.0 <= row["roc_auc_reversed"] <= 1.0
+    assert "reliance" in report_explanations(cfg) and "untrained_relevance_on_patch" in report_explanations(
+        cfg
+    )
+
+
+def test_a_reliance_endpoint_needs_a_shortcut():
+    arms = {"baseline": {}, "mix": {"synthetic": "mix"}}
+    with pytest.raises(StdaError, match="measures a planted shortcut: set `shortcut` too"):
+        BenchmarkConfig(name="r", arms=arms, primary={"arm": "mix", "metric": "reliance"})
 
 
 # ----------------------------------------------------------------------------------------------------------------

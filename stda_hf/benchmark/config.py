@@ -29,6 +29,10 @@ EXPLANATION_METRICS = ("relevance_in_mask", "relevance_on_artifact")
 """Explanation numbers reported per arm (``stda explain``'s summary, the relevance-localisation measurement)."""
 
 
+RELIANCE_METRICS = ("reliance", "reliance_benign", "reliance_malignant", "roc_auc_clean", "roc_auc_reversed")
+"""Reliance on a shortcut by intervention (``benchmark/reliance.py``), measured per run when ``shortcut`` is set."""
+
+
 AREA_METRICS = ("mask_area", "artifact_area")
 """Region sizes (share of the image) the explanation shares are read against: carried, summarised, not tested."""
 
@@ -180,9 +184,11 @@ class BenchmarkConfig:
         if arm not in self.arms or arm == self.baseline:
             others = [a for a in self.arms if a != self.baseline]
             raise StdaError(f"primary arm {arm!r}: choose one of the compared arms {others}")
-        if metric not in METRICS and not str(metric).startswith("relevance_"):
+        if metric in RELIANCE_METRICS and not self.shortcut:
+            raise StdaError(f"primary metric {metric!r} measures a planted shortcut: set `shortcut` too")
+        if metric not in (*METRICS, *RELIANCE_METRICS) and not str(metric).startswith("relevance_"):
             raise StdaError(
-                f"primary metric {metric!r}: choose one of {list(METRICS)} or a relevance_* number"
+                f"primary metric {metric!r}: choose one of {[*METRICS, *RELIANCE_METRICS]} or a relevance_* number"
             )
 
     @property

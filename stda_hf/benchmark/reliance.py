@@ -29,9 +29,6 @@ from stda_hf.models.vgg import Preprocessing, eval_transform, logits_of
 
 logger = logging.getLogger(__name__)
 
-RELIANCE_METRICS = ("reliance", "reliance_benign", "reliance_malignant", "roc_auc_clean", "roc_auc_reversed")
-"""What :func:`reliance_numbers` returns, in report order."""
-
 
 def intervention_pairs(root: Path, images: list[RealImage], artifact: str):
     """Yield ``(label, image without the artifact, image with it)`` for each labelled image of phantom folder

@@ -10,6 +10,7 @@ from stda_hf.benchmark.config import (
     ALPHA,
     DEFAULT_EXPLAIN,
     METRIC_TITLES,
+    RELIANCE_METRICS,
     SPLIT_ORDER,
     BenchmarkConfig,
     synthetic_recipe,
@@ -282,7 +283,20 @@ def render_report(
         lines += unit_of_analysis(stats)
         lines += ["", *primary_line(stats, cfg, declaration or {}), ""]
         lines += tests_table(stats)
-    if stats.explanation_metrics:
+    reliance = [m for m in stats.explanation_metrics if m in RELIANCE_METRICS]
+    shares = [m for m in stats.explanation_metrics if m not in RELIANCE_METRICS]
+    if reliance:
+        artifact = cfg.shortcut.get("artifact", "artifact")
+        lines += ["", f"## Reliance on the {artifact}, by intervention (mean ± SD)", ""]
+        lines += [
+            f"Each held-out test image of a fold is rendered without and with the {artifact}, nothing else changed; "
+            f"`reliance` is the mean change of the malignant log-odds the {artifact} causes, in SDs of the "
+            f"model's own log-odds (0: the model ignores it; below 0: the {artifact} reads as benign). ROC AUC "
+            f"`clean` has no image carrying it, `reversed` has it on the malignant images only.",
+            "",
+        ]
+        lines += results_table(stats, reliance)
+    if shares:
         explain = {**DEFAULT_EXPLAIN, **cfg.explain}
         target = explain.get("target", "predicted")
         same = (
@@ -295,13 +309,13 @@ def render_report(
             f"first {explain['limit'] or 'all'} {explain['split']} images of each fold, {same}"
         )
         lines += ["", f"## Explanations ({what}; share of positive relevance, mean ± SD)", ""]
-        lines += results_table(stats, [*stats.explanation_metrics, *stats.area_metrics])
-        if stats.area_metrics:
-            lines += [
-                "",
-                "A share is read against its region's area: relevance spread evenly would put `lesion area` of it "
-                "in the lesion and `artifact area` on the artifacts.",
-            ]
+        lines += results_table(stats, [*shares, *stats.area_metrics])
+        lines += [
+            "",
+            "A share is read against the same share of an untrained model of the same architecture (`untrained "
+            "...`: what the method shows for a network that learned nothing) and against its region's area; only "
+            "differences from that reference, and between arms on the same images, say anything.",
+        ]
     lines += ["", "## Plots", ""]
     lines += [f"![{title}]({path})" for title, path in plots.items()] or ["No plots (no finished runs)."]
     lines += [

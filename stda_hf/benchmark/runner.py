@@ -14,6 +14,7 @@ from stda_hf.benchmark.config import (
     AREA_METRICS,
     DEFAULT_EXPLAIN,
     EXPLANATION_METRICS,
+    RELIANCE_METRICS,
     BenchmarkConfig,
     RunKey,
     arm_uses_synthetic,
@@ -25,7 +26,7 @@ from stda_hf.benchmark.data import prepare_sources
 from stda_hf.benchmark.plots import plot_boxplots, plot_heatmaps, plot_learning_curves
 from stda_hf.benchmark.report import render_report
 from stda_hf.benchmark.runs import execute_runs, find_heatmap, read_run_log
-from stda_hf.benchmark.stages import LABEL_SOURCES, explain_runs, prepare_folds
+from stda_hf.benchmark.stages import LABEL_SOURCES, explain_runs, prepare_folds, reliance_runs
 from stda_hf.benchmark.stats import BenchmarkStats, compute_stats
 from stda_hf.benchmark.table import RunTable
 from stda_hf.core.errors import StdaError
@@ -241,6 +242,7 @@ def run_benchmark(cfg: BenchmarkConfig, config_path: str = "", report_only: bool
             datasets.update(prepare_folds(cfg, partitions[seed], sources, wanted, repeat))
         execute_runs(cfg, table, todo, datasets)
         explain_runs(cfg, table)
+        reliance_runs(cfg, table)
     return write_report(cfg, config_path)
 
 
@@ -339,9 +341,13 @@ def read_declaration(cfg: BenchmarkConfig) -> dict[str, Any]:
 
 def report_explanations(cfg: BenchmarkConfig) -> tuple[str, ...]:
     """Explanation numbers the report shows: lesion and artifacts, plus the planted shortcut's own share."""
-    if cfg.shortcut:
-        return (*EXPLANATION_METRICS, f"relevance_on_{cfg.shortcut['artifact']}")
-    return EXPLANATION_METRICS
+    shares = (
+        (*EXPLANATION_METRICS, f"relevance_on_{cfg.shortcut['artifact']}")
+        if cfg.shortcut
+        else EXPLANATION_METRICS
+    )
+    references = tuple(f"untrained_{share}" for share in shares)
+    return (*shares, *references, *(RELIANCE_METRICS if cfg.shortcut else ()))
 
 
 def read_fold_info(cfg: BenchmarkConfig) -> list[dict[str, Any]]:

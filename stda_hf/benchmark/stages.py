@@ -20,10 +20,11 @@ from stda_hf.benchmark.config import (
     recipe_settings,
     synthetic_recipe,
 )
-from stda_hf.benchmark.data import check_fold_synthetic, write_fold_view
+from stda_hf.benchmark.data import check_fold_synthetic, shortcut_phantom_settings, write_fold_view
 from stda_hf.benchmark.runs import run_command, train_argv
 from stda_hf.benchmark.table import RunTable
 from stda_hf.core.errors import StdaError
+from stda_hf.data.real import read_real_folder
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +126,6 @@ def label_by_style_source(view: Path, synthetic: Path, min_confidence: float = 0
 
     from stda_hf import LABELS
     from stda_hf.core.fileio import read_jsonl, write_json, write_text
-    from stda_hf.data.real import read_real_folder
     from stda_hf.label import LABELS_FILE, SUMMARY_FILE, LabelSummary, label_record, summarize
 
     classes = {im.isic_id: im.label for im in read_real_folder(view).images}
@@ -164,7 +164,6 @@ def shortcut_labels(view: Path, synthetic: Path, artifact: str, min_confidence: 
     "artifact = benign"; a share well above 0 says it works against it.
     """
     from stda_hf.core.fileio import read_jsonl
-    from stda_hf.data.real import read_real_folder
 
     marked = {im.isic_id for im in read_real_folder(view).images if _carries(im.artifact_path, artifact)}
     manifest = {r["id"]: r for r in read_jsonl(synthetic / "manifest.jsonl")}
@@ -257,7 +256,40 @@ def explain_run(cfg: BenchmarkConfig, key: RunKey, run_dir: Path) -> dict[str, f
     settings = ExplainConfig(**{**DEFAULT_EXPLAIN, **cfg.explain})
     summary = run_explain(run_dir, run_dir / EXPLAIN_DIR, settings, images=view, overwrite=True)
     keep = ("relevance_", *AREA_METRICS)
-    return {k: v for k, v in summary.numbers.items() if k.startswith(keep)}
+    numbers = {k: v for k, v in summary.numbers.items() if k.startswith(keep)}
+    return numbers | {f"untrained_{k}": v for k, v in (summary.numbers.get("untrained") or {}).items()}
+
+
+def reliance_run(cfg: BenchmarkConfig, key: RunKey, run_dir: Path) -> dict[str, float]:
+    """Reliance of one finished run on the planted shortcut, on its fold's test images (``benchmark/reliance.py``)."""
+    from stda_hf.benchmark.reliance import measure_reliance
+    from stda_hf.models.vgg import load_model
+
+    _, splits = shortcut_phantom_settings(cfg.phantoms, cfg.shortcut)
+    root = cfg.work_dir / ("phantoms-shortcut" if "test" in splits else "phantoms")
+    view = read_real_folder(fold_dir(cfg, key.fold, key.repeat) / "real")
+    source = read_real_folder(root)
+    images = [source[im.isic_id] for im in view.subset("test")]
+    model, pre = load_model(run_dir)
+    return measure_reliance(model, pre, root, images, cfg.shortcut["artifact"])
+
+
+def reliance_runs(cfg: BenchmarkConfig, table: RunTable) -> None:
+    """Add the reliance measures to every finished run of a shortcut benchmark that lacks them."""
+    from stda_hf.core.utils import progress
+
+    if not cfg.shortcut:
+        return
+    done = [k for k in sorted(table.rows) if table.rows[k]["status"] == "done"]
+    todo = [k for k in done if table.rows[k].get("reliance") is None]
+    for key in progress(todo, desc="reliance", unit="run"):
+        row = dict(table.rows[key])
+        try:
+            row.update(reliance_run(cfg, key, cfg.work_dir / str(row["run_dir"])))
+        except Exception as err:  # a measurement failure is recorded; the run's metrics stand
+            logger.warning("measuring reliance of %s failed: %s", key.name, err)
+            row["error"] = f"reliance: {type(err).__name__}: {err}"
+        table.record(key, **row)
 
 
 def explain_runs(cfg: BenchmarkConfig, table: RunTable) -> None:
