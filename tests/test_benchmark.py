@@ -12,12 +12,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from stda_hf.benchmark import BenchmarkConfig, run_benchmark, stages
 from stda_hf.benchmark.config import (
     RELIANCE_METRICS,
     SPLIT_ORDER,
     RunKey,
+    dataset_key,
     fold_dir,
     plan_runs,
     recipe_settings,
@@ -29,7 +31,13 @@ from stda_hf.benchmark.plots import plot_boxplots
 from stda_hf.benchmark.report import render_report
 from stda_hf.benchmark.runner import check_stage_settings, check_thresholds, report_explanations
 from stda_hf.benchmark.runs import device_slots
-from stda_hf.benchmark.stages import label_by_style_source, reliance_runs, shortcut_labels
+from stda_hf.benchmark.stages import (
+    label_by_style_source,
+    prepare_fold,
+    reliance_runs,
+    shortcut_labels,
+    without_artifact,
+)
 from stda_hf.benchmark.stats import (
     compute_stats,
     detectable_difference,
@@ -41,7 +49,7 @@ from stda_hf.benchmark.stats import (
 )
 from stda_hf.benchmark.table import RunTable
 from stda_hf.core.errors import StdaError
-from stda_hf.data.real import read_real_folder
+from stda_hf.data.real import ARTIFACTS, read_real_folder
 from stda_hf.data.split import make_folds
 from stda_hf.models.vgg import VGG8, Preprocessing, save_model
 
@@ -272,6 +280,72 @@ def test_every_finished_run_of_a_shortcut_benchmark_gets_its_reliance_measured(t
     assert "reliance" in report_explanations(cfg) and "untrained_relevance_on_patch" in report_explanations(
         cfg
     )
+
+
+def _shortcut_cfg(tmp_path, size=32, **arms):
+    phantoms = {"n": 40, "size": size, "seed": 3, "artifacts": {"patch": [0.0, 0.0]}}
+    return BenchmarkConfig(
+        name="s",
+        out=str(tmp_path / "work"),
+        phantoms=phantoms,
+        folds=2,
+        shortcut={"artifact": "patch"},
+        arms={"baseline": {"synthetic": "none"}, **arms},
+    )
+
+
+def test_the_no_shortcut_control_trains_on_clean_phantoms_of_the_same_folds(tmp_path):
+    cfg = _shortcut_cfg(tmp_path, clean={"synthetic": "none", "data": "clean"})
+    sources = prepare_sources(cfg)
+    folds = make_folds(sources["test"], k=2, seed=0)
+    datasets = prepare_fold(cfg, folds, 0, sources)
+    assert set(datasets) == {"", "clean:"} and dataset_key(cfg, "clean") == "clean:"
+    planted = read_real_folder(fold_dir(cfg, 0) / "real")
+    clean = read_real_folder(fold_dir(cfg, 0) / "clean" / "real")
+    assert [im.isic_id for im in clean.subset("train")] == [im.isic_id for im in planted.subset("train")]
+    assert any("patch" in im.extra["artifacts"] for im in planted.subset("train"))
+    assert not any("patch" in im.extra["artifacts"] for im in clean.images)
+    assert train_settings(cfg.arms["clean"]) == {"synthetic": "none"}
+
+
+def test_the_positive_control_takes_the_artifact_off_the_content_images_and_nothing_else(tmp_path):
+    cfg = _shortcut_cfg(tmp_path, size=64)
+    sources = prepare_sources(cfg)
+    view = write_fold_view(tmp_path / "view", make_folds(sources["test"], k=2, seed=0), 0, sources)
+    cleaned = read_real_folder(without_artifact(view, tmp_path / "content", "patch"))
+    original = read_real_folder(view)
+    assert [im.isic_id for im in cleaned.images] == [im.isic_id for im in original.images]
+    assert (tmp_path / "content" / "splits.csv").read_bytes() == (view / "splits.csv").read_bytes()
+    carriers = [im for im in original.images if "patch" in im.extra["artifacts"]]
+    assert carriers
+    for im in carriers:
+        before = np.asarray(Image.open(im.path).convert("RGB"))
+        after = np.asarray(Image.open(cleaned[im.isic_id].path).convert("RGB"))
+        labels = np.asarray(Image.open(im.artifact_path))
+        change = np.abs(before.astype(int) - after.astype(int)).max(axis=-1)
+        on_patch = labels == ARTIFACTS.index("patch") + 1
+        near = np.zeros_like(on_patch)  # JPEG codes 16-px blocks and its decoder smooths colour across them
+        ys, xs = np.nonzero(on_patch)
+        near[max(0, ys.min() - 20) : ys.max() + 20, max(0, xs.min() - 20) : xs.max() + 20] = True
+        assert change[on_patch].mean() > 20 and change[~near].max() <= 2 and (~near).mean() > 0.4
+
+
+@pytest.mark.parametrize(
+    ("arms", "extra", "match"),
+    [
+        ({"c": {"synthetic": "none", "data": "clean"}}, {}, "no-shortcut control of a `shortcut` benchmark"),
+        ({"c": {"synthetic": "none", "data": "dirty"}}, {}, r"arms.c.data: 'dirty'"),
+        ({}, {"content": {"remove_artifact": True}}, "needs a planted `shortcut`"),
+        (
+            {"c": {"synthetic": "mix", "content": {"inpaint": True}}},
+            {},
+            r"unknown content setting\(s\) \['inpaint'\]",
+        ),
+    ],
+)
+def test_controls_are_refused_where_they_cannot_work(arms, extra, match):
+    with pytest.raises(StdaError, match=match):
+        BenchmarkConfig(name="x", arms={"baseline": {}, **arms}, **extra)
 
 
 def test_a_reliance_endpoint_needs_a_shortcut():

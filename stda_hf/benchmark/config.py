@@ -40,9 +40,18 @@ AREA_METRICS = ("mask_area", "artifact_area")
 DEFAULT_PRIMARY_METRIC = "roc_auc"
 
 
-ARM_STAGE_KEYS = ("generate", "label")
-"""Keys of an arm's settings that change its synthetic set (per-arm `stda generate` / `stda label` settings),
-not train.py settings: arms with the same ones share a synthetic set per fold."""
+ARM_STAGE_KEYS = ("generate", "label", "content")
+"""Keys of an arm's settings that change its synthetic set (per-arm `stda generate` / `stda label` settings, and
+``content``: what is done to the content images first), not train.py settings: arms with the same ones share a
+synthetic set per fold."""
+
+ARM_DATA = ("shortcut", "clean")
+"""An arm's real images (``data:``) in a shortcut benchmark: as planted (the default), or ``clean`` phantoms in
+every split, with its own teacher and synthetic set: the no-shortcut control."""
+
+CONTENT_KEYS = ("remove_artifact",)
+"""``content:`` settings: ``remove_artifact: true`` re-renders the train images that carry the planted artifact
+without it before style transfer (phantoms only): the positive control, synthetic images without the shortcut."""
 
 
 EXPLAIN_DIR = "explain"
@@ -120,6 +129,9 @@ class BenchmarkConfig:
     train: dict[str, Any] = field(default_factory=dict)  # train.py settings shared by every arm
     teacher: dict[str, Any] = field(default_factory=dict)  # train.py settings of each fold's teacher
     generate: dict[str, Any] = field(default_factory=dict)  # `stda generate` settings of each fold
+    content: dict[str, Any] = field(default_factory=dict)
+    # ^ what is done to the content images before style transfer: {remove_artifact: true} takes the planted
+    #   shortcut artifact off them first (phantoms; the positive control). Per arm too, like generate/label
     label: dict[str, Any] = field(default_factory=dict)  # `stda label` settings (min_confidence, calibrate)
     train_command: tuple[str, ...] = ()  # command that trains one run (default: python train.py)
     gpus_per_run: int = 1  # GPUs of one run; runs are spread over the visible GPUs, one run per slot
@@ -151,6 +163,7 @@ class BenchmarkConfig:
             raise StdaError(f"gpus_per_run: {self.gpus_per_run}; must be at least 1")
         self._check_repeats()
         self._check_primary()
+        self._check_controls()
         for arm, settings in self.arms.items():
             for key in ARM_STAGE_KEYS:
                 if not isinstance(settings.get(key, {}), dict):
@@ -174,6 +187,25 @@ class BenchmarkConfig:
                 f"fold_seed {self.fold_seed} and fold_seeds {list(self.fold_seeds)}: give only fold_seeds "
                 "(its first seed is the first repetition)"
             )
+
+    def _check_controls(self) -> None:
+        for arm, content in [
+            ("content", self.content),
+            *((a, s.get("content") or {}) for a, s in self.arms.items()),
+        ]:
+            unknown = sorted(set(content) - set(CONTENT_KEYS)) if isinstance(content, dict) else []
+            if unknown:
+                raise StdaError(f"{arm}: unknown content setting(s) {unknown}; valid: {list(CONTENT_KEYS)}")
+            if isinstance(content, dict) and content.get("remove_artifact") and not self.shortcut:
+                raise StdaError(f"{arm}: content.remove_artifact needs a planted `shortcut` (phantoms)")
+        for arm, settings in self.arms.items():
+            data = settings.get("data", "shortcut")
+            if data not in ARM_DATA:
+                raise StdaError(f"arms.{arm}.data: {data!r}; valid: {list(ARM_DATA)}")
+            if data == "clean" and not self.shortcut:
+                raise StdaError(
+                    f"arms.{arm}.data: clean is the no-shortcut control of a `shortcut` benchmark"
+                )
 
     def _check_primary(self) -> None:
         if not self.primary:
@@ -257,7 +289,7 @@ def arm_uses_synthetic(settings: dict[str, Any]) -> bool:
 
 def train_settings(settings: dict[str, Any]) -> dict[str, Any]:
     """An arm's train.py settings: its settings without the per-arm stage settings (:data:`ARM_STAGE_KEYS`)."""
-    return {k: v for k, v in settings.items() if k not in ARM_STAGE_KEYS}
+    return {k: v for k, v in settings.items() if k not in (*ARM_STAGE_KEYS, "data")}
 
 
 def synthetic_recipe(cfg: BenchmarkConfig, arm: str) -> str:
@@ -269,6 +301,8 @@ def synthetic_recipe(cfg: BenchmarkConfig, arm: str) -> str:
     if not own or not arm_uses_synthetic(cfg.arms[arm]):
         return ""
     merged = {k: {**getattr(cfg, k), **own.get(k, {})} for k in ARM_STAGE_KEYS}
+    if not merged["content"]:  # recipes named before `content` existed keep their names (a benchmark resumes)
+        del merged["content"]
     return "s-" + stable_hash(merged)[:10]
 
 
@@ -278,6 +312,17 @@ def recipe_settings(cfg: BenchmarkConfig, recipe: str) -> dict[str, dict[str, An
         if synthetic_recipe(cfg, arm) == recipe:
             return {k: {**getattr(cfg, k), **settings.get(k, {})} for k in ARM_STAGE_KEYS}
     return {k: dict(getattr(cfg, k)) for k in ARM_STAGE_KEYS}
+
+
+def arm_data(cfg: BenchmarkConfig, arm: str) -> str:
+    """An arm's real images: ``shortcut`` (as the benchmark planted them) or ``clean`` (:data:`ARM_DATA`)."""
+    return str(cfg.arms[arm].get("data", "shortcut"))
+
+
+def dataset_key(cfg: BenchmarkConfig, arm: str) -> str:
+    """The dataset an arm trains on in each fold: its synthetic recipe, behind ``clean:`` for a clean-data arm."""
+    recipe = synthetic_recipe(cfg, arm)
+    return f"clean:{recipe}" if arm_data(cfg, arm) == "clean" else recipe
 
 
 def fold_dir(cfg: BenchmarkConfig, fold: int, repeat: int = 0) -> Path:

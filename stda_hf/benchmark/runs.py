@@ -14,7 +14,7 @@ from stda_hf.benchmark.config import (
     RUN_METRICS,
     BenchmarkConfig,
     RunKey,
-    synthetic_recipe,
+    dataset_key,
     train_settings,
 )
 from stda_hf.benchmark.table import RunTable
@@ -234,7 +234,7 @@ def dataset_of(cfg: BenchmarkConfig, datasets: dict[tuple[int, int], Any], key: 
     found = datasets.get((key.repeat, key.fold), "fold not prepared")
     if isinstance(found, str):
         return found
-    return found.get(synthetic_recipe(cfg, key.arm), f"no dataset for arm {key.arm} in fold {key.fold}")
+    return found.get(dataset_key(cfg, key.arm), f"no dataset for arm {key.arm} in fold {key.fold}")
 
 
 def execute_runs(

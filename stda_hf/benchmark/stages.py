@@ -6,15 +6,21 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+from PIL import Image
 
 from stda_hf.benchmark.config import (
     AREA_METRICS,
     DEFAULT_EXPLAIN,
     EXPLAIN_DIR,
+    SPLIT_ORDER,
     BenchmarkConfig,
     RunKey,
+    arm_data,
     arm_uses_synthetic,
     fold_dir,
     recipe_settings,
@@ -36,26 +42,48 @@ logger = logging.getLogger(__name__)
 def prepare_fold(
     cfg: BenchmarkConfig, folds, fold: int, sources: dict[str, Path], repeat: int = 0
 ) -> dict[str, Path]:
-    """Build one fold's datasets and return ``{synthetic recipe: dataset folder}``; records ``fold.json``.
+    """Build one fold's datasets and return ``{dataset key: dataset folder}``; records ``fold.json``.
 
     Real view -> (teacher trained on the view's real train images -> for each synthetic recipe of the arms,
     synthetic images from its train images -> pseudo-labels) -> packaged dataset with validation and test real
     only. Recipe ``""`` (the benchmark's own `generate`/`label` settings) is ``hub/``, which every arm without
     synthetic images trains on too; an arm with its own settings gets ``synthetic-<recipe>`` and ``hub-<recipe>``.
+    Arms with ``data: clean`` (the no-shortcut control) get the same pipeline on clean phantoms in ``clean/``,
+    keyed ``clean:<recipe>`` (:func:`~.config.dataset_key`).
     """
     from stda_hf.core.fileio import write_json
-    from stda_hf.dataset import PackageConfig, package
 
     d = fold_dir(cfg, fold, repeat)
-    view = write_fold_view(d / "real", folds, fold, sources)
     info: dict[str, Any] = {"fold": fold, "repeat": repeat, "counts": folds.summary(fold)}
-    recipes = sorted({synthetic_recipe(cfg, a) for a, s in cfg.arms.items() if arm_uses_synthetic(s)})
-    name = f"benchmark/{cfg.name}-{d.name}"
+    out: dict[str, Path] = {}
+    variants = sorted({arm_data(cfg, a) for a in cfg.arms})
+    for variant in variants:
+        arms = [a for a in cfg.arms if arm_data(cfg, a) == variant]
+        here = d if variant == "shortcut" else d / variant
+        data = sources if variant == "shortcut" else dict.fromkeys(SPLIT_ORDER, cfg.work_dir / "phantoms")
+        view = write_fold_view(here / "real", folds, fold, data)
+        name = f"benchmark/{cfg.name}-{d.name}" + ("" if variant == "shortcut" else f"-{variant}")
+        datasets, details = _prepare_variant(cfg, here, view, arms, name, repeat)
+        prefix = "" if variant == "shortcut" else f"{variant}:"
+        out.update({prefix + recipe: folder for recipe, folder in datasets.items()})
+        info.update({(prefix + k if prefix else k): v for k, v in details.items()})
+    write_json(d / "fold.json", info)
+    return out
+
+
+def _prepare_variant(
+    cfg: BenchmarkConfig, d: Path, view: Path, arms: list[str], name: str, repeat: int
+) -> tuple[dict[str, Path], dict[str, Any]]:
+    """Teacher, synthetic sets and packaged datasets of ``arms`` on one fold view; ``({recipe: hub}, details)``."""
+    from stda_hf.dataset import PackageConfig, package
+
+    recipes = sorted({synthetic_recipe(cfg, a) for a in arms if arm_uses_synthetic(cfg.arms[a])})
     teacher = None
     if recipes:
         package(view, d / "hub-real", cfg=PackageConfig(name=f"{name}-real"))
         teacher = train_teacher(cfg, d / "teacher", d / "hub-real", cfg.cv_seeds[repeat])
     out: dict[str, Path] = {}
+    info: dict[str, Any] = {}
     for recipe in sorted({"", *recipes}):
         suffix = f"-{recipe}" if recipe else ""
         synthetic = d / f"synthetic{suffix}" if recipe in recipes else None
@@ -63,8 +91,7 @@ def prepare_fold(
             info[f"synthetic{suffix}"] = make_synthetic(cfg, view, synthetic, teacher, recipe)
         package(view, d / f"hub{suffix}", synthetic=synthetic, cfg=PackageConfig(name=name + suffix))
         out[recipe] = d / f"hub{suffix}"
-    write_json(d / "fold.json", info)
-    return out
+    return out, info
 
 
 def make_synthetic(
@@ -80,7 +107,10 @@ def make_synthetic(
     from stda_hf.label import LabelConfig, label_synthetic
 
     settings = recipe_settings(cfg, recipe)
-    generate(view, out, GenerateConfig(**settings["generate"]))
+    content = view
+    if settings["content"].get("remove_artifact"):
+        content = without_artifact(view, out.with_name(out.name + "-content"), cfg.shortcut["artifact"])
+    generate(content, out, GenerateConfig(**settings["generate"]))
     images = check_fold_synthetic(view, out)
     source = settings["label"].get("source", "teacher")
     label = {k: v for k, v in settings["label"].items() if k != "source"}
@@ -96,10 +126,43 @@ def make_synthetic(
         "teacher": summary.teacher,
         "label_source": source,
         "generate": settings["generate"],
+        "content": settings["content"],
     }
     if cfg.shortcut:
         info.update(shortcut_labels(view, out, cfg.shortcut["artifact"], summary.min_confidence))
     return info
+
+
+def without_artifact(view: Path, dest: Path, artifact: str) -> Path:
+    """A copy of a fold view whose images carrying ``artifact`` are re-rendered without it (the positive control).
+
+    Only phantoms can be re-rendered (:func:`~stda_hf.data.phantoms.rerender`: the same photograph, that one
+    artifact left out); the other images are linked. Ids, metadata and ``splits.csv`` are the view's, so the
+    synthetic images made from it derive from the same train images as any other arm's.
+    """
+    from stda_hf.data.images import save_image
+    from stda_hf.data.phantoms import phantom_plan, rerender
+
+    folder = read_real_folder(view)
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.copytree(view, dest, symlinks=True)
+    plans: dict[Path, tuple] = {}
+    for im in folder.images:
+        drawn = tuple(a for a in im.extra.get("artifacts", "").split(";") if a)
+        if artifact not in drawn:
+            continue
+        root = Path(im.path).resolve().parent.parent
+        plan = plans.setdefault(root, phantom_plan(root))
+        clean = rerender(root, im.isic_id, tuple(a for a in drawn if a != artifact), plan)
+        (dest / "images" / im.path.name).unlink()
+        save_image(
+            clean.image, dest / "images" / im.path.name
+        )  # the same format and quality as the phantom's
+        (dest / "artifacts" / f"{im.isic_id}.png").unlink(missing_ok=True)
+        if clean.labels.any():
+            save_image(Image.fromarray(clean.labels, "L"), dest / "artifacts" / f"{im.isic_id}.png")
+    return dest
 
 
 LABEL_SOURCES = ("teacher", "style")
@@ -184,9 +247,6 @@ def shortcut_labels(view: Path, synthetic: Path, artifact: str, min_confidence: 
 
 def _carries(artifact_path: Path | None, artifact: str) -> bool:
     """Whether an image's artifact label map (``artifacts/<id>.png``) marks any pixel as ``artifact``."""
-    import numpy as np
-    from PIL import Image
-
     from stda_hf.data.real import ARTIFACTS
 
     if artifact_path is None or not Path(artifact_path).is_file():
