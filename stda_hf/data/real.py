@@ -2,10 +2,12 @@
 
 Two layouts are accepted:
 
-* ISIC layout: ``images/<id>.<ext>`` plus ``metadata.csv`` with isic-cli's columns (at least
-  :data:`REQUIRED_COLUMNS`); optional ``masks/<id>.png`` (lesion masks) and ``artifacts/<id>.png``
-  (artifact label maps, written by the phantom maker, codes from :data:`ARTIFACTS`), and ``splits.csv`` once
-  ``stda split`` has run (read and checked here, :func:`load_splits`, since it is this folder's contract).
+* ISIC layout: ``images/<id>.<ext>`` plus ``metadata.csv`` with isic-cli's columns: ``isic_id`` and
+  ``diagnosis_1`` are needed (:data:`NEEDED_COLUMNS`), the others of :data:`REQUIRED_COLUMNS` may be absent or
+  empty, which means unknown; optional lesion masks named ``masks/<id>.png`` or the ISIC way
+  ``masks/<id>_segmentation.png`` (any case of ``Segmentation``), ``artifacts/<id>.png`` (artifact label maps,
+  written by the phantom maker, codes from :data:`ARTIFACTS`), and ``splits.csv`` once ``stda split`` has run
+  (read and checked here, :func:`load_splits`, since it is this folder's contract).
 * ImageFolder layout: ``benign/`` and ``malignant/`` sub-folders of images (any case: ``Malignant/``); ids are
   the file stems, lesion and patient are unknown, licence and attribution are ``unknown``.
 
@@ -43,6 +45,16 @@ REQUIRED_COLUMNS = (
     "copyright_license",
     "attribution",
 )
+"""isic-cli's provenance columns: every ``metadata.csv`` this project writes starts with them."""
+
+NEEDED_COLUMNS = ("isic_id", "diagnosis_1")
+"""The columns a ``metadata.csv`` must have to be read; the rest of :data:`REQUIRED_COLUMNS` may be absent."""
+
+OPTIONAL_COLUMNS = tuple(c for c in REQUIRED_COLUMNS if c not in NEEDED_COLUMNS)
+"""Provenance columns that may be absent or empty: both mean unknown (licence and attribution read ``unknown``)."""
+
+MASK_SUFFIX = re.compile(r"_segmentation$", re.IGNORECASE)
+"""ISIC names a lesion mask ``<id>_segmentation.png`` (2016 and its task 3B: ``_Segmentation``)."""
 DIAGNOSIS_TO_LABEL = {"Benign": "benign", "Malignant": "malignant", "Indeterminate": None}
 SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
@@ -317,15 +329,17 @@ def _index_files(folder: Path, left_out: dict[str, str] | None = None) -> dict[s
 def _read_isic_layout(root: Path, left_out: dict[str, str]) -> list[RealImage]:
     meta = root / "metadata.csv"
     files = _index_files(root / "images", left_out)
-    masks = _index_files(root / "masks")
     artifacts = _index_files(root / "artifacts")
+    masks = _index_masks(root / "masks", left_out)
     with open_csv(meta) as reader:
-        missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
+        missing = [c for c in NEEDED_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
             raise StdaError(
-                f"{meta} lacks column(s) {missing}; it needs {list(REQUIRED_COLUMNS)} (the columns isic-cli writes)"
+                f"{meta} lacks column(s) {missing}; it needs {list(NEEDED_COLUMNS)} and may add "
+                f"{list(OPTIONAL_COLUMNS)} (empty or absent: unknown). `stda import` writes it from ISIC "
+                "challenge folders, isic-cli exports and HAM10000"
             )
-        images, seen = [], set()
+        images, seen, absent = [], set(), []
         for row_no, row in enumerate(reader, start=2):
             where = f"{meta} line {row_no}"
             isic_id = check_id((row["isic_id"] or "").strip(), where)
@@ -338,10 +352,8 @@ def _read_isic_layout(root: Path, left_out: dict[str, str]) -> list[RealImage]:
                     f"{where}: unknown diagnosis_1 {diagnosis!r} for {isic_id}; valid values: {list(DIAGNOSIS_TO_LABEL)}"
                 )
             if isic_id not in files:
-                raise StdaError(
-                    f"{where}: image file for {isic_id} not found in {root / 'images'}; re-run the fetch "
-                    "(it resumes) or remove the row"
-                )
+                absent.append(f"{isic_id} (line {row_no})")
+                continue
             extra = {k: v for k, v in row.items() if k not in REQUIRED_COLUMNS and k is not None}
             images.append(
                 RealImage(
@@ -349,19 +361,51 @@ def _read_isic_layout(root: Path, left_out: dict[str, str]) -> list[RealImage]:
                     path=files[isic_id],
                     label=DIAGNOSIS_TO_LABEL[diagnosis],
                     diagnosis_1=diagnosis,
-                    lesion_id=(row["lesion_id"] or "").strip(),
-                    patient_id=(row["patient_id"] or "").strip(),
-                    image_type=(row["image_type"] or "").strip(),
-                    copyright_license=(row["copyright_license"] or "").strip() or "unknown",
-                    attribution=(row["attribution"] or "").strip() or "unknown",
-                    mask_path=masks.get(isic_id),
+                    lesion_id=_cell(row, "lesion_id"),
+                    patient_id=_cell(row, "patient_id"),
+                    image_type=_cell(row, "image_type"),
+                    copyright_license=_cell(row, "copyright_license") or "unknown",
+                    attribution=_cell(row, "attribution") or "unknown",
+                    mask_path=masks.pop(isic_id, None),
                     artifact_path=artifacts.get(isic_id),
                     extra=extra,
                 )
             )
+    if absent:
+        raise StdaError(
+            f"{meta}: {len(absent)} image file(s) not found in {root / 'images'}: {first_few(absent, 50)}; "
+            "re-run the fetch or import (they resume) or remove those rows"
+        )
     for isic_id in sorted(set(files) - seen):
         left_out[str(files[isic_id])] = f"no row in {meta.name}"
+    for isic_id, path in masks.items():
+        left_out[str(path)] = f"a mask for {isic_id}, which is not an image of {meta.name}"
     return images
+
+
+def _cell(row: Mapping[str, str | None], column: str) -> str:
+    """The stripped value of an optional column; absent or empty is ``""`` (unknown)."""
+    return (row.get(column) or "").strip()
+
+
+def _index_masks(folder: Path, left_out: dict[str, str]) -> dict[str, Path]:
+    """Map image id -> mask file inside ``folder``, named ``<id>.png`` or ``<id>_segmentation.png`` (any case).
+
+    A file that is no image, or a second mask for one id, goes into ``left_out`` with the reason.
+    """
+    if not folder.is_dir():
+        return {}
+    masks: dict[str, Path] = {}
+    for p in sorted(folder.iterdir()):
+        reason = why_not_an_image(p)
+        isic_id = MASK_SUFFIX.sub("", p.stem)
+        if reason is None and isic_id in masks:
+            reason = f"a second mask for {isic_id} (the first is {masks[isic_id].name})"
+        if reason is not None:
+            left_out[str(p)] = reason
+            continue
+        masks[isic_id] = p
+    return masks
 
 
 def _class_folders(root: Path) -> list[tuple[str, Path]]:
