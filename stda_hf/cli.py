@@ -247,16 +247,28 @@ def _run_label(args) -> None:
     s = label_synthetic(args.synthetic, config_from_args(LabelConfig, args))
     labels = ", ".join(f"{k} {v}" for k, v in s.labels.items())
     print(f"labelled {s.images} images with {s.teacher}: {labels}")
-    if s.calibration:
-        c = s.calibration
+    c = s.calibration
+    if c and c.get("method") == "platt":
         print(
-            f"Platt scale {c['scale']:.3f}, bias {c['bias']:+.3f}: ECE on real validation {c['ece_before']:.4f} -> "
-            f"{c['ece_after']:.4f} (after: on {c['ece_after_on']})"
+            f"Platt scale {c['scale']:.3f}, bias {c['bias']:+.3f}: ECE on real validation {c['ece_before']:.4f} "
+            f"{_interval(c.get('ece_before_ci'))}-> {c['ece_after']:.4f} {_interval(c.get('ece_after_ci'))}"
+            f"(after: on {c['ece_after_on']}); a perfectly calibrated teacher would read about "
+            f"{c.get('ece_after_if_calibrated', float('nan')):.4f} at this size"
         )
+    elif c:
+        print(f"not calibrated: {c.get('reason', 'fallback')}; labelled with the teacher's own probabilities")
+    if s.flipped_by_calibration:
+        flips = ", ".join(f"{k} {v}" for k, v in s.flipped_by_calibration.items())
+        print(f"calibration turned {sum(s.flipped_by_calibration.values())} pseudo-label(s) round ({flips})")
     print(f"kept at confidence >= {s.min_confidence:g}: {s.kept} ({s.kept_labels})")
     if s.skipped:
         print(f"skipped {len(s.skipped)} unreadable image(s); see {args.synthetic / 'labels_summary.json'}")
     _print_left_out(s.left_out_failed, "labelled")
+
+
+def _interval(ci: list[float] | None) -> str:
+    """``"(95 % CI 0.012-0.087) "`` for a bootstrap interval, or nothing when there is none."""
+    return f"(95 % CI {ci[0]:.4f}-{ci[1]:.4f}) " if ci else ""
 
 
 def _add_package(sub) -> None:
