@@ -144,6 +144,27 @@ def test_calibration_lowers_ece_on_phantom_validation(real_large, tmp_path):
     assert (syn / "calibration.json").is_file()
 
 
+def test_the_log_names_where_the_ece_after_calibration_was_measured(real_large, tmp_path, caplog):
+    syn = fake_synthetic(real_large, tmp_path / "syn", n=2)
+    teacher = save_teacher(tmp_path / "teacher", scale=200.0)
+    with caplog.at_level("INFO", logger="stda_hf.label"):
+        label_synthetic(syn, LabelConfig(teacher=str(teacher), calibrate=True))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Platt scale")]
+    assert len(lines) == 1 and "(after: on held-out halves of the validation split (cross-fit))" in lines[0]
+    assert "(held out)" not in caplog.text
+
+
+def test_cli_label_says_calibration_was_not_applied_and_why(phantom_real, tmp_path, capsys):
+    from stda_hf.cli import main
+
+    syn = fake_synthetic(phantom_real, tmp_path / "syn", n=2)
+    teacher = save_teacher(tmp_path / "teacher", scale=200.0)
+    assert main(["label", str(syn), "--teacher", str(teacher), "--calibrate"]) == 0
+    out = capsys.readouterr().out
+    assert "not calibrated: validation holds 2 benign, 7 malignant; calibration needs 10 of each class" in out
+    assert "Platt scale" not in out
+
+
 def test_a_label_turned_round_by_calibration_is_counted(real_large, tmp_path):
     syn = fake_synthetic(real_large, tmp_path / "syn", n=10)
     teacher = save_teacher(tmp_path / "teacher", scale=200.0)
