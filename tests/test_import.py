@@ -358,3 +358,13 @@ def test_cli_prints_the_map_and_bad_input_exits_2(tmp_path, capsys):
     assert "dx map:      melanoma->malignant" in out and "imported 3 images (isic2017)" in out
     assert main(["import", str(tmp_path / "src"), "--out", str(tmp_path / "r2"), "--dx-map", "nevus"]) == 2
     assert "--dx-map 'nevus'" in capsys.readouterr().err
+
+
+def test_a_ground_truth_cell_that_is_not_0_or_1_names_line_and_column(tmp_path):
+    isic2017(tmp_path / "src", n=3)
+    gt = tmp_path / "src" / "ISIC-2017_Training_Part3_GroundTruth.csv"
+    lines = gt.read_text().splitlines()
+    lines[2] = lines[2].rsplit(",", 1)[0] + ",yes"
+    gt.write_text("\n".join(lines) + "\n")
+    with pytest.raises(StdaError, match="line 3: column seborrheic_keratosis holds 'yes'; expected 0 or 1"):
+        import_folder(tmp_path / "src", tmp_path / "real")

@@ -259,7 +259,7 @@ def _as_records(path: Path, source: str) -> list[dict[str, str]]:
     if source == "isic2016":
         rows, header = [header, *rows], ["image_id", "label"]
     keys = [h.lower() for h in header]
-    return [dict(zip(keys, r, strict=False)) for r in rows]
+    return [dict(zip(keys, r + [""] * (len(keys) - len(r)), strict=False)) for r in rows]  # short rows: empty
 
 
 def _code_2016(value: str) -> str:
@@ -270,8 +270,16 @@ def _code_2016(value: str) -> str:
         return v
 
 
+def _flag(value: str, where: str, column: str) -> bool:
+    """A 0/1 ground-truth cell (``1``, ``1.0``, ``0.0``, empty) as a bool; anything else is refused."""
+    try:
+        return float(value or 0) >= 0.5
+    except ValueError:
+        raise StdaError(f"{where}: column {column} holds {value!r}; expected 0 or 1") from None
+
+
 def _one_hot(rec: dict[str, str], codes: Iterable[str], where: str) -> str:
-    hot = [c for c in codes if c in rec and float(rec[c] or 0) >= 0.5]
+    hot = [c for c in codes if c in rec and _flag(rec[c], where, c.upper())]
     if len(hot) != 1:
         raise StdaError(f"{where}: expected exactly one diagnosis column set to 1, found {hot or 'none'}")
     return hot[0]
@@ -288,7 +296,7 @@ def _label_row(rec: dict[str, str], source: str, where: str) -> dict[str, str]:
     if source == "isic2016":
         return {"isic_id": rec["image_id"], "dx": _code_2016(rec["label"])}
     if source == "isic2017":
-        mel, sk = (float(rec.get(c) or 0) >= 0.5 for c in ("melanoma", "seborrheic_keratosis"))
+        mel, sk = (_flag(rec.get(c, ""), where, c) for c in ("melanoma", "seborrheic_keratosis"))
         dx = "melanoma" if mel else "seborrheic_keratosis" if sk else "nevus"
         return {"isic_id": rec["image_id"], "dx": dx}
     if source in _ONE_HOT:
