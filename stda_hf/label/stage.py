@@ -485,7 +485,7 @@ def calibrate(
 
     Returns ``calibration.json``'s content: ``method`` (``platt``, or ``none`` after a fallback, with
     ``fallback`` = ``too_few`` or ``separation`` and a one-line ``reason``), ``scale``, ``bias``,
-    ``temperature`` (1/scale; 1 and 0 and 1 after a fallback), ``ece_before`` and ``ece_after`` with their
+    ``temperature`` (1/scale; after a fallback 1, 0 and 1), ``ece_before`` and ``ece_after`` with their
     95 % bootstrap intervals and ``ece_if_calibrated`` references, ``ece_after_on`` (where it was measured),
     ``misordered`` and ``validation_images`` / ``per_class``. The parameters used for labelling are fitted on
     the whole validation split; ``ece_after`` is cross-fitted (:func:`cross_fit_probs`: fitted on one half,
