@@ -108,6 +108,8 @@ def test_too_few_groups_is_a_clear_error(tmp_path):
         ({"val": 0}, "--val"),
         ({"val": 0.6, "test": 0.5}, "no training"),
         ({"phash_distance": 9}, "between 0 and 7"),
+        ({"floor_per_class": -1}, "--floor-per-class -1"),
+        ({"min_per_class": -2}, "--min-per-class -2"),
     ],
 )
 def test_bad_settings_are_refused(kwargs, match):

@@ -41,9 +41,7 @@ class SplitConfig:
     phash_distance: int = (
         6  # near-duplicates: perceptual hashes at most this many bits apart (0-7; -1 disables)
     )
-    min_per_class: int = (
-        MIN_PER_CLASS  # warn when validation or test holds fewer images of a class (0: never)
-    )
+    min_per_class: int = MIN_PER_CLASS  # warn when validation or test holds fewer of a class (0: never)
     floor_per_class: int = 2  # refuse when validation or test holds fewer images of a class (0: allow none)
 
     def __post_init__(self) -> None:
@@ -55,10 +53,7 @@ class SplitConfig:
             raise StdaError(
                 f"--val {self.val} + --test {self.test} leaves no training images; keep the sum below 1"
             )
-        if (
-            not 0 <= self.floor_per_class <= max(self.min_per_class, self.floor_per_class)
-            or self.min_per_class < 0
-        ):
+        if self.floor_per_class < 0 or self.min_per_class < 0:
             raise StdaError(
                 f"--floor-per-class {self.floor_per_class} and --min-per-class {self.min_per_class} must be "
                 "counts of 0 or more"
