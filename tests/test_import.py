@@ -368,3 +368,20 @@ def test_a_ground_truth_cell_that_is_not_0_or_1_names_line_and_column(tmp_path):
     gt.write_text("\n".join(lines) + "\n")
     with pytest.raises(StdaError, match="line 3: column seborrheic_keratosis holds 'yes'; expected 0 or 1"):
         import_folder(tmp_path / "src", tmp_path / "real")
+
+
+def test_a_ground_truth_table_that_is_not_utf8_is_named_in_the_error(tmp_path):
+    isic2017(tmp_path / "src", n=2)
+    gt = tmp_path / "src" / "ISIC-2017_Training_Part3_GroundTruth.csv"
+    gt.write_bytes(gt.read_bytes() + "caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(StdaError, match=r"could not be read: .*ISIC-2017_Training_Part3_GroundTruth\.csv"):
+        import_folder(tmp_path / "src", tmp_path / "real")
+
+
+def test_a_quoted_attribution_with_a_line_break_stays_one_row(tmp_path):
+    src = tmp_path / "src"
+    _image(src / "ISIC_0000001.jpg", 0)
+    _csv(src / "metadata.csv", ["isic_id", "diagnosis_1", "attribution", "copyright_license"],
+         [["ISIC_0000001", "Benign", "Hospital A\nDepartment B", "CC-BY"]])  # fmt: skip
+    import_folder(src, tmp_path / "real")
+    assert read_real_folder(tmp_path / "real").images[0].attribution == "Hospital A\nDepartment B"

@@ -19,6 +19,7 @@ named, and every image keeps its id, licence and attribution.
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import re
 import shutil
@@ -205,7 +206,7 @@ def read_table(path: Path) -> tuple[list[str], list[list[str]]]:
     text = read_text(path).lstrip("\ufeff")
     first = text.split("\n", 1)[0]
     delimiter = "\t" if first.count("\t") > first.count(",") else ","
-    rows = [r for r in csv.reader(text.splitlines(), delimiter=delimiter) if any(c.strip() for c in r)]
+    rows = [r for r in csv.reader(io.StringIO(text), delimiter=delimiter) if any(c.strip() for c in r)]
     if not rows:
         return [], []
     return [c.strip().strip('"') for c in rows[0]], [[c.strip() for c in r] for r in rows[1:]]
@@ -215,11 +216,14 @@ _ISIC_ID = re.compile(r"^ISIC_\d+")
 
 
 def classify_table(path: Path) -> tuple[str, str] | None:
-    """``(kind, source)`` of a table by its header, or None when it is none of the known tables."""
-    try:
-        header, _ = read_table(path)
-    except StdaError:
-        return None
+    """``(kind, source)`` of a table by its header, or None when it is none of the known tables.
+
+    Raises
+    ------
+    StdaError
+        The table cannot be read as text (not UTF-8, unreadable).
+    """
+    header, _ = read_table(path)
     cols = {c.lower() for c in header}
     if {"image_id", "dx", "lesion_id"} <= cols:
         return "labels", "ham10000"
@@ -355,7 +359,12 @@ def find_tables(source_dir: Path, cfg: ImportConfig) -> tuple[str, list[Table]]:
         raise StdaError(f"--labels {cfg.labels} not found")
     if cfg.labels:  # side tables still come from the source folder
         candidates += sorted(p for p in source_dir.rglob("*") if _is_table(p) and p != candidates[0])
-    found = [(p, classify_table(p)) for p in candidates if p.is_file()]
+    found, unreadable = [], []
+    for p in (p for p in candidates if p.is_file()):
+        try:
+            found.append((p, classify_table(p)))
+        except StdaError as err:
+            unreadable.append(str(err))
     label_sources = {
         c[1] for p, c in found if c and c[0] == "labels" and (not cfg.labels or p == candidates[0])
     }
@@ -366,6 +375,7 @@ def find_tables(source_dir: Path, cfg: ImportConfig) -> tuple[str, list[Table]]:
         raise StdaError(
             f"{what}: no ground-truth table of {cfg.kind if cfg.kind != 'auto' else 'a known source'} found; "
             f"known: ISIC 2016-2020 challenge CSVs, isic-cli's metadata.csv, HAM10000_metadata (see docs/data.md)"
+            + (f"; tables that could not be read: {first_few(unreadable, 3)}" if unreadable else "")
         )
     if len(label_sources) > 1:
         raise StdaError(
