@@ -385,3 +385,24 @@ def test_a_quoted_attribution_with_a_line_break_stays_one_row(tmp_path):
          [["ISIC_0000001", "Benign", "Hospital A\nDepartment B", "CC-BY"]])  # fmt: skip
     import_folder(src, tmp_path / "real")
     assert read_real_folder(tmp_path / "real").images[0].attribution == "Hospital A\nDepartment B"
+
+
+def test_isic2020_duplicate_pairs_are_kept_in_one_split(tmp_path):
+    src = tmp_path / "src"
+    ids = _ids(40, start=1000000)
+    header = ["image_name", "patient_id", "sex", "age_approx", "anatom_site_general_challenge", "diagnosis",
+              "benign_malignant", "target"]  # fmt: skip
+    rows = []
+    for k, isic_id in enumerate(ids):
+        _image(src / "train" / f"{isic_id}.jpg", k)
+        bm = "malignant" if k % 2 else "benign"
+        rows.append([isic_id, f"IP_{k:07d}", "male", "50", "torso", "x", bm, str(k % 2)])
+    _csv(src / "ISIC_2020_Training_GroundTruth.csv", header, rows)
+    pairs = [(ids[0], ids[2]), (ids[1], ids[3]), (ids[4], ids[6])]
+    _csv(src / "ISIC_2020_Training_Duplicates.csv", ["image_name_1", "image_name_2"], pairs)
+    import_folder(src, tmp_path / "real")
+    assert read_real_folder(tmp_path / "real")[ids[2]].extra["duplicate_of"] == ids[0]
+    for seed in range(3):
+        make_splits(tmp_path / "real", SplitConfig(seed=seed, val=0.25, test=0.25, phash_distance=-1))
+        split = read_real_folder(tmp_path / "real").splits()
+        assert all(split[a] == split[b] for a, b in pairs), seed

@@ -153,7 +153,7 @@ class Table:
     """One table of a source: its path, what it holds (``labels`` or ``side``), its format and rows."""
 
     path: Path
-    kind: str  # "labels" (ground truth) or "side" (lesion ids, subgroups) or "ignored"
+    kind: str  # "labels" (ground truth) or "side" (lesion ids, subgroups, duplicates)
     source: str  # one of SOURCES
     rows: list[dict[str, str]]
 
@@ -242,7 +242,7 @@ def classify_table(path: Path) -> tuple[str, str] | None:
     if "image_name" in cols and cols & {"benign_malignant", "target"}:
         return "labels", "isic2020"
     if {"image_name_1", "image_name_2"} <= cols:
-        return "ignored", "isic2020"
+        return "side", "isic2020"
     if len(header) == 2 and _ISIC_ID.match(header[0]):  # 2016 ground truth: no header row
         return "labels", "isic2016"
     return None
@@ -331,6 +331,8 @@ def _side_row(rec: dict[str, str], source: str) -> tuple[str, dict[str, str]]:
     if source == "isic2017":
         out = {"age_approx": rec.get("age_approximate", ""), "sex": rec.get("sex", "")}
         return rec["image_id"], out
+    if source == "isic2020":  # ISIC_2020_Training_Duplicates.csv: `stda split` keeps each pair in one group
+        return rec.get("image_name_2", ""), {"duplicate_of": rec.get("image_name_1", "")}
     out = {"lesion_id": rec.get("lesion_id", "")}
     if source == "isic2019":
         out |= {"age_approx": rec.get("age_approx", ""), "sex": rec.get("sex") or rec.get("gender", "")}
@@ -386,7 +388,7 @@ def find_tables(source_dir: Path, cfg: ImportConfig) -> tuple[str, list[Table]]:
     tables = []
     for p, c in found:
         if c and c[1] == source and (c[0] != "labels" or not cfg.labels or p == candidates[0]):
-            tables.append(Table(p, c[0], source, _as_records(p, source) if c[0] != "ignored" else []))
+            tables.append(Table(p, c[0], source, _as_records(p, source)))
     tables.sort(key=lambda t: (t.kind != "labels", str(t.path)))
     return source, tables
 

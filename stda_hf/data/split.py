@@ -122,7 +122,9 @@ def near_duplicate_pairs(hashes: dict[str, int], max_distance: int) -> list[tupl
 def group_images(images: list[RealImage], duplicate_pairs: list[tuple[str, str]]) -> dict[str, str]:
     """``{isic_id: group}``: images sharing a lesion, a patient or a near-duplicate pair share a group.
 
-    The group name is the smallest id in it, so it does not depend on the order of ``images``.
+    A ``duplicate_of`` metadata column (``stda import`` fills it from SIIM-ISIC 2020's duplicate list) joins an
+    image to the one it duplicates as well. The group name is the smallest id in it, so it does not depend on
+    the order of ``images``.
     """
     index = {im.isic_id: i for i, im in enumerate(images)}
     uf = _UnionFind(len(images))
@@ -131,7 +133,8 @@ def group_images(images: list[RealImage], duplicate_pairs: list[tuple[str, str]]
         for kind, key in (("lesion", im.lesion_id), ("patient", im.patient_id)):
             if key:
                 uf.union(i, first_seen.setdefault((kind, key), i))
-    for a, b in duplicate_pairs:
+    listed = [(im.isic_id, im.extra.get("duplicate_of", "")) for im in images]
+    for a, b in [*duplicate_pairs, *listed]:
         if a in index and b in index:
             uf.union(index[a], index[b])
     members = defaultdict(list)
