@@ -509,21 +509,27 @@ def calibration_from_logits(z: torch.Tensor, y: torch.Tensor, min_per_class: int
     }
     if min(per_class.values()) < min_per_class:
         counts = ", ".join(f"{n} {label}" for label, n in per_class.items())
-        return {**result, **_fallback("too_few", f"validation holds {counts}; calibration needs {min_per_class} of "
-                                      "each class (--calibration-min-per-class)", before)}  # fmt: skip
+        reason = (
+            f"validation holds {counts}; calibration needs {min_per_class} of each class "
+            "(--calibration-min-per-class)"
+        )
+        return {**result, **_fallback("too_few", reason, before)}
     wrong = misordered(z, y)
     result["misordered"] = wrong
     try:
         a, b = fit_platt(z, y)
     except StdaError:
         a, b = float("inf"), float("nan")
-    if wrong <= 1:
+    if wrong <= 1 or not math.isfinite(a):
         fitted = {
             "fitted_scale": round(a, 6) if math.isfinite(a) else None,
             "fitted_bias": round(b, 6) if math.isfinite(b) else None,
         }
-        reason = (f"the teacher separates validation {'perfectly' if wrong == 0 else 'but for one image'} "
-                  f"(fitted scale {a:.3g}): the fit would push every confidence towards 1")  # fmt: skip
+        how = "perfectly" if wrong == 0 else "but for one image" if wrong == 1 else f"but for {wrong} images"
+        reason = (
+            f"the teacher separates validation {how} (fitted scale {a:.3g}): the fit would push every "
+            "confidence towards 1"
+        )
         return {**result, **fitted, **_fallback("separation", reason, before)}
     held = cross_fit_probs(z, y)
     after = ece_interval(held, y) if held is not None else ece_interval(platt_probs(z, a, b), y)
