@@ -49,6 +49,7 @@ def _path(text: str) -> Path:
 SUMMARIES = {
     "fetch": "download benign and malignant images from the ISIC Archive (resumable, licence-aware)",
     "phantoms": "write procedural phantom lesions in the real-image layout (offline data)",
+    "import": "bring in an ISIC challenge folder (2016-2020), an isic-cli export or HAM10000 as downloaded",
     "split": "assign real images to train/validation/test without leakage",
     "inspect": "summarise a real-image folder: classes, licences, splits, sizes, bad files",
     "generate": "restyle benign train images with malignant train styles (neural style transfer)",
@@ -149,6 +150,29 @@ def _run_phantoms(args) -> None:
     print(f"wrote {cfg.n} phantom images ({cfg.size}px) to {args.out}; metadata in {meta}")
 
 
+def _add_import(sub) -> None:
+    from stda_hf.data.importers import ImportConfig
+
+    p = sub.add_parser(
+        "import",
+        help=SUMMARIES["import"],
+        description="Read a downloaded ISIC challenge folder (images, ground-truth CSV, optional "
+        "<id>_segmentation.png masks), an ISIC Archive export (isic-cli's metadata.csv) or HAM10000 "
+        "(HAM10000_metadata with lesion_id) into the real-image layout. Prints the diagnosis map "
+        "(override codes with --dx-map) and lists every source file it did not use; see docs/data.md.",
+    )
+    p.add_argument("source", type=_path, help="the downloaded folder (zips unpacked)")
+    p.add_argument("--out", type=_path, required=True, help="output folder (the real-image layout)")
+    add_config_flags(p, ImportConfig)
+    p.set_defaults(func=_run_import)
+
+
+def _run_import(args) -> None:
+    from stda_hf.data.importers import ImportConfig, import_folder
+
+    print(import_folder(args.source, args.out, config_from_args(ImportConfig, args)).format())
+
+
 def _add_split(sub) -> None:
     from stda_hf.data.split import SplitConfig
 
@@ -164,13 +188,17 @@ def _add_split(sub) -> None:
 
 
 def _run_split(args) -> None:
+    from stda_hf.data.real import small_classes
     from stda_hf.data.split import SplitConfig, make_splits
 
-    summary = make_splits(args.real, config_from_args(SplitConfig, args))
+    cfg = config_from_args(SplitConfig, args)
+    summary = make_splits(args.real, cfg)
     for split, counts in summary.items():
         print(
             f"{split:<11} benign {counts['benign']:>6}  malignant {counts['malignant']:>6}  groups {counts['groups']:>6}"
         )
+    for line in small_classes(summary, cfg.min_per_class):
+        print(f"too few: {line} (--min-per-class); metrics of that class on it are coarse")
     print(f"wrote {args.real / 'splits.csv'}")
 
 
@@ -238,16 +266,28 @@ def _run_label(args) -> None:
     s = label_synthetic(args.synthetic, config_from_args(LabelConfig, args))
     labels = ", ".join(f"{k} {v}" for k, v in s.labels.items())
     print(f"labelled {s.images} images with {s.teacher}: {labels}")
-    if s.calibration:
-        c = s.calibration
+    c = s.calibration
+    if c and c.get("method") == "platt":
         print(
-            f"Platt scale {c['scale']:.3f}, bias {c['bias']:+.3f}: ECE on real validation {c['ece_before']:.4f} -> "
-            f"{c['ece_after']:.4f} (after: on {c['ece_after_on']})"
+            f"Platt scale {c['scale']:.3f}, bias {c['bias']:+.3f}: ECE on real validation {c['ece_before']:.4f} "
+            f"{_interval(c.get('ece_before_ci'))}-> {c['ece_after']:.4f} {_interval(c.get('ece_after_ci'))}"
+            f"(after: on {c['ece_after_on']}); a perfectly calibrated teacher would read about "
+            f"{c.get('ece_after_if_calibrated', float('nan')):.4f} at this size"
         )
+    elif c:
+        print(f"not calibrated: {c.get('reason', 'fallback')}; labelled with the teacher's own probabilities")
+    if s.flipped_by_calibration:
+        flips = ", ".join(f"{k} {v}" for k, v in s.flipped_by_calibration.items())
+        print(f"calibration turned {sum(s.flipped_by_calibration.values())} pseudo-label(s) round ({flips})")
     print(f"kept at confidence >= {s.min_confidence:g}: {s.kept} ({s.kept_labels})")
     if s.skipped:
         print(f"skipped {len(s.skipped)} unreadable image(s); see {args.synthetic / 'labels_summary.json'}")
     _print_left_out(s.left_out_failed, "labelled")
+
+
+def _interval(ci: list[float] | None) -> str:
+    """``"(95 % CI 0.012-0.087) "`` for a bootstrap interval, or nothing when there is none."""
+    return f"(95 % CI {ci[0]:.4f}-{ci[1]:.4f}) " if ci else ""
 
 
 def _add_package(sub) -> None:
@@ -416,8 +456,8 @@ def _run_demo(args) -> None:
 
 
 COMMANDS: list[Callable] = [
-    _add_fetch, _add_phantoms, _add_split, _add_inspect, _add_generate, _add_label, _add_package, _add_push,
-    _add_train, _add_explain, _add_benchmark, _add_demo,
+    _add_fetch, _add_phantoms, _add_import, _add_split, _add_inspect, _add_generate, _add_label, _add_package,
+    _add_push, _add_train, _add_explain, _add_benchmark, _add_demo,
 ]  # fmt: skip
 """Subcommands in the order ``stda --help`` lists them (the order of the flow)."""
 

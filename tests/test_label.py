@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import shutil
 
@@ -14,11 +15,15 @@ from stda_hf.core.fileio import append_jsonl, read_jsonl, write_json
 from stda_hf.data.real import read_real_folder
 from stda_hf.label.stage import (
     LabelConfig,
+    calibration_from_logits,
     cross_fit_ece,
+    ece_interval,
     expected_calibration_error,
     fit_platt,
     fit_temperature,
+    flipped_labels,
     label_synthetic,
+    misordered,
     platt_probs,
 )
 from stda_hf.models.vgg import VGG8, Preprocessing, save_model
@@ -114,16 +119,143 @@ def test_labels_of_another_teacher_are_not_mixed(phantom_real, tmp_path):
         label_synthetic(syn, LabelConfig(teacher=str(save_teacher(tmp_path / "b", seed=2))))
 
 
-def test_calibration_lowers_ece_on_phantom_validation(phantom_real, tmp_path):
-    syn = fake_synthetic(phantom_real, tmp_path / "syn", n=4)
+@pytest.fixture(scope="module")
+def real_large(tmp_path_factory):
+    """160 phantoms split with a quarter for validation: 20 benign and 16 malignant there (do not modify)."""
+    from stda_hf.data.phantoms import PhantomConfig, make_phantoms
+    from stda_hf.data.split import SplitConfig, make_splits
+
+    root = tmp_path_factory.mktemp("label-large") / "real"
+    make_phantoms(root, PhantomConfig(n=160, size=32, seed=0))
+    make_splits(root, SplitConfig(seed=0, val=0.25))
+    return root
+
+
+def test_calibration_lowers_ece_on_phantom_validation(real_large, tmp_path):
+    syn = fake_synthetic(real_large, tmp_path / "syn", n=4)
     teacher = save_teacher(tmp_path / "teacher", scale=200.0)  # random features, huge logits: overconfident
     summary = label_synthetic(syn, LabelConfig(teacher=str(teacher), calibrate=True))
     cal = summary.calibration
     assert cal["method"] == "platt" and summary.calibration_method == "platt"
     assert cal["temperature"] > 1.0
     assert cal["ece_after"] < cal["ece_before"]
-    assert cal["ece_after_on"]  # where ECE after was measured (held out when validation allows)
+    assert cal["ece_after_on"] == "held-out halves of the validation split (cross-fit)"
+    assert cal["ece_before_ci"][0] <= cal["ece_before"] <= cal["ece_before_ci"][1]
     assert (syn / "calibration.json").is_file()
+
+
+def test_the_log_names_where_the_ece_after_calibration_was_measured(real_large, tmp_path, caplog):
+    syn = fake_synthetic(real_large, tmp_path / "syn", n=2)
+    teacher = save_teacher(tmp_path / "teacher", scale=200.0)
+    with caplog.at_level("INFO", logger="stda_hf.label"):
+        label_synthetic(syn, LabelConfig(teacher=str(teacher), calibrate=True))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Platt scale")]
+    assert len(lines) == 1 and "(after: on held-out halves of the validation split (cross-fit))" in lines[0]
+    assert "(held out)" not in caplog.text
+
+
+def test_cli_label_says_calibration_was_not_applied_and_why(phantom_real, tmp_path, capsys):
+    from stda_hf.cli import main
+
+    syn = fake_synthetic(phantom_real, tmp_path / "syn", n=2)
+    teacher = save_teacher(tmp_path / "teacher", scale=200.0)
+    assert main(["label", str(syn), "--teacher", str(teacher), "--calibrate"]) == 0
+    out = capsys.readouterr().out
+    assert "not calibrated: validation holds 2 benign, 7 malignant; calibration needs 10 of each class" in out
+    assert "Platt scale" not in out
+
+
+def test_a_label_turned_round_by_calibration_is_counted(real_large, tmp_path):
+    syn = fake_synthetic(real_large, tmp_path / "syn", n=10)
+    teacher = save_teacher(tmp_path / "teacher", scale=200.0)
+    summary = label_synthetic(syn, LabelConfig(teacher=str(teacher), calibrate=True))
+    records = read_jsonl(syn / "labels.jsonl")
+    turned = sum(r["uncalibrated_label"] != r["label"] for r in records)
+    assert sum(summary.flipped_by_calibration.values()) == turned
+    assert all("uncalibrated_label" in r for r in records)
+
+
+def test_flipped_labels_counts_each_direction():
+    records = [
+        {"label": "malignant", "uncalibrated_label": "benign"},
+        {"label": "malignant", "uncalibrated_label": "benign"},
+        {"label": "benign", "uncalibrated_label": "malignant"},
+        {"label": "benign", "uncalibrated_label": "benign"},
+        {"label": "benign"},  # not calibrated: nothing to turn
+    ]
+    assert flipped_labels(records) == {"benign->malignant": 2, "malignant->benign": 1}
+
+
+def test_too_few_validation_images_of_a_class_fall_back_to_no_calibration(phantom_real, tmp_path, caplog):
+    syn = fake_synthetic(phantom_real, tmp_path / "syn", n=4)  # validation: 2 benign, 7 malignant
+    teacher = save_teacher(tmp_path / "teacher", scale=200.0)
+    summary = label_synthetic(syn, LabelConfig(teacher=str(teacher), calibrate=True))
+    saved = json.loads((syn / "calibration.json").read_text())
+    assert saved["method"] == "none" and saved["fallback"] == "too_few"
+    assert "calibration needs 10 of each class" in saved["reason"]
+    assert summary.calibration_method == "none" and summary.flipped_by_calibration == {}
+    assert [r.message for r in caplog.records if "not calibrating" in r.message] == [
+        f"not calibrating: {saved['reason']}; labelling with the teacher's own probabilities"
+    ]
+    assert all(r["teacher"].endswith("|T=1") for r in read_jsonl(syn / "labels.jsonl"))
+
+
+def _separable(n=40, overlap=0, seed=0):
+    """Validation logits of a teacher that puts all but ``overlap`` images of each class on their own side."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 2
+    margin = (2 * y - 1) * (1.0 + torch.rand(n, generator=g))
+    margin[:overlap] = -margin[:overlap]  # these cross the boundary
+    return torch.stack([torch.zeros(n), margin], 1), y
+
+
+def test_perfect_separation_warns_and_falls_back_recording_the_fit(caplog):
+    z, y = _separable(overlap=0)
+    cal = calibration_from_logits(z, y)
+    assert cal["method"] == "none" and cal["fallback"] == "separation" and cal["misordered"] == 0
+    assert "separates validation perfectly" in cal["reason"] and "not calibrating" in caplog.text
+    assert cal["fitted_scale"] is None or cal["fitted_scale"] > 10  # what the fit would have used
+    assert (cal["scale"], cal["bias"]) == (1.0, 0.0)
+
+
+def test_separation_but_for_one_image_falls_back_too():
+    cal = calibration_from_logits(*_separable(overlap=1))
+    assert cal["fallback"] == "separation" and cal["misordered"] == 1
+    assert "but for one image" in cal["reason"]
+
+
+def test_overlapping_classes_are_calibrated():
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(80) % 2
+    z = torch.stack([torch.zeros(80), 3 * ((2 * y - 1) * 0.5 + torch.randn(80, generator=g))], 1)
+    cal = calibration_from_logits(z, y)
+    assert cal["method"] == "platt" and cal["misordered"] > 1 and cal["scale"] < 1.0
+
+
+def test_misordered_counts_the_fewest_images_on_the_wrong_side():
+    def count(margins, labels):
+        return misordered(
+            torch.stack([torch.zeros(len(margins)), torch.tensor(margins)], 1), torch.tensor(labels)
+        )
+
+    assert count([-2.0, -1.0, 1.0, 2.0], [0, 0, 1, 1]) == 0
+    assert count([-2.0, 1.5, 1.0, 2.0], [0, 0, 1, 1]) == 1
+    assert count([-2.0, -1.0, 1.0, 2.0], [1, 1, 0, 0]) == 2  # reversed: best cut puts all on one side
+    assert count([1.0, 1.0], [0, 1]) == 1
+
+
+def test_ece_interval_covers_the_estimate_and_shows_the_small_sample_floor():
+    rng = torch.Generator().manual_seed(0)
+    small_p = 0.5 + 0.5 * torch.rand(30, generator=rng)
+    small_y = (torch.rand(30, generator=rng) < small_p).long()  # perfectly calibrated for class 1
+    small = ece_interval(torch.stack([1 - small_p, small_p], 1), small_y)
+    big_p = 0.5 + 0.5 * torch.rand(3000, generator=rng)
+    big_y = (torch.rand(3000, generator=rng) < big_p).long()
+    big = ece_interval(torch.stack([1 - big_p, big_p], 1), big_y)
+    assert small["ece_ci"][0] <= small["ece"] <= small["ece_ci"][1]
+    assert 0.08 < small["ece_if_calibrated"] < 0.22  # the binned estimator reads ~0.15 for a calibrated model
+    assert big["ece_if_calibrated"] < 0.04 and big["ece"] < 0.05
+    assert big["ece_ci"][1] - big["ece_ci"][0] < (small["ece_ci"][1] - small["ece_ci"][0]) / 3
 
 
 def test_temperature_and_ece_on_known_inputs():
@@ -207,3 +339,29 @@ def test_keep_failed_labels_every_image(phantom_real, tmp_path):
     _mark_failed(syn, {0: "unchanged"})
     summary = label_synthetic(syn, LabelConfig(teacher=str(save_teacher(tmp_path / "t")), keep_failed=True))
     assert summary.images == 10 and summary.left_out_failed == {}
+
+
+def _card(real, syn, tmp_path):
+    from stda_hf.dataset import package
+
+    package(real, tmp_path / "hub", synthetic=syn)
+    return " ".join((tmp_path / "hub" / "README.md").read_text().split())
+
+
+def test_card_says_calibration_was_asked_for_and_not_applied_and_why(phantom_real, tmp_path):
+    syn = fake_synthetic(phantom_real, tmp_path / "syn", n=4)
+    teacher = save_teacher(tmp_path / "teacher", scale=200.0)
+    label_synthetic(syn, LabelConfig(teacher=str(teacher), calibrate=True))
+    text = _card(phantom_real, syn, tmp_path)
+    assert "Calibration was asked for but **not applied**: validation holds 2 benign, 7 malignant" in text
+    assert "ran without `--calibrate`" not in text
+
+
+def test_card_gives_the_ece_interval_and_the_labels_calibration_turned_round(real_large, tmp_path):
+    syn = fake_synthetic(real_large, tmp_path / "syn", n=6)
+    teacher = save_teacher(tmp_path / "teacher", scale=200.0)
+    summary = label_synthetic(syn, LabelConfig(teacher=str(teacher), calibrate=True))
+    text = _card(real_large, syn, tmp_path)
+    low, high = summary.calibration["ece_after_ci"]
+    assert f"95 % bootstrap interval {low:.3f}-{high:.3f}" in text
+    assert f"Calibration turned {sum(summary.flipped_by_calibration.values())} pseudo-label(s) round" in text

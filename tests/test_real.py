@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from stda_hf.core.errors import StdaError
-from stda_hf.data.real import REQUIRED_COLUMNS, inspect_folder, read_real_folder
+from stda_hf.data.real import OPTIONAL_COLUMNS, REQUIRED_COLUMNS, inspect_folder, read_real_folder
 
 
 def _rewrite_metadata(root, edit):
@@ -47,16 +47,26 @@ def test_reads_imagefolder_layout(tmp_path):
     assert folder["benign_1"].copyright_license == "unknown"
 
 
-def test_missing_columns_are_named(phantom_real):
-    _rewrite_metadata(
-        phantom_real,
-        lambda f, r: (
-            [c for c in f if c != "patient_id"],
-            [{k: v for k, v in row.items() if k != "patient_id"} for row in r],
-        ),
+def _drop_columns(*names):
+    return lambda f, r: (
+        [c for c in f if c not in names],
+        [{k: v for k, v in row.items() if k not in names} for row in r],
     )
-    with pytest.raises(StdaError, match=r"lacks column\(s\) \['patient_id'\]"):
+
+
+def test_missing_needed_columns_are_named(phantom_real):
+    _rewrite_metadata(phantom_real, _drop_columns("diagnosis_1"))
+    with pytest.raises(StdaError, match=r"lacks column\(s\) \['diagnosis_1'\]"):
         read_real_folder(phantom_real)
+
+
+def test_provenance_columns_are_optional_and_absent_means_unknown(phantom_real):
+    _rewrite_metadata(phantom_real, _drop_columns(*OPTIONAL_COLUMNS))
+    folder = read_real_folder(phantom_real)
+    assert len(folder) == 60
+    im = folder.images[0]
+    assert (im.lesion_id, im.patient_id) == ("", "")
+    assert (im.copyright_license, im.attribution) == ("unknown", "unknown")
 
 
 def test_unknown_diagnosis_names_line_and_valid_values(phantom_real):
@@ -75,11 +85,26 @@ def test_duplicate_id_is_refused(phantom_real):
         read_real_folder(phantom_real)
 
 
-def test_missing_image_file_is_refused(phantom_real):
-    victim = sorted((phantom_real / "images").iterdir())[5]
-    victim.unlink()
-    with pytest.raises(StdaError, match=f"image file for {victim.stem} not found"):
+def test_every_missing_image_file_is_named(phantom_real):
+    victims = sorted((phantom_real / "images").iterdir())[5:8]
+    for victim in victims:
+        victim.unlink()
+    with pytest.raises(StdaError, match="3 image file\\(s\\) not found") as err:
         read_real_folder(phantom_real)
+    assert all(v.stem in str(err.value) for v in victims)
+
+
+def test_masks_named_the_isic_way_are_matched_and_strays_listed(phantom_real):
+    masks = sorted((phantom_real / "masks").iterdir())
+    masks[0].rename(masks[0].with_name(f"{masks[0].stem}_segmentation.png"))
+    masks[1].rename(masks[1].with_name(f"{masks[1].stem}_Segmentation.png"))
+    stray = phantom_real / "masks" / "NOT_AN_IMAGE_segmentation.png"
+    shutil.copy(masks[2], stray)
+    folder = read_real_folder(phantom_real)
+    assert folder[masks[0].stem].mask_path.name == f"{masks[0].stem}_segmentation.png"
+    assert folder[masks[1].stem].mask_path.name == f"{masks[1].stem}_Segmentation.png"
+    assert sum(im.mask_path is not None for im in folder.images) == 60
+    assert "NOT_AN_IMAGE" in folder.left_out[str(stray)]
 
 
 def test_unsafe_id_is_refused(phantom_real):

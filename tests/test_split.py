@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import csv
+import json
 import shutil
 from collections import defaultdict
 
 import pytest
+from PIL import Image
 
 from stda_hf.core.errors import StdaError
-from stda_hf.data.real import load_splits, read_real_folder
+from stda_hf.data.real import inspect_folder, load_splits, read_real_folder
 from stda_hf.data.split import SplitConfig, make_splits, near_duplicate_pairs
 
 
@@ -106,6 +108,8 @@ def test_too_few_groups_is_a_clear_error(tmp_path):
         ({"val": 0}, "--val"),
         ({"val": 0.6, "test": 0.5}, "no training"),
         ({"phash_distance": 9}, "between 0 and 7"),
+        ({"floor_per_class": -1}, "--floor-per-class -1"),
+        ({"min_per_class": -2}, "--min-per-class -2"),
     ],
 )
 def test_bad_settings_are_refused(kwargs, match):
@@ -119,3 +123,70 @@ def test_bad_image_is_left_out_and_reported(phantom_real):
     make_splits(phantom_real, SplitConfig(seed=0))
     assert victim.stem not in _splits(phantom_real)
     assert str(victim) in (phantom_real / "split_summary.json").read_text()
+
+
+def _patients(tmp_path, groups):
+    """A folder of patient groups ``[(diagnosis, images), ...]`` (ids in order, no near-duplicates hashed)."""
+    from stda_hf.data.real import write_metadata
+
+    (tmp_path / "images").mkdir(parents=True)
+    rows, k = [], 0
+    for p, (label, size) in enumerate(groups):
+        for _ in range(size):
+            isic_id = f"IMG_{k:04d}"
+            Image.new("RGB", (8, 8), (k % 256, k // 256, 7)).save(tmp_path / "images" / f"{isic_id}.png")
+            rows.append({"isic_id": isic_id, "diagnosis_1": label, "patient_id": f"P{p}"})
+            k += 1
+    write_metadata(tmp_path, rows)
+    return tmp_path
+
+
+LARGE_BENIGN_PATIENTS = [("Benign", 8)] * 3 + [("Malignant", 1)] * 24
+"""Three benign patients of 8 images: a share-based deal cannot give validation and test one each."""
+
+
+def test_floor_moves_groups_from_train_so_each_held_out_split_holds_each_class(tmp_path):
+    root = _patients(tmp_path, LARGE_BENIGN_PATIENTS)
+    for seed in range(5):
+        summary = make_splits(root, SplitConfig(seed=seed, phash_distance=-1, floor_per_class=2))
+        for split in ("validation", "test"):
+            assert summary[split]["benign"] >= 2 and summary[split]["malignant"] >= 2, (seed, split)
+        load_splits(read_real_folder(root))  # still no patient on two sides
+
+
+def test_without_the_floor_the_same_folder_can_leave_a_held_out_split_one_sided(tmp_path):
+    root = _patients(tmp_path, LARGE_BENIGN_PATIENTS)
+    one_sided = 0
+    for seed in range(5):
+        summary = make_splits(
+            root, SplitConfig(seed=seed, phash_distance=-1, floor_per_class=0, min_per_class=0)
+        )
+        one_sided += any(summary[s][c] < 2 for s in ("validation", "test") for c in ("benign", "malignant"))
+    assert one_sided > 0  # so the test above can fail
+
+
+def test_a_class_too_small_for_the_floor_is_refused_naming_split_and_class(tmp_path):
+    root = _patients(tmp_path, [("Malignant", 1)] * 3 + [("Benign", 1)] * 20)
+    with pytest.raises(
+        StdaError, match=r"validation 0 malignant, test 1 malignant image\(s\), below the floor of 2"
+    ):
+        make_splits(root, SplitConfig(seed=0, phash_distance=-1, floor_per_class=2))
+
+
+def test_classes_below_the_minimum_are_recorded_and_printed_by_split_and_inspect(tmp_path, capsys):
+    from stda_hf.cli import main
+
+    root = _patients(tmp_path, [("Malignant", 1)] * 20 + [("Benign", 1)] * 60)
+    assert main(["split", str(root), "--phash-distance", "-1", "--min-per-class", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "too few: validation holds 3 malignant image(s), fewer than 5" in out
+    recorded = json.loads((root / "split_summary.json").read_text())["below_minimum"]
+    assert recorded == [line for line in out.split("too few: ")[1:] for line in [line.split(" (--")[0]]]
+    report = inspect_folder(root, decode=False)
+    assert report.below_minimum == recorded and "too few:     validation holds 3 malignant" in report.format()
+
+
+def test_no_class_is_flagged_when_every_held_out_class_reaches_the_minimum(tmp_path):
+    root = _patients(tmp_path, [("Malignant", 1)] * 40 + [("Benign", 1)] * 40)
+    make_splits(root, SplitConfig(seed=0, phash_distance=-1, min_per_class=5))
+    assert json.loads((root / "split_summary.json").read_text())["below_minimum"] == []

@@ -2,10 +2,12 @@
 
 Two layouts are accepted:
 
-* ISIC layout: ``images/<id>.<ext>`` plus ``metadata.csv`` with isic-cli's columns (at least
-  :data:`REQUIRED_COLUMNS`); optional ``masks/<id>.png`` (lesion masks) and ``artifacts/<id>.png``
-  (artifact label maps, written by the phantom maker, codes from :data:`ARTIFACTS`), and ``splits.csv`` once
-  ``stda split`` has run (read and checked here, :func:`load_splits`, since it is this folder's contract).
+* ISIC layout: ``images/<id>.<ext>`` plus ``metadata.csv`` with isic-cli's columns: ``isic_id`` and
+  ``diagnosis_1`` are needed (:data:`NEEDED_COLUMNS`), the others of :data:`REQUIRED_COLUMNS` may be absent or
+  empty, which means unknown; optional lesion masks named ``masks/<id>.png`` or the ISIC way
+  ``masks/<id>_segmentation.png`` (any case of ``Segmentation``), ``artifacts/<id>.png`` (artifact label maps,
+  written by the phantom maker, codes from :data:`ARTIFACTS`), and ``splits.csv`` once ``stda split`` has run
+  (read and checked here, :func:`load_splits`, since it is this folder's contract).
 * ImageFolder layout: ``benign/`` and ``malignant/`` sub-folders of images (any case: ``Malignant/``); ids are
   the file stems, lesion and patient are unknown, licence and attribution are ``unknown``.
 
@@ -17,6 +19,7 @@ are refused: which one is meant cannot be guessed.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections import Counter, defaultdict
@@ -43,11 +46,26 @@ REQUIRED_COLUMNS = (
     "copyright_license",
     "attribution",
 )
+"""isic-cli's provenance columns: every ``metadata.csv`` this project writes starts with them."""
+
+NEEDED_COLUMNS = ("isic_id", "diagnosis_1")
+"""The columns a ``metadata.csv`` must have to be read; the rest of :data:`REQUIRED_COLUMNS` may be absent."""
+
+OPTIONAL_COLUMNS = tuple(c for c in REQUIRED_COLUMNS if c not in NEEDED_COLUMNS)
+"""Provenance columns that may be absent or empty: both mean unknown (licence and attribution read ``unknown``)."""
+
+MASK_SUFFIX = re.compile(r"_segmentation$", re.IGNORECASE)
+"""ISIC names a lesion mask ``<id>_segmentation.png`` (2016 and its task 3B: ``_Segmentation``)."""
 DIAGNOSIS_TO_LABEL = {"Benign": "benign", "Malignant": "malignant", "Indeterminate": None}
 SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 ARTIFACTS = ("ruler", "patch", "ink", "dark_corners")
 """Artifact kinds; their code in the ``artifacts/<id>.png`` label map is their position here plus one."""
+
+MIN_PER_CLASS = 10
+"""Fewer images of a class than this in validation or test is flagged by ``stda split`` and ``stda inspect``:
+each image then moves the class's sensitivity by more than 10 points, and even a perfect score's exact 95 %
+interval reaches below 0.70."""
 
 PHANTOM_ATTRIBUTION = "stda-hf phantom generator (procedural, no patient data)"
 """The attribution of every phantom image: a folder whose images all carry it holds no patient data."""
@@ -317,15 +335,17 @@ def _index_files(folder: Path, left_out: dict[str, str] | None = None) -> dict[s
 def _read_isic_layout(root: Path, left_out: dict[str, str]) -> list[RealImage]:
     meta = root / "metadata.csv"
     files = _index_files(root / "images", left_out)
-    masks = _index_files(root / "masks")
     artifacts = _index_files(root / "artifacts")
+    masks = _index_masks(root / "masks", left_out)
     with open_csv(meta) as reader:
-        missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
+        missing = [c for c in NEEDED_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
             raise StdaError(
-                f"{meta} lacks column(s) {missing}; it needs {list(REQUIRED_COLUMNS)} (the columns isic-cli writes)"
+                f"{meta} lacks column(s) {missing}; it needs {list(NEEDED_COLUMNS)} and may add "
+                f"{list(OPTIONAL_COLUMNS)} (empty or absent: unknown). `stda import` writes it from ISIC "
+                "challenge folders, isic-cli exports and HAM10000"
             )
-        images, seen = [], set()
+        images, seen, absent = [], set(), []
         for row_no, row in enumerate(reader, start=2):
             where = f"{meta} line {row_no}"
             isic_id = check_id((row["isic_id"] or "").strip(), where)
@@ -338,10 +358,8 @@ def _read_isic_layout(root: Path, left_out: dict[str, str]) -> list[RealImage]:
                     f"{where}: unknown diagnosis_1 {diagnosis!r} for {isic_id}; valid values: {list(DIAGNOSIS_TO_LABEL)}"
                 )
             if isic_id not in files:
-                raise StdaError(
-                    f"{where}: image file for {isic_id} not found in {root / 'images'}; re-run the fetch "
-                    "(it resumes) or remove the row"
-                )
+                absent.append(f"{isic_id} (line {row_no})")
+                continue
             extra = {k: v for k, v in row.items() if k not in REQUIRED_COLUMNS and k is not None}
             images.append(
                 RealImage(
@@ -349,19 +367,51 @@ def _read_isic_layout(root: Path, left_out: dict[str, str]) -> list[RealImage]:
                     path=files[isic_id],
                     label=DIAGNOSIS_TO_LABEL[diagnosis],
                     diagnosis_1=diagnosis,
-                    lesion_id=(row["lesion_id"] or "").strip(),
-                    patient_id=(row["patient_id"] or "").strip(),
-                    image_type=(row["image_type"] or "").strip(),
-                    copyright_license=(row["copyright_license"] or "").strip() or "unknown",
-                    attribution=(row["attribution"] or "").strip() or "unknown",
-                    mask_path=masks.get(isic_id),
+                    lesion_id=_cell(row, "lesion_id"),
+                    patient_id=_cell(row, "patient_id"),
+                    image_type=_cell(row, "image_type"),
+                    copyright_license=_cell(row, "copyright_license") or "unknown",
+                    attribution=_cell(row, "attribution") or "unknown",
+                    mask_path=masks.pop(isic_id, None),
                     artifact_path=artifacts.get(isic_id),
                     extra=extra,
                 )
             )
+    if absent:
+        raise StdaError(
+            f"{meta}: {len(absent)} image file(s) not found in {root / 'images'}: {first_few(absent, 50)}; "
+            "re-run the fetch or import (they resume) or remove those rows"
+        )
     for isic_id in sorted(set(files) - seen):
         left_out[str(files[isic_id])] = f"no row in {meta.name}"
+    for isic_id, path in masks.items():
+        left_out[str(path)] = f"a mask for {isic_id}, which is not an image of {meta.name}"
     return images
+
+
+def _cell(row: Mapping[str, str | None], column: str) -> str:
+    """The stripped value of an optional column; absent or empty is ``""`` (unknown)."""
+    return (row.get(column) or "").strip()
+
+
+def _index_masks(folder: Path, left_out: dict[str, str]) -> dict[str, Path]:
+    """Map image id -> mask file inside ``folder``, named ``<id>.png`` or ``<id>_segmentation.png`` (any case).
+
+    A file that is no image, or a second mask for one id, goes into ``left_out`` with the reason.
+    """
+    if not folder.is_dir():
+        return {}
+    masks: dict[str, Path] = {}
+    for p in sorted(folder.iterdir()):
+        reason = why_not_an_image(p)
+        isic_id = MASK_SUFFIX.sub("", p.stem)
+        if reason is None and isic_id in masks:
+            reason = f"a second mask for {isic_id} (the first is {masks[isic_id].name})"
+        if reason is not None:
+            left_out[str(p)] = reason
+            continue
+        masks[isic_id] = p
+    return masks
 
 
 def _class_folders(root: Path) -> list[tuple[str, Path]]:
@@ -415,6 +465,7 @@ class InspectReport:
         default_factory=dict
     )  # files of the folder that are not among its images
     unsplit: int = 0  # labelled images splits.csv does not assign (added after `stda split`)
+    below_minimum: list[str] = field(default_factory=list)  # validation/test classes with too few images
 
     def format(self) -> str:
         """Human-readable multi-line summary."""
@@ -426,6 +477,7 @@ class InspectReport:
                 lines.append(f"  {split:<11}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
         else:
             lines.append("  splits:      none yet (run `stda split`)")
+        lines += [f"  too few:     {line}" for line in self.below_minimum]
         s = self.sizes
         if s:
             lines.append(
@@ -485,7 +537,27 @@ def inspect_folder(root: str | Path, decode: bool = True) -> InspectReport:
         bad=report.skipped,
         left_out=folder.left_out,
         unsplit=len(folder.unsplit()) if per_split else 0,
+        below_minimum=small_classes(per_split, _min_per_class(folder.root)) if per_split else [],
     )
+
+
+def small_classes(per_split: Mapping[str, Mapping[str, int]], minimum: int) -> list[str]:
+    """One line per validation/test class with fewer than ``minimum`` images (what split and inspect flag)."""
+    return [
+        f"{split} holds {n} {label} image(s), fewer than {minimum}"
+        for split in ("validation", "test")
+        for label in LABELS
+        if (n := per_split.get(split, {}).get(label, 0)) < minimum
+    ]
+
+
+def _min_per_class(root: Path) -> int:
+    """The ``min_per_class`` that ``stda split`` used (``split_summary.json``), else :data:`MIN_PER_CLASS`."""
+    try:
+        config = json.loads((root / "split_summary.json").read_text(encoding="utf-8"))["config"]
+        return int(config.get("min_per_class", MIN_PER_CLASS))
+    except (OSError, ValueError, KeyError, TypeError):
+        return MIN_PER_CLASS
 
 
 def _size_stats(widths: list[int], heights: list[int]) -> dict[str, int]:

@@ -19,7 +19,14 @@ from stda_hf.core.errors import BadImageError, StdaError
 from stda_hf.core.fileio import check_writable, csv_text, write_json, write_text
 from stda_hf.core.utils import progress
 from stda_hf.data.images import SkipReport, load_image
-from stda_hf.data.real import SPLITS, RealImage, check_no_leakage, read_real_folder
+from stda_hf.data.real import (
+    MIN_PER_CLASS,
+    SPLITS,
+    RealImage,
+    check_no_leakage,
+    read_real_folder,
+    small_classes,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +41,8 @@ class SplitConfig:
     phash_distance: int = (
         6  # near-duplicates: perceptual hashes at most this many bits apart (0-7; -1 disables)
     )
+    min_per_class: int = MIN_PER_CLASS  # warn when validation or test holds fewer of a class (0: never)
+    floor_per_class: int = 2  # refuse when validation or test holds fewer images of a class (0: allow none)
 
     def __post_init__(self) -> None:
         for name in ("val", "test"):
@@ -43,6 +52,11 @@ class SplitConfig:
         if self.val + self.test >= 1.0:
             raise StdaError(
                 f"--val {self.val} + --test {self.test} leaves no training images; keep the sum below 1"
+            )
+        if self.floor_per_class < 0 or self.min_per_class < 0:
+            raise StdaError(
+                f"--floor-per-class {self.floor_per_class} and --min-per-class {self.min_per_class} must be "
+                "counts of 0 or more"
             )
         if not -1 <= self.phash_distance <= 7:
             raise StdaError(
@@ -108,7 +122,9 @@ def near_duplicate_pairs(hashes: dict[str, int], max_distance: int) -> list[tupl
 def group_images(images: list[RealImage], duplicate_pairs: list[tuple[str, str]]) -> dict[str, str]:
     """``{isic_id: group}``: images sharing a lesion, a patient or a near-duplicate pair share a group.
 
-    The group name is the smallest id in it, so it does not depend on the order of ``images``.
+    A ``duplicate_of`` metadata column (``stda import`` fills it from SIIM-ISIC 2020's duplicate list) joins an
+    image to the one it duplicates as well. The group name is the smallest id in it, so it does not depend on
+    the order of ``images``.
     """
     index = {im.isic_id: i for i, im in enumerate(images)}
     uf = _UnionFind(len(images))
@@ -117,7 +133,8 @@ def group_images(images: list[RealImage], duplicate_pairs: list[tuple[str, str]]
         for kind, key in (("lesion", im.lesion_id), ("patient", im.patient_id)):
             if key:
                 uf.union(i, first_seen.setdefault((kind, key), i))
-    for a, b in duplicate_pairs:
+    listed = [(im.isic_id, im.extra.get("duplicate_of", "")) for im in images]
+    for a, b in [*duplicate_pairs, *listed]:
         if a in index and b in index:
             uf.union(index[a], index[b])
     members = defaultdict(list)
@@ -134,7 +151,35 @@ def assign_groups(images: list[RealImage], groups: dict[str, str], cfg: SplitCon
     group_label, group_size = _group_classes(images, groups)
     targets = {"test": cfg.test, "validation": cfg.val, "train": 1.0 - cfg.val - cfg.test}
     group_split = _fill_parts(group_label, group_size, targets, np.random.default_rng(cfg.seed))
+    _meet_floor(images, groups, group_split, cfg.floor_per_class)
     return {im.isic_id: group_split[groups[im.isic_id]] for im in images}
+
+
+def _meet_floor(images: list[RealImage], groups: dict[str, str], group_split: dict, floor: int) -> None:
+    """Move whole groups from train into test and validation until each holds ``floor`` images of each class.
+
+    The share-based deal can leave a held-out split without a class when groups are large (a patient with
+    many images). Smallest groups go first (then by name), and train keeps at least ``floor`` images of the
+    class; what cannot be met is left for :func:`check_class_counts` to refuse.
+    """
+    per_group: dict[str, Counter] = defaultdict(Counter)
+    for im in images:
+        per_group[groups[im.isic_id]][im.label] += 1
+    for label in ("benign", "malignant"):
+        for split in ("test", "validation"):
+
+            def count(part: str, label: str = label) -> int:
+                return sum(c[label] for g, c in per_group.items() if group_split[g] == part)
+
+            candidates = sorted(
+                (g for g, c in per_group.items() if group_split[g] == "train" and c[label]),
+                key=lambda g: (sum(per_group[g].values()), g),
+            )
+            for g in candidates:
+                if count(split) >= floor:
+                    break
+                if count("train") - per_group[g][label] >= floor:
+                    group_split[g] = split
 
 
 def _group_classes(images: list[RealImage], groups: dict[str, str]) -> tuple[dict[str, str], Counter]:
@@ -198,7 +243,7 @@ def make_splits(root: str | Path, cfg: SplitConfig | None = None) -> dict[str, d
     assignment = assign_groups(images, groups, cfg)
     check_no_leakage(images, assignment)
     summary = _summary(images, assignment, groups)
-    _check_usable(summary, folder.root)
+    small = check_class_counts(summary, folder.root, cfg.floor_per_class, cfg.min_per_class)
     write_text(folder.splits_path, _splits_csv(images, assignment, groups))
     write_json(
         folder.root / "split_summary.json",
@@ -208,8 +253,11 @@ def make_splits(root: str | Path, cfg: SplitConfig | None = None) -> dict[str, d
                 "test": cfg.test,
                 "seed": cfg.seed,
                 "phash_distance": cfg.phash_distance,
+                "min_per_class": cfg.min_per_class,
+                "floor_per_class": cfg.floor_per_class,
             },
             "counts": summary,
+            "below_minimum": small,
             "groups": len(set(groups.values())),
             "skipped": report.skipped,
         },
@@ -235,16 +283,39 @@ def _summary(images: list[RealImage], assignment: dict[str, str], groups: dict[s
     return out
 
 
-def _check_usable(summary: dict, root: Path) -> None:
+def check_class_counts(summary: dict, root: Path, floor: int, minimum: int) -> list[str]:
+    """Refuse held-out splits below ``floor`` images of a class; warn (and return one line each) below ``minimum``.
+
+    Train only needs to be non-empty. Below the floor a split cannot measure its class: with one image,
+    sensitivity (or specificity) is 0 or 1 and ROC AUC is that one image's rank, and calibration cannot hold
+    an image of that class out of its own fit. Below the minimum every image of the class moves the split's
+    sensitivity by more than 10 points, and even a perfect score's exact 95 % interval reaches below 0.70.
+
+    Raises
+    ------
+    StdaError
+        A split without images, or a validation/test class below ``floor``, naming every one.
+    """
     for split in SPLITS:
         if summary[split]["benign"] + summary[split]["malignant"] == 0:
             raise StdaError(
                 f"{root}: the {split} split would be empty (too few lesion/patient groups for these fractions); "
                 "add images or change --val/--test"
             )
-        for label in ("benign", "malignant"):
-            if summary[split][label] == 0:
-                logger.warning("%s split has no %s images; metrics on it will be one-sided", split, label)
+    held_out = [
+        (s, label, summary[s][label]) for s in ("validation", "test") for label in ("benign", "malignant")
+    ]
+    short = [f"{s} {n} {label}" for s, label, n in held_out if n < floor]
+    if short:
+        raise StdaError(
+            f"{root}: {', '.join(short)} image(s), below the floor of {floor} per class (too few lesion/patient "
+            "groups of that class to deal out): a split cannot measure a class it holds fewer of. Add images, "
+            "raise --val/--test, or lower --floor-per-class (0 allows a missing class)"
+        )
+    small = small_classes(summary, minimum)
+    for line in small:
+        logger.warning("%s: metrics of that class on it are coarse; add images or raise --val/--test", line)
+    return small
 
 
 @dataclass
@@ -316,5 +387,5 @@ def make_folds(
         side = _fill_parts(rest, group_size, targets, np.random.default_rng([seed, fold]))
         folds.assignments.append({im.isic_id: side.get(groups[im.isic_id], "test") for im in images})
         check_no_leakage(images, folds.assignments[fold])
-        _check_usable(folds.summary(fold), Path(f"{folder.root} (fold {fold})"))
+        check_class_counts(folds.summary(fold), Path(f"{folder.root} (fold {fold})"), floor=0, minimum=1)
     return folds

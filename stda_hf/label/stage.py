@@ -5,7 +5,15 @@ labelled by a teacher network and keeps its full class probabilities, confidence
 scaling on the real validation split (Guo et al., 2017) makes the confidences honest before a threshold is
 applied; with a class-weighted teacher the logits are also shifted by about the log prior ratio, which a
 temperature cannot remove, so calibration fits a bias as well (Platt scaling on the logit difference). Its
-ECE is measured on validation images the fit did not see (two-fold cross-fitting). Labelling is resumable like ``generate``: ``labels.jsonl`` is append-only and re-running skips what is
+ECE is measured on validation images the fit did not see (two-fold cross-fitting), with a bootstrap interval
+and beside what the binned estimator reads for a perfectly calibrated teacher at the same size.
+
+Two guards keep calibration from doing harm on small or easy validation sets: with fewer than
+``calibration_min_per_class`` images of a class it is not fitted, and when the teacher separates validation
+perfectly or all but one image (the likelihood then grows without bound as the scale grows, so the fitted
+scale says nothing) it is not applied. Either way the teacher's own probabilities label the images, one
+warning line says why, and ``calibration.json`` records it. Pseudo-labels that calibration turns round are
+counted. Labelling is resumable like ``generate``: ``labels.jsonl`` is append-only and re-running skips what is
 done.
 """
 
@@ -52,6 +60,9 @@ class LabelConfig:
     batch_size: int = 32  # images per forward pass
     device: str = "auto"  # auto, cpu, cuda, cuda:1, ...
     keep_failed: bool = False  # also label images that failed generate's quality gate (left out by default)
+    calibration_min_per_class: int = (
+        10  # fewer validation images of a class: no calibration (one warning line)
+    )
 
     def __post_init__(self) -> None:
         if not self.teacher:
@@ -60,6 +71,11 @@ class LabelConfig:
             raise StdaError(f"--min-confidence {self.min_confidence} must be between 0 and 1 (e.g. 0.8)")
         if self.batch_size < 1:
             raise StdaError(f"--batch-size {self.batch_size} must be at least 1")
+        if self.calibration_min_per_class < 2:
+            raise StdaError(
+                f"--calibration-min-per-class {self.calibration_min_per_class} must be at least 2 (the cross-fit "
+                "holds one image of each class out of each half)"
+            )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -151,10 +167,10 @@ def platt_probs(logits: torch.Tensor, scale: float, bias: float) -> torch.Tensor
     return torch.stack([1 - p, p], dim=1)
 
 
-def cross_fit_ece(logits: torch.Tensor, targets: torch.Tensor, seed: int = 0) -> float:
-    """ECE of Platt scaling on images it was not fitted on: fit on one half, measure on the other, both ways.
+def cross_fit_probs(logits: torch.Tensor, targets: torch.Tensor, seed: int = 0) -> torch.Tensor | None:
+    """Platt-calibrated probabilities ``(N, 2)`` of each image from the fit on the other half of the images.
 
-    The halves are stratified by class; the result is the image-weighted mean of the two held-out ECEs.
+    The halves are stratified by class; None when a half would miss a class (nothing to fit or measure).
     """
     rng = np.random.default_rng(seed)
     half = np.zeros(len(targets), dtype=bool)
@@ -163,18 +179,85 @@ def cross_fit_ece(logits: torch.Tensor, targets: torch.Tensor, seed: int = 0) ->
         half[idx[: len(idx) // 2]] = True
     masks = [torch.from_numpy(half), torch.from_numpy(~half)]
     if any(len(targets[m].unique()) < 2 for m in masks):
-        return float("nan")
-    total = 0.0
+        return None
+    probs = torch.empty(len(targets), 2)
     for fit, held in (masks, masks[::-1]):
-        a, b = fit_platt(logits[fit], targets[fit])
-        total += expected_calibration_error(platt_probs(logits[held], a, b), targets[held]) * int(held.sum())
-    return total / len(targets)
+        probs[held] = platt_probs(logits[held], *fit_platt(logits[fit], targets[fit]))
+    return probs
 
 
-def label_record(image_id: str, probs: torch.Tensor, teacher: str) -> dict:
-    """The ``labels.jsonl`` line of one image from its class probabilities."""
-    p = [round(float(x), 6) for x in probs]
+def cross_fit_ece(logits: torch.Tensor, targets: torch.Tensor, seed: int = 0) -> float:
+    """ECE of Platt scaling on images it was not fitted on (:func:`cross_fit_probs`); NaN when a half lacks a class."""
+    probs = cross_fit_probs(logits, targets, seed)
+    return float("nan") if probs is None else expected_calibration_error(probs, targets)
+
+
+def _binned_ece(conf: np.ndarray, correct: np.ndarray, bins: int) -> np.ndarray:
+    """ECE of each row of ``conf``/``correct`` ``(B, N)`` with equal-width bins (as :func:`expected_calibration_error`)."""
+    rows, n = conf.shape
+    which = np.clip(np.ceil(conf * bins).astype(int) - 1, 0, bins - 1) + bins * np.arange(rows)[:, None]
+    gap = np.bincount(which.ravel(), (conf - correct).ravel(), minlength=rows * bins).reshape(rows, bins)
+    return np.abs(gap).sum(1) / n
+
+
+def ece_interval(
+    probs: torch.Tensor, targets: torch.Tensor, bins: int = 15, draws: int = 1000, seed: int = 0
+) -> dict[str, Any]:
+    """ECE with a 95 % bootstrap interval, and what the estimator reads for a perfectly calibrated model.
+
+    The binned ECE is biased upwards on small sets: a model whose probabilities are exactly right still reads
+    about 0.15 on 30 images. ``ece_if_calibrated`` is the mean ECE over label sets drawn from the model's own
+    probabilities (a perfectly calibrated model with the same confidences), the level below which a measured
+    ECE says nothing.
+
+    Returns
+    -------
+    dict
+        ``{"ece", "ece_ci": [low, high], "ece_if_calibrated", "bootstrap_draws"}``.
+    """
+    rng = np.random.default_rng(seed)
+    p = probs.detach().double().numpy()
+    conf, pred = p.max(1), p.argmax(1)
+    correct = (pred == targets.numpy()).astype(float)
+    n = len(conf)
+    idx = rng.integers(0, n, (draws, n))
+    boot = _binned_ece(conf[idx], correct[idx], bins)
+    calibrated = (rng.random((draws, n)) < conf[None, :]).astype(float)
     return {
+        "ece": round(expected_calibration_error(probs, targets, bins), 6),
+        "ece_ci": [round(float(q), 6) for q in np.quantile(boot, [0.025, 0.975])],
+        "ece_if_calibrated": round(
+            float(_binned_ece(np.broadcast_to(conf, (draws, n)), calibrated, bins).mean()), 6
+        ),
+        "bootstrap_draws": draws,
+    }
+
+
+def misordered(logits: torch.Tensor, targets: torch.Tensor) -> int:
+    """The fewest images on the wrong side of any one threshold on the log-odds (0: perfectly separated).
+
+    Platt scaling's likelihood grows without bound as the scale grows when this is 0, and is held by a single
+    image when it is 1: the fitted scale then says how the set happened to fall, not how confident to be.
+    """
+    margin = (logits[:, 1] - logits[:, 0]).numpy()
+    order = np.argsort(margin, kind="stable")
+    y, m = targets.numpy()[order], margin[order]
+    malignant_below = np.concatenate([[0], np.cumsum(y == 1)])  # cut after k images: those below are benign
+    benign_above = (y == 0).sum() - np.concatenate([[0], np.cumsum(y == 0)])
+    cuts = np.concatenate([[True], m[1:] > m[:-1], [True]])  # a threshold cannot split tied log-odds
+    return int((malignant_below + benign_above)[cuts].min())
+
+
+def label_record(
+    image_id: str, probs: torch.Tensor, teacher: str, uncalibrated: torch.Tensor | None = None
+) -> dict:
+    """The ``labels.jsonl`` line of one image from its class probabilities.
+
+    With ``uncalibrated`` (the teacher's own probabilities, when calibration was applied) the line also holds
+    ``uncalibrated_label``, so a label that calibration turned round can be counted.
+    """
+    p = [round(float(x), 6) for x in probs]
+    record = {
         "id": image_id,
         "label": LABELS[int(np.argmax(p))],
         "probs": p,
@@ -182,6 +265,19 @@ def label_record(image_id: str, probs: torch.Tensor, teacher: str) -> dict:
         "entropy": round(float(entropy(probs[None]).item()), 6),
         "teacher": teacher,
     }
+    if uncalibrated is not None:
+        record["uncalibrated_label"] = LABELS[int(torch.argmax(uncalibrated))]
+    return record
+
+
+def flipped_labels(records: list[dict]) -> dict[str, int]:
+    """``{"benign->malignant": n, "malignant->benign": m}``: labels calibration turned round (empty: none)."""
+    flips = Counter(
+        f"{r['uncalibrated_label']}->{r['label']}"
+        for r in records
+        if r.get("uncalibrated_label", r["label"]) != r["label"]
+    )
+    return dict(sorted(flips.items()))
 
 
 def summarize(records: list[dict], manifest: dict[str, dict], min_confidence: float) -> dict:
@@ -208,6 +304,7 @@ def summarize(records: list[dict], manifest: dict[str, dict], min_confidence: fl
         else {},
         "by_style": {k: dict(sorted(v.items())) for k, v in sorted(by_style.items())},
         "by_content": {k: dict(sorted(v.items())) for k, v in sorted(by_content.items())},
+        "flipped_by_calibration": flipped_labels(records),
     }
 
 
@@ -231,6 +328,9 @@ class LabelSummary:
     skipped: dict[str, str]  # unreadable images and why
     settings: dict[str, Any]  # the LabelConfig used
     left_out_failed: dict[str, int] = dataclasses.field(default_factory=dict)  # verdict -> not labelled
+    flipped_by_calibration: dict[str, int] = dataclasses.field(
+        default_factory=dict
+    )  # "benign->malignant" -> labels calibration turned round
 
     def to_json(self) -> dict[str, Any]:
         """The summary as ``labels_summary.json`` holds it."""
@@ -378,13 +478,97 @@ def _real_root(synthetic: Path, cfg: LabelConfig) -> Path | None:
     return None
 
 
-def calibrate(teacher: Teacher, real_root: Path, device: torch.device, batch_size: int) -> dict:
-    """Fit a Platt scale and bias on the real validation split and measure the calibration honestly.
+def calibrate(
+    teacher: Teacher, real_root: Path, device: torch.device, batch_size: int, min_per_class: int = 10
+) -> dict:
+    """Fit a Platt scale and bias on the real validation split, measure it honestly, or say why not.
 
-    Returns ``{method, scale, bias, temperature, ece_before, ece_after, ece_after_on, validation_images}``: the
-    parameters used for labelling are fitted on the whole validation split; ``ece_after`` is the cross-fitted
-    ECE (:func:`cross_fit_ece`: fitted on one half, measured on the other), never the fit's own images.
+    Returns ``calibration.json``'s content: ``method`` (``platt``, or ``none`` after a fallback, with
+    ``fallback`` = ``too_few`` or ``separation`` and a one-line ``reason``), ``scale``, ``bias``,
+    ``temperature`` (1/scale; after a fallback 1, 0 and 1), ``ece_before`` and ``ece_after`` with their
+    95 % bootstrap intervals and ``ece_if_calibrated`` references, ``ece_after_on`` (where it was measured),
+    ``misordered`` and ``validation_images`` / ``per_class``. The parameters used for labelling are fitted on
+    the whole validation split; ``ece_after`` is cross-fitted (:func:`cross_fit_probs`: fitted on one half,
+    measured on the other), never the fit's own images.
     """
+    z, y = _validation_logits(teacher, real_root, device, batch_size)
+    return calibration_from_logits(z, y, min_per_class)
+
+
+def calibration_from_logits(z: torch.Tensor, y: torch.Tensor, min_per_class: int = 10) -> dict[str, Any]:
+    """:func:`calibrate` on the teacher's validation logits ``z`` ``(N, 2)`` and labels ``y`` ``(N,)``."""
+    per_class = {label: int((y == i).sum()) for i, label in enumerate(LABELS)}
+    before = ece_interval(z.softmax(-1), y)
+    result: dict[str, Any] = {
+        "ece_before": before["ece"],
+        "ece_before_ci": before["ece_ci"],
+        "ece_before_if_calibrated": before["ece_if_calibrated"],
+        "validation_images": len(y),
+        "per_class": per_class,
+        "min_per_class": min_per_class,
+    }
+    if min(per_class.values()) < min_per_class:
+        counts = ", ".join(f"{n} {label}" for label, n in per_class.items())
+        reason = (
+            f"validation holds {counts}; calibration needs {min_per_class} of each class "
+            "(--calibration-min-per-class)"
+        )
+        return {**result, **_fallback("too_few", reason, before)}
+    wrong = misordered(z, y)
+    result["misordered"] = wrong
+    try:
+        a, b = fit_platt(z, y)
+    except StdaError:
+        a, b = float("inf"), float("nan")
+    if wrong <= 1 or not math.isfinite(a):
+        fitted = {
+            "fitted_scale": round(a, 6) if math.isfinite(a) else None,
+            "fitted_bias": round(b, 6) if math.isfinite(b) else None,
+        }
+        how = "perfectly" if wrong == 0 else "but for one image" if wrong == 1 else f"but for {wrong} images"
+        reason = (
+            f"the teacher separates validation {how} (fitted scale {a:.3g}): the fit would push every "
+            "confidence towards 1"
+        )
+        return {**result, **fitted, **_fallback("separation", reason, before)}
+    held = cross_fit_probs(z, y)
+    after = ece_interval(held, y) if held is not None else ece_interval(platt_probs(z, a, b), y)
+    return {
+        **result,
+        "method": CALIBRATION_METHOD,
+        "scale": round(a, 6),
+        "bias": round(b, 6),
+        "temperature": round(1.0 / a, 6) if a != 0 else None,
+        "ece_after": after["ece"],
+        "ece_after_ci": after["ece_ci"],
+        "ece_after_if_calibrated": after["ece_if_calibrated"],
+        "ece_after_on": "held-out halves of the validation split (cross-fit)"
+        if held is not None
+        else "the fitting images themselves (too few of a class to hold any out): optimistic",
+    }
+
+
+def _fallback(kind: str, reason: str, before: dict[str, Any]) -> dict[str, Any]:
+    """The ``calibration.json`` fields of a calibration that was asked for and not applied, and its warning."""
+    logger.warning("not calibrating: %s; labelling with the teacher's own probabilities", reason)
+    return {
+        "method": "none",
+        "fallback": kind,
+        "reason": reason,
+        "scale": 1.0,
+        "bias": 0.0,
+        "temperature": 1.0,
+        "ece_after": before["ece"],
+        "ece_after_ci": before["ece_ci"],
+        "ece_after_if_calibrated": before["ece_if_calibrated"],
+        "ece_after_on": "the whole validation split, uncalibrated (nothing was fitted)",
+    }
+
+
+def _validation_logits(
+    teacher: Teacher, real_root: Path, device: torch.device, batch_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's logits ``(N, 2)`` and the labels ``(N,)`` of the real validation split's loadable images."""
     folder = read_real_folder(real_root)
     images = folder.subset("validation")
     if not images:
@@ -401,34 +585,14 @@ def calibrate(teacher: Teacher, real_root: Path, device: torch.device, batch_siz
         if batch:
             logits.append(teacher.logits(teacher.preprocess(batch), device))
             targets += labels
-    z, y = torch.cat(logits), torch.tensor(targets)
-    a, b = fit_platt(z, y)
-    return {
-        "method": CALIBRATION_METHOD,
-        "scale": round(a, 6),
-        "bias": round(b, 6),
-        "temperature": round(1.0 / a, 6) if a != 0 else None,
-        "ece_before": round(expected_calibration_error(z.softmax(-1), y), 6),
-        **_held_out_ece(z, y, a, b),
-        "validation_images": len(targets),
-    }
+    if not targets:
+        raise StdaError(f"no validation image of {real_root} could be read; see the skipped files above")
+    return torch.cat(logits), torch.tensor(targets)
 
 
-def _held_out_ece(z: torch.Tensor, y: torch.Tensor, a: float, b: float) -> dict[str, Any]:
-    """``ece_after`` cross-fitted where each half of validation holds both classes; else in-sample, said so."""
-    ece = cross_fit_ece(z, y)
-    if math.isfinite(ece):
-        return {
-            "ece_after": round(ece, 6),
-            "ece_after_on": "held-out halves of the validation split (cross-fit)",
-        }
-    logger.warning(
-        "validation has too few images of a class to hold half out: ECE after calibration is in-sample"
-    )
-    return {
-        "ece_after": round(expected_calibration_error(platt_probs(z, a, b), y), 6),
-        "ece_after_on": "the fitting images themselves (too few of a class to hold any out): optimistic",
-    }
+def calibration_applied(calibration: dict | None) -> bool:
+    """Whether a ``calibration.json`` content changes the probabilities (Platt fitted and not fallen back)."""
+    return bool(calibration) and calibration.get("method") == CALIBRATION_METHOD
 
 
 def label_synthetic(synthetic: str | Path, cfg: LabelConfig) -> LabelSummary:
@@ -455,9 +619,10 @@ def label_synthetic(synthetic: str | Path, cfg: LabelConfig) -> LabelSummary:
     if real_root is not None:
         check_teacher_data(teacher, real_root)
     calibration = _calibration(synthetic, teacher, cfg, real_root, device)
+    applied = calibration_applied(calibration)
     scale, bias = calibration.get("scale", 1.0), calibration.get("bias", 0.0)
     temperature = calibration.get("temperature") or 1.0
-    tag = f"{teacher.name}|platt={scale:g},{bias:g}" if calibration else f"{teacher.name}|T=1"
+    tag = f"{teacher.name}|platt={scale:g},{bias:g}" if applied else f"{teacher.name}|T=1"
     done = _done_labels(synthetic, tag)
     todo = [i for i in sorted(manifest) if i not in done]
     report = SkipReport()
@@ -472,9 +637,10 @@ def label_synthetic(synthetic: str | Path, cfg: LabelConfig) -> LabelSummary:
                 report.add(err.path, err.reason)
         if batch:
             logits = teacher.logits(teacher.preprocess(batch), device)
-            probs = platt_probs(logits, scale, bias) if calibration else logits.softmax(-1)
-            for image_id, p in zip(ids, probs, strict=True):
-                append_jsonl(synthetic / LABELS_FILE, label_record(image_id, p, tag))
+            probs = platt_probs(logits, scale, bias) if applied else logits.softmax(-1)
+            raw = logits.softmax(-1) if applied else [None] * len(ids)
+            for image_id, p, r in zip(ids, probs, raw, strict=True):
+                append_jsonl(synthetic / LABELS_FILE, label_record(image_id, p, tag, uncalibrated=r))
         bar.update(len(todo[start : start + cfg.batch_size]))
     bar.close()
     records = [r for r in read_jsonl(synthetic / LABELS_FILE) if r["id"] in manifest]
@@ -483,13 +649,19 @@ def label_synthetic(synthetic: str | Path, cfg: LabelConfig) -> LabelSummary:
         teacher=teacher.name,
         temperature=temperature,
         calibration=calibration or None,
-        calibration_method=CALIBRATION_METHOD if calibration else "none",
+        calibration_method=CALIBRATION_METHOD if applied else "none",
         skipped=report.skipped,
         settings=config_to_dict(cfg),
         left_out_failed=left_out,
     )
     write_json(synthetic / SUMMARY_FILE, summary.to_json())
     plot_confidence(records, cfg.min_confidence, synthetic / "confidence_histogram.png")
+    if summary.flipped_by_calibration:
+        logger.info(
+            "calibration turned %d pseudo-label(s) round (%s)",
+            sum(summary.flipped_by_calibration.values()),
+            ", ".join(f"{k} {v}" for k, v in summary.flipped_by_calibration.items()),
+        )
     if report:
         logger.warning("%s", report.summary())
     return summary
@@ -518,7 +690,14 @@ def _calibration(synthetic: Path, teacher: Teacher, cfg: LabelConfig, real_root:
     if not cfg.calibrate:
         return {}
     path = synthetic / "calibration.json"
-    key = stable_hash({"teacher": teacher.name, "real": str(real_root), "method": CALIBRATION_METHOD})
+    key = stable_hash(
+        {
+            "teacher": teacher.name,
+            "real": str(real_root),
+            "method": CALIBRATION_METHOD,
+            "min_per_class": cfg.calibration_min_per_class,
+        }
+    )
     if path.is_file():
         import json
 
@@ -529,15 +708,22 @@ def _calibration(synthetic: Path, teacher: Teacher, cfg: LabelConfig, real_root:
         raise StdaError(
             "--calibrate needs the real-image folder: pass --real or keep source.json in the synthetic folder"
         )
-    result = {**calibrate(teacher, real_root, device, cfg.batch_size), "key": key}
+    result = {
+        **calibrate(teacher, real_root, device, cfg.batch_size, cfg.calibration_min_per_class),
+        "key": key,
+    }
     write_json(path, result)
-    logger.info(
-        "Platt scale %.3f, bias %.3f: ECE %.4f -> %.4f (held out)",
-        result["scale"],
-        result["bias"],
-        result["ece_before"],
-        result["ece_after"],
-    )
+    if calibration_applied(result):
+        logger.info(
+            "Platt scale %.3f, bias %.3f: ECE %.4f [%.4f, %.4f] -> %.4f [%.4f, %.4f] (after: on %s)",
+            result["scale"],
+            result["bias"],
+            result["ece_before"],
+            *result["ece_before_ci"],
+            result["ece_after"],
+            *result["ece_after_ci"],
+            result["ece_after_on"],
+        )
     return result
 
 
