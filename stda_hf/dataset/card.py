@@ -4,7 +4,7 @@
 licences, skin types, artifacts, style-transfer settings, the teacher); :func:`render_card` turns them into
 ``README.md``: a YAML header the Hub and ``datasets`` read (licence, task, ``configs`` with every split,
 ``dataset_info`` with the features, so the ``ClassLabel`` survives a plain Parquet load) and the sections of
-the Hub's dataset-card template, from ``stda_hf/cards/dataset_card.md``.
+the Hub's dataset-card template, from ``cards/dataset_card.md`` (``stda_hf/cards/`` in the wheel).
 """
 
 from __future__ import annotations
@@ -23,8 +23,15 @@ from stda_hf import LABELS, __version__
 from stda_hf.core.errors import StdaError
 from stda_hf.data.licenses import get_license, most_restrictive
 
-TEMPLATE = Path(__file__).resolve().parent / "cards" / "dataset_card.md"
-"""The card template (Jinja2), shipped as package data in ``stda_hf/cards/`` (found in an installed wheel).
+
+def _cards_folder() -> Path:
+    """``cards/``: inside the package when installed from the wheel, at the repository's top in a checkout."""
+    package = Path(__file__).resolve().parents[1]
+    return package / "cards" if (package / "cards").is_dir() else package.parent / "cards"
+
+
+TEMPLATE = _cards_folder() / "dataset_card.md"
+"""The card template (Jinja2): ``cards/`` at the repository's top, installed by the wheel as ``stda_hf/cards/``.
 
 Rendered here rather than with ``huggingface_hub.DatasetCard.from_template``: that renders with Jinja's default
 ``Undefined`` (a fact the template names but the build lacks becomes an empty string in a public card instead
