@@ -23,9 +23,9 @@ from pathlib import Path
 import pytest
 from test_package import write_synthetic
 
-from dataset_script import FEATURES
 from stda_hf.core.fileio import read_jsonl
 from stda_hf.dataset.packaging import package
+from stda_hf.dataset_script import FEATURES
 
 REPO_ID = "stda/skin-lesions"
 LOADER = """
@@ -255,6 +255,130 @@ def test_model_card_says_how_to_use_the_model_by_id(served_model):
     assert card.data.library_name == "transformers" and card.data.pipeline_tag == "image-classification"
     assert f'pipeline("image-classification", model="{MODEL_ID}", trust_remote_code=True)' in card.text
     assert card.data.datasets == ["stda/skin-lesions"]  # trained from a local copy whose card names its id
+
+
+EXAMPLE_FINE_TUNE = """
+import importlib.abc, json, os, sys
+
+class NoStda(importlib.abc.MetaPathFinder):  # the user has transformers, not stda-hf
+    def find_spec(self, name, path=None, target=None):
+        if name == "stda_hf" or name.startswith("stda_hf."):
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)")
+
+sys.meta_path.insert(0, NoStda())
+import torch
+from datasets import load_dataset
+from torch.utils.data import DataLoader
+from torchvision.transforms import (
+    CenterCrop, Compose, Normalize, RandomHorizontalFlip, RandomResizedCrop, Resize, ToTensor,
+)
+from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
+
+# run_image_classification_no_trainer.py, step by step, with its flags
+# --model_name_or_path <id> --train_dir <dir> --trust_remote_code True --ignore_mismatched_sizes
+# --learning_rate 1e-3 --per_device_train_batch_size 8 --num_train_epochs 12 --seed 0
+model_name_or_path, train_dir = sys.argv[1], sys.argv[2]
+torch.manual_seed(0)
+dataset = load_dataset("imagefolder", data_files={"train": os.path.join(train_dir, "**")})
+labels = dataset["train"].features["label"].names
+label2id = {label: str(i) for i, label in enumerate(labels)}
+id2label = {str(i): label for i, label in enumerate(labels)}
+config = AutoConfig.from_pretrained(
+    model_name_or_path, num_labels=len(labels), id2label=id2label, label2id=label2id,
+    finetuning_task="image-classification", trust_remote_code=True,
+)
+image_processor = AutoImageProcessor.from_pretrained(model_name_or_path, trust_remote_code=True)
+model = AutoModelForImageClassification.from_pretrained(
+    model_name_or_path, config=config, ignore_mismatched_sizes=True, trust_remote_code=True,
+)
+head = model.classifier[-1].weight.detach().clone()
+with torch.no_grad():
+    zero_loss = float(model(torch.zeros(1, 3, 32, 32), labels=torch.tensor([0])).loss)
+
+if "shortest_edge" in image_processor.size:
+    size = image_processor.size["shortest_edge"]
+else:
+    size = (image_processor.size["height"], image_processor.size["width"])
+normalize = Normalize(mean=image_processor.image_mean, std=image_processor.image_std)
+train_transforms = Compose([RandomResizedCrop(size), RandomHorizontalFlip(), ToTensor(), normalize])
+val_transforms = Compose([Resize(size), CenterCrop(size), ToTensor(), normalize])
+
+def preprocess_train(example_batch):
+    example_batch["pixel_values"] = [train_transforms(image.convert("RGB")) for image in example_batch["image"]]
+    return example_batch
+
+def collate_fn(examples):
+    pixel_values = torch.stack([example["pixel_values"] for example in examples])
+    labels = torch.tensor([example["label"] for example in examples])
+    return {"pixel_values": pixel_values, "labels": labels}
+
+train_dataloader = DataLoader(
+    dataset["train"].with_transform(preprocess_train), shuffle=True, collate_fn=collate_fn, batch_size=8
+)
+no_decay = ["bias", "LayerNorm.weight"]
+groups = [
+    {"params": [p for n, p in model.named_parameters() if not any(nd in n for nd in no_decay)], "weight_decay": 0.0},
+    {"params": [p for n, p in model.named_parameters() if any(nd in n for nd in no_decay)], "weight_decay": 0.0},
+]
+optimizer = torch.optim.AdamW(groups, lr=1e-3)
+epoch_losses = []
+for epoch in range(12):
+    model.train()
+    total = 0.0
+    for batch in train_dataloader:
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        total += float(loss) * len(batch["labels"])
+    epoch_losses.append(total / len(dataset["train"]))
+val_pixels = val_transforms(dataset["train"][0]["image"].convert("RGB"))
+out = {
+    "size": image_processor.size, "labels": model.config.id2label, "zero_loss": zero_loss,
+    "head_finite": bool(torch.isfinite(head).all()), "head_max": float(head.abs().max()),
+    "head_std": float(head.std()), "epoch_losses": epoch_losses,
+    "weights_finite": all(bool(torch.isfinite(p).all()) for p in model.parameters()),
+    "val_shape": list(val_pixels.shape), "stda_loaded": [m for m in sys.modules if m.startswith("stda_hf")],
+}
+print("RESULT " + json.dumps(out))
+"""
+
+
+def three_class_folder(root: Path, per_class: int = 8) -> Path:
+    """An ImageFolder of three classes told apart by colour (48 px noisy images, a red, green, blue cast)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for k, name in enumerate(("bcc", "mel", "nv")):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 96, (48, 48, 3))
+            pixels[..., k] += 150
+            Image.fromarray(pixels.astype(np.uint8)).save(root / name / f"{name}_{i}.png")
+    return root
+
+
+def test_transformers_example_fine_tunes_our_vgg8_by_id_on_three_classes(served_model, tmp_path):
+    train_dir = three_class_folder(tmp_path / "ham3")
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    env.update(HF_ENDPOINT=served_model["url"], HF_HOME=str(tmp_path / "hf-home"), HF_HUB_DISABLE_XET="1")
+    env.update(HF_HUB_DISABLE_PROGRESS_BARS="1", PYTHONPATH="", OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-c", EXAMPLE_FINE_TUNE, MODEL_ID, str(train_dir)],
+        env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(
+        next(x for x in proc.stdout.splitlines() if x.startswith("RESULT ")).removeprefix("RESULT ")
+    )
+    assert out["stda_loaded"] == [] and out["labels"] == {"0": "bcc", "1": "mel", "2": "nv"}
+    assert out["size"] == {"height": 32, "width": 32} and out["val_shape"] == [3, 32, 32]
+    assert out["head_finite"] and 1e-4 < out["head_std"] and out["head_max"] < 1.0  # PyTorch's Linear init
+    assert out["zero_loss"] < 10.0  # a fresh 3-way head: about ln 3, not 1e25
+    losses = out["epoch_losses"]
+    assert out["weights_finite"] and all(l == l for l in losses)  # noqa: E741 - NaN check
+    assert losses[-1] < 0.7 * losses[0], losses
 
 
 # ----------------------------------------------------------------------------------------------------------------
