@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -721,3 +722,51 @@ def test_an_unknown_tracker_is_refused_with_the_known_ones():
 
     with pytest.raises(StdaError, match=r"unknown tracker\(s\) \['tensorbored'\]; choose from \['all', "):
         check_report_to("tensorbored")
+
+
+TRACKER_REFUSALS = """
+import sys
+import accelerate.tracking
+sys.path.insert(0, sys.argv[1])
+import train
+flags = ["--dataset", "no/such/folder", "--output-dir", sys.argv[2], "--with-tracking", "--report-to"]
+code = train.main([*flags, "wandb"])
+print("wandb", code, file=sys.stderr)
+accelerate.tracking._available_trackers.remove(accelerate.tracking.LoggerType.TENSORBOARD)  # the plain wheel
+code = train.main([*flags, "tensorboard"])
+print("tensorboard", code, file=sys.stderr)
+"""
+
+
+def test_a_tracker_that_is_not_installed_exits_2_with_one_line_before_any_accelerator(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-c", TRACKER_REFUSALS, str(ROOT), str(tmp_path / "run")],
+        env=_env(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert lines == [
+        "train.py: error: --report-to: tracker(s) ['wandb'] are not installed",
+        "wandb 2",
+        "train.py: error: --report-to: tracker(s) ['tensorboard'] are not installed (pip install 'stda-hf[tracking]')",
+        "tensorboard 2",
+    ]
+
+
+@pytest.mark.parametrize("client", ["httpx", "httpx2"])
+def test_http_request_lines_of_the_hub_client_are_held_back_unless_verbose(client, caplog):
+    from stda_hf.training import quiet_loggers
+
+    http = logging.getLogger(client)
+    saved = http.level
+    try:
+        with caplog.at_level(logging.INFO):
+            quiet_loggers(verbose=False)
+            http.info('HTTP Request: GET http://127.0.0.1/api/datasets/stda/skin-lesions "HTTP/1.1 200 OK"')
+            assert caplog.records == []
+            quiet_loggers(verbose=True)
+            http.setLevel(logging.NOTSET)
+            http.info("HTTP Request: HEAD http://127.0.0.1/x")
+            assert [r.name for r in caplog.records] == [client]
+    finally:
+        http.setLevel(saved)

@@ -30,8 +30,9 @@ from stda_hf.training.config import TrainConfig
 from stda_hf.training.run import TrainResult, run_training
 from stda_hf.training.step import EvalHook
 
-QUIET_LOGGERS = ("accelerate", "httpx", "httpcore", "urllib3")
-"""Loggers held at WARNING unless ``--verbose``: Accelerate's per-checkpoint lines, one line per HTTP request."""
+QUIET_LOGGERS = ("accelerate", "httpx", "httpx2", "httpcore", "httpcore2", "urllib3")
+"""Loggers held at WARNING unless ``--verbose``: Accelerate's per-checkpoint lines, one line per HTTP request
+(``huggingface_hub`` requests through ``httpx``, or ``httpx2`` in its newer releases)."""
 
 
 def get_args_parser(add_help: bool = True, prog: str = "train.py") -> argparse.ArgumentParser:

@@ -215,9 +215,10 @@ def check_report_to(report_to: str) -> list[str]:
         )
     if names == ["all"]:
         return names
-    from accelerate.tracking import filter_trackers
+    from accelerate.tracking import get_available_trackers
 
-    missing = [n for n in names if not filter_trackers([n], logging_dir=".")]  # only asks what is installed
+    installed = {str(t) for t in get_available_trackers()}  # asks nothing of an Accelerator (none exists yet)
+    missing = [n for n in names if n not in installed]
     if missing:
         extra = " (pip install 'stda-hf[tracking]')" if "tensorboard" in missing else ""
         raise StdaError(f"--report-to: tracker(s) {missing} are not installed{extra}")
