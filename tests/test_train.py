@@ -770,3 +770,25 @@ def test_http_request_lines_of_the_hub_client_are_held_back_unless_verbose(clien
             assert [r.name for r in caplog.records] == [client]
     finally:
         http.setLevel(saved)
+
+
+def test_accelerate_launch_cpu_with_two_processes_says_it_trains_one(tmp_path):
+    accelerate = Path(sys.executable).with_name("accelerate")
+    proc = subprocess.run(
+        [str(accelerate), "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", TRAIN_PY,
+         "--dataset", "no/such/folder", "--output-dir", str(tmp_path / "run")],
+        env=_env(), capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )  # fmt: skip
+    assert "accelerate launch --cpu started ONE process" in proc.stderr, proc.stderr[-2000:]
+    assert "train.py: error: dataset folder no/such/folder not found" in proc.stderr
+
+
+def test_no_lone_process_warning_for_real_multi_process_or_plain_runs():
+    from stda_hf.training.command import lone_cpu_process
+
+    launched = {"ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+    assert lone_cpu_process(launched) is not None
+    assert lone_cpu_process({**launched, "WORLD_SIZE": "2", "RANK": "0"}) is None  # torchrun
+    assert lone_cpu_process({"ACCELERATE_USE_CPU": "True"}) is None  # accelerate launch --cpu, one process
+    assert lone_cpu_process({"MASTER_PORT": "29500"}) is None  # python train.py on a cluster node

@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from stda_hf.core.config import add_config_flags, config_from_args
@@ -29,6 +29,8 @@ from stda_hf.core.utils import setup_logging
 from stda_hf.training.config import TrainConfig
 from stda_hf.training.run import TrainResult, run_training
 from stda_hf.training.step import EvalHook
+
+logger = logging.getLogger(__name__)
 
 QUIET_LOGGERS = ("accelerate", "httpx", "httpx2", "httpcore", "httpcore2", "urllib3")
 """Loggers held at WARNING unless ``--verbose``: Accelerate's per-checkpoint lines, one line per HTTP request
@@ -79,9 +81,29 @@ def main(
 
 def train_from_args(args: argparse.Namespace, on_evaluate: EvalHook | None = None) -> None:
     """Train with the settings of parsed ``args`` and print :func:`summary` on the main process."""
+    lone = lone_cpu_process(os.environ)
+    if lone:
+        logger.warning("%s", lone)
     result = run_training(config_from_args(TrainConfig, args), on_evaluate=on_evaluate)
     if result.is_main_process:
         print(summary(result))
+
+
+def lone_cpu_process(env: Mapping[str, str]) -> str | None:
+    """What to tell a user whose ``accelerate launch --cpu --num_processes N`` started one process, else None.
+
+    Accelerate's launcher runs ``--cpu`` with any ``--num_processes`` through its single-process launcher: it
+    exports ``MASTER_ADDR``/``MASTER_PORT`` for the N processes asked for, but starts one, without
+    ``WORLD_SIZE``. Training would silently use one process.
+    """
+    launched_cpu = env.get("ACCELERATE_USE_CPU", "").lower() in ("true", "1", "yes")
+    if not launched_cpu or "MASTER_PORT" not in env or int(env.get("WORLD_SIZE", "1")) > 1:
+        return None
+    return (
+        "accelerate launch --cpu started ONE process although several were asked for (--num_processes): "
+        "accelerate runs --cpu through its single-process launcher. For several CPU processes use "
+        "`torchrun --nproc_per_node N train.py ...`; this run trains in one process"
+    )
 
 
 def quiet_loggers(verbose: bool) -> None:
