@@ -792,3 +792,32 @@ def test_no_lone_process_warning_for_real_multi_process_or_plain_runs():
     assert lone_cpu_process({**launched, "WORLD_SIZE": "2", "RANK": "0"}) is None  # torchrun
     assert lone_cpu_process({"ACCELERATE_USE_CPU": "True"}) is None  # accelerate launch --cpu, one process
     assert lone_cpu_process({"MASTER_PORT": "29500"}) is None  # python train.py on a cluster node
+
+
+def test_evaluation_of_a_bf16_run_is_measured_in_float32_as_the_saved_model_predicts():
+    import copy
+
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from stda_hf.models import build_model
+    from stda_hf.training import predict
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        accelerator = Accelerator(cpu=True, mixed_precision="bf16")
+        model = build_model("vgg8", "random", seed=0, widths=(8, 16, 16, 32, 32), hidden=(32, 32)).eval()
+        saved = copy.deepcopy(model)
+        prepared = accelerator.prepare(model)
+        x, y = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1] * 4)
+        logits, labels = predict(
+            prepared, accelerator.prepare(DataLoader(TensorDataset(x, y), batch_size=4)), accelerator
+        )
+        with torch.no_grad():
+            expected = saved(x).logits
+            under_autocast = prepared(x).logits  # training steps still run in bf16
+        assert torch.allclose(logits, expected, rtol=0, atol=1e-6) and torch.equal(labels, y)
+        assert not torch.allclose(under_autocast, expected, rtol=0, atol=1e-4)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -121,15 +122,40 @@ def _quiet(accelerator) -> bool | None:
 
 @torch.no_grad()
 def predict(model: nn.Module, loader: DataLoader, accelerator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits ``(N, C)`` and labels ``(N,)`` of every example, gathered from all processes (no duplicates)."""
+    """Logits ``(N, C)`` and labels ``(N,)`` of every example, gathered from all processes (no duplicates).
+
+    Always in float32, whatever ``--mixed-precision`` training uses: the metrics describe the saved model as
+    ``transformers`` and ``pipeline`` run it (mixed precision is a training speed-up, not part of the model).
+    """
     model.eval()
     all_logits, all_labels = [], []
-    for images, labels in progress(loader, desc="evaluating", unit="step", disable=_quiet(accelerator)):
-        logits = logits_of(model(images)).float()
-        logits, labels = accelerator.gather_for_metrics((logits, labels))
-        all_logits.append(logits.cpu())
-        all_labels.append(labels.cpu())
+    with full_precision(model, accelerator):
+        for images, labels in progress(loader, desc="evaluating", unit="step", disable=_quiet(accelerator)):
+            logits = logits_of(model(images)).float()
+            logits, labels = accelerator.gather_for_metrics((logits, labels))
+            all_logits.append(logits.cpu())
+            all_labels.append(labels.cpu())
     return torch.cat(all_logits), torch.cat(all_labels)
+
+
+@contextlib.contextmanager
+def full_precision(model: nn.Module, accelerator) -> Iterator[None]:
+    """Take Accelerate's mixed-precision wrapper (autocast around ``forward``) off ``model`` for the block.
+
+    ``model`` stays the prepared (possibly DDP-wrapped) model, so distributed evaluation is unchanged; only
+    its module's ``forward`` runs as defined, in float32. Without mixed precision this changes nothing.
+    """
+    inner = accelerator.unwrap_model(model)
+    original = inner.__dict__.get("_original_forward")
+    if original is None:
+        yield
+        return
+    wrapped = inner.forward
+    inner.forward = original
+    try:
+        yield
+    finally:
+        inner.forward = wrapped
 
 
 def compute_metrics(logits: torch.Tensor, labels: torch.Tensor, metric) -> dict[str, float]:
