@@ -78,7 +78,7 @@ def mirror(phantom_real_session, tmp_path_factory):
     git_repo(repo)
     url, proc = start_olah(tmp, f"/api/datasets/{REPO_ID}/revision/main")
     try:
-        yield {"url": url, "synthetic": synthetic, "home": tmp / "hf-home"}
+        yield {"url": url, "synthetic": synthetic, "home": tmp / "hf-home", "repo": repo}
     finally:
         stop(proc)
 
@@ -116,6 +116,35 @@ def test_streaming_by_repo_id_through_the_mirror(mirror, tmp_path):
     assert result["ids"] == sorted(labels)
     assert [["benign", "malignant"][i] for i in result["labels"]] == [labels[i] for i in sorted(labels)]
     assert result["sizes"] == [[32, 32]] * len(labels)
+
+
+def test_training_by_dataset_id_records_its_commit_and_licence_without_request_lines(mirror, tmp_path):
+    import yaml
+    from huggingface_hub import DatasetCard
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    env.update(HF_ENDPOINT=mirror["url"], HF_HOME=str(tmp_path / "hf-home"), HF_HUB_DISABLE_XET="1")
+    env.update(OMP_NUM_THREADS="1", STDA_NO_PROGRESS="1", HF_HUB_DISABLE_PROGRESS_BARS="1")
+    proc = subprocess.run(
+        [sys.executable, str(root / "train.py"), "--dataset", REPO_ID, "--output-dir", "run", "--epochs", "1",
+         "--image-size", "32", "--vgg8-widths", "4", "8", "8", "16", "16", "--vgg8-hidden", "16", "16",
+         "--batch-size", "16", "--num-workers", "0", "--explain-images", "0"],
+        env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "HTTP Request" not in proc.stderr
+    commit = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=mirror["repo"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    dataset_card = DatasetCard.load(mirror["repo"] / "README.md").data
+    card = (tmp_path / "run" / "model" / "README.md").read_text()
+    header = yaml.safe_load(card.split("---")[1])
+    assert header["license"] == dataset_card.license and header["license"] not in ("other", "unknown")
+    assert "license_link" not in header
+    (result,) = header["model-index"][0]["results"]
+    assert result["dataset"]["revision"] == commit and result["dataset"]["name"] == REPO_ID
+    assert json.loads((tmp_path / "run" / "data.json").read_text())["revision"] == commit
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -821,3 +821,19 @@ def test_evaluation_of_a_bf16_run_is_measured_in_float32_as_the_saved_model_pred
         assert not torch.allclose(under_autocast, expected, rtol=0, atol=1e-4)
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_dataset_card_licence_other_links_to_the_dataset_repo_file_not_a_missing_local_one(tmp_path):
+    from stda_hf.training.model_card import dataset_card_facts
+
+    (tmp_path / "README.md").write_text(
+        "---\nlicense: other\nlicense_name: isic-mixed\nlicense_link: LICENSE\n---\n\n"
+        'Load it with `load_dataset("stda/skin-lesions")`.\n'
+    )
+    facts = dataset_card_facts(str(tmp_path), revision="abc123")
+    assert facts == {
+        "hub_id": "stda/skin-lesions",
+        "license": "other",
+        "license_name": "isic-mixed",
+        "license_link": "https://huggingface.co/datasets/stda/skin-lesions/blob/abc123/LICENSE",
+    }

@@ -35,6 +35,7 @@ class Splits:
     test: Any | None  # real images only; None when the dataset has no test split
     synthetic: Any | None  # pseudo-labelled synthetic images; None unless --synthetic mix|pretrain|only
     skipped: SkipReport = field(default_factory=SkipReport)  # undecodable images left out
+    revision: str | None = None  # the Hub commit loaded (a Hub id whose commit the Hub told); else None
 
     def sizes(self) -> dict[str, int]:
         """Rows per split used (absent splits left out)."""
@@ -51,7 +52,8 @@ def load_splits(cfg: TrainConfig) -> Splits:
         Dataset not found (or offline), a split without ``image``/``label`` (the columns found are named),
         labels other than benign/malignant, synthetic rows in train/validation/test, a missing split.
     """
-    data = _load_dataset(cfg.dataset, cfg.dataset_config, cfg.revision)
+    commit = hub_commit(cfg.dataset, cfg.revision) if is_hub_id(cfg.dataset) else None
+    data = _load_dataset(cfg.dataset, cfg.dataset_config, commit or cfg.revision)
     data = {name: _adapt_columns(ds, name, cfg) for name, ds in data.items()}
     for name in SPLITS[:2]:  # train and validation are required
         if name not in data:
@@ -64,12 +66,36 @@ def load_splits(cfg: TrainConfig) -> Splits:
         validation=_real_only(data["validation"], "validation"),
         test=_real_only(data["test"], "test") if "test" in data else None,
         synthetic=_synthetic(data, cfg),
+        revision=commit,
     )
     if splits.test is None:
         logger.warning("dataset %s has no 'test' split: the run ends without test metrics", cfg.dataset)
     if cfg.check_images:
         _drop_bad_images(splits)
     return splits
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether ``name`` reads as a Hub id (``org/name``) rather than a local folder."""
+    return name.count("/") == 1 and not Path(name).exists() and not name.startswith((".", "/", "~"))
+
+
+def hub_commit(repo_id: str, revision: str | None) -> str | None:
+    """The commit of Hub dataset ``repo_id`` at ``revision`` (``main`` when None, as ``datasets`` loads), or
+    None when the Hub cannot say (offline, a mirror without the API): the run then loads ``revision`` as given.
+
+    The run loads exactly this commit, so the one recorded in ``data.json`` and the model card is the one
+    trained on, even if the branch moves meanwhile.
+    """
+    from huggingface_hub import HfApi
+
+    try:
+        return HfApi().dataset_info(repo_id, revision=revision or "main").sha
+    except Exception as err:  # offline mode, no network, not found: load_dataset gives the user-facing error
+        logger.info(
+            "could not resolve the commit of %s (%s); loading it as given", repo_id, type(err).__name__
+        )
+        return None
 
 
 def _load_dataset(name: str, config: str | None, revision: str | None):

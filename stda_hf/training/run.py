@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -344,7 +343,7 @@ def _write_data_record(run: _Run) -> None:
         {
             "dataset": cfg.dataset,
             "dataset_config": cfg.dataset_config,
-            "revision": cfg.revision,
+            "revision": splits.revision or cfg.revision,
             "splits": splits.sizes(),
             "trained_on_splits": trained_on,
             "evaluated_on_splits": [s for s in SPLITS[1:] if getattr(splits, s) is not None],
@@ -535,10 +534,10 @@ def _flat_subgroups(subgroups: dict | None) -> dict[str, float]:
 
 
 def _card_facts(run: _Run, test: dict[str, float] | None, subgroups=None):
-    from stda_hf.training.model_card import RunFacts, base_model
+    from stda_hf.training.model_card import RunFacts, base_model, dataset_card_facts
 
     cfg, unwrapped = run.cfg, run.accelerator.unwrap_model(run.model)
-    card = _dataset_card(cfg.dataset)
+    card = dataset_card_facts(cfg.dataset, run.splits.revision or cfg.revision)
     return RunFacts(
         config=config_to_dict(cfg),
         layers=layer_list(unwrapped),
@@ -557,38 +556,8 @@ def _card_facts(run: _Run, test: dict[str, float] | None, subgroups=None):
         dataset_license_link=card.get("license_link"),
         base_model=base_model(cfg.model, cfg.weights),
         subgroups=subgroups,
+        dataset_revision=run.splits.revision,
     )
-
-
-_LOAD_DATASET_ID = re.compile(r"""load_dataset\(\s*["']([\w.-]+/[\w.-]+)["']""")
-
-
-def _dataset_card(dataset: str) -> dict[str, str | None]:
-    """The Hub id and licence of the training data: a Hub id as given; for a local dataset folder, what its
-    card says (licence fields, and the id its ``load_dataset("org/name")`` example names). Hub cards are not
-    fetched here."""
-    facts: dict[str, str | None] = {"hub_id": dataset if _is_hub_id(dataset) else None}
-    card = Path(dataset) / "README.md"
-    if not card.is_file():
-        return facts
-    try:
-        from huggingface_hub import DatasetCard
-
-        loaded = DatasetCard.load(card)
-    except Exception:  # a malformed card must not fail a finished run
-        logger.info("could not read the dataset card %s", card)
-        return facts
-    data = loaded.data
-    facts.update(
-        license=data.license, license_name=data.get("license_name"), license_link=data.get("license_link")
-    )
-    named = _LOAD_DATASET_ID.search(loaded.text)
-    facts["hub_id"] = facts["hub_id"] or (named.group(1) if named else None)
-    return facts
-
-
-def _is_hub_id(name: str) -> bool:
-    return name.count("/") == 1 and not Path(name).exists() and not name.startswith((".", "/", "~"))
 
 
 def _result(run: _Run, status: str, test: dict[str, float] | None) -> TrainResult:
