@@ -837,3 +837,94 @@ def test_dataset_card_licence_other_links_to_the_dataset_repo_file_not_a_missing
         "license_name": "isic-mixed",
         "license_link": "https://huggingface.co/datasets/stda/skin-lesions/blob/abc123/LICENSE",
     }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The flags of transformers' run_image_classification_no_trainer.py
+
+
+def _parsed(argv: list[str]) -> TrainConfig:
+    from stda_hf.core.config import config_from_args
+    from stda_hf.training.command import get_args_parser, hyphen_spelling
+
+    return config_from_args(TrainConfig, get_args_parser().parse_args(hyphen_spelling(argv)))
+
+
+def test_the_example_scripts_flags_mean_what_ours_mean():
+    theirs = _parsed(
+        ["--dataset_name", "org/data", "--model_name_or_path", "vgg11", "--output_dir", "out",
+         "--num_train_epochs", "3", "--per_device_train_batch_size", "8", "--per_device_eval_batch_size=16",
+         "--learning_rate", "5e-05", "--weight_decay", "0.0", "--seed", "42", "--image_column_name", "img",
+         "--label_column_name", "dx", "--with_tracking", "--report_to", "tensorboard", "--push_to_hub",
+         "--hub_model_id", "me/m", "--gradient_accumulation_steps", "2", "--max_train_samples", "100",
+         "--max_eval_samples", "20", "--train_val_split", "0.2"]
+    )  # fmt: skip
+    ours = _parsed(
+        ["--dataset", "org/data", "--model", "vgg11", "--output-dir", "out", "--epochs", "3", "--batch-size", "8",
+         "--eval-batch-size", "16", "--lr", "5e-05", "--weight-decay", "0.0", "--seed", "42", "--image-column",
+         "img", "--label-column", "dx", "--with-tracking", "--report-to", "tensorboard", "--push-to-hub",
+         "--hub-model-id", "me/m", "--grad-accum", "2", "--max-train-samples", "100", "--max-eval-samples",
+         "20", "--train-val-split", "0.2"]
+    )  # fmt: skip
+    assert theirs == ours
+    assert (ours.epochs, ours.batch_size, ours.eval_batch_size, ours.lr, ours.grad_accum) == (
+        3,
+        8,
+        16,
+        5e-05,
+        2,
+    )
+
+
+def test_help_documents_the_hyphen_spelling_and_names_the_example_spellings():
+    from stda_hf.training.command import get_args_parser
+
+    text = get_args_parser().format_help()
+    assert "--output-dir" in text and "--output_dir OUTPUT_DIR" not in text
+    assert "--per_device_train_batch_size (--batch-size)" in " ".join(text.split())
+
+
+def test_only_option_names_change_spelling():
+    from stda_hf.training.command import hyphen_spelling
+
+    argv = ["--label_map", "a_b:benign", "--output_dir=my_run", "--", "--not_a_flag"]
+    assert hyphen_spelling(argv) == ["--label-map", "a_b:benign", "--output-dir=my_run", "--", "--not_a_flag"]
+
+
+def _class_folder(root: Path, n: int) -> Path:
+    for k, name in enumerate(("benign", "malignant")):
+        (root / name).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(np.full((32, 32, 3), 60 + 120 * k + i, np.uint8)).save(
+                root / name / f"{name}{i}.png"
+            )
+    return root
+
+
+def test_train_dir_with_the_example_flags_splits_off_validation_and_caps_the_samples(tmp_path, capsys):
+    sys.path.insert(0, str(ROOT))
+    import train
+
+    folder = _class_folder(tmp_path / "images", 30)
+    code = train.main(
+        ["--train_dir", str(folder), "--output_dir", str(tmp_path / "run"), "--num_train_epochs", "1",
+         "--max_train_samples", "40", "--max_eval_samples", "5", "--per_device_train_batch_size", "8",
+         "--per_device_eval_batch_size", "4", "--image_size", "32", "--vgg8_widths", "4", "8", "8", "16", "16",
+         "--vgg8_hidden", "16", "16", "--num_workers", "0", "--explain_images", "0"]
+    )  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    record = json.loads((tmp_path / "run" / "data.json").read_text())
+    assert record["dataset"] == str(folder) and record["splits"] == {"train": 40, "validation": 5}
+
+
+def test_split_off_validation_keeps_each_lesion_on_one_side():
+    import datasets
+
+    from stda_hf.training.data import split_off_validation
+
+    lesions = [f"L{i // 3}" for i in range(60)]  # 20 lesions, 3 images each
+    ds = datasets.Dataset.from_dict({"lesion_id": lesions, "label": [i % 2 for i in range(60)]})
+    train, validation = split_off_validation(ds, 0.15, seed=0)
+    assert len(train) + len(validation) == 60 and len(validation) == 9  # 3 whole lesions: 15 % of 60
+    assert not set(train["lesion_id"]) & set(validation["lesion_id"])
+    assert split_off_validation(ds, 0.15, seed=0)[1]["lesion_id"] == validation["lesion_id"]  # seeded

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -56,7 +57,44 @@ def get_args_parser(add_help: bool = True, prog: str = "train.py") -> argparse.A
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     add_config_flags(parser, TrainConfig)
+    parser.epilog = (
+        "The flags of transformers' run_image_classification_no_trainer.py work too, with the same meaning: "
+        "every flag in underscore spelling (--output_dir, --push_to_hub, ...) and "
+        + ", ".join(f"{theirs} ({ours})" for theirs, ours in EXAMPLE_FLAGS.items())
+        + "."
+    )
     return parser
+
+
+EXAMPLE_FLAGS = {
+    "--dataset_name": "--dataset",
+    "--model_name_or_path": "--model",
+    "--num_train_epochs": "--epochs",
+    "--per_device_train_batch_size": "--batch-size",
+    "--per_device_eval_batch_size": "--eval-batch-size",
+    "--learning_rate": "--lr",
+    "--gradient_accumulation_steps": "--grad-accum",
+    "--image_column_name": "--image-column",
+    "--label_column_name": "--label-column",
+}
+"""Flags of transformers' ``run_image_classification_no_trainer.py`` whose name differs from ours (same meaning)."""
+
+
+def hyphen_spelling(argv: Sequence[str]) -> list[str]:
+    """``argv`` with the example script's flag names in ours: :data:`EXAMPLE_FLAGS`, then ``--a_b`` as ``--a-b``.
+
+    Only option names change (``--output_dir=x`` too); values, and everything after ``--``, are kept.
+    """
+    out: list[str] = []
+    for i, arg in enumerate(argv):
+        if arg == "--":
+            return out + list(argv[i:])
+        if arg.startswith("--") and len(arg) > 2:
+            name, eq, value = arg.partition("=")
+            name = EXAMPLE_FLAGS.get(name, name)
+            arg = name.replace("_", "-") + eq + value
+        out.append(arg)
+    return out
 
 
 def main(
@@ -68,7 +106,7 @@ def main(
     (see :class:`~stda_hf.training.EvalContext`); without one, ``--explain-images`` fixed images are explained
     there (:func:`stda_hf.attribution.hook.explain_hook`, set up by :func:`~stda_hf.training.run_training`).
     """
-    args = get_args_parser(prog=prog).parse_args(argv)
+    args = get_args_parser(prog=prog).parse_args(hyphen_spelling(sys.argv[1:] if argv is None else argv))
     setup_logging(args.verbose)
     quiet_loggers(args.verbose)
     return run_reporting_errors(
