@@ -211,6 +211,27 @@ def card_header(facts: CardFacts, features: datasets.Features) -> dict[str, Any]
     return header
 
 
+ARBITRARY_SETTINGS = (
+    "engine", "strength", "style_size", "render_size", "preserve_color", "size", "per_content", "seed",
+    "min_style_reduction", "min_structure",
+)  # fmt: skip
+"""What of ``generate.yaml`` an ``arbitrary`` build used: its network's settings, the output, the pairing and
+the gate. The rest of the file (Gatys's presets, layers, weights, optimiser) is there for re-use as ``--config``
+but played no part in the images."""
+ARBITRARY_ONLY_SETTINGS = ("strength", "style_size", "render_size")
+"""Settings a ``gatys`` build ignores."""
+
+
+def engine_settings(settings: dict, engine: str | None) -> dict:
+    """The style-transfer settings of ``generate.yaml`` that the build's engine used (all when it is unknown)."""
+    engine = engine or settings.get("engine")
+    if engine == "arbitrary":
+        return {k: v for k, v in settings.items() if k in ARBITRARY_SETTINGS}
+    if engine == "gatys":
+        return {k: v for k, v in settings.items() if k not in ARBITRARY_ONLY_SETTINGS}
+    return dict(settings)
+
+
 def public_settings(settings: dict, prefix: str = "") -> dict[str, str]:
     """Flatten a settings mapping for the card: nested keys dotted, secrets hidden, local paths cut to names."""
     flat = {}
@@ -298,7 +319,7 @@ def _context(facts: CardFacts) -> dict[str, Any]:
         "licences": [(name, n, get_license(name)) for name, n in sorted(facts.licences.items())],
         "real_total": sum(s.num_examples for s in real_splits),
         "syn": syn,
-        "nst_settings": public_settings(syn.settings) if syn else {},
+        "nst_settings": public_settings(engine_settings(syn.settings, syn.engine.get("name"))) if syn else {},
         "label_summary": public_settings(
             {k: v for k, v in syn.label_summary.items() if k not in SUMMARY_OMIT and _small(v)}
         )
