@@ -414,6 +414,7 @@ def test_transformers_example_fine_tunes_our_vgg8_by_id_on_three_classes(served_
 # Streaming by id at a realistic shard size, through a server that honours HTTP Range
 
 NOISE_ID = "stda/noise-lesions"
+N_NOISE = 240
 STREAMER = """
 import json, sys
 import datasets
@@ -423,11 +424,12 @@ print("RESULT " + json.dumps({"n": len(rows), "labels": [r[0] for r in rows], "s
 """
 
 
-def range_proxy(upstream: str, mirrors: Path):
+def range_proxy(upstream: str, mirrors: Path, chunk_pause: float = 0.0):
     """A threaded HTTP server on 127.0.0.1 in front of olah, answering as the Hub does where olah does not:
     ``GET .../resolve/<rev>/<file>`` with a Range header gets 206 and the bytes from the mirror folder, and a
     file the repository lacks gets 404 ``EntryNotFound`` (olah answers 401); everything else goes to
-    ``upstream``. Returns (server, url, served ranges)."""
+    ``upstream``. A Range answer goes out in 64 kB chunks, ``chunk_pause`` seconds apart (a network's pace,
+    so that how much a client took shows). Returns (server, url, served ranges as ``[start, end, bytes sent]``)."""
     import re
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -465,13 +467,20 @@ def range_proxy(upstream: str, mirrors: Path):
                 data = file.read_bytes()
                 start = int(wanted.group(1))
                 end = min(int(wanted.group(2) or len(data) - 1), len(data) - 1)
-                ranges.append((start, end))
+                served = [start, end, 0]  # the range asked for, and the bytes the client took of it
+                ranges.append(served)
                 self.send_response(206)
                 self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
                 self.send_header("Content-Length", str(end - start + 1))
                 self.send_header("Accept-Ranges", "bytes")
                 self.end_headers()
-                self.wfile.write(data[start : end + 1])
+                for at in range(start, end + 1, 65536):
+                    try:
+                        self.wfile.write(data[at : min(at + 65536, end + 1)])
+                    except (BrokenPipeError, ConnectionResetError):  # the client has read enough
+                        return
+                    served[2] += min(65536, end + 1 - at)
+                    time.sleep(chunk_pause)
                 return
             self._forward("GET")
 
@@ -510,7 +519,7 @@ def range_proxy(upstream: str, mirrors: Path):
     return server, f"http://127.0.0.1:{server.server_port}", ranges
 
 
-def test_streaming_a_multi_megabyte_shard_by_id_through_a_range_server(tmp_path):
+def test_streaming_a_multi_megabyte_shard_by_id_reads_its_footer_apart_and_rows_through_ranges(tmp_path):
     import io
 
     import datasets
@@ -519,7 +528,7 @@ def test_streaming_a_multi_megabyte_shard_by_id_through_a_range_server(tmp_path)
 
     rng = np.random.default_rng(0)
     images = []
-    for _ in range(240):  # noise does not compress: about 12 kB per 64 px PNG
+    for _ in range(N_NOISE):  # noise does not compress: about 12 kB per 64 px PNG
         buf = io.BytesIO()
         Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buf, "PNG")
         images.append({"bytes": buf.getvalue(), "path": None})
@@ -530,21 +539,20 @@ def test_streaming_a_multi_megabyte_shard_by_id_through_a_range_server(tmp_path)
     shard = repo / "data" / "train-00000-of-00001.parquet"
     shard.parent.mkdir(parents=True)
     datasets.Dataset.from_dict(
-        {"image": images, "label": [i % 2 for i in range(240)]}, features=features
+        {"image": images, "label": [i % 2 for i in range(N_NOISE)]}, features=features
     ).to_parquet(str(shard), batch_size=40)
-    assert (
-        shard.stat().st_size > 2_000_000
-    )  # the 0.5 MB file that olah alone could not stream, four times over
+    assert shard.stat().st_size > 2_000_000  # the 0.5 MB file that olah alone could not stream, four times over
     git_repo(repo)
     url, olah = start_olah(tmp_path, f"/api/datasets/{NOISE_ID}/revision/main")
     server, proxy, ranges = range_proxy(url, tmp_path / "mirrors")
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    env.update(HF_ENDPOINT=proxy, HF_HOME=str(tmp_path / "hf-home"), HF_HUB_DISABLE_XET="1")
+    env.update(HF_HUB_DISABLE_PROGRESS_BARS="1")
     try:
-        env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
-        env.update(HF_ENDPOINT=proxy, HF_HOME=str(tmp_path / "hf-home"), HF_HUB_DISABLE_XET="1")
-        env.update(HF_HUB_DISABLE_PROGRESS_BARS="1")
         proc = subprocess.run(
             [sys.executable, "-c", STREAMER, NOISE_ID], env=env, capture_output=True, text=True, timeout=300
         )
+        time.sleep(0.2)  # the server thread finishes its last answer
     finally:
         server.shutdown()
         stop(olah)
@@ -552,5 +560,9 @@ def test_streaming_a_multi_megabyte_shard_by_id_through_a_range_server(tmp_path)
     out = json.loads(
         next(x for x in proc.stdout.splitlines() if x.startswith("RESULT ")).removeprefix("RESULT ")
     )
-    assert out == {"n": 240, "labels": [i % 2 for i in range(240)], "sizes": [[64, 64]]}
-    assert ranges and all(end - start + 1 < shard.stat().st_size for start, end in ranges)  # read in pieces
+    assert out == {"n": N_NOISE, "labels": [i % 2 for i in range(N_NOISE)], "sizes": [[64, 64]]}
+    size = shard.stat().st_size
+    footer = [r for r in ranges if r[1] == size - 1 and r[0] > size // 2]
+    body = [r for r in ranges if r not in footer]
+    assert footer and all(sent <= 65536 for _, _, sent in footer)  # the footer alone: a partial read
+    assert sum(sent for _, _, sent in body) >= size - 4  # every row came through Range requests, not a GET
