@@ -541,7 +541,9 @@ def test_streaming_a_multi_megabyte_shard_by_id_reads_its_footer_apart_and_rows_
     datasets.Dataset.from_dict(
         {"image": images, "label": [i % 2 for i in range(N_NOISE)]}, features=features
     ).to_parquet(str(shard), batch_size=40)
-    assert shard.stat().st_size > 2_000_000  # the 0.5 MB file that olah alone could not stream, four times over
+    assert (
+        shard.stat().st_size > 2_000_000
+    )  # the 0.5 MB file that olah alone could not stream, four times over
     git_repo(repo)
     url, olah = start_olah(tmp_path, f"/api/datasets/{NOISE_ID}/revision/main")
     server, proxy, ranges = range_proxy(url, tmp_path / "mirrors")
