@@ -928,3 +928,23 @@ def test_split_off_validation_keeps_each_lesion_on_one_side():
     assert len(train) + len(validation) == 60 and len(validation) == 9  # 3 whole lesions: 15 % of 60
     assert not set(train["lesion_id"]) & set(validation["lesion_id"])
     assert split_off_validation(ds, 0.15, seed=0)[1]["lesion_id"] == validation["lesion_id"]  # seeded
+
+
+def test_resume_from_an_earlier_checkpoint_replays_the_same_run(phantom_hub, tmp_path):
+    settings = {"epochs": 4, "keep_checkpoints": 4, "dropout": 0.3, "explain_images": 0}
+    first = run_training(_cfg(phantom_hub, tmp_path / "run", **settings))
+    weights = _weights(tmp_path / "run")
+    earlier = tmp_path / "run" / "checkpoints" / "epoch_0002"
+    again = run_training(_cfg(phantom_hub, tmp_path / "run", resume_from_checkpoint=str(earlier), **settings))
+    assert again.epochs == 4 and again.best_epoch == first.best_epoch and again.test == first.test
+    assert [r["epoch"] for r in _log(tmp_path / "run") if "train/loss" in r] == [1, 2, 3, 4]
+    assert all(torch.equal(weights[k], v) for k, v in _weights(tmp_path / "run").items())
+
+
+def test_resume_from_checkpoint_takes_latest_or_a_checkpoint_of_the_run(phantom_hub, tmp_path):
+    assert _parsed(["--resume_from_checkpoint", "latest"]).resume is True
+    run_training(_cfg(phantom_hub, tmp_path / "run", epochs=1, stop_after_epoch=1, explain_images=0))
+    with pytest.raises(StdaError, match=r"not an epoch checkpoint of the run in .*found: \['epoch_0001'\]"):
+        run_training(_cfg(phantom_hub, tmp_path / "run", epochs=1, resume_from_checkpoint=str(tmp_path)))
+    done = run_training(_cfg(phantom_hub, tmp_path / "run", epochs=1, resume_from_checkpoint="latest"))
+    assert done.status == "finished" and done.epochs == 1

@@ -47,6 +47,7 @@ DEFAULT_DATASET = "stda/skin-lesions"
 
 RUN_CONTROL = (
     "resume",
+    "resume_from_checkpoint",
     "eval_batch_size",
     "overwrite",
     "stop_after_epoch",
@@ -132,6 +133,9 @@ class TrainConfig:
     num_workers: int = 2  # data-loading worker processes per training process
     output_dir: str = "runs/vgg8"  # run folder: checkpoints, metrics, log, final model, model card
     resume: bool = False  # continue the run in output_dir from its last checkpoint (fresh start if none)
+    resume_from_checkpoint: str | None = (
+        None  # latest (as --resume) or a checkpoints/epoch_NNNN folder of the run
+    )
     overwrite: bool = False  # delete the run already in output_dir and start again
     keep_checkpoints: int = 2  # epoch checkpoints kept (the best one is kept apart)
     stop_after_epoch: int = 0  # stop as if killed after this epoch's checkpoint (0: never; to test resume)
@@ -148,6 +152,8 @@ class TrainConfig:
     )
 
     def __post_init__(self) -> None:
+        if self.resume_from_checkpoint is not None:
+            self.resume = True
         if self.train_dir is not None and self.dataset == DEFAULT_DATASET:
             self.dataset = self.train_dir  # what the run folder and the card name as the training data
 

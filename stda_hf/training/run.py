@@ -38,11 +38,11 @@ from stda_hf.training.data import (
     load_splits,
     make_loader,
 )
+from stda_hf.training.resume import checkpoint_to_resume
 from stda_hf.training.state import (
     JsonlTracker,
     RunState,
     checkpoint_dir,
-    latest_checkpoint,
     prune_checkpoints,
     read_run_state,
     recover_checkpoints,
@@ -287,7 +287,7 @@ def _prepare_run_dir(cfg: TrainConfig, run_dir: Path, accelerator) -> Path | Non
         dump_config(cfg, run_dir / "config.yaml")
     accelerator.wait_for_everyone()
     if cfg.resume:
-        resume_from = latest_checkpoint(run_dir)
+        resume_from = checkpoint_to_resume(cfg, run_dir, accelerator)
         if resume_from is None:
             logger.warning("--resume: no checkpoint in %s yet; starting from the beginning", run_dir)
     return resume_from
