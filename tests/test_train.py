@@ -948,3 +948,22 @@ def test_resume_from_checkpoint_takes_latest_or_a_checkpoint_of_the_run(phantom_
         run_training(_cfg(phantom_hub, tmp_path / "run", epochs=1, resume_from_checkpoint=str(tmp_path)))
     done = run_training(_cfg(phantom_hub, tmp_path / "run", epochs=1, resume_from_checkpoint="latest"))
     assert done.status == "finished" and done.epochs == 1
+
+
+def test_max_train_steps_overrides_epochs_and_stops_the_last_epoch_part_way(phantom_hub, tmp_path):
+    full = run_training(_cfg(phantom_hub, tmp_path / "probe", epochs=1, explain_images=0))
+    per_epoch = -(-json.loads((tmp_path / "probe" / "data.json").read_text())["splits"]["train"] // 16)
+    result = run_training(
+        _cfg(phantom_hub, tmp_path / "run", epochs=30, max_train_steps=per_epoch + 2, explain_images=0)
+    )
+    images = [r["train/images"] for r in _log(tmp_path / "run") if "train/images" in r]
+    assert full.epochs == 1 and result.epochs == 2 and len(images) == 2
+    assert images[1] == 2 * 16 < images[0]
+    assert "`epochs=2`" in (tmp_path / "run" / "model" / "README.md").read_text()
+
+
+def test_max_train_steps_with_pretrain_is_refused():
+    from stda_hf.training.config import check_config
+
+    with pytest.raises(StdaError, match="--max-train-steps counts the steps of one phase"):
+        check_config(TrainConfig(synthetic="pretrain", max_train_steps=10))

@@ -112,6 +112,9 @@ class TrainConfig:
     vflip: bool = True  # augmentation: random vertical flips (lesions have no up)
     color_jitter: float = 0.1  # augmentation: brightness, contrast, saturation jitter (hue a quarter)
     epochs: int = 30  # epochs on real training images (after the pretrain epochs, if any)
+    max_train_steps: int | None = (
+        None  # optimizer steps in all; overrides --epochs (the last epoch stops early)
+    )
     batch_size: int = 32  # images per process and step
     eval_batch_size: int | None = None  # images per process and evaluation step (unset: twice --batch-size)
     grad_accum: int | None = None  # gradient accumulation steps (unset: accelerate's setting, else 1)
@@ -184,6 +187,10 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.train_dir is not None and cfg.dataset != cfg.train_dir:
         raise StdaError(
             f"--dataset {cfg.dataset} and --train-dir {cfg.train_dir}: give one source of training data"
+        )
+    if cfg.max_train_steps is not None and cfg.synthetic == "pretrain":
+        raise StdaError(
+            "--max-train-steps counts the steps of one phase; use --epochs with --synthetic pretrain"
         )
     if cfg.validation_dir is not None and cfg.train_dir is None:
         raise StdaError("--validation-dir needs --train-dir (a --dataset brings its own validation split)")
@@ -262,7 +269,7 @@ def check_report_to(report_to: str) -> list[str]:
 def _check_ranges(cfg: TrainConfig) -> None:
     positive = (
         "epochs", "batch_size", "eval_batch_size", "grad_accum", "image_size", "keep_checkpoints", "step_size",
-        "max_train_samples", "max_eval_samples",
+        "max_train_samples", "max_eval_samples", "max_train_steps",
     )  # fmt: skip
     for name in positive:
         if getattr(cfg, name) is not None and getattr(cfg, name) < 1:

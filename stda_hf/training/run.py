@@ -51,6 +51,7 @@ from stda_hf.training.state import (
 from stda_hf.training.step import (
     EvalContext,
     EvalHook,
+    batch_limit,
     compute_metrics,
     evaluate,
     learning_rate,
@@ -59,6 +60,7 @@ from stda_hf.training.step import (
     subgroup_metrics,
     total_epochs,
     train_one_epoch,
+    with_step_budget,
 )
 
 logger = logging.getLogger(__name__)
@@ -153,6 +155,7 @@ def _setup(cfg: TrainConfig, on_evaluate: EvalHook | None) -> _Run:
     seed_everything(cfg.seed)
     model = build_model(cfg.model, cfg.weights, seed=cfg.seed, **_model_options(cfg))
     run = _assemble(cfg, run_dir, accelerator, tracker, splits, pre, model, load_metric(), on_evaluate)
+    run.cfg = with_step_budget(run.cfg, len(run.loaders["train"]))  # --max-train-steps: the epochs it needs
     _start(run, resume_from)
     return run
 
@@ -386,8 +389,9 @@ def _run_epoch(run: _Run, epoch: int) -> None:
     loader = run.loaders[phase]
     loader.set_epoch(epoch)
     stats = train_one_epoch(
-        run.model, loader, run.optimizer, run.loss_fns[phase], acc, learning_rate(cfg, epoch), epoch
-    )
+        run.model, loader, run.optimizer, run.loss_fns[phase], acc, learning_rate(cfg, epoch), epoch,
+        batch_limit(cfg, epoch, len(loader)),
+    )  # fmt: skip
     val = evaluate(run.model, run.loaders["validation"], acc, run.metric)
     extra = _hook(run, epoch, "validation", run.splits.validation, val)
     improved = run.state.update(val, cfg, epoch)

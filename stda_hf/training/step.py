@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import itertools
 import logging
 import math
 import time
@@ -57,6 +59,24 @@ def total_epochs(cfg: TrainConfig) -> int:
     return cfg.epochs + (cfg.pretrain_epochs if cfg.synthetic == "pretrain" else 0)
 
 
+def with_step_budget(cfg: TrainConfig, batches_per_epoch: int) -> TrainConfig:
+    """``cfg`` with the epochs ``--max-train-steps`` needs at ``batches_per_epoch`` (unchanged without it)."""
+    if cfg.max_train_steps is None:
+        return cfg
+    per_epoch = math.ceil(batches_per_epoch / (cfg.grad_accum or 1))
+    return dataclasses.replace(cfg, epochs=math.ceil(cfg.max_train_steps / per_epoch))
+
+
+def batch_limit(cfg: TrainConfig, epoch: int, batches_per_epoch: int) -> int | None:
+    """Batches ``epoch`` may take under ``--max-train-steps`` (None: the whole loader)."""
+    if cfg.max_train_steps is None:
+        return None
+    accum = cfg.grad_accum or 1
+    done = (epoch - 1) * math.ceil(batches_per_epoch / accum)
+    left = max(0, cfg.max_train_steps - done) * accum
+    return left if left < batches_per_epoch else None
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: DataLoader,
@@ -65,8 +85,10 @@ def train_one_epoch(
     accelerator,
     lr: float,
     epoch: int,
+    max_batches: int | None = None,
 ) -> dict[str, float]:
-    """One pass over ``loader``; returns mean loss, images, images/s and seconds waiting for data vs computing.
+    """One pass over ``loader`` (its first ``max_batches`` batches, when given); returns mean loss, images,
+    images/s and seconds waiting for data vs computing.
 
     The loss is summed over every process; a non-finite mean loss stops the run (on every process alike).
     """
@@ -76,9 +98,10 @@ def train_one_epoch(
     loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
     n = 0
     data_s = compute_s = 0.0
-    bar = progress(total=len(loader), desc=f"epoch {epoch}", unit="step", disable=_quiet(accelerator))
+    total = len(loader) if max_batches is None else min(max_batches, len(loader))
+    bar = progress(total=total, desc=f"epoch {epoch}", unit="step", disable=_quiet(accelerator))
     tick = time.perf_counter()
-    for images, labels in loader:
+    for images, labels in itertools.islice(loader, total):
         got_batch = time.perf_counter()
         data_s += got_batch - tick
         with accelerator.accumulate(model):
