@@ -967,3 +967,56 @@ def test_max_train_steps_with_pretrain_is_refused():
 
     with pytest.raises(StdaError, match="--max-train-steps counts the steps of one phase"):
         check_config(TrainConfig(synthetic="pretrain", max_train_steps=10))
+
+
+class _Killed(Exception):
+    """Stands for a kill right after a step checkpoint."""
+
+
+def test_a_run_killed_mid_epoch_resumes_from_its_step_checkpoint_without_redoing_its_batches(
+    phantom_hub, tmp_path, monkeypatch
+):
+    import stda_hf.training.run as run_module
+
+    settings = {"epochs": 3, "dropout": 0.3, "checkpointing_steps": "2", "explain_images": 0}
+    run_training(_cfg(phantom_hub, tmp_path / "full", **settings))
+    assert not list((tmp_path / "full" / "checkpoints").glob("step_*"))  # superseded by epoch checkpoints
+    real_saver = run_module.step_saver
+
+    def killing_saver(accelerator, run_dir, every, epoch, batches, accum, state):
+        save = real_saver(accelerator, run_dir, every, epoch, batches, accum, state)
+
+        def save_then_die(progress):
+            save(progress)
+            if list((run_dir / "checkpoints").glob("step_0002_*")):  # part-way through epoch 2
+                raise _Killed
+
+        return save_then_die
+
+    monkeypatch.setattr(run_module, "step_saver", killing_saver)
+    with pytest.raises(_Killed):
+        run_training(_cfg(phantom_hub, tmp_path / "cut", **settings))
+    monkeypatch.setattr(run_module, "step_saver", real_saver)
+    (step,) = (tmp_path / "cut" / "checkpoints").glob("step_*")
+    assert (
+        step.name.startswith("step_0002_") and not (tmp_path / "cut" / "checkpoints" / "epoch_0002").exists()
+    )
+    from stda_hf.training.resume import latest_resumable, read_progress
+
+    assert latest_resumable(tmp_path / "cut", processes=1) == step and read_progress(step, 0).batches > 0
+    resumed = run_training(_cfg(phantom_hub, tmp_path / "cut", resume=True, **settings))
+    cut, full = _log(tmp_path / "cut"), _log(tmp_path / "full")
+    assert resumed.epochs == 3 and [r["epoch"] for r in cut] == [r["epoch"] for r in full]
+    assert cut[0] == full[0] or _without_timing(cut[:1]) == _without_timing(full[:1])  # epoch 1 untouched
+    assert [r.get("train/images") for r in cut] == [r.get("train/images") for r in full]  # no batch twice
+    assert not list((tmp_path / "cut" / "checkpoints").glob("step_*"))
+
+
+def test_checkpointing_steps_takes_epoch_or_a_positive_number():
+    from stda_hf.training.config import check_config
+
+    check_config(TrainConfig(checkpointing_steps="epoch"))
+    check_config(TrainConfig(checkpointing_steps="50"))
+    for bad in ("0", "often", "-3"):
+        with pytest.raises(StdaError, match=f"--checkpointing-steps '{bad}': give 'epoch' or a positive"):
+            check_config(TrainConfig(checkpointing_steps=bad))

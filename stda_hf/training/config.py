@@ -47,6 +47,7 @@ DEFAULT_DATASET = "stda/skin-lesions"
 
 RUN_CONTROL = (
     "resume",
+    "checkpointing_steps",
     "resume_from_checkpoint",
     "eval_batch_size",
     "overwrite",
@@ -141,6 +142,9 @@ class TrainConfig:
     )
     overwrite: bool = False  # delete the run already in output_dir and start again
     keep_checkpoints: int = 2  # epoch checkpoints kept (the best one is kept apart)
+    checkpointing_steps: str = (
+        "epoch"  # epoch (a checkpoint after each) or N: also every N steps, resumable mid-epoch
+    )
     stop_after_epoch: int = 0  # stop as if killed after this epoch's checkpoint (0: never; to test resume)
     push_to_hub: bool = False  # upload the final model, card and plots to the Hub
     hub_model_id: str | None = None  # Hub model repo for --push-to-hub, e.g. me/vgg8-stda
@@ -187,6 +191,12 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.train_dir is not None and cfg.dataset != cfg.train_dir:
         raise StdaError(
             f"--dataset {cfg.dataset} and --train-dir {cfg.train_dir}: give one source of training data"
+        )
+    if cfg.checkpointing_steps != "epoch" and not (
+        cfg.checkpointing_steps.isdigit() and int(cfg.checkpointing_steps) > 0
+    ):
+        raise StdaError(
+            f"--checkpointing-steps {cfg.checkpointing_steps!r}: give 'epoch' or a positive number of steps"
         )
     if cfg.max_train_steps is not None and cfg.synthetic == "pretrain":
         raise StdaError(

@@ -38,7 +38,7 @@ from stda_hf.training.data import (
     load_splits,
     make_loader,
 )
-from stda_hf.training.resume import checkpoint_to_resume
+from stda_hf.training.resume import checkpoint_to_resume, drop_step_checkpoints, read_progress, step_saver
 from stda_hf.training.state import (
     JsonlTracker,
     RunState,
@@ -49,6 +49,7 @@ from stda_hf.training.state import (
     save_checkpoint,
 )
 from stda_hf.training.step import (
+    EpochProgress,
     EvalContext,
     EvalHook,
     batch_limit,
@@ -98,6 +99,7 @@ class _Run:
     metric: Any
     on_evaluate: EvalHook | None
     state: RunState = field(default_factory=RunState)
+    resume_progress: EpochProgress | None = None  # the epoch a step checkpoint interrupted, to continue
 
 
 def run_training(cfg: TrainConfig, on_evaluate: EvalHook | None = None) -> TrainResult:
@@ -267,6 +269,7 @@ def _start(run: _Run, resume_from: Path | None) -> None:
     if resume_from is not None:
         acc.load_state(str(resume_from))  # model, optimizer, RNG states of every process
         run.state = read_run_state(resume_from)
+        run.resume_progress = read_progress(resume_from, acc.process_index)
         if acc.is_main_process:
             run.tracker.truncate_after(run.state.epoch)
         logger.info("resumed %s after epoch %d", run.run_dir, run.state.epoch)
@@ -388,9 +391,14 @@ def _run_epoch(run: _Run, epoch: int) -> None:
     phase = phase_of(cfg, epoch)
     loader = run.loaders[phase]
     loader.set_epoch(epoch)
+    saver = None
+    if cfg.checkpointing_steps != "epoch":
+        every = int(cfg.checkpointing_steps)
+        saver = step_saver(acc, run.run_dir, every, epoch, len(loader), cfg.grad_accum or 1, run.state)
+    start, run.resume_progress = run.resume_progress, None
     stats = train_one_epoch(
         run.model, loader, run.optimizer, run.loss_fns[phase], acc, learning_rate(cfg, epoch), epoch,
-        batch_limit(cfg, epoch, len(loader)),
+        batch_limit(cfg, epoch, len(loader)), start, saver,
     )  # fmt: skip
     val = evaluate(run.model, run.loaders["validation"], acc, run.metric)
     extra = _hook(run, epoch, "validation", run.splits.validation, val)
@@ -409,6 +417,7 @@ def _run_epoch(run: _Run, epoch: int) -> None:
     save_checkpoint(acc, checkpoint_dir(run.run_dir, epoch), run.state)
     if acc.is_main_process:
         prune_checkpoints(run.run_dir, cfg.keep_checkpoints)
+        drop_step_checkpoints(run.run_dir)
     _log_epoch(epoch, phase, stats, val, cfg.monitor, improved)
 
 

@@ -77,6 +77,17 @@ def batch_limit(cfg: TrainConfig, epoch: int, batches_per_epoch: int) -> int | N
     return left if left < batches_per_epoch else None
 
 
+@dataclass
+class EpochProgress:
+    """How far this process got in an epoch: what a step checkpoint keeps to continue the epoch exactly."""
+
+    batches: int = 0  # batches done
+    loss_sum: float = 0.0  # summed loss of those batches (x batch size)
+    images: int = 0  # images of those batches
+    data_seconds: float = 0.0  # seconds waiting for data
+    compute_seconds: float = 0.0  # seconds computing
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: DataLoader,
@@ -86,22 +97,32 @@ def train_one_epoch(
     lr: float,
     epoch: int,
     max_batches: int | None = None,
+    start: EpochProgress | None = None,
+    on_step: Callable[[EpochProgress], None] | None = None,
 ) -> dict[str, float]:
     """One pass over ``loader`` (its first ``max_batches`` batches, when given); returns mean loss, images,
     images/s and seconds waiting for data vs computing.
 
-    The loss is summed over every process; a non-finite mean loss stops the run (on every process alike).
+    ``start`` continues an epoch a step checkpoint interrupted: its batches are skipped (the epoch's order is
+    drawn from the seed and the epoch), its sums kept; the random draws of augmentation and dropout that
+    follow are not those of an uninterrupted run (the loader fetches one batch ahead of training, both
+    drawing from one generator), so only epoch checkpoints resume bit for bit.
+    ``on_step`` is called after every optimizer step with the progress so far. The loss is summed over every
+    process; a non-finite mean loss stops the run (on every process alike).
     """
     model.train()
     for group in optimizer.param_groups:
         group["lr"] = lr
-    loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
-    n = 0
-    data_s = compute_s = 0.0
+    done = start or EpochProgress()
+    loss_sum = torch.tensor(done.loss_sum, dtype=torch.float64, device=accelerator.device)
+    n, batches, data_s, compute_s = done.images, done.batches, done.data_seconds, done.compute_seconds
     total = len(loader) if max_batches is None else min(max_batches, len(loader))
-    bar = progress(total=total, desc=f"epoch {epoch}", unit="step", disable=_quiet(accelerator))
+    source = accelerator.skip_first_batches(loader, batches) if batches else loader
+    bar = progress(
+        total=total, initial=batches, desc=f"epoch {epoch}", unit="step", disable=_quiet(accelerator)
+    )
     tick = time.perf_counter()
-    for images, labels in itertools.islice(loader, total):
+    for images, labels in itertools.islice(source, total - batches):
         got_batch = time.perf_counter()
         data_s += got_batch - tick
         with accelerator.accumulate(model):
@@ -111,9 +132,12 @@ def train_one_epoch(
             optimizer.zero_grad(set_to_none=True)
         loss_sum += loss.detach().double() * len(labels)
         n += len(labels)
+        batches += 1
         tick = time.perf_counter()
         compute_s += tick - got_batch
         bar.update(1)
+        if on_step is not None and accelerator.sync_gradients:
+            on_step(EpochProgress(batches, float(loss_sum), n, data_s, compute_s))
     bar.close()
     totals = torch.stack([loss_sum, torch.tensor(float(n), dtype=torch.float64, device=accelerator.device)])
     total_loss, total_n = accelerator.reduce(totals, reduction="sum").tolist()
