@@ -8,11 +8,21 @@
 
 ``--dataset`` is a Hub id or a folder written by ``stda package`` (any dataset with an image and a label column
 and train/validation splits; ``--image-column``, ``--label-column`` and ``--label-map`` adapt other datasets).
+``--train-dir`` (and ``--validation-dir``) take plain image folders instead, one sub-folder per class; without
+a validation split, ``--train-val-split`` moves a share of the training lesions to validation.
 ``--synthetic none|mix|pretrain`` chooses the experiment's arm. ``--mixed-precision`` and ``--grad-accum``,
 when not given, are what ``accelerate launch`` / ``accelerate config`` set. The run folder (``--output-dir``)
 receives Accelerate checkpoints (each epoch and the best), metrics saved with ``evaluate.save``, ``log.jsonl``,
 the final model in ``model/`` (a ``transformers`` model: ``pipeline("image-classification", model=...,
-trust_remote_code=True)``), test plots and a model card.
+trust_remote_code=True)``), test plots and a model card. ``--checkpointing-steps N`` adds a checkpoint every N
+steps, ``--resume-from-checkpoint latest|PATH`` continues from the newest or a chosen one, ``--max-train-steps``
+caps the optimizer steps.
+
+The flags of transformers' ``run_image_classification_no_trainer.py`` work as they do there, in its underscore
+spelling too (the hyphen spelling is the documented one)::
+
+    accelerate launch train.py --dataset_name stda/skin-lesions --output_dir runs/vgg8 --num_train_epochs 30 \
+        --per_device_train_batch_size 32 --learning_rate 1e-3 --checkpointing_steps 500 --with_tracking
 """
 
 from __future__ import annotations
