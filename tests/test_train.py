@@ -1020,3 +1020,13 @@ def test_checkpointing_steps_takes_epoch_or_a_positive_number():
     for bad in ("0", "often", "-3"):
         with pytest.raises(StdaError, match=f"--checkpointing-steps '{bad}': give 'epoch' or a positive"):
             check_config(TrainConfig(checkpointing_steps=bad))
+
+
+def test_model_card_says_its_metrics_are_float32_and_the_training_precision():
+    from stda_hf.training.model_card import _precision_note
+
+    assert (
+        _precision_note({"mixed_precision": "no"})
+        == "Metrics measured in float32, as the published model predicts."
+    )
+    assert _precision_note({"mixed_precision": "bf16"}).endswith("(training used bf16 mixed precision).")

@@ -110,7 +110,11 @@ def read_progress(checkpoint: Path, process_index: int) -> EpochProgress | None:
     file = checkpoint / f"progress_{process_index}.json"
     if not file.is_file():
         return None
-    return EpochProgress(**json.loads(file.read_text(encoding="utf-8")))
+    progress = EpochProgress(**json.loads(file.read_text(encoding="utf-8")))
+    logger.info(
+        "continuing epoch %d after batch %d (%s)", _step_epoch(checkpoint), progress.batches, checkpoint.name
+    )
+    return progress
 
 
 def step_saver(
