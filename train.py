@@ -6,7 +6,9 @@
     torchrun --nproc_per_node 2 train.py --dataset hub/skin-lesions ...   # two processes (gloo on CPU)
     python train.py --config train.yaml --resume             # continue a killed run exactly where it stopped
 
-A thin wrapper of :mod:`stda_hf.training.command` (also ``stda train`` and ``python -m stda_hf.training`` for
+The flags of transformers' ``run_image_classification_no_trainer.py`` (``--dataset_name``, ``--output_dir``,
+``--per_device_train_batch_size``, ``--checkpointing_steps``, ``--resume_from_checkpoint latest``, ...) mean the
+same here. A thin wrapper of :mod:`stda_hf.training.command` (also ``stda train`` and ``python -m stda_hf.training`` for
 an installed package); see there for the flags and the run folder. The final model loads by id with
 ``pipeline("image-classification", model="you/vgg8-stda", trust_remote_code=True)``.
 """

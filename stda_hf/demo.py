@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 def run_demo(out: str | Path, n: int = 400, size: int = 64, seed: int = 0, epochs: int = 15) -> Path:
     """Run the whole flow into ``out`` and print what each step made; return ``out``."""
     out = Path(out)
+    _check_engine()
     real = out / "real"
     _step("phantoms", f"{n} phantom lesions at {size}px -> {real}")
     make_phantoms(real, PhantomConfig(n=n, size=size, seed=seed), overwrite=True)
@@ -41,6 +42,14 @@ def run_demo(out: str | Path, n: int = 400, size: int = 64, seed: int = 0, epoch
     stda = _train_step(out / "runs" / "vgg8-stda", hub, "mix", size, seed, epochs)
     _explain_step(out, real, {"baseline (teacher)": teacher, "ST-DA": stda})
     return out
+
+
+def _check_engine() -> None:
+    """Load the arbitrary-style networks once, so a missing ``stda-hf[arbitrary]`` extra stops the demo at its
+    start (one line, exit 2) rather than after the teacher's training."""
+    from stda_hf.generate import load_arbitrary_models
+
+    load_arbitrary_models("cpu")
 
 
 def _generate_step(out: Path, real: Path, size: int, seed: int) -> Path:

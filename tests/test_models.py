@@ -120,7 +120,7 @@ def test_image_processor_is_loaded_by_transformers_and_equals_the_eval_transform
     pre = Preprocessing(40, mean=(0.4, 0.5, 0.6), std=(0.2, 0.25, 0.3))
     save_model(VGG8(**TINY), tmp_path, pre)
     proc = AutoImageProcessor.from_pretrained(tmp_path)
-    assert type(proc).__name__ == "StdaImageProcessor" and proc.size == 40
+    assert type(proc).__name__ == "StdaImageProcessor" and proc.size == {"height": 40, "width": 40}
     gen = torch.Generator().manual_seed(0)
     for shape, mode in (((57, 31, 3), "RGB"), ((64, 64), "L"), ((20, 90, 3), "RGB")):
         image = Image.fromarray(
@@ -128,6 +128,35 @@ def test_image_processor_is_loaded_by_transformers_and_equals_the_eval_transform
         ).convert(mode)
         expected = eval_transform(pre)(image.convert("RGB"))
         assert torch.equal(proc(image, return_tensors="pt")["pixel_values"][0], expected)
+
+
+def test_preprocessor_config_stores_size_as_height_and_width_as_transformers_processors_do(tmp_path):
+    save_model(VGG8(**TINY), tmp_path, Preprocessing(40))
+    stored = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    assert stored["size"] == {"height": 40, "width": 40}
+    assert load_model(tmp_path)[1] == Preprocessing(40)
+
+
+def test_a_new_head_for_other_labels_gets_pytorchs_initialisation_and_keeps_the_features(tmp_path):
+    from transformers import AutoModelForImageClassification
+
+    model = build_model("vgg8", seed=1, **TINY).eval()
+    save_model(model, tmp_path, Preprocessing(32))
+    three = AutoModelForImageClassification.from_pretrained(
+        tmp_path, num_labels=3, ignore_mismatched_sizes=True
+    ).eval()
+    head = three.classifier[-1]
+    bound = 1 / 16**0.5  # nn.Linear(16, 3): weights and bias uniform in +-1/sqrt(fan_in)
+    assert head.weight.shape == (3, 16) and torch.isfinite(head.weight).all()
+    assert 0.2 * bound < head.weight.abs().max() <= bound and head.bias.abs().max() <= bound
+    assert torch.equal(three.features[0].weight, model.features[0].weight)
+    assert torch.equal(three.classifier[0].weight, model.classifier[0].weight)
+
+
+def test_saved_weights_file_has_the_mode_of_its_siblings(tmp_path):
+    save_model(VGG8(**TINY), tmp_path, Preprocessing(32))
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes["model.safetensors"] == modes["config.json"] == modes["preprocessor_config.json"], modes
 
 
 def test_the_transformers_model_is_explained_like_the_plain_vgg8():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -721,3 +722,311 @@ def test_an_unknown_tracker_is_refused_with_the_known_ones():
 
     with pytest.raises(StdaError, match=r"unknown tracker\(s\) \['tensorbored'\]; choose from \['all', "):
         check_report_to("tensorbored")
+
+
+TRACKER_REFUSALS = """
+import sys
+import accelerate.tracking
+sys.path.insert(0, sys.argv[1])
+import train
+flags = ["--dataset", "no/such/folder", "--output-dir", sys.argv[2], "--with-tracking", "--report-to"]
+code = train.main([*flags, "wandb"])
+print("wandb", code, file=sys.stderr)
+accelerate.tracking._available_trackers.remove(accelerate.tracking.LoggerType.TENSORBOARD)  # the plain wheel
+code = train.main([*flags, "tensorboard"])
+print("tensorboard", code, file=sys.stderr)
+"""
+
+
+def test_a_tracker_that_is_not_installed_exits_2_with_one_line_before_any_accelerator(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-c", TRACKER_REFUSALS, str(ROOT), str(tmp_path / "run")],
+        env=_env(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert lines == [
+        "train.py: error: --report-to: tracker(s) ['wandb'] are not installed",
+        "wandb 2",
+        "train.py: error: --report-to: tracker(s) ['tensorboard'] are not installed (pip install 'stda-hf[tracking]')",
+        "tensorboard 2",
+    ]
+
+
+@pytest.mark.parametrize("client", ["httpx", "httpx2"])
+def test_http_request_lines_of_the_hub_client_are_held_back_unless_verbose(client, caplog):
+    from stda_hf.training import quiet_loggers
+
+    http = logging.getLogger(client)
+    saved = http.level
+    try:
+        with caplog.at_level(logging.INFO):
+            quiet_loggers(verbose=False)
+            http.info('HTTP Request: GET http://127.0.0.1/api/datasets/stda/skin-lesions "HTTP/1.1 200 OK"')
+            assert caplog.records == []
+            quiet_loggers(verbose=True)
+            http.setLevel(logging.NOTSET)
+            http.info("HTTP Request: HEAD http://127.0.0.1/x")
+            assert [r.name for r in caplog.records] == [client]
+    finally:
+        http.setLevel(saved)
+
+
+def test_accelerate_launch_cpu_with_two_processes_says_it_trains_one(tmp_path):
+    accelerate = Path(sys.executable).with_name("accelerate")
+    proc = subprocess.run(
+        [str(accelerate), "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", TRAIN_PY,
+         "--dataset", "no/such/folder", "--output-dir", str(tmp_path / "run")],
+        env=_env(), capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )  # fmt: skip
+    assert "accelerate launch --cpu started ONE process" in proc.stderr, proc.stderr[-2000:]
+    assert "train.py: error: dataset folder no/such/folder not found" in proc.stderr
+
+
+def test_no_lone_process_warning_for_real_multi_process_or_plain_runs():
+    from stda_hf.training.command import lone_cpu_process
+
+    launched = {"ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+    assert lone_cpu_process(launched) is not None
+    assert lone_cpu_process({**launched, "WORLD_SIZE": "2", "RANK": "0"}) is None  # torchrun
+    assert lone_cpu_process({"ACCELERATE_USE_CPU": "True"}) is None  # accelerate launch --cpu, one process
+    assert lone_cpu_process({"MASTER_PORT": "29500"}) is None  # python train.py on a cluster node
+
+
+def test_evaluation_of_a_bf16_run_is_measured_in_float32_as_the_saved_model_predicts():
+    import copy
+
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from stda_hf.models import build_model
+    from stda_hf.training import predict
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        accelerator = Accelerator(cpu=True, mixed_precision="bf16")
+        model = build_model("vgg8", "random", seed=0, widths=(8, 16, 16, 32, 32), hidden=(32, 32)).eval()
+        saved = copy.deepcopy(model)
+        prepared = accelerator.prepare(model)
+        x, y = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1] * 4)
+        logits, labels = predict(
+            prepared, accelerator.prepare(DataLoader(TensorDataset(x, y), batch_size=4)), accelerator
+        )
+        with torch.no_grad():
+            expected = saved(x).logits
+            under_autocast = prepared(x).logits  # training steps still run in bf16
+        assert torch.allclose(logits, expected, rtol=0, atol=1e-6) and torch.equal(labels, y)
+        assert not torch.allclose(under_autocast, expected, rtol=0, atol=1e-4)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_dataset_card_licence_other_links_to_the_dataset_repo_file_not_a_missing_local_one(tmp_path):
+    from stda_hf.training.model_card import dataset_card_facts
+
+    (tmp_path / "README.md").write_text(
+        "---\nlicense: other\nlicense_name: isic-mixed\nlicense_link: LICENSE\n---\n\n"
+        'Load it with `load_dataset("stda/skin-lesions")`.\n'
+    )
+    facts = dataset_card_facts(str(tmp_path), revision="abc123")
+    assert facts == {
+        "hub_id": "stda/skin-lesions",
+        "license": "other",
+        "license_name": "isic-mixed",
+        "license_link": "https://huggingface.co/datasets/stda/skin-lesions/blob/abc123/LICENSE",
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The flags of transformers' run_image_classification_no_trainer.py
+
+
+def _parsed(argv: list[str]) -> TrainConfig:
+    from stda_hf.core.config import config_from_args
+    from stda_hf.training.command import get_args_parser, hyphen_spelling
+
+    return config_from_args(TrainConfig, get_args_parser().parse_args(hyphen_spelling(argv)))
+
+
+def test_the_example_scripts_flags_mean_what_ours_mean():
+    theirs = _parsed(
+        ["--dataset_name", "org/data", "--model_name_or_path", "vgg11", "--output_dir", "out",
+         "--num_train_epochs", "3", "--per_device_train_batch_size", "8", "--per_device_eval_batch_size=16",
+         "--learning_rate", "5e-05", "--weight_decay", "0.0", "--seed", "42", "--image_column_name", "img",
+         "--label_column_name", "dx", "--with_tracking", "--report_to", "tensorboard", "--push_to_hub",
+         "--hub_model_id", "me/m", "--gradient_accumulation_steps", "2", "--max_train_samples", "100",
+         "--max_eval_samples", "20", "--train_val_split", "0.2"]
+    )  # fmt: skip
+    ours = _parsed(
+        ["--dataset", "org/data", "--model", "vgg11", "--output-dir", "out", "--epochs", "3", "--batch-size", "8",
+         "--eval-batch-size", "16", "--lr", "5e-05", "--weight-decay", "0.0", "--seed", "42", "--image-column",
+         "img", "--label-column", "dx", "--with-tracking", "--report-to", "tensorboard", "--push-to-hub",
+         "--hub-model-id", "me/m", "--grad-accum", "2", "--max-train-samples", "100", "--max-eval-samples",
+         "20", "--train-val-split", "0.2"]
+    )  # fmt: skip
+    assert theirs == ours
+    assert (ours.epochs, ours.batch_size, ours.eval_batch_size, ours.lr, ours.grad_accum) == (
+        3,
+        8,
+        16,
+        5e-05,
+        2,
+    )
+
+
+def test_help_documents_the_hyphen_spelling_and_names_the_example_spellings():
+    from stda_hf.training.command import get_args_parser
+
+    text = get_args_parser().format_help()
+    assert "--output-dir" in text and "--output_dir OUTPUT_DIR" not in text
+    assert "--per_device_train_batch_size (--batch-size)" in " ".join(text.split())
+
+
+def test_only_option_names_change_spelling():
+    from stda_hf.training.command import hyphen_spelling
+
+    argv = ["--label_map", "a_b:benign", "--output_dir=my_run", "--", "--not_a_flag"]
+    assert hyphen_spelling(argv) == ["--label-map", "a_b:benign", "--output-dir=my_run", "--", "--not_a_flag"]
+
+
+def _class_folder(root: Path, n: int) -> Path:
+    for k, name in enumerate(("benign", "malignant")):
+        (root / name).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(np.full((32, 32, 3), 60 + 120 * k + i, np.uint8)).save(
+                root / name / f"{name}{i}.png"
+            )
+    return root
+
+
+def test_train_dir_with_the_example_flags_splits_off_validation_and_caps_the_samples(tmp_path, capsys):
+    sys.path.insert(0, str(ROOT))
+    import train
+
+    folder = _class_folder(tmp_path / "images", 30)
+    code = train.main(
+        ["--train_dir", str(folder), "--output_dir", str(tmp_path / "run"), "--num_train_epochs", "1",
+         "--max_train_samples", "40", "--max_eval_samples", "5", "--per_device_train_batch_size", "8",
+         "--per_device_eval_batch_size", "4", "--image_size", "32", "--vgg8_widths", "4", "8", "8", "16", "16",
+         "--vgg8_hidden", "16", "16", "--num_workers", "0", "--explain_images", "0"]
+    )  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    record = json.loads((tmp_path / "run" / "data.json").read_text())
+    assert record["dataset"] == str(folder) and record["splits"] == {"train": 40, "validation": 5}
+
+
+def test_split_off_validation_keeps_each_lesion_on_one_side():
+    import datasets
+
+    from stda_hf.training.data import split_off_validation
+
+    lesions = [f"L{i // 3}" for i in range(60)]  # 20 lesions, 3 images each
+    ds = datasets.Dataset.from_dict({"lesion_id": lesions, "label": [i % 2 for i in range(60)]})
+    train, validation = split_off_validation(ds, 0.15, seed=0)
+    assert len(train) + len(validation) == 60 and len(validation) == 9  # 3 whole lesions: 15 % of 60
+    assert not set(train["lesion_id"]) & set(validation["lesion_id"])
+    assert split_off_validation(ds, 0.15, seed=0)[1]["lesion_id"] == validation["lesion_id"]  # seeded
+
+
+def test_resume_from_an_earlier_checkpoint_replays_the_same_run(phantom_hub, tmp_path):
+    settings = {"epochs": 4, "keep_checkpoints": 4, "dropout": 0.3, "explain_images": 0}
+    first = run_training(_cfg(phantom_hub, tmp_path / "run", **settings))
+    weights = _weights(tmp_path / "run")
+    earlier = tmp_path / "run" / "checkpoints" / "epoch_0002"
+    again = run_training(_cfg(phantom_hub, tmp_path / "run", resume_from_checkpoint=str(earlier), **settings))
+    assert again.epochs == 4 and again.best_epoch == first.best_epoch and again.test == first.test
+    assert [r["epoch"] for r in _log(tmp_path / "run") if "train/loss" in r] == [1, 2, 3, 4]
+    assert all(torch.equal(weights[k], v) for k, v in _weights(tmp_path / "run").items())
+
+
+def test_resume_from_checkpoint_takes_latest_or_a_checkpoint_of_the_run(phantom_hub, tmp_path):
+    assert _parsed(["--resume_from_checkpoint", "latest"]).resume is True
+    run_training(_cfg(phantom_hub, tmp_path / "run", epochs=1, stop_after_epoch=1, explain_images=0))
+    with pytest.raises(StdaError, match=r"not an epoch checkpoint of the run in .*found: \['epoch_0001'\]"):
+        run_training(_cfg(phantom_hub, tmp_path / "run", epochs=1, resume_from_checkpoint=str(tmp_path)))
+    done = run_training(_cfg(phantom_hub, tmp_path / "run", epochs=1, resume_from_checkpoint="latest"))
+    assert done.status == "finished" and done.epochs == 1
+
+
+def test_max_train_steps_overrides_epochs_and_stops_the_last_epoch_part_way(phantom_hub, tmp_path):
+    full = run_training(_cfg(phantom_hub, tmp_path / "probe", epochs=1, explain_images=0))
+    per_epoch = -(-json.loads((tmp_path / "probe" / "data.json").read_text())["splits"]["train"] // 16)
+    result = run_training(
+        _cfg(phantom_hub, tmp_path / "run", epochs=30, max_train_steps=per_epoch + 2, explain_images=0)
+    )
+    images = [r["train/images"] for r in _log(tmp_path / "run") if "train/images" in r]
+    assert full.epochs == 1 and result.epochs == 2 and len(images) == 2
+    assert images[1] == 2 * 16 < images[0]
+    assert "`epochs=2`" in (tmp_path / "run" / "model" / "README.md").read_text()
+
+
+def test_max_train_steps_with_pretrain_is_refused():
+    from stda_hf.training.config import check_config
+
+    with pytest.raises(StdaError, match="--max-train-steps counts the steps of one phase"):
+        check_config(TrainConfig(synthetic="pretrain", max_train_steps=10))
+
+
+class _Killed(Exception):
+    """Stands for a kill right after a step checkpoint."""
+
+
+def test_a_run_killed_mid_epoch_resumes_from_its_step_checkpoint_without_redoing_its_batches(
+    phantom_hub, tmp_path, monkeypatch
+):
+    import stda_hf.training.run as run_module
+
+    settings = {"epochs": 3, "dropout": 0.3, "checkpointing_steps": "2", "explain_images": 0}
+    run_training(_cfg(phantom_hub, tmp_path / "full", **settings))
+    assert not list((tmp_path / "full" / "checkpoints").glob("step_*"))  # superseded by epoch checkpoints
+    real_saver = run_module.step_saver
+
+    def killing_saver(accelerator, run_dir, every, epoch, batches, accum, state):
+        save = real_saver(accelerator, run_dir, every, epoch, batches, accum, state)
+
+        def save_then_die(progress):
+            save(progress)
+            if list((run_dir / "checkpoints").glob("step_0002_*")):  # part-way through epoch 2
+                raise _Killed
+
+        return save_then_die
+
+    monkeypatch.setattr(run_module, "step_saver", killing_saver)
+    with pytest.raises(_Killed):
+        run_training(_cfg(phantom_hub, tmp_path / "cut", **settings))
+    monkeypatch.setattr(run_module, "step_saver", real_saver)
+    (step,) = (tmp_path / "cut" / "checkpoints").glob("step_*")
+    assert (
+        step.name.startswith("step_0002_") and not (tmp_path / "cut" / "checkpoints" / "epoch_0002").exists()
+    )
+    from stda_hf.training.resume import latest_resumable, read_progress
+
+    assert latest_resumable(tmp_path / "cut", processes=1) == step and read_progress(step, 0).batches > 0
+    resumed = run_training(_cfg(phantom_hub, tmp_path / "cut", resume=True, **settings))
+    cut, full = _log(tmp_path / "cut"), _log(tmp_path / "full")
+    assert resumed.epochs == 3 and [r["epoch"] for r in cut] == [r["epoch"] for r in full]
+    assert cut[0] == full[0] or _without_timing(cut[:1]) == _without_timing(full[:1])  # epoch 1 untouched
+    assert [r.get("train/images") for r in cut] == [r.get("train/images") for r in full]  # no batch twice
+    assert not list((tmp_path / "cut" / "checkpoints").glob("step_*"))
+
+
+def test_checkpointing_steps_takes_epoch_or_a_positive_number():
+    from stda_hf.training.config import check_config
+
+    check_config(TrainConfig(checkpointing_steps="epoch"))
+    check_config(TrainConfig(checkpointing_steps="50"))
+    for bad in ("0", "often", "-3"):
+        with pytest.raises(StdaError, match=f"--checkpointing-steps '{bad}': give 'epoch' or a positive"):
+            check_config(TrainConfig(checkpointing_steps=bad))
+
+
+def test_model_card_says_its_metrics_are_float32_and_the_training_precision():
+    from stda_hf.training.model_card import _precision_note
+
+    assert (
+        _precision_note({"mixed_precision": "no"})
+        == "Metrics measured in float32, as the published model predicts."
+    )
+    assert _precision_note({"mixed_precision": "bf16"}).endswith("(training used bf16 mixed precision).")

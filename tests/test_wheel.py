@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -30,7 +31,7 @@ def wheel_venv(tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("wheel")
     src = tmp / "src"  # a copy, so the build leaves no build/ or egg-info in the checkout
     src.mkdir()
-    for name in ("pyproject.toml", "README.md", "stda_hf", "dataset_script"):
+    for name in ("pyproject.toml", "README.md", "stda_hf", "dataset_script", "cards"):
         copy = shutil.copytree if (ROOT / name).is_dir() else shutil.copy2
         copy(
             ROOT / name,
@@ -57,7 +58,48 @@ def wheel_venv(tmp_path_factory) -> dict:
     _run([*pip, "--python", str(python), "install", "--no-deps", "--no-index", str(wheel)], tmp, env)
     work = tmp / "elsewhere"
     work.mkdir()
-    return {"python": python, "stda": venv / "bin" / "stda", "site": site, "env": env, "work": work}
+    return {
+        "python": python, "stda": venv / "bin" / "stda", "site": site, "env": env, "work": work, "wheel": wheel
+    }  # fmt: skip
+
+
+SPECIFIED_TOP_LEVEL = {"pyproject.toml", "stda_hf", "dataset_script", "cards", "tests", "README.md"}
+"""The repository's top level as the project was specified; docs/, benchmarks/, reports/, the Makefile,
+train.py and dot-files may sit beside it."""
+
+
+def test_repository_top_level_is_the_specified_one():
+    tracked = subprocess.run(
+        ["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    top = {path.split("/")[0] for path in tracked}
+    extra = top - SPECIFIED_TOP_LEVEL - {"docs", "benchmarks", "reports", "Makefile", "train.py"}
+    assert SPECIFIED_TOP_LEVEL <= top
+    assert {name for name in extra if not name.startswith(".")} == set()
+    assert (ROOT / "cards" / "dataset_card.md").is_file() and (
+        ROOT / "dataset_script" / "__init__.py"
+    ).is_file()
+    assert not any(path.startswith(("stda_hf/cards/", "stda_hf/dataset/cards/")) for path in tracked)
+
+
+def test_wheel_installs_one_top_level_package_holding_cards_and_the_loading_script(wheel_venv):
+    names = zipfile.ZipFile(wheel_venv["wheel"]).namelist()
+    assert {name.split("/")[0] for name in names} == {"stda_hf", "stda_hf-0.1.0.dist-info"}
+    assert "stda_hf/cards/dataset_card.md" in names
+    assert {"stda_hf/dataset_script/__init__.py", "stda_hf/dataset_script/skin_lesions.py"} <= set(names)
+    source_packages = {
+        str(folder.relative_to(ROOT)) for folder in (ROOT / "stda_hf").rglob("*")
+        if folder.is_dir() and folder.name != "__pycache__" and any(folder.glob("*.py"))
+    }  # fmt: skip
+    assert all(any(n.startswith(p + "/") for n in names) for p in source_packages), (
+        "a package folder is missing"
+    )
+
+
+def test_installed_wheel_imports_the_loading_script_inside_the_package(wheel_venv):
+    code = "import importlib.util as u, stda_hf.dataset_script as d; print(d.__file__, u.find_spec('dataset_script'))"
+    where, top = _run([str(wheel_venv["python"]), "-c", code], wheel_venv["work"], wheel_venv["env"]).split()
+    assert Path(where).is_relative_to(wheel_venv["site"] / "stda_hf" / "dataset_script") and top == "None"
 
 
 def test_the_installed_package_is_the_wheel_with_its_card_template(wheel_venv):

@@ -4,7 +4,7 @@
 licences, skin types, artifacts, style-transfer settings, the teacher); :func:`render_card` turns them into
 ``README.md``: a YAML header the Hub and ``datasets`` read (licence, task, ``configs`` with every split,
 ``dataset_info`` with the features, so the ``ClassLabel`` survives a plain Parquet load) and the sections of
-the Hub's dataset-card template, from ``stda_hf/cards/dataset_card.md``.
+the Hub's dataset-card template, from ``cards/dataset_card.md`` (``stda_hf/cards/`` in the wheel).
 """
 
 from __future__ import annotations
@@ -23,8 +23,15 @@ from stda_hf import LABELS, __version__
 from stda_hf.core.errors import StdaError
 from stda_hf.data.licenses import get_license, most_restrictive
 
-TEMPLATE = Path(__file__).resolve().parent / "cards" / "dataset_card.md"
-"""The card template (Jinja2), shipped as package data in ``stda_hf/cards/`` (found in an installed wheel).
+
+def _cards_folder() -> Path:
+    """``cards/``: inside the package when installed from the wheel, at the repository's top in a checkout."""
+    package = Path(__file__).resolve().parents[1]
+    return package / "cards" if (package / "cards").is_dir() else package.parent / "cards"
+
+
+TEMPLATE = _cards_folder() / "dataset_card.md"
+"""The card template (Jinja2): ``cards/`` at the repository's top, installed by the wheel as ``stda_hf/cards/``.
 
 Rendered here rather than with ``huggingface_hub.DatasetCard.from_template``: that renders with Jinja's default
 ``Undefined`` (a fact the template names but the build lacks becomes an empty string in a public card instead
@@ -204,6 +211,27 @@ def card_header(facts: CardFacts, features: datasets.Features) -> dict[str, Any]
     return header
 
 
+ARBITRARY_SETTINGS = (
+    "engine", "strength", "style_size", "render_size", "preserve_color", "size", "per_content", "seed",
+    "min_style_reduction", "min_structure",
+)  # fmt: skip
+"""What of ``generate.yaml`` an ``arbitrary`` build used: its network's settings, the output, the pairing and
+the gate. The rest of the file (Gatys's presets, layers, weights, optimiser) is there for re-use as ``--config``
+but played no part in the images."""
+ARBITRARY_ONLY_SETTINGS = ("strength", "style_size", "render_size")
+"""Settings a ``gatys`` build ignores."""
+
+
+def engine_settings(settings: dict, engine: str | None) -> dict:
+    """The style-transfer settings of ``generate.yaml`` that the build's engine used (all when it is unknown)."""
+    engine = engine or settings.get("engine")
+    if engine == "arbitrary":
+        return {k: v for k, v in settings.items() if k in ARBITRARY_SETTINGS}
+    if engine == "gatys":
+        return {k: v for k, v in settings.items() if k not in ARBITRARY_ONLY_SETTINGS}
+    return dict(settings)
+
+
 def public_settings(settings: dict, prefix: str = "") -> dict[str, str]:
     """Flatten a settings mapping for the card: nested keys dotted, secrets hidden, local paths cut to names."""
     flat = {}
@@ -291,7 +319,7 @@ def _context(facts: CardFacts) -> dict[str, Any]:
         "licences": [(name, n, get_license(name)) for name, n in sorted(facts.licences.items())],
         "real_total": sum(s.num_examples for s in real_splits),
         "syn": syn,
-        "nst_settings": public_settings(syn.settings) if syn else {},
+        "nst_settings": public_settings(engine_settings(syn.settings, syn.engine.get("name"))) if syn else {},
         "label_summary": public_settings(
             {k: v for k, v in syn.label_summary.items() if k not in SUMMARY_OMIT and _small(v)}
         )

@@ -2,7 +2,7 @@
 
     stda package real/ --synthetic synthetic/ --out hub/skin-lesions --name stda/skin-lesions
 
-The schema and the examples come from the ``datasets`` builder module in ``dataset_script/``, through its public
+The schema and the examples come from the ``datasets`` builder module in ``dataset_script/`` (installed as ``stda_hf.dataset_script``), through its public
 functions (``FEATURES``, ``load_sources``, ``split_examples``; datasets 5 runs no loading scripts). Examples
 stream through it one at a time: each image is checked with
 :func:`~stda_hf.data.images.load_image`, embedded, and written into ``data/<split>-NNNNN-of-NNNNN.parquet`` in small
@@ -372,7 +372,7 @@ def _commit(staging: Path, record: ShardRecord, records: list[ShardRecord]) -> N
 
 def examples_of(sources, split: str) -> Iterator[dict]:
     """The examples of one split, without their keys (the builder module's ``split_examples``)."""
-    from dataset_script import split_examples
+    from stda_hf.dataset_script import split_examples
 
     return (ex for _, ex in split_examples(sources, split))
 
@@ -623,7 +623,7 @@ def package(
         Missing splits or labels, leakage, synthetic images not derived from train images of ``real``, a
         non-empty unrelated ``out``, or a split without readable images.
     """
-    from dataset_script import FEATURES, load_sources
+    from stda_hf.dataset_script import FEATURES, load_sources
 
     cfg = cfg or PackageConfig()
     out = Path(out)
@@ -669,7 +669,7 @@ def leave_out_failed(sources, synthetic: str | Path | None, keep: bool) -> tuple
     if synthetic is None:
         return {}, []
     manifest = {r["id"]: r for r in read_jsonl(Path(synthetic) / "manifest.jsonl")}
-    from dataset_script import verdict_of
+    from stda_hf.dataset_script import verdict_of
 
     verdict = {i: verdict_of(r) for i, r in manifest.items()}
     present = {s.id for s in sources.synthetic}  # `stda label` leaves failed images unlabelled by default
@@ -691,7 +691,7 @@ def leave_out_failed(sources, synthetic: str | Path | None, keep: bool) -> tuple
 
 
 def _finish(out, staging, records, sources, features, cfg, synthetic, gate=({}, [])) -> PackageResult:
-    from dataset_script.skin_lesions import CITATION
+    from stda_hf.dataset_script.skin_lesions import CITATION
 
     names = publish_shards(out, staging, records)
     shards = {s: [n for n in names if n.startswith(f"data/{s}-")] for s in records}

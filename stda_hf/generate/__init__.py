@@ -5,6 +5,7 @@
 feed-forward network); ``quality`` is the gate that judges every result.
 """
 
+from stda_hf.generate.arbitrary import load_models as load_arbitrary_models
 from stda_hf.generate.stage import ENGINE_FILE, GenerateConfig, QualityGateFailed, generate
 
-__all__ = ["ENGINE_FILE", "GenerateConfig", "QualityGateFailed", "generate"]
+__all__ = ["ENGINE_FILE", "GenerateConfig", "QualityGateFailed", "generate", "load_arbitrary_models"]

@@ -1,6 +1,6 @@
 """The image processor of the project's classifiers: the evaluation transform, as ``AutoImageProcessor`` loads it.
 
-Resize to ``size`` x ``size`` (PIL bilinear, as torchvision resizes PIL images), scale to [0, 1], normalise with
+Resize to ``size["height"]`` x ``size["width"]`` (PIL bilinear, as torchvision resizes PIL images), scale to [0, 1], normalise with
 ``image_mean`` and ``image_std``: the same operations in the same order and dtype as
 ``stda_hf.models.vgg.eval_transform``, so a model gives the same logits through ``pipeline`` as in
 ``train.py``'s evaluation. Saved beside every trained model (``register_for_auto_class``); it imports only
@@ -21,12 +21,14 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class StdaImageProcessor(BaseImageProcessor):
-    """Resize, scale and normalise RGB images into ``pixel_values`` ``(N, 3, size, size)`` float32.
+    """Resize, scale and normalise RGB images into ``pixel_values`` ``(N, 3, height, width)`` float32.
 
     Parameters
     ----------
-    size : int
-        Side of the square the images are resized to.
+    size : int or dict
+        Side of the square the images are resized to, or ``{"height": h, "width": w}``. Stored (and saved in
+        ``preprocessor_config.json``) as the dict, the form ``transformers`` image processors and its example
+        scripts read (``"shortest_edge" in image_processor.size``).
     image_mean, image_std : sequence of 3 float
         Per-channel normalisation after scaling to [0, 1].
     """
@@ -41,7 +43,8 @@ class StdaImageProcessor(BaseImageProcessor):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.size = int(size["height"] if isinstance(size, dict) else size)
+        height, width = (size["height"], size["width"]) if isinstance(size, dict) else (size, size)
+        self.size = {"height": int(height), "width": int(width)}
         self.image_mean = [float(x) for x in image_mean]
         self.image_std = [float(x) for x in image_std]
 
@@ -54,12 +57,12 @@ class StdaImageProcessor(BaseImageProcessor):
         return BatchFeature(data={"pixel_values": pixels})
 
     def transform(self, image) -> torch.Tensor:
-        """One image as a normalised ``(3, size, size)`` float32 tensor."""
+        """One image as a normalised ``(3, height, width)`` float32 tensor."""
         if not isinstance(image, Image.Image):
             image = Image.fromarray(np.asarray(image))
         if image.mode != "RGB":
             image = image.convert("RGB")
-        image = image.resize((self.size, self.size), resample=Image.BILINEAR)
+        image = image.resize((self.size["width"], self.size["height"]), resample=Image.BILINEAR)
         x = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)  # (3, H, W)
         x = x.to(torch.float32).mul_(1.0 / 255)
         mean = torch.as_tensor(self.image_mean, dtype=torch.float32).view(-1, 1, 1)

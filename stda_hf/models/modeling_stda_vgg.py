@@ -78,7 +78,14 @@ class StdaVGGForImageClassification(PreTrainedModel):
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
-        """Keep PyTorch's own initialisation of each layer (weights then come from a checkpoint or a seed)."""
+        """PyTorch's own initialisation of a layer (``reset_parameters``), as the layer's constructor drew it.
+
+        ``transformers`` calls this for every layer a checkpoint does not fill: a new head when loading with
+        ``num_labels`` other than the checkpoint's (``ignore_mismatched_sizes=True``), which ``transformers`` 5
+        creates empty. Parameters loaded from the checkpoint are left alone (its init guard).
+        """
+        if module is not self and hasattr(module, "reset_parameters"):
+            module.reset_parameters()
 
     def forward(
         self,

@@ -465,7 +465,16 @@ def save_model(model: nn.Module, folder: str | Path, preprocessing: Preprocessin
         image_processor(preprocessing).save_pretrained(folder)
     else:
         write_json(folder / PREPROCESSOR_FILE, preprocessing.to_json())
+    _weights_mode_like_config(folder)
     return folder
+
+
+def _weights_mode_like_config(folder: Path) -> None:
+    """Give the weight files the permissions of ``config.json`` (the umask's): ``transformers`` 5 writes
+    ``model.safetensors`` through a private temporary file, mode 0600, which a shared model folder must not keep."""
+    mode = (folder / "config.json").stat().st_mode & 0o777
+    for weights in folder.glob("*.safetensors"):
+        weights.chmod(mode)
 
 
 def model_folder(path: str | Path) -> Path:

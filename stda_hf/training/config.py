@@ -42,8 +42,14 @@ MONITORS = (
 REQUIRED_COLUMNS = ("image", "label")
 
 
+DEFAULT_DATASET = "stda/skin-lesions"
+
+
 RUN_CONTROL = (
     "resume",
+    "checkpointing_steps",
+    "resume_from_checkpoint",
+    "eval_batch_size",
     "overwrite",
     "stop_after_epoch",
     "epochs",
@@ -63,7 +69,20 @@ RUN_CONTROL = (
 class TrainConfig:
     """Settings of one training run (``train.py`` flags, or a ``--config`` YAML with the same keys)."""
 
-    dataset: str = "stda/skin-lesions"  # Hub dataset id, or a local folder written by `stda package`
+    dataset: str = DEFAULT_DATASET  # Hub dataset id, or a local folder written by `stda package`
+    train_dir: str | None = (
+        None  # instead of --dataset: an image folder of training images, one sub-folder per class
+    )
+    validation_dir: str | None = (
+        None  # with --train-dir: an image folder of validation images (else --train-val-split)
+    )
+    train_val_split: float = (
+        0.15  # share of train moved to validation when the dataset has none, by lesion (0: refuse)
+    )
+    max_train_samples: int | None = None  # use only this many training images (drawn with --seed; debugging)
+    max_eval_samples: int | None = (
+        None  # use only this many validation and test images each (drawn with --seed)
+    )
     dataset_config: str | None = None  # dataset configuration name (default: the dataset's default)
     revision: str | None = None  # dataset revision on the Hub (branch, tag or commit)
     image_column: str = "image"  # the dataset's image column
@@ -94,7 +113,11 @@ class TrainConfig:
     vflip: bool = True  # augmentation: random vertical flips (lesions have no up)
     color_jitter: float = 0.1  # augmentation: brightness, contrast, saturation jitter (hue a quarter)
     epochs: int = 30  # epochs on real training images (after the pretrain epochs, if any)
+    max_train_steps: int | None = (
+        None  # optimizer steps in all; overrides --epochs (the last epoch stops early)
+    )
     batch_size: int = 32  # images per process and step
+    eval_batch_size: int | None = None  # images per process and evaluation step (unset: twice --batch-size)
     grad_accum: int | None = None  # gradient accumulation steps (unset: accelerate's setting, else 1)
     optimizer: str = "adamw"  # adamw | sgd
     lr: float = 1e-3  # peak learning rate
@@ -114,8 +137,14 @@ class TrainConfig:
     num_workers: int = 2  # data-loading worker processes per training process
     output_dir: str = "runs/vgg8"  # run folder: checkpoints, metrics, log, final model, model card
     resume: bool = False  # continue the run in output_dir from its last checkpoint (fresh start if none)
+    resume_from_checkpoint: str | None = (
+        None  # latest (as --resume) or a checkpoints/epoch_NNNN folder of the run
+    )
     overwrite: bool = False  # delete the run already in output_dir and start again
     keep_checkpoints: int = 2  # epoch checkpoints kept (the best one is kept apart)
+    checkpointing_steps: str = (
+        "epoch"  # epoch (a checkpoint after each) or N: also every N steps, resumable mid-epoch
+    )
     stop_after_epoch: int = 0  # stop as if killed after this epoch's checkpoint (0: never; to test resume)
     push_to_hub: bool = False  # upload the final model, card and plots to the Hub
     hub_model_id: str | None = None  # Hub model repo for --push-to-hub, e.g. me/vgg8-stda
@@ -128,6 +157,12 @@ class TrainConfig:
     explain_method: str = (
         "dtd"  # attribution method of those explanations (dtd, gradient, or a zennit composite)
     )
+
+    def __post_init__(self) -> None:
+        if self.resume_from_checkpoint is not None:
+            self.resume = True
+        if self.train_dir is not None and self.dataset == DEFAULT_DATASET:
+            self.dataset = self.train_dir  # what the run folder and the card name as the training data
 
 
 def check_config(cfg: TrainConfig) -> None:
@@ -153,6 +188,22 @@ def check_config(cfg: TrainConfig) -> None:
                 f"--{_flag(name)} {getattr(cfg, name)!r} is not valid; choose one of {list(valid)}"
             )
     _check_ranges(cfg)
+    if cfg.train_dir is not None and cfg.dataset != cfg.train_dir:
+        raise StdaError(
+            f"--dataset {cfg.dataset} and --train-dir {cfg.train_dir}: give one source of training data"
+        )
+    if cfg.checkpointing_steps != "epoch" and not (
+        cfg.checkpointing_steps.isdigit() and int(cfg.checkpointing_steps) > 0
+    ):
+        raise StdaError(
+            f"--checkpointing-steps {cfg.checkpointing_steps!r}: give 'epoch' or a positive number of steps"
+        )
+    if cfg.max_train_steps is not None and cfg.synthetic == "pretrain":
+        raise StdaError(
+            "--max-train-steps counts the steps of one phase; use --epochs with --synthetic pretrain"
+        )
+    if cfg.validation_dir is not None and cfg.train_dir is None:
+        raise StdaError("--validation-dir needs --train-dir (a --dataset brings its own validation split)")
     if cfg.explain_images:
         from stda_hf.attribution.engine import check_composite_name
 
@@ -215,9 +266,10 @@ def check_report_to(report_to: str) -> list[str]:
         )
     if names == ["all"]:
         return names
-    from accelerate.tracking import filter_trackers
+    from accelerate.tracking import get_available_trackers
 
-    missing = [n for n in names if not filter_trackers([n], logging_dir=".")]  # only asks what is installed
+    installed = {str(t) for t in get_available_trackers()}  # asks nothing of an Accelerator (none exists yet)
+    missing = [n for n in names if n not in installed]
     if missing:
         extra = " (pip install 'stda-hf[tracking]')" if "tensorboard" in missing else ""
         raise StdaError(f"--report-to: tracker(s) {missing} are not installed{extra}")
@@ -225,7 +277,10 @@ def check_report_to(report_to: str) -> list[str]:
 
 
 def _check_ranges(cfg: TrainConfig) -> None:
-    positive = ("epochs", "batch_size", "grad_accum", "image_size", "keep_checkpoints", "step_size")
+    positive = (
+        "epochs", "batch_size", "eval_batch_size", "grad_accum", "image_size", "keep_checkpoints", "step_size",
+        "max_train_samples", "max_eval_samples", "max_train_steps",
+    )  # fmt: skip
     for name in positive:
         if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
             raise StdaError(f"--{_flag(name)} must be at least 1; got {getattr(cfg, name)}")
@@ -241,6 +296,7 @@ def _check_ranges(cfg: TrainConfig) -> None:
         ("gamma", 0.0 < cfg.gamma <= 1.0, "in (0, 1]"),
         ("zoom", 0.0 <= cfg.zoom < 1.0, "in [0, 1)"),
         ("color_jitter", cfg.color_jitter >= 0, "0 or more"),
+        ("train_val_split", 0.0 <= cfg.train_val_split < 1.0, "in [0, 1)"),
     )
     for name, ok, what in checks:
         if not ok:

@@ -35,6 +35,7 @@ class Splits:
     test: Any | None  # real images only; None when the dataset has no test split
     synthetic: Any | None  # pseudo-labelled synthetic images; None unless --synthetic mix|pretrain|only
     skipped: SkipReport = field(default_factory=SkipReport)  # undecodable images left out
+    revision: str | None = None  # the Hub commit loaded (a Hub id whose commit the Hub told); else None
 
     def sizes(self) -> dict[str, int]:
         """Rows per split used (absent splits left out)."""
@@ -51,11 +52,24 @@ def load_splits(cfg: TrainConfig) -> Splits:
         Dataset not found (or offline), a split without ``image``/``label`` (the columns found are named),
         labels other than benign/malignant, synthetic rows in train/validation/test, a missing split.
     """
-    data = _load_dataset(cfg.dataset, cfg.dataset_config, cfg.revision)
+    commit = None
+    if cfg.train_dir is not None:
+        data = _load_image_folders(cfg.train_dir, cfg.validation_dir)
+    else:
+        commit = hub_commit(cfg.dataset, cfg.revision) if is_hub_id(cfg.dataset) else None
+        data = _load_dataset(cfg.dataset, cfg.dataset_config, commit or cfg.revision)
     data = {name: _adapt_columns(ds, name, cfg) for name, ds in data.items()}
+    if "train" in data and "validation" not in data and cfg.train_val_split > 0:
+        data["train"], data["validation"] = split_off_validation(data["train"], cfg.train_val_split, cfg.seed)
+        logger.info(
+            "no validation split: %d of the training images moved to validation (--train-val-split %g)",
+            len(data["validation"]),
+            cfg.train_val_split,
+        )
     for name in SPLITS[:2]:  # train and validation are required
         if name not in data:
             raise StdaError(f"dataset {cfg.dataset} has no {name!r} split; splits found: {sorted(data)}")
+    data = _at_most(data, cfg)
     for name, ds in data.items():
         _check_columns(ds, name, cfg.dataset)
     _check_both_classes(data["train"], cfg.dataset)
@@ -64,12 +78,103 @@ def load_splits(cfg: TrainConfig) -> Splits:
         validation=_real_only(data["validation"], "validation"),
         test=_real_only(data["test"], "test") if "test" in data else None,
         synthetic=_synthetic(data, cfg),
+        revision=commit,
     )
     if splits.test is None:
         logger.warning("dataset %s has no 'test' split: the run ends without test metrics", cfg.dataset)
     if cfg.check_images:
         _drop_bad_images(splits)
     return splits
+
+
+def _load_image_folders(train_dir: str, validation_dir: str | None):
+    """``--train-dir`` (and ``--validation-dir``) as ``datasets``' ``imagefolder``: one sub-folder per class."""
+    import datasets
+
+    files = {}
+    for split, folder, flag in (
+        ("train", train_dir, "--train-dir"),
+        ("validation", validation_dir, "--validation-dir"),
+    ):
+        if folder is None:
+            continue
+        if not Path(folder).is_dir():
+            raise StdaError(
+                f"{flag} {folder}: no such folder; give a folder with one sub-folder of images per class"
+            )
+        files[split] = str(Path(folder) / "**")
+    try:
+        return dict(datasets.load_dataset("imagefolder", data_files=files))
+    except (FileNotFoundError, ValueError) as err:
+        raise StdaError(f"cannot read the image folders {sorted(files.values())} ({err})") from err
+
+
+def split_off_validation(train, share: float, seed: int):
+    """(train, validation): about ``share`` of ``train`` moved to validation, drawn with ``seed``.
+
+    Whole lesions move together (``lesion_id``, else ``patient_id``, else each image alone), so no lesion is in
+    both: the example script's random ``train_test_split`` would put views of one lesion on both sides.
+    """
+    column = next((c for c in ("lesion_id", "patient_id") if c in train.column_names), None)
+    keys = [str(k) if k is not None else f"row-{i}" for i, k in enumerate(train[column])] if column else None
+    keys = keys or [f"row-{i}" for i in range(len(train))]
+    groups = sorted(set(keys))
+    rng = np.random.default_rng(seed)
+    rng.shuffle(groups)
+    wanted, chosen, taken = share * len(train), set(), 0
+    sizes = {g: 0 for g in groups}
+    for k in keys:
+        sizes[k] += 1
+    for g in groups:
+        if taken >= wanted:
+            break
+        chosen.add(g)
+        taken += sizes[g]
+    held = [i for i, k in enumerate(keys) if k in chosen]
+    kept = [i for i, k in enumerate(keys) if k not in chosen]
+    if not held or not kept:
+        raise StdaError(
+            f"--train-val-split {share}: {len(train)} training image(s) cannot be split; give a validation split"
+        )
+    return train.select(kept), train.select(held)
+
+
+def _at_most(data: dict, cfg: TrainConfig) -> dict:
+    """``--max-train-samples`` / ``--max-eval-samples``: that many rows of train / validation and test, drawn
+    with ``--seed`` as the example script draws them (``shuffle(seed).select(range(n))``)."""
+    limits = {
+        "train": cfg.max_train_samples,
+        "validation": cfg.max_eval_samples,
+        "test": cfg.max_eval_samples,
+    }
+    out = dict(data)
+    for split, n in limits.items():
+        if n is not None and split in out and n < len(out[split]):
+            out[split] = out[split].shuffle(seed=cfg.seed).select(range(n))
+    return out
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether ``name`` reads as a Hub id (``org/name``) rather than a local folder."""
+    return name.count("/") == 1 and not Path(name).exists() and not name.startswith((".", "/", "~"))
+
+
+def hub_commit(repo_id: str, revision: str | None) -> str | None:
+    """The commit of Hub dataset ``repo_id`` at ``revision`` (``main`` when None, as ``datasets`` loads), or
+    None when the Hub cannot say (offline, a mirror without the API): the run then loads ``revision`` as given.
+
+    The run loads exactly this commit, so the one recorded in ``data.json`` and the model card is the one
+    trained on, even if the branch moves meanwhile.
+    """
+    from huggingface_hub import HfApi
+
+    try:
+        return HfApi().dataset_info(repo_id, revision=revision or "main").sha
+    except Exception as err:  # offline mode, no network, not found: load_dataset gives the user-facing error
+        logger.info(
+            "could not resolve the commit of %s (%s); loading it as given", repo_id, type(err).__name__
+        )
+        return None
 
 
 def _load_dataset(name: str, config: str | None, revision: str | None):
@@ -379,7 +484,7 @@ def _phase(
 
 def make_loader(data: Dataset, cfg: TrainConfig, sampler: Sampler | None = None) -> DataLoader:
     """A data loader: the epoch sampler for training, the split in order (twice the batch) for evaluation."""
-    batch = cfg.batch_size if sampler is not None else 2 * cfg.batch_size
+    batch = cfg.batch_size if sampler is not None else (cfg.eval_batch_size or 2 * cfg.batch_size)
     return DataLoader(
         data,
         batch_size=batch,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ import torch
 from stda_hf import LABELS, __version__
 from stda_hf.core.fileio import atomic_write, write_text
 from stda_hf.models.vgg import MODEL_NAMES, Preprocessing
+from stda_hf.training.data import is_hub_id
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +61,54 @@ class RunFacts:
     dataset_license_link: str | None = None  # the dataset card's license_link when its licence is "other"
     base_model: str | None = None  # Hub id of the pretrained weights the model started from
     subgroups: dict[str, dict[str, dict[str, float]]] | None = None  # column -> value -> test metrics + "n"
+    dataset_revision: str | None = None  # the dataset commit trained on (Hub datasets), else --revision
+
+
+_LOAD_DATASET_ID = re.compile(r"""load_dataset\(\s*["']([\w.-]+/[\w.-]+)["']""")
+
+
+def dataset_card_facts(dataset: str, revision: str | None = None) -> dict[str, str | None]:
+    """Hub id, licence, ``license_name`` and ``license_link`` of the training data, from its dataset card.
+
+    ``dataset`` is a Hub id (its card is read from the Hub at ``revision``, through ``HF_ENDPOINT``) or a local
+    folder written by ``stda package`` (its ``README.md``; the id is the one its ``load_dataset("org/name")``
+    example names). A relative ``license_link`` (a file of the dataset repo) becomes the file's Hub URL, since
+    the model repo does not hold that file. Missing facts are None; an unreadable card is logged, not raised.
+    """
+    hub_id = dataset if is_hub_id(dataset) else None
+    facts: dict[str, str | None] = {"hub_id": hub_id}
+    card = _load_dataset_card(dataset, hub_id, revision)
+    if card is None:
+        return facts
+    data = card.data
+    facts.update(
+        license=data.license, license_name=data.get("license_name"), license_link=data.get("license_link")
+    )
+    named = _LOAD_DATASET_ID.search(card.text)
+    facts["hub_id"] = hub_id or (named.group(1) if named else None)
+    link = facts["license_link"]
+    if link and facts["hub_id"] and not re.match(r"^[a-z]+://", link):
+        facts["license_link"] = (
+            f"https://huggingface.co/datasets/{facts['hub_id']}/blob/{revision or 'main'}/{link.lstrip('./')}"
+        )
+    return facts
+
+
+def _load_dataset_card(dataset: str, hub_id: str | None, revision: str | None):
+    """The dataset's card: ``README.md`` of the Hub repo at ``revision`` or of the local folder; None if none."""
+    from huggingface_hub import DatasetCard, hf_hub_download
+
+    try:
+        if hub_id:
+            path = hf_hub_download(hub_id, "README.md", repo_type="dataset", revision=revision)
+        else:
+            path = Path(dataset) / "README.md"
+            if not path.is_file():
+                return None
+        return DatasetCard.load(path)
+    except Exception as err:  # offline, no card, a malformed card: a finished run must still get its card
+        logger.info("could not read the dataset card of %s (%s)", dataset, type(err).__name__)
+        return None
 
 
 def roc_points(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -114,7 +164,7 @@ def render_card(facts: RunFacts, plots: list[str]) -> str:
     from huggingface_hub import ModelCard, ModelCardData
 
     cfg = facts.config
-    licence = facts.dataset_license or "other"
+    licence = facts.dataset_license or "unknown"
     data = ModelCardData(
         license=licence,
         library_name="transformers",
@@ -135,7 +185,9 @@ def render_card(facts: RunFacts, plots: list[str]) -> str:
     )
     if licence == "other":  # the Hub asks a name (and a link) for any licence outside its list
         data.license_name = facts.dataset_license_name or "training-data-licence"
-        data.license_link = facts.dataset_license_link or "LICENSE"
+        data.license_link = facts.dataset_license_link or (
+            f"https://huggingface.co/datasets/{facts.dataset_id}" if facts.dataset_id else None
+        )
     body = "\n".join(
         [
             f"# {_model_name(cfg)}",
@@ -174,7 +226,7 @@ def base_model(model: str, weights: str) -> str | None:
 
 
 def _is_hub_id(name: str) -> bool:
-    return name.count("/") == 1 and not Path(name).exists() and not name.startswith((".", "/"))
+    return is_hub_id(name)
 
 
 def _model_name(cfg: dict[str, Any]) -> str:
@@ -207,7 +259,7 @@ def _eval_results(facts: RunFacts) -> list:
             dataset_name=_public(cfg["dataset"]),
             dataset_config=cfg.get("dataset_config"),
             dataset_split="test",
-            dataset_revision=cfg.get("revision"),
+            dataset_revision=facts.dataset_revision or cfg.get("revision"),
             metric_type=kind,
             metric_name=name,
             metric_value=round(float(facts.test[key]), 4),
@@ -234,7 +286,7 @@ def _summary(facts: RunFacts) -> str:
 
 
 def _results_section(facts: RunFacts, plots: list[str]) -> list[str]:
-    lines = ["## Results", ""]
+    lines = ["## Results", "", _precision_note(facts.config), ""]
     if facts.test:
         lines += [
             f"Test split ({facts.split_sizes.get('test', 0)} real images), model of epoch {facts.best_epoch}:",
@@ -254,6 +306,13 @@ def _results_section(facts: RunFacts, plots: list[str]) -> list[str]:
         ]
         lines += _metric_table(facts.validation)
     return [*lines, ""]
+
+
+def _precision_note(cfg: dict[str, Any]) -> str:
+    """How the metrics were measured: always float32, whatever precision training used."""
+    trained = cfg.get("mixed_precision") or "no"
+    during = "" if trained == "no" else f" (training used {trained} mixed precision)"
+    return f"Metrics measured in float32, as the published model predicts{during}."
 
 
 def _metric_table(metrics: dict[str, float]) -> list[str]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,19 +38,21 @@ from stda_hf.training.data import (
     load_splits,
     make_loader,
 )
+from stda_hf.training.resume import checkpoint_to_resume, drop_step_checkpoints, read_progress, step_saver
 from stda_hf.training.state import (
     JsonlTracker,
     RunState,
     checkpoint_dir,
-    latest_checkpoint,
     prune_checkpoints,
     read_run_state,
     recover_checkpoints,
     save_checkpoint,
 )
 from stda_hf.training.step import (
+    EpochProgress,
     EvalContext,
     EvalHook,
+    batch_limit,
     compute_metrics,
     evaluate,
     learning_rate,
@@ -60,6 +61,7 @@ from stda_hf.training.step import (
     subgroup_metrics,
     total_epochs,
     train_one_epoch,
+    with_step_budget,
 )
 
 logger = logging.getLogger(__name__)
@@ -97,6 +99,7 @@ class _Run:
     metric: Any
     on_evaluate: EvalHook | None
     state: RunState = field(default_factory=RunState)
+    resume_progress: EpochProgress | None = None  # the epoch a step checkpoint interrupted, to continue
 
 
 def run_training(cfg: TrainConfig, on_evaluate: EvalHook | None = None) -> TrainResult:
@@ -154,6 +157,7 @@ def _setup(cfg: TrainConfig, on_evaluate: EvalHook | None) -> _Run:
     seed_everything(cfg.seed)
     model = build_model(cfg.model, cfg.weights, seed=cfg.seed, **_model_options(cfg))
     run = _assemble(cfg, run_dir, accelerator, tracker, splits, pre, model, load_metric(), on_evaluate)
+    run.cfg = with_step_budget(run.cfg, len(run.loaders["train"]))  # --max-train-steps: the epochs it needs
     _start(run, resume_from)
     return run
 
@@ -265,6 +269,7 @@ def _start(run: _Run, resume_from: Path | None) -> None:
     if resume_from is not None:
         acc.load_state(str(resume_from))  # model, optimizer, RNG states of every process
         run.state = read_run_state(resume_from)
+        run.resume_progress = read_progress(resume_from, acc.process_index)
         if acc.is_main_process:
             run.tracker.truncate_after(run.state.epoch)
         logger.info("resumed %s after epoch %d", run.run_dir, run.state.epoch)
@@ -288,7 +293,7 @@ def _prepare_run_dir(cfg: TrainConfig, run_dir: Path, accelerator) -> Path | Non
         dump_config(cfg, run_dir / "config.yaml")
     accelerator.wait_for_everyone()
     if cfg.resume:
-        resume_from = latest_checkpoint(run_dir)
+        resume_from = checkpoint_to_resume(cfg, run_dir, accelerator)
         if resume_from is None:
             logger.warning("--resume: no checkpoint in %s yet; starting from the beginning", run_dir)
     return resume_from
@@ -344,7 +349,7 @@ def _write_data_record(run: _Run) -> None:
         {
             "dataset": cfg.dataset,
             "dataset_config": cfg.dataset_config,
-            "revision": cfg.revision,
+            "revision": splits.revision or cfg.revision,
             "splits": splits.sizes(),
             "trained_on_splits": trained_on,
             "evaluated_on_splits": [s for s in SPLITS[1:] if getattr(splits, s) is not None],
@@ -386,9 +391,15 @@ def _run_epoch(run: _Run, epoch: int) -> None:
     phase = phase_of(cfg, epoch)
     loader = run.loaders[phase]
     loader.set_epoch(epoch)
+    saver = None
+    if cfg.checkpointing_steps != "epoch":
+        every = int(cfg.checkpointing_steps)
+        saver = step_saver(acc, run.run_dir, every, epoch, len(loader), cfg.grad_accum or 1, run.state)
+    start, run.resume_progress = run.resume_progress, None
     stats = train_one_epoch(
-        run.model, loader, run.optimizer, run.loss_fns[phase], acc, learning_rate(cfg, epoch), epoch
-    )
+        run.model, loader, run.optimizer, run.loss_fns[phase], acc, learning_rate(cfg, epoch), epoch,
+        batch_limit(cfg, epoch, len(loader)), start, saver,
+    )  # fmt: skip
     val = evaluate(run.model, run.loaders["validation"], acc, run.metric)
     extra = _hook(run, epoch, "validation", run.splits.validation, val)
     improved = run.state.update(val, cfg, epoch)
@@ -406,6 +417,7 @@ def _run_epoch(run: _Run, epoch: int) -> None:
     save_checkpoint(acc, checkpoint_dir(run.run_dir, epoch), run.state)
     if acc.is_main_process:
         prune_checkpoints(run.run_dir, cfg.keep_checkpoints)
+        drop_step_checkpoints(run.run_dir)
     _log_epoch(epoch, phase, stats, val, cfg.monitor, improved)
 
 
@@ -535,10 +547,10 @@ def _flat_subgroups(subgroups: dict | None) -> dict[str, float]:
 
 
 def _card_facts(run: _Run, test: dict[str, float] | None, subgroups=None):
-    from stda_hf.training.model_card import RunFacts, base_model
+    from stda_hf.training.model_card import RunFacts, base_model, dataset_card_facts
 
     cfg, unwrapped = run.cfg, run.accelerator.unwrap_model(run.model)
-    card = _dataset_card(cfg.dataset)
+    card = dataset_card_facts(cfg.dataset, run.splits.revision or cfg.revision)
     return RunFacts(
         config=config_to_dict(cfg),
         layers=layer_list(unwrapped),
@@ -557,38 +569,8 @@ def _card_facts(run: _Run, test: dict[str, float] | None, subgroups=None):
         dataset_license_link=card.get("license_link"),
         base_model=base_model(cfg.model, cfg.weights),
         subgroups=subgroups,
+        dataset_revision=run.splits.revision,
     )
-
-
-_LOAD_DATASET_ID = re.compile(r"""load_dataset\(\s*["']([\w.-]+/[\w.-]+)["']""")
-
-
-def _dataset_card(dataset: str) -> dict[str, str | None]:
-    """The Hub id and licence of the training data: a Hub id as given; for a local dataset folder, what its
-    card says (licence fields, and the id its ``load_dataset("org/name")`` example names). Hub cards are not
-    fetched here."""
-    facts: dict[str, str | None] = {"hub_id": dataset if _is_hub_id(dataset) else None}
-    card = Path(dataset) / "README.md"
-    if not card.is_file():
-        return facts
-    try:
-        from huggingface_hub import DatasetCard
-
-        loaded = DatasetCard.load(card)
-    except Exception:  # a malformed card must not fail a finished run
-        logger.info("could not read the dataset card %s", card)
-        return facts
-    data = loaded.data
-    facts.update(
-        license=data.license, license_name=data.get("license_name"), license_link=data.get("license_link")
-    )
-    named = _LOAD_DATASET_ID.search(loaded.text)
-    facts["hub_id"] = facts["hub_id"] or (named.group(1) if named else None)
-    return facts
-
-
-def _is_hub_id(name: str) -> bool:
-    return name.count("/") == 1 and not Path(name).exists() and not name.startswith((".", "/", "~"))
 
 
 def _result(run: _Run, status: str, test: dict[str, float] | None) -> TrainResult:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import itertools
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +59,35 @@ def total_epochs(cfg: TrainConfig) -> int:
     return cfg.epochs + (cfg.pretrain_epochs if cfg.synthetic == "pretrain" else 0)
 
 
+def with_step_budget(cfg: TrainConfig, batches_per_epoch: int) -> TrainConfig:
+    """``cfg`` with the epochs ``--max-train-steps`` needs at ``batches_per_epoch`` (unchanged without it)."""
+    if cfg.max_train_steps is None:
+        return cfg
+    per_epoch = math.ceil(batches_per_epoch / (cfg.grad_accum or 1))
+    return dataclasses.replace(cfg, epochs=math.ceil(cfg.max_train_steps / per_epoch))
+
+
+def batch_limit(cfg: TrainConfig, epoch: int, batches_per_epoch: int) -> int | None:
+    """Batches ``epoch`` may take under ``--max-train-steps`` (None: the whole loader)."""
+    if cfg.max_train_steps is None:
+        return None
+    accum = cfg.grad_accum or 1
+    done = (epoch - 1) * math.ceil(batches_per_epoch / accum)
+    left = max(0, cfg.max_train_steps - done) * accum
+    return left if left < batches_per_epoch else None
+
+
+@dataclass
+class EpochProgress:
+    """How far this process got in an epoch: what a step checkpoint keeps to continue the epoch exactly."""
+
+    batches: int = 0  # batches done
+    loss_sum: float = 0.0  # summed loss of those batches (x batch size)
+    images: int = 0  # images of those batches
+    data_seconds: float = 0.0  # seconds waiting for data
+    compute_seconds: float = 0.0  # seconds computing
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: DataLoader,
@@ -64,20 +96,33 @@ def train_one_epoch(
     accelerator,
     lr: float,
     epoch: int,
+    max_batches: int | None = None,
+    start: EpochProgress | None = None,
+    on_step: Callable[[EpochProgress], None] | None = None,
 ) -> dict[str, float]:
-    """One pass over ``loader``; returns mean loss, images, images/s and seconds waiting for data vs computing.
+    """One pass over ``loader`` (its first ``max_batches`` batches, when given); returns mean loss, images,
+    images/s and seconds waiting for data vs computing.
 
-    The loss is summed over every process; a non-finite mean loss stops the run (on every process alike).
+    ``start`` continues an epoch a step checkpoint interrupted: its batches are skipped (the epoch's order is
+    drawn from the seed and the epoch), its sums kept; the random draws of augmentation and dropout that
+    follow are not those of an uninterrupted run (the loader fetches one batch ahead of training, both
+    drawing from one generator), so only epoch checkpoints resume bit for bit.
+    ``on_step`` is called after every optimizer step with the progress so far. The loss is summed over every
+    process; a non-finite mean loss stops the run (on every process alike).
     """
     model.train()
     for group in optimizer.param_groups:
         group["lr"] = lr
-    loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
-    n = 0
-    data_s = compute_s = 0.0
-    bar = progress(total=len(loader), desc=f"epoch {epoch}", unit="step", disable=_quiet(accelerator))
+    done = start or EpochProgress()
+    loss_sum = torch.tensor(done.loss_sum, dtype=torch.float64, device=accelerator.device)
+    n, batches, data_s, compute_s = done.images, done.batches, done.data_seconds, done.compute_seconds
+    total = len(loader) if max_batches is None else min(max_batches, len(loader))
+    source = accelerator.skip_first_batches(loader, batches) if batches else loader
+    bar = progress(
+        total=total, initial=batches, desc=f"epoch {epoch}", unit="step", disable=_quiet(accelerator)
+    )
     tick = time.perf_counter()
-    for images, labels in loader:
+    for images, labels in itertools.islice(source, total - batches):
         got_batch = time.perf_counter()
         data_s += got_batch - tick
         with accelerator.accumulate(model):
@@ -87,9 +132,12 @@ def train_one_epoch(
             optimizer.zero_grad(set_to_none=True)
         loss_sum += loss.detach().double() * len(labels)
         n += len(labels)
+        batches += 1
         tick = time.perf_counter()
         compute_s += tick - got_batch
         bar.update(1)
+        if on_step is not None and accelerator.sync_gradients:
+            on_step(EpochProgress(batches, float(loss_sum), n, data_s, compute_s))
     bar.close()
     totals = torch.stack([loss_sum, torch.tensor(float(n), dtype=torch.float64, device=accelerator.device)])
     total_loss, total_n = accelerator.reduce(totals, reduction="sum").tolist()
@@ -121,15 +169,40 @@ def _quiet(accelerator) -> bool | None:
 
 @torch.no_grad()
 def predict(model: nn.Module, loader: DataLoader, accelerator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits ``(N, C)`` and labels ``(N,)`` of every example, gathered from all processes (no duplicates)."""
+    """Logits ``(N, C)`` and labels ``(N,)`` of every example, gathered from all processes (no duplicates).
+
+    Always in float32, whatever ``--mixed-precision`` training uses: the metrics describe the saved model as
+    ``transformers`` and ``pipeline`` run it (mixed precision is a training speed-up, not part of the model).
+    """
     model.eval()
     all_logits, all_labels = [], []
-    for images, labels in progress(loader, desc="evaluating", unit="step", disable=_quiet(accelerator)):
-        logits = logits_of(model(images)).float()
-        logits, labels = accelerator.gather_for_metrics((logits, labels))
-        all_logits.append(logits.cpu())
-        all_labels.append(labels.cpu())
+    with full_precision(model, accelerator):
+        for images, labels in progress(loader, desc="evaluating", unit="step", disable=_quiet(accelerator)):
+            logits = logits_of(model(images)).float()
+            logits, labels = accelerator.gather_for_metrics((logits, labels))
+            all_logits.append(logits.cpu())
+            all_labels.append(labels.cpu())
     return torch.cat(all_logits), torch.cat(all_labels)
+
+
+@contextlib.contextmanager
+def full_precision(model: nn.Module, accelerator) -> Iterator[None]:
+    """Take Accelerate's mixed-precision wrapper (autocast around ``forward``) off ``model`` for the block.
+
+    ``model`` stays the prepared (possibly DDP-wrapped) model, so distributed evaluation is unchanged; only
+    its module's ``forward`` runs as defined, in float32. Without mixed precision this changes nothing.
+    """
+    inner = accelerator.unwrap_model(model)
+    original = inner.__dict__.get("_original_forward")
+    if original is None:
+        yield
+        return
+    wrapped = inner.forward
+    inner.forward = original
+    try:
+        yield
+    finally:
+        inner.forward = wrapped
 
 
 def compute_metrics(logits: torch.Tensor, labels: torch.Tensor, metric) -> dict[str, float]:
