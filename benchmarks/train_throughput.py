@@ -20,15 +20,9 @@ from pathlib import Path
 
 import torch
 
-from stda_hf.training import (
-    EpochSampler,
-    ImageLabelSet,
-    TrainConfig,
-    build_transforms,
-    load_splits,
-    make_loader,
-    train_one_epoch,
-)
+from stda_hf.training import TrainConfig
+from stda_hf.training.data import EpochSampler, ImageLabelSet, build_transforms, load_splits, make_loader
+from stda_hf.training.step import train_one_epoch
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -216,7 +216,7 @@ def _add_inspect(sub) -> None:
 
 
 def _run_inspect(args) -> None:
-    from stda_hf.data.real import inspect_folder
+    from stda_hf.data.inspect import inspect_folder
 
     print(inspect_folder(args.real, decode=not args.no_decode).format())
 

@@ -15,8 +15,8 @@ import logging
 import shutil
 from pathlib import Path
 
+from stda_hf.data.inspect import inspect_folder
 from stda_hf.data.phantoms import PhantomConfig, make_phantoms
-from stda_hf.data.real import inspect_folder
 from stda_hf.data.split import SplitConfig, make_splits
 
 logger = logging.getLogger(__name__)

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_VGG8, tiny_train_flags
 from PIL import Image
 from scipy.ndimage import binary_erosion
 from torch import nn
@@ -684,35 +685,7 @@ def test_training_hook_saves_the_grid_logs_it_and_returns_numbers(phantom_real, 
     assert all(isinstance(v, float) for v in numbers.values())
 
 
-TINY_TRAIN = [
-    "--image-size",
-    "32",
-    "--vgg8-widths",
-    "4",
-    "8",
-    "8",
-    "16",
-    "16",
-    "--vgg8-hidden",
-    "16",
-    "16",
-    "--batch-size",
-    "16",
-    "--num-workers",
-    "0",
-    "--epochs",
-    "1",
-    "--early-stopping",
-    "0",
-]
-
-
-@pytest.fixture
-def phantom_hub(phantom_real, tmp_path):
-    from stda_hf.dataset.packaging import package
-
-    package(phantom_real, tmp_path / "hub")
-    return tmp_path / "hub"
+TINY_TRAIN = tiny_train_flags(epochs=1)
 
 
 def _train_py():
@@ -752,16 +725,7 @@ def test_explaining_during_training_changes_neither_weights_nor_metrics(phantom_
 
     from stda_hf.training import TrainConfig, run_training
 
-    tiny = {
-        "image_size": 32,
-        "vgg8_widths": (4, 8, 8, 16, 16),
-        "vgg8_hidden": (16, 16),
-        "batch_size": 16,
-        "num_workers": 0,
-        "epochs": 2,
-        "early_stopping": 0,
-        "dataset": str(phantom_hub),
-    }
+    tiny = {**TINY_VGG8, "epochs": 2, "dataset": str(phantom_hub)}
     plain = run_training(TrainConfig(output_dir=str(tmp_path / "plain"), explain_images=0, **tiny))
     explained = run_training(
         TrainConfig(output_dir=str(tmp_path / "explained"), **tiny), on_evaluate=explain_hook(4)
@@ -779,8 +743,8 @@ def test_explanation_settings_live_in_the_run_config(phantom_hub, tmp_path):
     from stda_hf.training import TrainConfig, run_training
 
     cfg = TrainConfig(
-        dataset=str(phantom_hub), output_dir=str(tmp_path / "run"), image_size=32, vgg8_widths=(4, 8, 8, 16, 16),
-        vgg8_hidden=(16, 16), batch_size=16, num_workers=0, epochs=1, explain_images=2, explain_method="gradient",
+        **TINY_VGG8, dataset=str(phantom_hub), output_dir=str(tmp_path / "run"), epochs=1, explain_images=2,
+        explain_method="gradient",
     )  # fmt: skip
     run_training(cfg)
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())

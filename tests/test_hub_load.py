@@ -21,6 +21,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import TINY_VGG8
 from test_package import write_synthetic
 
 from stda_hf.core.fileio import read_jsonl
@@ -224,8 +225,7 @@ def served_model(phantom_real_session, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("olah-model")
     package(phantom_real_session, tmp / "hub")
     cfg = TrainConfig(
-        dataset=str(tmp / "hub"), output_dir=str(tmp / "run"), image_size=32, vgg8_widths=(8, 16, 16, 32, 32),
-        vgg8_hidden=(32, 32), batch_size=16, num_workers=0, epochs=2, early_stopping=0, explain_images=0,
+        **TINY_VGG8, dataset=str(tmp / "hub"), output_dir=str(tmp / "run"), epochs=2, explain_images=0,
         hub_model_id=MODEL_ID,
     )  # fmt: skip
     result = run_training(cfg)
@@ -251,7 +251,7 @@ def test_pipeline_by_model_id_reproduces_train_py_test_metrics_without_stda_hf(s
     import torch
 
     from stda_hf.metrics import load_metric
-    from stda_hf.training import compute_metrics
+    from stda_hf.training.step import compute_metrics
 
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
     env.update(HF_ENDPOINT=served_model["url"], HF_HOME=str(served_model["home"]), HF_HUB_DISABLE_XET="1")

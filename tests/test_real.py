@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from stda_hf.core.errors import StdaError
-from stda_hf.data.real import OPTIONAL_COLUMNS, REQUIRED_COLUMNS, inspect_folder, read_real_folder
+from stda_hf.data.inspect import inspect_folder
+from stda_hf.data.real import OPTIONAL_COLUMNS, REQUIRED_COLUMNS, read_real_folder
 
 
 def _rewrite_metadata(root, edit):

@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from stda_hf.core.errors import StdaError
-from stda_hf.data.real import inspect_folder, load_splits, read_real_folder
+from stda_hf.data.inspect import inspect_folder
+from stda_hf.data.real import load_splits, read_real_folder
 from stda_hf.data.split import SplitConfig, make_splits, near_duplicate_pairs
 
 

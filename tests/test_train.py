@@ -3,7 +3,6 @@ synthetic mixing and pretraining, the evaluation hook, push, and clear refusals.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -16,33 +15,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_VGG8, tiny_train_flags
 from PIL import Image
 
 from stda_hf.core.errors import StdaError
-from stda_hf.training import (
-    EpochSampler,
-    TrainConfig,
-    class_weights,
-    learning_rate,
-    load_splits,
-    run_training,
-)
+from stda_hf.training import TrainConfig, run_training
+from stda_hf.training.data import EpochSampler, class_weights, load_splits
+from stda_hf.training.step import learning_rate
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN_PY = str(ROOT / "train.py")
-TINY = {
-    "image_size": 32,
-    "vgg8_widths": (8, 16, 16, 32, 32),
-    "vgg8_hidden": (32, 32),
-    "batch_size": 16,
-    "num_workers": 0,
-    "lr": 3e-3,
-    "early_stopping": 0,
-}
-TINY_FLAGS = [
-    "--image-size", "32", "--vgg8-widths", "8", "16", "16", "32", "32", "--vgg8-hidden", "32", "32",
-    "--batch-size", "16", "--num-workers", "0", "--lr", "0.003", "--early-stopping", "0",
-]  # fmt: skip
+TINY = TINY_VGG8
+TINY_FLAGS = tiny_train_flags()
 METRIC_KEYS = (
     "accuracy",
     "balanced_accuracy",
@@ -57,71 +41,6 @@ METRIC_KEYS = (
 
 def _env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "STDA_NO_PROGRESS": "1", "PYTHONUNBUFFERED": "1"}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# A packaged phantom dataset with a synthetic split, made by the real `stda package`
-
-
-def _write_synthetic(real_root: Path, out: Path, n: int = 24) -> Path:
-    """A synthetic folder by the contract (manifest, labels, source.json): blends of benign and malignant
-    training images stand in for style transfer, with pseudo-label confidences from 0.55 to 1."""
-    from stda_hf.core.fileio import append_jsonl, write_json
-    from stda_hf.data.images import load_image, save_image
-    from stda_hf.data.real import read_real_folder
-
-    real = read_real_folder(real_root)
-    benign, malignant = real.subset("train", "benign"), real.subset("train", "malignant")
-    for i in range(n):
-        content, style = benign[i % len(benign)], malignant[(3 * i) % len(malignant)]
-        syn_id = "syn_" + hashlib.sha256(f"{content.isic_id}/{style.isic_id}/{i}".encode()).hexdigest()[:16]
-        image = Image.blend(load_image(content.path), load_image(style.path), 0.5)
-        save_image(image, out / "images" / f"{syn_id}.jpg")
-        append_jsonl(
-            out / "manifest.jsonl",
-            {
-                "id": syn_id, "file": f"images/{syn_id}.jpg", "content_id": content.isic_id,
-                "style_id": style.isic_id, "seed": i, "params_hash": "test", "content_loss": 1.0,
-                "style_loss": 1.0, "seconds": 0.1, "size": image.width,
-                "content_license": content.copyright_license, "content_attribution": content.attribution,
-                "style_license": style.copyright_license, "style_attribution": style.attribution,
-            },
-        )  # fmt: skip
-        confidence = 0.55 + 0.15 * (i % 4)
-        label = "malignant" if i % 3 else "benign"
-        probs = [1 - confidence, confidence] if label == "malignant" else [confidence, 1 - confidence]
-        append_jsonl(
-            out / "labels.jsonl",
-            {"id": syn_id, "label": label, "probs": probs, "confidence": confidence, "entropy": 0.5,
-             "teacher": "test-teacher"},
-        )  # fmt: skip
-    digest = hashlib.sha256((real_root / "splits.csv").read_bytes()).hexdigest()
-    write_json(out / "source.json", {"real": str(real_root), "splits_sha256": digest})
-    return out
-
-
-@pytest.fixture(scope="session")
-def phantom_hub(tmp_path_factory) -> Path:
-    """96 phantoms at 32 px, split, 24 synthetic images, packaged by `stda package` (read-only)."""
-    from stda_hf.data.phantoms import PhantomConfig, make_phantoms
-    from stda_hf.data.split import SplitConfig, make_splits
-    from stda_hf.dataset.packaging import package
-
-    base = tmp_path_factory.mktemp("train-data")
-    make_phantoms(base / "real", PhantomConfig(n=96, size=32, seed=0))
-    make_splits(base / "real", SplitConfig(seed=0))
-    synthetic = _write_synthetic(base / "real", base / "synthetic")
-    package(base / "real", base / "hub", synthetic=synthetic)
-    return base / "hub"
-
-
-@pytest.fixture(scope="session")
-def phantom_hub_real(phantom_hub) -> Path:
-    """The same real images packaged without synthetic ones (no synthetic split)."""
-    from stda_hf.dataset.packaging import package
-
-    package(phantom_hub.parent / "real", phantom_hub.parent / "hub-real")
-    return phantom_hub.parent / "hub-real"
 
 
 def _cfg(hub: Path, out: Path, **kw) -> TrainConfig:
@@ -212,7 +131,8 @@ def test_final_model_reloads_and_reproduces_the_test_metrics(finished_run, phant
 
     from stda_hf.metrics import load_metric
     from stda_hf.models import load_model
-    from stda_hf.training import build_transforms, compute_metrics
+    from stda_hf.training.data import build_transforms
+    from stda_hf.training.step import compute_metrics
 
     run, result = finished_run
     model, pre = load_model(run)
@@ -802,7 +722,7 @@ def test_evaluation_of_a_bf16_run_is_measured_in_float32_as_the_saved_model_pred
     from torch.utils.data import DataLoader, TensorDataset
 
     from stda_hf.models import build_model
-    from stda_hf.training import predict
+    from stda_hf.training.step import predict
 
     AcceleratorState._reset_state(reset_partial_state=True)
     try:
