@@ -158,3 +158,12 @@ def test_a_read_only_file_system_is_one_clear_error(tmp_path, monkeypatch):
         write_text(tmp_path / "x.txt", "x")
     with pytest.raises(StdaError, match="read-only"):
         fileio.check_writable(tmp_path)
+
+
+def test_exclusive_removes_its_lock_file_and_an_output_folder_it_made_that_stayed_empty(tmp_path):
+    with fileio.exclusive(tmp_path / "out", ".x.lock", "busy"):
+        assert (tmp_path / "out" / ".x.lock").is_file()
+    assert not (tmp_path / "out").exists()
+    with fileio.exclusive(tmp_path / "out", ".x.lock", "busy") as out:
+        (out / "result.txt").write_text("done")
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["result.txt"]

@@ -331,3 +331,128 @@ def test_verbose_http_logs_scrub_headers_and_queries(caplog):
     text = caplog.text
     assert "s3cr3t" not in text and "Signature" not in text and "t=1" not in text
     assert "'Set-Cookie': '<redacted>'" in text and "'Server': 'isic'" in text
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Issue 26: state files, model folders, seeds, sizes and --overwrite. The cases run in one process (one import of
+# torch for all), each from its own folder; every test asserts on its case's exit status, stderr and files.
+
+BATCH = """
+import json, os, sys, tempfile
+from stda_hf.cli import main
+results = {}
+for name, cwd, argv in json.loads(sys.argv[1]):
+    os.chdir(cwd)
+    with tempfile.TemporaryFile() as err:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(err.fileno(), 2)
+        try:
+            try:
+                rc = main(argv)
+            except SystemExit as exc:
+                rc = exc.code
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+        err.seek(0)
+        results[name] = [rc, err.read().decode()]
+print("RESULTS " + json.dumps(results))
+"""
+
+
+def run_batch(cases: dict[str, tuple[Path, tuple[str, ...]]]) -> dict[str, subprocess.CompletedProcess]:
+    """Run ``stda`` once per case (name -> (cwd, args)) in one subprocess; a CompletedProcess per case."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "STDA_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
+    spec = json.dumps([[name, str(cwd), list(map(str, args))] for name, (cwd, args) in cases.items()])
+    proc = subprocess.run(
+        [sys.executable, "-c", BATCH, spec], env=env, capture_output=True, text=True, timeout=600
+    )
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULTS ")), None)
+    assert line is not None, proc.stderr[-3000:]
+    return {
+        name: subprocess.CompletedProcess(args, rc, "", err)
+        for name, (rc, err) in json.loads(line[len("RESULTS ") :]).items()
+        for args in [cases[name][1]]
+    }
+
+
+def _user_folder_with_a_config(folder: Path) -> None:
+    """A folder of the user's that merely holds a ``config.yaml`` (the data-loss case of issue 26)."""
+    (folder / "data").mkdir(parents=True)
+    (folder / "data" / "scan.csv").write_text("id,x\n1,2\n")
+    (folder / "notes.txt").write_text("my notes")
+    (folder / "config.yaml").write_text("lr: 0.1\n")
+
+
+def _train_cases(root: Path) -> dict[str, tuple[Path, tuple[str, ...], str]]:
+    """name -> (cwd, args, folder the case must leave as it was)."""
+    cases = {}
+    work = root / "user-folder"
+    _user_folder_with_a_config(work / "proj")
+    cases["overwrite-user-folder"] = (
+        work,
+        ("train", "--output-dir", "proj", "--overwrite", "--dataset", "hub"),
+    )
+    work = root / "symlink"
+    _user_folder_with_a_config(work / "target")
+    (work / "target" / RUN_MARKER_NAME).write_text('{"made_by": "stda-hf train"}')
+    (work / "link").symlink_to("target", target_is_directory=True)
+    cases["overwrite-symlink"] = (work, ("train", "--output-dir", "link", "--overwrite", "--dataset", "hub"))
+    work = root / "marker-link"
+    _user_folder_with_a_config(work / "proj")
+    (work / "elsewhere.json").write_text('{"made_by": "stda-hf train"}')
+    (work / "proj" / RUN_MARKER_NAME).symlink_to(work / "elsewhere.json")
+    cases["overwrite-marker-link"] = (
+        work,
+        ("train", "--output-dir", "proj", "--overwrite", "--dataset", "hub"),
+    )
+    work = root / "busy"
+    (work / "run").mkdir(parents=True)
+    (work / "run" / ".train.rank0.lock").touch()
+    cases["train-busy"] = (work, ("train", "--output-dir", "run", "--dataset", "hub"))
+    work = root / "mistyped"
+    work.mkdir()
+    cases["train-mistyped-dataset"] = (work, ("train", "--output-dir", "run", "--dataset", "hbu"))
+    cases["train-mistyped-dataset-again"] = (work, ("train", "--output-dir", "run", "--dataset", "hbu2"))
+    return cases
+
+
+RUN_MARKER_NAME = ".stda-train.json"
+
+
+@pytest.fixture(scope="module")
+def batch(tmp_path_factory):
+    """Every issue-26 case run once, in one process: name -> (result, snapshot before, snapshot after)."""
+    root = tmp_path_factory.mktemp("batch")
+    cases = _train_cases(root)
+    before = {name: snapshot(cwd) for name, (cwd, _args) in cases.items()}
+    with open(root / "busy" / "run" / ".train.rank0.lock", "a") as held:  # a train running there now
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        results = run_batch({name: (cwd, args) for name, (cwd, args) in cases.items()})
+    return {name: (results[name], before[name], snapshot(cases[name][0])) for name in cases}
+
+
+BATCH_REFUSALS = {
+    "overwrite-user-folder": ("train", "proj was not made by train", "nothing in it is deleted"),
+    "overwrite-symlink": ("train", "link is a symbolic link", "never deletes through a link"),
+    "overwrite-marker-link": ("train", "proj was not made by train"),
+    "train-busy": ("train", "another train is writing to run"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BATCH_REFUSALS))
+def test_hostile_state_case_is_one_line_and_changes_nothing(case, batch):
+    proc, before, after = batch[case]
+    command, *needles = BATCH_REFUSALS[case]
+    refused(proc, command, *needles)
+    assert after == before
+
+
+def test_a_run_that_failed_before_its_first_checkpoint_does_not_block_the_corrected_command(batch):
+    first, _, _ = batch["train-mistyped-dataset"]
+    again, _, after = batch["train-mistyped-dataset-again"]
+    refused(first, "train", "dataset folder hbu not found")
+    refused(again, "train", "dataset folder hbu2 not found")  # not "already holds a run"
+    assert set(after) <= {"run/config.yaml", f"run/{RUN_MARKER_NAME}"}
