@@ -14,6 +14,7 @@ import dataclasses
 import inspect
 import io
 import math
+import os
 import tokenize
 import typing
 from collections.abc import Collection, Iterable, Mapping, Sequence
@@ -23,7 +24,8 @@ from typing import Any, TypeVar
 import yaml
 
 from stda_hf.core.errors import StdaError
-from stda_hf.core.fileio import read_text, write_text
+from stda_hf.core.fileio import write_text
+from stda_hf.core.statefile import read_yaml
 
 C = TypeVar("C")
 
@@ -37,20 +39,15 @@ def load_config(cls: type[C], path: str | Path | None = None, **overrides: Any) 
     Raises
     ------
     StdaError
-        When the file is missing, not UTF-8 text, not YAML or not a mapping; has keys ``cls`` does not know (they
+        When the file is missing, a folder, not UTF-8 text, not YAML (a key given twice included) or not a mapping;
+        has keys ``cls`` does not know (they
         are listed); or a value of the wrong type.
     """
     values: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise StdaError(f"config file {path} not found")
-        try:
-            loaded = yaml.safe_load(read_text(path)) or {}
-        except yaml.YAMLError as err:
-            raise StdaError(f"config file {path} is not valid YAML: {err}") from err
-        if not isinstance(loaded, dict):
-            raise StdaError(f"config file {path} must hold a mapping of setting: value")
+        recover = "give a YAML file of setting: value (a stage's saved settings file is one)"
+        loaded = read_yaml(path, recover=recover, what="config file ")
         keys = [k for k in loaded if not isinstance(k, str)]
         if keys:
             raise StdaError(f"config file {path}: setting names must be text, got {keys[0]!r}")
@@ -183,18 +180,13 @@ def read_settings(path: str | Path) -> dict[str, Any] | None:
     Raises
     ------
     StdaError
-        When the file is not valid YAML or not a mapping (naming it, and what to do).
+        When the file is not a regular file (a FIFO), not valid YAML, has a key twice or is not a mapping (naming
+        it, the line and what to do).
     """
     path = Path(path)
-    if not path.is_file():
+    if not os.path.lexists(path):
         return None
-    try:
-        saved = yaml.safe_load(read_text(path)) or {}
-    except yaml.YAMLError as err:
-        raise StdaError(f"{path} is not valid YAML ({err}); delete it to start the folder afresh") from err
-    if not isinstance(saved, dict):
-        raise StdaError(f"{path} must hold a mapping of setting: value; delete it to start the folder afresh")
-    return saved
+    return read_yaml(path, recover="delete it to start the folder afresh")
 
 
 def changed_settings(

@@ -28,6 +28,7 @@ import yaml
 
 from stda_hf.core.errors import StdaError
 from stda_hf.core.fileio import read_text
+from stda_hf.core.utils import sha256_file
 
 RERUN = "delete it and re-run the command that wrote it"
 """The default recovery advice: the file is the project's own and can be made again."""
@@ -158,7 +159,7 @@ def read_json(
     try:
         value = json.loads(text)
     except json.JSONDecodeError as err:
-        raise StdaError(f"{path}, line {err.lineno}: not valid JSON ({err.msg}); {recover}") from None
+        raise StdaError(f"{path} is not valid JSON (line {err.lineno}: {err.msg}); {recover}") from None
     problem = fields.problem(value) if fields is not None else None
     if problem:
         raise StdaError(f"{path}: {problem}; {recover}")
@@ -291,18 +292,106 @@ def read_yaml(path: str | os.PathLike, recover: str = RERUN, what: str = "") -> 
         not a mapping; naming the file and the line.
     """
     path = Path(path)
-    if not check_regular(path, recover):
+    try:
+        found = check_regular(path, recover)
+    except StdaError as err:
+        raise StdaError(f"{what}{err}") from None
+    if not found:
         raise StdaError(f"{what}{path} not found")
     try:
         loaded = parse_yaml(_text(path, recover))
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
-        where = f", line {mark.line + 1}" if mark is not None else ""
+        where = f"line {mark.line + 1}: " if mark is not None else ""
         problem = getattr(err, "problem", None) or str(err)
-        raise StdaError(f"{what}{path}{where}: not valid YAML ({problem}); {recover}") from None
+        raise StdaError(f"{what}{path} is not valid YAML ({where}{problem}); {recover}") from None
     loaded = {} if loaded is None else loaded
     if not isinstance(loaded, dict):
         raise StdaError(
             f"{what}{path} must hold a mapping of setting: value, not {_describe(loaded)}; {recover}"
         )
     return loaded
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The synthetic folder's records: generate writes them; label, package and the benchmark read them
+
+MANIFEST_FIELDS = Fields(
+    required={"id": str, "file": str, "content_id": str, "style_id": str},
+    optional={"seed": int, "quality": (dict, type(None)), "sha256": str, "params_hash": str, "engine": str},
+)
+"""The schema of a ``manifest.jsonl`` line (fields added later are optional, so old manifests keep working)."""
+
+LABEL_FIELDS = Fields(
+    required={"id": str, "label": str, "confidence": float, "teacher": str},
+    optional={"probs": list, "entropy": float},
+)
+"""The schema of a ``labels.jsonl`` line."""
+
+MANIFEST_RECOVER = (
+    "delete that line (and its image) and re-run `stda generate`, which makes it again, or delete the whole "
+    "synthetic folder"
+)
+LABELS_RECOVER = "delete that line (or the file) and re-run `stda label`, which labels those images again"
+
+
+def read_manifest(path: str | os.PathLike) -> list[dict]:
+    """The records of a synthetic folder's ``manifest.jsonl`` (or a rank shard): schema-checked, ids unique.
+
+    Each record's ``file`` must be ``images/<id>.<ext>`` in the folder (generate never writes another name, and
+    a record edited to point at another image would ship its pixels twice).
+
+    Raises
+    ------
+    StdaError
+        ``path, line N: what is wrong; how to recover``.
+    """
+    path = Path(path)
+    records = read_records(path, MANIFEST_FIELDS, key="id", recover=MANIFEST_RECOVER)
+    for i, record in enumerate(records):
+        file = Path(record["file"])
+        if file.parent != Path("images") or file.stem != record["id"]:
+            line = _line_of(path, record["id"], i)
+            raise StdaError(
+                f"{path}, line {line}: the file of {record['id']} is {record['file']!r}, not images/"
+                f"{record['id']}.<ext> as generate writes it (edited?); {MANIFEST_RECOVER}"
+            )
+    return records
+
+
+def _line_of(path: Path, record_id: str, index: int) -> int:
+    """The line number of the record ``record_id`` (``index``-th record) in ``path``, for messages."""
+    needle = json.dumps(record_id, ensure_ascii=False)
+    for n, line in enumerate(read_text(path).splitlines(), 1):
+        if f'"id": {needle}' in line:
+            return n
+    return index + 1
+
+
+def read_labels(path: str | os.PathLike) -> list[dict]:
+    """The records of a synthetic folder's ``labels.jsonl``: schema-checked, one label per id.
+
+    Raises
+    ------
+    StdaError
+        ``path, line N: what is wrong; how to recover`` (a second label for an id included).
+    """
+    return read_records(path, LABEL_FIELDS, key="id", recover=LABELS_RECOVER)
+
+
+def image_digest_problem(folder: str | os.PathLike, record: dict) -> str | None:
+    """Why the image of manifest ``record`` in ``folder`` is not the one generate wrote; None when it is.
+
+    A record written before digests were recorded (no ``sha256``) is taken as it is: such manifests keep
+    working, unchecked (a folder made again by this version records them).
+    """
+    expected = record.get("sha256")
+    path = Path(folder) / record["file"]
+    if expected is None or not path.is_file():
+        return None
+    if sha256_file(path) != expected:
+        return (
+            f"{path} is not the image its manifest record ({record['id']}) was written for: its SHA-256 differs "
+            "from the one recorded (replaced or edited since)"
+        )
+    return None

@@ -17,7 +17,7 @@ import numpy as np
 
 from stda_hf.core.errors import BadImageError, StdaError
 from stda_hf.core.fileio import check_writable, csv_text, write_json, write_text
-from stda_hf.core.utils import progress
+from stda_hf.core.utils import check_seed, progress
 from stda_hf.data.images import SkipReport, load_image
 from stda_hf.data.real import SPLITS, RealImage, check_no_leakage, read_real_folder
 
@@ -36,6 +36,7 @@ class SplitConfig:
     )
 
     def __post_init__(self) -> None:
+        check_seed("--seed", self.seed)
         for name in ("val", "test"):
             v = getattr(self, name)
             if not 0.0 < v < 1.0:

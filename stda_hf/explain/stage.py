@@ -56,7 +56,8 @@ from stda_hf.attribution.relevance import is_defined, localization, mean_or_none
 from stda_hf.core.config import changed_settings, config_to_dict, describe_changes, read_settings
 from stda_hf.core.devices import resolve_device
 from stda_hf.core.errors import BadImageError, StdaError
-from stda_hf.core.fileio import append_jsonl, check_separate, csv_text, read_jsonl, write_json, write_text
+from stda_hf.core.fileio import append_jsonl, check_separate, csv_text, write_json, write_text
+from stda_hf.core.statefile import Fields, read_records
 from stda_hf.core.utils import progress
 from stda_hf.data.images import IMAGE_EXTENSIONS, SkipReport, iter_images, load_image, save_image
 from stda_hf.data.real import ARTIFACTS, RealFolder, RealImage, read_real_folder
@@ -307,9 +308,15 @@ def run_explain(
             model, samples, transform, pre.mean, pre.std, cfg.method, cfg.output, cfg.target
         )
 
-    done = {r["id"] for r in read_jsonl(out / "relevance.jsonl")}
+    done = {r["id"] for r in _read_relevance(out)}
     n_new, shown = _explain_all(source, total, done, explain, out, cfg)
     return _finish(out, cfg, explain, shown, n_new, report)
+
+
+def _read_relevance(out: Path) -> list[dict]:
+    """The records of ``relevance.jsonl`` (one per explained image): schema-checked, ids unique."""
+    recover = "delete that line (its image is explained again on the next run) or delete the file"
+    return read_records(out / "relevance.jsonl", Fields(required={"id": str}), key="id", recover=recover)
 
 
 def _load_for_explain(model_dir: str | Path, device: str):
@@ -391,7 +398,7 @@ def _write_result(out: Path, result: Result, cmap: str) -> None:
 def _finish(
     out: Path, cfg: ExplainConfig, explain, shown: list, n_new: int, report: SkipReport
 ) -> ExplainSummary:
-    records = read_jsonl(out / "relevance.jsonl")
+    records = _read_relevance(out)
     if report:
         report.save(out / "skipped.json")
         logger.warning("%s (listed in %s)", report.summary(), out / "skipped.json")

@@ -18,7 +18,7 @@ from stda_hf.core.config import changed_settings, config_to_dict, describe_chang
 from stda_hf.core.errors import StdaError
 from stda_hf.core.fileio import exclusive, write_json, write_text
 from stda_hf.core.processes import world_info
-from stda_hf.core.utils import seed_everything
+from stda_hf.core.utils import check_seed, seed_everything
 from stda_hf.models.vgg import (
     MODEL_DIR,
     MODEL_NAMES,
@@ -127,6 +127,7 @@ def run_training(cfg: TrainConfig, on_evaluate: EvalHook | None = None) -> Train
         Bad settings or dataset, a run folder in the way, a non-finite loss.
     """
     check_config(cfg)
+    check_seed("--seed", cfg.seed)
     if on_evaluate is None and cfg.explain_images:
         from stda_hf.attribution.hook import explain_hook
 
