@@ -292,6 +292,7 @@ def check_output(out: Path, folder: RealFolder, cfg: GenerateConfig, engine: dic
     weights, say) leaves a folder the corrected command may use.
     """
     source = {"real": str(folder.root.resolve()), "splits_sha256": sha256_file(folder.splits_path)}
+    done_ids(out)  # every manifest record and image digest checked before anything is written
     if not _holds_images(out):
         return source
     old_source = out / "source.json"
