@@ -610,6 +610,23 @@ def _state_cases(root: Path, real: Path, assets: Path) -> dict[str, tuple[Path, 
     (work / "cfg").mkdir()
     work = case("config-duplicate-key", "phantoms", "--out", "o", "--config", "cfg.yaml")
     (work / "cfg.yaml").write_text("n: 2\nsize: 32\nn: 4\n")
+    benchmarks = {
+        "benchmark-arm-as-text": "arms:\n  baseline: none\n  mix: {synthetic: mix}\n",
+        "benchmark-arm-twice": "arms:\n  baseline: {synthetic: none}\n  mix: {synthetic: mix}\n  mix: {synthetic: pretrain}\n",
+        "benchmark-unknown-curve-metric": "curve_metric: auroc\n",
+        "benchmark-negative-seed": "seeds: [0, -3]\n",
+    }  # fmt: skip
+    work = root / "fetch-refused"
+    work.mkdir()
+    cases["fetch-refused"] = (
+        work,
+        ("fetch", "--out", "isic", "--api-url", NOWHERE, "--limit", "2", "--retries", "0"),
+    )
+    for name, text in benchmarks.items():
+        work = root / name
+        work.mkdir()
+        (work / "bench.yaml").write_text(text)
+        cases[name] = (work, ("benchmark", "--config", "bench.yaml"))
     return cases
 
 
@@ -666,6 +683,10 @@ BATCH_REFUSALS = {
     "train-negative-seed": ("train", "--seed -1 must be a whole number from 0"),
     "generate-style-size-huge": ("generate", "--style-size 1000000", "32 to 4096 pixels a side", "GiB"),
     "generate-render-size-huge": ("generate", "--render-size 1000000", "32 to 4096 pixels a side", "GiB"),
+    "benchmark-arm-as-text": ("benchmark", "arms.baseline: 'none' is not a mapping of train.py settings"),
+    "benchmark-arm-twice": ("benchmark", "bench.yaml is not valid YAML", "'mix' appears twice (first on line 3, again on line 4)"),
+    "benchmark-unknown-curve-metric": ("benchmark", "curve_metric 'auroc': choose one of ['roc_auc'"),
+    "benchmark-negative-seed": ("benchmark", "seeds -3 must be a whole number from 0"),
     "config-is-a-folder": ("phantoms", "config file cfg is a folder, not a regular file"),
     "config-duplicate-key": ("phantoms", "cfg.yaml is not valid YAML", "'n' appears twice (first on line 1, again on line 3)"),
 }  # fmt: skip
@@ -746,3 +767,9 @@ def test_a_corrupt_onnx_file_without_a_recorded_digest_is_one_clear_error(onnx_m
     hand(lambda name, data: b"not an onnx model" if name == "predict" else data)
     with pytest.raises(StdaError, match=r"arbitrary_predict\.onnx cannot be loaded .*reinstall it"):
         arbitrary.load_models("cpu", threads=1)
+
+
+def test_a_refused_fetch_leaves_no_lock_file_behind(batch):
+    proc, _, after = batch["fetch-refused"]
+    refused(proc, "fetch", "could not reach the ISIC Archive")
+    assert not [k for k in after if k.endswith(".lock")]
