@@ -458,6 +458,16 @@ variant("three-classes", three_classes)
 variant("other-widths", other_widths)
 variant("truncated", truncated)
 variant("corrupt-config", corrupt_config)
+if (assets / "real").is_dir():  # a packaged dataset, and copies whose Parquet no longer fits the card
+    import pyarrow.parquet as pq
+    from stda_hf.cli import main
+    assert main(["package", str(assets / "real"), "--out", str(assets / "hub")]) == 0
+    shutil.copytree(assets / "hub", assets / "hub-renamed-column")
+    card = assets / "hub-renamed-column" / "README.md"
+    card.write_text(card.read_text().replace("  - name: isic_id", "  - name: isic_idx", 1))
+    shutil.copytree(assets / "hub", assets / "hub-empty-shard")
+    shard = assets / "hub-empty-shard" / "data" / "validation-00000-of-00001.parquet"
+    pq.write_table(pq.read_table(shard).slice(0, 0), shard)
 """
 
 
@@ -501,6 +511,7 @@ def _lines(path: Path, records: list) -> None:
 def _state_cases(root: Path, real: Path, assets: Path) -> dict[str, tuple[Path, tuple[str, ...]]]:
     """The cases of issue 26 on state files, sizes and seeds: name -> (cwd, args)."""
     cases: dict[str, tuple[Path, tuple[str, ...]]] = {}
+    shutil.copytree(real, assets / "real")
     gen = ("--size", "32", "--weights", "random", "--limit", "1", "--per-content", "1", "--device", "cpu")
 
     def case(name: str, *args: str, synthetic: str | None = None) -> Path:
@@ -616,6 +627,9 @@ def _state_cases(root: Path, real: Path, assets: Path) -> dict[str, tuple[Path, 
         "benchmark-unknown-curve-metric": "curve_metric: auroc\n",
         "benchmark-negative-seed": "seeds: [0, -3]\n",
     }  # fmt: skip
+    for hub in ("hub-renamed-column", "hub-empty-shard"):
+        (root / f"train-{hub}").mkdir()
+        cases[f"train-{hub}"] = (root / f"train-{hub}", ("train", "--dataset", str(assets / hub), "--output-dir", "run"))  # fmt: skip
     work = root / "fetch-refused"
     work.mkdir()
     cases["fetch-refused"] = (
@@ -683,6 +697,8 @@ BATCH_REFUSALS = {
     "train-negative-seed": ("train", "--seed -1 must be a whole number from 0"),
     "generate-style-size-huge": ("generate", "--style-size 1000000", "32 to 4096 pixels a side", "GiB"),
     "generate-render-size-huge": ("generate", "--render-size 1000000", "32 to 4096 pixels a side", "GiB"),
+    "train-hub-renamed-column": ("train", "hub-renamed-column' (CastError", "must be packaged again"),
+    "train-hub-empty-shard": ("train", "hub-empty-shard' (ArrowInvalid", "must be packaged again"),
     "benchmark-arm-as-text": ("benchmark", "arms.baseline: 'none' is not a mapping of train.py settings"),
     "benchmark-arm-twice": ("benchmark", "bench.yaml is not valid YAML", "'mix' appears twice (first on line 3, again on line 4)"),
     "benchmark-unknown-curve-metric": ("benchmark", "curve_metric 'auroc': choose one of ['roc_auc'"),
@@ -697,7 +713,9 @@ def test_hostile_state_case_is_one_line_and_changes_nothing(case, batch):
     proc, before, after = batch[case]
     command, *needles = BATCH_REFUSALS[case]
     refused(proc, command, *needles)
-    out = {"generate": "syn/", "package": "hub/", "explain": "ex/"}.get(command)  # what --out may gain
+    out = {"generate": "syn/", "package": "hub/", "explain": "ex/", "train": "run/"}.get(
+        command
+    )  # --out may gain
     assert {k: v for k, v in after.items() if out is None or not k.startswith(out) or k in before} == before
 
 

@@ -18,7 +18,7 @@ from stda_hf.core.config import changed_settings, config_to_dict, describe_chang
 from stda_hf.core.errors import StdaError
 from stda_hf.core.fileio import exclusive, write_json, write_text
 from stda_hf.core.processes import world_info
-from stda_hf.core.utils import check_seed, seed_everything
+from stda_hf.core.utils import check_seed, progress_disabled, seed_everything
 from stda_hf.models.vgg import (
     MODEL_DIR,
     MODEL_NAMES,
@@ -165,7 +165,7 @@ def _setup(cfg: TrainConfig, on_evaluate: EvalHook | None) -> _Run:
     _check_world(accelerator)
     resume_from = _prepare_run_dir(cfg, run_dir, accelerator)
     with accelerator.main_process_first():
-        splits = load_splits(cfg)
+        splits = _load_splits(cfg)
     _report_skipped(splits, run_dir, accelerator)
     pre = default_preprocessing(cfg.model, cfg.image_size)
     seed_everything(cfg.seed)
@@ -173,6 +173,31 @@ def _setup(cfg: TrainConfig, on_evaluate: EvalHook | None) -> _Run:
     run = _assemble(cfg, run_dir, accelerator, tracker, splits, pre, model, load_metric(), on_evaluate)
     _start(run, resume_from)
     return run
+
+
+def _load_splits(cfg: TrainConfig) -> Splits:
+    """:func:`load_splits`, with a dataset ``datasets`` cannot build (Parquet that no longer matches the card, an
+    empty shard) as one line."""
+    import datasets
+    from datasets.exceptions import DatasetsError
+
+    if progress_disabled():
+        datasets.disable_progress_bars()
+    quiet = logging.getLogger("datasets.packaged_modules")  # logs, in many lines, the failure reported below
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
+    try:
+        return load_splits(cfg)
+    except DatasetsError as err:
+        cause = err.__cause__ or err
+        why = (str(cause).strip().splitlines() or [""])[0][:200]
+        raise StdaError(
+            f"cannot build the dataset {cfg.dataset!r} ({type(cause).__name__}: {why}); a folder written by "
+            "`stda package` whose files were changed since (its Parquet no longer matches its README card, or "
+            "a shard is empty) must be packaged again"
+        ) from err
+    finally:
+        quiet.setLevel(level)
 
 
 def _accelerator(cfg: TrainConfig, run_dir: Path, tracker: JsonlTracker):
