@@ -151,3 +151,17 @@ def test_saved_settings_with_a_key_twice_are_refused_with_how_to_recover(tmp_pat
     (tmp_path / "generate.yaml").write_text("size: 64\nsize: 128\n")
     with pytest.raises(StdaError, match=r"'size' appears twice.*delete it to start the folder afresh"):
         read_settings(tmp_path / "generate.yaml")
+
+
+def test_a_usage_error_is_one_line_suggesting_the_dashed_spelling_of_a_flag(capsys):
+    from stda_hf.core.config import OneLineParser, add_config_flags
+
+    parser = OneLineParser(prog="train.py")
+    add_config_flags(parser, _Settings)
+    with pytest.raises(SystemExit) as stop:
+        parser.parse_args(["--lr", "0.2", "--epoch_s", "4"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == (
+        "train.py: error: unrecognized arguments: --epoch_s 4 (did you mean --epoch_s -> --epochs?); "
+        "see `train.py --help`\n"
+    )

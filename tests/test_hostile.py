@@ -791,3 +791,13 @@ def test_a_refused_fetch_leaves_no_lock_file_behind(batch):
     proc, _, after = batch["fetch-refused"]
     refused(proc, "fetch", "could not reach the ISIC Archive")
     assert not [k for k in after if k.endswith(".lock")]
+
+
+def test_train_py_with_the_transformers_spelling_of_a_flag_is_one_line_naming_ours(capsys):
+    from stda_hf.training.command import get_args_parser
+
+    with pytest.raises(SystemExit) as stop:
+        get_args_parser().parse_args(["--output_dir", "runs/x"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(lines) == 1
+    assert "--output_dir -> --output-dir" in lines[0]

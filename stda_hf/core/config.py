@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import inspect
 import io
 import math
@@ -253,6 +254,31 @@ def field_comments(cls: type) -> dict[str, str]:
             for name, text in field_comments(base).items():
                 comments.setdefault(name, text)
     return comments
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line naming ``--help`` (exit status 2), not the whole usage;
+    a flag in another spelling (``--output_dir``, as ``transformers`` writes it) gets the right one suggested."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}{self._suggestion(message)}; see `{self.prog} --help`\n")
+
+    def _suggestion(self, message: str) -> str:
+        if "unrecognized arguments:" not in message:
+            return ""
+        known = [o for o in self._option_string_actions if o.startswith("--")]
+        hints = []
+        for word in message.split("unrecognized arguments:", 1)[1].split():
+            flag = word.split("=", 1)[0]
+            if not flag.startswith("--"):
+                continue
+            dashed = flag.replace("_", "-")
+            match = (
+                dashed if dashed in known else next(iter(difflib.get_close_matches(dashed, known, 1)), None)
+            )
+            if match and match != flag:
+                hints.append(f"{flag} -> {match}")
+        return f" (did you mean {', '.join(hints)}?)" if hints else ""
 
 
 def add_config_flags(parser: argparse.ArgumentParser, cls: type, skip: Sequence[str] = ()) -> None:
