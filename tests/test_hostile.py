@@ -614,6 +614,9 @@ def _state_cases(root: Path, real: Path, assets: Path) -> dict[str, tuple[Path, 
     case("split-huge-seed", "split", "real", "--seed", str(2**32))
     case("generate-negative-seed", "generate", "real", "--out", "syn", *gen, "--seed", "-5")
     case("train-negative-seed", "train", "--output-dir", "run", "--dataset", "hub", "--seed", "-1")
+    case(
+        "train-image-size-huge", "train", "--output-dir", "run", "--dataset", "hub", "--image-size", "1000000"
+    )
     arb = ("generate", "real", "--out", "syn", "--engine", "arbitrary", "--size", "32")
     case("generate-style-size-huge", *arb, "--style-size", "1000000")
     case("generate-render-size-huge", *arb, "--render-size", "1000000")
@@ -695,6 +698,7 @@ BATCH_REFUSALS = {
     "split-huge-seed": ("split", "--seed 4294967296 must be a whole number from 0"),
     "generate-negative-seed": ("generate", "--seed -5 must be a whole number from 0"),
     "train-negative-seed": ("train", "--seed -1 must be a whole number from 0"),
+    "train-image-size-huge": ("train", "--image-size 1000000: training images need 16 to 4096", "238,418.6 GiB"),
     "generate-style-size-huge": ("generate", "--style-size 1000000", "32 to 4096 pixels a side", "GiB"),
     "generate-render-size-huge": ("generate", "--render-size 1000000", "32 to 4096 pixels a side", "GiB"),
     "train-hub-renamed-column": ("train", "hub-renamed-column' (CastError", "must be packaged again"),

@@ -19,6 +19,7 @@ from stda_hf.core.errors import StdaError
 from stda_hf.core.fileio import exclusive, write_json, write_text
 from stda_hf.core.processes import world_info
 from stda_hf.core.utils import check_seed, progress_disabled, seed_everything
+from stda_hf.data.images import check_side
 from stda_hf.models.vgg import (
     MODEL_DIR,
     MODEL_NAMES,
@@ -128,6 +129,8 @@ def run_training(cfg: TrainConfig, on_evaluate: EvalHook | None = None) -> Train
     """
     check_config(cfg)
     check_seed("--seed", cfg.seed)
+    why = "each image of a batch becomes float32 feature maps of 64 x size x size"
+    check_side("--image-size", cfg.image_size, 16, 4096, "training images", why, bytes_per_pixel=256)
     if on_evaluate is None and cfg.explain_images:
         from stda_hf.attribution.hook import explain_hook
 
