@@ -597,6 +597,8 @@ def _state_cases(root: Path, real: Path, assets: Path) -> dict[str, tuple[Path, 
     edit_manifest(work, "syn", lambda records: [*records, "x"])
     work = case("package-manifest-duplicate-id", "package", "real", "--out", "hub", "--synthetic", "syn", synthetic="syn")  # fmt: skip
     edit_manifest(work, "syn", lambda records: [records[0], {**records[1], "id": records[0]["id"]}])
+    work = case("package-manifest-other-file", "package", "real", "--out", "hub", "--synthetic", "syn", synthetic="syn")  # fmt: skip
+    edit_manifest(work, "syn", lambda records: [records[0], {**records[1], "file": records[0]["file"]}])
     work = case("package-image-replaced", "package", "real", "--out", "hub", "--synthetic", "syn", synthetic="syn")  # fmt: skip
     shutil.copy(work / "syn" / "images" / "syn_0001.jpg", work / "syn" / "images" / "syn_0000.jpg")
     work = case("package-duplicate-labels", "package", "real", "--out", "hub", "--synthetic", "syn", synthetic="syn")  # fmt: skip
@@ -691,6 +693,7 @@ BATCH_REFUSALS = {
     "label-image-size-negative": ("label", "--image-size -1: teacher inputs need 16 to 4096 pixels a side"),
     "package-manifest-text": ("package", "manifest.jsonl, line 3: expected a JSON object, found text"),
     "package-manifest-duplicate-id": ("package", "line 2: id 'syn_0000' appears twice"),
+    "package-manifest-other-file": ("package", "line 2: the file of syn_0001 is 'images/syn_0000.jpg'"),
     "package-image-replaced": ("package", "syn_0000.jpg is not the image its manifest record (syn_0000)"),
     "package-duplicate-labels": ("package", "labels.jsonl, line 3: id 'syn_0001' appears twice"),
     "phantoms-negative-seed": ("phantoms", "--seed -1 must be a whole number from 0 to 4294967295"),
