@@ -21,6 +21,13 @@ from pathlib import Path
 from typing import IO, Any
 
 from stda_hf.core.errors import StdaError, environment_error
+from stda_hf.core.statefile import read_records, read_text
+
+__all__ = [
+    "append_jsonl", "append_text", "atomic_write", "check_separate", "check_writable", "csv_text", "drop_torn_tail",
+    "exclusive", "make_dir", "open_csv", "read_jsonl", "read_text", "write_bytes", "write_csv", "write_json",
+    "write_text",
+]  # fmt: skip
 
 try:
     import fcntl
@@ -229,29 +236,6 @@ def _remove_quietly(path: str | Path) -> None:
         os.unlink(path)
 
 
-def read_text(path: str | os.PathLike) -> str:
-    """The text of a UTF-8 file (a leading byte-order mark, as spreadsheet programs write it, is dropped).
-
-    Raises
-    ------
-    StdaError
-        When the file is not UTF-8 text (binary, or Latin-1 and the like), naming it and the first bad byte.
-    """
-    path = Path(path)
-    try:
-        return path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise _not_utf8(path, err) from err
-
-
-def _not_utf8(path: Path, err: UnicodeDecodeError) -> StdaError:
-    bad = err.object[err.start : err.start + 1].hex()
-    return StdaError(
-        f"{path} is not UTF-8 text (byte 0x{bad} at position {err.start}); save it as UTF-8 "
-        "(a binary file cannot be used here)"
-    )
-
-
 @contextlib.contextmanager
 def open_csv(path: str | os.PathLike) -> Iterator[csv.DictReader]:
     """A ``csv.DictReader`` over a UTF-8 CSV file, streamed; a byte-order mark before the header is dropped.
@@ -367,6 +351,4 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     StdaError
         When a line other than a torn last one is not a JSON object, or the path is not a regular file (a FIFO).
     """
-    from stda_hf.core.statefile import read_records  # statefile builds on this module
-
     return read_records(path, recover="fix or delete that line")

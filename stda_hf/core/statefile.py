@@ -10,6 +10,7 @@ truncated, replaced by a FIFO or written by another version; every such case is 
 - :func:`read_records` reads JSON lines: every line an object with the required fields, an optional key (``id``)
   unique over the file; a torn last line (a crash mid-append) is skipped.
 - :func:`read_yaml` reads a YAML mapping, refusing duplicate keys (YAML itself keeps the last silently).
+- :func:`read_text` reads UTF-8 text (a binary or Latin-1 file is one clear error; also in ``fileio``).
 - :func:`check_regular` refuses a FIFO, a device or a folder where a state file belongs, before it is opened
   (opening a FIFO blocks until a writer appears: a hang, not an error).
 """
@@ -27,8 +28,31 @@ from typing import Any
 import yaml
 
 from stda_hf.core.errors import StdaError
-from stda_hf.core.fileio import read_text
 from stda_hf.core.utils import sha256_file
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """The text of a UTF-8 file (a leading byte-order mark, as spreadsheet programs write it, is dropped).
+
+    Raises
+    ------
+    StdaError
+        When the file is not UTF-8 text (binary, or Latin-1 and the like), naming it and the first bad byte.
+    """
+    path = Path(path)
+    try:
+        return path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise _not_utf8(path, err) from err
+
+
+def _not_utf8(path: Path, err: UnicodeDecodeError) -> StdaError:
+    bad = err.object[err.start : err.start + 1].hex()
+    return StdaError(
+        f"{path} is not UTF-8 text (byte 0x{bad} at position {err.start}); save it as UTF-8 "
+        "(a binary file cannot be used here)"
+    )
+
 
 RERUN = "delete it and re-run the command that wrote it"
 """The default recovery advice: the file is the project's own and can be made again."""
