@@ -808,3 +808,15 @@ def test_train_py_with_the_transformers_spelling_of_a_flag_is_one_line_naming_ou
     lines = capsys.readouterr().err.strip().splitlines()
     assert stop.value.code == 2 and len(lines) == 1
     assert "--output_dir -> --output-dir" in lines[0]
+
+
+def test_the_demo_never_deletes_a_synthetic_folder_that_generate_did_not_make(tmp_path, real_session):
+    from stda_hf.core.errors import StdaError
+    from stda_hf.demo import _generate_step
+
+    mine = tmp_path / "synthetic"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my own synthetic images")
+    with pytest.raises(StdaError, match="was not made by `stda generate`"):
+        _generate_step(tmp_path, real_session, 32, 0)
+    assert (mine / "notes.txt").read_text() == "my own synthetic images"
