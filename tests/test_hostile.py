@@ -579,6 +579,9 @@ def _state_cases(root: Path, real: Path, assets: Path) -> dict[str, tuple[Path, 
             "--out",
             "ex",
         )
+    work = case("explain-overwrite-user-folder", "explain", "--model", teacher, "--images", "real", "--out", "mine", "--overwrite")  # fmt: skip
+    (work / "mine" / "heatmaps").mkdir(parents=True)
+    (work / "mine" / "heatmaps" / "figure1.png").write_bytes(b"the user's own figure")
     case(
         "label-image-size-negative",
         "label",
@@ -690,6 +693,7 @@ BATCH_REFUSALS = {
     "explain-model-other-widths": ("explain", "do not match config.json"),
     "explain-model-truncated": ("explain", "model.safetensors is truncated"),
     "explain-model-corrupt-config": ("explain", "config.json is not valid JSON"),
+    "explain-overwrite-user-folder": ("explain", "--out mine is not empty and holds no explain.yaml"),
     "label-image-size-negative": ("label", "--image-size -1: teacher inputs need 16 to 4096 pixels a side"),
     "package-manifest-text": ("package", "manifest.jsonl, line 3: expected a JSON object, found text"),
     "package-manifest-duplicate-id": ("package", "line 2: id 'syn_0000' appears twice"),

@@ -346,7 +346,9 @@ def _prepare_out(out: Path, settings: dict, overwrite: bool) -> None:
             f"{out} holds explanations made with another model, source or settings ({changes or 'see ' + str(path)});"
             " pass --overwrite to replace them, or another --out"
         )
-    if not path.is_file() and out.is_dir() and any(out.iterdir()) and not overwrite:
+    if (
+        not path.is_file() and out.is_dir() and any(out.iterdir())
+    ):  # --overwrite replaces only explain's results
         raise StdaError(f"--out {out} is not empty and holds no explain.yaml; give a new or empty folder")
     _clear(out)
     write_text(path, text)
