@@ -12,7 +12,7 @@ images derive from training images of this very real folder (content and style, 
 
 from __future__ import annotations
 
-import json
+import logging
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,7 +23,7 @@ import datasets
 
 from stda_hf import DATASET_SPLITS, LABELS
 from stda_hf.core.errors import StdaError
-from stda_hf.core.fileio import read_jsonl
+from stda_hf.core.statefile import Fields, image_digest_problem, read_json, read_labels, read_manifest
 from stda_hf.core.utils import first_few, sha256_file
 from stda_hf.data.licenses import most_restrictive
 from stda_hf.data.real import (
@@ -34,6 +34,8 @@ from stda_hf.data.real import (
     read_real_folder,
     untrained_sources,
 )
+
+logger = logging.getLogger(__name__)
 
 FEATURES = datasets.Features(
     {
@@ -192,14 +194,17 @@ def verdict_of(record: dict) -> str:
 
 def _read_manifest(root: Path) -> dict[str, dict]:
     path = root / "manifest.jsonl"
-    records = {}
-    for line_no, rec in enumerate(read_jsonl(path), start=1):
-        missing = [k for k in ("id", "file", "content_id", "style_id") if not rec.get(k)]
-        if missing:
-            raise StdaError(f"{path} record {line_no} lacks {missing}; re-run `stda generate` to repair it")
-        records[rec["id"]] = rec
+    records = {rec["id"]: rec for rec in read_manifest(path)}  # schema-checked, ids unique
     if not records:
         raise StdaError(f"{path} lists no finished images; run `stda generate` first")
+    unbound = sum("sha256" not in rec for rec in records.values())
+    if unbound:
+        logger.warning(
+            "%d record(s) of %s carry no image digest (written before generate recorded one): their files are "
+            "packaged unchecked; re-generate into a new folder to bind every image to its record",
+            unbound,
+            path,
+        )
     return dict(sorted(records.items()))
 
 
@@ -210,7 +215,7 @@ def _read_labels(root: Path, manifest: dict[str, dict]) -> dict[str, dict]:
     dataset; an image that passed the gate (or predates it) must have a label.
     """
     path = root / "labels.jsonl"
-    labels = {rec.get("id"): rec for rec in read_jsonl(path)}
+    labels = {rec["id"]: rec for rec in read_labels(path)}  # schema-checked, one label per id
     unlabelled = sorted(i for i in set(manifest) - set(labels) if verdict_of(manifest[i]) == "ok")
     if unlabelled:
         raise StdaError(
@@ -245,10 +250,8 @@ def _check_source_json(root: Path, real: RealFolder) -> None:
             f"{path} not found: nothing records which splits.csv these images were made from; "
             "re-run `stda generate`"
         )
-    try:
-        recorded = json.loads(path.read_text(encoding="utf-8")).get("splits_sha256")
-    except (json.JSONDecodeError, AttributeError) as err:
-        raise StdaError(f"{path} is not a JSON object with splits_sha256; re-run `stda generate`") from err
+    fields = Fields(required={"splits_sha256": str})
+    recorded = read_json(path, fields, recover="re-run `stda generate`, which writes it")["splits_sha256"]
     actual = sha256_file(real.splits_path)
     if recorded != actual:
         raise StdaError(
@@ -261,6 +264,11 @@ def _synthetic_image(root: Path, rec: dict, label: dict, real: RealFolder) -> Sy
     path = (root / rec["file"]).resolve()
     if not path.is_relative_to(root.resolve()):
         raise StdaError(f"{root / 'manifest.jsonl'}: file {rec['file']!r} of {rec['id']} is outside {root}")
+    problem = image_digest_problem(root, rec)
+    if problem:
+        raise StdaError(
+            f"{problem}; re-run `stda generate` on {root} after deleting that image and its manifest line"
+        )
     return SyntheticImage(
         id=rec["id"],
         path=path,

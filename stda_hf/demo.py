@@ -15,6 +15,7 @@ import logging
 import shutil
 from pathlib import Path
 
+from stda_hf.core.errors import StdaError
 from stda_hf.data.inspect import inspect_folder
 from stda_hf.data.phantoms import PhantomConfig, make_phantoms
 from stda_hf.data.split import SplitConfig, make_splits
@@ -61,6 +62,11 @@ def _generate_step(out: Path, real: Path, size: int, seed: int) -> Path:
     synthetic = out / "synthetic"
     cfg = GenerateConfig(engine="arbitrary", size=size, per_content=1, limit=24, batch=12, seed=seed)
     _step("generate", f"{cfg.limit} style transfers with --engine arbitrary, {size}px -> {synthetic}")
+    if synthetic.is_symlink() or (synthetic.exists() and not (synthetic / "generate.yaml").is_file()):
+        raise StdaError(
+            f"{synthetic} was not made by `stda generate` (no generate.yaml) and the demo would replace it; "
+            "move it away or choose another --out"
+        )
     shutil.rmtree(synthetic, ignore_errors=True)  # made from an earlier demo's phantoms: start afresh
     try:
         summary = generate(real, synthetic, cfg)

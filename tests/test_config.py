@@ -119,3 +119,49 @@ def test_a_config_file_value_of_the_wrong_type_names_the_file(tmp_path):
     (tmp_path / "c.yaml").write_text("n: many\n")
     with pytest.raises(StdaError, match=r"setting n in .*c\.yaml: 'many' is not an integer"):
         load_config(_typed(), tmp_path / "c.yaml")
+
+
+@dataclasses.dataclass
+class _Settings:
+    lr: float = 0.1  # learning rate
+    epochs: int = 3  # epochs
+
+
+def test_a_setting_given_twice_in_a_config_file_is_refused_not_last_wins(tmp_path):
+    from stda_hf.core.config import load_config
+
+    (tmp_path / "cfg.yaml").write_text("lr: 0.1\nepochs: 3\nlr: 0.5\n")
+    with pytest.raises(
+        StdaError, match=r"cfg\.yaml is not valid YAML .*'lr' appears twice \(first on line 1"
+    ):
+        load_config(_Settings, tmp_path / "cfg.yaml")
+
+
+def test_a_folder_given_as_config_is_named_as_a_folder_not_as_missing(tmp_path):
+    from stda_hf.core.config import load_config
+
+    (tmp_path / "cfg").mkdir()
+    with pytest.raises(StdaError, match=r"config file .*cfg is a folder, not a regular file"):
+        load_config(_Settings, tmp_path / "cfg")
+    with pytest.raises(StdaError, match=r"config file .*absent\.yaml not found"):
+        load_config(_Settings, tmp_path / "absent.yaml")
+
+
+def test_saved_settings_with_a_key_twice_are_refused_with_how_to_recover(tmp_path):
+    (tmp_path / "generate.yaml").write_text("size: 64\nsize: 128\n")
+    with pytest.raises(StdaError, match=r"'size' appears twice.*delete it to start the folder afresh"):
+        read_settings(tmp_path / "generate.yaml")
+
+
+def test_a_usage_error_is_one_line_suggesting_the_dashed_spelling_of_a_flag(capsys):
+    from stda_hf.core.config import OneLineParser, add_config_flags
+
+    parser = OneLineParser(prog="train.py")
+    add_config_flags(parser, _Settings)
+    with pytest.raises(SystemExit) as stop:
+        parser.parse_args(["--lr", "0.2", "--epoch_s", "4"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == (
+        "train.py: error: unrecognized arguments: --epoch_s 4 (did you mean --epoch_s -> --epochs?); "
+        "see `train.py --help`\n"
+    )

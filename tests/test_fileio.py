@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 
 import pytest
 
-from stda_hf.core import fileio
+from stda_hf.core import fileio, statefile
 from stda_hf.core.errors import StdaError
 from stda_hf.core.fileio import append_jsonl, atomic_write, read_jsonl, write_json, write_text
 
@@ -158,3 +159,115 @@ def test_a_read_only_file_system_is_one_clear_error(tmp_path, monkeypatch):
         write_text(tmp_path / "x.txt", "x")
     with pytest.raises(StdaError, match="read-only"):
         fileio.check_writable(tmp_path)
+
+
+def test_exclusive_removes_its_lock_file_and_an_output_folder_it_made_that_stayed_empty(tmp_path):
+    with fileio.exclusive(tmp_path / "out", ".x.lock", "busy"):
+        assert (tmp_path / "out" / ".x.lock").is_file()
+    assert not (tmp_path / "out").exists()
+    with fileio.exclusive(tmp_path / "out", ".x.lock", "busy") as out:
+        (out / "result.txt").write_text("done")
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["result.txt"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading state files back (core/statefile)
+
+RECORD = statefile.Fields(required={"id": str, "n": int}, optional={"score": float})
+
+
+@pytest.mark.parametrize(
+    ("line", "needle"),
+    [
+        ("42", "line 2: expected a JSON object, found an integer 42"),
+        ('"x"', 'line 2: expected a JSON object, found text "x"'),
+        ("{}", "line 2: the field 'id' is missing"),
+        ('{"id": "b", "n": true}', "line 2: the field 'n' is true or false true, not an integer"),
+        ('{"id": "b", "n": 1, "score": "high"}', "line 2: the field 'score' is text \"high\", not a number"),
+        ('{"id": "a", "n": 2}', "line 2: id 'a' appears twice (first on line 1)"),
+    ],
+)
+def test_a_json_line_that_is_not_a_record_names_the_file_line_and_problem(tmp_path, line, needle):
+    path = tmp_path / "records.jsonl"
+    path.write_text('{"id": "a", "n": 1}\n' + line + '\n{"id": "c", "n": 3}\n')
+    with pytest.raises(StdaError, match="fix it") as err:
+        statefile.read_records(path, RECORD, key="id", recover="fix it")
+    assert str(err.value).startswith(f"{path}, ") and needle in str(err.value)
+
+
+def test_records_of_the_schema_are_read_and_integers_count_as_numbers(tmp_path):
+    path = tmp_path / "records.jsonl"
+    path.write_text('{"id": "a", "n": 1, "score": 2, "extra": null}\n\n{"id": "b", "n": 2}\n{"id": "c", "n"')
+    assert [r["id"] for r in statefile.read_records(path, RECORD, key="id")] == [
+        "a",
+        "b",
+    ]  # torn tail skipped
+
+
+def test_a_bad_last_line_that_ends_in_a_newline_is_not_taken_for_a_torn_append(tmp_path):
+    path = tmp_path / "records.jsonl"
+    path.write_text('{"id": "a", "n": 1}\n{"id": \n')
+    with pytest.raises(StdaError, match="line 2: not valid JSON"):
+        statefile.read_records(path, RECORD)
+
+
+def test_a_fifo_in_place_of_a_state_file_is_refused_without_opening_it(tmp_path):
+    fifo = tmp_path / "manifest.jsonl"
+    os.mkfifo(fifo)  # opening it for reading would block until a writer came
+    with pytest.raises(
+        StdaError, match=r"manifest\.jsonl is a FIFO \(named pipe\), not a regular file; redo"
+    ):
+        statefile.read_records(fifo, recover="redo")
+    with pytest.raises(StdaError, match="is a FIFO"):
+        statefile.read_json(fifo, default=None)
+    with pytest.raises(StdaError, match="is a FIFO"):
+        read_jsonl(fifo)
+    (tmp_path / "folder.json").mkdir()
+    with pytest.raises(StdaError, match=r"folder\.json is a folder, not a regular file"):
+        statefile.read_json(tmp_path / "folder.json")
+
+
+def test_corrupt_json_names_the_file_and_line_and_a_missing_one_gives_the_default(tmp_path):
+    path = tmp_path / "engine.json"
+    path.write_text('{\n  "name": "arbitrary",\n  oops\n}\n')
+    with pytest.raises(StdaError, match=r"engine\.json is not valid JSON \(line 3: .*\); delete it"):
+        statefile.read_json(path)
+    assert statefile.read_json(tmp_path / "absent.json", default=None) is None
+    with pytest.raises(StdaError, match=r"absent\.json not found"):
+        statefile.read_json(tmp_path / "absent.json")
+    path.write_text("[1, 2]")
+    with pytest.raises(StdaError, match="expected a JSON object, found a list"):
+        statefile.read_json(path, statefile.Fields())
+
+
+def test_a_key_given_twice_in_yaml_is_refused_naming_both_lines(tmp_path):
+    path = tmp_path / "bench.yaml"
+    path.write_text("arms:\n  baseline: {}\n  stda: {mix: 0.5}\n  baseline: {mix: 0}\nseeds: [0]\n")
+    with pytest.raises(StdaError, match=r"'baseline' appears twice \(first on line 2, again on line 4\)"):
+        statefile.read_yaml(path)
+    path.write_text("arms:\n  baseline: {}\n  stda: {mix: 0.5}\nseeds: [0]\n")
+    assert statefile.read_yaml(path) == {"arms": {"baseline": {}, "stda": {"mix": 0.5}}, "seeds": [0]}
+
+
+def test_a_manifest_record_pointing_at_another_image_is_refused(tmp_path):
+    path = tmp_path / "manifest.jsonl"
+    record = {"id": "syn_a", "file": "images/syn_b.jpg", "content_id": "c", "style_id": "s"}
+    append_jsonl(path, record)
+    with pytest.raises(StdaError, match=r"line 1: the file of syn_a is 'images/syn_b.jpg', not images/syn_a"):
+        statefile.read_manifest(path)
+
+
+def test_an_image_whose_bytes_changed_since_its_record_fails_the_digest_check(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "syn_a.jpg").write_bytes(b"the image generate wrote")
+    record = {
+        "id": "syn_a",
+        "file": "images/syn_a.jpg",
+        "sha256": hashlib.sha256(b"the image generate wrote").hexdigest(),
+    }
+    assert statefile.image_digest_problem(tmp_path, record) is None
+    (tmp_path / "images" / "syn_a.jpg").write_bytes(b"another image")
+    problem = statefile.image_digest_problem(tmp_path, record)
+    assert problem is not None and "syn_a.jpg is not the image its manifest record (syn_a)" in problem
+    old = {k: v for k, v in record.items() if k != "sha256"}  # written before digests were recorded
+    assert statefile.image_digest_problem(tmp_path, old) is None

@@ -28,6 +28,7 @@ from stda_hf.models.features import VGGFeatures
 MANIFEST_KEYS = {
     "id",
     "file",
+    "sha256",
     "content_id",
     "style_id",
     "seed",

@@ -16,8 +16,8 @@ from huggingface_hub import DatasetCard
 from PIL import Image
 
 import stda_hf.dataset.packaging as package_module
-from dataset_script import FEATURES
-from dataset_script.skin_lesions import check_leakage
+from stda_hf.dataset_script import FEATURES
+from stda_hf.dataset_script.skin_lesions import check_leakage
 from stda_hf.cli import main
 from stda_hf.core.errors import StdaError
 from stda_hf.core.fileio import append_jsonl, read_jsonl, write_json

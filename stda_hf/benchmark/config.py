@@ -9,6 +9,7 @@ from typing import Any
 
 from stda_hf import SPLITS
 from stda_hf.core.errors import StdaError
+from stda_hf.core.utils import check_seed
 
 logger = logging.getLogger(__name__)
 
@@ -23,6 +24,10 @@ METRICS = ("roc_auc", "balanced_accuracy", "sensitivity", "specificity", "f1")
 
 RUN_METRICS = (*METRICS, "accuracy", "precision", "loss", "n", "tn", "fp", "fn", "tp")
 """What the run table keeps of each run's test metrics."""
+
+
+CURVE_METRICS = (*METRICS, "accuracy", "precision", "loss")
+"""Validation metrics train.py logs every epoch: what ``curve_metric`` may name (or a relevance_* number)."""
 
 
 EXPLANATION_METRICS = ("relevance_in_mask", "relevance_on_artifact")
@@ -156,9 +161,25 @@ class BenchmarkConfig:
             )
         if self.baseline not in self.arms:
             raise StdaError(f"baseline: arm {self.baseline!r} is not among the arms {list(self.arms)}")
-        for arm in self.arms:
-            if not arm.replace("-", "_").isidentifier():
+        for arm, settings in self.arms.items():
+            if not str(arm).replace("-", "_").isidentifier():
                 raise StdaError(f"arm name {arm!r}: use letters, digits, '_' or '-' only")
+            if not isinstance(settings, dict):
+                raise StdaError(
+                    f"arms.{arm}: {settings!r} is not a mapping of train.py settings; write e.g. "
+                    f"`{arm}: {{synthetic: none}}` (or `{arm}: {{}}` for the shared `train` settings)"
+                )
+        for name, seeds in (
+            ("seeds", self.seeds),
+            ("fold_seed", (self.fold_seed,)),
+            ("fold_seeds", self.fold_seeds),
+        ):
+            for seed in seeds:
+                check_seed(name, seed)
+        if self.curve_metric not in CURVE_METRICS and not self.curve_metric.startswith("relevance_"):
+            raise StdaError(
+                f"curve_metric {self.curve_metric!r}: choose one of {list(CURVE_METRICS)} or a relevance_* number"
+            )
         if self.gpus_per_run < 1:
             raise StdaError(f"gpus_per_run: {self.gpus_per_run}; must be at least 1")
         self._check_repeats()

@@ -158,10 +158,14 @@ def check_protocol(cfg: BenchmarkConfig, partitions: dict[int, Any]) -> None:
     """
     from stda_hf.core.config import changed_settings
     from stda_hf.core.fileio import write_json
+    from stda_hf.core.statefile import Fields, read_json
 
     path = cfg.work_dir / "protocol.json"
     current = protocol_record(cfg, partitions)
-    saved = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else current
+    recover = "delete it only if the runs in that folder may be redone from scratch; else restore it"
+    saved = read_json(
+        path, Fields(required={"protocol": dict, "arms": dict}), recover=recover, default=current
+    )
     saved_folds = saved.get("fold_assignments") or _old_assignments(saved["protocol"])
     changed = sorted(changed_settings(saved["protocol"], current["protocol"], missing_is_change=False))
     changed += [
@@ -352,8 +356,11 @@ def report_explanations(cfg: BenchmarkConfig) -> tuple[str, ...]:
 
 def read_fold_info(cfg: BenchmarkConfig) -> list[dict[str, Any]]:
     """The ``fold.json`` of each prepared fold (counts, synthetic images), in fold order."""
+    from stda_hf.core.statefile import Fields, read_json
+
     paths = [fold_dir(cfg, f, r) / "fold.json" for r in range(len(cfg.cv_seeds)) for f in range(cfg.folds)]
-    return [json.loads(p.read_text(encoding="utf-8")) for p in paths if p.is_file()]
+    recover = "delete the fold's folder: the next run prepares it again"
+    return [read_json(p, Fields(), recover=recover) for p in paths if p.is_file()]
 
 
 def render_plots(cfg: BenchmarkConfig, table: RunTable, stats: BenchmarkStats, out: Path) -> dict[str, str]:

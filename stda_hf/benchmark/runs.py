@@ -163,12 +163,14 @@ def read_run_metrics(run_dir: Path) -> dict[str, float]:
     StdaError
         When the run wrote no test metrics.
     """
-    import json
+    from stda_hf.core.statefile import Fields, read_json
 
     path = run_dir / "metrics" / "test.json"
     if not path.is_file():
         raise StdaError(f"{run_dir} finished without test metrics ({path} missing)")
-    raw = json.loads(path.read_text(encoding="utf-8"))
+    raw = read_json(
+        path, Fields(), recover=f"delete the run folder {run_dir}: the next benchmark run redoes it"
+    )
     return {k: float(raw[k]) for k in RUN_METRICS if isinstance(raw.get(k), (int, float))}
 
 

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import inspect
 import io
 import math
+import os
 import tokenize
 import typing
 from collections.abc import Collection, Iterable, Mapping, Sequence
@@ -23,7 +25,8 @@ from typing import Any, TypeVar
 import yaml
 
 from stda_hf.core.errors import StdaError
-from stda_hf.core.fileio import read_text, write_text
+from stda_hf.core.fileio import write_text
+from stda_hf.core.statefile import read_yaml
 
 C = TypeVar("C")
 
@@ -37,20 +40,15 @@ def load_config(cls: type[C], path: str | Path | None = None, **overrides: Any) 
     Raises
     ------
     StdaError
-        When the file is missing, not UTF-8 text, not YAML or not a mapping; has keys ``cls`` does not know (they
+        When the file is missing, a folder, not UTF-8 text, not YAML (a key given twice included) or not a mapping;
+        has keys ``cls`` does not know (they
         are listed); or a value of the wrong type.
     """
     values: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise StdaError(f"config file {path} not found")
-        try:
-            loaded = yaml.safe_load(read_text(path)) or {}
-        except yaml.YAMLError as err:
-            raise StdaError(f"config file {path} is not valid YAML: {err}") from err
-        if not isinstance(loaded, dict):
-            raise StdaError(f"config file {path} must hold a mapping of setting: value")
+        recover = "give a YAML file of setting: value (a stage's saved settings file is one)"
+        loaded = read_yaml(path, recover=recover, what="config file ")
         keys = [k for k in loaded if not isinstance(k, str)]
         if keys:
             raise StdaError(f"config file {path}: setting names must be text, got {keys[0]!r}")
@@ -183,18 +181,13 @@ def read_settings(path: str | Path) -> dict[str, Any] | None:
     Raises
     ------
     StdaError
-        When the file is not valid YAML or not a mapping (naming it, and what to do).
+        When the file is not a regular file (a FIFO), not valid YAML, has a key twice or is not a mapping (naming
+        it, the line and what to do).
     """
     path = Path(path)
-    if not path.is_file():
+    if not os.path.lexists(path):
         return None
-    try:
-        saved = yaml.safe_load(read_text(path)) or {}
-    except yaml.YAMLError as err:
-        raise StdaError(f"{path} is not valid YAML ({err}); delete it to start the folder afresh") from err
-    if not isinstance(saved, dict):
-        raise StdaError(f"{path} must hold a mapping of setting: value; delete it to start the folder afresh")
-    return saved
+    return read_yaml(path, recover="delete it to start the folder afresh")
 
 
 def changed_settings(
@@ -261,6 +254,31 @@ def field_comments(cls: type) -> dict[str, str]:
             for name, text in field_comments(base).items():
                 comments.setdefault(name, text)
     return comments
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line naming ``--help`` (exit status 2), not the whole usage;
+    a flag in another spelling (``--output_dir``, as ``transformers`` writes it) gets the right one suggested."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}{self._suggestion(message)}; see `{self.prog} --help`\n")
+
+    def _suggestion(self, message: str) -> str:
+        if "unrecognized arguments:" not in message:
+            return ""
+        known = [o for o in self._option_string_actions if o.startswith("--")]
+        hints = []
+        for word in message.split("unrecognized arguments:", 1)[1].split():
+            flag = word.split("=", 1)[0]
+            if not flag.startswith("--"):
+                continue
+            dashed = flag.replace("_", "-")
+            match = (
+                dashed if dashed in known else next(iter(difflib.get_close_matches(dashed, known, 1)), None)
+            )
+            if match and match != flag:
+                hints.append(f"{flag} -> {match}")
+        return f" (did you mean {', '.join(hints)}?)" if hints else ""
 
 
 def add_config_flags(parser: argparse.ArgumentParser, cls: type, skip: Sequence[str] = ()) -> None:

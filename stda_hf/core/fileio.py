@@ -21,6 +21,13 @@ from pathlib import Path
 from typing import IO, Any
 
 from stda_hf.core.errors import StdaError, environment_error
+from stda_hf.core.statefile import read_records, read_text
+
+__all__ = [
+    "append_jsonl", "append_text", "atomic_write", "check_separate", "check_writable", "csv_text", "drop_torn_tail",
+    "exclusive", "make_dir", "open_csv", "read_jsonl", "read_text", "write_bytes", "write_csv", "write_json",
+    "write_text",
+]  # fmt: skip
 
 try:
     import fcntl
@@ -120,7 +127,10 @@ def exclusive(folder: str | os.PathLike, lock_name: str, busy: str) -> Iterator[
     """Hold an advisory lock on ``folder/lock_name`` for the block: one run at a time writes a folder.
 
     The folder is created (:func:`make_dir`). The lock is released when the block ends or the process dies
-    (the kernel drops it), so a killed run never blocks the next one; the empty lock file stays.
+    (the kernel drops it), so a killed run never blocks the next one. The lock file is removed when the block
+    ends, and so is the folder when this call created it and it is still empty (a refused run leaves nothing);
+    a run that took the lock checks that the file it locked is still the one at ``lock_name``, so removing it
+    never lets two runs in.
 
     Parameters
     ----------
@@ -136,18 +146,52 @@ def exclusive(folder: str | os.PathLike, lock_name: str, busy: str) -> Iterator[
     StdaError
         ``busy`` when the folder is taken; or the folder cannot be made or written.
     """
+    created = not os.path.lexists(folder)
     folder = make_dir(folder)
+    lock = folder / lock_name
     try:
-        fh = open(folder / lock_name, "w")  # held open for the whole block
-    except OSError as err:
-        raise _write_error(folder / lock_name, err) from err
+        with _locked(lock, busy):
+            yield folder
+    finally:
+        if created:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only when empty: the block made nothing
+
+
+@contextlib.contextmanager
+def _locked(lock: Path, busy: str) -> Iterator[None]:
+    """Lock the file ``lock`` (made if needed) for the block, then remove it; ``busy`` when another holds it."""
+    for _ in range(100):
+        try:
+            fh = open(
+                lock, "a"
+            )  # held open for the whole block; "a" never truncates a file another run holds
+        except OSError as err:
+            raise _write_error(lock, err) from err
+        if fcntl is None:  # pragma: no cover - Windows
+            break
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.close()
+            raise StdaError(busy) from None
+        if _same_file(fh, lock):
+            break
+        fh.close()  # the holder removed the file between our open and lock: lock the new one
+    else:  # pragma: no cover - 100 runs finishing in a row between two system calls
+        raise StdaError(busy)
     with fh:
-        if fcntl is not None:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise StdaError(busy) from None
-        yield folder
+        try:
+            yield
+        finally:
+            _remove_quietly(lock)  # while still holding it: a later run makes a fresh file
+
+
+def _same_file(fh: IO, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(fh.fileno()), os.stat(path))
+    except FileNotFoundError:
+        return False
 
 
 @contextlib.contextmanager
@@ -190,29 +234,6 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None 
 def _remove_quietly(path: str | Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-
-
-def read_text(path: str | os.PathLike) -> str:
-    """The text of a UTF-8 file (a leading byte-order mark, as spreadsheet programs write it, is dropped).
-
-    Raises
-    ------
-    StdaError
-        When the file is not UTF-8 text (binary, or Latin-1 and the like), naming it and the first bad byte.
-    """
-    path = Path(path)
-    try:
-        return path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise _not_utf8(path, err) from err
-
-
-def _not_utf8(path: Path, err: UnicodeDecodeError) -> StdaError:
-    bad = err.object[err.start : err.start + 1].hex()
-    return StdaError(
-        f"{path} is not UTF-8 text (byte 0x{bad} at position {err.start}); save it as UTF-8 "
-        "(a binary file cannot be used here)"
-    )
 
 
 @contextlib.contextmanager
@@ -321,27 +342,13 @@ def drop_torn_tail(path: str | os.PathLike) -> None:
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """Read a JSON-lines file; a missing file is empty, and a torn (crash-truncated) last line is skipped.
+    """Read a JSON-lines file of records; a missing file is empty, and a torn (crash-truncated) last line is skipped.
+
+    The schema-free form of :func:`stda_hf.core.statefile.read_records` (which also checks fields and unique ids).
 
     Raises
     ------
     StdaError
-        When a line other than the last is not valid JSON (the file was edited or corrupted).
+        When a line other than a torn last one is not a JSON object, or the path is not a regular file (a FIFO).
     """
-    path = Path(path)
-    if not path.exists():
-        return []
-    lines = read_text(path).splitlines()
-    records = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            if i == len(lines) - 1:
-                break  # torn final line from an interrupted append
-            raise StdaError(
-                f"{path}: line {i + 1} is not valid JSON ({err.msg}); fix or delete that line"
-            ) from err
-    return records
+    return read_records(path, recover="fix or delete that line")

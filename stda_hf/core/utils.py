@@ -13,6 +13,8 @@ from typing import Any, TypeVar
 import numpy as np
 from tqdm.auto import tqdm
 
+from stda_hf.core.errors import StdaError
+
 T = TypeVar("T")
 
 
@@ -77,6 +79,22 @@ def setup_logging(verbose: bool = False) -> None:
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
+
+
+SEED_LIMIT = 2**32
+"""Seeds are in ``[0, 2**32)``: what NumPy's and PyTorch's generators all accept."""
+
+
+def check_seed(flag: str, seed: int) -> None:
+    """Refuse a seed outside ``[0, 2**32)`` before it reaches a random generator (a negative one crashes NumPy).
+
+    Raises
+    ------
+    StdaError
+        Naming the flag and the value.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+        raise StdaError(f"{flag} {seed!r} must be a whole number from 0 to {SEED_LIMIT - 1} (2**32 - 1)")
 
 
 def first_few(items: list[str], n: int = 5) -> str:

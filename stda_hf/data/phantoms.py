@@ -27,7 +27,7 @@ from scipy.ndimage import map_coordinates
 
 from stda_hf.core.config import config_to_dict, dump_config, load_config
 from stda_hf.core.errors import StdaError
-from stda_hf.core.utils import progress
+from stda_hf.core.utils import check_seed, progress
 from stda_hf.data.images import check_side, save_image
 from stda_hf.data.licenses import write_attribution
 from stda_hf.data.real import ARTIFACTS, PHANTOM_ATTRIBUTION, write_metadata
@@ -82,6 +82,7 @@ class PhantomConfig:
     def __post_init__(self) -> None:
         if self.n < 1:
             raise StdaError(f"--n {self.n}: need at least one image")
+        check_seed("--seed", self.seed)
         why = "each is rendered in memory as float arrays of size x size"
         check_side("--size", self.size, 16, MAX_SIZE, "phantoms", why, bytes_per_pixel=16)
         if not 0.0 <= self.malignant_fraction <= 1.0:

@@ -17,7 +17,7 @@ import numpy as np
 
 from stda_hf.core.errors import BadImageError, StdaError
 from stda_hf.core.fileio import check_writable, csv_text, write_json, write_text
-from stda_hf.core.utils import progress
+from stda_hf.core.utils import check_seed, progress
 from stda_hf.data.images import SkipReport, load_image
 from stda_hf.data.real import (
     MIN_PER_CLASS,
@@ -45,6 +45,7 @@ class SplitConfig:
     floor_per_class: int = 2  # refuse when validation or test holds fewer images of a class (0: allow none)
 
     def __post_init__(self) -> None:
+        check_seed("--seed", self.seed)
         for name in ("val", "test"):
             v = getattr(self, name)
             if not 0.0 < v < 1.0:

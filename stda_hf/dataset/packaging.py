@@ -32,7 +32,6 @@ from pathlib import Path
 import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
-import yaml
 from datasets.features.features import encode_nested_example
 from PIL import Image, ImageDraw, ImageOps
 
@@ -42,11 +41,11 @@ from stda_hf.core.fileio import (
     append_jsonl,
     atomic_write,
     check_separate,
-    read_jsonl,
     write_bytes,
     write_json,
     write_text,
 )
+from stda_hf.core.statefile import Fields, read_json, read_manifest, read_records, read_yaml
 from stda_hf.core.utils import progress
 from stda_hf.data.images import SkipReport, load_image
 from stda_hf.data.licenses import write_attribution
@@ -406,16 +405,28 @@ def open_staging(out: Path, fingerprint: str) -> tuple[Path, dict[str, list[Shar
 
 
 def _recorded_fingerprint(path: Path) -> str | None:
+    """The fingerprint of the inputs the staging folder was built from; None when unreadable (it is rebuilt)."""
     try:
-        return json.loads(path.read_text(encoding="utf-8")).get("fingerprint")
-    except (json.JSONDecodeError, AttributeError):
+        return read_json(path, Fields(required={"fingerprint": str}))["fingerprint"]
+    except StdaError:
         return None
+
+
+SHARD_FIELDS = Fields(
+    required={
+        "split": str, "index": int, "file": str, "rows": int, "consumed": int, "num_bytes": int, "size": int,
+        "width_min": int, "width_max": int, "height_min": int, "height_max": int,
+    },
+    optional={"skipped": dict},
+)  # fmt: skip
+"""The schema of a ``shards.jsonl`` line (:class:`ShardRecord`)."""
 
 
 def _finished(staging: Path) -> dict[str, list[ShardRecord]]:
     done: dict[str, list[ShardRecord]] = {}
-    for rec in read_jsonl(staging / "shards.jsonl"):
-        record = ShardRecord(**rec)
+    recover = f"delete {staging}: the next `stda package` builds every shard again"
+    for rec in read_records(staging / "shards.jsonl", SHARD_FIELDS, recover=recover):
+        record = ShardRecord(**{k: v for k, v in rec.items() if k in SHARD_FIELDS.required or k == "skipped"})
         prefix = done.setdefault(record.split, [])
         path = staging / record.file
         if record.index == len(prefix) and path.is_file() and path.stat().st_size == record.size:
@@ -542,15 +553,11 @@ def _synthetic_facts(root: Path) -> SyntheticFacts:
 
 
 def _read_mapping(path: Path) -> dict:
-    """A YAML or JSON mapping, or {} when the file is missing or not a mapping (the card then says so)."""
-    if not path.is_file():
+    """A YAML or JSON mapping, or {} when the file is missing (the card then says so)."""
+    if not os.path.lexists(path):
         logger.warning("%s not found; the card will not list what it holds", path)
         return {}
-    try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise StdaError(f"{path} is not valid YAML/JSON ({err}); re-run the stage that wrote it") from err
-    return loaded if isinstance(loaded, dict) else {}
+    return read_yaml(path, recover="re-run the stage that wrote it")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -668,7 +675,7 @@ def leave_out_failed(sources, synthetic: str | Path | None, keep: bool) -> tuple
     """
     if synthetic is None:
         return {}, []
-    manifest = {r["id"]: r for r in read_jsonl(Path(synthetic) / "manifest.jsonl")}
+    manifest = {r["id"]: r for r in read_manifest(Path(synthetic) / "manifest.jsonl")}
     from stda_hf.dataset_script import verdict_of
 
     verdict = {i: verdict_of(r) for i, r in manifest.items()}

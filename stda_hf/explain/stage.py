@@ -40,7 +40,8 @@ from stda_hf.attribution.relevance import is_defined, mean_or_none, summarize
 from stda_hf.core.config import changed_settings, config_to_dict, describe_changes, read_settings
 from stda_hf.core.devices import resolve_device
 from stda_hf.core.errors import BadImageError, StdaError
-from stda_hf.core.fileio import append_jsonl, check_separate, csv_text, read_jsonl, write_json, write_text
+from stda_hf.core.fileio import append_jsonl, check_separate, csv_text, write_json, write_text
+from stda_hf.core.statefile import Fields, read_records
 from stda_hf.core.utils import progress
 from stda_hf.data.images import IMAGE_EXTENSIONS, SkipReport, iter_images, load_image, save_image
 from stda_hf.data.real import ARTIFACTS, RealFolder, RealImage, read_real_folder
@@ -302,9 +303,15 @@ def run_explain(
                 )
         return results
 
-    done = {r["id"] for r in read_jsonl(out / "relevance.jsonl")}
+    done = {r["id"] for r in _read_relevance(out)}
     n_new, shown = _explain_all(source, total, done, explain, out, cfg)
     return _finish(out, cfg, explain, shown, n_new, report)
+
+
+def _read_relevance(out: Path) -> list[dict]:
+    """The records of ``relevance.jsonl`` (one per explained image): schema-checked, ids unique."""
+    recover = "delete that line (its image is explained again on the next run) or delete the file"
+    return read_records(out / "relevance.jsonl", Fields(required={"id": str}), key="id", recover=recover)
 
 
 def _load_for_explain(model_dir: str | Path, device: str):
@@ -334,7 +341,9 @@ def _prepare_out(out: Path, settings: dict, overwrite: bool) -> None:
             f"{out} holds explanations made with another model, source or settings ({changes or 'see ' + str(path)});"
             " pass --overwrite to replace them, or another --out"
         )
-    if not path.is_file() and out.is_dir() and any(out.iterdir()) and not overwrite:
+    if (
+        not path.is_file() and out.is_dir() and any(out.iterdir())
+    ):  # --overwrite replaces only explain's results
         raise StdaError(f"--out {out} is not empty and holds no explain.yaml; give a new or empty folder")
     _clear(out)
     write_text(path, text)
@@ -386,7 +395,7 @@ def _write_result(out: Path, result: Result, cmap: str) -> None:
 def _finish(
     out: Path, cfg: ExplainConfig, explain, shown: list, n_new: int, report: SkipReport
 ) -> ExplainSummary:
-    records = read_jsonl(out / "relevance.jsonl")
+    records = _read_relevance(out)
     if report:
         report.save(out / "skipped.json")
         logger.warning("%s (listed in %s)", report.summary(), out / "skipped.json")

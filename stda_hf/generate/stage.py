@@ -45,9 +45,17 @@ from PIL import Image
 from stda_hf.core.config import changed_settings, config_to_dict, describe_changes, dump_config, read_settings
 from stda_hf.core.devices import check_device_name, resolve_device
 from stda_hf.core.errors import BadImageError, StdaError
-from stda_hf.core.fileio import append_jsonl, check_separate, exclusive, read_jsonl, write_json, write_text
+from stda_hf.core.fileio import append_jsonl, check_separate, exclusive, write_json, write_text
 from stda_hf.core.processes import finish_group, shard_of, start_group, world_info
-from stda_hf.core.utils import progress, sha256_file, stable_hash
+from stda_hf.core.statefile import (
+    MANIFEST_RECOVER,
+    Fields,
+    image_digest_problem,
+    read_json,
+    read_manifest,
+    read_records,
+)
+from stda_hf.core.utils import check_seed, progress, sha256_file, stable_hash
 from stda_hf.data.images import SkipReport, check_side, load_image, save_image
 from stda_hf.data.real import RealFolder, RealImage, read_real_folder
 from stda_hf.generate.engines import (
@@ -113,6 +121,7 @@ class GenerateConfig(NSTConfig):
         for name, low in (("per_content", 1), ("size", MIN_SIZE), ("batch", 1), ("limit", 0)):
             if getattr(self, name) < low:
                 raise StdaError(f"--{name.replace('_', '-')} {getattr(self, name)} must be at least {low}")
+        check_seed("--seed", self.seed)
         why = "each image is stylized through float32 feature maps of 64 x size x size"
         check_side("--size", self.size, MIN_SIZE, MAX_SIZE, "generated images", why, bytes_per_pixel=256)
         if not 0.0 <= self.max_failed_share <= 1.0:
@@ -283,11 +292,12 @@ def check_output(out: Path, folder: RealFolder, cfg: GenerateConfig, engine: dic
     weights, say) leaves a folder the corrected command may use.
     """
     source = {"real": str(folder.root.resolve()), "splits_sha256": sha256_file(folder.splits_path)}
+    done_ids(out)  # every manifest record and image digest checked before anything is written
     if not _holds_images(out):
         return source
     old_source = out / "source.json"
-    if old_source.is_file():
-        previous = json.loads(old_source.read_text(encoding="utf-8"))
+    previous = read_json(old_source, SOURCE_FIELDS, recover=_REWRITE, default=None)
+    if previous is not None:
         if previous.get("splits_sha256") != source["splits_sha256"]:
             raise StdaError(
                 f"{out} was generated from another splits.csv ({previous.get('real')}); its images may come from "
@@ -306,7 +316,7 @@ def check_output(out: Path, folder: RealFolder, cfg: GenerateConfig, engine: dic
                 f"{old_cfg} to resume"
             )
     old_engine = out / ENGINE_FILE
-    if old_engine.is_file() and json.loads(old_engine.read_text(encoding="utf-8")) != engine:
+    if read_json(old_engine, Fields(), recover=_REWRITE, default=engine) != engine:
         raise StdaError(
             f"{out} was made by another engine build ({old_engine}: model files, weights or execution provider "
             f"differ from {engine}); use a new --out folder"
@@ -327,9 +337,31 @@ def manifest_paths(out: Path) -> list[Path]:
     return [out / MANIFEST, *sorted(out.glob("manifest.rank*.jsonl"))]
 
 
+SOURCE_FIELDS = Fields(required={"splits_sha256": str}, optional={"real": str})
+"""The schema of ``source.json``."""
+
+_REWRITE = "delete it: the next `stda generate` with the same settings writes it again"
+
+
 def done_ids(out: Path) -> set[str]:
-    """Ids recorded in any manifest of ``out`` whose image is on disk."""
-    return {r["id"] for p in manifest_paths(out) for r in read_jsonl(p) if (out / r["file"]).is_file()}
+    """Ids recorded in any manifest of ``out`` whose image is on disk, checked against its recorded digest.
+
+    Raises
+    ------
+    StdaError
+        A manifest line that is not a record of generate (naming the file and line), or an image that is not
+        the one its record was written for.
+    """
+    done = set()
+    for path in manifest_paths(out):
+        for record in read_manifest(path):
+            if not (out / record["file"]).is_file():
+                continue
+            problem = image_digest_problem(out, record)
+            if problem:
+                raise StdaError(f"{problem}; {MANIFEST_RECOVER}")
+            done.add(record["id"])
+    return done
 
 
 def merge_manifests(out: str | Path) -> int:
@@ -342,7 +374,7 @@ def merge_manifests(out: str | Path) -> int:
     records: dict[str, dict] = {}
     shards = manifest_paths(out)
     for path in shards:
-        for record in read_jsonl(path):
+        for record in read_records(path, Fields(required={"id": str}), key="id", recover=MANIFEST_RECOVER):
             records.setdefault(record["id"], record)
     lines = [json.dumps(records[k], sort_keys=True, ensure_ascii=False) + "\n" for k in sorted(records)]
     write_text(out / MANIFEST, "".join(lines))
@@ -469,11 +501,13 @@ class _Runner:
         """Save the image atomically, then append its manifest line."""
         rel = f"images/{p.id}.jpg"
         save_image(to_pil(image), self.out / rel, quality=JPEG_QUALITY)
+        digest = sha256_file(self.out / rel)  # binds the record to its file: checked on reuse and packaging
         append_jsonl(
             self.manifest,
             {
                 "id": p.id,
                 "file": rel,
+                "sha256": digest,
                 "content_id": p.content.isic_id,
                 "style_id": p.style.isic_id,
                 "seed": p.seed,
@@ -562,7 +596,7 @@ def _generate(real_root: str | Path, out: Path, cfg: GenerateConfig) -> Generate
     if rank == 0:
         merge_manifests(out)
         ids = {p.id for p in pairs}
-        found = Counter(_verdict(r) for r in read_jsonl(out / MANIFEST) if r["id"] in ids)
+        found = Counter(_verdict(r) for r in read_manifest(out / MANIFEST) if r["id"] in ids)
         summary.run_verdicts = {v: found[v] for v in VERDICTS if found[v]}
     suffix = "" if world == 1 else f".rank{rank}"
     write_json(out / f"generate_summary{suffix}.json", dataclasses.asdict(summary))

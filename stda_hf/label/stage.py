@@ -36,9 +36,10 @@ from stda_hf import LABELS
 from stda_hf.core.config import config_to_dict
 from stda_hf.core.devices import resolve_device
 from stda_hf.core.errors import BadImageError, StdaError
-from stda_hf.core.fileio import append_jsonl, atomic_write, read_jsonl, write_json
+from stda_hf.core.fileio import append_jsonl, atomic_write, write_json
+from stda_hf.core.statefile import Fields, read_json, read_labels, read_manifest
 from stda_hf.core.utils import progress, sha256_file, stable_hash
-from stda_hf.data.images import SkipReport, load_image
+from stda_hf.data.images import SkipReport, check_side, load_image
 from stda_hf.data.real import read_real_folder
 
 logger = logging.getLogger(__name__)
@@ -76,6 +77,9 @@ class LabelConfig:
                 f"--calibration-min-per-class {self.calibration_min_per_class} must be at least 2 (the cross-fit "
                 "holds one image of each class out of each half)"
             )
+        if self.image_size:  # 0: the teacher's own
+            why = "each image of a batch becomes a float32 tensor of 3 x size x size"
+            check_side("--image-size", self.image_size, 16, 4096, "teacher inputs", why, bytes_per_pixel=12)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -470,12 +474,11 @@ def check_teacher_data(teacher: Teacher, real_root: Path) -> None:
 def _real_root(synthetic: Path, cfg: LabelConfig) -> Path | None:
     if cfg.real:
         return Path(cfg.real)
-    source = synthetic / "source.json"
-    if source.is_file():
-        import json
-
-        return Path(json.loads(source.read_text(encoding="utf-8"))["real"])
-    return None
+    recover = "pass the real-image folder with --real, or re-run `stda generate`, which writes it again"
+    source = read_json(
+        synthetic / "source.json", Fields(required={"real": str}), recover=recover, default=None
+    )
+    return None if source is None else Path(source["real"])
 
 
 def calibrate(
@@ -608,7 +611,7 @@ def label_synthetic(synthetic: str | Path, cfg: LabelConfig) -> LabelSummary:
         temperature (delete ``labels.jsonl`` to relabel).
     """
     synthetic = Path(synthetic)
-    manifest_records = read_jsonl(synthetic / "manifest.jsonl")
+    manifest_records = read_manifest(synthetic / "manifest.jsonl")
     if not manifest_records:
         raise StdaError(f"{synthetic}/manifest.jsonl is missing or empty; run `stda generate` first")
     manifest, left_out = _passed_gate(manifest_records, cfg.keep_failed)
@@ -643,7 +646,7 @@ def label_synthetic(synthetic: str | Path, cfg: LabelConfig) -> LabelSummary:
                 append_jsonl(synthetic / LABELS_FILE, label_record(image_id, p, tag, uncalibrated=r))
         bar.update(len(todo[start : start + cfg.batch_size]))
     bar.close()
-    records = [r for r in read_jsonl(synthetic / LABELS_FILE) if r["id"] in manifest]
+    records = [r for r in read_labels(synthetic / LABELS_FILE) if r["id"] in manifest]
     summary = LabelSummary(
         **summarize(records, manifest, cfg.min_confidence),
         teacher=teacher.name,
@@ -698,12 +701,10 @@ def _calibration(synthetic: Path, teacher: Teacher, cfg: LabelConfig, real_root:
             "min_per_class": cfg.calibration_min_per_class,
         }
     )
-    if path.is_file():
-        import json
-
-        saved = json.loads(path.read_text(encoding="utf-8"))
-        if saved.get("key") == key:
-            return saved
+    recover = "delete it: the next `stda label --calibrate` calibrates again"
+    saved = read_json(path, CALIBRATION_FIELDS, recover=recover, default=None)
+    if saved is not None and saved.get("key") == key:
+        return saved
     if real_root is None:
         raise StdaError(
             "--calibrate needs the real-image folder: pass --real or keep source.json in the synthetic folder"
@@ -727,8 +728,14 @@ def _calibration(synthetic: Path, teacher: Teacher, cfg: LabelConfig, real_root:
     return result
 
 
+CALIBRATION_FIELDS = Fields(
+    required={"key": str, "scale": float, "bias": float}, optional={"temperature": (float, type(None))}
+)
+"""The schema of ``calibration.json``."""
+
+
 def _done_labels(synthetic: Path, tag: str) -> set[str]:
-    records = read_jsonl(synthetic / LABELS_FILE)
+    records = read_labels(synthetic / LABELS_FILE)
     others = {r["teacher"] for r in records} - {tag}
     if others:
         raise StdaError(

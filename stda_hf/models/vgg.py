@@ -25,6 +25,7 @@ from torch import nn
 from stda_hf import LABELS
 from stda_hf.core.errors import StdaError
 from stda_hf.core.fileio import write_json
+from stda_hf.core.statefile import Fields, check_regular, read_json
 from stda_hf.core.utils import progress_disabled
 from stda_hf.models.configuration_stda_vgg import StdaVGGConfig
 from stda_hf.models.image_processing_stda_vgg import StdaImageProcessor
@@ -506,7 +507,8 @@ def load_model(folder: str | Path) -> tuple[nn.Module, Preprocessing]:
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise StdaError(f"{folder} holds no config.json; give a model folder written by train.py")
-    config = json.loads(config_file.read_text(encoding="utf-8"))
+    config = read_json(config_file, Fields(), recover=_RESAVE)
+    check_model_folder(folder, config)
     if "stda_architecture" in config:
         model = _load_pre_transformers_folder(folder, config)
     elif "model_type" in config:
@@ -517,24 +519,143 @@ def load_model(folder: str | Path) -> tuple[nn.Module, Preprocessing]:
     else:
         raise StdaError(f"{config_file}: neither a transformers model (model_type) nor a model of stda-hf")
     pre_file = folder / PREPROCESSOR_FILE
-    pre = json.loads(pre_file.read_text(encoding="utf-8")) if pre_file.is_file() else {}
+    pre = read_json(pre_file, Fields(), recover=_RESAVE, default={})
     return model.eval(), Preprocessing.from_json(pre)
+
+
+_RESAVE = "give the model folder train.py wrote (its model/), or save the model again"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def check_model_folder(folder: Path, config: dict[str, Any]) -> None:
+    """Refuse a model folder whose weights do not fit its ``config.json``, before ``transformers`` loads it.
+
+    ``transformers`` fills a weight missing from the file with random values (a warning at most), and a
+    truncated file or a classifier of another width fails deep inside it; here each is one line. Checked: the
+    ``model.safetensors`` file (or the shards of ``model.safetensors.index.json``) is complete, and every
+    tensor has the shape ``config.json`` implies (classes, layer widths); for this project's VGGs no tensor is
+    missing or extra. Folders without safetensors weights are left to ``transformers``.
+
+    Raises
+    ------
+    StdaError
+        Naming the folder, the first tensor that does not fit (both shapes) or the truncated file.
+    """
+    found = _safetensors_shapes(folder)
+    if found is None:
+        return
+    expected = _expected_shapes(folder, config)
+    if expected is None:
+        return
+    for name, shape in expected.items():
+        if name in found and found[name] != shape:
+            raise StdaError(
+                f"{folder}: the weights do not match config.json: {name} is {found[name]} in the weights but "
+                f"{shape} by config.json ({_classes(config)}); {_RESAVE}"
+            )
+    if "stda_architecture" in config or config.get("model_type") == StdaVGGConfig.model_type:
+        missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+        if missing or extra:
+            what = f"lack {missing[0]}" if missing else f"hold {extra[0]}, which config.json has no place for"
+            more = len(missing) + len(extra) - 1
+            raise StdaError(
+                f"{folder}: the weights do not match config.json: they {what}"
+                f"{f' (and {more} more)' if more else ''}; {_RESAVE}"
+            )
+
+
+def _classes(config: dict[str, Any]) -> str:
+    labels = config.get("id2label") or {}
+    count = len(labels) if labels else config.get("num_classes", config.get("num_labels", "?"))
+    return f"{count} classes"
+
+
+def _safetensors_shapes(folder: Path) -> dict[str, list[int]] | None:
+    """Tensor name -> shape from the safetensors header(s) of ``folder``; None without safetensors weights."""
+    single, index = folder / WEIGHTS_FILE, folder / f"{WEIGHTS_FILE}.index.json"
+    if single.exists():
+        return read_safetensors_header(single)
+    if not index.exists():
+        return None
+    weight_map = read_json(index, Fields(required={"weight_map": dict}), recover=_RESAVE)["weight_map"]
+    shapes: dict[str, list[int]] = {}
+    for shard in sorted(set(map(str, weight_map.values()))):
+        shard_path = folder / shard
+        if Path(shard).name != shard or not shard_path.is_file():
+            raise StdaError(
+                f"{index} names the weight file {shard!r}, which {folder} does not hold; {_RESAVE}"
+            )
+        shapes.update(read_safetensors_header(shard_path))
+    return shapes
+
+
+def read_safetensors_header(path: Path) -> dict[str, list[int]]:
+    """Tensor name -> shape of the safetensors file ``path``, after checking it is complete (no tensor read).
+
+    Raises
+    ------
+    StdaError
+        Not a safetensors file, or truncated (fewer bytes than its header announces).
+    """
+    check_regular(path, _RESAVE)
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 2 <= length <= min(size - 8, 100 << 20):
+            raise StdaError(f"{path} is not a complete safetensors file ({size} bytes); {_RESAVE}")
+        try:
+            header = json.loads(fh.read(length))
+            tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+            end = max((int(v["data_offsets"][1]) for v in tensors.values()), default=0)
+            shapes = {k: [int(n) for n in v["shape"]] for k, v in tensors.items()}
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            raise StdaError(f"{path} has no readable safetensors header; {_RESAVE}") from None
+    if 8 + length + end > size:
+        raise StdaError(
+            f"{path} is truncated: {size:,} bytes, but its header announces {8 + length + end:,}; {_RESAVE}"
+        )
+    return shapes
+
+
+def _expected_shapes(folder: Path, config: dict[str, Any]) -> dict[str, list[int]] | None:
+    """Tensor name -> shape of the model ``config`` describes, built without memory (meta device)."""
+    try:
+        with torch.device("meta"):
+            if "stda_architecture" in config:
+                return {k: list(v.shape) for k, v in _plain_from_config(folder, config).state_dict().items()}
+            if "model_type" not in config:
+                return None
+            from transformers import AutoConfig, AutoModelForImageClassification
+
+            with quiet_transformers_bars():
+                model = AutoModelForImageClassification.from_config(AutoConfig.from_pretrained(folder))
+            return {k: list(v.shape) for k, v in model.state_dict().items()}
+    except StdaError:
+        raise
+    except (ValueError, TypeError, KeyError, OSError, RuntimeError) as err:
+        raise StdaError(
+            f"{folder / 'config.json'} does not describe a model this version can build "
+            f"({' '.join(str(err).split())[:200]}); {_RESAVE}"
+        ) from None
+
+
+def _plain_from_config(folder: Path, config: dict[str, Any]) -> nn.Module:
+    """The plain VGG a folder of earlier versions describes (random weights)."""
+    arch = config["stda_architecture"]
+    fields = {k: v for k, v in config.items() if k not in ("stda_architecture", "num_classes", "arch")}
+    if arch == "VGG8":
+        return VGG8(num_classes=config.get("num_classes", 2), **fields)
+    if arch == "TorchvisionVGG":
+        return TorchvisionVGG(config.get("arch", "vgg11"), config.get("num_classes", 2), **fields)
+    raise StdaError(f"{folder / 'config.json'}: unknown architecture {arch!r}; known: VGG8, TorchvisionVGG")
 
 
 def _load_pre_transformers_folder(folder: Path, config: dict[str, Any]) -> StdaVGGForImageClassification:
     """A model folder saved by the ``PyTorchModelHubMixin`` of earlier versions (same parameter names)."""
     from safetensors.torch import load_file
 
-    arch = config["stda_architecture"]
-    fields = {k: v for k, v in config.items() if k not in ("stda_architecture", "num_classes", "arch")}
-    if arch == "VGG8":
-        plain = VGG8(num_classes=config.get("num_classes", 2), **fields)
-    elif arch == "TorchvisionVGG":
-        plain = TorchvisionVGG(config.get("arch", "vgg11"), config.get("num_classes", 2), **fields)
-    else:
-        raise StdaError(
-            f"{folder / 'config.json'}: unknown architecture {arch!r}; known: VGG8, TorchvisionVGG"
-        )
+    plain = _plain_from_config(folder, config)
     plain.load_state_dict(load_file(str(folder / "model.safetensors")), strict=True)
     return as_transformers(plain)
 

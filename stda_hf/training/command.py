@@ -34,7 +34,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from stda_hf.core.config import add_config_flags, config_from_args
+from stda_hf.core.config import OneLineParser, add_config_flags, config_from_args
 from stda_hf.core.errors import run_reporting_errors
 from stda_hf.core.utils import setup_logging
 from stda_hf.training.config import TrainConfig
@@ -55,7 +55,7 @@ def get_args_parser(add_help: bool = True, prog: str = "train.py") -> argparse.A
     would override the same key of ``--config`` YAML; :func:`~stda_hf.core.config.add_config_flags` leaves unset
     flags at None (the YAML, then the dataclass, decides) and takes each flag's help from the field's comment.
     """
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog=prog,
         description="Train VGG8 (or a torchvision VGG, or a transformers model) on real and synthetic "
         "skin-lesion images; validation and test on real images only.",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,8 +15,10 @@ from torch import nn
 from stda_hf import SPLITS
 from stda_hf.core.config import changed_settings, config_to_dict, describe_changes, dump_config, read_settings
 from stda_hf.core.errors import StdaError
-from stda_hf.core.fileio import write_json, write_text
-from stda_hf.core.utils import seed_everything
+from stda_hf.core.fileio import exclusive, write_json, write_text
+from stda_hf.core.processes import world_info
+from stda_hf.core.utils import check_seed, progress_disabled, seed_everything
+from stda_hf.data.images import check_side
 from stda_hf.models.vgg import (
     MODEL_DIR,
     MODEL_NAMES,
@@ -40,9 +41,14 @@ from stda_hf.training.data import (
 )
 from stda_hf.training.resume import checkpoint_to_resume, drop_step_checkpoints, read_progress, step_saver
 from stda_hf.training.state import (
+    LOCK_PREFIX,
     JsonlTracker,
     RunState,
+    check_deletable,
     checkpoint_dir,
+    clear_run_dir,
+    is_train_run_dir,
+    mark_run_dir,
     prune_checkpoints,
     read_run_state,
     recover_checkpoints,
@@ -125,10 +131,24 @@ def run_training(cfg: TrainConfig, on_evaluate: EvalHook | None = None) -> Train
         Bad settings or dataset, a run folder in the way, a non-finite loss.
     """
     check_config(cfg)
+    check_seed("--seed", cfg.seed)
+    why = "each image of a batch becomes float32 feature maps of 64 x size x size"
+    check_side("--image-size", cfg.image_size, 16, 4096, "training images", why, bytes_per_pixel=256)
     if on_evaluate is None and cfg.explain_images:
         from stda_hf.attribution.hook import explain_hook
 
         on_evaluate = explain_hook(cfg.explain_images, cfg.explain_method)
+    rank = world_info()[0]
+    busy = (
+        f"another train is writing to {cfg.output_dir} (rank {rank}); wait for it to finish or choose another "
+        "--output-dir"
+    )
+    with exclusive(cfg.output_dir, f"{LOCK_PREFIX}{rank}.lock", busy):
+        return _train(cfg, on_evaluate)
+
+
+def _train(cfg: TrainConfig, on_evaluate: EvalHook | None) -> TrainResult:
+    """:func:`run_training` while holding the run folder's lock."""
     run = _setup(cfg, on_evaluate)
     status = _fit(run)
     if status == "stopped":
@@ -151,7 +171,7 @@ def _setup(cfg: TrainConfig, on_evaluate: EvalHook | None) -> _Run:
     _check_world(accelerator)
     resume_from = _prepare_run_dir(cfg, run_dir, accelerator)
     with accelerator.main_process_first():
-        splits = load_splits(cfg)
+        splits = _load_splits(cfg)
     _report_skipped(splits, run_dir, accelerator)
     pre = default_preprocessing(cfg.model, cfg.image_size)
     seed_everything(cfg.seed)
@@ -160,6 +180,31 @@ def _setup(cfg: TrainConfig, on_evaluate: EvalHook | None) -> _Run:
     run.cfg = with_step_budget(run.cfg, len(run.loaders["train"]))  # --max-train-steps: the epochs it needs
     _start(run, resume_from)
     return run
+
+
+def _load_splits(cfg: TrainConfig) -> Splits:
+    """:func:`load_splits`, with a dataset ``datasets`` cannot build (Parquet that no longer matches the card, an
+    empty shard) as one line."""
+    import datasets
+    from datasets.exceptions import DatasetsError
+
+    if progress_disabled():
+        datasets.disable_progress_bars()
+    quiet = logging.getLogger("datasets.packaged_modules")  # logs, in many lines, the failure reported below
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
+    try:
+        return load_splits(cfg)
+    except DatasetsError as err:
+        cause = err.__cause__ or err
+        why = (str(cause).strip().splitlines() or [""])[0][:200]
+        raise StdaError(
+            f"cannot build the dataset {cfg.dataset!r} ({type(cause).__name__}: {why}); a folder written by "
+            "`stda package` whose files were changed since (its Parquet no longer matches its README card, or "
+            "a shard is empty) must be packaged again"
+        ) from err
+    finally:
+        quiet.setLevel(level)
 
 
 def _accelerator(cfg: TrainConfig, run_dir: Path, tracker: JsonlTracker):
@@ -284,36 +329,61 @@ def _start(run: _Run, resume_from: Path | None) -> None:
 def _prepare_run_dir(cfg: TrainConfig, run_dir: Path, accelerator) -> Path | None:
     """Check the run folder against --resume/--overwrite and write config.yaml; return the checkpoint to resume."""
     resume_from = None
-    _check_run_dir(cfg, run_dir)  # on every process, before anything changes, so all refuse alike
+    fresh = _check_run_dir(cfg, run_dir)  # on every process, before anything changes, so all refuse alike
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        if cfg.overwrite and run_dir.exists():
-            shutil.rmtree(run_dir)
+        if fresh and is_train_run_dir(run_dir):
+            clear_run_dir(run_dir)  # --overwrite, or a run of ours that never finished an epoch
+        if _is_empty(run_dir):
+            mark_run_dir(run_dir)  # made by this train: a later --overwrite may delete it
         recover_checkpoints(run_dir)
         dump_config(cfg, run_dir / "config.yaml")
     accelerator.wait_for_everyone()
-    if cfg.resume:
+    if cfg.resume and not fresh:
         resume_from = checkpoint_to_resume(cfg, run_dir, accelerator)
         if resume_from is None:
             logger.warning("--resume: no checkpoint in %s yet; starting from the beginning", run_dir)
     return resume_from
 
 
-def _check_run_dir(cfg: TrainConfig, run_dir: Path) -> None:
-    if not run_dir.exists() or not any(run_dir.iterdir()):
-        return
-    if not ((run_dir / "config.yaml").is_file() or (run_dir / "checkpoints").is_dir()):
+def _is_empty(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds nothing but train's lock files (or does not exist)."""
+    if not run_dir.is_dir():
+        return True
+    return all(p.name.startswith(LOCK_PREFIX) and p.name.endswith(".lock") for p in run_dir.iterdir())
+
+
+def _started(run_dir: Path) -> bool:
+    """Whether the run in ``run_dir`` got anywhere: a checkpoint (complete or not) or a final model."""
+    checkpoints = run_dir / "checkpoints"
+    return (checkpoints.is_dir() and any(checkpoints.iterdir())) or (run_dir / MODEL_DIR).exists()
+
+
+def _check_run_dir(cfg: TrainConfig, run_dir: Path) -> bool:
+    """Refuse a run folder the settings may not use; True when the run starts afresh over what is there.
+
+    A folder train made (it holds the marker) whose run never reached a checkpoint (a mistyped --dataset, say)
+    is started afresh without --overwrite: nothing in it is worth keeping.
+    """
+    if _is_empty(run_dir):
+        return True
+    ours = is_train_run_dir(run_dir)
+    if not (ours or (run_dir / "config.yaml").is_file() or (run_dir / "checkpoints").is_dir()):
         raise StdaError(
             f"--output-dir {run_dir} is not empty and holds no train.py run; choose another folder"
         )
     if cfg.overwrite:
-        return
+        check_deletable(run_dir)
+        return True
+    if ours and not _started(run_dir):
+        return True
     if not cfg.resume:
         raise StdaError(
             f"{run_dir} already holds a run; pass --resume to continue it, --overwrite to start it again, "
             "or choose another --output-dir"
         )
     _check_same_settings(cfg, run_dir / "config.yaml")
+    return False
 
 
 def _check_same_settings(cfg: TrainConfig, saved_file: Path) -> None:

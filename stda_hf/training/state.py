@@ -12,7 +12,10 @@ from typing import Any
 
 from accelerate.tracking import GeneralTracker
 
+from stda_hf import __version__
+from stda_hf.core.errors import StdaError
 from stda_hf.core.fileio import append_jsonl, read_jsonl, write_json, write_text
+from stda_hf.core.statefile import Fields, read_json
 from stda_hf.training.config import TrainConfig
 from stda_hf.training.step import phase_of
 
@@ -111,12 +114,90 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def read_run_state(checkpoint: Path) -> RunState:
-    """The :class:`RunState` saved in ``checkpoint``."""
-    import json
+RUN_STATE_FIELDS = Fields(
+    required={"epoch": int},
+    optional={
+        "best_score": (float, type(None)),
+        "best_epoch": int,
+        "bad_epochs": int,
+        "stopped_early": bool,
+        "best_metrics": dict,
+    },
+)
+"""The schema of ``trainer_state.json``."""
 
-    data = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+
+def read_run_state(checkpoint: Path) -> RunState:
+    """The :class:`RunState` saved in ``checkpoint``.
+
+    Raises
+    ------
+    StdaError
+        ``trainer_state.json`` corrupt or not a run state: naming it and what to do.
+    """
+    recover = f"delete the checkpoint folder {checkpoint} to resume from the one before, or start again with --overwrite"
+    data = read_json(checkpoint / "trainer_state.json", RUN_STATE_FIELDS, recover=recover)
     return RunState(**{k: v for k, v in data.items() if k in {f.name for f in dataclasses.fields(RunState)}})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The run folder's marker: --overwrite deletes only what train made
+
+RUN_MARKER = ".stda-train.json"
+"""Written by train into a run folder it creates; --overwrite deletes only a folder that holds it."""
+
+LOCK_PREFIX = ".train.rank"
+"""Lock files (``.train.rank<k>.lock``) that keep a second train out of a run folder in use."""
+
+
+def mark_run_dir(run_dir: Path) -> None:
+    """Write the marker that says train made ``run_dir`` (kept when it is there already)."""
+    if not is_train_run_dir(run_dir):
+        write_json(run_dir / RUN_MARKER, {"made_by": "stda-hf train", "version": __version__})
+
+
+def is_train_run_dir(run_dir: Path) -> bool:
+    """Whether ``run_dir`` is a real folder (not a link) holding train's marker as a regular file (not a link)."""
+    marker = run_dir / RUN_MARKER
+    if run_dir.is_symlink() or not run_dir.is_dir() or marker.is_symlink() or not marker.is_file():
+        return False
+    try:
+        return read_json(marker, default={}).get("made_by") == "stda-hf train"
+    except (StdaError, AttributeError):
+        return False
+
+
+def check_deletable(run_dir: Path) -> None:
+    """Refuse to delete ``run_dir`` unless train made it: never through a link, never a folder without the marker.
+
+    Raises
+    ------
+    StdaError
+        ``run_dir`` is a symbolic link, or holds no marker; naming it and what to do.
+    """
+    if run_dir.is_symlink():
+        raise StdaError(
+            f"--output-dir {run_dir} is a symbolic link (to {run_dir.resolve()}); --overwrite never deletes through "
+            "a link: give the folder itself, or another --output-dir"
+        )
+    if not is_train_run_dir(run_dir):
+        raise StdaError(
+            f"--overwrite: {run_dir} was not made by train (it holds no {RUN_MARKER}; runs made before "
+            "train wrote one have none), so nothing in it is deleted; delete it yourself if it is a run to redo, or choose "
+            "another --output-dir"
+        )
+
+
+def clear_run_dir(run_dir: Path) -> None:
+    """Delete everything in the run folder ``run_dir`` but the lock files (checked by :func:`check_deletable`)."""
+    check_deletable(run_dir)
+    for child in run_dir.iterdir():
+        if child.name.startswith(LOCK_PREFIX) and child.name.endswith(".lock"):
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
 
 
 def save_checkpoint(accelerator, folder: Path, state: RunState) -> None:
