@@ -57,3 +57,59 @@ def test_card_does_not_link_the_tool_to_the_dataset_itself(phantom_real, tmp_pat
     text = _built(phantom_real, tmp_path, GATYS_AND_ARBITRARY, ARBITRARY_ENGINE)
     assert "[stda-hf](https://huggingface.co/datasets/" not in text
     assert "built with stda-hf 0.1.0 (`stda package`)" in text
+
+
+def _unknown_ids(real_root):
+    """The same folder with its lesion and patient ids removed, as ISIC challenge folders come."""
+    import csv
+
+    path = real_root / "metadata.csv"
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        row["lesion_id"] = row["patient_id"] = ""
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def test_unknown_lesions_and_patients_are_unknown_and_the_grouping_claim_says_what_was_used(
+    phantom_real, tmp_path
+):
+    _unknown_ids(phantom_real)
+    package(phantom_real, tmp_path / "hub")
+    text = (tmp_path / "hub" / "README.md").read_text()
+    train = next(line for line in text.splitlines() if line.startswith("| `train` |"))
+    assert train.split("|")[6:8] == [" unknown ", " unknown "]
+    assert "Images sharing a near-identical perceptual hash form one group" in text
+    assert "no lesion\n  ids, so two photographs of one lesion can sit on both sides" in text
+    assert "refuses to build when a lesion or patient" not in text
+
+
+def test_known_lesions_are_counted_and_grouping_names_them(phantom_real, tmp_path):
+    package(phantom_real, tmp_path / "hub")
+    text = (tmp_path / "hub" / "README.md").read_text()
+    train = next(line for line in text.splitlines() if line.startswith("| `train` |"))
+    assert int(train.split("|")[6]) > 0 and int(train.split("|")[7]) > 0
+    assert "Images sharing a lesion, a patient, a near-identical perceptual hash form one group" in text
+
+
+def test_model_card_of_a_mix_run_states_the_synthetic_images_it_drew_and_only_settings_that_applied():
+    from stda_hf.models.vgg import Preprocessing
+    from stda_hf.training.config import TrainConfig
+    from stda_hf.training.model_card import RunFacts, render_card
+
+    config = {**vars(TrainConfig(synthetic="mix", synthetic_ratio=1.0)), "dataset": "me/data"}
+    facts = RunFacts(
+        config=config, layers=["Linear(2, 2)"], parameters=6, weights="random(seed=0)",
+        split_sizes={"train": 69, "synthetic": 50, "validation": 10, "test": 10}, best_epoch=1, epochs=1,
+        stopped_early=False, validation={}, test=None, preprocessing=Preprocessing(32), dataset_license="cc0-1.0",
+    )  # fmt: skip
+    text = render_card(facts, [])
+    assert (
+        "its 69 real training images plus 50 of its 50 synthetic images drawn anew each epoch (0.72" in text
+    )
+    assert "pretrain_epochs" not in text
+    pretrain = render_card(RunFacts(**{**vars(facts), "config": {**config, "synthetic": "pretrain"}}), [])
+    assert "`pretrain_epochs=" in pretrain

@@ -16,14 +16,14 @@ from huggingface_hub import DatasetCard
 from PIL import Image
 
 import stda_hf.dataset.packaging as package_module
-from stda_hf.dataset_script import FEATURES
-from stda_hf.dataset_script.skin_lesions import check_leakage
 from stda_hf.cli import main
 from stda_hf.core.errors import StdaError
 from stda_hf.core.fileio import append_jsonl, read_jsonl, write_json
 from stda_hf.data.images import load_image
 from stda_hf.data.real import RealImage, read_real_folder
 from stda_hf.dataset.packaging import PackageConfig, package
+from stda_hf.dataset_script import FEATURES
+from stda_hf.dataset_script.skin_lesions import check_leakage
 
 
 def write_synthetic(real_root: Path, out: Path, n: int = 4) -> Path:

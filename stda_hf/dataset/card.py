@@ -71,6 +71,8 @@ class SplitFacts:
     labels: Counter = field(default_factory=Counter)  # class name -> rows
     lesions: set = field(default_factory=set)
     patients: set = field(default_factory=set)
+    no_lesion: int = 0  # rows whose lesion id is unknown
+    no_patient: int = 0  # rows whose patient id is unknown
     masks: int = 0
     artifact_masks: int = 0
 
@@ -155,6 +157,13 @@ class CardFacts:
     @property
     def num_examples(self) -> int:
         return sum(s.num_examples for s in self.splits.values())
+
+    @property
+    def grouped_by(self) -> list[str]:
+        """What the split could group by: the ids the real rows carry, and the perceptual hash (always)."""
+        real = [s for name, s in self.splits.items() if name != "synthetic"]
+        known = [("lesion", any(s.lesions for s in real)), ("patient", any(s.patients for s in real))]
+        return [what for what, present in known if present] + ["near-identical perceptual hash"]
 
     @property
     def dataset_size(self) -> int:
@@ -286,11 +295,19 @@ def render_card(
         undefined=jinja2.StrictUndefined, keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True
     )
     env.filters["pct"] = lambda part, whole: f"{100.0 * part / whole:.1f}%" if whole else "n/a"
+    env.globals["count_known"] = _count_known
     body = env.from_string(template.read_text(encoding="utf-8")).render(
         **_context(facts), citation=citation.strip()
     )
     header = yaml.safe_dump(card_header(facts, features), sort_keys=False, allow_unicode=True)
     return f"---\n{header}---\n\n{body}"
+
+
+def _count_known(ids: set, unknown: int) -> str:
+    """How many distinct ids a split holds: ``unknown`` when no row has one, with the unknown rows when some lack it."""
+    if not ids:
+        return "unknown"
+    return f"{len(ids)} (+{unknown} unknown)" if unknown else str(len(ids))
 
 
 def _skin_context(skin_types: dict[str, Counter]) -> dict[str, Any]:

@@ -503,6 +503,8 @@ def _count_row(facts: CardFacts, sf: SplitFacts, row: dict, real) -> None:
     sf.labels[label] += 1
     sf.lesions.update([row["lesion_id"]] if row["lesion_id"] else [])
     sf.patients.update([row["patient_id"]] if row["patient_id"] else [])
+    sf.no_lesion += not row["lesion_id"]
+    sf.no_patient += not row["patient_id"]
     sf.masks += row["mask"] is not None
     sf.artifact_masks += row["artifact_mask"] is not None
     facts.licences[row["copyright_license"]] += 1

@@ -273,7 +273,7 @@ def _summary(facts: RunFacts) -> str:
     cfg = facts.config
     synthetic = {
         "none": "real training images only (the baseline)",
-        "mix": f"real training images plus {cfg['synthetic_ratio']:g} synthetic image(s) per real one in each epoch",
+        "mix": _mix_summary(cfg, facts.split_sizes),
         "pretrain": f"{cfg['pretrain_epochs']} epochs on synthetic images, then fine-tuning on real ones",
         "only": "synthetic images only (no real training image; the original work's pretrain-only variant)",
     }[cfg["synthetic"]]
@@ -282,6 +282,18 @@ def _summary(facts: RunFacts) -> str:
         f"`train.py` on `{_public(cfg['dataset'])}` using {synthetic}. Synthetic images are benign lesions restyled with "
         f"malignant texture by neural style transfer and pseudo-labelled by a teacher trained on real images, as in "
         f"*{PAPER}*. Validation and test images are real images only."
+    )
+
+
+def _mix_summary(cfg: dict[str, Any], sizes: dict[str, int]) -> str:
+    """What a mix run drew each epoch, from the split sizes it used (the ratio asked for may exceed the split)."""
+    real, synthetic = sizes.get("train"), sizes.get("synthetic")
+    if not real or synthetic is None:
+        return f"real training images plus {cfg['synthetic_ratio']:g} synthetic image(s) per real one in each epoch"
+    drawn = min(round(cfg["synthetic_ratio"] * real), synthetic)
+    return (
+        f"its {real} real training images plus {drawn} of its {synthetic} synthetic images drawn anew each epoch "
+        f"({drawn / real:.2g} synthetic per real; `synthetic_ratio={cfg['synthetic_ratio']:g}`)"
     )
 
 
@@ -374,7 +386,11 @@ def _training_section(facts: RunFacts) -> list[str]:
         "warmup_epochs", "imbalance", "augment", "rotation", "zoom", "shear", "hflip", "vflip", "color_jitter",
         "mixed_precision", "early_stopping", "monitor", "seed",
     )  # fmt: skip
-    settings = ", ".join(f"`{k}={cfg[k]}`" for k in keys if k in cfg)
+    applies = {
+        "pretrain_epochs": cfg.get("synthetic") == "pretrain",
+        "min_confidence": cfg.get("synthetic") != "none",
+    }
+    settings = ", ".join(f"`{k}={cfg[k]}`" for k in keys if k in cfg and applies.get(k, True))
     return [
         "## Training",
         "",
