@@ -451,6 +451,7 @@ def test_original_terms_and_gradient_equal_inetworks_in_float64():
     layers = tuple(conv_layer_names("vgg16")[:5])
     cfg = NSTConfig(preset="original", content_layer="conv2_2", style_layers=layers)
     net = build_vgg_features("vgg16", layers, weights="random", seed=1).double()
+    net.input_space = "caffe"  # random weights in the convention of INetwork's Keras weights
     g = torch.Generator().manual_seed(3)
     content, style = (torch.rand(1, 3, 20, 28, generator=g, dtype=torch.float64) for _ in range(2))
     image = (content + 0.1 * torch.randn(1, 3, 20, 28, generator=g, dtype=torch.float64)).clamp(0, 1)
@@ -537,3 +538,23 @@ def test_bf16_with_fp32_finish_is_deterministic(features, images, small_cfg):
     targets = style_targets(features, style, cfg)
     a, b = stylize(features, content, targets, cfg), stylize(features, content, targets, cfg)
     assert torch.equal(a.images, b.images)
+
+
+def test_original_preset_feeds_each_network_its_own_input_convention():
+    """INetwork's objective works in Caffe units; a torchvision-convention network gets them back as normalised
+    RGB, a Caffe-trained one (vgg19-imagenet, Keras .h5) gets them as they are."""
+    from stda_hf.generate.nst import activations
+    from stda_hf.models.features import to_caffe
+
+    cfg = NSTConfig(preset="original", content_layer="conv1_2", style_layers=("conv1_1",))
+    x = torch.rand(1, 3, 12, 12, dtype=torch.float64)
+    torchvision_net = build_vgg_features("vgg16", ("conv1_2",), weights="random", seed=0).double()
+    caffe_net = copy.deepcopy(torchvision_net)
+    caffe_net.input_space = "caffe"
+    with torch.no_grad():
+        torch.testing.assert_close(
+            activations(torchvision_net, to_caffe(x), cfg)["conv1_2"], torchvision_net(x)["conv1_2"]
+        )
+        torch.testing.assert_close(
+            activations(caffe_net, to_caffe(x), cfg)["conv1_2"], caffe_net.activations(to_caffe(x))["conv1_2"]
+        )

@@ -86,7 +86,6 @@ class NSTConfig:
     pooling: str | None = None  # max or avg pooling between VGG blocks (unset: from --preset)
     init: str | None = None  # start image: content, noise or gray (unset: from --preset)
     objective: str | None = None  # gatys (mean losses, RGB) or inetwork (INetwork.py's sums) (unset: preset)
-    style_scale: float = 1.0  # side of the style image relative to the output side
     preserve_color: str = "none"  # none, luminance (transfer luminance only) or ycbcr (keep content's Cb/Cr)
     optimizer: str = "lbfgs"  # lbfgs (per-image history and line search) or adam
     lr: float | None = None  # step size (unset: 1.0 for lbfgs, 0.02 for adam)
@@ -159,8 +158,8 @@ def _validate(cfg: NSTConfig) -> None:
     for name in ("fp32_finish", "coarse_to_fine"):
         if not 0 <= getattr(cfg, name) < 1:
             raise StdaError(f"--{name.replace('_', '-')} {getattr(cfg, name)} must be within [0, 1)")
-    if not cfg.lr > 0 or not cfg.style_scale > 0:
-        raise StdaError(f"--lr {cfg.lr} and --style-scale {cfg.style_scale} must be positive")
+    if not cfg.lr > 0:
+        raise StdaError(f"--lr {cfg.lr} must be positive")
 
 
 def _parse_numbers(text: str, layers: tuple[str, ...]) -> list[float]:
