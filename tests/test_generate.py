@@ -202,6 +202,18 @@ def test_gatys_default_weights_are_vgg19_imagenet_when_installed(monkeypatch):
     assert GenerateConfig().weights == "imagenet"
 
 
+def test_default_preset_takes_its_caffe_values_for_caffe_weights_and_set_values_win():
+    from stda_hf.generate.nst import PRESETS, SPACE_PRESETS
+
+    caffe = SPACE_PRESETS[("default", "caffe")]["style_weight"]
+    assert (
+        GenerateConfig(weights="vgg19-imagenet").style_weight == caffe != PRESETS["default"]["style_weight"]
+    )
+    assert GenerateConfig(weights="random").style_weight == PRESETS["default"]["style_weight"]
+    assert GenerateConfig(weights="vgg19-imagenet", style_weight=5.0).style_weight == 5.0
+    assert GenerateConfig(weights="vgg19-imagenet", preset="original").style_weight == 1.0  # INetwork's own
+
+
 def test_original_preset_on_vgg19_imagenet_is_inetworks_vgg19_layer_set():
     from stda_hf.models.features import conv_layer_names
 

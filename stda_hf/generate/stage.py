@@ -60,7 +60,7 @@ from stda_hf.generate.engines import (
 )
 from stda_hf.generate.nst import NSTConfig, resolve_precision
 from stda_hf.generate.quality import VERDICTS, QualityGate, StyleDistance
-from stda_hf.models.weights import VGG19_IMAGENET, default_weights, parse_weights
+from stda_hf.models.weights import VGG19_IMAGENET, default_weights, input_space_of, parse_weights
 
 logger = logging.getLogger(__name__)
 
@@ -120,9 +120,7 @@ class GenerateConfig(NSTConfig):
         if self.weights is None:
             self.weights = default_weights()
         if self.arch is None and self.weights == VGG19_IMAGENET:
-            self.arch = (
-                "vgg19"  # the only network these weights fit; --preset original: INetwork's --model vgg19
-            )
+            self.arch = "vgg19"  # the only network they fit; --preset original: INetwork's --model vgg19
         super().__post_init__()
         if self.engine not in ENGINES:
             raise StdaError(f"unknown --engine {self.engine!r}; valid engines: {list(ENGINES)}")
@@ -147,6 +145,10 @@ class GenerateConfig(NSTConfig):
         check_device_name(self.device)
         if self.engine == "arbitrary":
             self.arbitrary_config()  # checks strength, sizes and preserve_color
+
+    def weights_space(self) -> str:
+        """The input convention of ``weights``: the preset's values for it fill the unset settings."""
+        return input_space_of(self.weights)
 
     def gate(self) -> QualityGate:
         """The quality gate's thresholds."""

@@ -93,6 +93,14 @@ class WeightsSpec:
         return "caffe" if caffe else "torchvision"
 
 
+def input_space_of(value: str | Path) -> str:
+    """The input convention of a ``--weights`` value, without reading or checking it (see :attr:`WeightsSpec.input_space`)."""
+    text = str(value)
+    if text in ("imagenet", VGG19_IMAGENET, "random"):
+        return WeightsSpec(kind=text).input_space
+    return WeightsSpec(kind="file", path=Path(text)).input_space
+
+
 def parse_weights(value: str | Path, seed: int = 0) -> WeightsSpec:
     """Parse ``imagenet``, ``vgg19-imagenet``, ``random`` or a path to a ``.safetensors`` / ``.pth`` / ``.h5`` file.
 

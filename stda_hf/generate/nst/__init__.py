@@ -40,8 +40,10 @@ from stda_hf.generate.nst.config import (
     OPTIMIZERS,
     PRECISIONS,
     PRESETS,
+    SPACE_PRESETS,
     NSTConfig,
     inetwork_layer_weights,
+    preset_settings,
 )
 from stda_hf.generate.nst.objective import (
     Losses,
@@ -85,6 +87,7 @@ __all__ = [  # the engine's names, wherever they live
     "OPTIMIZERS",
     "PRECISIONS",
     "PRESETS",
+    "SPACE_PRESETS",
     "STRAY_TOLERANCE",
     "BatchedAdam",
     "BatchedLBFGS",
@@ -110,6 +113,7 @@ __all__ = [  # the engine's names, wherever they live
     "luminance3",
     "make_optimizer",
     "objective",
+    "preset_settings",
     "resize",
     "resolve_precision",
     "rgb_to_ycbcr",
