@@ -175,6 +175,7 @@ def test_style_images_are_loaded_at_style_size(phantom_real, tmp_path, monkeypat
 def test_style_size_is_one_setting_for_both_engines():
     assert GenerateConfig(engine="arbitrary", style_size=128).arbitrary_config().style_size == 128
     assert GenerateConfig(engine="arbitrary").arbitrary_config().style_size == 256  # the network's own
+    assert GenerateConfig(engine="gatys", size=96).style_size == 96  # the output size
     assert "style_size" not in GenerateConfig(engine="gatys").unused()
 
 

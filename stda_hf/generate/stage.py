@@ -135,10 +135,11 @@ class GenerateConfig(NSTConfig):
                 raise StdaError(f"--{name.replace('_', '-')} {getattr(self, name)} must be at least {low}")
         why = "each image is stylized through float32 feature maps of 64 x size x size"
         check_side("--size", self.size, MIN_SIZE, MAX_SIZE, "generated images", why, bytes_per_pixel=256)
-        if self.style_size:
-            check_side(
-                "--style-size", self.style_size, MIN_SIZE, MAX_SIZE, "style images", why, bytes_per_pixel=256
-            )
+        if not self.style_size:  # the engine's own, saved resolved in generate.yaml
+            self.style_size = self.size if self.engine == "gatys" else self.arbitrary_config().style_size
+        check_side(
+            "--style-size", self.style_size, MIN_SIZE, MAX_SIZE, "style images", why, bytes_per_pixel=256
+        )
         if not 0.0 <= self.max_failed_share <= 1.0:
             raise StdaError(f"--max-failed-share {self.max_failed_share} must be between 0 and 1")
         self.gate()  # checks the thresholds
