@@ -331,7 +331,9 @@ def plain_run(features, cfg, contents, styles, device, clock) -> Run:
         run.total_s += seconds
         targets = style_targets(features, style, cfg)
         losses = torch.stack([fp32_losses(features, cfg, content, im, targets) for im in curve.images])
-        curve(image)  # the final image (after the last step) is the reference
+        # the final image (after the last step) is the reference, at the end of the run
+        curve.times.append(seconds)
+        curve.images.append(image)
         losses = torch.cat([losses, fp32_losses(features, cfg, content, image, targets)[None]]).cpu().numpy()
         goal = losses[-1:]
         record(run, curve, losses, goal)
