@@ -1,7 +1,7 @@
 """The README's style-transfer figure: content, style and result for a few phantom pairs, made by ``stda generate``.
 
-    .venv/bin/python benchmarks/nst_figure.py                         # offline: random VGG weights
-    .venv/bin/python benchmarks/nst_figure.py --weights imagenet      # online (or --weights vgg19.safetensors)
+    .venv/bin/python benchmarks/nst_figure.py                         # the engine's default weights (vgg19-imagenet)
+    .venv/bin/python benchmarks/nst_figure.py --weights random        # or imagenet (online), or a file
     .venv/bin/python benchmarks/nst_figure.py --thresholds            # the quality gate's measures on phantoms
 
 Runs the real stage (:func:`stda_hf.generate.stage.generate`) on a split phantom folder and lays out one row per pair
@@ -22,6 +22,7 @@ from stda_hf.data.phantoms import PhantomConfig, make_phantoms
 from stda_hf.data.real import read_real_folder
 from stda_hf.data.split import SplitConfig, make_splits
 from stda_hf.generate.stage import GenerateConfig, generate
+from stda_hf.models.weights import default_weights
 
 os.environ.setdefault("STDA_NO_PROGRESS", "1")
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -49,7 +50,11 @@ def main(argv=None) -> None:
     p.add_argument("--pairs", type=int, default=4, help="rows (default: 4)")
     p.add_argument("--size", type=int, default=128, help="image side (default: 128)")
     p.add_argument("--iterations", type=int, default=50, help="L-BFGS evaluations (default: 50)")
-    p.add_argument("--weights", default="random", help="imagenet, a file, or random (default: random)")
+    p.add_argument(
+        "--weights",
+        default=default_weights(),
+        help=f"vgg19-imagenet, imagenet, a file, or random (default: {default_weights()})",
+    )
     p.add_argument("--out", type=Path, default=DOCS / "generate_pairs.jpg", help="figure file")
     p.add_argument("--thresholds", action="store_true", help="print the quality gate's measures instead")
     args = p.parse_args(argv)

@@ -1,6 +1,8 @@
 """Style transfer per CPU core as time to quality: seconds until the plain fp32 loop's final loss is reached.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/nst_throughput.py --clock cpu --plot docs/nst_time_to_quality.png
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/nst_throughput.py --threads 1 --clock cpu --size 224 --pairs 1 \
+        --iterations 100 --variants "engine fp32" coarse-to-fine "coarse-to-fine + bf16" \
+        --plot docs/nst_time_to_quality.png
     .venv/bin/python benchmarks/nst_throughput.py --device cuda --pairs 32 --batch 32 --size 224 --iterations 100
 
 The reference is the PyTorch neural-style tutorial's loop: one image at a time, a ``nn.Sequential`` with loss
@@ -44,8 +46,9 @@ from torch import nn
 
 from stda_hf.generate.nst import NSTConfig, objective, resize, style_targets, stylize
 from stda_hf.generate.quality import StyleDistance, assess
-from stda_hf.generate.stage import load_content
+from stda_hf.generate.stage import GenerateConfig, load_content
 from stda_hf.models.features import build_vgg_features
+from stda_hf.models.weights import default_weights
 
 VARIANTS = {
     "engine fp32": {"precision": "fp32", "coarse_to_fine": 0.0},
@@ -71,7 +74,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="evaluations of each engine variant, so its curve can pass the target (default: 1.5x --iterations)",
     )
     p.add_argument("--preset", default="default", help="engine preset (default: default)")
-    p.add_argument("--weights", default="random", help="imagenet, a file, or random (default: random)")
+    p.add_argument(
+        "--weights",
+        default=default_weights(),
+        help=f"vgg19-imagenet, imagenet, a file, or random (default: {default_weights()}, the engine's default)",
+    )
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
     p.add_argument(
@@ -137,17 +144,19 @@ class StyleLoss(nn.Module):
 
 
 class Normalization(nn.Module):
-    def __init__(self, mean: torch.Tensor, std: torch.Tensor):
+    """The tutorial's first module, in the input convention of the weights (Caffe's for vgg19-imagenet)."""
+
+    def __init__(self, features):
         super().__init__()
-        self.mean, self.std = mean, std
+        self.preprocess = features.preprocess
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
-        return (img - self.mean) / self.std
+        return self.preprocess(img)
 
 
 def tutorial_model(features, cfg: NSTConfig, style: torch.Tensor, content: torch.Tensor):
     """The tutorial's ``get_style_model_and_losses``: the VGG layers with loss modules after the used layers."""
-    model = nn.Sequential(Normalization(features.mean, features.std))
+    model = nn.Sequential(Normalization(features))
     content_losses, style_losses = [], []
     weights = cfg.style_layer_weights()
     names = features.taps
@@ -322,7 +331,9 @@ def plain_run(features, cfg, contents, styles, device, clock) -> Run:
         run.total_s += seconds
         targets = style_targets(features, style, cfg)
         losses = torch.stack([fp32_losses(features, cfg, content, im, targets) for im in curve.images])
-        curve(image)  # the final image (after the last step) is the reference
+        # the final image (after the last step) is the reference, at the end of the run
+        curve.times.append(seconds)
+        curve.images.append(image)
         losses = torch.cat([losses, fp32_losses(features, cfg, content, image, targets)[None]]).cpu().numpy()
         goal = losses[-1:]
         record(run, curve, losses, goal)
@@ -363,7 +374,8 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    cfg = NSTConfig(preset=args.preset, iterations=args.iterations)
+    # stda generate's settings: the preset's values for these weights (vgg19-imagenet: Caffe's, VGG19)
+    cfg = GenerateConfig(preset=args.preset, weights=args.weights, iterations=args.iterations)
     features = build_vgg_features(cfg.arch, cfg.layers(), cfg.pooling, args.weights).to(device)
     contents, styles, masks = phantom_pairs(args.pairs, args.size, device)
     runs, goals = [], None
@@ -502,7 +514,9 @@ def plot(runs: list[Run], goals, args) -> None:
     ax.set_xlabel(f"seconds per image ({args.clock} clock)")
     ax.set_ylabel("fp32 loss / plain loop's final (per pair)" if goals is not None else "fp32 loss")
     ax.set_title(
-        f"time to quality: {args.pairs} phantom pairs, {args.size} px, random weights, 1 thread", fontsize=10
+        f"time to quality: {args.pairs} phantom pairs, {args.size} px, {args.weights} weights, "
+        f"{torch.get_num_threads()} thread(s)",
+        fontsize=10,
     )
     ax.legend(fontsize=8)
     fig.tight_layout()

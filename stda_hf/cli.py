@@ -446,13 +446,20 @@ def _add_demo(sub) -> None:
     p.add_argument("--n", type=int, default=400, help="number of phantom images (default: 400)")
     p.add_argument("--size", type=int, default=64, help="image side in pixels (default: 64)")
     p.add_argument("--seed", type=int, default=0, help="seed of every stage (default: 0)")
+    p.add_argument(
+        "--engine",
+        choices=("arbitrary", "gatys"),
+        default="arbitrary",
+        help="style transfer: arbitrary (pretrained network, seconds) or gatys (the paper's optimisation on the "
+        "imagenet extra's VGG19, minutes) (default: arbitrary)",
+    )
     p.set_defaults(func=_run_demo)
 
 
 def _run_demo(args) -> None:
     from stda_hf.demo import run_demo
 
-    run_demo(args.out, n=args.n, size=args.size, seed=args.seed)
+    run_demo(args.out, n=args.n, size=args.size, seed=args.seed, engine=args.engine)
 
 
 COMMANDS: list[Callable] = [

@@ -4,9 +4,10 @@ phantoms -> split -> inspect -> package (real only) -> teacher (VGG8 on real tra
 -> generate -> label -> package (real + synthetic) -> load_dataset -> VGG8 with synthetic images mixed in ->
 explain both models on the same test images. Each step calls the same stage function the matching ``stda``
 command (or ``train.py``) calls, with small settings, and writes into its own folder under ``out``, so every
-intermediate result can be opened. Style transfer uses the pretrained feed-forward engine
-(``--engine arbitrary``: Magenta's arbitrary-style network from the ``stda-hf[arbitrary]`` extra, offline), because
-Gatys optimisation needs ImageNet VGG weights to make meaningful textures and those cannot be downloaded offline.
+intermediate result can be opened. Style transfer uses the pretrained feed-forward engine by default
+(``engine="arbitrary"``: Magenta's arbitrary-style network from the ``stda-hf[arbitrary]`` extra, offline, a
+fraction of a second per image); ``engine="gatys"`` (``stda demo --engine gatys``) runs the paper's optimisation on
+the ImageNet VGG19 of the ``stda-hf[imagenet]`` extra instead, also offline, in minutes rather than seconds.
 """
 
 from __future__ import annotations
@@ -23,10 +24,21 @@ from stda_hf.data.split import SplitConfig, make_splits
 logger = logging.getLogger(__name__)
 
 
-def run_demo(out: str | Path, n: int = 400, size: int = 64, seed: int = 0, epochs: int = 15) -> Path:
-    """Run the whole flow into ``out`` and print what each step made; return ``out``."""
+DEMO_ENGINES = ("arbitrary", "gatys")
+
+
+def run_demo(
+    out: str | Path, n: int = 400, size: int = 64, seed: int = 0, epochs: int = 15, engine: str = "arbitrary"
+) -> Path:
+    """Run the whole flow into ``out`` and print what each step made; return ``out``.
+
+    ``engine`` is the style-transfer engine: ``arbitrary`` (the pretrained network, fast) or ``gatys`` (the
+    paper's optimisation on the default VGG weights, ``vgg19-imagenet`` when the imagenet extra is installed).
+    """
+    if engine not in DEMO_ENGINES:
+        raise StdaError(f"unknown --engine {engine!r}; valid engines: {list(DEMO_ENGINES)}")
     out = Path(out)
-    _check_engine()
+    _check_engine(engine)
     real = out / "real"
     _step("phantoms", f"{n} phantom lesions at {size}px -> {real}")
     make_phantoms(real, PhantomConfig(n=n, size=size, seed=seed), overwrite=True)
@@ -36,7 +48,7 @@ def run_demo(out: str | Path, n: int = 400, size: int = 64, seed: int = 0, epoch
     print(inspect_folder(real).format())
     hub_real = _package_step(real, None, out / "hub" / "real-only")
     teacher = _train_step(out / "runs" / "teacher", hub_real, "none", size, seed, epochs)
-    synthetic = _generate_step(out, real, size, seed)
+    synthetic = _generate_step(out, real, size, seed, engine)
     _label_step(synthetic, teacher, real)
     hub = _package_step(real, synthetic, out / "hub" / "skin-lesions")
     _load_step(hub)
@@ -45,23 +57,24 @@ def run_demo(out: str | Path, n: int = 400, size: int = 64, seed: int = 0, epoch
     return out
 
 
-def _check_engine() -> None:
+def _check_engine(engine: str) -> None:
     """Load the arbitrary-style networks once, so a missing ``stda-hf[arbitrary]`` extra stops the demo at its
     start (one line, exit 2) rather than after the teacher's training."""
     from stda_hf.generate import load_arbitrary_models
 
-    load_arbitrary_models("cpu")
+    if engine == "arbitrary":
+        load_arbitrary_models("cpu")
 
 
-def _generate_step(out: Path, real: Path, size: int, seed: int) -> Path:
-    """Restyle benign train phantoms with malignant train ones with the pretrained arbitrary-style network."""
+def _generate_step(out: Path, real: Path, size: int, seed: int, engine: str) -> Path:
+    """Restyle benign train phantoms with malignant train ones with ``engine``."""
     import json
 
     from stda_hf.generate import ENGINE_FILE, GenerateConfig, QualityGateFailed, generate
 
     synthetic = out / "synthetic"
-    cfg = GenerateConfig(engine="arbitrary", size=size, per_content=1, limit=24, batch=12, seed=seed)
-    _step("generate", f"{cfg.limit} style transfers with --engine arbitrary, {size}px -> {synthetic}")
+    cfg = GenerateConfig(engine=engine, size=size, per_content=1, limit=24, batch=12, seed=seed)
+    _step("generate", f"{cfg.limit} style transfers with --engine {engine}, {size}px -> {synthetic}")
     if synthetic.is_symlink() or (synthetic.exists() and not (synthetic / "generate.yaml").is_file()):
         raise StdaError(
             f"{synthetic} was not made by `stda generate` (no generate.yaml) and the demo would replace it; "
@@ -73,11 +86,16 @@ def _generate_step(out: Path, real: Path, size: int, seed: int) -> Path:
     except QualityGateFailed as err:  # keep going: label and package leave the failed images out
         summary = err.summary
         print(f"quality gate: {err}")
-    engine = json.loads((synthetic / ENGINE_FILE).read_text(encoding="utf-8"))
-    print(
-        f"engine: arbitrary (Magenta's pretrained arbitrary-style network, {engine['package']}, "
-        f"{engine['provider']}; the paper's Gatys optimisation needs ImageNet VGG weights, offline here)"
-    )
+    used = json.loads((synthetic / ENGINE_FILE).read_text(encoding="utf-8"))
+    if engine == "arbitrary":
+        print(
+            f"engine: arbitrary (Magenta's pretrained arbitrary-style network, {used['package']}, "
+            f"{used['provider']}; `stda demo --engine gatys` runs the paper's Gatys optimisation instead)"
+        )
+    else:
+        print(
+            f"engine: gatys ({cfg.preset} preset, {cfg.iterations} L-BFGS evaluations, VGG weights {used['weights']})"
+        )
     print(summary.format())
     return synthetic
 

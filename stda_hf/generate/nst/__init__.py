@@ -40,8 +40,10 @@ from stda_hf.generate.nst.config import (
     OPTIMIZERS,
     PRECISIONS,
     PRESETS,
+    SPACE_PRESETS,
     NSTConfig,
     inetwork_layer_weights,
+    preset_settings,
 )
 from stda_hf.generate.nst.objective import (
     Losses,
@@ -85,6 +87,7 @@ __all__ = [  # the engine's names, wherever they live
     "OPTIMIZERS",
     "PRECISIONS",
     "PRESETS",
+    "SPACE_PRESETS",
     "STRAY_TOLERANCE",
     "BatchedAdam",
     "BatchedLBFGS",
@@ -110,6 +113,7 @@ __all__ = [  # the engine's names, wherever they live
     "luminance3",
     "make_optimizer",
     "objective",
+    "preset_settings",
     "resize",
     "resolve_precision",
     "rgb_to_ycbcr",
@@ -233,6 +237,7 @@ class StylizeResult:
     initial_tv_loss: Tensor  # (B,)
     initial_total_loss: Tensor  # (B,)
     evaluations: Tensor  # (B,) long: loss evaluations made before the image stopped (or all of them)
+    rejected: Tensor  # (B,) long: trial points the L-BFGS line search rejected (0 for Adam)
 
     def replace_rows(self, rows: Tensor, other: StylizeResult) -> None:
         """Put the images and losses of ``other`` into ``rows`` of this result."""
@@ -352,6 +357,7 @@ def _optimise(
     full_start = start = initial_images(model_input(content, cfg), cfg.init, seeds)
     finite = torch.ones(len(content), dtype=torch.bool, device=content.device)
     evaluations = torch.zeros(len(content), dtype=torch.long, device=content.device)
+    rejected = torch.zeros_like(evaluations)
     end = plan[-1].precisions[-1]
     initial = x = None
     if plan[0].scale != 1.0:
@@ -372,6 +378,7 @@ def _optimise(
         x, finite = run.x, finite & run.finite
         initial = run.first if initial is None else initial
         evaluations += run.evaluations
+        rejected += run.rejected
     with torch.no_grad():
         target = content_features(features, content, cfg, end)
         final = objective(features, x, target, full, cfg, end)
@@ -394,6 +401,7 @@ def _optimise(
         initial.tv,
         initial.total,
         evaluations,
+        rejected,
     ), strayed
 
 
@@ -431,6 +439,7 @@ class _StageRun:
     first: Losses  # the losses at the stage's start
     finite: Tensor  # (B,) bool: loss and gradient finite at the stage's start
     evaluations: Tensor  # (B,) long: evaluations before each image stopped
+    rejected: Tensor  # (B,) long: trial points the line search rejected
 
 
 def _run_stage(
@@ -444,7 +453,8 @@ def _run_stage(
 ) -> _StageRun:
     """The evaluations of ``stage`` from ``x`` (objective units) at ``x``'s size, with one optimiser."""
     content_target = {p: content_features(features, content, cfg, p) for p in set(stage.precisions)}
-    x = x.detach().clone().requires_grad_(True)
+    # a contiguous copy: the optimiser writes its trial points through a flat view (content may be permuted)
+    x = x.detach().clone(memory_format=torch.contiguous_format).requires_grad_(True)
     opt = make_optimizer(x, dataclasses.replace(cfg, iterations=len(stage.precisions)))
     lowest = torch.full((len(x),), float("inf"), device=x.device)
     first = finite = None
@@ -460,4 +470,5 @@ def _run_stage(
         if callback is not None:
             with torch.no_grad():
                 callback(from_space(opt.best.reshape(x.shape), cfg).clamp(0, 1))
-    return _StageRun(opt.best.reshape(x.shape).detach(), lowest, first, finite, opt.evaluations.clone())
+    best = opt.best.reshape(x.shape).detach()
+    return _StageRun(best, lowest, first, finite, opt.evaluations.clone(), opt.rejected.clone())

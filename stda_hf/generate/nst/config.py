@@ -68,6 +68,28 @@ PRESETS: dict[str, dict] = {
 }
 
 
+SPACE_PRESETS: dict[tuple[str, str], dict] = {
+    # Caffe-convention weights (vgg19-imagenet, Keras .h5) see 0-255 pixels: their activations are ~60x those of
+    # torchvision-convention networks, so Gram terms grow ~1e7x and content terms ~3600x. Unweighted, style and
+    # content terms of a phantom pair are then of one order (style loss of the content image / content loss of
+    # the style image: 1.6-8.4 on vgg19-imagenet, 2e-5 on random weights), and 1e6 would wipe the content.
+    # Tuned on vgg19-imagenet, 3 phantom pairs at 96 px, 50 evaluations (docs/generate.md): style weights 1e3, 1e2,
+    # 30 and 3 all cut the style loss to 0.2-5% and left the same image: the style's dots and network in lesion
+    # and skin, and small dark blobs (hallucinated lesions) in the skin of one pair; 0.3 kept the lesion outline
+    # sharpest, no blobs, but transferred visibly less texture (style loss to 4-16%). 1 lies between.
+    ("default", "caffe"): {"style_weight": 1.0},
+}
+"""Preset values that depend on the input convention of the weights (``(preset, input space)``: values); they
+replace the preset's own where the setting is left unset (:func:`preset_settings`)."""
+
+
+def preset_settings(preset: str, input_space: str = "torchvision") -> dict:
+    """The settings of ``preset`` for weights of ``input_space`` (``caffe`` or ``torchvision``)."""
+    if preset not in PRESETS:
+        raise StdaError(f"unknown --preset {preset!r}; valid presets: {sorted(PRESETS)}")
+    return {**PRESETS[preset], **SPACE_PRESETS.get((preset, input_space), {})}
+
+
 @dataclass
 class NSTConfig:
     """Settings of the style-transfer engine; settings left unset come from ``preset``."""
@@ -86,7 +108,6 @@ class NSTConfig:
     pooling: str | None = None  # max or avg pooling between VGG blocks (unset: from --preset)
     init: str | None = None  # start image: content, noise or gray (unset: from --preset)
     objective: str | None = None  # gatys (mean losses, RGB) or inetwork (INetwork.py's sums) (unset: preset)
-    style_scale: float = 1.0  # side of the style image relative to the output side
     preserve_color: str = "none"  # none, luminance (transfer luminance only) or ycbcr (keep content's Cb/Cr)
     optimizer: str = "lbfgs"  # lbfgs (per-image history and line search) or adam
     lr: float | None = None  # step size (unset: 1.0 for lbfgs, 0.02 for adam)
@@ -100,9 +121,7 @@ class NSTConfig:
     channels_last: bool = False  # run the network on channels-last tensors (a speed setting)
 
     def __post_init__(self) -> None:
-        if self.preset not in PRESETS:
-            raise StdaError(f"unknown --preset {self.preset!r}; valid presets: {sorted(PRESETS)}")
-        for key, value in PRESETS[self.preset].items():
+        for key, value in preset_settings(self.preset, self.weights_space()).items():
             if getattr(self, key) in (None, ()):
                 setattr(self, key, value)
         self.style_layers = tuple(self.style_layers)
@@ -111,6 +130,11 @@ class NSTConfig:
         if self.lr is None:
             self.lr = DEFAULT_LR.get(self.optimizer)
         _validate(self)
+
+    def weights_space(self) -> str:
+        """The input convention of the weights these settings are for (torchvision's; ``stda generate``'s settings
+        know their ``--weights``)."""
+        return "torchvision"
 
     def layers(self) -> tuple[str, ...]:
         """Every layer the extractor must return: the content layer, then the style layers."""
@@ -159,8 +183,8 @@ def _validate(cfg: NSTConfig) -> None:
     for name in ("fp32_finish", "coarse_to_fine"):
         if not 0 <= getattr(cfg, name) < 1:
             raise StdaError(f"--{name.replace('_', '-')} {getattr(cfg, name)} must be within [0, 1)")
-    if not cfg.lr > 0 or not cfg.style_scale > 0:
-        raise StdaError(f"--lr {cfg.lr} and --style-scale {cfg.style_scale} must be positive")
+    if not cfg.lr > 0:
+        raise StdaError(f"--lr {cfg.lr} must be positive")
 
 
 def _parse_numbers(text: str, layers: tuple[str, ...]) -> list[float]:

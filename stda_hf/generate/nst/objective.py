@@ -122,8 +122,15 @@ def from_space(x: Tensor, cfg: NSTConfig) -> Tensor:
 
 
 def activations(features: VGGFeatures, x: Tensor, cfg: NSTConfig) -> dict[str, Tensor]:
-    """VGG activations of images ``x`` given in the objective's units (see :func:`to_space`)."""
-    return features.activations(x) if cfg.objective == "inetwork" else features(x)
+    """VGG activations of images ``x`` given in the objective's units (see :func:`to_space`).
+
+    The network always sees its own weights' input convention: ``inetwork``'s Caffe units go in as they are to
+    Caffe-trained weights (``vgg19-imagenet``, Keras ``.h5``) and are converted back to RGB, then normalised, for
+    torchvision-convention weights (never fed as they are: 0-255 BGR into a network trained on normalised RGB).
+    """
+    if cfg.objective != "inetwork":
+        return features(x)
+    return features.activations(x) if features.input_space == "caffe" else features(from_space(x, cfg))
 
 
 def objective(

@@ -36,8 +36,11 @@ class BatchedLBFGS:
 
     Nothing depends on the scale of the loss: the tolerances are relative to each row's initial loss
     (``tolerance_change``) and initial gradient (``tolerance_grad``), so multiplying the loss by any constant
-    gives the same path. A row stops (keeps its last accepted point) when its gradient or its loss change
-    falls below those, or when no step lowers its loss.
+    gives the same path. A row stops (keeps its last accepted point) when its gradient falls below its
+    tolerance, when no step lowers its loss, or when a steepest-descent step changes its loss by less than
+    ``tolerance_change``. An accepted step from the curvature history that makes no such progress (stale pairs
+    can make the direction vanishingly short: a 6e-7 step once stopped an image at a quarter of its evaluations,
+    5x above the loss it reached after a restart) clears the history and tries steepest descent instead.
 
     Parameters
     ----------
@@ -79,6 +82,7 @@ class BatchedLBFGS:
         self.h_diag = torch.ones_like(zeros)
         self.active = torch.ones(b, dtype=torch.bool, device=x.device)
         self.evaluations = torch.zeros(b, dtype=torch.long, device=x.device)  # until the row stopped
+        self.rejected = torch.zeros_like(self.evaluations)  # trial points the line search rejected
         self.since_restart = torch.zeros_like(self.evaluations)
         self.backtracks = torch.zeros_like(self.evaluations)
         self.x = x.detach().reshape(b, -1).clone()  # last accepted points
@@ -113,12 +117,15 @@ class BatchedLBFGS:
             predicted = torch.linalg.vecdot(self.g, trial - self.x)
             accept = self.active & ok & (f <= self.f + self.c1 * predicted)
             reject = self.active & ~accept
-            change = self.f - f
+            self.rejected += reject.long()
+            stalled = accept & (self.f - f <= self.tolerance_change * self.f0)
+            curved = (self.rho != 0).any(1)  # the step came from the curvature history, not steepest descent
             self._remember(accept, trial - self.x, g - self.g)
             self._accept(accept, trial, f, g)
-            self.active &= ~(accept & (change <= self.tolerance_change * self.f0))
+            self.active &= ~(stalled & ~curved)
             self.active &= ~(accept & (g.abs().amax(1) <= self.tolerance_grad * self.g0))
-            self._new_direction(accept & self.active)
+            self._new_direction(accept & self.active & ~stalled)
+            self._restart(stalled & self.active)
             self._backtrack(reject, f, predicted)
         x.view(b, -1).copy_(torch.where(self.active[:, None], self._trial(), self.x))
 
@@ -203,6 +210,7 @@ class BatchedAdam:
         self.x = x
         self.active = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
         self.evaluations = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        self.rejected = torch.zeros_like(self.evaluations)  # Adam takes every step
 
     @property
     def best(self) -> Tensor:
