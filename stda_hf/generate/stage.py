@@ -51,12 +51,12 @@ from stda_hf.core.utils import progress, sha256_file, stable_hash
 from stda_hf.data.images import SkipReport, check_side, load_image, save_image
 from stda_hf.data.real import RealFolder, RealImage, read_real_folder
 from stda_hf.generate.engines import (
-    GATE_STYLE,
     ArbitraryEngine,
     GatysEngine,
     StyleStates,
     as_saved,
     assess_batch,
+    pop_gate_grams,
 )
 from stda_hf.generate.nst import NSTConfig, resolve_precision
 from stda_hf.generate.quality import VERDICTS, QualityGate, StyleDistance
@@ -166,6 +166,7 @@ class GenerateSummary:
     verdicts: dict[str, int] = field(default_factory=dict)  # quality verdict -> images made by this run
     run_verdicts: dict[str, int] = field(default_factory=dict)  # verdict -> all images of the run's pairs
     engine: str = ""
+    gate_features: str = ""  # the quality gate's network (vgg19-imagenet, or random-vgg16 without the extra)
     seconds: float = 0.0
 
     def format(self) -> str:
@@ -174,7 +175,8 @@ class GenerateSummary:
         lines = [
             f"{self.pairs} pairs ({self.engine}): {self.done} made now ({rate:.2f} images/s), {self.done_before} "
             f"already done, {self.skipped_pairs} skipped, {len(self.failed)} failed, {self.retried} redone in fp32",
-            "quality gate, images made now: " + _counts(self.verdicts),
+            f"quality gate ({self.gate_features or 'features not recorded'}), images made now: "
+            + _counts(self.verdicts),
         ]
         if self.run_verdicts:
             lines.append("quality gate, all images of this run: " + _counts(self.run_verdicts))
@@ -402,10 +404,10 @@ class _Runner:
     ):
         self.out, self.cfg, self.engine, self.phash = out, cfg, engine, phash
         self.manifest = out / shard
-        self.styles = StyleStates(engine, cfg.size, tag=phash, max_items=max(512, 2 * cfg.batch))
-        self.report = SkipReport()
-        self.summary = GenerateSummary(engine=engine.name)
         self.scorer = StyleDistance(device=engine.device)
+        self.styles = StyleStates(engine, cfg.size, phash, self.scorer, max_items=max(512, 2 * cfg.batch))
+        self.report = SkipReport()
+        self.summary = GenerateSummary(engine=engine.name, gate_features=self.scorer.name)
         self.gate = cfg.gate()
 
     def _load(self, im: RealImage, size: int) -> torch.Tensor | None:
@@ -440,7 +442,7 @@ class _Runner:
         if not any(p.id not in done for p in usable):
             return todo
         content = torch.stack([contents[p.id] for p in usable])
-        gate_styles = targets.pop(GATE_STYLE)
+        gate_styles = pop_gate_grams(targets)
         out = self.engine.run(content, targets, [p.seed for p in usable])
         self.summary.retried += out.redone
         images = as_saved(out.images).cpu()
