@@ -39,8 +39,10 @@ else ``unchanged`` when ``style_reduction`` is below ``QualityGate.min_style_red
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -214,6 +216,25 @@ def masked_correlation(a: Tensor, b: Tensor, weight: Tensor | None = None) -> Te
 # The gate's network
 
 
+@contextlib.contextmanager
+def single_thread(device: torch.device) -> Iterator[None]:
+    """Run torch's CPU ops on one thread inside the block (no-op on other devices).
+
+    The gate's tensors are small (40 px): a second thread costs more in synchronisation than it gains, and on
+    shared cores much more (measured with 2 threads on a loaded machine: 3-4x the CPU time and wall-clock of
+    one thread).
+    """
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def gate_input(images: Tensor, size: int = GATE_SIZE) -> Tensor:
     """RGB images (B, 3, H, W) at the gate's side (area downsampling; never upsampled), float32."""
     images = images.float()
@@ -279,7 +300,8 @@ class StyleDistance:
     @torch.no_grad()
     def grams(self, images: Tensor) -> dict[str, Tensor]:
         """Normalised Gram matrices ``{layer: (B, C, C)}`` (``F F^T / (C h w)``) of RGB images (B, 3, H, W)."""
-        return self.grams_of(self.features(images))
+        with single_thread(self.device):
+            return self.grams_of(self.features(images))
 
     def grams_of(self, acts: dict[str, Tensor]) -> dict[str, Tensor]:
         """The style layers' normalised Gram matrices of activations from :meth:`features`."""
@@ -353,6 +375,12 @@ def assess(
         raise StdaError(f"content {tuple(content.shape)} and result {tuple(result.shape)} differ in shape")
     if mask is not None and tuple(mask.shape) != (len(content), *content.shape[-2:]):
         raise StdaError(f"mask {tuple(mask.shape)} does not match the content images {tuple(content.shape)}")
+    with single_thread(scorer.device):
+        return _assess(content, style, result, scorer, mask, gate, terms)
+
+
+def _assess(content, style, result, scorer, mask, gate, terms) -> list[QualityRecord]:
+    """:func:`assess` after its checks."""
     n = len(content)
     targets = style if isinstance(style, dict) else scorer.grams(style)
     targets = {k: v.to(scorer.device) for k, v in targets.items()}

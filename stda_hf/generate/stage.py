@@ -375,6 +375,19 @@ def to_pil(image: torch.Tensor) -> Image.Image:
     return Image.fromarray(arr, "RGB")
 
 
+def to_pixels(images: torch.Tensor) -> np.ndarray:
+    """A batch (B, 3, H, W) in [0, 1] as 8-bit RGB arrays (B, H, W, 3), the values :func:`to_pil` gives."""
+    return (
+        (images.detach().float().clamp(0, 1) * 255.0)
+        .round()
+        .byte()
+        .permute(0, 2, 3, 1)
+        .contiguous()
+        .cpu()
+        .numpy()
+    )
+
+
 def load_mask(path: Path, size: int) -> torch.Tensor:
     """A lesion mask file as a (size, size) bool tensor (nearest-neighbour resize, foreground above 127)."""
     with Image.open(path) as img:
@@ -447,6 +460,7 @@ class _Runner:
         self.summary.retried += out.redone
         images = as_saved(out.images).cpu()
         records = self._assess(usable, content, gate_styles, images, out.finite)
+        pixels = to_pixels(images)  # the whole batch at once: per-image tensor ops cost more than the JPEG
         seconds = (time.perf_counter() - start) / len(usable)
         for i, p in enumerate(usable):
             if p.id in done:
@@ -457,7 +471,7 @@ class _Runner:
                     "%s (%s x %s) failed: non-finite loss", p.id, p.content.isic_id, p.style.isic_id
                 )
                 continue
-            self._write(p, images[i], records[i], out.terms[i] if out.terms else None, seconds)
+            self._write(p, pixels[i], records[i], out.terms[i] if out.terms else None, seconds)
         return todo
 
     def _assess(self, pairs, content, styles, images, finite) -> list[dict]:
@@ -467,10 +481,10 @@ class _Runner:
         ]
         return assess_batch(content, styles, images, finite, masks, self.scorer, self.gate)
 
-    def _write(self, p: Pair, image: torch.Tensor, quality: dict, terms: dict | None, seconds: float) -> None:
-        """Save the image atomically, then append its manifest line."""
+    def _write(self, p: Pair, pixels: np.ndarray, quality: dict, terms: dict | None, seconds: float) -> None:
+        """Save the image (H, W, 3) uint8 atomically, then append its manifest line."""
         rel = f"images/{p.id}.jpg"
-        save_image(to_pil(image), self.out / rel, quality=JPEG_QUALITY)
+        save_image(Image.fromarray(pixels, "RGB"), self.out / rel, quality=JPEG_QUALITY)
         append_jsonl(
             self.manifest,
             {
