@@ -57,9 +57,9 @@ VERDICTS = ("ok", "unchanged", "content_lost")
 STYLE_LAYERS = ("conv1_1", "conv2_1", "conv3_1")
 CONTENT_LAYER = "conv3_1"
 GATE_SIZE = 40
-"""Side (pixels) the gate measures at: ``conv3_1`` then sees 12 x 12 locations and a lesion several of them."""
+"""Side (pixels) the gate measures at: ``conv3_1`` then sees 10 x 10 locations and a lesion several of them."""
 BAND = 1 / 16
-"""Width of the bands along the mask border, as a share of the measured side (3 px at :data:`GATE_SIZE`)."""
+"""Width of the bands along the mask border, as a share of the measured side (2 px at :data:`GATE_SIZE`)."""
 IMAGENET_FEATURES = "vgg19-imagenet"
 RANDOM_FEATURES = "random-vgg16"
 
