@@ -1,9 +1,20 @@
-"""Throughput of the arbitrary-style engine: onnxruntime vs a one-time conversion of its graphs to torch.
+"""Throughput of the arbitrary-style engine: onnxruntime vs a one-time conversion of its graphs to torch; and
+the quality gate's cost next to it, engine alone vs ``stda generate`` end to end.
 
 ::
 
     OMP_NUM_THREADS=1 python benchmarks/arbitrary_throughput.py              # CPU, 1 and 2 threads, 224 px
     python benchmarks/arbitrary_throughput.py --device cuda --threads 4 --batches 1 32
+    python benchmarks/arbitrary_throughput.py --gate --threads 2 --images 128  # gate / engine, end to end / engine
+
+``--gate`` measures, in one run and on the same machine, per image at ``--size`` with ``--threads`` threads and
+batches of 16 (``stda generate``'s default): the engine alone (style vectors computed once, as the stage does),
+the quality gate alone on its outputs (the style images' Gram matrices cached, as the stage does), and
+``stda generate --engine arbitrary`` on ``--images`` phantom pairs as a user runs it (a subprocess: loading
+images, engine, gate, JPEG files, manifest). It prints wall-clock and CPU seconds per image and the ratios
+gate / engine and end-to-end / engine-alone rate; the end-to-end rate is given both for the stage's loop
+(``generate_summary.json``) and for the whole command with its start-up. Ratios are what compare across
+machines; absolute figures depend on the machine and its load.
 
 Prints images/s (style vectors computed once per style, as ``stda generate`` does; timed: the transformer
 with resizing, colour and strength handling as :func:`stda_hf.generate.arbitrary.stylize` runs them), the largest and
@@ -158,6 +169,77 @@ def rate(models, content, vectors, cfg, seconds: float, device: torch.device) ->
     return done / (time.perf_counter() - start)
 
 
+def _clock(fn, repeats: int) -> tuple[float, float]:
+    """Best wall-clock and CPU seconds of ``fn()`` over ``repeats`` runs (after one warm-up)."""
+    fn()
+    wall = cpu = float("inf")
+    for _ in range(repeats):
+        w, c = time.perf_counter(), time.process_time()
+        fn()
+        wall, cpu = min(wall, time.perf_counter() - w), min(cpu, time.process_time() - c)
+    return wall, cpu
+
+
+def gate_and_end_to_end(size: int, threads: int, images: int, repeats: int = 3) -> None:
+    """Print the gate's cost next to the engine's, and ``stda generate``'s end-to-end rate (see the module doc)."""
+    import json
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    from stda_hf.data.phantoms import PhantomConfig, make_phantoms
+    from stda_hf.data.split import SplitConfig, make_splits
+    from stda_hf.generate.engines import as_saved
+    from stda_hf.generate.quality import StyleDistance, assess
+
+    torch.set_num_threads(threads)
+    batch, gen = 16, torch.Generator().manual_seed(0)
+    models, cfg = arbitrary.load_models("cpu", threads=threads), arbitrary.ArbitraryConfig()
+    content = torch.rand(batch, 3, size, size, generator=gen)
+    styles = torch.rand(batch, 3, size, size, generator=gen)
+    masks = torch.zeros(batch, size, size, dtype=torch.bool)
+    masks[:, size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = True
+    vectors = arbitrary.style_vectors(models, styles, cfg)
+    results = as_saved(arbitrary.stylize(models, content, vectors, cfg).images)
+    scorer = StyleDistance()
+    grams = scorer.grams(styles)
+    engine = _clock(lambda: arbitrary.stylize(models, content, vectors, cfg), repeats)
+    gate = _clock(lambda: assess(content, grams, results, scorer, mask=masks), repeats)
+    with tempfile.TemporaryDirectory() as tmp:
+        real, out = Path(tmp) / "real", Path(tmp) / "syn"
+        make_phantoms(real, PhantomConfig(n=max(64, images // 2 + 16), size=size, seed=0))
+        make_splits(real, SplitConfig(seed=0))
+        cmd = [sys.executable, "-m", "stda_hf.cli", "generate", str(real), "--out", str(out)]
+        cmd += ["--engine", "arbitrary", "--size", str(size), "--limit", str(images), "--batch", str(batch)]
+        cmd += ["--max-failed-share", "1"]
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "STDA_NO_PROGRESS": "1"}
+        start = time.perf_counter()
+        subprocess.run(cmd, env=env, check=True, capture_output=True)
+        whole = time.perf_counter() - start
+        summary = json.loads((out / "generate_summary.json").read_text())
+    engine_after = _clock(lambda: arbitrary.stylize(models, content, vectors, cfg), repeats)
+    engine_wall = (engine[0] + engine_after[0]) / 2 / batch  # before and after the command: the same load
+    engine_cpu = (engine[1] + engine_after[1]) / 2 / batch
+    loop_rate, whole_rate = summary["done"] / summary["seconds"], summary["done"] / whole
+    print(f"quality gate vs arbitrary engine, {size} px, {threads} threads, batches of {batch}, CPU")
+    print(f"{'':<34}{'wall s/img':>11}{'CPU s/img':>11}{'share of engine (wall, CPU)':>30}")
+    print(f"{'engine alone':<34}{engine_wall:>11.4f}{engine_cpu:>11.4f}")
+    print(
+        f"{'gate alone (' + scorer.name + ')':<34}{gate[0] / batch:>11.4f}{gate[1] / batch:>11.4f}"
+        f"{gate[0] / batch / engine_wall:>18.0%}, {gate[1] / batch / engine_cpu:.0%}"
+    )
+    print(
+        f"stda generate --engine arbitrary --size {size}, {summary['done']} images: {loop_rate:.2f} images/s in "
+        f"the stage's loop, {whole_rate:.2f} images/s for the whole command ({whole:.1f} s with start-up); "
+        f"engine alone {1 / engine_wall:.2f} images/s; end to end / engine alone: {loop_rate * engine_wall:.0%} "
+        f"(loop), {whole_rate * engine_wall:.0%} (whole command)"
+    )
+    print(
+        f"verdicts: {summary['run_verdicts']}; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
@@ -168,7 +250,16 @@ def main(argv: list[str] | None = None) -> None:
         "--render-sizes", type=int, nargs="+", default=[256, 0], help="working sides, 0: own (default: 256 0)"
     )
     parser.add_argument("--seconds", type=float, default=3.0, help="time per measurement (default: 3)")
+    parser.add_argument(
+        "--gate", action="store_true", help="measure the quality gate and stda generate end to end instead"
+    )
+    parser.add_argument(
+        "--images", type=int, default=128, help="--gate: images stda generate makes (default: 128)"
+    )
     args = parser.parse_args(argv)
+    if args.gate:
+        gate_and_end_to_end(args.size, args.threads[-1], args.images)
+        return
     device = torch.device(args.device)
     gen = torch.Generator().manual_seed(0)
     print(f"arbitrary engine, {args.size} px output, {args.device}; random inputs; one machine, shared cores")

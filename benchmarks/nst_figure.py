@@ -120,7 +120,13 @@ def measure_gate(pairs: int = 8, size: int = 64, iterations: int = 50) -> None:
         records = assess(content, style, images, scorer, mask=masks)
         cols = {
             k: [getattr(r, k) for r in records]
-            for k in ("style_reduction", "ssim", "lesion_kept", "structure", "mean_abs_change")
+            for k in (
+                "style_reduction",
+                "lesion_contrast",
+                "lesion_similarity",
+                "structure",
+                "mean_abs_change",
+            )
         }
         text = "; ".join(
             f"{k} " + " ".join("-" if x is None else f"{x:.2f}" for x in v) for k, v in cols.items()

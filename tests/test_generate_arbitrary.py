@@ -53,7 +53,8 @@ def test_arbitrary_engine_restyles_phantoms_and_keeps_the_lesion(reference):
         q = r["quality"]
         assert r["engine"] == "arbitrary" and r["terms"] is None
         assert q["style_after"] < q["style_before"] and q["style_reduction"] >= gate.min_style_reduction
-        assert q["structure"] >= gate.min_structure and q["mask_iou"] is not None  # phantoms have masks
+        assert q["lesion_contrast"] is not None  # phantoms have masks: the lesion is judged against them
+        assert q["structure"] >= gate.min_structure
         assert q["verdict"] == "ok"
 
 

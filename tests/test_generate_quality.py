@@ -99,3 +99,39 @@ def test_gate_thresholds_do_not_change_ids_but_a_folder_keeps_its_own(phantom_re
 def test_bad_failed_share_is_refused():
     with pytest.raises(StdaError, match="--max-failed-share 2"):
         GenerateConfig(max_failed_share=2)
+
+
+def test_records_and_summary_name_the_gate_network(phantom_real_session, tmp_path):
+    summary = generate(phantom_real_session, tmp_path / "syn", GenerateConfig(**NO_OP, max_failed_share=1.0))
+    saved = json.loads((tmp_path / "syn" / "generate_summary.json").read_text())
+    assert saved["gate_features"] == summary.gate_features == "vgg19-imagenet"
+    assert {r["quality"]["features"] for r in read_jsonl(tmp_path / "syn" / "manifest.jsonl")} == {
+        "vgg19-imagenet"
+    }
+    assert "quality gate (vgg19-imagenet)" in summary.format()
+
+
+def test_phantom_records_judge_the_lesion_against_its_mask(phantom_real_session, tmp_path):
+    generate(phantom_real_session, tmp_path / "syn", GenerateConfig(**NO_OP, max_failed_share=1.0))
+    for r in read_jsonl(tmp_path / "syn" / "manifest.jsonl"):  # a no-op keeps every lesion exactly
+        q = r["quality"]
+        assert (
+            q["lesion_contrast"] == q["lesion_similarity"] == q["structure"] == pytest.approx(1.0, abs=1e-4)
+        )
+
+
+def test_the_gate_computes_each_style_images_grams_once(phantom_real_session, tmp_path, monkeypatch):
+    from stda_hf.generate.quality import StyleDistance
+
+    calls = Counter()
+    original = StyleDistance.grams
+
+    def counting(self, images):
+        calls[len(images)] += 1
+        return original(self, images)
+
+    monkeypatch.setattr(StyleDistance, "grams", counting)
+    settings = {**NO_OP, "per_content": 3, "limit": 12, "max_failed_share": 1.0}
+    generate(phantom_real_session, tmp_path / "syn", GenerateConfig(**settings))
+    styles = {r["style_id"] for r in read_jsonl(tmp_path / "syn" / "manifest.jsonl")}
+    assert calls == {1: len(styles)}  # one call per style image, none per batch

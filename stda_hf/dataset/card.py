@@ -49,7 +49,9 @@ QUALITY_MEASURES = {  # manifest quality field -> what the card calls it
     "style_after": "style distance, result to style",
     "style_reduction": "style reduction (1 - after / before)",
     "ssim": "SSIM of luminance, result vs content",
-    "lesion_kept": "lesion outline kept (mask IoU, relative)",
+    "lesion_contrast": "lesion/skin contrast kept along the mask border",
+    "lesion_similarity": "content similarity inside the lesion mask",
+    "content_similarity": "content similarity, whole image",
     "structure": "structure score (gate)",
     "mean_abs_change": "mean absolute pixel change (0-255)",
 }

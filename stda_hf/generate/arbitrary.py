@@ -258,6 +258,9 @@ def load_models(device: torch.device | str = "cpu", threads: int | None = None) 
     options.intra_op_num_threads = threads or torch.get_num_threads()
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
+    # no busy-waiting between runs: in `stda generate` torch (the quality gate, image handling) runs between two
+    # sessions' runs, and spinning onnxruntime threads took its cores (end to end ~20 % slower with spinning)
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     providers = _providers(device, ort)
     sessions, digests = {}, {}
     for name in MODEL_FILES:

@@ -4,12 +4,13 @@ Tensors in, tensors and records out (no files, no folder): an engine computes th
 once (:meth:`GatysEngine.style_state`: Gram targets; :meth:`ArbitraryEngine.style_state`: a style vector;
 :class:`StyleStates` keeps them per style image) and renders a batch of content images with stacked states
 (``run``). :func:`assess_batch` applies the quality gate (:mod:`stda_hf.generate.quality`) to a batch's 8-bit results
-(:func:`as_saved`)::
+(:func:`as_saved`), with the gate's Gram matrices of each style image also computed once (:class:`StyleStates`)::
 
     engine = GatysEngine(NSTConfig(iterations=100), parse_weights("imagenet"), device, style_size=224)
     states = stack_targets([engine.style_state(style) for style in styles])
     out = engine.run(contents, states, seeds)                      # EngineOutput
-    records = assess_batch(contents, styles, as_saved(out.images), out.finite, masks, StyleDistance(), gate)
+    scorer = StyleDistance()
+    records = assess_batch(contents, scorer.grams(styles), as_saved(out.images), out.finite, masks, scorer, gate)
 """
 
 from __future__ import annotations
@@ -139,27 +140,42 @@ class ArbitraryEngine:
         return EngineOutput(images, None, torch.isfinite(images).flatten(1).all(1))
 
 
-GATE_STYLE = "_gate_style"
-"""Key of the style image at the output size (the quality gate's reference) in a :class:`StyleStates` state."""
+GATE_PREFIX = "_gate_"
+"""Prefix of the quality gate's Gram matrices of the style image (``_gate_conv1_1``, ...) in a :class:`StyleStates` state."""
+
+
+def pop_gate_grams(states: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Remove the gate's stacked Gram matrices from ``states`` and return them as ``{layer: (B, C, C)}``."""
+    keys = [k for k in states if k.startswith(GATE_PREFIX)]
+    return {k[len(GATE_PREFIX) :]: states.pop(k) for k in keys}
 
 
 class StyleStates:
-    """Each style image's engine state, computed once and kept in memory, with the gate's reference image.
+    """Each style image's engine state and the quality gate's Gram matrices of it, computed once and kept in memory.
 
     Parameters
     ----------
     engine : GatysEngine or ArbitraryEngine
         Computes a style image's state (:meth:`GatysEngine.style_state`).
     size : int
-        Output side: the style image at this size is kept under :data:`GATE_STYLE` beside its state.
+        Output side: the gate measures the style image loaded at this size (as it measures the results).
     tag : Hashable
         What identifies the states besides the style id (the settings' hash).
+    scorer : StyleDistance
+        The quality gate's network: its Gram matrices of the style image are kept under :data:`GATE_PREFIX` keys.
     max_items : int
         States kept (least recently used first out).
     """
 
-    def __init__(self, engine: GatysEngine | ArbitraryEngine, size: int, tag: Hashable, max_items: int = 512):
-        self.engine, self.size, self.tag = engine, size, tag
+    def __init__(
+        self,
+        engine: GatysEngine | ArbitraryEngine,
+        size: int,
+        tag: Hashable,
+        scorer: StyleDistance,
+        max_items: int = 512,
+    ):
+        self.engine, self.size, self.tag, self.scorer = engine, size, tag, scorer
         self.cache = GramCache(max_items=max_items)
 
     def _key(self, style_id: str) -> tuple:
@@ -172,7 +188,7 @@ class StyleStates:
 
         ``load(style_id, side)`` returns the style image (3, side, side) in [0, 1], or None when it cannot be
         read; it is called only for styles whose state is not kept. The states are ``{name: (B, ...)}`` in the
-        order of the readable ids, :data:`GATE_STYLE` among them.
+        order of the readable ids, the gate's Gram matrices among them (:func:`pop_gate_grams`).
         """
         loaded: dict[str, torch.Tensor | None] = {}
         for style_id in style_ids:
@@ -192,9 +208,11 @@ class StyleStates:
     def _one(
         self, style_id: str, style: torch.Tensor, load: Callable[[str, int], torch.Tensor | None]
     ) -> dict:
-        """The engine's state of one style image, and the image at the output size (the gate's reference)."""
+        """The engine's state of one style image, and the gate's Gram matrices of it at the output size."""
         state = self.engine.style_state(style)
-        state[GATE_STYLE] = style if style.shape[-1] == self.size else load(style_id, self.size)
+        reference = style if style.shape[-1] == self.size else load(style_id, self.size)
+        grams = self.scorer.grams(reference[None])
+        state.update({GATE_PREFIX + layer: g[0] for layer, g in grams.items()})
         return state
 
 
@@ -205,7 +223,7 @@ def as_saved(images: torch.Tensor) -> torch.Tensor:
 
 def assess_batch(
     content: torch.Tensor,
-    styles: torch.Tensor,
+    styles: dict[str, torch.Tensor],
     images: torch.Tensor,
     finite: torch.Tensor,
     masks: list[torch.Tensor | None],
@@ -216,8 +234,10 @@ def assess_batch(
 
     Parameters
     ----------
-    content, styles, images : Tensor
-        Content images, style images at the output size and results (:func:`as_saved`), (B, 3, H, W) each.
+    content, images : Tensor
+        Content images and results (:func:`as_saved`), (B, 3, H, W) each.
+    styles : dict
+        The gate's Gram matrices of each pair's style image, ``{layer: (B, C, C)}`` (``scorer.grams``).
     finite : Tensor
         (B,) bool: only these images are assessed.
     masks : list of Tensor or None
@@ -238,7 +258,8 @@ def assess_batch(
         if not rows:
             continue
         mask = torch.stack([masks[i] for i in rows]) if with_mask else None
-        found = assess(content[rows], styles[rows], images[rows], scorer, mask=mask, gate=gate)
+        grams = {layer: g[rows] for layer, g in styles.items()}
+        found = assess(content[rows], grams, images[rows], scorer, mask=mask, gate=gate)
         for i, record in zip(rows, found, strict=True):
             records[i] = {k: v for k, v in record.to_dict().items() if k != "terms"}
     return records

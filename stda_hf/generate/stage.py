@@ -59,12 +59,12 @@ from stda_hf.core.utils import check_seed, progress, sha256_file, stable_hash
 from stda_hf.data.images import SkipReport, check_side, load_image, save_image
 from stda_hf.data.real import RealFolder, RealImage, read_real_folder
 from stda_hf.generate.engines import (
-    GATE_STYLE,
     ArbitraryEngine,
     GatysEngine,
     StyleStates,
     as_saved,
     assess_batch,
+    pop_gate_grams,
 )
 from stda_hf.generate.nst import NSTConfig, resolve_precision
 from stda_hf.generate.quality import VERDICTS, QualityGate, StyleDistance
@@ -204,6 +204,7 @@ class GenerateSummary:
     verdicts: dict[str, int] = field(default_factory=dict)  # quality verdict -> images made by this run
     run_verdicts: dict[str, int] = field(default_factory=dict)  # verdict -> all images of the run's pairs
     engine: str = ""
+    gate_features: str = ""  # the quality gate's network (vgg19-imagenet, or random-vgg16 without the extra)
     seconds: float = 0.0
 
     def format(self) -> str:
@@ -212,7 +213,8 @@ class GenerateSummary:
         lines = [
             f"{self.pairs} pairs ({self.engine}): {self.done} made now ({rate:.2f} images/s), {self.done_before} "
             f"already done, {self.skipped_pairs} skipped, {len(self.failed)} failed, {self.retried} redone in fp32",
-            "quality gate, images made now: " + _counts(self.verdicts),
+            f"quality gate ({self.gate_features or 'features not recorded'}), images made now: "
+            + _counts(self.verdicts),
         ]
         if self.run_verdicts:
             lines.append("quality gate, all images of this run: " + _counts(self.run_verdicts))
@@ -434,6 +436,19 @@ def to_pil(image: torch.Tensor) -> Image.Image:
     return Image.fromarray(arr, "RGB")
 
 
+def to_pixels(images: torch.Tensor) -> np.ndarray:
+    """A batch (B, 3, H, W) in [0, 1] as 8-bit RGB arrays (B, H, W, 3), the values :func:`to_pil` gives."""
+    return (
+        (images.detach().float().clamp(0, 1) * 255.0)
+        .round()
+        .byte()
+        .permute(0, 2, 3, 1)
+        .contiguous()
+        .cpu()
+        .numpy()
+    )
+
+
 def load_mask(path: Path, size: int) -> torch.Tensor:
     """A lesion mask file as a (size, size) bool tensor (nearest-neighbour resize, foreground above 127)."""
     with Image.open(path) as img:
@@ -462,10 +477,10 @@ class _Runner:
     ):
         self.out, self.cfg, self.engine, self.phash = out, cfg, engine, phash
         self.manifest = out / shard
-        self.styles = StyleStates(engine, cfg.size, tag=phash, max_items=max(512, 2 * cfg.batch))
-        self.report = SkipReport()
-        self.summary = GenerateSummary(engine=engine.name)
         self.scorer = StyleDistance(device=engine.device)
+        self.styles = StyleStates(engine, cfg.size, phash, self.scorer, max_items=max(512, 2 * cfg.batch))
+        self.report = SkipReport()
+        self.summary = GenerateSummary(engine=engine.name, gate_features=self.scorer.name)
         self.gate = cfg.gate()
 
     def _load(self, im: RealImage, size: int) -> torch.Tensor | None:
@@ -500,11 +515,12 @@ class _Runner:
         if not any(p.id not in done for p in usable):
             return todo
         content = torch.stack([contents[p.id] for p in usable])
-        gate_styles = targets.pop(GATE_STYLE)
+        gate_styles = pop_gate_grams(targets)
         out = self.engine.run(content, targets, [p.seed for p in usable])
         self.summary.retried += out.redone
         images = as_saved(out.images).cpu()
         records = self._assess(usable, content, gate_styles, images, out.finite)
+        pixels = to_pixels(images)  # the whole batch at once: per-image tensor ops cost more than the JPEG
         seconds = (time.perf_counter() - start) / len(usable)
         for i, p in enumerate(usable):
             if p.id in done:
@@ -515,7 +531,7 @@ class _Runner:
                     "%s (%s x %s) failed: non-finite loss", p.id, p.content.isic_id, p.style.isic_id
                 )
                 continue
-            self._write(p, images[i], records[i], out.terms[i] if out.terms else None, seconds)
+            self._write(p, pixels[i], records[i], out.terms[i] if out.terms else None, seconds)
         return todo
 
     def _assess(self, pairs, content, styles, images, finite) -> list[dict]:
@@ -525,10 +541,10 @@ class _Runner:
         ]
         return assess_batch(content, styles, images, finite, masks, self.scorer, self.gate)
 
-    def _write(self, p: Pair, image: torch.Tensor, quality: dict, terms: dict | None, seconds: float) -> None:
-        """Save the image atomically, then append its manifest line."""
+    def _write(self, p: Pair, pixels: np.ndarray, quality: dict, terms: dict | None, seconds: float) -> None:
+        """Save the image (H, W, 3) uint8 atomically, then append its manifest line."""
         rel = f"images/{p.id}.jpg"
-        save_image(to_pil(image), self.out / rel, quality=JPEG_QUALITY)
+        save_image(Image.fromarray(pixels, "RGB"), self.out / rel, quality=JPEG_QUALITY)
         digest = sha256_file(self.out / rel)  # binds the record to its file: checked on reuse and packaging
         append_jsonl(
             self.manifest,
