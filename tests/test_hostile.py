@@ -822,5 +822,5 @@ def test_the_demo_never_deletes_a_synthetic_folder_that_generate_did_not_make(tm
     mine.mkdir()
     (mine / "notes.txt").write_text("my own synthetic images")
     with pytest.raises(StdaError, match="was not made by `stda generate`"):
-        _generate_step(tmp_path, real_session, 32, 0)
+        _generate_step(tmp_path, real_session, 32, 0, "arbitrary")
     assert (mine / "notes.txt").read_text() == "my own synthetic images"
