@@ -12,6 +12,7 @@ the ImageNet VGG19 of the ``stda-hf[imagenet]`` extra instead, also offline, in 
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -68,8 +69,6 @@ def _check_engine(engine: str) -> None:
 
 def _generate_step(out: Path, real: Path, size: int, seed: int, engine: str) -> Path:
     """Restyle benign train phantoms with malignant train ones with ``engine``."""
-    import json
-
     from stda_hf.generate import ENGINE_FILE, GenerateConfig, QualityGateFailed, generate
 
     synthetic = out / "synthetic"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -98,8 +99,6 @@ def write_fold_view(dest: Path, folds, fold: int, sources: dict[str, Path]) -> P
 
 def _link_files(folder: Path, targets: list[Path]) -> None:
     """Make ``folder`` hold exactly one symbolic link per target, named like it."""
-    import os
-
     folder.mkdir(parents=True, exist_ok=True)
     wanted = {t.name: t.resolve() for t in targets}
     for entry in folder.iterdir():

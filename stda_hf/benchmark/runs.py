@@ -5,8 +5,16 @@ A failing run is recorded in the table, not fatal; Ctrl-C stops the running proc
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
+from queue import Queue
 from typing import Any
 
 from stda_hf.benchmark.config import (
@@ -31,8 +39,6 @@ logger = logging.getLogger(__name__)
 def default_train_command(gpus: int = 1) -> list[str]:
     """``python -m stda_hf.training`` (train.py's command, installed with the package), or under
     ``accelerate launch --multi_gpu`` when one run spans several GPUs."""
-    import sys
-
     if gpus == 1:
         return [sys.executable, "-m", "stda_hf.training"]
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(gpus)]
@@ -44,8 +50,6 @@ def train_argv(cfg: BenchmarkConfig, settings: dict[str, Any], run_dir: Path, mo
 
     ``mode`` is ``resume`` (continue an interrupted run, fresh start if none) or ``overwrite`` (start again).
     """
-    import sys
-
     import yaml
 
     config = run_dir.parent / f"{run_dir.name}.yaml"
@@ -63,10 +67,6 @@ def run_command(
     ``devices`` sets ``CUDA_VISIBLE_DEVICES`` (None: the CPU, or whatever the environment says); ``threads``
     (if positive) caps its CPU threads.
     """
-    import os
-    import subprocess
-    import time
-
     env = {**os.environ, "STDA_NO_PROGRESS": "1", "PYTHONUNBUFFERED": "1"}
     if devices is not None:
         env["CUDA_VISIBLE_DEVICES"] = devices
@@ -97,9 +97,6 @@ def run_command(
 
 def stop_group(pgid: int) -> None:
     """Kill a training command's process group (it may already be gone)."""
-    import os
-    import signal
-
     try:
         os.killpg(pgid, signal.SIGKILL)
     except ProcessLookupError:
@@ -125,8 +122,6 @@ def device_slots(devices: str, gpus_per_run: int) -> list[str | None]:
     StdaError
         A bad ``devices`` value, or fewer GPUs than one run needs.
     """
-    import os
-
     if devices == "cpu":
         return [None]
     if devices == "auto":
@@ -209,8 +204,6 @@ def run_one(cfg: BenchmarkConfig, key: RunKey, dataset: Path, slot: str | None, 
     run_dir = cfg.work_dir / "runs" / key.name
     log = run_dir.parent / f"{run_dir.name}.log"
     if mode == "overwrite":
-        import shutil
-
         log.unlink(missing_ok=True)
         shutil.rmtree(run_dir / EXPLAIN_DIR, ignore_errors=True)
     settings = {**cfg.train, **train_settings(cfg.arms[key.arm]), "seed": key.seed, "dataset": str(dataset)}
@@ -245,10 +238,6 @@ def execute_runs(
     """Run ``todo`` (serially on the CPU, one run per GPU slot otherwise), recording each as it ends.
 
     ``datasets`` is :func:`~.stages.prepare_folds`'s ``{(repeat, fold): {recipe: folder} or error}``."""
-    import threading
-    from concurrent.futures import ThreadPoolExecutor, as_completed
-    from queue import Queue
-
     from stda_hf.core.utils import progress
 
     lock = threading.Lock()

