@@ -227,8 +227,9 @@ def _add_generate(sub) -> None:
     p = sub.add_parser(
         "generate",
         help=SUMMARIES["generate"],
-        description="Batched, resumable Gatys style transfer: benign train images (content) x malignant train "
-        "images (style) -> images/ + manifest.jsonl. Re-run the same command to resume; run it under torchrun "
+        description="Batched, resumable style transfer (Gatys, or the pretrained arbitrary network): benign train "
+        "images (content) x malignant train images (style) -> images/ + manifest.jsonl, each judged by the quality "
+        "gate (docs/gate.md). Re-run the same command to resume; run it under torchrun "
         "or accelerate launch to split the work between processes.",
     )
     p.add_argument("real", type=_path, help="real-image folder with splits.csv")
