@@ -83,7 +83,7 @@ def test_unknown_lesions_and_patients_are_unknown_and_the_grouping_claim_says_wh
     train = next(line for line in text.splitlines() if line.startswith("| `train` |"))
     assert train.split("|")[6:8] == [" unknown ", " unknown "]
     assert "Images sharing a near-identical perceptual hash form one group" in text
-    assert "no lesion\n  ids, so two photographs of one lesion can sit on both sides" in text
+    assert "The metadata gives no lesion ids, so two photographs of one lesion can sit on both sides" in text
     assert "refuses to build when a lesion or patient" not in text
 
 
@@ -92,7 +92,8 @@ def test_known_lesions_are_counted_and_grouping_names_them(phantom_real, tmp_pat
     text = (tmp_path / "hub" / "README.md").read_text()
     train = next(line for line in text.splitlines() if line.startswith("| `train` |"))
     assert int(train.split("|")[6]) > 0 and int(train.split("|")[7]) > 0
-    assert "Images sharing a lesion, a patient, a near-identical perceptual hash form one group" in text
+    assert "Images sharing a lesion, a patient or a near-identical perceptual hash form one group" in text
+    assert "appears in validation or test.\n" in text  # the list item ends its line
 
 
 def test_model_card_of_a_mix_run_states_the_synthetic_images_it_drew_and_only_settings_that_applied():

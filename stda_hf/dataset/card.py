@@ -172,6 +172,12 @@ class CardFacts:
         return [what for what, present in known if present] + ["near-identical perceptual hash"]
 
     @property
+    def grouping(self) -> str:
+        """:attr:`grouped_by` as the card's phrase: "a lesion, a patient or a near-identical perceptual hash"."""
+        kinds = [f"a {what}" for what in self.grouped_by]
+        return kinds[0] if len(kinds) == 1 else f"{', '.join(kinds[:-1])} or {kinds[-1]}"
+
+    @property
     def dataset_size(self) -> int:
         return sum(s.num_bytes for s in self.splits.values())
 
