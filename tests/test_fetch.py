@@ -577,7 +577,7 @@ def test_cli_fetch_without_out_says_what_is_missing(archive, capsys):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The real archive's behaviour (issue 17)
+# The real archive's behaviour
 
 
 def test_served_jpeg_larger_than_its_stated_size_is_kept_with_both_sizes_recorded(archive, tmp_path):
@@ -719,7 +719,7 @@ def test_refused_ids_are_permanent_not_counted_and_not_re_run(archive, tmp_path)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# A hostile network (issue 25): every misbehaviour ends in bounded time, skips only its file, keeps nothing wrong
+# A hostile network: every misbehaviour ends in bounded time, skips only its file, keeps nothing wrong
 
 
 def fetch_cli(archive: FakeIsicArchive, out: Path, capsys, *flags: str) -> tuple[int, str, str]:

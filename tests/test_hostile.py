@@ -1,4 +1,4 @@
-"""Hostile input against every ``stda`` subcommand it applies to (issue 14), each run as a user runs it.
+"""Hostile input against every ``stda`` subcommand it applies to, each run as a user runs it.
 
 Every case runs ``python -m stda_hf ...`` in a subprocess and asserts one line on stderr with exit status 2 (or
 the stated report), that nothing was written outside ``--out`` and that no input lost a byte. Read-only
@@ -383,7 +383,7 @@ def run_batch(
 
 
 def _user_folder_with_a_config(folder: Path) -> None:
-    """A folder of the user's that merely holds a ``config.yaml`` (the data-loss case of issue 26)."""
+    """A folder of the user's that merely holds a ``config.yaml`` (the data-loss case: --overwrite must not delete it)."""
     (folder / "data").mkdir(parents=True)
     (folder / "data" / "scan.csv").write_text("id,x\n1,2\n")
     (folder / "notes.txt").write_text("my notes")
@@ -509,7 +509,7 @@ def _lines(path: Path, records: list) -> None:
 
 
 def _state_cases(root: Path, real: Path, assets: Path) -> dict[str, tuple[Path, tuple[str, ...]]]:
-    """The cases of issue 26 on state files, sizes and seeds: name -> (cwd, args)."""
+    """Hostile cases on state files, sizes and seeds: name -> (cwd, args)."""
     cases: dict[str, tuple[Path, tuple[str, ...]]] = {}
     shutil.copytree(real, assets / "real")
     gen = ("--size", "32", "--weights", "random", "--limit", "1", "--per-content", "1", "--device", "cpu")
