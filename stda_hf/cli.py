@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from stda_hf import __version__
-from stda_hf.core.config import add_config_flags, config_from_args, field_comments
+from stda_hf.core.config import OneLineParser, add_config_flags, config_from_args, field_comments
 from stda_hf.core.errors import StdaError, run_reporting_errors
 
 __all__ = ["add_config_flags", "build_parser", "config_from_args", "field_comments", "main"]
@@ -27,13 +27,6 @@ logger = logging.getLogger("stda_hf")
 
 # ----------------------------------------------------------------------------------------------------------------
 # Parsing
-
-
-class _Parser(argparse.ArgumentParser):
-    """An argument parser whose usage errors are one line naming ``--help``, with exit status 2."""
-
-    def error(self, message: str):  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
 
 
 def _path(text: str) -> Path:
@@ -476,7 +469,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     With ``only``, that subcommand gets its full arguments and the others a one-line stub, so running one
     stage imports only that stage (``stda phantoms`` never loads torch). Without it, every subcommand is built.
     """
-    parser = _Parser(
+    parser = OneLineParser(
         prog="stda",
         description="Style-transfer data augmentation for skin-lesion images: "
         "fetch/phantoms -> split -> generate -> label -> package -> push; then train.py.",
@@ -492,7 +485,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         dest="command",
         metavar="COMMAND",
         required=True,
-        parser_class=lambda **kw: _Parser(parents=[common], **kw),
+        parser_class=lambda **kw: OneLineParser(parents=[common], **kw),
     )
     for add in COMMANDS:
         name = add.__name__.removeprefix("_add_")
