@@ -140,7 +140,12 @@ def _run_phantoms(args) -> None:
     artifacts = {**DEFAULT_ARTIFACT_RATES, **parse_artifact_rates(args.artifact)} if args.artifact else None
     cfg = config_from_args(PhantomConfig, args, artifacts=artifacts)
     meta = make_phantoms(args.out, cfg, overwrite=args.overwrite)
-    print(f"wrote {cfg.n} phantom images ({cfg.size}px) to {args.out}; metadata in {meta}")
+    shape = (
+        f"{cfg.size}px"
+        if cfg.aspect == ("1:1",)
+        else f"{cfg.size}px longer side, aspect {' '.join(cfg.aspect)}"
+    )
+    print(f"wrote {cfg.n} phantom images ({shape}) to {args.out}; metadata in {meta}")
 
 
 def _add_import(sub) -> None:

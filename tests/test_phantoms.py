@@ -3,13 +3,24 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from stda_hf.cli import main
 from stda_hf.core.errors import StdaError
-from stda_hf.data.phantoms import PhantomConfig, make_phantoms, parse_artifact_rates, plan_images, rerender
+from stda_hf.data.phantoms import (
+    PhantomConfig,
+    frame_size,
+    make_phantoms,
+    parse_artifact_rates,
+    plan_images,
+    render_plan,
+    rerender,
+    view_frame,
+)
 from stda_hf.data.real import ARTIFACTS, read_real_folder
 
 
@@ -175,3 +186,137 @@ def test_rerender_refuses_a_folder_without_phantom_settings_and_an_unknown_id(ar
         rerender(artifact_folder, "PHANTOM_9999999", ())
     with pytest.raises(StdaError, match="unknown artifact"):
         rerender(artifact_folder, "PHANTOM_0000001", ("sticker",))
+
+
+# --- Non-square phantoms: --aspect W:H, --size the longer side ---
+
+
+def _render_digest(size: int) -> str:
+    """SHA-256 of the raw pixels, masks and artifact maps of 16 views at ``size`` (every artifact drawn in half)."""
+    digest = hashlib.sha256()
+    every = {a: (1.0, 1.0) for a in ARTIFACTS}
+    for artifacts in (every, None):
+        cfg = PhantomConfig(
+            n=8, size=size, seed=5, hair=0.7, **({"artifacts": artifacts} if artifacts else {})
+        )
+        for plan in plan_images(cfg):
+            view = render_plan(cfg, plan)
+            for array in (np.asarray(view.image), view.mask, view.labels):
+                digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+# Digests of the square renderer as it was before --aspect existed (commit 2ff2fe0, numpy 2.4, Pillow 13): the
+# default square output must stay bit-identical, so folders, benchmarks and figures made before do not move.
+SQUARE_BEFORE_ASPECT = {
+    32: "a49d7a52ea49f41f4830a8f52d9f8383fdaa9291e6c0018f97d75857230cfa4b",
+    47: "9a5c49657e19e61d574f6f501eb911b05dbeb0107c2b06369790eb0dd794ce18",
+}
+
+
+@pytest.mark.parametrize("size", sorted(SQUARE_BEFORE_ASPECT))
+def test_square_phantoms_are_bit_identical_to_the_renderer_before_aspect(size):
+    assert _render_digest(size) == SQUARE_BEFORE_ASPECT[size]
+
+
+def test_frame_size_keeps_size_as_the_longer_side():
+    assert frame_size(96, "1:1") == (96, 96)
+    assert frame_size(96, "4:3") == (96, 72)
+    assert frame_size(96, "3:2") == (96, 64)
+    assert frame_size(96, "3:4") == (72, 96)
+    assert frame_size(1022, "1022:767") == (1022, 767)  # an ISIC 2017 image's own ratio
+
+
+def test_aspects_give_a_mix_of_sizes_with_masks_and_artifact_maps_of_the_same_size(tmp_path):
+    every = {a: (0.5, 0.5) for a in ARTIFACTS}
+    argv = ["phantoms", "--out", str(tmp_path), "--n", "16", "--size", "48", "--aspect", "4:3", "3:2"]
+    assert main(argv) == 0
+    cfg = PhantomConfig(n=16, size=48, aspect=("4:3", "3:2"), artifacts=every)
+    make_phantoms(tmp_path / "arts", cfg)
+    sizes = []
+    for root in (tmp_path, tmp_path / "arts"):
+        for r in _rows(root):
+            with Image.open(root / "images" / f"{r['isic_id']}.jpg") as image:
+                sizes.append(image.size)
+            with Image.open(root / "masks" / f"{r['isic_id']}.png") as mask:
+                assert mask.size == image.size
+            if r["artifacts"]:
+                with Image.open(root / "artifacts" / f"{r['isic_id']}.png") as artifact_map:
+                    assert artifact_map.size == image.size
+    assert set(sizes) == {(48, 36), (48, 32)}  # both aspects drawn, nothing else
+
+
+def test_a_mixed_folders_square_images_are_the_square_folders_images():
+    square = PhantomConfig(n=12, size=32, seed=4)
+    mixed = PhantomConfig(n=12, size=32, seed=4, aspect=("1:1", "3:2"))
+    drawn_square = 0
+    for plan in plan_images(mixed):
+        if view_frame(mixed, plan) == (32, 32):
+            drawn_square += 1
+            a, b = render_plan(mixed, plan), render_plan(square, plan)
+            assert np.array_equal(np.asarray(a.image), np.asarray(b.image)) and np.array_equal(a.mask, b.mask)
+    assert 0 < drawn_square < 12
+
+
+def test_lesion_is_centred_and_sized_to_the_shorter_side_of_a_wide_frame():
+    wide = PhantomConfig(n=10, size=96, seed=2, hair=0.0, aspect=("4:3",))  # 96 x 72
+    square = PhantomConfig(n=10, size=72, seed=2, hair=0.0)  # the same lesions and views at 72 x 72
+    for plan in plan_images(wide):
+        mask, same = render_plan(wide, plan).mask > 0, render_plan(square, plan).mask > 0
+        assert mask.shape == (72, 96)
+        assert abs(mask.sum() - same.sum()) <= 0.05 * same.sum() + 4  # the same lesion, not stretched
+        ys, xs = np.nonzero(mask)
+        assert abs(xs.mean() - 48) < 0.15 * 96 and abs(ys.mean() - 36) < 0.15 * 72
+
+
+def test_artifacts_follow_the_edges_and_corners_of_a_wide_frame():
+    only = {a: (0.0, 0.0) for a in ARTIFACTS}
+    codes = {a: ARTIFACTS.index(a) + 1 for a in ARTIFACTS}
+    ruler = PhantomConfig(n=8, size=90, seed=1, aspect=("3:2",), artifacts={**only, "ruler": (1.0, 1.0)})
+    for plan in plan_images(ruler):
+        band = render_plan(ruler, plan).labels == codes["ruler"]
+        rows, cols = np.nonzero(band.any(axis=1))[0], np.nonzero(band.any(axis=0))[0]
+        along_x = band[rows].all(axis=1).any()  # a full-width band at the top or bottom, else full height
+        assert along_x or band[:, cols].all(axis=0).any()
+        assert rows.min() == 0 or rows.max() == 59 or cols.min() == 0 or cols.max() == 89
+    corners = PhantomConfig(
+        n=4, size=90, seed=1, aspect=("3:2",), artifacts={**only, "dark_corners": (1.0, 1.0)}
+    )
+    for plan in plan_images(corners):
+        labels = render_plan(corners, plan).labels
+        assert all(labels[y, x] == codes["dark_corners"] for y in (0, 59) for x in (0, 89))
+        assert not labels[20:40, 30:60].any()  # the middle of the frame stays open
+
+
+def test_rerender_of_a_non_square_phantom_is_the_written_image(tmp_path):
+    make_phantoms(tmp_path, PhantomConfig(n=6, size=48, image_format="png", aspect=("4:3", "3:2")))
+    for row in _rows(tmp_path):
+        view = rerender(tmp_path, row["isic_id"], tuple(filter(None, row["artifacts"].split(";"))))
+        with Image.open(tmp_path / "images" / f"{row['isic_id']}.png") as written:
+            assert np.array_equal(np.asarray(view.image), np.asarray(written.convert("RGB")))
+
+
+def test_a_folder_made_before_aspect_existed_counts_as_square(tmp_path):
+    cfg = PhantomConfig(n=3, size=32)
+    make_phantoms(tmp_path, cfg)
+    settings = tmp_path / "phantoms.yaml"
+    settings.write_text(settings.read_text().replace("aspect:\n- '1:1'\n", ""))  # as written before --aspect
+    make_phantoms(tmp_path, cfg)  # the same settings: fine
+    with pytest.raises(StdaError, match="other settings"):
+        make_phantoms(tmp_path, PhantomConfig(n=3, size=32, aspect=("4:3",)))
+
+
+@pytest.mark.parametrize(
+    ("aspect", "match"),
+    [
+        (("3x2",), r"give WIDTH:HEIGHT"),
+        ((243,), r"quote it, '3:2'"),  # YAML 1.1 reads an unquoted 4:3 as the number 243
+        (("0:1",), r"give WIDTH:HEIGHT"),
+        (("9:1",), r"between 1:4 and 4:1"),
+        (("4:1",), r"shorter side would be 8 px, fewer than 16"),
+        ((), r"at least one"),
+    ],
+)
+def test_bad_aspects_are_refused_naming_the_value(aspect, match):
+    with pytest.raises(StdaError, match=match):
+        PhantomConfig(size=32, aspect=aspect)

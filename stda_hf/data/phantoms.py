@@ -10,6 +10,10 @@ the grouping of ``stda split`` matters exactly as with ISIC data. Optional artif
 marker ink, dark dermoscope corners) appear at per-class rates, so a shortcut can be planted on purpose and
 found again by the explanations; where each artifact was drawn is saved as a label map in ``artifacts/``.
 
+Images are square by default; ``aspect`` renders them wider (or taller) than high, as dermoscopy photographs
+are (ISIC 2017: 4:3 and 3:2), with the lesion near the centre sized to the shorter side and the artifacts laid
+out along the frame's own edges and corners. Several aspects give a mix, one drawn per image.
+
 The output is the real-image layout of ``stda_hf.data.real``: ``images/``, ``masks/`` (binary lesion masks),
 ``artifacts/``, ``metadata.csv``, ``ATTRIBUTION.md`` and ``LICENSES/``.
 """
@@ -21,11 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import yaml
 from PIL import Image, ImageDraw
 from scipy.ndimage import map_coordinates
 
-from stda_hf.core.config import config_to_dict, dump_config, load_config
+from stda_hf.core.config import changed_settings, config_to_dict, dump_config, load_config, read_settings
 from stda_hf.core.errors import StdaError
 from stda_hf.core.utils import check_seed, progress
 from stda_hf.data.images import check_side, save_image
@@ -62,6 +65,40 @@ PALETTE = {  # dermoscopic colours
 
 MAX_SIZE = 4096
 """Largest phantom side: rendering holds float64 arrays of size x size x 2 (256 MiB each at 4096 px)."""
+MIN_SIZE = 16
+"""Smallest phantom side, the shorter one of a non-square image included."""
+MAX_ASPECT = 4.0
+"""Widest (and, inverted, tallest) aspect ratio accepted: beyond it the lesion is a sliver of the frame."""
+
+
+def parse_aspect(text: str) -> tuple[int, int]:
+    """``"3:2"`` -> ``(3, 2)``: an aspect ratio as width and height.
+
+    Raises
+    ------
+    StdaError
+        Not two positive whole numbers joined by ``:``, or a ratio beyond :data:`MAX_ASPECT` either way.
+    """
+    width, sep, height = str(text).partition(":")
+    if not (sep and width.strip().isdigit() and height.strip().isdigit()) or 0 in (int(width), int(height)):
+        quote = (
+            " (in a YAML file quote it, '3:2': YAML reads 3:2 as the number 182)" if width.isdigit() else ""
+        )
+        raise StdaError(f"--aspect {text!r}: give WIDTH:HEIGHT in whole numbers, e.g. 1:1, 4:3 or 3:2{quote}")
+    w, h = int(width), int(height)
+    if max(w / h, h / w) > MAX_ASPECT:
+        raise StdaError(
+            f"--aspect {text!r}: the ratio must lie between 1:{MAX_ASPECT:g} and {MAX_ASPECT:g}:1"
+        )
+    return w, h
+
+
+def frame_size(size: int, aspect: str) -> tuple[int, int]:
+    """``(width, height)`` of an image whose longer side is ``size`` pixels at ``aspect`` (``"W:H"``)."""
+    w, h = parse_aspect(aspect)
+    if w >= h:
+        return size, max(1, round(size * h / w))
+    return max(1, round(size * w / h)), size
 
 
 @dataclass
@@ -69,7 +106,8 @@ class PhantomConfig:
     """Settings of ``stda phantoms``."""
 
     n: int = 400  # number of images
-    size: int = 224  # image side in pixels
+    size: int = 224  # image side in pixels (the longer side when --aspect is not 1:1)
+    aspect: tuple[str, ...] = ("1:1",)  # width:height (default 1:1), e.g. 4:3 3:2; several: one per image
     seed: int = 0  # same seed, same images
     malignant_fraction: float = 0.5  # share of malignant lesions
     max_lesions_per_patient: int = 3  # each patient has 1..this many lesions
@@ -84,7 +122,16 @@ class PhantomConfig:
             raise StdaError(f"--n {self.n}: need at least one image")
         check_seed("--seed", self.seed)
         why = "each is rendered in memory as float arrays of size x size"
-        check_side("--size", self.size, 16, MAX_SIZE, "phantoms", why, bytes_per_pixel=16)
+        check_side("--size", self.size, MIN_SIZE, MAX_SIZE, "phantoms", why, bytes_per_pixel=16)
+        if not self.aspect:
+            raise StdaError("--aspect: give at least one WIDTH:HEIGHT, e.g. 1:1")
+        self.aspect = tuple(str(a).strip() for a in self.aspect)
+        for aspect in self.aspect:
+            if min(frame_size(self.size, aspect)) < MIN_SIZE:
+                raise StdaError(
+                    f"--aspect {aspect} at --size {self.size}: the shorter side would be "
+                    f"{min(frame_size(self.size, aspect))} px, fewer than {MIN_SIZE}; raise --size"
+                )
         if not 0.0 <= self.malignant_fraction <= 1.0:
             raise StdaError(f"malignant_fraction {self.malignant_fraction} must be between 0 and 1")
         if self.image_format not in ("jpg", "png"):
@@ -258,64 +305,80 @@ def render_lesion(lesion: Lesion, u: np.ndarray, v: np.ndarray) -> tuple[np.ndar
 # A view: skin, lighting, the lesion placed in the frame, hairs and artifacts.
 
 
-def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
-    grid = rng.normal(0, 1, (cells, cells)).astype(np.float32)
-    return np.asarray(Image.fromarray(grid, mode="F").resize((size, size), Image.BICUBIC))
+def _smooth_noise(rng: np.random.Generator, frame: tuple[int, int], cells: int) -> np.ndarray:
+    """Smooth noise of shape ``(height, width)`` with about ``cells`` cells along the shorter side."""
+    w, h = frame
+    grid_h, grid_w = max(cells, round(cells * h / w)), max(cells, round(cells * w / h))  # square cells
+    grid = rng.normal(0, 1, (grid_h, grid_w)).astype(np.float32)
+    return np.asarray(Image.fromarray(grid, mode="F").resize((w, h), Image.BICUBIC))
+
+
+def _frame_radius(frame: tuple[int, int]) -> float:
+    """Half-diagonal over sqrt(2): half the side of a square frame (exactly), so that lighting and dark corners
+    reach a non-square frame's corners as they reach a square one's."""
+    w, h = frame
+    return float(np.sqrt((w * w + h * h) / 8))
 
 
 def render_view(
     rng: np.random.Generator,
     lesion: Lesion,
     skin: np.ndarray,
-    size: int,
+    size: int | tuple[int, int],
     hair: float,
     artifacts: tuple[str, ...],
     paint: tuple[str, ...] | None = None,
 ) -> tuple[Image.Image, np.ndarray, np.ndarray]:
     """Render one photograph of ``lesion``: RGB image, binary lesion mask and artifact label map (uint8).
 
-    Artifacts are drawn in the order given; only those in ``paint`` (default: all) reach the image, the others
-    are drawn onto a scratch copy so the random stream, and so every other artifact, stays the same.
+    ``size`` is the side of a square image or its ``(width, height)``. The lesion's diameter is a fraction of
+    the shorter side and its centre lies near the frame's. Artifacts are drawn in the order given; only those
+    in ``paint`` (default: all) reach the image, the others are drawn onto a scratch copy so the random stream,
+    and so every other artifact, stays the same.
     """
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+    frame = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    w, h = frame
+    short = min(w, h)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32) + 0.5
     angle, scale = rng.uniform(0, 2 * np.pi), rng.uniform(0.85, 1.15)
-    cx, cy = size * (0.5 + rng.uniform(-0.08, 0.08, 2))
-    radius = lesion.diameter * size * scale / 2
+    shift = 0.5 + rng.uniform(-0.08, 0.08, 2)
+    cx, cy = w * shift[0], h * shift[1]
+    radius = lesion.diameter * short * scale / 2
     dx, dy = (xx - cx) / radius, (yy - cy) / radius
     u = np.cos(angle) * dx + np.sin(angle) * dy
     v = -np.sin(angle) * dx + np.cos(angle) * dy
 
     tone = skin * rng.uniform(0.95, 1.05, 3).astype(np.float32)
-    mottling = 1.0 + 0.05 * _smooth_noise(rng, size, 6) + 0.02 * _smooth_noise(rng, size, max(8, size // 6))
-    img = tone * mottling[..., None] + rng.normal(0, 2.5, (size, size, 3)).astype(np.float32)
+    mottling = (
+        1.0 + 0.05 * _smooth_noise(rng, frame, 6) + 0.02 * _smooth_noise(rng, frame, max(8, short // 6))
+    )
+    img = tone * mottling[..., None] + rng.normal(0, 2.5, (h, w, 3)).astype(np.float32)
     pigment, coverage = render_lesion(lesion, u, v)
     opacity = rng.uniform(0.85, 1.0)
     img += (opacity * coverage)[..., None] * (pigment * (0.75 + 0.25 * mottling[..., None]) - img)
 
-    r = np.hypot(xx - size / 2, yy - size / 2) / (size / 2)
-    light = (
-        rng.uniform(0.92, 1.06) * (1.0 - 0.12 * r**2) * (1.0 + 0.05 * (xx - size / 2) / size * rng.normal())
-    )
+    r = np.hypot(xx - w / 2, yy - h / 2) / _frame_radius(frame)
+    light = rng.uniform(0.92, 1.06) * (1.0 - 0.12 * r**2) * (1.0 + 0.05 * (xx - w / 2) / w * rng.normal())
     img = np.clip(img * light[..., None], 0, 255).astype(np.uint8)
 
     pil = Image.fromarray(img, "RGB")
     if rng.uniform() < hair:
-        _draw_hairs(rng, pil, size)
-    labels = np.zeros((size, size), np.uint8)
+        _draw_hairs(rng, pil, frame)
+    labels = np.zeros((h, w), np.uint8)
     for name in artifacts:
         shown = paint is None or name in paint
         target, target_labels = (pil, labels) if shown else (pil.copy(), labels.copy())
-        _ARTIFACT_DRAWERS[name](rng, target, target_labels, size, (cx, cy, radius))
+        _ARTIFACT_DRAWERS[name](rng, target, target_labels, frame, (cx, cy, radius))
     mask = (coverage > 0.5).astype(np.uint8) * 255
     return pil, mask, labels
 
 
-def _draw_hairs(rng: np.random.Generator, img: Image.Image, size: int) -> None:
-    draw = ImageDraw.Draw(img)
-    width = max(1, round(size / 160))
+def _draw_hairs(rng: np.random.Generator, img: Image.Image, frame: tuple[int, int]) -> None:
+    draw, extent, short = ImageDraw.Draw(img), np.array(frame), min(frame)
+    width = max(1, round(short / 160))
     for _ in range(rng.integers(1, 12)):
-        p0, p2 = rng.uniform(-0.1, 1.1, 2) * size, rng.uniform(-0.1, 1.1, 2) * size
-        p1 = (p0 + p2) / 2 + rng.normal(0, 0.15 * size, 2)
+        p0, p2 = rng.uniform(-0.1, 1.1, 2) * extent, rng.uniform(-0.1, 1.1, 2) * extent
+        p1 = (p0 + p2) / 2 + rng.normal(0, 0.15 * short, 2)
         t = np.linspace(0, 1, 24)[:, None]
         pts = (1 - t) ** 2 * p0 + 2 * (1 - t) * t * p1 + t**2 * p2
         shade = int(rng.uniform(20, 70))
@@ -326,35 +389,37 @@ def _mark(labels: np.ndarray, region: Image.Image, code: int) -> None:
     labels[np.asarray(region) > 0] = code
 
 
-def _draw_ruler(rng, img, labels, size, lesion_frame) -> None:
-    band = max(3, round(0.07 * size))
-    side = rng.integers(4)
+def _draw_ruler(rng, img, labels, frame, lesion_frame) -> None:
+    (w, h), short = frame, min(frame)
+    band = max(3, round(0.07 * short))
+    side = rng.integers(4)  # top, bottom, left, right
     region = Image.new("L", img.size, 0)
     box = [
-        (0, 0, size, band),
-        (0, size - band, size, size),
-        (0, 0, band, size),
-        (size - band, 0, size, size),
+        (0, 0, w, band),
+        (0, h - band, w, h),
+        (0, 0, band, h),
+        (w - band, 0, w, h),
     ][side]
     ImageDraw.Draw(img).rectangle(box, fill=(226, 222, 205))
     ImageDraw.Draw(region).rectangle(box, fill=1)
-    draw, step = ImageDraw.Draw(img), max(2, round(0.035 * size))
-    for i, pos in enumerate(range(step, size, step)):
+    draw, step, tick = ImageDraw.Draw(img), max(2, round(0.035 * short)), max(1, short // 224)
+    for i, pos in enumerate(range(step, w if side < 2 else h, step)):
         length = band * (0.8 if i % 5 == 4 else 0.45)
         if side < 2:
             y0 = box[1] if side == 0 else box[3] - length
-            draw.line([(pos, y0), (pos, y0 + length)], fill=(20, 20, 20), width=max(1, size // 224))
+            draw.line([(pos, y0), (pos, y0 + length)], fill=(20, 20, 20), width=tick)
         else:
             x0 = box[0] if side == 2 else box[2] - length
-            draw.line([(x0, pos), (x0 + length, pos)], fill=(20, 20, 20), width=max(1, size // 224))
+            draw.line([(x0, pos), (x0 + length, pos)], fill=(20, 20, 20), width=tick)
     _mark(labels, region, ARTIFACTS.index("ruler") + 1)
 
 
-def _draw_patch(rng, img, labels, size, lesion_frame) -> None:
-    cell = max(2, round(0.055 * size))
+def _draw_patch(rng, img, labels, frame, lesion_frame) -> None:
+    w, h = frame
+    cell = max(2, round(0.055 * min(frame)))
     corner = rng.integers(4)
-    x0 = 2 if corner % 2 == 0 else size - 3 * cell - 2
-    y0 = 2 if corner < 2 else size - 2 * cell - 2
+    x0 = 2 if corner % 2 == 0 else w - 3 * cell - 2
+    y0 = 2 if corner < 2 else h - 2 * cell - 2
     colours = [(200, 30, 30), (30, 160, 40), (30, 60, 190), (230, 210, 40), (245, 245, 245), (120, 120, 120)]
     draw, region = ImageDraw.Draw(img), Image.new("L", img.size, 0)
     for i, c in enumerate(colours):
@@ -369,13 +434,13 @@ def _draw_patch(rng, img, labels, size, lesion_frame) -> None:
     _mark(labels, region, ARTIFACTS.index("patch") + 1)
 
 
-def _draw_ink(rng, img, labels, size, lesion_frame) -> None:
+def _draw_ink(rng, img, labels, frame, lesion_frame) -> None:
     cx, cy, radius = lesion_frame
     start = rng.uniform(0, 2 * np.pi)
     ang = start + np.linspace(0, rng.uniform(0.6, 1.6), 20)
     rr = radius * rng.uniform(1.25, 1.6) * (1 + 0.05 * np.sin(3 * ang))
     pts = [(float(cx + r * np.cos(a)), float(cy + r * np.sin(a))) for r, a in zip(rr, ang, strict=True)]
-    width = max(2, round(0.03 * size))
+    width = max(2, round(0.03 * min(frame)))
     overlay, region = Image.new("RGBA", img.size, (0, 0, 0, 0)), Image.new("L", img.size, 0)
     ImageDraw.Draw(overlay).line(pts, fill=(110, 50, 150, 190), width=width, joint="curve")
     ImageDraw.Draw(region).line(pts, fill=1, width=width, joint="curve")
@@ -383,9 +448,10 @@ def _draw_ink(rng, img, labels, size, lesion_frame) -> None:
     _mark(labels, region, ARTIFACTS.index("ink") + 1)
 
 
-def _draw_dark_corners(rng, img, labels, size, lesion_frame) -> None:
-    yy, xx = np.mgrid[0:size, 0:size] + 0.5
-    r = np.hypot(xx - size / 2, yy - size / 2) / (size / 2)
+def _draw_dark_corners(rng, img, labels, frame, lesion_frame) -> None:
+    w, h = frame  # the dermoscope's round field of view, as wide as a square frame's: it cuts the corners
+    yy, xx = np.mgrid[0:h, 0:w] + 0.5
+    r = np.hypot(xx - w / 2, yy - h / 2) / _frame_radius(frame)
     edge = rng.uniform(0.95, 1.12)
     dark = np.clip((r - edge) / 0.06, 0, 1)
     arr = np.asarray(img, np.float32) * (1 - dark[..., None]) + 8 * dark[..., None]
@@ -451,6 +517,15 @@ class PhantomView:
     skin_type: int
 
 
+def view_frame(cfg: PhantomConfig, plan: _Plan) -> tuple[int, int]:
+    """``(width, height)`` of the image ``plan`` names: one of ``cfg.aspect``, drawn per image when there are
+    several (from a stream of its own, so a square folder's images are the same with or without this choice)."""
+    if len(cfg.aspect) == 1:
+        return frame_size(cfg.size, cfg.aspect[0])
+    rng = np.random.default_rng([cfg.seed, plan.patient, plan.lesion, plan.view + 1, 2])
+    return frame_size(cfg.size, cfg.aspect[int(rng.integers(len(cfg.aspect)))])
+
+
 def render_plan(cfg: PhantomConfig, plan: _Plan, artifacts: tuple[str, ...] | None = None) -> PhantomView:
     """Render the image ``plan`` names, deterministically for ``cfg.seed``.
 
@@ -466,14 +541,15 @@ def render_plan(cfg: PhantomConfig, plan: _Plan, artifacts: tuple[str, ...] | No
     vrng = np.random.default_rng([cfg.seed, plan.patient, plan.lesion, plan.view + 1])
     label = 1 if lesion.malignant else 0
     drawn = tuple(a for a in ARTIFACTS if vrng.uniform() < cfg.artifacts[a][label])
+    frame = view_frame(cfg, plan)
     if artifacts is None:
-        img, mask, labels = render_view(vrng, lesion, skin, cfg.size, cfg.hair, drawn)
+        img, mask, labels = render_view(vrng, lesion, skin, frame, cfg.hair, drawn)
         return PhantomView(img, mask, labels, drawn, lesion, skin_type)
     unknown = sorted(set(artifacts) - set(ARTIFACTS))
     if unknown:
         raise StdaError(f"unknown artifact(s) {unknown}; valid: {list(ARTIFACTS)}")
     order = drawn + tuple(a for a in ARTIFACTS if a in artifacts and a not in drawn)  # pasted ones last
-    img, mask, labels = render_view(vrng, lesion, skin, cfg.size, cfg.hair, order, paint=tuple(artifacts))
+    img, mask, labels = render_view(vrng, lesion, skin, frame, cfg.hair, order, paint=tuple(artifacts))
     return PhantomView(img, mask, labels, tuple(a for a in order if a in artifacts), lesion, skin_type)
 
 
@@ -533,8 +609,9 @@ def make_phantoms(out: str | Path, cfg: PhantomConfig | None = None, overwrite: 
     out = Path(out)
     settings = out / "phantoms.yaml"
     if (out / "metadata.csv").exists() and not overwrite:
-        previous = settings.read_text(encoding="utf-8") if settings.exists() else None
-        if previous != yaml.safe_dump(config_to_dict(cfg), sort_keys=False):
+        previous = read_settings(settings)
+        if previous is None or changed_settings({"aspect": ["1:1"], **previous}, config_to_dict(cfg)):
+            # ^ a folder written before --aspect existed holds square images
             raise StdaError(
                 f"{out} already holds images made with other settings; pass --overwrite or another --out"
             )
