@@ -5,7 +5,8 @@ written from phantoms rendered at ISIC-like aspect ratios (4:3, 3:2 and square, 
 the exact names of the challenge download (``docs/data.md``, "Testing on ISIC-like data"): the Training,
 Validation and Test_v2 partitions, each with its ``_Data`` folder of JPEGs, superpixel maps and
 ``_Data_metadata.csv``, its ``_Part1_GroundTruth`` folder of ``<id>_segmentation.png`` masks, its
-``_Part2_GroundTruth`` folder of ``<id>_features.json`` and its ``_Part3_GroundTruth.csv``.
+``_Part2_GroundTruth`` folder of ``<id>_features.json`` and its ``_Part3_GroundTruth.csv``; the test partition's
+masks are not downloaded, as by a researcher who fetched only the classification zips for it.
 
 The flow runs once per module, as a researcher types it: ``stda import --max-side`` -> ``stda split`` ->
 ``stda package`` + ``stda train`` (the teacher, on real train images only) -> ``stda generate`` with each engine
@@ -41,9 +42,12 @@ PARTITIONS = {"Training": 24, "Validation": 4, "Test_v2": 8}
 ASPECTS = ("4:3", "3:2", "1:1")  # ISIC 2017: 1022x767 and 6688x4439 (4:3), 3008x2000 (3:2), a few square
 LONGER_SIDE = 96  # of the written images; `stda import --max-side` stores them at MAX_SIDE
 MAX_SIDE = 80
+WITHOUT_MASKS = ("Test_v2",)  # partitions whose Part 1 (segmentation) zip was not downloaded
 FLOOR = 2  # `stda split --floor-per-class`: validation and test need 2 images of each class
-ENGINES = {"arbitrary": ["--size", "64"], "gatys": ["--size", "32", "--iterations", "12"]}
-"""The flags of `stda generate` per engine: 64 px for the arbitrary network (its strokes hide a 32 px lesion)."""
+ENGINES = {"arbitrary": (64, []), "gatys": (32, ["--iterations", "12"])}
+"""Per engine, the side `stda generate` writes (64 px for the arbitrary network: its strokes hide a 32 px lesion)
+and its other flags."""
+MAX_FAILED_SHARE = 0.5  # `stda generate`'s default: a run with more images failing the gate exits 2
 PAIRS = 6  # style transfers per engine
 RESIZE: list[str] = []  # flags for generate, train and package once they take them, e.g. ["--resize", "crop"]
 REGIONS: list[str] = []  # flags for generate once it takes them, e.g. ["--regions", "lesion-skin"]
@@ -53,7 +57,9 @@ REGIONS: list[str] = []  # flags for generate once it takes them, e.g. ["--regio
 # The ISIC 2017 challenge folder
 
 
-def write_isic2017_challenge(root: Path, seed: int = 0) -> dict[str, dict]:
+def write_isic2017_challenge(
+    root: Path, seed: int = 0, without_masks: tuple[str, ...] = ()
+) -> dict[str, dict]:
     """Write an ISIC 2017 challenge folder as unpacked from its zips, from phantoms at ISIC-like aspect ratios.
 
     Melanoma phantoms become ``melanoma``; benign ones alternate between ``nevus`` and ``seborrheic_keratosis``.
@@ -65,11 +71,14 @@ def write_isic2017_challenge(root: Path, seed: int = 0) -> dict[str, dict]:
         The folder to write (the zips' contents side by side, as a researcher unpacks them).
     seed : int
         The phantoms' seed.
+    without_masks : tuple of str
+        Partitions written without their ``_Part1_GroundTruth`` folder.
 
     Returns
     -------
     dict
-        ``{isic_id: {"partition", "dx", "size"}}`` for every image written, ``size`` as ``(width, height)``.
+        ``{isic_id: {"partition", "dx", "size", "mask"}}`` for every image written, ``size`` as
+        ``(width, height)``, ``mask`` whether its mask was written.
     """
     cfg = PhantomConfig(
         n=sum(PARTITIONS.values()),
@@ -84,14 +93,16 @@ def write_isic2017_challenge(root: Path, seed: int = 0) -> dict[str, dict]:
     for partition, count in PARTITIONS.items():
         data = root / f"ISIC-2017_{partition}_Data"
         part1, part2 = (root / f"ISIC-2017_{partition}_Part{k}_GroundTruth" for k in (1, 2))
-        for folder in (data, part1, part2):
+        masked = partition not in without_masks
+        for folder in (data, part1, part2) if masked else (data, part2):
             folder.mkdir(parents=True)
         ground_truth, metadata = [], []
         for _ in range(count):
             view = render_plan(cfg, next(plans))
             isic_id = f"ISIC_{12000 + len(truth):07d}"
             view.image.save(data / f"{isic_id}.jpg", quality=90)
-            Image.fromarray(view.mask, "L").save(part1 / f"{isic_id}_segmentation.png")
+            if masked:
+                Image.fromarray(view.mask, "L").save(part1 / f"{isic_id}_segmentation.png")
             _write_task2(
                 data / f"{isic_id}_superpixels.png", part2 / f"{isic_id}_features.json", view.image.size
             )
@@ -99,7 +110,7 @@ def write_isic2017_challenge(root: Path, seed: int = 0) -> dict[str, dict]:
             ground_truth.append([isic_id, f"{dx == 'melanoma':.1f}", f"{dx == 'seborrheic_keratosis':.1f}"])
             age = "unknown" if len(truth) % 5 == 0 else str(30 + 5 * (len(truth) % 9))
             metadata.append([isic_id, age, ("female", "male")[len(truth) % 2]])
-            truth[isic_id] = {"partition": partition, "dx": dx, "size": view.image.size}
+            truth[isic_id] = {"partition": partition, "dx": dx, "size": view.image.size, "mask": masked}
         header = ["image_id", "melanoma", "seborrheic_keratosis"]
         _write_csv(root / f"ISIC-2017_{partition}_Part3_GroundTruth.csv", header, ground_truth)
         _write_csv(
@@ -162,15 +173,16 @@ class Flow:
 def flow(tmp_path_factory) -> Flow:
     """The whole flow, once, as a researcher types it after unpacking the ISIC 2017 zips."""
     root = tmp_path_factory.mktemp("isic2017-flow")
-    f = Flow(root, write_isic2017_challenge(root / "ISIC-2017"), {})
+    f = Flow(root, write_isic2017_challenge(root / "ISIC-2017", without_masks=WITHOUT_MASKS), {})
     real, teacher = f.real, root / "teacher"
     f.stda("import", root / "ISIC-2017", "--out", real, "--max-side", MAX_SIDE)
     f.stda("split", real, "--seed", 0, "--floor-per-class", FLOOR)
     f.stda("package", real, "--out", f.hub("real"), *RESIZE, step="package-real")
     f.stda("train", "--dataset", f.hub("real"), "--output-dir", teacher, *tiny_train_flags(epochs=2), *RESIZE)
-    for engine, flags in ENGINES.items():
+    for engine, (size, flags) in ENGINES.items():
         syn, pairs = f.synthetic(engine), ["--per-content", 1, "--limit", PAIRS, "--batch", PAIRS]
-        generate = ["generate", real, "--out", syn, "--engine", engine, *flags, *pairs, *RESIZE, *REGIONS]
+        generate = ["generate", real, "--out", syn, "--engine", engine, "--size", size, *flags, *pairs]
+        generate += ["--max-failed-share", MAX_FAILED_SHARE, *RESIZE, *REGIONS]
         f.stda(*generate, step=f"generate-{engine}")
         f.stda("label", syn, "--teacher", teacher, "--real", real, "--calibrate", step=f"label-{engine}")
         f.stda("package", real, "--synthetic", syn, "--out", f.hub(engine), *RESIZE, step=f"package-{engine}")
@@ -217,17 +229,28 @@ def test_import_records_cc0_and_the_isic_2017_attribution_for_every_image(flow):
     assert (flow.real / "LICENSES" / "cc0-1.0.txt").is_file()
 
 
-def test_import_bounds_the_side_keeping_each_aspect_and_its_mask_aligned(flow):
+def test_import_bounds_the_side_keeping_each_aspect(flow):
     sizes = Counter()
     for isic_id, want in flow.truth.items():
         with Image.open(flow.real / "images" / f"{isic_id}.jpg") as image:
             w, h = want["size"]
-            assert image.size == (MAX_SIDE, round(MAX_SIDE * h / w))  # longer side bounded, aspect kept
+            assert image.size == (MAX_SIDE, round(MAX_SIDE * h / w)), (
+                isic_id
+            )  # longer side bounded, aspect kept
             sizes[image.size] += 1
-        with Image.open(flow.real / "masks" / f"{isic_id}.png") as mask:
-            assert mask.size == image.size and set(np.unique(np.asarray(mask))) == {0, 255}
     assert set(sizes) == {(80, 60), (80, 53), (80, 80)}  # 4:3, 3:2 and square all present
-    assert f"masks:       {len(flow.truth)}\n" in flow.printed["import"]
+
+
+def test_import_stores_each_downloaded_mask_aligned_with_its_resized_image(flow):
+    masked = sorted(i for i, want in flow.truth.items() if want["mask"])
+    assert sorted(p.stem for p in (flow.real / "masks").iterdir()) == masked
+    for isic_id in masked:
+        with (
+            Image.open(flow.real / "images" / f"{isic_id}.jpg") as image,
+            Image.open(flow.real / "masks" / f"{isic_id}.png") as mask,
+        ):
+            assert mask.size == image.size and set(np.unique(np.asarray(mask))) == {0, 255}
+    assert f"masks:       {len(masked)}\n" in flow.printed["import"]
 
 
 def test_import_lists_the_task_2_files_it_does_not_use_and_nothing_else(flow):
@@ -235,7 +258,7 @@ def test_import_lists_the_task_2_files_it_does_not_use_and_nothing_else(flow):
     left_out = {Path(p).name for p in report["left_out"]}
     task2 = {f"{i}_superpixels.png" for i in flow.truth} | {f"{i}_features.json" for i in flow.truth}
     assert left_out == task2
-    assert report["missing"] == [] and report["masks"] == len(flow.truth)
+    assert report["missing"] == []
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -278,7 +301,7 @@ def test_generate_pairs_benign_train_content_with_malignant_train_style(flow, en
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_generate_writes_images_at_the_configured_size(flow, engine):
-    size = int(ENGINES[engine][ENGINES[engine].index("--size") + 1])
+    size = ENGINES[engine][0]
     for r in read_jsonl(flow.synthetic(engine) / "manifest.jsonl"):
         with Image.open(flow.synthetic(engine) / r["file"]) as image:
             assert image.size == (size, size), r["file"]
@@ -290,10 +313,10 @@ def test_generate_judges_every_image_and_records_the_gates_summary(flow, engine)
     summary = json.loads((flow.synthetic(engine) / "generate_summary.json").read_text(encoding="utf-8"))
     verdicts = Counter(r["quality"]["verdict"] for r in records)
     assert summary["verdicts"] == dict(verdicts) and summary["gate_features"] == "vgg19-imagenet"
-    assert verdicts["ok"] > PAIRS // 2  # the gate passes the run: more than half the images restyled
-    assert all(
-        r["quality"]["lesion_contrast"] is not None for r in records
-    )  # judged against the imported masks
+    failed = sum(verdicts.values()) - verdicts["ok"]
+    assert verdicts["ok"] and failed <= MAX_FAILED_SHARE * PAIRS  # the run passed the gate
+    for r in records:  # the lesion is judged against its imported mask where there is one
+        assert (r["quality"]["lesion_contrast"] is not None) == flow.truth[r["content_id"]]["mask"]
     printed = flow.printed[f"generate-{engine}"]
     assert f"quality gate, all images of this run: ok {verdicts['ok']}," in printed
 
@@ -352,19 +375,20 @@ def test_every_row_carries_its_isic_id_licence_and_attribution(flow, loaded, eng
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-def test_every_real_row_has_its_imported_mask_at_its_image_size(flow, loaded, engine):
-    ds = loaded[engine]
+def test_real_rows_carry_their_imported_mask_and_only_those(flow, loaded, engine):
+    with_mask = set()
     for split in ("train", "validation", "test"):
-        for example in ds[split]:
-            assert example["mask"] is not None, example["isic_id"]
-            assert example["mask"].size == example["image"].size
-            mask = np.asarray(example["mask"])
-            assert mask.max() == 255 and mask.min() == 0
+        for example in loaded[engine][split]:
+            if example["mask"] is not None:
+                assert example["mask"].size == example["image"].size, example["isic_id"]
+                assert set(np.unique(np.asarray(example["mask"]))) == {0, 255}
+                with_mask.add(example["isic_id"])
+    assert with_mask == {i for i, want in flow.truth.items() if want["mask"]}
 
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_packaged_synthetic_images_are_the_generated_size(flow, loaded, engine):
-    size = int(ENGINES[engine][ENGINES[engine].index("--size") + 1])
+    size = ENGINES[engine][0]
     assert {im.size for im in loaded[engine]["synthetic"]["image"]} == {(size, size)}
 
 
