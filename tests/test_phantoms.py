@@ -227,6 +227,10 @@ def test_frame_size_keeps_size_as_the_longer_side():
     assert frame_size(1022, "1022:767") == (1022, 767)  # an ISIC 2017 image's own ratio
 
 
+def test_one_aspect_given_as_text_is_one_aspect():
+    assert PhantomConfig(size=48, aspect="4:3").aspect == ("4:3",)
+
+
 def test_aspects_give_a_mix_of_sizes_with_masks_and_artifact_maps_of_the_same_size(tmp_path):
     every = {a: (0.5, 0.5) for a in ARTIFACTS}
     argv = ["phantoms", "--out", str(tmp_path), "--n", "16", "--size", "48", "--aspect", "4:3", "3:2"]
@@ -311,7 +315,8 @@ def test_a_folder_made_before_aspect_existed_counts_as_square(tmp_path):
     [
         (("3x2",), r"give WIDTH:HEIGHT"),
         ((243,), r"quote it, '3:2'"),  # YAML 1.1 reads an unquoted 4:3 as the number 243
-        (("0:1",), r"give WIDTH:HEIGHT"),
+        (("0:1",), r"give WIDTH:HEIGHT in whole numbers, e.g. 1:1, 4:3 or 3:2$"),
+        (("\u00b2:1",), r"give WIDTH:HEIGHT"),  # a superscript two is a digit to str.isdigit, not to int()
         (("9:1",), r"between 1:4 and 4:1"),
         (("4:1",), r"shorter side would be 8 px, fewer than 16"),
         ((), r"at least one"),

@@ -80,9 +80,14 @@ def parse_aspect(text: str) -> tuple[int, int]:
         Not two positive whole numbers joined by ``:``, or a ratio beyond :data:`MAX_ASPECT` either way.
     """
     width, sep, height = str(text).partition(":")
-    if not (sep and width.strip().isdigit() and height.strip().isdigit()) or 0 in (int(width), int(height)):
+    if not (sep and width.strip().isdecimal() and height.strip().isdecimal()) or 0 in (
+        int(width),
+        int(height),
+    ):
         quote = (
-            " (in a YAML file quote it, '3:2': YAML reads 3:2 as the number 182)" if width.isdigit() else ""
+            " (in a YAML file quote it, '3:2': YAML reads 3:2 as the number 182)"
+            if width.strip().isdecimal() and not sep
+            else ""
         )
         raise StdaError(f"--aspect {text!r}: give WIDTH:HEIGHT in whole numbers, e.g. 1:1, 4:3 or 3:2{quote}")
     w, h = int(width), int(height)
@@ -125,6 +130,8 @@ class PhantomConfig:
         check_side("--size", self.size, MIN_SIZE, MAX_SIZE, "phantoms", why, bytes_per_pixel=16)
         if not self.aspect:
             raise StdaError("--aspect: give at least one WIDTH:HEIGHT, e.g. 1:1")
+        if isinstance(self.aspect, str):  # PhantomConfig(aspect="4:3"): one aspect, not its characters
+            self.aspect = (self.aspect,)
         self.aspect = tuple(str(a).strip() for a in self.aspect)
         for aspect in self.aspect:
             if min(frame_size(self.size, aspect)) < MIN_SIZE:
