@@ -233,10 +233,8 @@ def test_import_bounds_the_side_keeping_each_aspect(flow):
     sizes = Counter()
     for isic_id, want in flow.truth.items():
         with Image.open(flow.real / "images" / f"{isic_id}.jpg") as image:
-            w, h = want["size"]
-            assert image.size == (MAX_SIDE, round(MAX_SIDE * h / w)), (
-                isic_id
-            )  # longer side bounded, aspect kept
+            w, h = want["size"]  # as written; stored with the longer side bounded and the aspect kept
+            assert image.size == (MAX_SIDE, round(MAX_SIDE * h / w)), isic_id
             sizes[image.size] += 1
     assert set(sizes) == {(80, 60), (80, 53), (80, 80)}  # 4:3, 3:2 and square all present
 
