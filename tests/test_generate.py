@@ -39,6 +39,7 @@ MANIFEST_KEYS = {
     "quality",
     "seconds",
     "size",
+    "regions",
     "content_license",
     "content_attribution",
     "style_license",
