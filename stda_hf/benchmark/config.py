@@ -324,7 +324,14 @@ def synthetic_recipe(cfg: BenchmarkConfig, arm: str) -> str:
     merged = {k: {**getattr(cfg, k), **own.get(k, {})} for k in ARM_STAGE_KEYS}
     if not merged["content"]:  # recipes named before `content` existed keep their names (a benchmark resumes)
         del merged["content"]
+    merged["generate"] = legacy_generate(merged["generate"])  # and so do whole-frame recipes
     return "s-" + stable_hash(merged)[:10]
+
+
+def legacy_generate(settings: dict[str, Any]) -> dict[str, Any]:
+    """Generate settings as named before ``regions`` existed when they are whole-frame (``regions: none``):
+    recipes and protocols recorded then keep their names and a benchmark made then resumes."""
+    return {k: v for k, v in settings.items() if not (k == "regions" and v == "none")}
 
 
 def recipe_settings(cfg: BenchmarkConfig, recipe: str) -> dict[str, dict[str, Any]]:

@@ -19,6 +19,7 @@ from stda_hf.benchmark.config import (
     RunKey,
     arm_uses_synthetic,
     fold_dir,
+    legacy_generate,
     plan_runs,
     train_settings,
 )
@@ -136,6 +137,7 @@ def protocol_record(cfg: BenchmarkConfig, partitions: dict[int, Any]) -> dict[st
         "label",
     )
     protocol = {k: plain[k] for k in keys}
+    protocol["generate"] = legacy_generate(protocol["generate"])
     protocol["real"] = str(Path(cfg.real).resolve()) if cfg.real else ""
     assignments = {str(seed): stable_hash(f.assignments) for seed, f in partitions.items()}
     return {

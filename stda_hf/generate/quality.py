@@ -62,6 +62,8 @@ BAND = 1 / 16
 """Width of the bands along the mask border, as a share of the measured side (2 px at :data:`GATE_SIZE`)."""
 IMAGENET_FEATURES = "vgg19-imagenet"
 RANDOM_FEATURES = "random-vgg16"
+REGION_SUFFIX = "@regions"
+"""Suffix of a style layer's per-region Gram matrices (B, R, C, C) in a gate targets dict (region-aware runs)."""
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,9 @@ class QualityRecord:
     mean_abs_change: float  # mean |result - content| in 0-255 units
     verdict: str  # ok, unchanged or content_lost
     features: str = IMAGENET_FEATURES  # the network the gate measured with
+    style_measured: str = (
+        "whole"  # whole (frame vs frame) or regions (each region vs the style's same region)
+    )
     terms: dict[str, float] = field(default_factory=dict)  # engine's initial_/final_ loss terms, if any
 
     def to_dict(self) -> dict:
@@ -309,6 +314,30 @@ class StyleDistance:
 
         return {layer: gram(acts[layer]) for layer in STYLE_LAYERS}
 
+    @torch.no_grad()
+    def region_grams(self, images: Tensor, regions: Tensor) -> dict[str, Tensor]:
+        """Gram matrices inside regions (B, R, H, W) of RGB images (B, 3, H, W): ``{layer@regions: (B, R, C, C)}``."""
+        with single_thread(self.device):
+            return self.region_grams_of(self.features(images), gate_input(regions.to(self.device), self.size))
+
+    def region_grams_of(self, acts: dict[str, Tensor], share: Tensor) -> dict[str, Tensor]:
+        """The style layers' Gram matrices inside regions given at the gate's side (:func:`gate_input`)."""
+        from stda_hf.generate.nst import layer_masks, masked_gram
+
+        return {
+            layer + REGION_SUFFIX: masked_gram(acts[layer], layer_masks(share, acts[layer].shape[-2:]))
+            for layer in STYLE_LAYERS
+        }
+
+    @staticmethod
+    def region_distance(a: dict[str, Tensor], b: dict[str, Tensor]) -> Tensor:
+        """:meth:`distance` per region of per-region Gram dicts (:meth:`region_grams`): (B, R)."""
+        per_layer = [
+            (a[k] - b[k]).flatten(2).norm(dim=2) / b[k].flatten(2).norm(dim=2).clamp_min(1e-12)
+            for k in (layer + REGION_SUFFIX for layer in STYLE_LAYERS)
+        ]
+        return torch.stack(per_layer).mean(0).cpu()
+
     @staticmethod
     def distance(a: dict[str, Tensor], b: dict[str, Tensor]) -> Tensor:
         """Mean over layers of ``|G_a - G_b|_F / |G_b|_F`` per pair of Gram dicts: (B,)."""
@@ -347,6 +376,8 @@ def assess(
     mask: Tensor | None = None,
     gate: QualityGate | None = None,
     terms: list[dict[str, float]] | None = None,
+    regions: Tensor | None = None,
+    region_weights: Tensor | None = None,
 ) -> list[QualityRecord]:
     """Quality records of a batch of results.
 
@@ -365,6 +396,12 @@ def assess(
         Thresholds (default: :class:`QualityGate`'s).
     terms : list of dict, optional
         Per image, the engine's loss terms to keep in the record (e.g. ``StylizeResult.terms(i)``).
+    regions, region_weights : Tensor, optional
+        For region-aware transfer: the content images' region masks (B, R, H, W) and each region's weight
+        (B, R). Where an image has a positive weight, its style distances are the weighted means of each
+        region's distance (content's or result's Gram matrices inside the region, :meth:`StyleDistance.region_grams`)
+        to the style's same region (``style`` then holds ``layer@regions`` targets, (B, R, C, C)), and
+        ``style_reduction`` the weighted mean of the regions' reductions: the style is judged where it was sent.
 
     Raises
     ------
@@ -376,10 +413,12 @@ def assess(
     if mask is not None and tuple(mask.shape) != (len(content), *content.shape[-2:]):
         raise StdaError(f"mask {tuple(mask.shape)} does not match the content images {tuple(content.shape)}")
     with single_thread(scorer.device):
-        return _assess(content, style, result, scorer, mask, gate, terms)
+        return _assess(content, style, result, scorer, mask, gate, terms, regions, region_weights)
 
 
-def _assess(content, style, result, scorer, mask, gate, terms) -> list[QualityRecord]:
+def _assess(
+    content, style, result, scorer, mask, gate, terms, regions=None, region_weights=None
+) -> list[QualityRecord]:
     """:func:`assess` after its checks."""
     n = len(content)
     targets = style if isinstance(style, dict) else scorer.grams(style)
@@ -392,6 +431,20 @@ def _assess(content, style, result, scorer, mask, gate, terms) -> list[QualityRe
     before = scorer.distance({k: g[:n] for k, g in grams.items()}, targets)
     after = scorer.distance({k: g[n:] for k, g in grams.items()}, targets)
     reduction = 1 - after / before.clamp_min(1e-12)
+    in_regions = torch.zeros(n, dtype=torch.bool)
+    if regions is not None and region_weights is not None:
+        w = region_weights.float().cpu()
+        in_regions = w.sum(1) > 0
+        share = gate_input(regions.float().to(scorer.device), scorer.size)
+        region = scorer.region_grams_of(acts, torch.cat([share, share]))
+        region_targets = {k: targets[k] for k in region}
+        rb = scorer.region_distance({k: g[:n] for k, g in region.items()}, region_targets)
+        ra = scorer.region_distance({k: g[n:] for k, g in region.items()}, region_targets)
+        used = w > 0  # an absent region's distances are 0/0: never read
+        rb, ra = torch.where(used, rb, 1.0), torch.where(used, ra, 1.0)
+        before = torch.where(in_regions, (w * rb).sum(1), before)
+        after = torch.where(in_regions, (w * ra).sum(1), after)
+        reduction = torch.where(in_regions, (w * (1 - ra / rb.clamp_min(1e-12))).sum(1), reduction)
     feats = acts[CONTENT_LAYER]
     similarity = masked_correlation(feats[:n], feats[n:]).cpu()
     lesion_sim = skin_sim = contrast = None
@@ -423,6 +476,7 @@ def _assess(content, style, result, scorer, mask, gate, terms) -> list[QualityRe
                 mean_abs_change=float(change[i]),
                 verdict=verdict(float(reduction[i]), structure, gate),
                 features=scorer.name,
+                style_measured="regions" if in_regions[i] else "whole",
                 terms=dict(terms[i]) if terms else {},
             )
         )

@@ -66,8 +66,9 @@ from stda_hf.generate.engines import (
     assess_batch,
     pop_gate_grams,
 )
-from stda_hf.generate.nst import NSTConfig, resolve_precision
+from stda_hf.generate.nst import PRESENT, NSTConfig, resolve_precision
 from stda_hf.generate.quality import VERDICTS, QualityGate, StyleDistance
+from stda_hf.generate.regions import check_mode, pair_mode, region_weights
 from stda_hf.models.weights import VGG19_IMAGENET, default_weights, input_space_of, parse_weights
 
 logger = logging.getLogger(__name__)
@@ -110,6 +111,7 @@ class GenerateConfig(NSTConfig):
     weights: str | None = (
         None  # gatys VGG weights: vgg19-imagenet (offline, the imagenet extra), imagenet (download), a .safetensors/.pth/.h5 file, or random (unset: vgg19-imagenet when installed, else imagenet)
     )
+    regions: str = "auto"  # lesion-skin (the style's lesion into the content's lesion, its perilesional skin into the skin), lesion (only the lesion restyled), none (whole frame into whole frame) or auto (lesion-skin when the folder has lesion masks, else none)
     device: str = "auto"  # auto (CUDA when available, else CPU), cpu, cuda or cuda:N
     limit: int = 0  # make at most this many pairs (0: all), for a quick look
     min_style_reduction: float = (
@@ -153,6 +155,7 @@ class GenerateConfig(NSTConfig):
             raise StdaError(f"--max-failed-share {self.max_failed_share} must be between 0 and 1")
         self.gate()  # checks the thresholds
         check_device_name(self.device)
+        check_mode(self.regions)
         if self.engine == "arbitrary":
             self.arbitrary_config()  # checks strength, sizes and preserve_color
 
@@ -203,6 +206,9 @@ class GenerateSummary:
     failed: dict[str, str] = field(default_factory=dict)  # synthetic id -> reason (not written)
     verdicts: dict[str, int] = field(default_factory=dict)  # quality verdict -> images made by this run
     run_verdicts: dict[str, int] = field(default_factory=dict)  # verdict -> all images of the run's pairs
+    regions: dict[str, int] = field(
+        default_factory=dict
+    )  # region mode (none, lesion-skin, lesion) -> images made now
     engine: str = ""
     gate_features: str = ""  # the quality gate's network (vgg19-imagenet, or random-vgg16 without the extra)
     seconds: float = 0.0
@@ -218,6 +224,9 @@ class GenerateSummary:
         ]
         if self.run_verdicts:
             lines.append("quality gate, all images of this run: " + _counts(self.run_verdicts))
+        if set(self.regions) - {"none"}:
+            made = ", ".join(f"{mode} {n}" for mode, n in sorted(self.regions.items()))
+            lines.append(f"regions, images made now: {made} (none: a lesion mask was missing)")
         lines += [f"  skipped {path}: {reason}" for path, reason in sorted(self.skipped.items())]
         lines += [f"  failed {sid}: {reason}" for sid, reason in sorted(self.failed.items())]
         if self.failed:
@@ -287,6 +296,8 @@ def params_hash(cfg: GenerateConfig, engine: dict[str, Any]) -> str:
     (for ``arbitrary`` every Gatys setting, the VGG weights and the seed, which only pairs images).
     """
     leave_out = {*RESUMABLE, *GATE, *cfg.unused(), *(("seed",) if cfg.engine == "arbitrary" else ())}
+    if cfg.regions == "none":  # whole-frame images keep the ids they had before regions existed
+        leave_out.add("regions")
     values = {k: v for k, v in config_to_dict(cfg).items() if k not in leave_out}
     values["engine_files"] = {k: v for k, v in engine.items() if k != "name"}
     return stable_hash(values)
@@ -337,6 +348,7 @@ def check_output(out: Path, folder: RealFolder, cfg: GenerateConfig, engine: dic
     old_cfg = out / "generate.yaml"
     previous = read_settings(old_cfg)
     if previous is not None:
+        previous = {"regions": "none", **previous}  # folders made before regions existed are whole-frame
         now = config_to_dict(cfg)
         ignore = {*RESUMABLE, *(cfg.unused() if previous.get("engine") == cfg.engine else ())}
         changed = changed_settings(previous, now, ignore=ignore)
@@ -464,9 +476,21 @@ def make_engine(cfg: GenerateConfig, device: torch.device) -> GatysEngine | Arbi
     StdaError
         Weights that cannot be loaded; for ``arbitrary``, the optional extra missing (names the install command).
     """
+    regions = cfg.regions != "none"
     if cfg.engine == "arbitrary":
-        return ArbitraryEngine(cfg.arbitrary_config(), device)
-    return GatysEngine(cfg, parse_weights(cfg.weights, seed=0), device, cfg.style_size or cfg.size)
+        return ArbitraryEngine(cfg.arbitrary_config(), device, regions=regions)
+    return GatysEngine(
+        cfg, parse_weights(cfg.weights, seed=0), device, cfg.style_size or cfg.size, regions=regions
+    )
+
+
+def resolve_regions(cfg: GenerateConfig, folder: RealFolder) -> GenerateConfig:
+    """``cfg`` with ``regions="auto"`` resolved: ``lesion-skin`` when a benign and a malignant train image have
+    lesion masks, else ``none`` (saved resolved in generate.yaml; pairs lacking a mask are made whole-frame)."""
+    if cfg.regions != "auto":
+        return cfg
+    masked = [any(im.mask_path for im in folder.subset("train", label)) for label in ("benign", "malignant")]
+    return dataclasses.replace(cfg, regions="lesion-skin" if all(masked) else "none")
 
 
 class _Runner:
@@ -495,8 +519,15 @@ class _Runner:
     def _targets(self, batch: list[Pair]) -> tuple[list[Pair], dict[str, torch.Tensor]]:
         """Drop pairs whose style cannot be read; the engine's style state of the rest, once per style image."""
         images = {p.style.isic_id: p.style for p in batch}
+
+        def style_mask(style_id: str, side: int) -> torch.Tensor | None:
+            path = images[style_id].mask_path
+            return load_mask(path, side) if path else None
+
         readable, states = self.styles.stacked(
-            [p.style.isic_id for p in batch], lambda style_id, side: self._load(images[style_id], side)
+            [p.style.isic_id for p in batch],
+            lambda style_id, side: self._load(images[style_id], side),
+            style_mask,
         )
         return [p for p, ok in zip(batch, readable, strict=True) if ok], states
 
@@ -516,10 +547,23 @@ class _Runner:
             return todo
         content = torch.stack([contents[p.id] for p in usable])
         gate_styles = pop_gate_grams(targets)
-        out = self.engine.run(content, targets, [p.seed for p in usable])
+        masks = [
+            load_mask(p.content.mask_path, self.cfg.size) if p.content.mask_path else None for p in usable
+        ]
+        modes = [
+            pair_mode(self.cfg.regions, bool(p.content.mask_path), bool(p.style.mask_path)) for p in usable
+        ]
+        weights = None
+        if self.cfg.regions == "none":
+            out = self.engine.run(content, targets, [p.seed for p in usable])
+        else:
+            weights = region_weights(modes, masks, targets[PRESENT])
+            out = self.engine.run(content, targets, [p.seed for p in usable], modes, masks)
         self.summary.retried += out.redone
         images = as_saved(out.images).cpu()
-        records = self._assess(usable, content, gate_styles, images, out.finite)
+        records = assess_batch(
+            content, gate_styles, images, out.finite, masks, self.scorer, self.gate, weights
+        )
         pixels = to_pixels(images)  # the whole batch at once: per-image tensor ops cost more than the JPEG
         seconds = (time.perf_counter() - start) / len(usable)
         for i, p in enumerate(usable):
@@ -531,17 +575,12 @@ class _Runner:
                     "%s (%s x %s) failed: non-finite loss", p.id, p.content.isic_id, p.style.isic_id
                 )
                 continue
-            self._write(p, pixels[i], records[i], out.terms[i] if out.terms else None, seconds)
+            self._write(p, pixels[i], records[i], out.terms[i] if out.terms else None, seconds, modes[i])
         return todo
 
-    def _assess(self, pairs, content, styles, images, finite) -> list[dict]:
-        """Quality records (dicts) of a batch's finite images; those with a lesion mask are scored against it too."""
-        masks = [
-            load_mask(p.content.mask_path, self.cfg.size) if p.content.mask_path else None for p in pairs
-        ]
-        return assess_batch(content, styles, images, finite, masks, self.scorer, self.gate)
-
-    def _write(self, p: Pair, pixels: np.ndarray, quality: dict, terms: dict | None, seconds: float) -> None:
+    def _write(
+        self, p: Pair, pixels: np.ndarray, quality: dict, terms: dict | None, seconds: float, regions: str
+    ) -> None:
         """Save the image (H, W, 3) uint8 atomically, then append its manifest line."""
         rel = f"images/{p.id}.jpg"
         save_image(Image.fromarray(pixels, "RGB"), self.out / rel, quality=JPEG_QUALITY)
@@ -564,6 +603,7 @@ class _Runner:
                 "quality": quality,
                 "seconds": round(seconds, 4),
                 "size": self.cfg.size,
+                "regions": regions,
                 "content_license": p.content.copyright_license,
                 "content_attribution": p.content.attribution,
                 "style_license": p.style.copyright_license,
@@ -571,6 +611,7 @@ class _Runner:
             },
         )
         self.summary.done += 1
+        self.summary.regions[regions] = self.summary.regions.get(regions, 0) + 1
         self.summary.verdicts[quality["verdict"]] = self.summary.verdicts.get(quality["verdict"], 0) + 1
 
 
@@ -622,6 +663,7 @@ def _generate(real_root: str | Path, out: Path, cfg: GenerateConfig) -> Generate
     if not folder.splits_path.is_file():
         raise StdaError(f"{folder.root} has no splits.csv; run `stda split {folder.root}` first")
     device = resolve_device(cfg.device, local)
+    cfg = resolve_regions(cfg, folder)
     if cfg.engine == "gatys":
         cfg = dataclasses.replace(cfg, precision=resolve_precision(cfg.precision, device))
     engine = make_engine(cfg, device)

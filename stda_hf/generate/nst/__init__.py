@@ -46,6 +46,8 @@ from stda_hf.generate.nst.config import (
     preset_settings,
 )
 from stda_hf.generate.nst.objective import (
+    MIN_REGION_SHARE,
+    PRESENT,
     Losses,
     TermsAndGrads,
     activations,
@@ -59,10 +61,13 @@ from stda_hf.generate.nst.objective import (
     inetwork_style_loss,
     inetwork_tv_loss,
     keep_color,
+    layer_masks,
     loss_terms,
     luminance3,
+    masked_gram,
     model_input,
     objective,
+    region_key,
     resize,
     resolve_precision,
     rgb_to_ycbcr,
@@ -83,9 +88,11 @@ __all__ = [  # the engine's names, wherever they live
     "INITS",
     "LAYER_WEIGHTINGS",
     "MIN_COARSE_SIDE",
+    "MIN_REGION_SHARE",
     "OBJECTIVES",
     "OPTIMIZERS",
     "PRECISIONS",
+    "PRESENT",
     "PRESETS",
     "SPACE_PRESETS",
     "STRAY_TOLERANCE",
@@ -109,11 +116,14 @@ __all__ = [  # the engine's names, wherever they live
     "inetwork_tv_loss",
     "initial_images",
     "keep_color",
+    "layer_masks",
     "loss_terms",
     "luminance3",
     "make_optimizer",
+    "masked_gram",
     "objective",
     "preset_settings",
+    "region_key",
     "resize",
     "resolve_precision",
     "rgb_to_ycbcr",
@@ -259,6 +269,7 @@ def stylize(
     cfg: NSTConfig,
     seeds: Sequence[int] | None = None,
     callback: Callable[[Tensor], None] | None = None,
+    regions: Tensor | None = None,
 ) -> StylizeResult:
     """Neural style transfer of a batch: each image towards its content image and its style targets.
 
@@ -283,6 +294,9 @@ def stylize(
     callback : callable, optional
         Called after every evaluation with the images each optimiser holds, RGB in [0, 1] (B, 3, h, w) at the
         stage's size (for loss-over-time curves; not called while images are redone in fp32).
+    regions : Tensor, optional
+        The content images' region masks (B, R, H, W) for region-aware transfer (:mod:`stda_hf.generate.regions`);
+        ``targets`` then hold the style images' per-region targets (:func:`style_targets` given their regions).
 
     Returns
     -------
@@ -292,7 +306,7 @@ def stylize(
     """
     precision = resolve_precision(cfg.precision, content.device)
     seeds = list(range(len(content))) if seeds is None else [int(s) for s in seeds]
-    result, strayed = _optimise(features, content, targets, cfg, seeds, precision, callback)
+    result, strayed = _optimise(features, content, targets, cfg, seeds, precision, callback, regions)
     rows = (~result.finite | strayed).nonzero().flatten()
     if precision == "fp32" or not len(rows):
         return result
@@ -306,6 +320,7 @@ def stylize(
         cfg,
         [seeds[i] for i in rows.tolist()],
         "fp32",
+        regions=None if regions is None else regions[rows],
     )
     redo.redone[:] = True
     result.replace_rows(rows, redo)
@@ -345,6 +360,7 @@ def _optimise(
     seeds: list[int],
     precision: str,
     callback: Callable[[Tensor], None] | None = None,
+    regions: Tensor | None = None,
 ) -> tuple[StylizeResult, Tensor]:
     """One optimisation of the batch at ``precision``; also returns which images ended >2% above their best.
 
@@ -352,8 +368,13 @@ def _optimise(
     terms are at full size, in the last evaluation's precision.
     """
     plan = schedule(cfg, precision, content.shape[-2:])
-    full = {layer: targets[layer] for layer in cfg.style_layers}
-    coarse = {layer: targets.get(coarse_key(layer), targets[layer]) for layer in cfg.style_layers}
+    names = list(cfg.style_layers)
+    if regions is not None:
+        names += [region_key(layer) for layer in cfg.style_layers]
+    full = {name: targets[name] for name in names}
+    coarse = {name: targets.get(coarse_key(name), targets[name]) for name in names}
+    if regions is not None:
+        full[PRESENT] = coarse[PRESENT] = targets[PRESENT]
     full_start = start = initial_images(model_input(content, cfg), cfg.init, seeds)
     finite = torch.ones(len(content), dtype=torch.bool, device=content.device)
     evaluations = torch.zeros(len(content), dtype=torch.long, device=content.device)
@@ -363,17 +384,25 @@ def _optimise(
     if plan[0].scale != 1.0:
         with torch.no_grad():
             target = content_features(features, content, cfg, end)
-            initial = objective(features, to_space(start, cfg), target, full, cfg, end)
+            initial = objective(features, to_space(start, cfg), target, full, cfg, end, regions)
     for stage in plan:
         size = scaled_size(content.shape[-2:], stage.scale)
         if x is not None:
             upsampled = resize(from_space(x, cfg), size)
-            start = _better_start(features, content, full_start, upsampled, full, cfg, end)
+            start = _better_start(features, content, full_start, upsampled, full, cfg, end, regions)
         elif stage.scale != 1.0:
             start = initial_images(model_input(resize(content, size), cfg), cfg.init, seeds)
         stage_targets = full if stage.scale == 1.0 else coarse
+        stage_regions = None if regions is None else layer_masks(regions, size)
         run = _run_stage(
-            features, resize(content, size), to_space(start, cfg), stage_targets, cfg, stage, callback
+            features,
+            resize(content, size),
+            to_space(start, cfg),
+            stage_targets,
+            cfg,
+            stage,
+            callback,
+            stage_regions,
         )
         x, finite = run.x, finite & run.finite
         initial = run.first if initial is None else initial
@@ -381,7 +410,7 @@ def _optimise(
         rejected += run.rejected
     with torch.no_grad():
         target = content_features(features, content, cfg, end)
-        final = objective(features, x, target, full, cfg, end)
+        final = objective(features, x, target, full, cfg, end, regions)
         result = from_space(x, cfg).clamp(0, 1)
     finite &= torch.isfinite(final.total)
     lowest = torch.minimum(run.lowest, final.total)
@@ -414,6 +443,7 @@ def _better_start(
     targets: dict[str, Tensor],
     cfg: NSTConfig,
     precision: str,
+    regions: Tensor | None = None,
 ) -> Tensor:
     """Per image, the upsampled coarse result, or the start image where that has the higher full-size loss.
 
@@ -423,7 +453,7 @@ def _better_start(
     upsampled = upsampled.clamp(0, 1) if cfg.clamp else upsampled
     target = content_features(features, content, cfg, precision)
     losses = [
-        objective(features, to_space(x, cfg), target, targets, cfg, precision).total
+        objective(features, to_space(x, cfg), target, targets, cfg, precision, regions).total
         for x in (initial, upsampled)
     ]
     keep = losses[1] <= losses[0]
@@ -450,6 +480,7 @@ def _run_stage(
     cfg: NSTConfig,
     stage: Stage,
     callback: Callable[[Tensor], None] | None,
+    regions: Tensor | None = None,
 ) -> _StageRun:
     """The evaluations of ``stage`` from ``x`` (objective units) at ``x``'s size, with one optimiser."""
     content_target = {p: content_features(features, content, cfg, p) for p in set(stage.precisions)}
@@ -460,7 +491,7 @@ def _run_stage(
     first = finite = None
     for precision in stage.precisions:
         view = x.contiguous(memory_format=torch.channels_last) if cfg.channels_last else x
-        losses = objective(features, view, content_target[precision], targets, cfg, precision)
+        losses = objective(features, view, content_target[precision], targets, cfg, precision, regions)
         (grad,) = torch.autograd.grad(losses.total.sum(), x)
         if first is None:
             first = Losses(*(getattr(losses, f.name).detach() for f in dataclasses.fields(Losses)))

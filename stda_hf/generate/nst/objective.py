@@ -45,6 +45,53 @@ def gram(features: Tensor, shift: float = 0.0, normalise: bool = True) -> Tensor
         return torch.baddbmm(f.new_empty(b, c, c), f, f.transpose(1, 2), beta=0.0, alpha=alpha)
 
 
+REGIONS_SUFFIX = "@regions"
+"""Suffix of a style layer's per-region Gram targets ``(B, R, C, C)`` in a targets dict (region-aware transfer)."""
+PRESENT = "@present"
+"""Key of the style regions that carry statistics, ``(B, R)``, in a targets dict (region-aware transfer)."""
+MIN_REGION_SHARE = 0.005
+"""A region with less than this share of an image's pixels has no statistics (its style term is left out)."""
+
+
+def region_key(layer: str) -> str:
+    """The name of a style layer's per-region Gram targets in a targets dict."""
+    return layer + REGIONS_SUFFIX
+
+
+def masked_gram(features: Tensor, masks: Tensor, shift: float = 0.0, normalise: bool = True) -> Tensor:
+    """Gram matrices of activations (B, C, H, W) inside soft region masks (B, R, H, W): (B, R, C, C), fp32.
+
+    ``sum_p m_p (F_p + shift)(F_p + shift)^T`` over the pixels ``p`` of each region (INetwork.py's masked Gram
+    for binary masks), divided by ``C`` times the region's mass when ``normalise``: the ``gatys`` Gram of the
+    region alone, whatever its size, so that a mask of ones gives :func:`gram` exactly.
+    """
+    b, c, h, w = features.shape
+    with torch.autocast(features.device.type, enabled=False):
+        f = at_least_fp32(features).reshape(b, 1, c, h * w)
+        if shift:
+            f = f + shift
+        m = at_least_fp32(masks).reshape(b, -1, 1, h * w)
+        g = (f * m) @ f.transpose(-1, -2)
+        if normalise:
+            g = g / (c * m.sum(-1, keepdim=True)).clamp_min(1e-8)
+        return g
+
+
+def layer_masks(regions: Tensor, size: Sequence[int]) -> Tensor:
+    """Region masks (B, R, H, W) at a feature map's ``size`` (h, w): the share of each cell inside the region."""
+    if tuple(regions.shape[-2:]) == tuple(size):
+        return regions
+    return F.adaptive_avg_pool2d(at_least_fp32(regions), tuple(size))
+
+
+def region_weights(regions: Tensor, style_present: Tensor) -> Tensor:
+    """Per image and region, the weight of its style term (B, R): regions present in both the content (share
+    of pixels >= :data:`MIN_REGION_SHARE`) and the style, equally weighted, summing to 1 (0 when none is)."""
+    both = (regions.flatten(-2).mean(-1) >= MIN_REGION_SHARE) & style_present.bool()
+    both = both.to(torch.float32)
+    return both / both.sum(1, keepdim=True).clamp_min(1.0)
+
+
 def at_least_fp32(t: Tensor) -> Tensor:
     """``t`` in fp32, or in its own dtype when that is wider (fp64)."""
     return t.to(torch.promote_types(t.dtype, torch.float32))
@@ -87,6 +134,33 @@ def inetwork_style_loss(
         w * (grams[layer] - targets[layer]).square().flatten(1).sum(1) / denominator
         for layer, w in weights.items()
     )
+
+
+def region_style_loss(
+    acts: dict[str, Tensor],
+    regions: Tensor,
+    targets: dict[str, Tensor],
+    weights: dict[str, float],
+    cfg: NSTConfig,
+    image_size: tuple[int, int],
+) -> Tensor:
+    """The style loss inside regions: per layer and region the loss of the objective (``gatys``: mean squared
+    Gram difference; ``inetwork``: its normalised sum) between the region's Gram matrices and its targets
+    (``targets[region_key(layer)]``, (B, R, C, C)), weighted by :func:`region_weights`, summed: (B,)."""
+    inetwork = cfg.objective == "inetwork"
+    per_region = region_weights(regions, targets[PRESENT])
+    total = 0.0
+    for layer, w in weights.items():
+        g = masked_gram(
+            acts[layer], layer_masks(regions, acts[layer].shape[-2:]), cfg.gram_shift, not inetwork
+        )
+        diff = (g - targets[region_key(layer)]).square().flatten(2)
+        if inetwork:
+            per = diff.sum(2) / (4.0 * 3**2 * float(image_size[0] * image_size[1]) ** 2)
+        else:
+            per = diff.mean(2)
+        total = total + w * (per * per_region).sum(1)
+    return total
 
 
 def inetwork_tv_loss(images: Tensor) -> Tensor:
@@ -140,25 +214,34 @@ def objective(
     targets: dict[str, Tensor],
     cfg: NSTConfig,
     precision: str = "fp32",
+    regions: Tensor | None = None,
 ) -> Losses:
     """Content, style and TV losses of ``images`` (B, 3, H, W), in the objective's units, against per-image targets.
 
     ``images`` are RGB in [0, 1] for ``gatys`` and Caffe-preprocessed (:func:`to_space`) for ``inetwork``;
-    ``content_target`` comes from :func:`content_features`, ``targets`` from :func:`style_targets`.
+    ``content_target`` comes from :func:`content_features`, ``targets`` from :func:`style_targets`. With
+    ``regions`` (B, R, H, W), the content images' region masks, the style term is region-aware: each region's
+    Gram matrices (:func:`masked_gram`) against the targets of the same region (``targets`` from
+    :func:`style_targets` given the style's regions), the regions present in both images equally weighted.
     """
     with autocast(precision, images.device):
         acts = activations(features, images, cfg)
     layer_weights = cfg.style_layer_weights()
     inetwork = cfg.objective == "inetwork"
-    grams = {layer: gram(acts[layer], cfg.gram_shift, normalise=not inetwork) for layer in layer_weights}
+    if regions is None:
+        grams = {layer: gram(acts[layer], cfg.gram_shift, normalise=not inetwork) for layer in layer_weights}
     if inetwork:
         c = inetwork_content_loss(acts[cfg.content_layer], content_target)
-        s = inetwork_style_loss(grams, targets, layer_weights, *images.shape[-2:])
+        if regions is None:
+            s = inetwork_style_loss(grams, targets, layer_weights, *images.shape[-2:])
         tv = inetwork_tv_loss(images) if cfg.tv_weight else torch.zeros_like(c)
     else:
         c = content_loss(acts[cfg.content_layer], content_target)
-        s = style_loss(grams, targets, layer_weights)
+        if regions is None:
+            s = style_loss(grams, targets, layer_weights)
         tv = tv_loss(at_least_fp32(images)) if cfg.tv_weight else torch.zeros_like(c)
+    if regions is not None:
+        s = region_style_loss(acts, regions, targets, layer_weights, cfg, tuple(images.shape[-2:]))
     total = cfg.content_weight * c + cfg.style_weight * s + cfg.tv_weight * tv
     return Losses(content=c, style=s, tv=tv, total=total)
 
@@ -313,23 +396,37 @@ def model_input(images: Tensor, cfg: NSTConfig) -> Tensor:
 
 
 @torch.no_grad()
-def style_targets(features: VGGFeatures, styles: Tensor, cfg: NSTConfig) -> dict[str, Tensor]:
+def style_targets(
+    features: VGGFeatures, styles: Tensor, cfg: NSTConfig, regions: Tensor | None = None
+) -> dict[str, Tensor]:
     """Gram targets of style images (B, 3, h, w) in [0, 1], computed in fp32: ``{layer: (B, C, C)}``.
 
     With ``cfg.coarse_to_fine``, also the targets of the styles at half size, under :func:`coarse_key` names,
-    for the coarse stage (the style's texture keeps its size relative to the image).
+    for the coarse stage (the style's texture keeps its size relative to the image). With ``regions``
+    (B, R, h, w), the style images' region masks, also each region's Gram targets under :func:`region_key`
+    names, (B, R, C, C), and which regions carry statistics under :data:`PRESENT`, (B, R).
     """
-    out = _grams(features, styles, cfg)
+    out = _grams(features, styles, cfg, regions)
     if cfg.coarse_to_fine:
-        half = resize(styles, scaled_size(styles.shape[-2:], COARSE_SCALE))
-        out.update({coarse_key(k): v for k, v in _grams(features, half, cfg).items()})
+        size = scaled_size(styles.shape[-2:], COARSE_SCALE)
+        half = None if regions is None else layer_masks(regions, size)
+        out.update({coarse_key(k): v for k, v in _grams(features, resize(styles, size), cfg, half).items()})
+    if regions is not None:
+        out[PRESENT] = regions.flatten(-2).mean(-1) >= MIN_REGION_SHARE
     return out
 
 
-def _grams(features: VGGFeatures, styles: Tensor, cfg: NSTConfig) -> dict[str, Tensor]:
+def _grams(
+    features: VGGFeatures, styles: Tensor, cfg: NSTConfig, regions: Tensor | None = None
+) -> dict[str, Tensor]:
     acts = activations(features, to_space(model_input(styles, cfg), cfg), cfg)
     normalise = cfg.objective != "inetwork"
-    return {layer: gram(acts[layer], cfg.gram_shift, normalise) for layer in cfg.style_layers}
+    out = {layer: gram(acts[layer], cfg.gram_shift, normalise) for layer in cfg.style_layers}
+    if regions is not None:
+        for layer in cfg.style_layers:
+            masks = layer_masks(regions, acts[layer].shape[-2:])
+            out[region_key(layer)] = masked_gram(acts[layer], masks, cfg.gram_shift, normalise)
+    return out
 
 
 def coarse_key(layer: str) -> str:
