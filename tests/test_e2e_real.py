@@ -47,10 +47,11 @@ FLOOR = 2  # `stda split --floor-per-class`: validation and test need 2 images o
 ENGINES = {"arbitrary": (64, []), "gatys": (32, ["--iterations", "12"])}
 """Per engine, the side `stda generate` writes (64 px for the arbitrary network: its strokes hide a 32 px lesion)
 and its other flags."""
-MAX_FAILED_SHARE = 0.5  # `stda generate`'s default: a run with more images failing the gate exits 2
+MAX_FAILED_SHARE = 1.0  # region-aware, the gate judges the lesion against the style's lesion: at 64 px the
+# arbitrary network leaves most lesions `unchanged` by that measure (docs/generate.md), and the flow must go on
 PAIRS = 6  # style transfers per engine
 RESIZE: list[str] = []  # flags for generate, train and package once they take them, e.g. ["--resize", "crop"]
-REGIONS: list[str] = []  # flags for generate once it takes them, e.g. ["--regions", "lesion-skin"]
+REGIONS = ["--regions", "lesion-skin"]  # what `auto` resolves to on this folder (its train images have masks)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -317,6 +318,14 @@ def test_generate_judges_every_image_and_records_the_gates_summary(flow, engine)
         assert (r["quality"]["lesion_contrast"] is not None) == flow.truth[r["content_id"]]["mask"]
     printed = flow.printed[f"generate-{engine}"]
     assert f"quality gate, all images of this run: ok {verdicts['ok']}," in printed
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_generate_is_region_aware_exactly_where_content_and_style_have_masks(flow, engine):
+    for r in read_jsonl(flow.synthetic(engine) / "manifest.jsonl"):
+        both = flow.truth[r["content_id"]]["mask"] and flow.truth[r["style_id"]]["mask"]
+        assert r["regions"] == ("lesion-skin" if both else "none"), r["id"]
+        assert r["quality"]["style_measured"] == ("regions" if both else "whole"), r["id"]
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -148,7 +148,9 @@ def test_saved_settings_reload_to_the_same_config(reference):
     from stda_hf.core.config import load_config
 
     cfg = load_config(GenerateConfig, reference / "generate.yaml")
-    assert cfg == GenerateConfig(**RUN, regions="lesion-skin")  # auto, saved resolved: the phantoms have masks
+    assert cfg == GenerateConfig(
+        **RUN, regions="lesion-skin"
+    )  # auto, saved resolved: the phantoms have masks
 
 
 def test_only_train_images_are_read(phantom_real, tmp_path, monkeypatch):
