@@ -221,6 +221,19 @@ def test_generate_records_the_mode_in_its_settings_and_ids(phantom_real, tmp_pat
     assert ids["pad"].isdisjoint(ids["crop"])  # the mode changes pixels, so it is part of every image id
 
 
+def test_a_synthetic_folder_made_before_the_mode_existed_is_refused_naming_it(phantom_real, tmp_path):
+    from stda_hf.generate import GenerateConfig, generate
+
+    fast = {"iterations": 2, "size": 32, "weights": "random", "per_content": 1, "limit": 1, "batch": 1}
+    cfg = GenerateConfig(**fast, max_failed_share=1.0)
+    generate(phantom_real, tmp_path / "syn", cfg)
+    saved = yaml.safe_load((tmp_path / "syn" / "generate.yaml").read_text())
+    del saved["resize"]
+    (tmp_path / "syn" / "generate.yaml").write_text(yaml.safe_dump(saved))
+    with pytest.raises(StdaError, match=r"resize: None -> 'crop'"):
+        generate(phantom_real, tmp_path / "syn", cfg)
+
+
 def test_the_dataset_card_shows_the_mode_among_the_generation_settings():
     from stda_hf.dataset.card import engine_settings
 
