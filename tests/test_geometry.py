@@ -343,6 +343,18 @@ def test_label_uses_the_teachers_recorded_mode(padded_run):
     assert load_teacher(LabelConfig(teacher=str(padded_run), resize="crop")).preprocessing.resize == "crop"
 
 
+def test_label_records_the_teachers_input_geometry(phantom_real, tmp_path):
+    from test_label import fake_synthetic, save_teacher
+
+    from stda_hf.label import LabelConfig, label_synthetic
+
+    syn = fake_synthetic(phantom_real, tmp_path / "syn")
+    teacher = save_teacher(tmp_path / "teacher")  # saved with the default mode, crop
+    label_synthetic(syn, LabelConfig(teacher=str(teacher), resize="pad"))
+    summary = json.loads((syn / "labels_summary.json").read_text())
+    assert summary["teacher_input"] == {"image_size": 32, "resize": "pad"}
+
+
 def test_explain_uses_the_models_recorded_mode(padded_run, phantom_real, tmp_path, monkeypatch):
     import stda_hf.explain.stage as explain_stage
     from stda_hf.explain import ExplainConfig, run_explain
