@@ -318,6 +318,31 @@ def test_train_records_the_mode_in_its_settings_card_and_image_processor(padded_
     assert "`resize=pad`" in (padded_run / "model" / "README.md").read_text()
 
 
+def model_card(model: str, mode: str) -> str:
+    from stda_hf.models.vgg import Preprocessing
+    from stda_hf.training import TrainConfig
+    from stda_hf.training.model_card import RunFacts, render_card
+
+    facts = RunFacts(
+        config={**vars(TrainConfig(model=model, resize=mode)), "dataset": "me/data"}, layers=["Linear(2, 2)"],
+        parameters=6, weights="random(seed=0)", split_sizes={"train": 8, "validation": 4}, best_epoch=1, epochs=1,
+        stopped_early=False, validation={}, test=None, preprocessing=Preprocessing(32, resize=mode),
+        dataset_license="cc0-1.0",
+    )  # fmt: skip
+    return render_card(facts, [])
+
+
+def test_model_card_says_how_the_input_was_resized():
+    assert "centre-cropped to 32x32 (`resize=crop`)" in model_card("vgg8", "crop")
+    assert "padded with the ImageNet mean colour to 32x32 (`resize=pad`)" in model_card("vgg8", "pad")
+    assert "stretched, aspect not kept) to 32x32 (`resize=squash`)" in model_card("vgg8", "squash")
+
+
+def test_model_card_of_another_transformers_model_says_its_processor_stretches():
+    assert "so give it images already padded to a square" in model_card("org/vit-tiny", "pad")
+    assert "give it images already" not in model_card("vgg8", "pad")
+
+
 def test_resuming_a_run_saved_before_the_mode_existed_keeps_squash(padded_run, tmp_path):
     from stda_hf.training import TrainConfig
     from stda_hf.training.run import _check_same_settings

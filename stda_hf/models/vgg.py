@@ -279,7 +279,7 @@ class Preprocessing:
             image_size=int(size),
             mean=tuple(data.get("image_mean", IMAGENET_MEAN)),
             std=tuple(data.get("image_std", IMAGENET_STD)),
-            resize=data.get("resize_mode", "squash"),
+            resize=check_resize(data.get("resize_mode", "squash"), flag=f"{PREPROCESSOR_FILE}: resize_mode"),
         )
 
 

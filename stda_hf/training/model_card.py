@@ -357,10 +357,16 @@ def _model_section(facts: RunFacts) -> list[str]:
             "connected layers); the original paper does not publish its layer list, this is the exact one:",
         ]
     lines += ["", "```", *facts.layers, "```", ""]
+    follows = "whose `resize_mode` the image processor follows"
+    if cfg["model"] not in MODEL_NAMES and pre.resize != "squash":
+        follows = (
+            f"`resize_mode`; the `transformers` image processor of this model type stretches images to "
+            f"{pre.image_size}x{pre.image_size}, so give it images already {'cropped' if pre.resize == 'crop' else 'padded'} to a square"
+        )
     lines.append(
         f"Input: RGB {RESIZE_WORDS[pre.resize]} {pre.image_size}x{pre.image_size} (`resize={pre.resize}`), scaled "
         f"to [0, 1], normalised with mean {list(pre.mean)} and std {list(pre.std)} (`preprocessor_config.json`, "
-        "whose `resize_mode` the image processor follows)."
+        f"{follows})."
     )
     return [*lines, ""]
 
