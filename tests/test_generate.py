@@ -170,7 +170,9 @@ def test_only_train_images_are_read(phantom_real, tmp_path, monkeypatch):
 def test_style_images_are_loaded_at_style_size(phantom_real, tmp_path, monkeypatch):
     sizes = {}
     load = gen.load_content
-    monkeypatch.setattr(gen, "load_content", lambda p, size: sizes.setdefault(p.stem, size) and load(p, size))
+    monkeypatch.setattr(
+        gen, "load_content", lambda p, size, *mode: sizes.setdefault(p.stem, size) and load(p, size, *mode)
+    )
     generate(phantom_real, tmp_path / "syn", GenerateConfig(**FAST, limit=2, style_size=64))
     record = read_jsonl(tmp_path / "syn" / "manifest.jsonl")[0]
     assert (sizes[record["content_id"]], sizes[record["style_id"]]) == (32, 64)
@@ -385,7 +387,9 @@ def test_image_non_finite_in_fp32_is_reported_failed_not_written(phantom_real, t
     folder = read_real_folder(phantom_real)
     poisoned = sorted(im.isic_id for im in folder.subset("train", "benign"))[0]
     monkeypatch.setattr(
-        gen, "load_content", lambda p, size: load(p, size) * (float("nan") if p.stem == poisoned else 1.0)
+        gen,
+        "load_content",
+        lambda p, size, *mode: load(p, size, *mode) * (float("nan") if p.stem == poisoned else 1.0),
     )
     summary = generate(phantom_real, tmp_path / "syn", GenerateConfig(**FAST, limit=3))
     assert summary.done == 2 and len(summary.failed) == 1

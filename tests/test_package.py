@@ -313,12 +313,12 @@ def test_a_rerun_after_an_interruption_resumes_and_gives_identical_files(built, 
     calls = {"n": 0}
     real_encode = package_module.encode_example
 
-    def failing(example, features):
+    def failing(example, features, *args):
         calls["n"] += 1
         if calls["n"] == 25 and not calls.get("interrupted"):
             calls["interrupted"] = True
             raise KeyboardInterrupt
-        return real_encode(example, features)
+        return real_encode(example, features, *args)
 
     monkeypatch.setattr(package_module, "encode_example", failing)
     with pytest.raises(KeyboardInterrupt):

@@ -25,7 +25,7 @@ from stda_hf.attribution.engine import check_composite_name, conservation, expla
 from stda_hf.attribution.heatmaps import Tile, prediction_tiles, render_grid, save_grid
 from stda_hf.attribution.relevance import localization, mean_or_none, summarize
 from stda_hf.core.errors import BadImageError, StdaError
-from stda_hf.data.images import SkipReport, decode_image
+from stda_hf.data.images import SkipReport, decode_image, fit_mask
 from stda_hf.data.real import check_id
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -167,11 +167,13 @@ def explain_samples(
     method: str = "dtd",
     output: str = "log_odds",
     target: str = "predicted",
+    resize: str = "squash",
 ) -> list[Result]:
     """Explain a batch of samples with ``model``; the input goes through ``transform`` (resize + normalise).
 
-    Masks and artifact maps are resized (nearest neighbour) to the relevance map's size before the numbers are
-    computed.
+    Masks and artifact maps are brought to the relevance map's size in the geometry of ``transform``'s resize
+    mode ``resize`` (:func:`~stda_hf.data.images.fit_mask`: nearest neighbour, crop or pad as the image was)
+    before the numbers are computed, so they stay on the pixels the model saw.
     """
     if not samples:
         return []
@@ -186,7 +188,9 @@ def explain_samples(
         # Where the evidence for the explained score lies: with a fixed target (e.g. malignant) the score can be
         # negative, and then DTD's relevance is all negative; its sign is flipped so the shares still measure it.
         evidence = pixels[i] if float(expl.explained[i]) >= 0 else -pixels[i]
-        numbers = localization(evidence, _resize_map(s.mask, size), _resize_map(s.artifacts, size))
+        numbers = localization(
+            evidence, _resize_map(s.mask, size, resize), _resize_map(s.artifacts, size, resize)
+        )
         results.append(
             Result(
                 sample=s,
@@ -203,10 +207,11 @@ def explain_samples(
     return results
 
 
-def _resize_map(arr: np.ndarray | None, size: tuple[int, int]) -> np.ndarray | None:
+def _resize_map(arr: np.ndarray | None, size: tuple[int, int], resize: str = "squash") -> np.ndarray | None:
+    """A mask or label map (uint8) at ``size`` ``(width, height)`` in the image's geometry."""
     if arr is None or arr.shape[::-1] == size:
         return arr
-    return np.asarray(Image.fromarray(arr).resize(size, Image.NEAREST))
+    return np.asarray(fit_mask(Image.fromarray(arr), size, resize))
 
 
 def _shown(x: torch.Tensor, mean, std) -> Image.Image:
@@ -258,7 +263,9 @@ def explain_hook(
         if ctx.split not in chosen:
             chosen[ctx.split] = fixed_samples(ctx.dataset, n_images)
         pre = ctx.preprocessing
-        results = explain_samples(ctx.model, chosen[ctx.split], ctx.transform, pre.mean, pre.std, method)
+        results = explain_samples(
+            ctx.model, chosen[ctx.split], ctx.transform, pre.mean, pre.std, method, resize=pre.resize
+        )
         if not results:
             return {}
         grid = results_grid(results, columns, title=f"{method}, {ctx.split}, epoch {ctx.epoch}")

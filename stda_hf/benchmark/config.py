@@ -329,9 +329,11 @@ def synthetic_recipe(cfg: BenchmarkConfig, arm: str) -> str:
 
 
 def legacy_generate(settings: dict[str, Any]) -> dict[str, Any]:
-    """Generate settings as named before ``regions`` existed when they are whole-frame (``regions: none``):
-    recipes and protocols recorded then keep their names and a benchmark made then resumes."""
-    return {k: v for k, v in settings.items() if not (k == "regions" and v == "none")}
+    """Generate settings as named before ``regions`` and ``resize`` existed where they have the values every
+    run had then (``regions: none``, ``resize: squash``): recipes and protocols recorded then keep their names
+    and a benchmark made then resumes."""
+    legacy = {"regions": "none", "resize": "squash"}
+    return {k: v for k, v in settings.items() if legacy.get(k, object()) != v}
 
 
 def recipe_settings(cfg: BenchmarkConfig, recipe: str) -> dict[str, dict[str, Any]]:

@@ -1,6 +1,9 @@
 """Safe image loading: one function every stage uses to turn a file into an RGB image, or a clear refusal.
 
-Also the skip report that lets a batch job survive bad files and say, at the end, which ones it skipped.
+Also the one geometry every stage shares (:func:`fit_image`, :func:`fit_mask`: how an image of any aspect ratio
+becomes the square a network takes, in the resize modes of :data:`RESIZE_MODES`), the side bound of packaging
+(:func:`bound_side`), and the skip report that lets a batch job survive bad files and say, at the end, which ones
+it skipped.
 """
 
 from __future__ import annotations
@@ -23,6 +26,25 @@ logger = logging.getLogger(__name__)
 MAX_PIXELS = 64_000_000
 """Largest image accepted (width x height). Dermoscopy images reach ~40 MP; anything far larger is refused as
 a likely decompression bomb. Raise it per call with ``max_pixels`` when you really have such images."""
+
+RESIZE_MODES = ("crop", "pad", "squash")
+"""How an image becomes a ``size`` x ``size`` square (``--resize`` of generate, train and label):
+
+- ``crop`` (the default): aspect kept; the shorter side is resized to ``size`` and the centre of the longer one
+  kept (what torchvision's ``Resize(size)`` + ``CenterCrop(size)`` do, in one resampling step). A round lesion
+  stays round; the frame's edges beyond the central square are lost.
+- ``pad``: aspect kept; the longer side is resized to ``size`` and the image centred on a square of
+  :data:`PAD_FILL`. The whole frame is kept, at fewer pixels per lesion.
+- ``squash``: both sides resized to ``size`` (what every stage did before the choice existed): the whole frame,
+  stretched; a 3:2 image's round lesion becomes an ellipse.
+
+A square image gives the same pixels in every mode."""
+DEFAULT_RESIZE = "crop"
+PAD_FILL = (124, 116, 104)
+"""The ``pad`` fill: the ImageNet mean colour, ``round(255 * (0.485, 0.456, 0.406))``. Normalised with the ImageNet
+mean it is (almost) zero, the input a VGG reads as "no signal", both for the classifiers and for the style-transfer
+networks (Caffe's mean is the same colour). Black would look like a dermoscope's dark corners, a known shortcut of
+ISIC images (and an artifact class of the phantoms), and white like a bright frame."""
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 """The formats the project writes and suggests; a real-image folder may hold any format Pillow reads
@@ -57,6 +79,113 @@ def check_side(flag: str, side: int, low: int, high: int, what: str, why: str, b
             f"{flag} {side}: {what} need {low} to {high} pixels a side ({why}: {side} px would need about "
             f"{bytes_per_pixel * side**2 / 2**30:,.1f} GiB per array)"
         )
+
+
+def check_resize(mode: str, flag: str = "--resize") -> str:
+    """Return ``mode`` when it is one of :data:`RESIZE_MODES`.
+
+    Raises
+    ------
+    StdaError
+        Naming the value and the valid modes.
+    """
+    if mode not in RESIZE_MODES:
+        raise StdaError(f"{flag} {mode!r} is not a resize mode; choose one of {list(RESIZE_MODES)}")
+    return mode
+
+
+def _target(size: int | tuple[int, int]) -> tuple[int, int]:
+    """``(width, height)`` of a ``size`` given as a square side or as ``(width, height)``."""
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def fit_image(
+    img: Image.Image,
+    size: int | tuple[int, int],
+    mode: str = DEFAULT_RESIZE,
+    resample: int = Image.Resampling.BILINEAR,
+    fill: int | tuple[int, ...] | None = None,
+) -> Image.Image:
+    """``img`` resized to ``size`` in resize mode ``mode`` (see :data:`RESIZE_MODES`): one resampling step.
+
+    Parameters
+    ----------
+    img : PIL.Image.Image
+        Any image (RGB, or a mask in mode ``L``).
+    size : int or (int, int)
+        The side of the square, or ``(width, height)``.
+    mode : str
+        ``crop``, ``pad`` or ``squash``.
+    resample : int
+        PIL filter (each stage keeps its own: bicubic for style transfer, bilinear for the classifiers).
+    fill : int or tuple, optional
+        ``pad``'s fill; default :data:`PAD_FILL` for RGB images, 0 for others.
+
+    Returns
+    -------
+    PIL.Image.Image
+        An image of exactly ``size``, in ``img``'s mode. ``squash`` is ``img.resize(size, resample)`` bit for bit,
+        and a square ``img`` gives that in every mode.
+
+    Raises
+    ------
+    StdaError
+        An unknown ``mode``.
+    """
+    check_resize(mode)
+    width, height = _target(size)
+    w, h = img.size
+    if mode == "squash":
+        return img.resize((width, height), resample)
+    if mode == "crop":
+        # The largest centred box of the target's aspect, resized in one step (sub-pixel centred).
+        if w * height > h * width:  # wider than the target: crop the sides
+            cw = h * width / height
+            box = ((w - cw) / 2, 0.0, (w + cw) / 2, float(h))
+        else:
+            ch = w * height / width
+            box = (0.0, (h - ch) / 2, float(w), (h + ch) / 2)
+        return img.resize((width, height), resample, box=box)
+    scale = min(width / w, height / h)
+    inner = (max(1, min(width, round(w * scale))), max(1, min(height, round(h * scale))))
+    if fill is None:
+        fill = PAD_FILL if img.mode == "RGB" else 0
+    canvas = Image.new(img.mode, (width, height), fill)
+    canvas.paste(img.resize(inner, resample), ((width - inner[0]) // 2, (height - inner[1]) // 2))
+    return canvas
+
+
+def fit_mask(mask: Image.Image, size: int | tuple[int, int], mode: str = DEFAULT_RESIZE) -> Image.Image:
+    """A mask (or label map) in the geometry :func:`fit_image` gives its image: nearest neighbour, padded with 0.
+
+    Any mode is read as 8-bit grey (``L``), so label values survive; the result is aligned pixel for pixel with
+    ``fit_image(image, size, mode)`` of an image of the mask's size.
+    """
+    return fit_image(mask.convert("L"), size, mode, Image.Resampling.NEAREST, fill=0)
+
+
+@dataclass(frozen=True)
+class Fit:
+    """:func:`fit_image` as a picklable transform (a step of a torchvision ``Compose``, data-loader workers)."""
+
+    size: int  # side of the square
+    mode: str = DEFAULT_RESIZE  # crop, pad or squash
+    resample: int = Image.Resampling.BILINEAR  # PIL filter (bilinear: what torchvision's Resize uses on PIL)
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        return fit_image(img, self.size, self.mode, self.resample)
+
+
+def bound_side(img: Image.Image, max_side: int, resample: int = Image.Resampling.LANCZOS) -> Image.Image:
+    """``img`` with its longer side at most ``max_side`` (aspect kept, never enlarged); ``img`` itself when it fits.
+
+    The shorter side is rounded to the nearest pixel (at least 1). Masks use ``Image.Resampling.NEAREST``.
+    """
+    w, h = img.size
+    if max(w, h) <= max_side:
+        return img
+    scale = max_side / max(w, h)
+    return img.resize((max(1, round(w * scale)), max(1, round(h * scale))), resample)
 
 
 def why_not_an_image(path: str | Path) -> str | None:

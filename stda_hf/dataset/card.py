@@ -159,6 +159,9 @@ class CardFacts:
     download_size: int  # bytes of the Parquet files
     skipped: int  # unreadable images left out
     synthetic: SyntheticFacts | None = None
+    max_side: int = (
+        0  # `stda package --max-side`: longest side of the embedded real images (0: the originals)
+    )
 
     @property
     def num_examples(self) -> int:
@@ -233,7 +236,7 @@ def card_header(facts: CardFacts, features: datasets.Features) -> dict[str, Any]
 
 
 ARBITRARY_SETTINGS = (
-    "engine", "strength", "style_size", "render_size", "preserve_color", "size", "per_content", "seed",
+    "engine", "strength", "style_size", "render_size", "preserve_color", "size", "resize", "per_content", "seed",
     "min_style_reduction", "min_structure",
 )  # fmt: skip
 """What of ``generate.yaml`` an ``arbitrary`` build used: its network's settings, the output, the pairing and

@@ -47,7 +47,7 @@ from stda_hf.core.fileio import (
 )
 from stda_hf.core.statefile import Fields, read_json, read_manifest, read_records, read_yaml
 from stda_hf.core.utils import progress
-from stda_hf.data.images import SkipReport, load_image
+from stda_hf.data.images import SkipReport, bound_side, load_image
 from stda_hf.data.licenses import write_attribution
 from stda_hf.data.real import PHANTOM_ATTRIBUTION
 from stda_hf.dataset.card import CardFacts, SplitFacts, SyntheticFacts, dataset_license, render_card
@@ -60,6 +60,10 @@ IMAGE_COLUMNS = ("image", "mask", "artifact_mask")
 AS_IS_FORMATS = {"JPEG": ".jpg", "PNG": ".png"}
 SKIN_TYPE_COLUMNS = ("skin_type", "fitzpatrick_skin_type")
 EXIF_ORIENTATION = 0x0112
+MIN_SIDE, MAX_SIDE = 16, 16384
+"""The ``--max-side`` values accepted (as ``stda import``'s): below 16 px no classifier input is left."""
+BOUNDED_JPEG_QUALITY = 95
+"""JPEG quality of a real JPEG image re-encoded at ``--max-side`` (the quality ``stda generate`` saves at)."""
 SCAN_COLUMNS = [
     "label",
     "origin",
@@ -89,6 +93,7 @@ class PackageConfig:
     row_group_bytes: int = 32_000_000  # bytes per row group at most (caps memory for very large images)
     preview_per_row: int = 8  # images per row of preview.png (real benign, real malignant, synthetic)
     keep_failed: bool = False  # also package synthetic images that failed generate's quality gate (left out)
+    max_side: int = 0  # bound the longer side of the embedded real images and their masks, aspect kept (0: the original files as they are)
 
     def __post_init__(self) -> None:
         for name in ("max_shard_bytes", "max_shard_rows", "row_group_rows", "row_group_bytes"):
@@ -96,6 +101,10 @@ class PackageConfig:
                 raise StdaError(
                     f"--{name.replace('_', '-')} {getattr(self, name)} must be a positive integer"
                 )
+        if self.max_side and not MIN_SIDE <= self.max_side <= MAX_SIDE:
+            raise StdaError(
+                f"--max-side {self.max_side} must be 0 (the originals) or {MIN_SIDE} to {MAX_SIDE} pixels"
+            )
         if not 1 <= self.preview_per_row <= 32:
             raise StdaError(f"--preview-per-row {self.preview_per_row} must be between 1 and 32")
         if self.name.count("/") != 1 or not all(self.name.split("/")):
@@ -138,11 +147,14 @@ class PackageResult:
 # Encoding one example
 
 
-def embed_image(path: str | Path) -> tuple[dict, tuple[int, int]]:
-    """Check that ``path`` is a usable image and return its Arrow struct and size.
+def embed_image(path: str | Path, max_side: int = 0) -> tuple[dict, tuple[int, int]]:
+    """Check that ``path`` is a usable image and return its Arrow struct and (embedded) size.
 
     JPEG and PNG files that are upright RGB are embedded byte for byte; anything else (other formats, modes,
-    EXIF rotation) is stored as lossless PNG of the upright RGB image that :func:`load_image` yields.
+    EXIF rotation) is stored as lossless PNG of the upright RGB image that :func:`load_image` yields. With
+    ``max_side``, an image whose longer side exceeds it is resized (Lanczos, aspect kept:
+    :func:`~stda_hf.data.images.bound_side`) and stored as JPEG (quality :data:`BOUNDED_JPEG_QUALITY`) when the
+    file was a JPEG, else as lossless PNG.
 
     Raises
     ------
@@ -151,6 +163,8 @@ def embed_image(path: str | Path) -> tuple[dict, tuple[int, int]]:
     """
     path = Path(path)
     img = load_image(path)
+    if max_side and max(img.size) > max_side:
+        return _bounded_image(path, bound_side(img, max_side))
     data = path.read_bytes()
     with Image.open(io.BytesIO(data)) as probe:
         as_is = (
@@ -164,8 +178,23 @@ def embed_image(path: str | Path) -> tuple[dict, tuple[int, int]]:
     return {"bytes": data, "path": path.stem + suffix}, img.size
 
 
-def embed_map(path: str | Path | None) -> dict | None:
+def _bounded_image(path: Path, img: Image.Image) -> tuple[dict, tuple[int, int]]:
+    """The Arrow struct of ``img``, the image of ``path`` resized to ``--max-side`` (JPEG stays JPEG)."""
+    with Image.open(path) as probe:
+        was_jpeg = probe.format == "JPEG"
+    buf = io.BytesIO()
+    if was_jpeg:
+        img.save(buf, format="JPEG", quality=BOUNDED_JPEG_QUALITY)
+    else:
+        img.save(buf, format="PNG")
+    return {"bytes": buf.getvalue(), "path": path.stem + (".jpg" if was_jpeg else ".png")}, img.size
+
+
+def embed_map(path: str | Path | None, max_side: int = 0) -> dict | None:
     """The Arrow struct of a mask or label map (PNG kept as is, other formats as 8-bit PNG); None when absent.
+
+    With ``max_side``, a map whose longer side exceeds it is resized by nearest neighbour (label values kept,
+    aspect kept: the geometry its image gets from :func:`embed_image`) and stored as 8-bit PNG.
 
     Raises
     ------
@@ -179,7 +208,9 @@ def embed_map(path: str | Path | None) -> dict | None:
         data = path.read_bytes()
         with Image.open(io.BytesIO(data)) as img:
             img.load()
-            if img.format != "PNG":
+            if max_side and max(img.size) > max_side:
+                data = png_bytes(bound_side(img.convert("L"), max_side, Image.Resampling.NEAREST))
+            elif img.format != "PNG":
                 data = png_bytes(img.convert("L"))
     except (OSError, SyntaxError, ValueError) as err:
         raise BadImageError(path, f"unreadable mask ({err})") from err
@@ -193,8 +224,14 @@ def png_bytes(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def encode_example(example: dict, features: datasets.Features) -> tuple[dict, tuple[int, int]]:
+def encode_example(
+    example: dict, features: datasets.Features, max_side: int = 0
+) -> tuple[dict, tuple[int, int]]:
     """Encode one builder example into an Arrow row with embedded images; returns the row and image size.
+
+    ``max_side`` bounds the longer side of a real image and its masks (:func:`embed_image`); synthetic images are
+    embedded as generated, byte for byte, so the SHA-256 their manifest line records is the digest of the
+    embedded bytes too (their side is generate's ``--size``).
 
     Raises
     ------
@@ -202,9 +239,10 @@ def encode_example(example: dict, features: datasets.Features) -> tuple[dict, tu
         When the image or one of its masks is unreadable.
     """
     row = {k: encode_nested_example(features[k], v) for k, v in example.items() if k not in IMAGE_COLUMNS}
-    row["image"], size = embed_image(example["image"])
-    row["mask"] = embed_map(example["mask"])
-    row["artifact_mask"] = embed_map(example["artifact_mask"])
+    bound = max_side if example.get("origin") == "real" else 0
+    row["image"], size = embed_image(example["image"], bound)
+    row["mask"] = embed_map(example["mask"], bound)
+    row["artifact_mask"] = embed_map(example["artifact_mask"], bound)
     return row, size
 
 
@@ -341,7 +379,7 @@ def write_split(
     try:
         for example in bar:
             try:
-                row, size = encode_example(example, features)
+                row, size = encode_example(example, features, cfg.max_side)
             except BadImageError as err:
                 logger.warning("skipped %s: %s", err.path, err.reason)
                 writer.skip(str(err.path), err.reason)
@@ -486,6 +524,7 @@ def collect_facts(
         download_size=sum((out / p).stat().st_size for paths in shards.values() for p in paths),
         skipped=sum(len(r.skipped) for recs in records.values() for r in recs),
         synthetic=_synthetic_facts(synthetic_dir) if synthetic_dir is not None else None,
+        max_side=cfg.max_side,
     )
     for split, paths in shards.items():
         sf = facts.splits[split] = SplitFacts(name=split, num_files=len(paths))

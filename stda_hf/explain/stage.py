@@ -295,9 +295,10 @@ def run_explain(
 
     def explain(samples: list[Sample]) -> list[Result]:
         args = (samples, transform, pre.mean, pre.std, cfg.method, cfg.output, cfg.target)
-        results = explain_samples(model, *args)
+        results = explain_samples(model, *args, resize=pre.resize)
         if untrained is not None:
-            for result, reference in zip(results, explain_samples(untrained, *args), strict=True):
+            reference_results = explain_samples(untrained, *args, resize=pre.resize)
+            for result, reference in zip(results, reference_results, strict=True):
                 result.numbers.update(
                     {f"{UNTRAINED}{k}": v for k, v in reference.numbers.items() if k in SHARES}
                 )

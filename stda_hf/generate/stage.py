@@ -56,7 +56,16 @@ from stda_hf.core.statefile import (
     read_records,
 )
 from stda_hf.core.utils import check_seed, progress, sha256_file, stable_hash
-from stda_hf.data.images import SkipReport, check_side, load_image, save_image
+from stda_hf.data.images import (
+    DEFAULT_RESIZE,
+    SkipReport,
+    check_resize,
+    check_side,
+    fit_image,
+    fit_mask,
+    load_image,
+    save_image,
+)
 from stda_hf.data.real import RealFolder, RealImage, read_real_folder
 from stda_hf.generate.engines import (
     ArbitraryEngine,
@@ -106,6 +115,7 @@ class GenerateConfig(NSTConfig):
     )
     per_content: int = 4  # styles per content image, each a different malignant train image
     size: int = 224  # side of the square output images in pixels (content images are resized to it)
+    resize: str = DEFAULT_RESIZE  # how content, style and mask become squares: crop (aspect kept, centre; default), pad (aspect kept, ImageNet-mean bands) or squash (stretched)
     batch: int = 16  # pairs stylized at once; results do not depend on it
     seed: int = 0  # pairing and noise start images: same seed and settings, same images
     weights: str | None = (
@@ -144,6 +154,7 @@ class GenerateConfig(NSTConfig):
             if getattr(self, name) < low:
                 raise StdaError(f"--{name.replace('_', '-')} {getattr(self, name)} must be at least {low}")
         check_seed("--seed", self.seed)
+        check_resize(self.resize)
         why = "each image is stylized through float32 feature maps of 64 x size x size"
         check_side("--size", self.size, MIN_SIZE, MAX_SIZE, "generated images", why, bytes_per_pixel=256)
         if not self.style_size:  # the engine's own, saved resolved in generate.yaml
@@ -298,6 +309,8 @@ def params_hash(cfg: GenerateConfig, engine: dict[str, Any]) -> str:
     leave_out = {*RESUMABLE, *GATE, *cfg.unused(), *(("seed",) if cfg.engine == "arbitrary" else ())}
     if cfg.regions == "none":  # whole-frame images keep the ids they had before regions existed
         leave_out.add("regions")
+    if cfg.resize == "squash":  # and squashed ones the ids they had before resize modes existed
+        leave_out.add("resize")
     values = {k: v for k, v in config_to_dict(cfg).items() if k not in leave_out}
     values["engine_files"] = {k: v for k, v in engine.items() if k != "name"}
     return stable_hash(values)
@@ -348,7 +361,11 @@ def check_output(out: Path, folder: RealFolder, cfg: GenerateConfig, engine: dic
     old_cfg = out / "generate.yaml"
     previous = read_settings(old_cfg)
     if previous is not None:
-        previous = {"regions": "none", **previous}  # folders made before regions existed are whole-frame
+        previous = {
+            "regions": "none",
+            "resize": "squash",
+            **previous,
+        }  # as made before these settings existed
         now = config_to_dict(cfg)
         ignore = {*RESUMABLE, *(cfg.unused() if previous.get("engine") == cfg.engine else ())}
         changed = changed_settings(previous, now, ignore=ignore)
@@ -436,9 +453,10 @@ def _remove_partial_images(out: Path) -> None:
 # Images and batches
 
 
-def load_content(path: Path, size: int) -> torch.Tensor:
-    """An image file as a (3, size, size) float tensor in [0, 1] (bicubic resize); raises BadImageError."""
-    img = load_image(path).resize((size, size), Image.Resampling.BICUBIC)
+def load_content(path: Path, size: int, resize: str = DEFAULT_RESIZE) -> torch.Tensor:
+    """An image file as a (3, size, size) float tensor in [0, 1] (bicubic, resize mode ``resize`` of
+    :func:`~stda_hf.data.images.fit_image`); raises BadImageError."""
+    img = fit_image(load_image(path), size, resize, Image.Resampling.BICUBIC)
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
 
 
@@ -461,10 +479,11 @@ def to_pixels(images: torch.Tensor) -> np.ndarray:
     )
 
 
-def load_mask(path: Path, size: int) -> torch.Tensor:
-    """A lesion mask file as a (size, size) bool tensor (nearest-neighbour resize, foreground above 127)."""
+def load_mask(path: Path, size: int, resize: str = DEFAULT_RESIZE) -> torch.Tensor:
+    """A lesion mask file as a (size, size) bool tensor, in the geometry :func:`load_content` gives its image
+    (nearest neighbour, padded with background; foreground above 127)."""
     with Image.open(path) as img:
-        mask = img.convert("L").resize((size, size), Image.Resampling.NEAREST)
+        mask = fit_mask(img, size, resize)
     return torch.from_numpy(np.asarray(mask) > 127)
 
 
@@ -511,7 +530,7 @@ class _Runner:
         if str(im.path) in self.report.skipped:
             return None
         try:
-            return load_content(im.path, size)
+            return load_content(im.path, size, self.cfg.resize)
         except BadImageError as err:
             self.report.add(err.path, err.reason)
             return None
@@ -522,7 +541,7 @@ class _Runner:
 
         def style_mask(style_id: str, side: int) -> torch.Tensor | None:
             path = images[style_id].mask_path
-            return load_mask(path, side) if path else None
+            return load_mask(path, side, self.cfg.resize) if path else None
 
         readable, states = self.styles.stacked(
             [p.style.isic_id for p in batch],
@@ -548,7 +567,8 @@ class _Runner:
         content = torch.stack([contents[p.id] for p in usable])
         gate_styles = pop_gate_grams(targets)
         masks = [
-            load_mask(p.content.mask_path, self.cfg.size) if p.content.mask_path else None for p in usable
+            load_mask(p.content.mask_path, self.cfg.size, self.cfg.resize) if p.content.mask_path else None
+            for p in usable
         ]
         modes = [
             pair_mode(self.cfg.regions, bool(p.content.mask_path), bool(p.style.mask_path)) for p in usable

@@ -39,7 +39,7 @@ from stda_hf.core.errors import BadImageError, StdaError
 from stda_hf.core.fileio import append_jsonl, atomic_write, write_json
 from stda_hf.core.statefile import Fields, read_json, read_labels, read_manifest
 from stda_hf.core.utils import progress, sha256_file, stable_hash
-from stda_hf.data.images import SkipReport, check_side, load_image
+from stda_hf.data.images import SkipReport, check_resize, check_side, load_image
 from stda_hf.data.real import read_real_folder
 
 logger = logging.getLogger(__name__)
@@ -58,6 +58,7 @@ class LabelConfig:
     calibrate: bool = False  # fit a scale and bias (Platt) on the real validation split before labelling
     real: str = ""  # real-image folder for calibration and leakage checks (default: the one in source.json)
     image_size: int = 0  # teacher input side in pixels (0: the teacher's own)
+    resize: str = ""  # teacher input geometry: crop, pad or squash (empty: the one the teacher was trained with; crop for a weights file)
     batch_size: int = 32  # images per forward pass
     device: str = "auto"  # auto, cpu, cuda, cuda:1, ...
     keep_failed: bool = False  # also label images that failed generate's quality gate (left out by default)
@@ -77,6 +78,8 @@ class LabelConfig:
                 f"--calibration-min-per-class {self.calibration_min_per_class} must be at least 2 (the cross-fit "
                 "holds one image of each class out of each half)"
             )
+        if self.resize:  # empty: the teacher's own
+            check_resize(self.resize)
         if self.image_size:  # 0: the teacher's own
             why = "each image of a batch becomes a float32 tensor of 3 x size x size"
             check_side("--image-size", self.image_size, 16, 4096, "teacher inputs", why, bytes_per_pixel=12)
@@ -331,6 +334,9 @@ class LabelSummary:
     calibration_method: str  # "none", or "platt" (a scale and a bias on the logit difference)
     skipped: dict[str, str]  # unreadable images and why
     settings: dict[str, Any]  # the LabelConfig used
+    teacher_input: dict[str, Any] = dataclasses.field(
+        default_factory=dict
+    )  # the teacher's input as used: image_size and resize mode (crop, pad or squash)
     left_out_failed: dict[str, int] = dataclasses.field(default_factory=dict)  # verdict -> not labelled
     flipped_by_calibration: dict[str, int] = dataclasses.field(
         default_factory=dict
@@ -407,6 +413,8 @@ def load_teacher(cfg: LabelConfig) -> Teacher:
     _check_two_classes(model, spec)
     if cfg.image_size:
         pre = dataclasses.replace(pre, image_size=cfg.image_size)
+    if cfg.resize:
+        pre = dataclasses.replace(pre, resize=cfg.resize)
     return Teacher(model.eval(), pre, name, folder if folder.is_dir() else None)
 
 
@@ -655,6 +663,10 @@ def label_synthetic(synthetic: str | Path, cfg: LabelConfig) -> LabelSummary:
         calibration_method=CALIBRATION_METHOD if applied else "none",
         skipped=report.skipped,
         settings=config_to_dict(cfg),
+        teacher_input={
+            "image_size": teacher.preprocessing.image_size,
+            "resize": teacher.preprocessing.resize,
+        },
         left_out_failed=left_out,
     )
     write_json(synthetic / SUMMARY_FILE, summary.to_json())

@@ -28,6 +28,7 @@ from stda_hf.core.errors import StdaError
 from stda_hf.core.fileio import write_json
 from stda_hf.core.statefile import Fields, check_regular, read_json
 from stda_hf.core.utils import progress_disabled
+from stda_hf.data.images import DEFAULT_RESIZE, Fit, check_resize
 from stda_hf.models.configuration_stda_vgg import StdaVGGConfig
 from stda_hf.models.image_processing_stda_vgg import StdaImageProcessor
 from stda_hf.models.modeling_stda_vgg import StdaVGGForImageClassification, build_classifier, build_features
@@ -238,11 +239,16 @@ def replace_head(model: nn.Module, num_classes: int, seed: int = 0) -> None:
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """How images reach a model: resized to ``image_size`` square, scaled to [0, 1], then normalised."""
+    """How images reach a model: resized to ``image_size`` square in resize mode ``resize`` (crop, pad or squash:
+    :func:`~stda_hf.data.images.fit_image`), scaled to [0, 1], then normalised."""
 
     image_size: int
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    resize: str = DEFAULT_RESIZE
+
+    def __post_init__(self) -> None:
+        check_resize(self.resize)
 
     def to_json(self) -> dict[str, Any]:
         """A ``preprocessor_config.json`` that ``transformers.AutoImageProcessor`` also reads."""
@@ -256,11 +262,16 @@ class Preprocessing:
             "do_normalize": True,
             "image_mean": list(self.mean),
             "image_std": list(self.std),
+            "resize_mode": self.resize,
         }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Preprocessing:
-        """Read the fields back from a ``preprocessor_config.json`` (ours or a ``transformers`` one)."""
+        """Read the fields back from a ``preprocessor_config.json`` (ours or a ``transformers`` one).
+
+        A file without ``resize_mode`` (a model saved before the choice existed, or another library's) squashes,
+        as those models were trained and as ``transformers``' own processors resize to height x width.
+        """
         size = data.get("size", 224)
         if isinstance(size, dict):
             size = size.get("height") or size.get("shortest_edge") or 224
@@ -268,18 +279,21 @@ class Preprocessing:
             image_size=int(size),
             mean=tuple(data.get("image_mean", IMAGENET_MEAN)),
             std=tuple(data.get("image_std", IMAGENET_STD)),
+            resize=check_resize(data.get("resize_mode", "squash"), flag=f"{PREPROCESSOR_FILE}: resize_mode"),
         )
 
 
 def eval_transform(pre: Preprocessing) -> Callable:
-    """The evaluation pipeline (resize, scale, normalise, no augmentation) for anything fed to a trained model:
-    validation and test in training, explanations and pseudo-labelling elsewhere."""
+    """The evaluation pipeline (resize in ``pre.resize`` mode, scale, normalise, no augmentation) for anything fed
+    to a trained model: validation and test in training, explanations and pseudo-labelling elsewhere.
+
+    The resize is PIL bilinear (:class:`~stda_hf.data.images.Fit`); ``squash`` gives the pixels of torchvision's
+    ``Resize((size, size))`` on a PIL image bit for bit."""
     from torchvision.transforms import v2
 
-    size = pre.image_size
     return v2.Compose(
         [
-            v2.Resize((size, size), antialias=True),
+            Fit(pre.image_size, pre.resize),
             v2.ToImage(),
             v2.ToDtype(torch.float32, scale=True),
             v2.Normalize(pre.mean, pre.std),
@@ -445,7 +459,9 @@ def as_transformers(model: nn.Module) -> nn.Module:
 def image_processor(preprocessing: Preprocessing) -> StdaImageProcessor:
     """The image processor that feeds a model exactly as :func:`eval_transform` does."""
     pre = preprocessing
-    return StdaImageProcessor(size=pre.image_size, image_mean=list(pre.mean), image_std=list(pre.std))
+    return StdaImageProcessor(
+        size=pre.image_size, image_mean=list(pre.mean), image_std=list(pre.std), resize_mode=pre.resize
+    )
 
 
 def save_model(model: nn.Module, folder: str | Path, preprocessing: Preprocessing) -> Path:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from stda_hf.core.errors import StdaError
+from stda_hf.data.images import DEFAULT_RESIZE, check_resize
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +99,7 @@ class TrainConfig:
     min_confidence: float = 0.0  # use only synthetic images whose pseudo-label confidence is at least this
     pretrain_epochs: int = 5  # pretrain: epochs on synthetic images before the real-image epochs
     image_size: int = 224  # images are resized to this square side (pixels)
+    resize: str = DEFAULT_RESIZE  # how images become squares (all splits, before augmentation): crop (aspect kept, centre; default), pad (aspect kept, ImageNet-mean bands) or squash (stretched)
     check_images: bool = True  # decode every image once before training; skip and report bad ones
     model: str = "vgg8"  # vgg8 | vgg11 | vgg11_bn | vgg16 | vgg16_bn | transformers model id or folder
     weights: str = "auto"  # auto (vgg8 random, torchvision imagenet) | imagenet | random | weights file
@@ -188,6 +190,7 @@ def check_config(cfg: TrainConfig) -> None:
                 f"--{_flag(name)} {getattr(cfg, name)!r} is not valid; choose one of {list(valid)}"
             )
     _check_ranges(cfg)
+    check_resize(cfg.resize)
     if cfg.train_dir is not None and cfg.dataset != cfg.train_dir:
         raise StdaError(
             f"--dataset {cfg.dataset} and --train-dir {cfg.train_dir}: give one source of training data"

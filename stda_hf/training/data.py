@@ -16,7 +16,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 from stda_hf import LABELS, SPLITS
 from stda_hf.core.errors import BadImageError, StdaError
 from stda_hf.core.utils import progress
-from stda_hf.data.images import SkipReport, decode_image
+from stda_hf.data.images import Fit, SkipReport, decode_image
 from stda_hf.models.vgg import (
     Preprocessing,
     eval_transform,
@@ -352,17 +352,20 @@ class ImageLabelSet(Dataset):
 
 
 def build_transforms(cfg: TrainConfig, pre: Preprocessing, train: bool) -> Callable:
-    """The image -> tensor pipeline: classic augmentation (training only), resize, scale, normalise.
+    """The image -> tensor pipeline: resize (``pre.resize`` mode), classic augmentation (training only), scale,
+    normalise.
 
-    Geometric augmentation runs on a reflect-padded image that is cropped back to ``image_size`` afterwards,
-    so rotations and shears never paint black corners (which phantoms use as an artifact).
+    Every split goes through the same geometry first (:class:`~stda_hf.data.images.Fit`: crop, pad or squash to
+    ``image_size``), so augmentation sees the square that evaluation sees. Geometric augmentation runs on a
+    reflect-padded image that is cropped back to ``image_size`` afterwards, so rotations and shears never paint
+    black corners (which phantoms use as an artifact).
     """
     from torchvision.transforms import v2
 
     if not (train and cfg.augment):
         return eval_transform(pre)
     size = pre.image_size
-    steps: list[Any] = [v2.Resize((size, size), antialias=True)]
+    steps: list[Any] = [Fit(size, pre.resize)]
     if cfg.rotation or cfg.zoom or cfg.shear:
         zoom = (1 - cfg.zoom, 1 + cfg.zoom)
         steps += [v2.Pad(size // 4, padding_mode="reflect")]

@@ -64,6 +64,14 @@ class RunFacts:
     dataset_revision: str | None = None  # the dataset commit trained on (Hub datasets), else --revision
 
 
+RESIZE_WORDS = {
+    "crop": "resized with its aspect kept (shorter side) and centre-cropped to",
+    "pad": "resized with its aspect kept (longer side) and padded with the ImageNet mean colour to",
+    "squash": "resized (stretched, aspect not kept) to",
+}
+"""How each resize mode (:data:`stda_hf.data.images.RESIZE_MODES`) reads in the card's input sentence."""
+
+
 _LOAD_DATASET_ID = re.compile(r"""load_dataset\(\s*["']([\w.-]+/[\w.-]+)["']""")
 
 
@@ -349,9 +357,16 @@ def _model_section(facts: RunFacts) -> list[str]:
             "connected layers); the original paper does not publish its layer list, this is the exact one:",
         ]
     lines += ["", "```", *facts.layers, "```", ""]
+    follows = "whose `resize_mode` the image processor follows"
+    if cfg["model"] not in MODEL_NAMES and pre.resize != "squash":
+        follows = (
+            f"`resize_mode`; the `transformers` image processor of this model type stretches images to "
+            f"{pre.image_size}x{pre.image_size}, so give it images already {'cropped' if pre.resize == 'crop' else 'padded'} to a square"
+        )
     lines.append(
-        f"Input: RGB resized to {pre.image_size}x{pre.image_size}, scaled to [0, 1], normalised with mean "
-        f"{list(pre.mean)} and std {list(pre.std)} (`preprocessor_config.json`)."
+        f"Input: RGB {RESIZE_WORDS[pre.resize]} {pre.image_size}x{pre.image_size} (`resize={pre.resize}`), scaled "
+        f"to [0, 1], normalised with mean {list(pre.mean)} and std {list(pre.std)} (`preprocessor_config.json`, "
+        f"{follows})."
     )
     return [*lines, ""]
 

@@ -176,7 +176,15 @@ def _setup(cfg: TrainConfig, on_evaluate: EvalHook | None) -> _Run:
     with accelerator.main_process_first():
         splits = _load_splits(cfg)
     _report_skipped(splits, run_dir, accelerator)
-    pre = default_preprocessing(cfg.model, cfg.image_size)
+    pre = dataclasses.replace(default_preprocessing(cfg.model, cfg.image_size), resize=cfg.resize)
+    if cfg.model not in MODEL_NAMES and cfg.resize != "squash":
+        logger.warning(
+            "--resize %s: the model folder records it (stda label and stda explain follow it), but %s keeps its "
+            "own transformers image processor, which resizes to height x width (squash) when loaded with "
+            "AutoImageProcessor; use --resize squash for a model others load that way",
+            cfg.resize,
+            cfg.model,
+        )
     seed_everything(cfg.seed)
     model = build_model(cfg.model, cfg.weights, seed=cfg.seed, **_model_options(cfg))
     run = _assemble(cfg, run_dir, accelerator, tracker, splits, pre, model, load_metric(), on_evaluate)
@@ -390,6 +398,7 @@ def _check_same_settings(cfg: TrainConfig, saved_file: Path) -> None:
     if saved is None:
         return
     now = config_to_dict(cfg)
+    saved = {"resize": "squash", **saved}  # runs saved before the choice existed squashed their images
     differ = sorted(changed_settings(saved, now, ignore=RUN_CONTROL, missing_is_change=False))
     if differ:
         pairs = describe_changes(saved, now, differ)
