@@ -339,3 +339,14 @@ def test_a_folder_made_before_regions_existed_resumes_with_regions_none(phantom_
 def test_generate_cli_refuses_an_unknown_region_mode(phantom_real, tmp_path, capsys):
     assert main(["generate", str(phantom_real), "--out", str(tmp_path / "s"), "--regions", "sticker"]) == 2
     assert "--regions 'sticker'" in capsys.readouterr().err
+
+
+def test_perilesional_skin_leaves_out_ink_coloured_pixels_but_keeps_the_skins_grain():
+    mask = _disk(48, 6).numpy()
+    rng = np.random.default_rng(0)
+    image = np.clip(np.array([0.85, 0.65, 0.55]) + 0.03 * rng.standard_normal((48, 48, 3)), 0, 1)
+    image[24, 24 + 9] = [0.5, 0.2, 0.7]  # a purple ink dot in the ring
+    ring = perilesional_skin(mask, image)
+    plain = perilesional_skin(mask)
+    assert plain[24, 33] and not ring[24, 33]
+    assert ring.sum() >= 0.97 * plain.sum()  # the grain of plain skin is not an outlier

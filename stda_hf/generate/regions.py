@@ -7,9 +7,9 @@ lesion masks on both sides, ``--regions`` restricts what moves where:
 ``lesion-skin``
     The style's lesion statistics go into the content's lesion, the statistics of the style's *perilesional
     skin* into the content's skin. Perilesional skin is the ring around the style's lesion, as wide as the
-    lesion's equivalent radius, without near-black pixels: the frame edges and corners, where rulers, stickers
-    and vignettes sit, are outside it. An artifact inside that ring (an ink circle drawn round the lesion)
-    still moves: :mod:`benchmarks/artifact_copy.py` measures how often.
+    lesion's equivalent radius, without near-black pixels and without colour outliers: the frame edges and
+    corners, where rulers, stickers and vignettes sit, are outside it, and an ink mark or sticker inside it
+    is left out by its colour. What still gets through is measured by ``benchmarks/artifact_copy.py``.
 ``lesion``
     Only the lesion is restyled; the content's skin keeps its own statistics.
 ``none``
@@ -38,6 +38,11 @@ REGION_MODES = ("auto", "lesion-skin", "lesion", "none")
 REGIONS = ("lesion", "skin")
 DARK = 0.1
 """Style pixels darker than this luminance (0-1) are never skin statistics: vignettes, ink, black frames."""
+OUTLIER = 3.0
+"""A ring pixel whose colour is further than this many times the ring's median distance from the ring's median
+colour is not skin (ink, a sticker, a ruler tick)."""
+MIN_OUTLIER = 0.08
+"""The colour distance (RGB in [0, 1]) below which no pixel is an outlier: plain skin's grain stays skin."""
 
 
 def check_mode(mode: str) -> str:
@@ -67,14 +72,21 @@ def content_regions(mask: Tensor) -> Tensor:
 
 def perilesional_skin(mask: np.ndarray, image: np.ndarray | None = None) -> np.ndarray:
     """The ring of skin around a lesion mask (H, W) bool: as wide as the lesion's equivalent radius, clipped
-    to the frame, without the lesion and (with ``image`` (H, W, 3) in [0, 1]) without near-black pixels."""
+    to the frame, without the lesion. With ``image`` (H, W, 3) in [0, 1], also without near-black pixels
+    (below :data:`DARK`: vignettes, black frames) and without colour outliers: pixels further from the ring's
+    median colour than :data:`OUTLIER` times the ring's median distance to it (ink, stickers, ruler ticks)."""
     area = int(mask.sum())
     radius = max(2.0, float(np.sqrt(area / np.pi)))
     ring = (ndimage.distance_transform_edt(~mask) <= radius) & ~mask
-    if image is not None:
-        luminance = image @ np.array([0.299, 0.587, 0.114])
-        ring &= luminance >= DARK
-    return ring
+    if image is None or not ring.any():
+        return ring
+    ring &= image @ np.array([0.299, 0.587, 0.114]) >= DARK
+    if ring.sum() < 8:
+        return ring
+    colours = image[ring]
+    distance = np.linalg.norm(image - np.median(colours, axis=0), axis=-1)
+    limit = max(MIN_OUTLIER, OUTLIER * float(np.median(distance[ring])))
+    return ring & (distance <= limit)
 
 
 def style_regions(image: Tensor, mask: Tensor) -> Tensor:
