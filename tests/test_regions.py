@@ -350,3 +350,16 @@ def test_perilesional_skin_leaves_out_ink_coloured_pixels_but_keeps_the_skins_gr
     plain = perilesional_skin(mask)
     assert plain[24, 33] and not ring[24, 33]
     assert ring.sum() >= 0.97 * plain.sum()  # the grain of plain skin is not an outlier
+
+
+def test_a_ruler_at_the_frame_edge_changes_no_region_target_of_the_engine_at_any_layer():
+    """Region targets come from the style with everything outside the region set to the region's mean colour,
+    so even the deepest layer (whose cells see most of a small frame) does not see the ruler."""
+    engine = _gatys(regions=True)
+    image, mask = _skin_with_lesion(32)
+    ruled = image.clone()
+    ruled[:, :3, ::3] = 0.0
+    plain, ruler = engine.style_state(image, mask), engine.style_state(ruled, mask)
+    for layer in LAYERS["style_layers"]:
+        assert torch.equal(plain[region_key(layer)], ruler[region_key(layer)]), layer
+        assert not torch.allclose(plain[layer], ruler[layer]), layer

@@ -118,6 +118,16 @@ class GatysEngine:
         state = {name: g[0] for name, g in grams.items()}
         if mask is None:
             state[PRESENT] = torch.zeros(len(REGIONS), dtype=torch.bool, device=self.device)
+            return state
+        # each region's targets from the style with everything outside the region set to the region's mean
+        # colour: deep layers see most of a small frame, and would carry the frame's rulers into the region
+        for r in range(len(REGIONS)):
+            if not state[PRESENT][r]:
+                continue
+            filled = masked_crop(style, regions[0, r])
+            alone = style_targets(self.features, filled[None], self.cfg, regions)
+            for name in [k for k in state if k.endswith(region_key(""))]:
+                state[name][r] = alone[name][0, r]
         return state
 
     def run(
