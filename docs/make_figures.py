@@ -34,19 +34,26 @@ def phantom_grid(out: Path, per_row: int = 8, size: int = 160) -> None:
 
 
 ENGINE_RUNS = {  # column title -> stda generate settings (Gatys: the imagenet extra's VGG19, offline)
-    "Gatys, default preset\n(vgg19-imagenet)": {
+    "Gatys, whole frame\n(--regions none)": {
         "engine": "gatys",
         "weights": "vgg19-imagenet",
         "iterations": 100,
+        "regions": "none",
     },
-    "Gatys, original preset\n(vgg19-imagenet)": {
+    "Gatys, --regions\nlesion-skin (default)": {
         "engine": "gatys",
-        "preset": "original",
         "weights": "vgg19-imagenet",
         "iterations": 100,
+        "regions": "lesion-skin",
     },
-    "arbitrary, strength 1": {"engine": "arbitrary", "strength": 1.0},
-    "arbitrary, strength 0.5": {"engine": "arbitrary", "strength": 0.5},
+    "Gatys, --regions\nlesion": {
+        "engine": "gatys",
+        "weights": "vgg19-imagenet",
+        "iterations": 100,
+        "regions": "lesion",
+    },
+    "arbitrary, whole\nframe (--regions none)": {"engine": "arbitrary", "regions": "none"},
+    "arbitrary, --regions\nlesion-skin (default)": {"engine": "arbitrary", "regions": "lesion-skin"},
 }
 
 
