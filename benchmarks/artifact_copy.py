@@ -18,9 +18,10 @@ artifacts (same seed, the malignant rates set to 0: every photograph is otherwis
 ``splits.csv`` and so the same pairs; their synthetic images are judged against the style WITH its artifacts. No
 artifact was there to copy, so every "copied" in the placebo arm is a false positive of the measure.
 
-Printed per engine x regions x arm: the share of synthetic images with any style artifact copied, with its 95 %
-Wilson interval and n, and per kind ``copied/measurable`` (a kind is measurable when the style image itself would
-be judged a copy). A picture grid (content | style | synthetic with the evidence outlined in red and the verdict)
+Printed per engine x regions x arm: the synthetic images made and those the quality gate passed, then over the n
+images whose style has a measurable artifact the content lacks, the share with any style artifact copied and its
+95 % Wilson interval, and per kind ``copied/measurable[Wilson interval]`` (a kind is measurable when the style
+image itself would be judged a copy). A picture grid (content | style | synthetic with the evidence outlined in red and the verdict)
 is saved to ``--figure``.
 
 ``--validate`` instead runs the measure on cases whose answer is known (phantom pairs rendered in memory): the
@@ -202,16 +203,20 @@ def judge_folder(
 
 
 def summary_row(engine: str, regions: str, arm: str, judged: list[Judged]) -> dict[str, str]:
-    """One table row: any-copied share with its Wilson interval, and per kind copied/measurable."""
+    """One table row: the synthetic images, those the gate passed, the any-copied share over those with a
+    measurable style artifact (n) with its 95 % Wilson interval, and per kind ``copied/measurable[lo,hi]``."""
     with_kind = [j for j in judged if any(v.measurable for v in j.verdicts.values())]
     k = sum(any(v.copied for v in j.verdicts.values()) for j in with_kind)
     lo, hi = wilson_interval(k, len(with_kind))
     row = {"engine": engine, "regions": regions, "arm": arm, "images": str(len(judged))}
+    row["gate_ok"] = str(sum(j.gate == "ok" for j in judged))
     row["n"] = str(len(with_kind))
     row["any_copied"] = f"{k / max(len(with_kind), 1):.2f}[{lo:.2f},{hi:.2f}]"
     for kind in ARTIFACTS:
         judged_kind = [j.verdicts[kind] for j in judged if kind in j.verdicts and j.verdicts[kind].measurable]
-        row[kind] = f"{sum(v.copied for v in judged_kind)}/{len(judged_kind)}"
+        copied = sum(v.copied for v in judged_kind)
+        lo, hi = wilson_interval(copied, len(judged_kind))
+        row[kind] = f"{copied}/{len(judged_kind)}[{lo:.2f},{hi:.2f}]"
     return row
 
 

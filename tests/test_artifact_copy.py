@@ -223,9 +223,9 @@ def test_wilson_interval_matches_the_textbook_values():
 # The benchmark script, end to end on a tiny setting.
 
 ROW = re.compile(
-    r"^(?P<engine>\w+)\s+(?P<regions>[\w-]+)\s+(?P<arm>artifacts|placebo)\s+(?P<images>\d+)\s+(?P<n>\d+)\s+"
+    r"^(?P<engine>\w+)\s+(?P<regions>[\w-]+)\s+(?P<arm>artifacts|placebo)\s+(?P<images>\d+)\s+(?P<gate_ok>\d+)\s+(?P<n>\d+)\s+"
     r"(?P<rate>[01]\.\d\d)\[(?P<lo>[01]\.\d\d),(?P<hi>[01]\.\d\d)\]"
-    r"(?P<kinds>(\s+\d+/\d+){4})\s*$"
+    r"(?P<kinds>(\s+\d+/\d+\[[01]\.\d\d,[01]\.\d\d\]){4})\s*$"
 )
 
 
@@ -245,7 +245,8 @@ def test_benchmark_script_prints_a_table_that_parses(tmp_path):
     rows = [m.groupdict() for line in done.stdout.splitlines() if (m := ROW.match(line))]
     assert [(r["engine"], r["regions"], r["arm"]) for r in rows] == [("arbitrary", "none", "artifacts")]
     for r in rows:
-        assert float(r["lo"]) <= float(r["rate"]) <= float(r["hi"]) and int(r["n"]) <= int(r["images"])
+        assert float(r["lo"]) <= float(r["rate"]) <= float(r["hi"])
+        assert int(r["n"]) <= int(r["images"]) and int(r["gate_ok"]) <= int(r["images"])
     assert "figure: 16 phantoms at 64 px" in done.stdout
     assert Image.open(figure).size[0] > 3 * SIZE
 
