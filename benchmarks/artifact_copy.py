@@ -20,8 +20,9 @@ artifact was there to copy, so every "copied" in the placebo arm is a false posi
 
 Printed per engine x regions x arm: the synthetic images made and those the quality gate passed, then over the n
 images whose style has a measurable artifact the content lacks, the share with any style artifact copied and its
-95 % Wilson interval, and per kind ``copied/measurable[Wilson interval]`` (a kind is measurable when the style
-image itself would be judged a copy). A picture grid (content | style | synthetic with the evidence outlined in red and the verdict)
+95 % Wilson interval, per kind ``copied/measurable[Wilson interval]`` (a kind is measurable when the style image
+itself would be judged a copy), and ``caused``: the pairs judged copied with the style's artifacts and not in
+their placebo twin, over the pairs (the copies the artifacts caused, net of what the engine makes up by itself). A picture grid (content | style | synthetic with the evidence outlined in red and the verdict)
 is saved to ``--figure``.
 
 ``--validate`` instead runs the measure on cases whose answer is known (phantom pairs rendered in memory): the
@@ -153,6 +154,7 @@ def generate(
 class Judged:
     """One synthetic image and its verdicts."""
 
+    pair: tuple[str, str]  # content id, style id: the same pair in both arms
     content: Path
     style: Path
     synthetic: Path
@@ -198,7 +200,8 @@ def judge_folder(
         shown = made[
             row["style_id"]
         ].path  # the style image the engine was given (placebo: without artifacts)
-        judged.append(Judged(content.path, shown, file, gate, verdicts, evidence))
+        pair = (row["content_id"], row["style_id"])
+        judged.append(Judged(pair, content.path, shown, file, gate, verdicts, evidence))
     return judged
 
 
@@ -218,6 +221,25 @@ def summary_row(engine: str, regions: str, arm: str, judged: list[Judged]) -> di
         lo, hi = wilson_interval(copied, len(judged_kind))
         row[kind] = f"{copied}/{len(judged_kind)}[{lo:.2f},{hi:.2f}]"
     return row
+
+
+def caused(with_artifacts: list[Judged], placebo: list[Judged] | None) -> str:
+    """The share of pairs copied with the style's artifacts and not without them (the placebo twin), with its
+    Wilson interval, over the pairs with a measurable style artifact present in both arms; "-" without placebo."""
+    if placebo is None:
+        return "-"
+    twin = {j.pair: j for j in placebo}
+    pairs = [
+        (j, twin[j.pair])
+        for j in with_artifacts
+        if j.pair in twin and any(v.measurable for v in j.verdicts.values())
+    ]
+    k = sum(
+        any(v.copied for v in a.verdicts.values()) and not any(v.copied for v in b.verdicts.values())
+        for a, b in pairs
+    )
+    lo, hi = wilson_interval(k, len(pairs))
+    return f"{k}/{len(pairs)}[{lo:.2f},{hi:.2f}]"
 
 
 def print_table(rows: list[dict[str, str]]) -> None:
@@ -481,13 +503,16 @@ def run(args: argparse.Namespace) -> None:
         rows, panels = [], []
         for engine in args.engines:
             for regions in args.regions:
+                arms = {}
                 for arm, real in folders.items():
                     out = generate(
                         real, work / f"syn_{engine}_{regions}_{arm}", engine, regions, args, regions_flag
                     )
-                    judged = judge_folder(real, folders["artifacts"], out, args.size, thresholds)
+                    arms[arm] = judge_folder(real, folders["artifacts"], out, args.size, thresholds)
+                    panels.append((f"{engine}, regions {regions}, {arm} arm", arms[arm]))
+                for arm, judged in arms.items():
                     rows.append(summary_row(engine, regions, arm, judged))
-                    panels.append((f"{engine}, regions {regions}, {arm} arm", judged))
+                    rows[-1]["caused"] = caused(judged, arms.get("placebo")) if arm == "artifacts" else "-"
         weights = (
             f"gatys weights {args.weights}, {args.gatys_iterations} iterations; "
             if "gatys" in args.engines

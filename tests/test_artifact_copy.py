@@ -23,6 +23,7 @@ from stda_hf.core.errors import StdaError
 from stda_hf.data.phantoms import PhantomConfig, plan_images, render_plan
 from stda_hf.data.real import ARTIFACTS
 from stda_hf.metrics.artifact_copy import (
+    KindVerdict,
     any_copied,
     artifact_kinds,
     copy_evidence,
@@ -225,7 +226,7 @@ def test_wilson_interval_matches_the_textbook_values():
 ROW = re.compile(
     r"^(?P<engine>\w+)\s+(?P<regions>[\w-]+)\s+(?P<arm>artifacts|placebo)\s+(?P<images>\d+)\s+(?P<gate_ok>\d+)\s+(?P<n>\d+)\s+"
     r"(?P<rate>[01]\.\d\d)\[(?P<lo>[01]\.\d\d),(?P<hi>[01]\.\d\d)\]"
-    r"(?P<kinds>(\s+\d+/\d+\[[01]\.\d\d,[01]\.\d\d\]){4})\s*$"
+    r"(?P<kinds>(\s+\d+/\d+\[[01]\.\d\d,[01]\.\d\d\]){4})\s+(?P<caused>-|\d+/\d+\[[01]\.\d\d,[01]\.\d\d\])\s*$"
 )
 
 
@@ -277,3 +278,16 @@ def test_benchmark_refuses_a_region_setting_that_stda_generate_lacks(tmp_path):
         script.generate(
             tmp_path / "real", tmp_path / "out", "arbitrary", "lesion-skin", args, regions_flag=False
         )
+
+
+def test_caused_counts_pairs_copied_only_with_the_artifacts():
+    script = load_script()
+    copied = {"ink": KindVerdict("ink", True, True, 20, 20 / 4096, 30)}
+    clean = {"ink": KindVerdict("ink", True, False, 0, 0.0, 30)}
+
+    def judged(pair, verdicts):
+        return script.Judged(pair, Path("c"), Path("s"), Path("x"), "ok", verdicts, {})
+
+    with_artifacts = [judged(("a", "s1"), copied), judged(("b", "s2"), copied), judged(("c", "s3"), clean)]
+    placebo = [judged(("a", "s1"), clean), judged(("b", "s2"), copied), judged(("c", "s3"), clean)]
+    assert script.caused(with_artifacts, placebo).startswith("1/3[")
