@@ -8,22 +8,24 @@
     .venv/bin/python benchmarks/artifact_copy.py --validate                             # the measure's error rates
 
 The run renders phantoms with artifacts (``stda phantoms``: ruler, colour patch, ink and dark corners at
-``--style-rate`` each on malignant images, the styles, and ``--content-rate`` on benign ones, the contents),
-splits them (``stda split``) and runs the real ``stda generate`` for each engine and each ``--regions`` setting.
-Each synthetic image is judged by :mod:`stda_hf.metrics.artifact_copy` against its content and style image and
-their artifact label maps: per artifact kind of the style that the content lacks, copied or not.
+``--style-rate`` each on malignant images, the styles, and ``--content-rate`` on benign ones, the contents; one
+image per lesion and patient), splits them (``stda split``) and runs the real ``stda generate`` for each engine
+and each ``--regions`` setting (passed as ``stda generate --regions``). Each synthetic image is judged by
+:mod:`stda_hf.metrics.artifact_copy` against its content and style image and their artifact label maps: per
+artifact kind of the style that the content lacks, copied or not.
 
 A placebo arm checks the measure on the engines' real outputs: the same phantoms rendered without the styles'
-artifacts (same seed, the malignant rates set to 0: every photograph is otherwise pixel-identical), the same
-``splits.csv`` and so the same pairs; their synthetic images are judged against the style WITH its artifacts. No
-artifact was there to copy, so every "copied" in the placebo arm is a false positive of the measure.
+artifacts (same seed, the malignant rates set to 0: the same photographs, identical but where the artifacts were
+and in the JPEG blocks they touch), the same ``splits.csv`` and so the same pairs; their synthetic images are
+judged against the style WITH its artifacts. No artifact was there to copy, so every "copied" in the placebo arm
+is a false positive of the measure on that engine's output.
 
-Printed per engine x regions x arm: the synthetic images made and those the quality gate passed, then over the n
+Printed per engine x regions x arm: the synthetic images made and those the quality gate passed; over the n
 images whose style has a measurable artifact the content lacks, the share with any style artifact copied and its
-95 % Wilson interval, per kind ``copied/measurable[Wilson interval]`` (a kind is measurable when the style image
-itself would be judged a copy), and ``caused``: the pairs judged copied with the style's artifacts and not in
-their placebo twin, over the pairs (the copies the artifacts caused, net of what the engine makes up by itself). A picture grid (content | style | synthetic with the evidence outlined in red and the verdict)
-is saved to ``--figure``.
+95 % Wilson interval; per kind ``copied/measurable[Wilson interval]`` (a kind is measurable when the style image
+itself would be judged a copy); and ``caused``: the pairs judged copied with the style's artifacts and not in
+their placebo twin (the copies the artifacts caused, net of what the engine makes up by itself). A picture grid
+(content | style | synthetic with the evidence outlined in red, and the verdict) is saved to ``--figure``.
 
 ``--validate`` instead runs the measure on cases whose answer is known (phantom pairs rendered in memory): the
 content itself, blurred, JPEG-compressed and colour-jittered (nothing copied), the style's artifact pixels pasted
