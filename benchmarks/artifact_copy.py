@@ -51,6 +51,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from scipy.ndimage import binary_dilation
 
+from stda_hf.core.errors import StdaError
 from stda_hf.core.utils import progress
 from stda_hf.data.phantoms import PhantomConfig, plan_images, render_plan
 from stda_hf.data.real import ARTIFACTS, read_real_folder
@@ -532,7 +533,13 @@ def run(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    run(get_args_parser().parse_args(argv))
+    args = get_args_parser().parse_args(argv)
+    if args.validate and args.pairs < 1:
+        raise SystemExit(f"--pairs {args.pairs}: need at least one phantom pair")
+    try:
+        run(args)
+    except StdaError as err:
+        raise SystemExit(f"error: {err}") from None
 
 
 if __name__ == "__main__":

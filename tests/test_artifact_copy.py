@@ -291,3 +291,9 @@ def test_caused_counts_pairs_copied_only_with_the_artifacts():
     with_artifacts = [judged(("a", "s1"), copied), judged(("b", "s2"), copied), judged(("c", "s3"), clean)]
     placebo = [judged(("a", "s1"), clean), judged(("b", "s2"), copied), judged(("c", "s3"), clean)]
     assert script.caused(with_artifacts, placebo).startswith("1/3[")
+
+
+def test_benchmark_refuses_a_bad_threshold_with_one_line():
+    script = load_script()
+    with pytest.raises(SystemExit, match=r"^error: distinct -1.0: must be a positive Delta E$"):
+        script.main(["--validate", "--distinct", "-1"])
