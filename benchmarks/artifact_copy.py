@@ -454,7 +454,10 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="engines to run",
     )
     p.add_argument(
-        "--regions", nargs="+", default=["none"], help="stda generate --regions settings to compare"
+        "--regions",
+        nargs="+",
+        default=["none", "lesion-skin", "lesion"],
+        help="stda generate --regions settings to compare",
     )
     p.add_argument("--n", type=int, default=96, help="phantom images (benign contents and malignant styles)")
     p.add_argument("--size", type=int, default=64, help="image side in pixels")
