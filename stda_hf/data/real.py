@@ -159,7 +159,7 @@ def read_real_folder(root: str | Path) -> RealFolder:
     root = Path(root)
     if not root.is_dir():
         raise StdaError(
-            f"real-image folder {root} does not exist; create it with `stda phantoms` or `stda fetch`"
+            f"real-image folder {root} does not exist; create it with `stda fetch`, `stda import` (a challenge folder or HAM10000 as downloaded) or `stda phantoms`"
         )
     left_out: dict[str, str] = {}
     if (root / "metadata.csv").is_file():
