@@ -761,6 +761,7 @@ def test_real_stages_end_to_end_at_minimal_size(phantom_real_session, tmp_path):
             "per_content": 1,
             "device": "cpu",
             "limit": 6,
+            "regions": "none",  # whole frame: region-aware, this network leaves most lesions `unchanged`
         },
         label={"device": "cpu"},
         explain={"split": "test", "limit": 4, "grid": 4, "device": "cpu"},
