@@ -483,7 +483,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--figure",
         type=Path,
-        default=ROOT / "reports" / "tmp" / "artifact_copy.png",
+        default=ROOT / "reports" / "tmp" / "artifact_copy.jpg",
         help="picture grid to write",
     )
     p.add_argument("--validate", action="store_true", help="run the measure's known-answer cases instead")
