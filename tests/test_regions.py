@@ -363,3 +363,11 @@ def test_a_ruler_at_the_frame_edge_changes_no_region_target_of_the_engine_at_any
     for layer in LAYERS["style_layers"]:
         assert torch.equal(plain[region_key(layer)], ruler[region_key(layer)]), layer
         assert not torch.allclose(plain[layer], ruler[layer]), layer
+
+
+def test_the_dataset_card_lists_the_region_mode_for_both_engines():
+    from stda_hf.dataset.card import engine_settings
+
+    for engine in ("gatys", "arbitrary"):
+        settings = {"engine": engine, "regions": "lesion-skin", "size": 32}
+        assert engine_settings(settings, engine)["regions"] == "lesion-skin"

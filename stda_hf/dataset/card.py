@@ -236,7 +236,8 @@ def card_header(facts: CardFacts, features: datasets.Features) -> dict[str, Any]
 
 
 ARBITRARY_SETTINGS = (
-    "engine", "strength", "style_size", "render_size", "preserve_color", "size", "resize", "per_content", "seed",
+    "engine", "strength", "style_size", "render_size", "preserve_color", "size", "resize", "regions",
+    "per_content", "seed",
     "min_style_reduction", "min_structure",
 )  # fmt: skip
 """What of ``generate.yaml`` an ``arbitrary`` build used: its network's settings, the output, the pairing and
