@@ -237,6 +237,8 @@ def test_benchmark_script_prints_a_table_that_parses(tmp_path):
         str(ROOT / "benchmarks" / "artifact_copy.py"),
         "--engines",
         "arbitrary",
+        "--regions",
+        "none",
         "--n",
         "16",
     ]
