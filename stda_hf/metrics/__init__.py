@@ -1,6 +1,7 @@
 """The project's own ``evaluate`` modules, shipped with the package and loaded by path (no Hub download).
 
-Each module lives in ``stda_hf/metrics/<name>/<name>.py``, the layout ``evaluate.load(<folder>)`` expects.
+Each module lives in ``stda_hf/metrics/<name>/<name>.py``, the layout ``evaluate.load(<folder>)`` expects. Plain
+measures that are not ``evaluate`` modules sit beside them as modules (:mod:`stda_hf.metrics.artifact_copy`).
 """
 
 from __future__ import annotations
