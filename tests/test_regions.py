@@ -371,3 +371,16 @@ def test_the_dataset_card_lists_the_region_mode_for_both_engines():
     for engine in ("gatys", "arbitrary"):
         settings = {"engine": engine, "regions": "lesion-skin", "size": 32}
         assert engine_settings(settings, engine)["regions"] == "lesion-skin"
+
+
+@pytest.mark.parametrize(("regions", "hinted"), [("lesion-skin", True), ("none", False)])
+def test_a_failed_region_aware_arbitrary_run_says_why_and_what_to_do(phantom_real, tmp_path, regions, hinted):
+    pytest.importorskip("onnxruntime")
+    from stda_hf.generate import QualityGateFailed
+
+    cfg = GenerateConfig(
+        engine="arbitrary", size=32, per_content=1, limit=2, regions=regions, min_style_reduction=0.99
+    )
+    with pytest.raises(QualityGateFailed) as failed:
+        generate(phantom_real, tmp_path / "syn", cfg)
+    assert ("--engine gatys transfers them" in str(failed.value)) is hinted

@@ -715,10 +715,18 @@ def _generate(real_root: str | Path, out: Path, cfg: GenerateConfig) -> Generate
             f"{summary.failed_share():.0%} of the run's {sum(summary.run_verdicts.values())} images failed the "
             f"quality gate ({_counts(summary.run_verdicts)}), more than --max-failed-share "
             f"{cfg.max_failed_share:g}; everything is written to {out} (see manifest.jsonl): change the engine "
-            "settings and use a new --out folder, or raise --max-failed-share to accept them",
+            "settings and use a new --out folder, or raise --max-failed-share to accept them"
+            + (_REGIONAL_ARBITRARY if cfg.engine == "arbitrary" and cfg.regions != "none" else ""),
             summary,
         )
     return summary
+
+
+_REGIONAL_ARBITRARY = (
+    ". Region-aware, the gate judges each lesion against the style's lesion, and the arbitrary network cannot "
+    "render a region's statistics (docs/generate.md): --engine gatys transfers them, --regions none takes the "
+    "style's artifacts along"
+)
 
 
 def _verdict(record: dict) -> str:
