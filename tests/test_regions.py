@@ -18,10 +18,10 @@ from stda_hf.generate.regions import (
     DARK,
     content_regions,
     feather,
-    masked_crop,
+    fill_outside,
+    gate_weights,
     pair_mode,
     perilesional_skin,
-    region_weights,
     style_regions,
 )
 from stda_hf.generate.stage import GenerateConfig, generate
@@ -134,12 +134,11 @@ def test_an_unknown_region_mode_names_the_value_and_the_choices():
         GenerateConfig(regions="skin", weights="random")
 
 
-def test_masked_crop_keeps_the_regions_pixels_and_fills_the_rest_with_their_mean():
+def test_fill_outside_keeps_the_regions_pixels_and_fills_the_rest_with_their_mean():
     image, mask = _skin_with_lesion()
-    filled = masked_crop(image, mask.float())
+    filled = fill_outside(image, mask.float())
     assert torch.equal(filled[:, mask], image[:, mask])
     assert torch.allclose(filled[:, ~mask], image[:, mask].mean(1)[:, None].expand(-1, int((~mask).sum())))
-    assert masked_crop(image, mask.float(), crop=True).shape[-1] < image.shape[-1]
 
 
 def test_feather_is_one_inside_zero_far_outside_and_between_at_the_border():
@@ -247,10 +246,10 @@ def test_arbitrary_rows_without_regions_are_the_whole_frame_render(arbitrary_eng
 # The gate's lesion measure
 
 
-def test_region_weights_measure_the_lesion_of_regional_pairs_only():
+def test_gate_weights_measure_the_lesion_of_regional_pairs_only():
     _, mask = _skin_with_lesion()
     present = torch.tensor([[True, True], [True, True], [False, True]])
-    w = region_weights(["lesion-skin", "none", "lesion"], [mask, mask, mask], present)
+    w = gate_weights(["lesion-skin", "none", "lesion"], [mask, mask, mask], present)
     assert w.tolist() == [[1.0, 0.0], [0.0, 0.0], [0.0, 0.0]]
 
 

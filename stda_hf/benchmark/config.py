@@ -329,11 +329,12 @@ def synthetic_recipe(cfg: BenchmarkConfig, arm: str) -> str:
 
 
 def legacy_generate(settings: dict[str, Any]) -> dict[str, Any]:
-    """Generate settings as named before ``regions`` and ``resize`` existed where they have the values every
-    run had then (``regions: none``, ``resize: squash``): recipes and protocols recorded then keep their names
-    and a benchmark made then resumes."""
-    legacy = {"regions": "none", "resize": "squash"}
-    return {k: v for k, v in settings.items() if legacy.get(k, object()) != v}
+    """Generate settings without the later settings that hold the value every run had before them
+    (:data:`stda_hf.generate.LEGACY_VALUES`): recipes and protocols recorded then keep their names and a
+    benchmark made then resumes."""
+    from stda_hf.generate import LEGACY_VALUES
+
+    return {k: v for k, v in settings.items() if LEGACY_VALUES.get(k, object()) != v}
 
 
 def recipe_settings(cfg: BenchmarkConfig, recipe: str) -> dict[str, dict[str, Any]]:

@@ -181,11 +181,15 @@ def bound_side(img: Image.Image, max_side: int, resample: int = Image.Resampling
 
     The shorter side is rounded to the nearest pixel (at least 1). Masks use ``Image.Resampling.NEAREST``.
     """
-    w, h = img.size
-    if max(w, h) <= max_side:
+    if max(img.size) <= max_side:
         return img
-    scale = max_side / max(w, h)
-    return img.resize((max(1, round(w * scale)), max(1, round(h * scale))), resample)
+    return img.resize(bounded_size(*img.size, max_side), resample)
+
+
+def bounded_size(width: int, height: int, max_side: int) -> tuple[int, int]:
+    """``(width, height)`` scaled so the longer side is ``max_side``, aspect kept, each side rounded (at least 1)."""
+    scale = max_side / max(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
 
 
 def why_not_an_image(path: str | Path) -> str | None:

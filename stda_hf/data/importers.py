@@ -35,7 +35,7 @@ from stda_hf.core.config import changed_settings, config_to_dict, describe_chang
 from stda_hf.core.errors import BadImageError, StdaError
 from stda_hf.core.fileio import atomic_write, make_dir, read_text, write_json
 from stda_hf.core.utils import first_few, progress
-from stda_hf.data.images import load_image, save_image, why_not_an_image
+from stda_hf.data.images import bounded_size, load_image, save_image, why_not_an_image
 from stda_hf.data.licenses import LICENSES, write_attribution
 from stda_hf.data.real import MASK_SUFFIX, check_id, write_metadata
 
@@ -593,15 +593,10 @@ def _store_image(src: Path, dst: Path, max_side: int) -> tuple[int, int] | None:
             with atomic_write(dst, "wb") as fh, open(src, "rb") as fh_src:
                 shutil.copyfileobj(fh_src, fh)
         return None
-    size = _bounded(w, h, max_side)
+    size = bounded_size(w, h, max_side)
     if not dst.is_file():
         save_image(load_image(src).resize(size, Image.Resampling.LANCZOS), dst)
     return size
-
-
-def _bounded(w: int, h: int, max_side: int) -> tuple[int, int]:
-    scale = max_side / max(w, h)
-    return max(1, round(w * scale)), max(1, round(h * scale))
 
 
 def _store_mask(src: Path, dst: Path, image: Path, size: tuple[int, int] | None) -> None:

@@ -6,6 +6,13 @@ feed-forward network); ``quality`` is the gate that judges every result.
 """
 
 from stda_hf.generate.arbitrary import load_models as load_arbitrary_models
-from stda_hf.generate.stage import ENGINE_FILE, GenerateConfig, QualityGateFailed, generate
+from stda_hf.generate.stage import ENGINE_FILE, LEGACY_VALUES, GenerateConfig, QualityGateFailed, generate
 
-__all__ = ["ENGINE_FILE", "GenerateConfig", "QualityGateFailed", "generate", "load_arbitrary_models"]
+__all__ = [
+    "ENGINE_FILE",
+    "LEGACY_VALUES",
+    "GenerateConfig",
+    "QualityGateFailed",
+    "generate",
+    "load_arbitrary_models",
+]

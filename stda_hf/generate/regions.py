@@ -18,8 +18,8 @@ lesion masks on both sides, ``--regions`` restricts what moves where:
     ``lesion-skin`` for each pair whose content and style images both have a mask, ``none`` for the others.
 
 A region is a soft mask (1 inside); :func:`content_regions` and :func:`style_regions` give them as (R, H, W)
-tensors in :data:`REGIONS` order, and :func:`present` says which regions have enough pixels to carry
-statistics. The engines (:mod:`stda_hf.generate.engines`) use them: Gatys matches Gram matrices inside each
+tensors in :data:`REGIONS` order (:func:`~stda_hf.generate.nst.region_present` says which have enough pixels
+to carry statistics). The engines (:mod:`stda_hf.generate.engines`) use them: Gatys matches Gram matrices inside each
 region (INetwork.py's ``--style_masks``/``--content_mask``), the arbitrary network renders each region with
 its own style vector and composites the renders through the content's mask.
 """
@@ -32,7 +32,7 @@ from scipy import ndimage
 from torch import Tensor
 
 from stda_hf.core.errors import StdaError
-from stda_hf.generate.nst import MIN_REGION_SHARE
+from stda_hf.generate.nst import region_present
 
 REGION_MODES = ("auto", "lesion-skin", "lesion", "none")
 REGIONS = ("lesion", "skin")
@@ -53,15 +53,12 @@ def check_mode(mode: str) -> str:
 
 
 def pair_mode(mode: str, content_has_mask: bool, style_has_mask: bool) -> str:
-    """The region mode a pair is made with: ``auto`` resolved, and ``none`` where a mask it needs is missing."""
+    """The region mode a pair is made with: ``auto`` resolved, and ``none`` where a mask is missing (both
+    region modes take the style's lesion, so both need both masks)."""
     check_mode(mode)
-    if mode == "auto":
-        mode = "lesion-skin"
-    if mode == "none" or not content_has_mask or (mode == "lesion-skin" and not style_has_mask):
+    if mode == "none" or not (content_has_mask and style_has_mask):
         return "none"
-    if mode == "lesion" and not style_has_mask:
-        return "none"
-    return mode
+    return "lesion-skin" if mode == "auto" else mode
 
 
 def content_regions(mask: Tensor) -> Tensor:
@@ -103,29 +100,12 @@ def style_regions(image: Tensor, mask: Tensor) -> Tensor:
     return torch.from_numpy(np.stack((lesion, skin))).float().to(image.device)
 
 
-def present(regions: Tensor) -> Tensor:
-    """Which regions carry statistics: (..., R, H, W) masks -> (..., R) bool (share >= ``MIN_REGION_SHARE``)."""
-    return regions.flatten(-2).mean(-1) >= MIN_REGION_SHARE
-
-
-def whole_frame(batch: int, height: int, width: int, device: torch.device | str = "cpu") -> Tensor:
-    """Regions (B, 2, H, W) that make a region-aware engine behave as a whole-frame one: all lesion, no skin."""
-    regions = torch.zeros(batch, len(REGIONS), height, width, device=device)
-    regions[:, 0] = 1.0
-    return regions
-
-
-def masked_crop(image: Tensor, region: Tensor, crop: bool = False) -> Tensor:
-    """``image`` (3, H, W) with the pixels outside ``region`` (H, W) set to the region's mean colour (cut to
-    the region's bounding box when ``crop``): what a style-prediction network is shown of one region. The
-    whole frame keeps the region's texture at the scale the network later renders at."""
+def fill_outside(image: Tensor, region: Tensor) -> Tensor:
+    """``image`` (3, H, W) with the pixels outside ``region`` (H, W) set to the region's mean colour: what a
+    network is shown of one region. The whole frame keeps the region's texture at its own scale."""
     inside = region > 0.5
     mean = image[:, inside].mean(1)
-    filled = torch.where(inside[None], image, mean[:, None, None])
-    if not crop:
-        return filled
-    rows, cols = inside.any(1).nonzero().flatten(), inside.any(0).nonzero().flatten()
-    return filled[:, int(rows[0]) : int(rows[-1]) + 1, int(cols[0]) : int(cols[-1]) + 1]
+    return torch.where(inside[None], image, mean[:, None, None])
 
 
 def feather(mask: Tensor, share: float = 0.02) -> Tensor:
@@ -143,7 +123,7 @@ def feather(mask: Tensor, share: float = 0.02) -> Tensor:
     return m[0]
 
 
-def region_weights(modes: list[str], masks: list[Tensor | None], style_present: Tensor) -> Tensor:
+def gate_weights(modes: list[str], masks: list[Tensor | None], style_present: Tensor) -> Tensor:
     """Per image, the weight of each region in the quality gate's style measure (B, R): the lesion alone, for a
     region-aware image whose content and style both have one; 0 (the whole frame is measured) otherwise.
 
@@ -152,6 +132,7 @@ def region_weights(modes: list[str], masks: list[Tensor | None], style_present: 
     """
     weights = torch.zeros(len(modes), len(REGIONS))
     for i, (mode, mask) in enumerate(zip(modes, masks, strict=True)):
-        if mode != "none" and mask is not None and present(content_regions(mask))[0] and style_present[i][0]:
+        lesion = mask is not None and region_present(content_regions(mask))[0]
+        if mode != "none" and lesion and style_present[i][0]:
             weights[i, 0] = 1.0
     return weights

@@ -77,7 +77,7 @@ from stda_hf.generate.engines import (
 )
 from stda_hf.generate.nst import PRESENT, NSTConfig, resolve_precision
 from stda_hf.generate.quality import VERDICTS, QualityGate, StyleDistance
-from stda_hf.generate.regions import check_mode, pair_mode, region_weights
+from stda_hf.generate.regions import check_mode, gate_weights, pair_mode
 from stda_hf.models.weights import VGG19_IMAGENET, default_weights, input_space_of, parse_weights
 
 logger = logging.getLogger(__name__)
@@ -89,6 +89,9 @@ ENGINES = ("gatys", "arbitrary")
 RESUMABLE = ("per_content", "batch", "device", "limit", "max_failed_share")
 """Settings that may change between runs into the same folder (they change neither an image nor its record)."""
 GATE = ("min_style_reduction", "min_structure")
+LEGACY_VALUES: dict[str, Any] = {"regions": "none", "resize": "squash"}
+"""Settings added later, with the value that reproduces what every run did before them: that value stays out of
+image ids, and a saved generate.yaml without the setting reads as it, so older folders (and benchmarks) resume."""
 """Settings of the quality gate: they change verdicts, not pixels (not in ids; a folder keeps its own)."""
 ARBITRARY_ONLY = ("strength", "render_size")
 GATYS_ONLY = (*(f.name for f in dataclasses.fields(NSTConfig) if f.name != "preserve_color"), "weights")
@@ -307,10 +310,7 @@ def params_hash(cfg: GenerateConfig, engine: dict[str, Any]) -> str:
     (for ``arbitrary`` every Gatys setting, the VGG weights and the seed, which only pairs images).
     """
     leave_out = {*RESUMABLE, *GATE, *cfg.unused(), *(("seed",) if cfg.engine == "arbitrary" else ())}
-    if cfg.regions == "none":  # whole-frame images keep the ids they had before regions existed
-        leave_out.add("regions")
-    if cfg.resize == "squash":  # and squashed ones the ids they had before resize modes existed
-        leave_out.add("resize")
+    leave_out |= {k for k, v in LEGACY_VALUES.items() if getattr(cfg, k) == v}  # the ids made before them
     values = {k: v for k, v in config_to_dict(cfg).items() if k not in leave_out}
     values["engine_files"] = {k: v for k, v in engine.items() if k != "name"}
     return stable_hash(values)
@@ -361,11 +361,7 @@ def check_output(out: Path, folder: RealFolder, cfg: GenerateConfig, engine: dic
     old_cfg = out / "generate.yaml"
     previous = read_settings(old_cfg)
     if previous is not None:
-        previous = {
-            "regions": "none",
-            "resize": "squash",
-            **previous,
-        }  # as made before these settings existed
+        previous = {**LEGACY_VALUES, **previous}  # as made before these settings existed
         now = config_to_dict(cfg)
         ignore = {*RESUMABLE, *(cfg.unused() if previous.get("engine") == cfg.engine else ())}
         changed = changed_settings(previous, now, ignore=ignore)
@@ -573,12 +569,8 @@ class _Runner:
         modes = [
             pair_mode(self.cfg.regions, bool(p.content.mask_path), bool(p.style.mask_path)) for p in usable
         ]
-        weights = None
-        if self.cfg.regions == "none":
-            out = self.engine.run(content, targets, [p.seed for p in usable])
-        else:
-            weights = region_weights(modes, masks, targets[PRESENT])
-            out = self.engine.run(content, targets, [p.seed for p in usable], modes, masks)
+        weights = gate_weights(modes, masks, targets[PRESENT]) if self.cfg.regions != "none" else None
+        out = self.engine.run(content, targets, [p.seed for p in usable], modes, masks)
         self.summary.retried += out.redone
         images = as_saved(out.images).cpu()
         records = assess_batch(

@@ -84,10 +84,15 @@ def layer_masks(regions: Tensor, size: Sequence[int]) -> Tensor:
     return F.adaptive_avg_pool2d(at_least_fp32(regions), tuple(size))
 
 
+def region_present(regions: Tensor) -> Tensor:
+    """Which regions carry statistics: masks (..., R, H, W) -> (..., R) bool (share >= :data:`MIN_REGION_SHARE`)."""
+    return regions.flatten(-2).mean(-1) >= MIN_REGION_SHARE
+
+
 def region_weights(regions: Tensor, style_present: Tensor) -> Tensor:
-    """Per image and region, the weight of its style term (B, R): regions present in both the content (share
-    of pixels >= :data:`MIN_REGION_SHARE`) and the style, equally weighted, summing to 1 (0 when none is)."""
-    both = (regions.flatten(-2).mean(-1) >= MIN_REGION_SHARE) & style_present.bool()
+    """Per image and region, the weight of its style term (B, R): regions present in both the content
+    (:func:`region_present`) and the style, equally weighted, summing to 1 (0 when none is)."""
+    both = region_present(regions) & style_present.bool()
     both = both.to(torch.float32)
     return both / both.sum(1, keepdim=True).clamp_min(1.0)
 
@@ -412,7 +417,7 @@ def style_targets(
         half = None if regions is None else layer_masks(regions, size)
         out.update({coarse_key(k): v for k, v in _grams(features, resize(styles, size), cfg, half).items()})
     if regions is not None:
-        out[PRESENT] = regions.flatten(-2).mean(-1) >= MIN_REGION_SHARE
+        out[PRESENT] = region_present(regions)
     return out
 
 
