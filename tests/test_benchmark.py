@@ -801,6 +801,7 @@ def test_a_typo_in_stage_settings_fails_before_any_work(tmp_path, settings, matc
 
 def test_device_slots_split_the_gpus_into_runs():
     assert device_slots("cpu", 1) == [None]
+    assert device_slots("cpu", 1, cpu_slots=2) == [None, None]
     assert device_slots("0,1,2,3", 1) == ["0", "1", "2", "3"]
     assert device_slots("0,1,2,3", 2) == ["0,1", "2,3"]
     assert device_slots("4,5,6", 2) == ["4,5"]
@@ -819,3 +820,20 @@ def test_runs_spread_over_gpus_one_run_per_gpu_at_a_time(fake, tmp_path, monkeyp
     for mine in on.values():  # never two runs on one GPU at once
         assert all(a_end <= b_start for (_, a_end), (b_start, _) in itertools.pairwise(mine))
     assert any(a0 < b1 and b0 < a1 for a0, a1 in on["0"] for b0, b1 in on["1"])  # the GPUs worked in parallel
+
+
+@pytest.mark.parametrize("cpu_slots", [1, 2])
+def test_cpu_slots_run_that_many_cpu_runs_at_once(fake, tmp_path, monkeypatch, cpu_slots):
+    monkeypatch.setenv("FAKE_SLEEP", "0.5")
+    run_benchmark(BenchmarkConfig(**{**fake, "cpu_slots": cpu_slots, "cpu_threads": 1}))
+    spans = [json.loads(line) for line in (tmp_path / "calls.jsonl.gpu").read_text().splitlines()]
+    assert len(spans) == 4 and {s["gpu"] for s in spans} == {None}
+    events = sorted([(s["start"], 1) for s in spans] + [(s["end"], -1) for s in spans])
+    at_once = max(itertools.accumulate(step for _, step in events))
+    assert at_once == cpu_slots
+    assert all(row["status"] == "done" for row in RunTable.load(tmp_path / "work" / "runs.csv").rows.values())
+
+
+def test_cpu_slots_below_one_are_refused(fake):
+    with pytest.raises(StdaError, match="cpu_slots: 0"):
+        BenchmarkConfig(**{**fake, "cpu_slots": 0})

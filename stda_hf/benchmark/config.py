@@ -142,6 +142,9 @@ class BenchmarkConfig:
     gpus_per_run: int = 1  # GPUs of one run; runs are spread over the visible GPUs, one run per slot
     devices: str = "auto"  # auto (every visible GPU, else CPU), cpu, or GPU ids like 0,1,2
     cpu_threads: int = 0  # torch CPU threads of every stage and run (0: torch's default; 1 suits busy CPUs)
+    cpu_slots: int = 1
+    # ^ training runs at once when they run on the CPU, each with cpu_threads threads: cores / cpu_threads
+    #   (e.g. 2 on a 2-core machine with cpu_threads 1); runs are independent, so results do not change
     retry_failed: bool = False  # re-run the runs the table records as failed
     run_timeout: float = 0.0  # seconds before a training run is stopped and recorded as failed (0: never)
     curve_metric: str = "roc_auc"  # validation metric of the learning curves
@@ -182,6 +185,8 @@ class BenchmarkConfig:
             )
         if self.gpus_per_run < 1:
             raise StdaError(f"gpus_per_run: {self.gpus_per_run}; must be at least 1")
+        if self.cpu_slots < 1:
+            raise StdaError(f"cpu_slots: {self.cpu_slots}; must be at least 1 (runs at once on the CPU)")
         self._check_repeats()
         self._check_primary()
         self._check_controls()

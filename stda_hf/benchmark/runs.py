@@ -114,8 +114,8 @@ def last_error_line(log: Path) -> str:
     return lines[-1][:400] if lines else "no output"
 
 
-def device_slots(devices: str, gpus_per_run: int) -> list[str | None]:
-    """``CUDA_VISIBLE_DEVICES`` values of the parallel run slots; ``[None]`` (one slot) on the CPU.
+def device_slots(devices: str, gpus_per_run: int, cpu_slots: int = 1) -> list[str | None]:
+    """``CUDA_VISIBLE_DEVICES`` values of the parallel run slots; ``cpu_slots`` slots of ``None`` on the CPU.
 
     Raises
     ------
@@ -123,7 +123,7 @@ def device_slots(devices: str, gpus_per_run: int) -> list[str | None]:
         A bad ``devices`` value, or fewer GPUs than one run needs.
     """
     if devices == "cpu":
-        return [None]
+        return [None] * cpu_slots
     if devices == "auto":
         import torch
 
@@ -135,7 +135,7 @@ def device_slots(devices: str, gpus_per_run: int) -> list[str | None]:
         if not all(d.isdigit() for d in ids):
             raise StdaError(f"devices {devices!r}: use auto, cpu, or GPU ids like 0,1,2")
     if not ids:
-        return [None]
+        return [None] * cpu_slots
     if len(ids) < gpus_per_run:
         raise StdaError(
             f"gpus_per_run {gpus_per_run} but only {len(ids)} GPU(s) ({','.join(ids)}) are available"
@@ -235,7 +235,7 @@ def dataset_of(cfg: BenchmarkConfig, datasets: dict[tuple[int, int], Any], key: 
 def execute_runs(
     cfg: BenchmarkConfig, table: RunTable, todo: list[RunKey], datasets: dict[tuple[int, int], Any]
 ) -> None:
-    """Run ``todo`` (serially on the CPU, one run per GPU slot otherwise), recording each as it ends.
+    """Run ``todo`` (``cpu_slots`` at once on the CPU, one run per GPU slot otherwise), recording each as it ends.
 
     ``datasets`` is :func:`~.stages.prepare_folds`'s ``{(repeat, fold): {recipe: folder} or error}``."""
     from stda_hf.core.utils import progress
@@ -246,7 +246,7 @@ def execute_runs(
     for key in (k for k in todo if not isinstance(chosen[k], Path)):
         table.record(key, "failed", error=chosen[key])
     ready = [k for k in todo if isinstance(chosen[k], Path)]
-    slots = device_slots(cfg.devices, cfg.gpus_per_run)
+    slots = device_slots(cfg.devices, cfg.gpus_per_run, cfg.cpu_slots)
     free: Queue = Queue()
     for slot in slots:
         free.put(slot)
