@@ -697,7 +697,9 @@ def test_the_report_says_declared_before_the_runs_only_when_the_record_says_so()
     assert "no prior SD of fold differences was stated" in texts[0]
 
 
-def test_interrupted_benchmark_stops_its_run_and_resumes_it(fake, tmp_path):
+@pytest.mark.parametrize(("signum", "status"), [("SIGINT", 130), ("SIGTERM", 143)])
+def test_interrupted_benchmark_stops_its_run_and_resumes_it(fake, tmp_path, signum, status):
+    """Ctrl-C, and SIGTERM (``kill``, a scheduler's time limit): the running training command stops with it."""
     import signal
     import subprocess
     import time
@@ -716,8 +718,8 @@ def test_interrupted_benchmark_stops_its_run_and_resumes_it(fake, tmp_path):
     deadline = time.monotonic() + 60
     while not any(c["run"] == "mix/fold0-seed0" for c in _calls(tmp_path)) and time.monotonic() < deadline:
         time.sleep(0.1)
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=30) == 130
+    proc.send_signal(getattr(signal, signum))
+    assert proc.wait(timeout=30) == status
     hung = next(c for c in _calls(tmp_path) if c["run"] == "mix/fold0-seed0")
     with pytest.raises(ProcessLookupError):
         os.kill(hung["pid"], 0)  # the training command was stopped with the benchmark

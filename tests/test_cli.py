@@ -113,3 +113,66 @@ def test_the_benchmark_script_runs_the_same_subcommand(tmp_path):
     script = [sys.executable, "benchmarks/stda_benchmark.py", "--config", str(missing)]
     proc = subprocess.run(script, capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 2 and f"stda benchmark: error: config file {missing} not found" in proc.stderr
+
+
+SIGNAL_SCRIPT = r"""
+import sys, time
+from pathlib import Path
+from stda_hf.core.errors import run_reporting_errors
+
+def work():
+    try:
+        print("ready", flush=True)
+        time.sleep(60)
+    finally:  # what a stage keeps for its resume runs on the way out
+        Path(sys.argv[1]).write_text("cleaned up")
+
+sys.exit(run_reporting_errors("job", work))
+"""
+
+
+@pytest.mark.parametrize(
+    ("signum", "status", "said"), [("SIGINT", 130, "interrupted"), ("SIGTERM", 143, "terminated")]
+)
+def test_sigterm_stops_a_command_like_ctrl_c_with_its_clean_up(tmp_path, signum, status, said):
+    """``kill`` or a batch scheduler's time limit sends SIGTERM: clean-up runs and the exit says how to resume."""
+    import signal
+
+    marker = tmp_path / "marker"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SIGNAL_SCRIPT, str(marker)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        proc.send_signal(getattr(signal, signum))
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == status
+    assert f"job: {said}" in err and "re-run the same command to resume" in err
+    assert marker.read_text() == "cleaned up"
+
+
+def test_sigterm_handler_is_restored_and_left_alone_off_the_main_thread():
+    import signal
+    import threading
+
+    from stda_hf.core.errors import sigterm_as_interrupt
+
+    before = signal.getsignal(signal.SIGTERM)
+    with sigterm_as_interrupt():
+        assert signal.getsignal(signal.SIGTERM) is not before
+    assert signal.getsignal(signal.SIGTERM) is before
+    seen = []
+
+    def off_main():
+        with sigterm_as_interrupt():
+            seen.append(signal.getsignal(signal.SIGTERM))
+
+    thread = threading.Thread(target=off_main)
+    thread.start()
+    thread.join()
+    assert seen == [before]

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
@@ -73,6 +76,33 @@ def environment_error(err: OSError, path: Path | str | None = None) -> StdaError
     return StdaError(f"cannot use {where}: {what}; {advice}")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a batch scheduler's time limit or preemption) as an interrupt: every clean-up a Ctrl-C
+    runs (stopping child processes, keeping state to resume) runs for it too."""
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Raise :class:`Terminated` in the main thread on SIGTERM while the block runs (where SIGTERM would kill the
+    process outright: its default handler, in the main thread); the previous handler comes back after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous is not signal.SIG_DFL:
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise Terminated(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_reporting_errors(
     prog: str,
     action: Callable[[], object],
@@ -81,7 +111,7 @@ def run_reporting_errors(
 ) -> int:
     """Run ``action`` as a command would: 0 when it returns, the error's ``exit_code`` (2; 3 for an
     :class:`IncompleteError`) with one line on stderr for a :class:`StdaError` (the traceback with ``debug``),
-    130 with ``resume`` advice on Ctrl-C.
+    130 with ``resume`` advice on Ctrl-C, 143 with the same advice on SIGTERM (:func:`sigterm_as_interrupt`).
 
     An ``OSError`` of the environment (read-only file system, a file where a folder should be, no permission,
     disk full; :data:`ENVIRONMENT_ERRNOS`) that a stage did not turn into a :class:`StdaError` itself is
@@ -90,7 +120,8 @@ def run_reporting_errors(
     ``stda``, ``train.py`` and the benchmark script all end this way.
     """
     try:
-        action()
+        with sigterm_as_interrupt():
+            action()
     except StdaError as err:
         if debug:
             raise
@@ -102,6 +133,9 @@ def run_reporting_errors(
             raise
         print(f"{prog}: error: {_one_line(known)}", file=sys.stderr)
         return 2
+    except Terminated:
+        print(f"{prog}: terminated (SIGTERM); {resume}", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; {resume}", file=sys.stderr)
         return 130
