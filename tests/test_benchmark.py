@@ -29,7 +29,13 @@ from stda_hf.benchmark.config import (
 from stda_hf.benchmark.data import check_fold_synthetic, prepare_sources, write_fold_view
 from stda_hf.benchmark.plots import plot_boxplots
 from stda_hf.benchmark.report import render_report
-from stda_hf.benchmark.runner import check_stage_settings, check_thresholds, report_explanations
+from stda_hf.benchmark.runner import (
+    check_stage_settings,
+    check_thresholds,
+    report_explanations,
+    report_references,
+    report_stats,
+)
 from stda_hf.benchmark.runs import device_slots
 from stda_hf.benchmark.stages import (
     label_by_style_source,
@@ -277,9 +283,8 @@ def test_every_finished_run_of_a_shortcut_benchmark_gets_its_reliance_measured(t
     row = table.rows[RunKey(0, 0, "baseline")]
     assert set(RELIANCE_METRICS) <= set(row) and row["error"] == ""
     assert math.isfinite(row["reliance"]) and 0.0 <= row["roc_auc_reversed"] <= 1.0
-    assert "reliance" in report_explanations(cfg) and "untrained_relevance_on_patch" in report_explanations(
-        cfg
-    )
+    assert "reliance" in report_explanations(cfg) and "relevance_on_patch" in report_explanations(cfg)
+    assert "untrained_relevance_on_patch" in report_references(cfg)
 
 
 def _shortcut_cfg(tmp_path, size=32, **arms):
@@ -438,6 +443,37 @@ def test_report_states_the_unit_the_primary_endpoint_the_power_and_the_caveats(t
     assert "mix fold 9 seed 0: x" in text
     assert "truly equal spread give SD ratios between 0.25 and 3.93" in text
     assert "![Box plots](boxplots.png)" in text and text.rstrip().endswith("It shows X.")
+
+
+def test_untrained_references_are_shown_beside_the_shares_but_not_tested():
+    """The untrained model of a fold is the same for every arm: testing its zero difference only pads Holm."""
+    cfg = BenchmarkConfig(
+        name="refs",
+        arms={"baseline": {}, "mix": {"synthetic": "mix"}},
+        phantoms={"n": 40},
+        shortcut={"artifact": "patch", "benign": 1.0, "malignant": 0.0},
+        primary={"arm": "mix", "metric": "reliance"},
+        seeds=(0,),
+    )
+    rows = []
+    for fold in range(4):
+        for arm, shift in (("baseline", 0.0), ("mix", 0.1 + 0.01 * fold)):
+            rows.append(
+                {"arm": arm, "fold": fold, "seed": 0, "status": "done", "roc_auc": 0.7 + shift,
+                 "relevance_in_mask": 0.3 + shift, "relevance_on_patch": 0.4 - shift, "reliance": -4 + 10 * shift,
+                 "untrained_relevance_in_mask": 0.33, "untrained_relevance_on_patch": 0.1, "mask_area": 0.13}
+            )  # fmt: skip
+    stats = report_stats(cfg, rows)
+    tested = {t.metric for t in stats.tests}
+    assert {"roc_auc", "relevance_in_mask", "relevance_on_patch", "reliance"} <= tested
+    assert not any(m.startswith("untrained_") or m.endswith("_area") for m in tested)
+    assert {"untrained_relevance_in_mask", "untrained_relevance_on_patch", "mask_area"} <= set(
+        stats.area_metrics
+    )
+    text = render_report(cfg, stats, [], [], {}, "", "c.yaml", {})
+    assert "| untrained: relevance in lesion | untrained: relevance on patch |" in text
+    assert "| untrained" not in text.split("## Explanations")[0]  # no test row for a reference
+    assert "(×n/a)" not in text and "No fold has two finished seeds yet" in text  # one seed: no empty table
 
 
 def test_secondary_comparisons_are_holm_adjusted_and_the_primary_is_not():

@@ -39,6 +39,8 @@ def _p(x: float) -> str:
 
 
 def _title(metric: str) -> str:
+    if metric.startswith("untrained_"):
+        return "untrained: " + _title(metric.removeprefix("untrained_"))
     return METRIC_TITLES.get(metric, metric.replace("_", " "))
 
 
@@ -227,7 +229,7 @@ def caveats(stats: BenchmarkStats) -> list[str]:
         )
         lines.append(
             f"- One primary endpoint; the other {len(stats.tests) - 1} comparisons are secondary and `p Holm` "
-            "corrects them as one family. Explanation numbers are tested like the metrics (as secondaries)."
+            "corrects them as one family. Explanation numbers are tested like the metrics (as secondaries); the untrained model's shares and the areas are reference levels, shown, not tested."
         )
         lines.append("- Δ is arm minus baseline; the interval comes from the same t as p.")
     lines.append(
@@ -240,6 +242,11 @@ def caveats(stats: BenchmarkStats) -> list[str]:
             f"- {stats.n_failed} run(s) failed and are left out (see below); a fold keeps the seeds both arms finished."
         )
     return lines
+
+
+def _has_seed_spread(stats: BenchmarkStats) -> bool:
+    """Whether some fold has two finished seeds of some arm: else every repeatability cell would be n/a."""
+    return any(math.isfinite(stats.summaries[(a, m)].seed_sd) for a in stats.arms for m in stats.metrics)
 
 
 def _spread_caveat(stats: BenchmarkStats) -> list[str]:
@@ -277,7 +284,7 @@ def render_report(
     lines += results_table(stats, stats.metrics) if stats.metrics else ["No finished runs yet."]
     if stats.metrics:
         lines += ["", "## Repeatability: seed-to-seed SD (ratio to the baseline's)", ""]
-        lines += repeatability_table(stats)
+        lines += repeatability_table(stats) if _has_seed_spread(stats) else _spread_caveat(stats)
     if stats.tests:
         lines += ["", f"## Tests against `{stats.baseline}`, the fold as the unit", ""]
         lines += unit_of_analysis(stats)

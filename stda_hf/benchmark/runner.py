@@ -267,17 +267,7 @@ def write_report(cfg: BenchmarkConfig, config_path: str = "") -> Path:
         raise StdaError(f"{table_path} not found: no runs yet; run the benchmark without --report-only first")
     table = RunTable.load(table_path)
     rows = list(table.rows.values())
-    arms = list(dict.fromkeys([*cfg.arms, *(r["arm"] for r in rows)]))
-    stats = compute_stats(
-        rows,
-        arms,
-        cfg.baseline,
-        report_explanations(cfg),
-        primary=cfg.primary_endpoint,
-        folds=cfg.folds,
-        area_metrics=AREA_METRICS,
-        alpha=cfg.alpha,
-    )
+    stats = report_stats(cfg, rows)
     out = cfg.report_dir
     plots = render_plots(cfg, table, stats, out)
     reading = (out / "reading.md").read_text(encoding="utf-8") if (out / "reading.md").is_file() else ""
@@ -288,6 +278,22 @@ def write_report(cfg: BenchmarkConfig, config_path: str = "") -> Path:
     _write_stats_json(out / "stats.json", stats)
     write_text(out / "report.md", text)
     return out / "report.md"
+
+
+def report_stats(cfg: BenchmarkConfig, rows: list[dict[str, Any]]) -> BenchmarkStats:
+    """The report's statistics of the run table's ``rows``: the metrics and explanation numbers tested against
+    the baseline, the reference levels (untrained shares, areas) only summarised."""
+    arms = list(dict.fromkeys([*cfg.arms, *(r["arm"] for r in rows)]))
+    return compute_stats(
+        rows,
+        arms,
+        cfg.baseline,
+        report_explanations(cfg),
+        primary=cfg.primary_endpoint,
+        folds=cfg.folds,
+        area_metrics=report_references(cfg),
+        alpha=cfg.alpha,
+    )
 
 
 DECLARATION_FILE = "declaration.json"
@@ -346,14 +352,22 @@ def read_declaration(cfg: BenchmarkConfig) -> dict[str, Any]:
 
 
 def report_explanations(cfg: BenchmarkConfig) -> tuple[str, ...]:
-    """Explanation numbers the report shows: lesion and artifacts, plus the planted shortcut's own share."""
-    shares = (
-        (*EXPLANATION_METRICS, f"relevance_on_{cfg.shortcut['artifact']}")
-        if cfg.shortcut
-        else EXPLANATION_METRICS
-    )
-    references = tuple(f"untrained_{share}" for share in shares)
-    return (*shares, *references, *(RELIANCE_METRICS if cfg.shortcut else ()))
+    """Explanation numbers the report shows and tests: lesion and artifacts, the planted shortcut's own share,
+    and the reliance measures of a shortcut benchmark."""
+    return (*_shares(cfg), *(RELIANCE_METRICS if cfg.shortcut else ()))
+
+
+def report_references(cfg: BenchmarkConfig) -> tuple[str, ...]:
+    """The untrained model's share of each region, then the regions' areas: the reference levels every share is
+    read against. Summarised beside the shares, never tested: the untrained model of a fold is the same for
+    every arm, so its difference is zero by construction and would only pad the Holm family."""
+    return (*(f"untrained_{share}" for share in _shares(cfg)), *AREA_METRICS)
+
+
+def _shares(cfg: BenchmarkConfig) -> tuple[str, ...]:
+    if cfg.shortcut:
+        return (*EXPLANATION_METRICS, f"relevance_on_{cfg.shortcut['artifact']}")
+    return EXPLANATION_METRICS
 
 
 def read_fold_info(cfg: BenchmarkConfig) -> list[dict[str, Any]]:
