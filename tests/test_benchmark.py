@@ -473,7 +473,9 @@ def test_untrained_references_are_shown_beside_the_shares_but_not_tested():
     text = render_report(cfg, stats, [], [], {}, "", "c.yaml", {})
     assert "| untrained: relevance in lesion | untrained: relevance on patch |" in text
     assert "| untrained" not in text.split("## Explanations")[0]  # no test row for a reference
-    assert "(×n/a)" not in text and "No fold has two finished seeds yet" in text  # one seed: no empty table
+    assert (
+        "(×n/a)" not in text and "No fold has two finished seeds, so there is no repeatability figure" in text
+    )  # one seed: no empty table
 
 
 def test_secondary_comparisons_are_holm_adjusted_and_the_primary_is_not():

@@ -259,7 +259,9 @@ def _spread_caveat(stats: BenchmarkStats) -> list[str]:
     dof_arm = max(stats.summaries[(a, metric)].seed_dof for a in others)
     lo, hi = equal_spread_band(dof_arm, dof_base)
     if not math.isfinite(lo):
-        return ["- No fold has two finished seeds yet, so there is no repeatability figure."]
+        return [
+            "- No fold has two finished seeds, so there is no repeatability figure (a second seed in the config adds one)."
+        ]
     return [
         f"- The seed SDs rest on {dof_arm} and {dof_base} degrees of freedom: two arms with truly equal spread give "
         f"SD ratios between {lo:.2f} and {hi:.2f} 95% of the time, so only ratios outside that band say anything."
