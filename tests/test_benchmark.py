@@ -236,6 +236,27 @@ def test_style_source_labels_follow_the_style_image_and_the_shortcut_share_count
     assert shares["with_shortcut"] >= 1 and shares["with_shortcut_malignant_share"] == 1.0
 
 
+def test_style_source_labels_leave_out_what_failed_the_quality_gate_as_teacher_labels_do(
+    phantom_real_session, tmp_path
+):
+    folds = make_folds(phantom_real_session, k=3, seed=0)
+    view = write_fold_view(tmp_path / "view", folds, 0, dict.fromkeys(SPLIT_ORDER, phantom_real_session))
+    folder = read_real_folder(view)
+    benign, malignant = folder.subset("train", "benign"), folder.subset("train", "malignant")
+    _manifest(tmp_path / "syn", [(benign[i].isic_id, malignant[i].isic_id) for i in range(3)])
+    manifest = tmp_path / "syn" / "manifest.jsonl"
+    lines = [json.loads(line) for line in manifest.read_text().splitlines()]
+    for line, verdict in zip(lines, ("ok", "unchanged", "content_lost"), strict=True):
+        line["quality"] = {"verdict": verdict}
+    manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    summary = label_by_style_source(view, tmp_path / "syn")
+    labelled = [
+        json.loads(line)["id"] for line in (tmp_path / "syn" / "labels.jsonl").read_text().splitlines()
+    ]
+    assert labelled == [lines[0]["id"]]
+    assert (summary.kept, summary.left_out_failed) == (1, {"content_lost": 1, "unchanged": 1})
+
+
 def test_a_synthetic_image_styled_from_another_folds_test_image_is_refused(phantom_real_session, tmp_path):
     folds = make_folds(phantom_real_session, k=3, seed=0)
     view = write_fold_view(tmp_path / "view", folds, 0, dict.fromkeys(SPLIT_ORDER, phantom_real_session))

@@ -44,7 +44,9 @@ def plot_boxplots(rows: list[dict[str, Any]], arms: list[str], metrics: list[str
         for i, (arm, values) in enumerate(zip(arms, data, strict=True), start=1):
             ax.scatter(i + rng.uniform(-0.12, 0.12, len(values)), values, s=12, color=colors[arm], zorder=3)
         # long arm names (mix_clean_content) collide when many arms share an axis: slant them, anchored right
-        slant = {"rotation": 40, "ha": "right", "rotation_mode": "anchor"} if len(arms) > 4 else {"rotation": 20}
+        slant = (
+            {"rotation": 40, "ha": "right", "rotation_mode": "anchor"} if len(arms) > 4 else {"rotation": 20}
+        )
         ax.set_xticks(range(1, len(arms) + 1), arms, fontsize=8, **slant)
         ax.set_title(_title(metric), fontsize=9)
         ax.tick_params(axis="y", labelsize=8)

@@ -190,9 +190,12 @@ def label_by_style_source(view: Path, synthetic: Path, min_confidence: float = 0
     from stda_hf import LABELS
     from stda_hf.core.fileio import read_jsonl, write_json, write_text
     from stda_hf.label import LABELS_FILE, SUMMARY_FILE, LabelSummary, label_record, summarize
+    from stda_hf.label.stage import passed_gate
 
     classes = {im.isic_id: im.label for im in read_real_folder(view).images}
-    manifest = {r["id"]: r for r in read_jsonl(synthetic / "manifest.jsonl")}
+    # the quality gate applies as it does to teacher labels: a failed image is not labelled, so it is neither
+    # packaged nor counted as kept
+    manifest, left_out = passed_gate(read_jsonl(synthetic / "manifest.jsonl"), keep_failed=False)
     records = []
     for image_id, record in sorted(manifest.items()):
         label = classes.get(record.get("style_id"))
@@ -212,6 +215,7 @@ def label_by_style_source(view: Path, synthetic: Path, min_confidence: float = 0
         calibration_method="none",
         skipped={},
         settings={"source": "style", "min_confidence": min_confidence},
+        left_out_failed=left_out,
     )
     write_json(synthetic / SUMMARY_FILE, summary.to_json())
     return summary

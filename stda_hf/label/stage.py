@@ -622,7 +622,7 @@ def label_synthetic(synthetic: str | Path, cfg: LabelConfig) -> LabelSummary:
     manifest_records = read_manifest(synthetic / "manifest.jsonl")
     if not manifest_records:
         raise StdaError(f"{synthetic}/manifest.jsonl is missing or empty; run `stda generate` first")
-    manifest, left_out = _passed_gate(manifest_records, cfg.keep_failed)
+    manifest, left_out = passed_gate(manifest_records, cfg.keep_failed)
     device = resolve_device(cfg.device)
     teacher = load_teacher(cfg)
     teacher.model.to(device)
@@ -682,7 +682,7 @@ def label_synthetic(synthetic: str | Path, cfg: LabelConfig) -> LabelSummary:
     return summary
 
 
-def _passed_gate(records: list[dict], keep_failed: bool) -> tuple[dict[str, dict], dict[str, int]]:
+def passed_gate(records: list[dict], keep_failed: bool) -> tuple[dict[str, dict], dict[str, int]]:
     """``{id: record}`` of the manifest lines to label, and ``{verdict: count}`` of those left out.
 
     Images whose quality verdict is not ``ok`` (``unchanged``, ``content_lost``) are left out unless
