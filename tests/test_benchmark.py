@@ -499,6 +499,25 @@ def test_untrained_references_are_shown_beside_the_shares_but_not_tested():
     )  # one seed: no empty table
 
 
+def test_fold_table_names_the_arms_that_train_on_each_synthetic_set():
+    cfg = BenchmarkConfig(
+        name="sets",
+        arms={
+            "baseline": {"synthetic": "none"},
+            "mix": {"synthetic": "mix"},
+            "mix_gatys": {"synthetic": "mix", "generate": {"engine": "gatys"}},
+        },
+    )
+    own = f"synthetic-{synthetic_recipe(cfg, 'mix_gatys')}"
+    counts = {"images": 10, "kept": 8, "malignant": 3}
+    info = [{"fold": 0, "repeat": 0, "counts": {}, "synthetic": counts, own: counts}]
+    stats = compute_stats(
+        _rows(0.1, {"baseline": 0.02, "mix": 0.01}), ["baseline", "mix"], "baseline", folds=3
+    )
+    text = render_report(cfg, stats, info, [], {}, "", "c.yaml", {})
+    assert "| synthetic (mix) | 10 | 8 | 3 |" in text and f"| {own} (mix_gatys) | 10 | 8 | 3 |" in text
+
+
 def test_secondary_comparisons_are_holm_adjusted_and_the_primary_is_not():
     rows = _rows(0.1, {"baseline": 0.02, "mix": 0.01})[:-1]
     for r in rows:

@@ -13,6 +13,7 @@ from stda_hf.benchmark.config import (
     RELIANCE_METRICS,
     SPLIT_ORDER,
     BenchmarkConfig,
+    arm_uses_synthetic,
     synthetic_recipe,
 )
 from stda_hf.benchmark.stats import (
@@ -365,11 +366,21 @@ def _protocol_section(cfg: BenchmarkConfig, fold_info: list[dict[str, Any]]) -> 
         f"- Explanations: {_settings({**DEFAULT_EXPLAIN, **cfg.explain}) if cfg.explain else 'off'}",
     ]
     if fold_info:
-        lines += ["", *_fold_table(fold_info)]
+        lines += ["", *_fold_table(fold_info, _set_users(cfg))]
     return lines
 
 
-def _fold_table(fold_info: list[dict[str, Any]]) -> list[str]:
+def _set_users(cfg: BenchmarkConfig) -> dict[str, list[str]]:
+    """``{synthetic set folder name: the arms that train on it}``, so the fold table names arms, not hashes."""
+    users: dict[str, list[str]] = {}
+    for arm, settings in cfg.arms.items():
+        if arm_uses_synthetic(settings):
+            recipe = synthetic_recipe(cfg, arm)
+            users.setdefault(f"synthetic-{recipe}" if recipe else "synthetic", []).append(arm)
+    return users
+
+
+def _fold_table(fold_info: list[dict[str, Any]], users: dict[str, list[str]] | None = None) -> list[str]:
     rows = []
     shortcut = any("with_shortcut" in v for i in fold_info for v in i.values() if isinstance(v, dict))
     for info in fold_info:
@@ -385,7 +396,7 @@ def _fold_table(fold_info: list[dict[str, Any]]) -> list[str]:
             row = [
                 f"{info.get('repeat', 0)}/{info.get('fold')}",
                 *cells,
-                name,
+                f"{name} ({', '.join(users[name])})" if users and users.get(name) else name,
                 str(synthetic.get("images", "")),
                 str(synthetic.get("kept", "")),
                 str(synthetic.get("malignant", "")),
