@@ -167,7 +167,7 @@ def test_shipped_configs_load():
     from stda_hf.core.config import load_config
 
     configs = sorted((Path(__file__).parent.parent / "benchmarks" / "configs").glob("*.yaml"))
-    assert {p.stem for p in configs} >= {"phantoms-small", "phantoms-shortcut", "isic"}
+    assert {p.stem for p in configs} >= {"phantoms-small", "phantoms-shortcut-reliance", "isic"}
     for path in configs:
         cfg = load_config(BenchmarkConfig, path)
         assert cfg.baseline in cfg.arms, path
