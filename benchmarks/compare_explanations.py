@@ -4,9 +4,11 @@
         --dataset hub/skin-lesions --split test --out reports/explanations
     python benchmarks/compare_explanations.py --baseline runs/a --stda runs/b --images real/ --timing
 
-Both models explain every image of the split (``--limit`` caps it) with the same method (DTD by default).
-Prints, per model, accuracy, the share of positive relevance inside the lesion mask and on artifacts, and
-DTD's conservation; then the paired difference of relevance-in-mask (ST-DA minus baseline) over the images
+Both models explain every image of the split (``--limit`` caps it) with the same method (DTD by default), and
+so does an untrained copy of the baseline's architecture (``--no-reference`` drops it): the reference level of
+every share (Adebayo et al. 2018's model-randomisation check; a model that learned nothing already puts
+relevance on high-contrast regions). Prints, per model, accuracy, the share of positive relevance inside the
+lesion mask and on artifacts, and DTD's conservation; then the paired difference of relevance-in-mask (ST-DA minus baseline) over the images
 both explain, with a seeded bootstrap 95% interval and how often ST-DA puts more relevance on the lesion.
 ``--timing`` adds seconds per image of each attribution method on the baseline model, as ratios to the plain
 gradient, measured in this one run. Writes ``comparison.png`` (rows: image, baseline heatmap, ST-DA heatmap)
@@ -35,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stda_hf.attribution.engine import COMPOSITE_NAMES
+from stda_hf.attribution.engine import COMPOSITE_NAMES, untrained_copy
 from stda_hf.attribution.heatmaps import Tile, prediction_tiles, render_grid, save_grid
 from stda_hf.attribution.hook import Result, Sample, explain_samples
 from stda_hf.attribution.relevance import summarize
@@ -66,6 +68,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--timing", action="store_true", help="also time every attribution method")
     p.add_argument("--batch-size", type=int, default=16, help="images per pass (default: 16)")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default: 0)")
+    p.add_argument(
+        "--reference",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also explain an untrained copy of the baseline's architecture: every share's reference level",
+    )
     return p.parse_args(argv)
 
 
@@ -75,14 +83,15 @@ def load(folder: Path):
 
 
 def explain_both(samples, models, method: str, batch_size: int, rows: int):
-    """Explain every sample with both models, batch by batch; keep records and the first ``rows`` pairs."""
-    records: list[tuple[dict, dict]] = []
+    """Explain every sample with every model, batch by batch; keep one record per model per image and the first
+    ``rows`` results of the first two models (the compared pair)."""
+    records: list[tuple[dict, ...]] = []
     shown: list[tuple[Result, Result]] = []
     it = iter(samples)
     while batch := list(itertools.islice(it, batch_size)):
-        pair = [explain_samples(m, batch, t, pre.mean, pre.std, method) for m, pre, t in models]
-        records += [(a.record(), b.record()) for a, b in zip(*pair, strict=True)]
-        shown += list(zip(*pair, strict=True))[: max(0, rows - len(shown))]
+        results = [explain_samples(m, batch, t, pre.mean, pre.std, method) for m, pre, t in models]
+        records += [tuple(r.record() for r in per_image) for per_image in zip(*results, strict=True)]
+        shown += list(zip(results[0], results[1], strict=True))[: max(0, rows - len(shown))]
     return records, shown
 
 
@@ -156,10 +165,9 @@ def print_table(names, numbers, diff) -> None:
         "artifact_area",
     ]
     keys += [f"relevance_on_{k}" for k in ARTIFACTS if numbers[names[0]][f"n_with_{k}"]]
-    print(f"{'':<26}{names[0]:>12}{names[1]:>12}")
+    print(f"{'':<26}" + "".join(f"{n:>12}" for n in names))
     for k in [*keys, "conservation"]:
-        a, b = (numbers[n].get(k) for n in names)
-        print(f"{k:<26}{_fmt(a):>12}{_fmt(b):>12}")
+        print(f"{k:<26}" + "".join(f"{_fmt(numbers[n].get(k)):>12}" for n in names))
     if diff["n"]:
         lo, hi = diff["ci95"]
         print(
@@ -180,6 +188,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(min(4, torch.get_num_threads()))
     models = [load(args.baseline), load(args.stda)]
+    if args.reference:
+        model, pre, transform = models[0]
+        models.append((untrained_copy(model), pre, transform))
     report = SkipReport()
     source, _ = open_source(args.images, args.dataset, args.split, report)
     if args.limit:
@@ -190,10 +201,11 @@ def main(argv: list[str] | None = None) -> None:
     if not pairs:
         sys.exit("no images to explain in that split")
     names = tuple(args.names)
-    numbers = {n: model_numbers([p[i] for p in pairs]) for i, n in enumerate(names)}
-    diff = paired_difference(pairs, "relevance_in_mask", args.seed)
-    print(f"{len(pairs)} images explained by both models with {args.method} in {elapsed:.1f} s")
-    print_table(names, numbers, diff)
+    columns = (*names, "untrained") if args.reference else names
+    numbers = {n: model_numbers([p[i] for p in pairs]) for i, n in enumerate(columns)}
+    diff = paired_difference([p[:2] for p in pairs], "relevance_in_mask", args.seed)
+    print(f"{len(pairs)} images explained by {len(columns)} models with {args.method} in {elapsed:.1f} s")
+    print_table(columns, numbers, diff)
     result = {
         "method": args.method,
         "split": args.split,
@@ -211,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
         for method, s in seconds.items():
             print(f"  {method:<22}{s * 1000:8.2f} ms  x{s / seconds['gradient']:.2f}")
     args.out.mkdir(parents=True, exist_ok=True)
-    save_grid(comparison_figure(shown, names, args.method), args.out / "comparison.png")
+    save_grid(comparison_figure(shown, names, args.method), args.out / "comparison.png")  # the compared pair
     write_json(args.out / "comparison.json", result)
     print(f"wrote {args.out / 'comparison.png'} and comparison.json")
 

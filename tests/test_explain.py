@@ -639,10 +639,18 @@ def test_comparison_script_shows_both_models_and_their_paired_difference(
             str(out),
         ]
     )
-    assert "relevance_in_mask, ST-DA - baseline:" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "relevance_in_mask, ST-DA - baseline:" in printed and "untrained" in printed
     result = json.loads((out / "comparison.json").read_text())
     assert result["relevance_in_mask_difference"]["n"] == 6
-    assert result["models"]["baseline"]["n_images"] == result["models"]["ST-DA"]["n_images"] == 6
+    models = result["models"]
+    assert (
+        models["baseline"]["n_images"] == models["ST-DA"]["n_images"] == models["untrained"]["n_images"] == 6
+    )
+    # the reference is a freshly initialised network of the baseline's architecture (seed 0): the fixture's
+    # baseline is itself an untrained seed-0 VGG8, so it reads exactly its reference; the other model does not
+    shares = {n: models[n]["relevance_in_mask"] for n in ("baseline", "ST-DA", "untrained")}
+    assert shares["untrained"] == shares["baseline"] != shares["ST-DA"], shares
     with Image.open(out / "comparison.png") as figure:
         assert figure.format == "PNG" and figure.height > 3 * 128
 
