@@ -14,13 +14,14 @@ both explain, with a seeded bootstrap 95% interval and how often ST-DA puts more
 gradient, measured in this one run. Writes ``comparison.png`` (rows: image, baseline heatmap, ST-DA heatmap)
 and ``comparison.json`` into ``--out``.
 
-The README's figures and table (64 px phantoms, VGG8, 12 epochs each, about 10 CPU minutes in all)::
+docs/explain.md's figures and table (64 px phantoms, a narrow VGG8, 12 epochs each, about 4 CPU minutes in all)::
 
     stda phantoms --out real --n 400 --size 64 --seed 0 && stda split real && stda package real --out hub
     stda phantoms --out real-patch --n 400 --size 64 --seed 2 --artifact patch=1,0
     stda split real-patch && stda package real-patch --out hub-patch
-    python train.py --dataset hub --image-size 64 --epochs 12 --output-dir runs/clean
-    python train.py --dataset hub-patch --image-size 64 --epochs 12 --output-dir runs/patch
+    T="--image-size 64 --epochs 12 --vgg8-widths 16 32 64 64 64 --vgg8-hidden 64 64 --lr 0.003"
+    python train.py --dataset hub $T --output-dir runs/clean
+    python train.py --dataset hub-patch $T --output-dir runs/patch
     stda explain --model runs/patch --images real-patch --split test --grid 8 --out ex   # docs/explain_grid.png
     python benchmarks/compare_explanations.py --baseline runs/clean --stda runs/patch --names clean shortcut \
         --images real-patch --split test --rows 6 --out cmp                              # the table, comparison.png
