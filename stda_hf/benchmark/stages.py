@@ -189,8 +189,7 @@ def label_by_style_source(view: Path, synthetic: Path, min_confidence: float = 0
 
     from stda_hf import LABELS
     from stda_hf.core.fileio import read_jsonl, write_json, write_text
-    from stda_hf.label import LABELS_FILE, SUMMARY_FILE, LabelSummary, label_record, summarize
-    from stda_hf.label.stage import passed_gate
+    from stda_hf.label import LABELS_FILE, SUMMARY_FILE, LabelSummary, label_record, passed_gate, summarize
 
     classes = {im.isic_id: im.label for im in read_real_folder(view).images}
     # the quality gate applies as it does to teacher labels: a failed image is not labelled, so it is neither

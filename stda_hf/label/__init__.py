@@ -7,6 +7,7 @@ from stda_hf.label.stage import (
     LabelSummary,
     label_record,
     label_synthetic,
+    passed_gate,
     summarize,
 )
 
@@ -17,5 +18,6 @@ __all__ = [
     "LabelSummary",
     "label_record",
     "label_synthetic",
+    "passed_gate",
     "summarize",
 ]
