@@ -187,19 +187,26 @@ def test_fold_view_lists_the_folds_splits_and_links_every_image(phantom_real_ses
     assert (view / "ATTRIBUTION.md").is_file()
 
 
-def _manifest(folder: Path, pairs: list[tuple[str, str]]) -> None:
+def _manifest(folder: Path, pairs: list[tuple[str, str]], verdicts: tuple[str, ...] = ()) -> list[dict]:
+    """A synthetic folder's manifest of (content, style) pairs, with the quality gate's verdicts if given."""
     folder.mkdir(parents=True, exist_ok=True)
-    lines = [
-        json.dumps({"id": f"syn_{i:016x}", "content_id": c, "style_id": s}) for i, (c, s) in enumerate(pairs)
-    ]
-    (folder / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+    records = [{"id": f"syn_{i:016x}", "content_id": c, "style_id": s} for i, (c, s) in enumerate(pairs)]
+    for record, verdict in zip(records, verdicts, strict=False):
+        record["quality"] = {"verdict": verdict}
+    (folder / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return records
+
+
+def _fold0_train(source: Path, tmp_path: Path):
+    """Fold 0's view of ``source`` (3 folds), and its benign and malignant train images."""
+    folds = make_folds(source, k=3, seed=0)
+    view = write_fold_view(tmp_path / "view", folds, 0, dict.fromkeys(SPLIT_ORDER, source))
+    folder = read_real_folder(view)
+    return view, folder.subset("train", "benign"), folder.subset("train", "malignant")
 
 
 def test_synthetic_images_from_the_folds_train_images_pass(phantom_real_session, tmp_path):
-    folds = make_folds(phantom_real_session, k=3, seed=0)
-    view = write_fold_view(tmp_path / "view", folds, 0, dict.fromkeys(SPLIT_ORDER, phantom_real_session))
-    folder = read_real_folder(view)
-    benign, malignant = folder.subset("train", "benign"), folder.subset("train", "malignant")
+    view, benign, malignant = _fold0_train(phantom_real_session, tmp_path)
     _manifest(tmp_path / "syn", [(benign[0].isic_id, malignant[0].isic_id)])
     assert check_fold_synthetic(view, tmp_path / "syn") == 1
 
@@ -210,10 +217,7 @@ def test_style_source_labels_follow_the_style_image_and_the_shortcut_share_count
     import numpy as np
     from PIL import Image
 
-    folds = make_folds(phantom_real_session, k=3, seed=0)
-    view = write_fold_view(tmp_path / "view", folds, 0, dict.fromkeys(SPLIT_ORDER, phantom_real_session))
-    folder = read_real_folder(view)
-    benign, malignant = folder.subset("train", "benign"), folder.subset("train", "malignant")
+    view, benign, malignant = _fold0_train(phantom_real_session, tmp_path)
     pairs = [(benign[i].isic_id, malignant[i].isic_id) for i in range(3)] + [
         (malignant[3].isic_id, benign[3].isic_id)
     ]
@@ -239,16 +243,9 @@ def test_style_source_labels_follow_the_style_image_and_the_shortcut_share_count
 def test_style_source_labels_leave_out_what_failed_the_quality_gate_as_teacher_labels_do(
     phantom_real_session, tmp_path
 ):
-    folds = make_folds(phantom_real_session, k=3, seed=0)
-    view = write_fold_view(tmp_path / "view", folds, 0, dict.fromkeys(SPLIT_ORDER, phantom_real_session))
-    folder = read_real_folder(view)
-    benign, malignant = folder.subset("train", "benign"), folder.subset("train", "malignant")
-    _manifest(tmp_path / "syn", [(benign[i].isic_id, malignant[i].isic_id) for i in range(3)])
-    manifest = tmp_path / "syn" / "manifest.jsonl"
-    lines = [json.loads(line) for line in manifest.read_text().splitlines()]
-    for line, verdict in zip(lines, ("ok", "unchanged", "content_lost"), strict=True):
-        line["quality"] = {"verdict": verdict}
-    manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    view, benign, malignant = _fold0_train(phantom_real_session, tmp_path)
+    pairs = [(benign[i].isic_id, malignant[i].isic_id) for i in range(3)]
+    lines = _manifest(tmp_path / "syn", pairs, verdicts=("ok", "unchanged", "content_lost"))
     summary = label_by_style_source(view, tmp_path / "syn")
     labelled = [
         json.loads(line)["id"] for line in (tmp_path / "syn" / "labels.jsonl").read_text().splitlines()
