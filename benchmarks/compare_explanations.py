@@ -8,8 +8,9 @@ Both models explain every image of the split (``--limit`` caps it) with the same
 so does an untrained copy of the baseline's architecture (``--no-reference`` drops it): the reference level of
 every share (Adebayo et al. 2018's model-randomisation check; a model that learned nothing already puts
 relevance on high-contrast regions). Prints, per model, accuracy, the share of positive relevance inside the
-lesion mask and on artifacts, and DTD's conservation; then the paired difference of relevance-in-mask (ST-DA minus baseline) over the images
-both explain, with a seeded bootstrap 95% interval and how often ST-DA puts more relevance on the lesion.
+lesion mask and on artifacts, and DTD's conservation; then the paired difference of relevance-in-mask (ST-DA
+minus baseline) over the images both explain, with a seeded bootstrap 95% interval and how often ST-DA puts
+more relevance on the lesion.
 ``--timing`` adds seconds per image of each attribution method on the baseline model, as ratios to the plain
 gradient, measured in this one run. Writes ``comparison.png`` (rows: image, baseline heatmap, ST-DA heatmap)
 and ``comparison.json`` into ``--out``.
@@ -83,7 +84,7 @@ def load(folder: Path):
     return model, pre, eval_transform(pre)
 
 
-def explain_both(samples, models, method: str, batch_size: int, rows: int):
+def explain_models(samples, models, method: str, batch_size: int, rows: int):
     """Explain every sample with every model, batch by batch; keep one record per model per image and the first
     ``rows`` results of the first two models (the compared pair)."""
     records: list[tuple[dict, ...]] = []
@@ -197,15 +198,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.limit:
         source = itertools.islice(source, args.limit)
     start = time.perf_counter()
-    pairs, shown = explain_both(source, models, args.method, args.batch_size, args.rows)
+    records, shown = explain_models(source, models, args.method, args.batch_size, args.rows)
     elapsed = time.perf_counter() - start
-    if not pairs:
+    if not records:
         sys.exit("no images to explain in that split")
     names = tuple(args.names)
     columns = (*names, "untrained") if args.reference else names
-    numbers = {n: model_numbers([p[i] for p in pairs]) for i, n in enumerate(columns)}
-    diff = paired_difference([p[:2] for p in pairs], "relevance_in_mask", args.seed)
-    print(f"{len(pairs)} images explained by {len(columns)} models with {args.method} in {elapsed:.1f} s")
+    numbers = {n: model_numbers([r[i] for r in records]) for i, n in enumerate(columns)}
+    diff = paired_difference([r[:2] for r in records], "relevance_in_mask", args.seed)
+    print(f"{len(records)} images explained by {len(columns)} models with {args.method} in {elapsed:.1f} s")
     print_table(columns, numbers, diff)
     result = {
         "method": args.method,

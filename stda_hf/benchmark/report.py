@@ -230,7 +230,8 @@ def caveats(stats: BenchmarkStats) -> list[str]:
         )
         lines.append(
             f"- One primary endpoint; the other {len(stats.tests) - 1} comparisons are secondary and `p Holm` "
-            "corrects them as one family. Explanation numbers are tested like the metrics (as secondaries); the untrained model's shares and the areas are reference levels, shown, not tested."
+            "corrects them as one family. Explanation numbers are tested like the metrics (as secondaries); "
+            "the untrained model's shares and the areas are reference levels, shown, not tested."
         )
         lines.append("- Δ is arm minus baseline; the interval comes from the same t as p.")
     lines.append(
@@ -261,7 +262,8 @@ def _spread_caveat(stats: BenchmarkStats) -> list[str]:
     lo, hi = equal_spread_band(dof_arm, dof_base)
     if not math.isfinite(lo):
         return [
-            "- No fold has two finished seeds, so there is no repeatability figure (a second seed in the config adds one)."
+            "- No fold has two finished seeds, so there is no repeatability figure "
+            "(a second seed in the config adds one)."
         ]
     return [
         f"- The seed SDs rest on {dof_arm} and {dof_base} degrees of freedom: two arms with truly equal spread give "
